@@ -1,0 +1,26 @@
+# ddpm-pipe: `make demo` runs the main job on the embedded default; `make test` runs the tests.
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench clean
+
+.venv/bin/ddpm-pipe:
+	python3 -m venv .venv
+	scripts/install.sh $(PY) test,bench
+
+setup: .venv/bin/ddpm-pipe
+
+demo: .venv/bin/ddpm-pipe
+	$(PY) -m pipelines.demo
+
+test: .venv/bin/ddpm-pipe
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: .venv/bin/ddpm-pipe
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: .venv/bin/ddpm-pipe
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf .ddpm .pytest_cache bench-results

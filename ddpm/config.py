@@ -1,0 +1,391 @@
+"""Typed, frozen experiment configuration.
+
+An :class:`ExperimentConfig` holds one dataclass per concern (model, diffusion, data, train, sample).
+It comes from a preset (``digits``, ``cifar10``) or a YAML file, with dotted overrides
+(``train.lr=1e-4``). Unknown keys and bad choices fail at once with the valid options listed.
+
+Only the standard library and PyYAML are used here, so the config can be read anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+Schedule = Literal["linear", "cosine", "quadratic", "sigmoid"]
+Prediction = Literal["eps", "x0", "v"]
+Variance = Literal["fixed_small", "fixed_large", "learned_range"]
+LossType = Literal["simple", "vb", "hybrid"]
+Sampler = Literal["ddpm", "ddim", "dpmpp"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+PRESETS = ("digits", "cifar10")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it and the valid choices."""
+
+
+def _choices(tp: Any) -> tuple[Any, ...] | None:
+    return get_args(tp) if get_origin(tp) is Literal else None
+
+
+def _check_choice(owner: str, name: str, value: Any, tp: Any) -> None:
+    choices = _choices(tp)
+    if choices is not None and value not in choices:
+        raise ConfigError(
+            f"{owner}.{name}={value!r} is not a valid choice; valid: {', '.join(map(str, choices))}"
+        )
+
+
+def _validate_choices(obj: Any) -> None:
+    hints = get_type_hints(type(obj))
+    owner = _SECTION_NAMES.get(type(obj), type(obj).__name__)
+    for f in fields(obj):
+        _check_choice(owner, f.name, getattr(obj, f.name), hints[f.name])
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The noise-prediction U-Net (Ho et al. 2020, appendix B; PixelCNN++ backbone)."""
+
+    image_size: int = 32  # height = width of the input, in pixels
+    in_channels: int = 3
+    ch: int = 128  # base channel count
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)  # channels per resolution level, times ch
+    num_res_blocks: int = 2  # residual blocks per level
+    attn_resolutions: tuple[int, ...] = (16,)  # feature-map sizes that get self-attention
+    dropout: float = 0.1
+    num_heads: int = 1
+    learn_sigma: bool = False  # output 2*in_channels (Improved DDPM's learned_range variance)
+    resblock_updown: bool = False  # the paper uses conv/avg-pool resampling, not resblocks
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
+        object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
+        _require(self.image_size >= 1, f"model.image_size must be >= 1, got {self.image_size}")
+        _require(self.in_channels >= 1, f"model.in_channels must be >= 1, got {self.in_channels}")
+        _require(self.ch >= 1, f"model.ch must be >= 1, got {self.ch}")
+        _require(len(self.ch_mult) >= 1, "model.ch_mult must list at least one level")
+        _require(self.num_res_blocks >= 1, "model.num_res_blocks must be >= 1")
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        factor = 2 ** (len(self.ch_mult) - 1)
+        _require(
+            self.image_size % factor == 0,
+            f"model.image_size={self.image_size} is not divisible by 2**(len(ch_mult)-1)={factor}; "
+            f"the U-Net halves the resolution {len(self.ch_mult) - 1} times",
+        )
+        _require(self.ch % 32 == 0 or self.ch % 8 == 0, "model.ch must be a multiple of 8 (GroupNorm)")
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+    @classmethod
+    def cifar10(cls) -> "UNetConfig":
+        """The paper's CIFAR-10 model: 35.7M parameters."""
+        return cls(image_size=32, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                   attn_resolutions=(16,), dropout=0.1)
+
+    @classmethod
+    def digits(cls) -> "UNetConfig":
+        """A small model for scikit-learn's 8x8 digits (one channel, 17 grey levels)."""
+        return cls(image_size=8, in_channels=1, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
+                   attn_resolutions=(4,), dropout=0.1)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process and what the network predicts."""
+
+    schedule: Schedule = "linear"
+    timesteps: int = 1000  # T
+    beta_start: float | None = None  # None: the schedule's default (linear: 1e-4 * 1000/T)
+    beta_end: float | None = None  # None: the schedule's default (linear: 0.02 * 1000/T)
+    prediction: Prediction = "eps"  # the paper's choice
+    variance: Variance = "fixed_large"  # the paper's CIFAR-10 choice (sigma_t^2 = beta_t)
+    loss: LossType = "simple"  # L_simple, the paper's eq. 14
+
+    def __post_init__(self) -> None:
+        _validate_choices(self)
+        _require(self.timesteps >= 1, f"diffusion.timesteps (T) must be >= 1, got {self.timesteps}")
+        for name in ("beta_start", "beta_end"):
+            v = getattr(self, name)
+            _require(v is None or 0.0 < v < 1.0, f"diffusion.{name} must be in (0, 1), got {v}")
+        if self.beta_start is not None and self.beta_end is not None:
+            _require(self.beta_start <= self.beta_end,
+                     f"diffusion.beta_start={self.beta_start} must be <= beta_end={self.beta_end}")
+        _require(not (self.variance == "learned_range" and self.loss == "simple"),
+                 "diffusion.variance=learned_range needs loss=hybrid or vb (L_simple gives the "
+                 "variance no gradient)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training shards are and how they are read."""
+
+    source: str = "digits"  # used by `data prepare` when url is empty
+    url: str = ""  # shard folder (local path, file://, s3://); empty: DDPM_HOME/data/<source>
+    levels: int = 17  # pixel levels: 256 for 8-bit images, 17 for the digits set
+    random_flip: bool = False  # the paper flips CIFAR-10 horizontally
+    num_workers: int = 0  # DataLoader worker processes per training rank
+    holdout_url: str = ""  # held-out split for bits/dim; empty: the test split next to url
+
+    def __post_init__(self) -> None:
+        _require(self.levels >= 2, f"data.levels must be >= 2, got {self.levels}")
+        _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation (the paper: Adam 2e-4, warm-up 5000, grad clip 1, EMA 0.9999)."""
+
+    batch_size: int = 128  # global batch, divided across workers
+    lr: float = 2e-4
+    warmup_steps: int = 5000  # linear learning-rate warm-up
+    grad_clip: float = 1.0  # clip the global gradient norm at this value
+    ema_decay: float = 0.9999
+    max_steps: int = 800_000
+    grad_accum: int = 1  # micro-batches per optimizer step
+    precision: Precision = "fp32"
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 1000  # held-out bits/dim estimate
+    sample_every: int = 5000  # sample grid artifact
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3  # the last K, plus the best
+    max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    registered_model: str = "ddpm"  # registry name the final model is registered under
+
+    def __post_init__(self) -> None:
+        _validate_choices(self)
+        _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _require(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+        _require(self.grad_clip > 0, "train.grad_clip must be > 0")
+        _require(0.0 <= self.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        _require(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        _require(self.grad_accum >= 1, "train.grad_accum must be >= 1")
+        for name in ("log_every", "eval_every", "sample_every", "checkpoint_every",
+                     "keep_checkpoints", "max_nonfinite"):
+            _require(getattr(self, name) >= 1, f"train.{name} must be >= 1")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Defaults for sampling and evaluation."""
+
+    sampler: Sampler = "ddpm"
+    steps: int | None = None  # None: T for ddpm, 50 for ddim, 20 for dpmpp
+    eta: float = 0.0  # DDIM: 0 deterministic, 1 DDPM-like
+    clip_denoised: bool = True  # clip predicted x_0 to [-1, 1]
+    batch_size: int = 256
+    num: int = 64
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        _validate_choices(self)
+        _require(self.steps is None or self.steps >= 1, f"sample.steps must be >= 1, got {self.steps}")
+        _require(self.eta >= 0.0, f"sample.eta must be >= 0, got {self.eta}")
+        _require(self.batch_size >= 1, "sample.batch_size must be >= 1")
+        _require(self.num >= 1, "sample.num must be >= 1")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one experiment needs; stored in checkpoints and registered models."""
+
+    name: str = "digits"
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.model.learn_sigma == (self.diffusion.variance == "learned_range"),
+                 "model.learn_sigma must be true exactly when diffusion.variance=learned_range")
+
+    # -- presets -----------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> "ExperimentConfig":
+        if name == "digits":
+            return cls(
+                name="digits",
+                model=UNetConfig.digits(),
+                diffusion=DiffusionConfig(schedule="linear", timesteps=1000),
+                data=DataConfig(source="digits", levels=17, random_flip=False),
+                train=TrainConfig(batch_size=128, lr=1e-3, warmup_steps=200, ema_decay=0.999,
+                                  max_steps=3000, log_every=50, eval_every=500, sample_every=1000,
+                                  checkpoint_every=500, registered_model="ddpm-digits"),
+                sample=SampleConfig(sampler="ddim", steps=50, num=64),
+            )
+        if name == "cifar10":
+            return cls(
+                name="cifar10",
+                model=UNetConfig.cifar10(),
+                diffusion=DiffusionConfig(schedule="linear", timesteps=1000),
+                data=DataConfig(source="cifar10", levels=256, random_flip=True),
+                train=TrainConfig(batch_size=128, lr=2e-4, warmup_steps=5000, ema_decay=0.9999,
+                                  max_steps=800_000, registered_model="ddpm-cifar10"),
+                sample=SampleConfig(sampler="ddpm", steps=None, num=64),
+            )
+        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+
+    # -- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ExperimentConfig":
+        return _build(cls, data, "")
+
+    def override(self, assignments: list[str] | tuple[str, ...]) -> "ExperimentConfig":
+        """Apply ``section.key=value`` strings; values are parsed as YAML scalars."""
+        import yaml
+
+        data = self.to_dict()
+        for item in assignments:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.key=value")
+            key, raw = item.split("=", 1)
+            parts = key.strip().split(".")
+            node = data
+            for i, part in enumerate(parts[:-1]):
+                if not isinstance(node.get(part), dict):
+                    valid = ", ".join(k for k, v in node.items() if isinstance(v, dict))
+                    raise ConfigError(f"unknown config section {'.'.join(parts[:i + 1])!r}; valid: {valid}")
+                node = node[part]
+            leaf = parts[-1]
+            if leaf not in node:
+                where = ".".join(parts[:-1]) or "top level"
+                raise ConfigError(f"unknown config key {key!r}; valid keys in {where}: {', '.join(node)}")
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        return ExperimentConfig.from_dict(data)
+
+
+_SECTION_NAMES = {UNetConfig: "model", DiffusionConfig: "diffusion", DataConfig: "data",
+                  TrainConfig: "train", SampleConfig: "sample"}
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(owner: str, name: str, value: Any, tp: Any) -> Any:
+    """Check and convert a plain (YAML/JSON) value to the annotated field type."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            if len(args) < len(get_args(tp)):
+                return None
+            raise ConfigError(f"{owner}.{name} must not be empty")
+        return _coerce(owner, name, value, args[0])
+    if origin is Literal:
+        _check_choice(owner, name, value, tp)
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{owner}.{name} must be a list, got {value!r}")
+        (inner, *_rest) = get_args(tp)
+        return tuple(_coerce(owner, name, v, inner) for v in value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{owner}.{name} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{owner}.{name} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{owner}.{name} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{owner}.{name} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: Any, owner: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {owner or 'top level'!r} must be a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = owner or "top level"
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)} in {where}; valid: {', '.join(names)}")
+    kwargs = {k: _coerce(owner or _SECTION_NAMES.get(cls, ""), k, v, hints[k]) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - guarded by the unknown-key check
+        raise ConfigError(str(e)) from e
+
+
+def load_config(spec: str | None = "digits", overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Resolve ``--config`` and ``--set``.
+
+    ``spec`` is a preset name or a YAML/JSON path. A file may name a preset to start from with a
+    top-level ``base: digits`` key; its sections are merged over that preset, key by key.
+    """
+    spec = spec or "digits"
+    if spec in PRESETS:
+        cfg = ExperimentConfig.preset(spec)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise ConfigError(f"--config {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing file")
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{spec}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{spec}: the config file must hold a mapping")
+        base = data.pop("base", None)
+        if base is not None:
+            merged = ExperimentConfig.preset(str(base)).to_dict()
+            for key, value in data.items():
+                if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                    merged[key] = {**merged[key], **value}
+                else:
+                    merged[key] = value
+            data = merged
+        cfg = ExperimentConfig.from_dict(data)
+    return cfg.override(list(overrides)) if overrides else cfg
+
+
+__all__ = [
+    "ConfigError", "DataConfig", "DiffusionConfig", "ExperimentConfig", "PRESETS", "SampleConfig",
+    "TrainConfig", "UNetConfig", "load_config", "replace",
+]

@@ -1,0 +1,288 @@
+"""The `ddpm-pipe` command line: parse options, call one function, print its result.
+
+Every command returns a dict; ``--json`` prints it as one JSON line on stdout, otherwise its
+``message`` is printed. Exit codes: 0 success, 1 failure, 2 bad usage, 3 refused.
+Implementations live in ``pipelines.<module>.<name>_command`` and are imported only when run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from typing import Annotated, Any, Optional
+
+import typer
+
+from pipelines.errors import NotBuiltError, PipelineError
+
+app = typer.Typer(
+    name="ddpm-pipe",
+    help="Train, tune, evaluate, register and sample DDPMs as Ray pipelines tracked in MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Prepare WebDataset shards from a data source.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the resolved experiment configuration.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+_state = {"debug": False}
+
+# -- shared option types (one vocabulary for every command) -------------------------------------
+Json = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON result on stdout.")]
+Config = Annotated[str, typer.Option("--config", "-c", help="Preset name (digits, cifar10) or a YAML file.")]
+Set = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable).")]
+Data = Annotated[Optional[str], typer.Option("--data", help="Shard folder URL (local path, file://, s3://). Default: DDPM_HOME/data/<source>.")]
+Storage = Annotated[Optional[str], typer.Option("--storage", help="Checkpoint/run storage URL (local path or s3://). Default: DDPM_HOME/ray.")]
+Address = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address; default RAY_ADDRESS, else a local Ray instance.")]
+Nodes = Annotated[int, typer.Option("--nodes", min=1, help="Number of nodes (one worker per node, times --gpus-per-node).")]
+GpusPerNode = Annotated[int, typer.Option("--gpus-per-node", min=0, help="GPUs (workers) per node; 0 trains on CPU.")]
+Experiment = Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment name. Default: the config's name.")]
+Model = Annotated[str, typer.Option("--model", "-m", help="Model URI: runs:/ID/model, models:/NAME/VERSION, models:/NAME@ALIAS, or a checkpoint path/URL.")]
+Num = Annotated[int, typer.Option("--num", "-n", min=1, help="Number of samples.")]
+SamplerOpt = Annotated[str, typer.Option("--sampler", help="ddpm (ancestral; --steps below T respaces), ddim (--eta), dpmpp (DPM-Solver++ 2M).")]
+Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Sampling steps. Default: T for ddpm, 50 for ddim, 20 for dpmpp.")]
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _emit(result: dict[str, Any], json_out: bool) -> None:
+    if json_out:
+        typer.echo(json.dumps(result, default=str, sort_keys=True))
+    elif result.get("message"):
+        typer.echo(result["message"])
+
+
+def _dispatch(command: str, module: str, function: str, json_out: bool, **kwargs: Any) -> None:
+    """Import ``module.function``, call it with the parsed options, report its result or error."""
+    from ddpm.config import ConfigError
+
+    try:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                raise NotBuiltError(f"`ddpm-pipe {command}` is not built yet") from e
+            raise
+        func = getattr(mod, function, None)
+        if func is None:
+            raise NotBuiltError(f"`ddpm-pipe {command}` is not built yet")
+        result = func(**kwargs) or {}
+    except typer.Exit:
+        raise
+    except ConfigError as e:
+        if _state["debug"]:
+            raise
+        _fail(str(e), 2)
+    except PipelineError as e:
+        if _state["debug"]:
+            raise
+        _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as e:  # one clear line, the traceback only with --debug
+        if _state["debug"]:
+            raise
+        _fail(f"{type(e).__name__}: {e} (rerun with --debug for the traceback)", 1)
+    else:
+        _emit(result, json_out)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = debug or os.environ.get("DDPM_DEBUG", "") not in ("", "0")
+
+
+# -- config ---------------------------------------------------------------------------------------
+@config_app.command("show")
+def config_show(config: Config = "digits", set_: Set = None, json_out: Json = False) -> None:
+    """Print the resolved config as YAML (or JSON with --json)."""
+    from ddpm.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as e:
+        _fail(str(e), 2)
+    _emit({"config": cfg.to_dict(), "message": cfg.to_yaml().rstrip()}, json_out)
+
+
+# -- data -----------------------------------------------------------------------------------------
+@data_app.command("prepare")
+def data_prepare(
+    source: Annotated[str, typer.Option("--source", help="digits, an image folder, a .npz/.npy file, or a CIFAR-10 python archive (path or URL).")] = "digits",
+    out: Annotated[Optional[str], typer.Option("--out", help="Output URL (local path, file://, s3://). Default: DDPM_HOME/data/<source>.")] = None,
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Samples per shard.")] = 1000,
+    split: Annotated[str, typer.Option("--split", help="train or test.")] = "train",
+    endpoint_url: Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint; default AWS_ENDPOINT_URL.")] = None,
+    json_out: Json = False,
+) -> None:
+    """Convert a data source to WebDataset tar shards plus a manifest."""
+    _dispatch("data prepare", "pipelines.data", "prepare_command", json_out, source=source, out=out,
+              shard_size=shard_size, split=split, endpoint_url=endpoint_url)
+
+
+# -- train ----------------------------------------------------------------------------------------
+@app.command()
+def train(
+    config: Config = "digits",
+    set_: Set = None,
+    data: Data = None,
+    storage: Storage = None,
+    nodes: Nodes = 1,
+    gpus_per_node: GpusPerNode = 0,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Override train.max_steps.")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32, bf16 or fp16.")] = None,
+    experiment: Experiment = None,
+    run_name: Annotated[Optional[str], typer.Option("--run-name", help="Run name; re-running the same name resumes it.")] = None,
+    address: Address = None,
+    json_out: Json = False,
+) -> None:
+    """Train a DDPM with Ray Train (DDP), tracked in MLflow."""
+    _dispatch("train", "pipelines.train", "train_command", json_out, config=config, overrides=set_ or [],
+              data=data, storage=storage, nodes=nodes, gpus_per_node=gpus_per_node, max_steps=max_steps,
+              precision=precision, experiment=experiment, run_name=run_name, address=address)
+
+
+# -- tune -----------------------------------------------------------------------------------------
+@app.command()
+def tune(
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Number of trials.")] = 8,
+    config: Config = "digits",
+    set_: Set = None,
+    space: Annotated[Optional[str], typer.Option("--space", help="YAML search space replacing or extending the default.")] = None,
+    data: Data = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Training steps per trial.")] = None,
+    scheduler: Annotated[str, typer.Option("--scheduler", help="asha or none.")] = "asha",
+    search: Annotated[str, typer.Option("--search", help="random or optuna.")] = "random",
+    concurrent: Annotated[Optional[int], typer.Option("--concurrent", min=1, help="Trials at once. Default: what the cluster's CPUs allow.")] = None,
+    workers_per_trial: Annotated[int, typer.Option("--workers-per-trial", min=1, help="Training workers per trial (above 1 wraps a TorchTrainer).")] = 1,
+    storage: Storage = None,
+    experiment: Experiment = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Sweep name; re-running the same name resumes it.")] = None,
+    address: Address = None,
+    json_out: Json = False,
+) -> None:
+    """Sweep T, the beta range, the schedule and the learning rate with Ray Tune."""
+    _dispatch("tune", "pipelines.tune", "tune_command", json_out, trials=trials, config=config,
+              overrides=set_ or [], space=space, data=data, max_steps=max_steps, scheduler=scheduler,
+              search=search, concurrent=concurrent, workers_per_trial=workers_per_trial, storage=storage,
+              experiment=experiment, name=name, address=address)
+
+
+# -- evaluate / promote ---------------------------------------------------------------------------
+@app.command()
+def evaluate(
+    model: Model,
+    data: Data = None,
+    num: Num = 1000,
+    sampler: SamplerOpt = "ddim",
+    steps: Steps = None,
+    nodes: Nodes = 1,
+    table: Annotated[bool, typer.Option("--table", help="Also measure the sampler table (DDPM 1000; DDIM 10/20/50/100, eta 0 and 1).")] = False,
+    address: Address = None,
+    json_out: Json = False,
+) -> None:
+    """Measure bits/dim, Frechet distance, precision/recall and copy rate; log them to MLflow."""
+    _dispatch("evaluate", "pipelines.evaluate", "evaluate_command", json_out, model=model, data=data,
+              num=num, sampler=sampler, steps=steps, nodes=nodes, table=table, address=address)
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Option("--name", help="Registered model name.")],
+    version: Annotated[Optional[str], typer.Option("--version", help="Candidate version. Default: the latest.")] = None,
+    alias: Annotated[str, typer.Option("--alias", help="Alias to move.")] = "champion",
+    metric: Annotated[str, typer.Option("--metric", help="Evaluation metric to compare.")] = "fd",
+    min_delta: Annotated[float, typer.Option("--min-delta", min=0.0, help="Required improvement.")] = 0.0,
+    force: Annotated[bool, typer.Option("--force", help="Move the alias whatever the metrics say (recorded as a tag).")] = False,
+    reason: Annotated[Optional[str], typer.Option("--reason", help="Why --force was used; recorded as a tag.")] = None,
+    json_out: Json = False,
+) -> None:
+    """Move an alias to a version only if its evaluation beats the current holder's."""
+    _dispatch("promote", "pipelines.promote", "promote_command", json_out, name=name, version=version,
+              alias=alias, metric=metric, min_delta=min_delta, force=force, reason=reason)
+
+
+# -- sample / interpolate -------------------------------------------------------------------------
+@app.command()
+def sample(
+    model: Model,
+    num: Num = 64,
+    out: Annotated[Optional[str], typer.Option("--out", help="Output URL (local path or s3://). Default: DDPM_HOME/samples/<name>.")] = None,
+    sampler: SamplerOpt = "ddim",
+    steps: Steps = None,
+    eta: Annotated[float, typer.Option("--eta", min=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like.")] = 0.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per model call.")] = 256,
+    nodes: Nodes = 1,
+    gpus_per_node: GpusPerNode = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Sample i depends on (seed, i) alone.")] = 0,
+    format_: Annotated[str, typer.Option("--format", help="png, webdataset or npz.")] = "png",
+    precision: Annotated[str, typer.Option("--precision", help="fp32 or bf16.")] = "fp32",
+    progressive: Annotated[int, typer.Option("--progressive", min=0, help="Also save predicted x_0 at K steps per sample.")] = 0,
+    address: Address = None,
+    json_out: Json = False,
+) -> None:
+    """Generate samples on the Ray cluster, resumably, to any fsspec URL."""
+    _dispatch("sample", "pipelines.sample", "sample_command", json_out, model=model, num=num, out=out,
+              sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, nodes=nodes,
+              gpus_per_node=gpus_per_node, seed=seed, format=format_, precision=precision,
+              progressive=progressive, address=address)
+
+
+@app.command()
+def interpolate(
+    model: Model,
+    a: Annotated[str, typer.Option("--a", help="First image file.")],
+    b: Annotated[str, typer.Option("--b", help="Second image file.")],
+    t: Annotated[int, typer.Option("--t", min=0, help="Diffusion step to interpolate at.")] = 500,
+    lambdas: Annotated[int, typer.Option("--lambdas", min=2, help="Number of interpolation weights.")] = 11,
+    out: Annotated[str, typer.Option("--out", help="Output PNG.")] = "interpolation.png",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    json_out: Json = False,
+) -> None:
+    """Interpolate two images in x_t space and denoise (the paper's section 4.3)."""
+    _dispatch("interpolate", "pipelines.interpolate", "interpolate_command", json_out, model=model, a=a,
+              b=b, t=t, lambdas=lambdas, out=out, seed=seed)
+
+
+@app.command("import-diffusers")
+def import_diffusers(
+    path: Annotated[str, typer.Option("--path", help="Folder of a diffusers UNet2DModel (config.json + weights).")],
+    name: Annotated[str, typer.Option("--name", help="Registered model name.")],
+    json_out: Json = False,
+) -> None:
+    """Register a diffusers UNet2DModel of the paper's architecture as a model version."""
+    _dispatch("import-diffusers", "pipelines.import_diffusers", "import_command", json_out, path=path, name=name)
+
+
+# -- run ------------------------------------------------------------------------------------------
+@app.command()
+def run(
+    config: Config = "digits",
+    set_: Set = None,
+    workflow: Annotated[Optional[str], typer.Option("--workflow", help="Workflow YAML (steps and their options).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Workflow name; re-running it resumes.")] = None,
+    storage: Storage = None,
+    address: Address = None,
+    submit: Annotated[bool, typer.Option("--submit", help="Submit the workflow as a Ray Job and return.")] = False,
+    json_out: Json = False,
+) -> None:
+    """Run prepare -> (tune) -> train -> evaluate -> register -> promote -> sample as one workflow."""
+    _dispatch("run", "pipelines.workflow", "run_command", json_out, config=config, overrides=set_ or [],
+              workflow=workflow, name=name, storage=storage, address=address, submit=submit)
+
+
+def main() -> None:
+    app(prog_name="ddpm-pipe")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Where things live, resolved when a command runs (never at import).
+
+``DDPM_HOME`` (default ``./.ddpm``) holds the local MLflow store (``mlflow.db``, ``mlartifacts/``),
+prepared data, Ray storage and samples. ``RAY_ADDRESS``, ``MLFLOW_TRACKING_URI``, the ``AWS_*``
+variables and ``--storage`` override the embedded defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+SECRET_ENV_VARS = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN",
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    tracking_uri: str
+    registry_uri: str
+    ray_address: str | None
+    storage: str
+    s3_endpoint: str | None
+
+    def data_url(self, source: str, split: str = "train") -> str:
+        return str(self.home / "data" / source / split)
+
+    def samples_url(self, name: str) -> str:
+        return str(self.home / "samples" / name)
+
+
+def resolve(storage: str | None = None, address: str | None = None) -> Settings:
+    """Read the environment now and return the resolved locations (creates DDPM_HOME)."""
+    home = Path(os.environ.get("DDPM_HOME", ".ddpm")).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    registry = os.environ.get("MLFLOW_REGISTRY_URI") or tracking
+    return Settings(
+        home=home,
+        tracking_uri=tracking,
+        registry_uri=registry,
+        ray_address=address or os.environ.get("RAY_ADDRESS") or None,
+        storage=storage or os.environ.get("DDPM_STORAGE") or str(home / "ray"),
+        s3_endpoint=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None,
+    )
+
+
+def redact(text: str) -> str:
+    """Replace the value of every secret environment variable in ``text`` with ``***``."""
+    for name in SECRET_ENV_VARS:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
