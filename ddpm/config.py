@@ -318,6 +318,11 @@ def _coerce(owner: str, name: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{owner}.{name} must be true or false, got {value!r}")
         return value
+    if tp in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            value = float(value) if tp is float else int(value)
+        except ValueError:
+            raise ConfigError(f"{owner}.{name} must be a number, got {value!r}") from None
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():

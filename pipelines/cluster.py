@@ -1,0 +1,112 @@
+"""Connect to (or start) Ray and turn ``--nodes/--gpus-per-node`` into a placement that fits.
+
+A request the cluster cannot place fails at once with what the cluster has, instead of waiting.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How the workers of one job are laid out."""
+
+    workers: int
+    use_gpu: bool
+    strategy: str  # STRICT_SPREAD (one worker per node), SPREAD or PACK
+    cpus_per_worker: float
+    threads_per_worker: int  # torch threads per worker so the cores are not oversubscribed
+
+
+def connect(address: str | None = None, min_cpus: int = 1, quiet: bool = True) -> bool:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local instance.
+
+    The local instance gets ``max(cores, min_cpus)`` logical CPUs so that ``--nodes 4`` runs on a
+    2-core laptop. Returns True when this call started a local instance.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    common: dict[str, Any] = {"log_to_driver": not quiet, "configure_logging": True,
+                              "logging_level": "WARNING"}
+    if address:
+        try:
+            ray.init(address=address, **common)
+        except ConnectionError as e:
+            raise UsageError(f"cannot reach the Ray cluster at {address}: {e}") from e
+        return False
+    cores = os.cpu_count() or 1
+    ray.init(num_cpus=max(cores, min_cpus), include_dashboard=False, **common)
+    return True
+
+
+def capacity() -> dict[str, Any]:
+    """What the connected cluster has: alive nodes and their CPUs/GPUs."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return {
+        "nodes": len(nodes),
+        "cpus_per_node": [float(n["Resources"].get("CPU", 0)) for n in nodes],
+        "gpus_per_node": [float(n["Resources"].get("GPU", 0)) for n in nodes],
+        "total": {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")},
+    }
+
+
+def plan(nodes: int, gpus_per_node: int = 0, started_locally: bool = False,
+         cpus_per_worker: float = 1.0) -> Placement:
+    """Check the request against the cluster and choose the placement.
+
+    - One worker per node, times ``gpus_per_node`` when there are GPUs.
+    - On a real cluster with one worker per node the group is STRICT_SPREAD: it cannot silently
+      pack onto fewer nodes. With several GPUs per node it is PACK (GPUs bound it per node).
+    - On a local instance that this command started (one node), the workers are packed there.
+    """
+    cap = capacity()
+    workers = nodes * max(gpus_per_node, 1)
+    have = f"the cluster has {cap['nodes']} node(s), CPUs per node {cap['cpus_per_node']}, GPUs per node {cap['gpus_per_node']}"
+    if gpus_per_node > 0:
+        fitting = [g for g in cap["gpus_per_node"] if g >= gpus_per_node]
+        if len(fitting) < nodes:
+            raise UsageError(f"--nodes {nodes} --gpus-per-node {gpus_per_node} cannot be placed: {have}")
+        strategy = "STRICT_SPREAD" if gpus_per_node == 1 else "PACK"
+    elif started_locally or cap["nodes"] == 1:
+        total = cap["total"].get("CPU", 0)
+        if total < workers * cpus_per_worker:
+            raise UsageError(f"--nodes {nodes} needs {workers * cpus_per_worker:g} CPUs: {have}")
+        strategy = "PACK"
+    else:
+        fitting = [c for c in cap["cpus_per_node"] if c >= cpus_per_worker]
+        if len(fitting) < nodes:
+            raise UsageError(f"--nodes {nodes} cannot be placed one worker per node: {have}")
+        strategy = "STRICT_SPREAD"
+    cores = os.cpu_count() or 1
+    per_node = workers if strategy == "PACK" and gpus_per_node == 0 else max(gpus_per_node, 1)
+    threads = max(1, cores // max(per_node, 1)) if (started_locally or cap["nodes"] == 1) else max(1, int(cpus_per_worker))
+    return Placement(workers=workers, use_gpu=gpus_per_node > 0, strategy=strategy,
+                     cpus_per_worker=cpus_per_worker, threads_per_worker=threads)
+
+
+def scaling_config(placement: Placement):
+    """The Ray Train ``ScalingConfig`` for a placement."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(
+        num_workers=placement.workers,
+        use_gpu=placement.use_gpu,
+        placement_strategy=placement.strategy,
+        resources_per_worker={"CPU": placement.cpus_per_worker, **({"GPU": 1} if placement.use_gpu else {})},
+    )
+
+
+def worker_env(placement: Placement) -> dict[str, Any]:
+    """Runtime env for workers: thread counts that do not oversubscribe the cores."""
+    n = str(placement.threads_per_worker)
+    return {"env_vars": {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "DDPM_TORCH_THREADS": n}}

@@ -1,0 +1,241 @@
+"""The per-worker training loop, shared by `train` (Ray Train), `tune` (Tune trials) and benchmarks.
+
+The loop knows nothing of Ray: a :class:`LoopContext` gives it its rank, device, the checkpoint to
+resume from, a way to wrap the model for data parallelism and a way to report. Ray Train, Ray Tune
+and a plain process each provide one.
+
+One optimizer step (paper, algorithm 1):
+  1. x_0 ~ q(x_0): a batch of this rank's shard share, in [-1, 1]
+  2. t ~ Uniform({0..T-1}), eps ~ N(0, I)
+  3. gradient step on ||eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t)||^2
+  4. clip the global gradient norm, Adam, learning-rate warm-up, EMA update.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ddpm.config import ExperimentConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row: the run stops instead of training on garbage."""
+
+
+@dataclass
+class LoopContext:
+    """What a training loop needs from whatever runs it (plain process, Ray Train, Ray Tune)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    restore: Callable[[], dict | None] = lambda: None
+    report: Callable[[dict, dict | None], None] = lambda metrics, state: None
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
+    all_gather: Callable[[Any], list] = lambda obj: [obj]
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class LoopData:
+    """Where this worker's data comes from."""
+
+    url: str
+    holdout_url: str | None = None
+    storage_options: dict | None = None
+    holdout_size: int = 256  # held-out images used for the bits/dim estimate
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy(),
+            "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate())}
+
+
+def _set_rng_state(state: dict) -> None:
+    import ast
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate(ast.literal_eval(state["python"]))
+
+
+def build(cfg: ExperimentConfig, device: torch.device):
+    """Model, EMA, optimizer, warm-up schedule and diffusion for a config (same init on every rank)."""
+    from ddpm.diffusion import Diffusion
+    from ddpm.ema import EMA
+    from ddpm.unet import UNet
+
+    torch.manual_seed(cfg.train.seed)
+    model = UNet(cfg.model).to(device)
+    ema = EMA(model, decay=cfg.train.ema_decay)
+    fused = device.type == "cuda"
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, foreach=not fused, fused=fused or None)
+    warmup = max(cfg.train.warmup_steps, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    return model, ema, opt, sched, Diffusion.from_config(cfg.diffusion)
+
+
+def sample_grid(model, diffusion, cfg: ExperimentConfig, path: str, n: int = 64, seed: int = 0) -> str:
+    """Sample ``n`` images with the config's fast sampler and save them as one PNG grid."""
+    from ddpm.image import save_grid
+    from ddpm.samplers import generate
+
+    m = cfg.model
+    model.eval()
+    with torch.no_grad():
+        x = generate(model, diffusion, (n, m.in_channels, m.image_size, m.image_size),
+                     sampler=cfg.sample.sampler, steps=cfg.sample.steps, eta=cfg.sample.eta,
+                     seeds=torch.arange(n) + seed * 1_000_003, clip_denoised=cfg.sample.clip_denoised)
+    save_grid(x, path, levels=cfg.data.levels)
+    return path
+
+
+def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=None,
+               artifact_dir: str | None = None) -> dict[str, float]:
+    """Train until ``cfg.train.max_steps``; report metrics, and a checkpoint every interval."""
+    from ddpm.data import make_loader, load_split
+
+    tc = cfg.train
+    device = ctx.device
+    threads = int(os.environ.get("DDPM_TORCH_THREADS", "0"))
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if tc.batch_size % (ctx.world_size * tc.grad_accum):
+        raise ValueError(f"train.batch_size={tc.batch_size} must divide by workers x grad_accum "
+                         f"= {ctx.world_size} x {tc.grad_accum}")
+    micro_batch = tc.batch_size // (ctx.world_size * tc.grad_accum)
+
+    model, ema, opt, sched, diffusion = build(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+    loader = make_loader(data.url, batch_size=micro_batch, rank=ctx.rank, world_size=ctx.world_size,
+                         seed=tc.seed, random_flip=cfg.data.random_flip, num_workers=cfg.data.num_workers,
+                         storage_options=data.storage_options)
+
+    step, nonfinite_total, best_bpd = 0, 0, math.inf
+    state = ctx.restore()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        loader.load_state_dict(state["loader"])
+        step, nonfinite_total = int(state["step"]), int(state.get("nonfinite_total", 0))
+        best_bpd = float(state.get("best_bpd", math.inf))
+        rngs = state["rng"]
+        _set_rng_state(rngs[ctx.rank] if ctx.rank < len(rngs) else rngs[0])
+        ctx.log(f"[train] resumed from step {step}")
+    else:
+        # Each rank draws its own t and noise; the model init above is identical on every rank.
+        seed = tc.seed * 1000 + ctx.rank
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+
+    ddp_model = ctx.wrap_model(model)
+    holdout = None
+    if ctx.rank == 0 and data.holdout_url:
+        images, _labels, _manifest = load_split(data.holdout_url, storage_options=data.storage_options)
+        from ddpm.data import to_float
+
+        holdout = to_float(images[: data.holdout_size], cfg.data.levels).to(device)
+
+    batches = iter(loader)
+    nonfinite_run = 0
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    t_last, step_last = time.perf_counter(), step
+    t_start = t_last
+    last_metrics: dict[str, float] = {}
+    while step < tc.max_steps:
+        ddp_model.train()
+        opt.zero_grad(set_to_none=True)
+        for _ in range(tc.grad_accum):
+            x = next(batches).to(device, non_blocking=True)
+            with _autocast(tc.precision, device):
+                loss = diffusion.training_loss(ddp_model, x).mean()
+            scaler.scale(loss / tc.grad_accum).backward()
+        scaler.unscale_(opt)
+        # Gradients are all-reduced, so every rank sees the same norm and takes the same branch.
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        if not torch.isfinite(grad_norm) or not torch.isfinite(loss):
+            nonfinite_run += 1
+            nonfinite_total += 1
+            opt.zero_grad(set_to_none=True)
+            scaler.update()
+            ctx.log(f"[train] step {step}: non-finite loss/gradient skipped ({nonfinite_run} in a row)")
+            if nonfinite_run >= tc.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{nonfinite_run} non-finite losses in a row at step {step} (train.max_nonfinite="
+                    f"{tc.max_nonfinite}); lower train.lr or use precision fp32")
+            continue
+        nonfinite_run = 0
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        ema.update(model)
+        step += 1
+        loss_sum += loss.detach()
+        loss_count += 1
+
+        metrics: dict[str, float] = {}
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            now = time.perf_counter()
+            ips = (step - step_last) * tc.batch_size / max(now - t_last, 1e-9)
+            metrics.update(loss=float(loss_sum) / max(loss_count, 1), grad_norm=float(grad_norm),
+                           lr=sched.get_last_lr()[0], images_per_s=ips, nonfinite_total=nonfinite_total)
+            eta = (tc.max_steps - step) * tc.batch_size / max(ips, 1e-9)
+            if ctx.rank == 0:
+                ctx.log(f"[train] step {step}/{tc.max_steps} loss {metrics['loss']:.4f} "
+                        f"{ips:.1f} img/s ETA {eta:.0f}s")
+            loss_sum.zero_()
+            loss_count = 0
+            t_last, step_last = now, step
+        if holdout is not None and (step % tc.eval_every == 0 or step == tc.max_steps):
+            ema.module.eval()
+            with torch.no_grad():
+                est, err = diffusion.bits_per_dim_estimate(ema.module, holdout, levels=cfg.data.levels, seed=0)
+            metrics["bpd"] = float(est.mean())
+            metrics["bpd_stderr"] = float(err.pow(2).sum().sqrt() / len(err))
+        if ctx.rank == 0 and artifact_dir and tracker is not None and (
+                step % tc.sample_every == 0 or step == tc.max_steps):
+            path = os.path.join(artifact_dir, f"samples_step{step:07d}.png")
+            sample_grid(ema.module, diffusion, cfg, path)
+            tracker.log_artifact(path, "samples")
+        if metrics and tracker is not None and ctx.rank == 0:
+            tracker.log_metrics(metrics, step)
+        last_metrics.update(metrics)
+
+        if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+            rngs = ctx.all_gather(_rng_state())
+            ckpt = None
+            if ctx.rank == 0:
+                bpd = last_metrics.get("bpd", math.inf)
+                best_bpd = min(best_bpd, bpd)
+                ckpt = {
+                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                    "loader": loader.state_dict(), "step": step, "rng": rngs,
+                    "nonfinite_total": nonfinite_total, "best_bpd": best_bpd,
+                    "config": cfg.to_json(),
+                }
+            ctx.report({"step": step, **last_metrics}, ckpt)
+    last_metrics["step"] = step
+    last_metrics["wall_s"] = time.perf_counter() - t_start
+    return last_metrics

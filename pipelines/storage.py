@@ -1,0 +1,49 @@
+"""fsspec and pyarrow file systems for the storage URLs users pass (local paths, file://, s3://).
+
+Credentials are never put into options that travel or get logged: workers read the usual AWS_*
+variables themselves. Only the (non-secret) endpoint of an S3-compatible store travels.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def storage_options(url: str) -> dict:
+    """fsspec options for ``url``: the S3 endpoint when one is configured, else nothing."""
+    if url.startswith("s3://") and s3_endpoint():
+        return {"client_kwargs": {"endpoint_url": s3_endpoint()}}
+    return {}
+
+
+def ray_storage(url: str):
+    """``(storage_path, storage_filesystem)`` for Ray's ``RunConfig``.
+
+    A local path becomes absolute; ``s3://`` with a custom endpoint gets a pyarrow S3 file system
+    (Ray would otherwise talk to AWS itself).
+    """
+    if url.startswith("s3://"):
+        endpoint = s3_endpoint()
+        if not endpoint:
+            return url, None
+        from pyarrow import fs
+
+        parsed = urlparse(endpoint)
+        s3 = fs.S3FileSystem(
+            endpoint_override=parsed.netloc or endpoint,
+            scheme=parsed.scheme or "https",
+            access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+            secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            session_token=os.environ.get("AWS_SESSION_TOKEN"),
+            region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        )
+        return url[len("s3://"):].rstrip("/"), s3
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    return str(Path(url).expanduser().resolve()), None

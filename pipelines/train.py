@@ -1,0 +1,234 @@
+"""`ddpm-pipe train`: the Ray Train launcher and the per-worker entry point.
+
+Driver: resolve config, data and storage -> MLflow run (resumed by name) -> ``TorchTrainer`` with
+one worker per node (times GPUs per node) -> the final checkpoint becomes a registered model version.
+Workers: :func:`worker_main` runs :func:`pipelines.loop.train_loop` with a Ray Train context.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ddpm.config import ExperimentConfig, load_config
+from pipelines.errors import PipelineError, UsageError
+from pipelines.settings import Settings, resolve
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+# -- worker side ----------------------------------------------------------------------------------
+def _ray_context(tracking_uri: str | None):
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from ddpm.checkpoint import load_checkpoint, save_checkpoint
+    from pipelines.loop import LoopContext
+
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+
+    def restore():
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
+
+    def report(metrics: dict, state: dict | None) -> None:
+        if state is None:
+            ray.train.report(metrics)
+            return
+        tmp = tempfile.mkdtemp(prefix="ddpm-ckpt-")
+        try:
+            save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint_{int(metrics['step']):08d}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def wrap(model):
+        return ray.train.torch.prepare_model(model) if world > 1 else model
+
+    def all_gather(obj):
+        if world == 1:
+            return [obj]
+        out: list = [None] * world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    return LoopContext(rank=rank, world_size=world, device=ray.train.torch.get_device(), restore=restore,
+                       report=report, wrap_model=wrap, all_gather=all_gather)
+
+
+def worker_main(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker entry point (``train_loop_per_worker``)."""
+    import ray
+
+    from pipelines.loop import LoopData, train_loop
+
+    cfg = ExperimentConfig.from_dict(loop_config["config"])
+    ctx = _ray_context(loop_config.get("tracking_uri"))
+    tracker = None
+    artifact_dir = None
+    if ctx.rank == 0 and loop_config.get("run_id"):
+        import mlflow
+
+        from pipelines.tracking import AsyncLogger
+
+        mlflow.set_tracking_uri(loop_config["tracking_uri"])
+        tracker = AsyncLogger(loop_config["run_id"])
+        artifact_dir = tempfile.mkdtemp(prefix="ddpm-artifacts-")
+    # Where each rank runs and what it reads: logged once so placement and data shares can be checked.
+    placement = ctx.all_gather({"rank": ctx.rank, "node_id": ray.get_runtime_context().get_node_id(),
+                                "pid": os.getpid()})
+    if tracker is not None:
+        tracker.set_tag("ddpm.placement", ",".join(f"{p['rank']}@{p['node_id'][:12]}" for p in placement))
+    data = LoopData(url=loop_config["data_url"], holdout_url=loop_config.get("holdout_url"),
+                    storage_options=loop_config.get("storage_options"))
+    try:
+        final = train_loop(cfg, data, ctx, tracker=tracker, artifact_dir=artifact_dir)
+        if tracker is not None:
+            tracker.log_metrics({"wall_s": final.get("wall_s", 0.0)}, int(final["step"]))
+    finally:
+        if tracker is not None:
+            stats = tracker.close(timeout=30)
+            if stats["dropped"]:
+                print(f"[train] MLflow: {stats['dropped']} logging item(s) dropped during a tracking outage")
+        if artifact_dir:
+            shutil.rmtree(artifact_dir, ignore_errors=True)
+
+
+# -- driver side ----------------------------------------------------------------------------------
+def resolve_config(config: str, overrides: list[str], max_steps: int | None = None,
+                   precision: str | None = None) -> ExperimentConfig:
+    extra = list(overrides)
+    if max_steps is not None:
+        extra.append(f"train.max_steps={max_steps}")
+    if precision is not None:
+        extra.append(f"train.precision={precision}")
+    return load_config(config, extra)
+
+
+def resolve_data(cfg: ExperimentConfig, data: str | None, settings: Settings) -> tuple[str, str | None]:
+    """The training shard URL and the held-out split URL; prepares the embedded default if missing."""
+    from pipelines.data import ensure_prepared
+
+    url = data or cfg.data.url or settings.data_url(cfg.data.source, "train")
+    holdout = cfg.data.holdout_url or None
+    if not data and not cfg.data.url:
+        ensure_prepared(cfg.data.source, url, split="train")
+        holdout = holdout or settings.data_url(cfg.data.source, "test")
+        ensure_prepared(cfg.data.source, holdout, split="test")
+    elif holdout is None:
+        sibling = url.rstrip("/").rsplit("/", 1)[0] + "/test" if url.rstrip("/").endswith("/train") else None
+        holdout = sibling if sibling and _exists(sibling) else None
+    return url, holdout
+
+
+def _exists(url: str) -> bool:
+    from ddpm.data import manifest_exists
+
+    try:
+        return manifest_exists(url)
+    except Exception:
+        return False
+
+
+def run_config(name: str, storage: str, keep: int, max_failures: int = 3, env: dict | None = None):
+    """Ray ``RunConfig``: checkpoints under storage/name, the last ``keep`` kept, restarts on failure."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    from pipelines.storage import ray_storage
+
+    path, fs = ray_storage(storage)
+    return RunConfig(
+        name=name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute="step",
+                                           checkpoint_score_order="max"),
+        worker_runtime_env=env,
+    )
+
+
+def train_command(config: str = "digits", overrides: list[str] | None = None, data: str | None = None,
+                  storage: str | None = None, nodes: int = 1, gpus_per_node: int = 0,
+                  max_steps: int | None = None, precision: str | None = None, experiment: str | None = None,
+                  run_name: str | None = None, address: str | None = None,
+                  parent_run_id: str | None = None, max_failures: int = 3) -> dict[str, Any]:
+    """Train on Ray; returns the run id, final metrics, checkpoint and registered model version."""
+    from ray.train.torch import TorchTrainer
+
+    from pipelines import cluster, tracking
+    from pipelines.registry import log_and_register
+
+    settings = resolve(storage, address)
+    cfg = resolve_config(config, overrides or [], max_steps, precision)
+    run_name = run_name or cfg.name
+    _check_name(run_name)
+    data_url, holdout_url = resolve_data(cfg, data, settings)
+
+    tracking.configure(settings)
+    exp_id = tracking.experiment_id(experiment or cfg.name, settings)
+    run_id, resumed = tracking.start_or_resume_run(exp_id, run_name, {tracking.KIND_TAG: "train"},
+                                                   parent_run_id=parent_run_id)
+    tracking.log_params(run_id, {**cfg.to_dict(), "run": {"nodes": nodes, "gpus_per_node": gpus_per_node,
+                                                          "data": data_url}})
+
+    started = cluster.connect(settings.ray_address, min_cpus=nodes * max(gpus_per_node, 1))
+    placement = cluster.plan(nodes, gpus_per_node, started_locally=started)
+    from pipelines.storage import storage_options
+
+    loop_config = {"config": cfg.to_dict(), "data_url": data_url, "holdout_url": holdout_url,
+                   "storage_options": storage_options(data_url), "run_id": run_id,
+                   "tracking_uri": settings.tracking_uri}
+    trainer = TorchTrainer(
+        worker_main,
+        train_loop_config=loop_config,
+        scaling_config=cluster.scaling_config(placement),
+        run_config=run_config(run_name, settings.storage, cfg.train.keep_checkpoints, max_failures,
+                              env=cluster.worker_env(placement)),
+    )
+    print(f"[train] {placement.workers} worker(s), {placement.strategy}, run '{run_name}' "
+          f"({'resuming' if resumed else 'new'}), MLflow run {run_id}")
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        tracking.end_run(run_id, "FAILED")
+        raise PipelineError(f"training failed: {_root_cause(e)}") from e
+    if result.checkpoint is None:
+        tracking.end_run(run_id, "FAILED")
+        raise PipelineError("training ended without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        version = log_and_register(run_id, os.path.join(d, CHECKPOINT_FILE), cfg.train.registered_model)
+    tracking.end_run(run_id)
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    checkpoint_url = result.checkpoint.path
+    model_uri = f"models:/{cfg.train.registered_model}/{version}"
+    return {
+        "run_id": run_id, "resumed": resumed, "metrics": metrics, "checkpoint": checkpoint_url,
+        "model_uri": model_uri, "registered_model": cfg.train.registered_model, "version": version,
+        "message": (f"trained '{run_name}' to step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}; "
+                    f"checkpoint {checkpoint_url}; registered {model_uri}; MLflow run {run_id}"),
+    }
+
+
+def _check_name(name: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name):
+        raise UsageError(f"run name {name!r} must be letters, digits, '_', '.', '-' (at most 128)")
+
+
+def _root_cause(e: BaseException) -> str:
+    seen = e
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()
+    return f"{type(seen).__name__}: {text[-1] if text else ''}"[:500]
