@@ -106,6 +106,20 @@ def sample_grid(model, diffusion, cfg: ExperimentConfig, path: str, n: int = 64,
     return path
 
 
+def _maybe_inject_fault(rank: int, step: int) -> None:
+    """Test hook: ``DDPM_FAULT_EXIT=RANK:STEP:MARKER`` kills this worker process once at that step.
+
+    The marker file makes it fire once, so the restarted worker group trains on (tests/faults).
+    """
+    spec = os.environ.get("DDPM_FAULT_EXIT")
+    if not spec:
+        return
+    r, s, marker = spec.split(":", 2)
+    if int(r) == rank and int(s) == step and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+
+
 def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=None,
                artifact_dir: str | None = None) -> dict[str, float]:
     """Train until ``cfg.train.max_steps``; report metrics, and a checkpoint every interval."""
@@ -141,6 +155,8 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
         rngs = state["rng"]
         _set_rng_state(rngs[ctx.rank] if ctx.rank < len(rngs) else rngs[0])
         ctx.log(f"[train] resumed from step {step}")
+        if tracker is not None and ctx.rank == 0:
+            tracker.log_metrics({"resumed_from_step": step}, step)
     else:
         # Each rank draws its own t and noise; the model init above is identical on every rank.
         seed = tc.seed * 1000 + ctx.rank
@@ -222,6 +238,13 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
             tracker.log_metrics(metrics, step)
         last_metrics.update(metrics)
 
+        _maybe_inject_fault(ctx.rank, step)
+        if step == tc.max_steps:
+            # DDP keeps replicas identical; check it, since a silent divergence would waste the run.
+            sums = ctx.all_gather(float(sum(p.detach().double().sum() for p in model.parameters())))
+            last_metrics["ranks_in_sync"] = float(all(v == sums[0] for v in sums))
+            if tracker is not None:
+                tracker.log_metrics({"ranks_in_sync": last_metrics["ranks_in_sync"]}, step)
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
             rngs = ctx.all_gather(_rng_state())
             ckpt = None

@@ -1,0 +1,95 @@
+"""Resolve a ``--model`` URI to a ready-to-sample model, without unpickling anything.
+
+Accepted: ``runs:/RUN_ID/model``, ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` (MLflow; the
+weights and config artifacts of the pyfunc logged by training), or a checkpoint path/URL
+(``.../checkpoint.pt``, local or ``s3://``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.errors import UsageError
+
+
+@dataclass
+class LoadedModel:
+    uri: str
+    config: Any  # ddpm.config.ExperimentConfig
+    model: Any  # ddpm.unet.UNet with EMA weights, eval mode
+    diffusion: Any  # ddpm.diffusion.Diffusion
+    run_id: str | None = None
+    name: str | None = None  # registered model name
+    version: str | None = None
+    info: dict = field(default_factory=dict)
+
+
+def _is_mlflow_uri(uri: str) -> bool:
+    return uri.startswith(("runs:/", "models:/"))
+
+
+def describe(uri: str) -> dict[str, str | None]:
+    """Run id, registered name and version behind a model URI (checks it exists; no download)."""
+    if not _is_mlflow_uri(uri):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        if not fs.exists(path):
+            raise UsageError(f"model {uri!r} does not exist (expected runs:/ID/model, models:/NAME/VERSION, "
+                             "models:/NAME@ALIAS, or a checkpoint path/URL)")
+        return {"run_id": None, "name": None, "version": None}
+    from pipelines import tracking
+
+    c = tracking.client()
+    try:
+        if uri.startswith("runs:/"):
+            run_id = uri[len("runs:/"):].split("/", 1)[0]
+            c.get_run(run_id)
+            return {"run_id": run_id, "name": None, "version": None}
+        rest = uri[len("models:/"):]
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            mv = c.get_model_version_by_alias(name, alias)
+        else:
+            name, version = rest.split("/", 1)
+            mv = c.get_model_version(name, version)
+        return {"run_id": mv.run_id, "name": mv.name, "version": str(mv.version)}
+    except Exception as e:
+        raise UsageError(f"model {uri!r} does not exist in the MLflow store: {str(e).splitlines()[0]}") from e
+
+
+def load(uri: str) -> LoadedModel:
+    """Load the EMA model behind ``uri`` for sampling (eval mode, CPU)."""
+    from ddpm.config import ExperimentConfig
+    from ddpm.diffusion import Diffusion
+    from ddpm.unet import UNet
+
+    meta = describe(uri)
+    if not _is_mlflow_uri(uri):
+        from ddpm.checkpoint import load_model
+
+        cfg, model, diffusion = load_model(uri)
+        return LoadedModel(uri=uri, config=cfg, model=model, diffusion=diffusion)
+    import mlflow
+
+    from ddpm.checkpoint import import_weights
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if uri.startswith("runs:/"):
+            parts = uri[len("runs:/"):].split("/", 1)
+            model_uri = f"runs:/{parts[0]}/{parts[1] if len(parts) > 1 and parts[1] else 'model'}"
+        else:
+            model_uri = uri
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+        art = os.path.join(local, "artifacts")
+        with open(os.path.join(art, "config.json")) as f:
+            cfg = ExperimentConfig.from_dict(json.load(f))
+        model = UNet(cfg.model)
+        import_weights(model, os.path.join(art, "weights.safetensors"))
+    model.eval()
+    return LoadedModel(uri=uri, config=cfg, model=model, diffusion=Diffusion.from_config(cfg.diffusion),
+                       run_id=meta["run_id"], name=meta["name"], version=meta["version"])
