@@ -1,0 +1,301 @@
+"""Sample-quality metrics: Frechet distance, precision/recall, copy rate, and how results compare.
+
+All metrics take features as ``[N x D]`` arrays (numpy or torch); images are flattened to
+``[N x C*H*W]`` where a function accepts pixels. Statistics are computed in float64.
+
+- Frechet distance (Heusel et al. 2017, https://arxiv.org/abs/1706.08500) between Gaussians fitted
+  to two feature sets.
+- Improved precision and recall (Kynkaanniemi et al. 2019, https://arxiv.org/abs/1904.06991).
+- Copy rate: the share of samples nearer to a training image than real held-out images are.
+- ``METRIC_DIRECTIONS``, :func:`better` and :func:`result_key`: every result is keyed by what it
+  depends on, and two results are only compared when their keys are equal.
+- :func:`inception_fid`: Inception-v3 FID for natural images through torchmetrics, from a weights
+  file the user supplies (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+Direction = Literal["lower", "higher"]
+
+
+def _as_2d_float64(x: Any) -> torch.Tensor:
+    """``[N x ...]`` numpy array or tensor -> ``[N x D]`` float64 CPU tensor."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x.detach().cpu())
+    if t.ndim < 1:
+        raise ValueError("expected at least one dimension [N x ...]")
+    return t.reshape(t.shape[0], -1).to(torch.float64)
+
+
+# -- Frechet distance -------------------------------------------------------------------------
+
+
+def feature_stats(features: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``[D]`` and covariance ``[D x D]`` (unbiased, as pytorch-fid) of ``[N x D]`` features."""
+    f = _as_2d_float64(features).numpy()
+    if f.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature vectors for a covariance, got {f.shape[0]}")
+    return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
+
+
+def _sqrt_psd(a: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric positive semi-definite matrix."""
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+    d^2 = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+
+    1. S1 S2 is similar to M = S1^(1/2) S2 S1^(1/2), which is symmetric PSD, so
+       tr((S1 S2)^(1/2)) = sum_i sqrt(lambda_i(M)).
+    2. Both square roots come from symmetric eigendecompositions with tiny negative eigenvalues
+       (round-off) clipped to 0; unlike a general ``sqrtm`` of S1 S2 this never returns complex
+       parts, and it is exact for singular covariances (fewer samples than dimensions).
+    """
+    mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
+    mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
+    s1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
+    s2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    root1 = _sqrt_psd(s1)
+    m = root1 @ s2 @ root1
+    eig = np.linalg.eigvalsh((m + m.T) / 2)
+    tr_covmean = np.sqrt(np.clip(eig, 0.0, None)).sum()
+    diff = mu1 - mu2
+    d2 = diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean
+    return float(max(d2, 0.0))
+
+
+def frechet_distance_from_features(a: Any, b: Any) -> float:
+    """Frechet distance between Gaussians fitted to ``[N x D]`` and ``[M x D]`` features."""
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+# -- nearest neighbours ------------------------------------------------------------------------
+
+
+def _kth_nn_distance(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """Distance from each row of ``x`` to its k-th nearest other row ``[N]``."""
+    if x.shape[0] <= k:
+        raise ValueError(f"need more than k={k} points for k-NN radii, got {x.shape[0]}")
+    out = []
+    for i in range(0, x.shape[0], chunk):
+        d = torch.cdist(x[i:i + chunk], x)
+        out.append(d.kthvalue(k + 1, dim=1).values)  # +1: the point itself is at distance 0
+    return torch.cat(out)
+
+
+def _nn_distance(x: torch.Tensor, ref: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Distance from each row of ``x`` to its nearest row of ``ref`` ``[N]``."""
+    return torch.cat([torch.cdist(x[i:i + chunk], ref).min(dim=1).values
+                      for i in range(0, x.shape[0], chunk)])
+
+
+def _coverage(x: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int) -> float:
+    """Share of rows of ``x`` inside at least one ball (centre_j, radius_j)."""
+    inside = [(torch.cdist(x[i:i + chunk], centres) <= radii[None]).any(dim=1)
+              for i in range(0, x.shape[0], chunk)]
+    return torch.cat(inside).double().mean().item()
+
+
+# -- precision and recall ----------------------------------------------------------------------
+
+
+def precision_recall(real_feats: Any, fake_feats: Any, k: int = 3, chunk: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019, section 2).
+
+    Each set's manifold is the union of balls around its points, the radius of a ball being the
+    distance to that point's k-th nearest neighbour in the same set (eq. 1).
+    Precision is the share of fake points inside the real manifold; recall is the share of real
+    points inside the fake manifold (eq. 2). Distances are Euclidean, computed in chunks of
+    ``chunk`` rows.
+    """
+    real, fake = _as_2d_float64(real_feats), _as_2d_float64(fake_feats)
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature sizes differ: real {real.shape[1]}, fake {fake.shape[1]}")
+    precision = _coverage(fake, real, _kth_nn_distance(real, k, chunk), chunk)
+    recall = _coverage(real, fake, _kth_nn_distance(fake, k, chunk), chunk)
+    return precision, recall
+
+
+# -- copy rate ---------------------------------------------------------------------------------
+
+
+def copy_rate(samples: Any, train: Any, test: Any, quantile: float = 0.05, chunk: int = 1024) -> float:
+    """Share of samples nearer to the training set than real held-out images usually are.
+
+    Definition (features or flattened pixels, Euclidean):
+
+    1. d_test[j] = distance from real test image j to its nearest training image.
+    2. tau = the ``quantile`` (default 5th percentile) of d_test, taken as an observed value
+       (numpy ``method="lower"``), so ``quantile=0`` gives the smallest test-to-train distance.
+    3. copy_rate = share of samples whose nearest-training distance is <= tau.
+
+    A model that draws fresh images from the data distribution scores about ``quantile`` (real test
+    images score exactly the share at or below tau); exact copies of training images score 1.0.
+    """
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    s, tr, te = _as_2d_float64(samples), _as_2d_float64(train), _as_2d_float64(test)
+    if not s.shape[1] == tr.shape[1] == te.shape[1]:
+        raise ValueError(f"sizes differ: samples {s.shape[1]}, train {tr.shape[1]}, test {te.shape[1]}")
+    d_test = _nn_distance(te, tr, chunk).numpy()
+    tau = np.quantile(d_test, quantile, method="lower")
+    d_samples = _nn_distance(s, tr, chunk).numpy()
+    return float((d_samples <= tau).mean())
+
+
+# -- directions and result keys ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    direction: Direction
+    description: str
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("fd", "lower", "Frechet distance in the feature network's space"),
+    Metric("fid", "lower", "Inception-v3 Frechet distance (natural images)"),
+    Metric("precision", "higher", "share of samples inside the real manifold (k-NN, k=3)"),
+    Metric("recall", "higher", "share of real images inside the sample manifold (k-NN, k=3)"),
+    Metric("bpd", "lower", "held-out bits per dimension (variational bound)"),
+    Metric("copy_rate", "lower", "share of samples nearer to training images than test images are"),
+    Metric("confidence", "higher", "mean max softmax probability of the feature classifier"),
+    Metric("sec_per_sample", "lower", "wall-clock seconds per generated sample"),
+)}
+
+METRIC_DIRECTIONS: dict[str, Direction] = {name: m.direction for name, m in METRICS.items()}
+
+_FLOOR_SUFFIX = "_floor"
+
+
+def metric_name(key: str) -> str:
+    """The metric a name or result key refers to: ``fd/sampler:ddim/...`` -> ``fd``;
+    ``fd_floor`` -> ``fd`` (a floor has its metric's direction)."""
+    name = key.split("/", 1)[0]
+    if name.endswith(_FLOOR_SUFFIX) and name[: -len(_FLOOR_SUFFIX)] in METRIC_DIRECTIONS:
+        name = name[: -len(_FLOOR_SUFFIX)]
+    return name
+
+
+def direction(metric: str) -> Direction:
+    """'lower' or 'higher' is better for a metric name or result key."""
+    name = metric_name(metric)
+    if name not in METRIC_DIRECTIONS:
+        raise ValueError(f"unknown metric {name!r}; valid: {', '.join(sorted(METRIC_DIRECTIONS))}")
+    return METRIC_DIRECTIONS[name]
+
+
+def better(metric: str, a: float, b: float, min_delta: float = 0.0) -> bool:
+    """True when ``a`` beats ``b`` on ``metric`` by strictly more than ``min_delta``.
+
+    ``metric`` is a name or a result key. A NaN on either side is never better.
+    """
+    if min_delta < 0:
+        raise ValueError(f"min_delta must be >= 0, got {min_delta}")
+    a, b = float(a), float(b)
+    if math.isnan(a) or math.isnan(b):
+        return False
+    gain = (b - a) if direction(metric) == "lower" else (a - b)
+    return gain > min_delta
+
+
+_KEY_PART = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def _key_value(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, (str, int, float)):
+        raise TypeError("result key values must be str, int, float, bool or None, "
+                        f"got {type(value).__name__}")
+    return str(value)
+
+
+def result_key(metric: str, **depends_on: Any) -> str:
+    """Canonical key of a result: the metric, then every dependency sorted by name.
+
+    ``result_key("fd", sampler="ddim", steps=50, num=1000, data="3f2a", features="digits-cnn-v1")``
+    -> ``"fd/data:3f2a/features:digits-cnn-v1/num:1000/sampler:ddim/steps:50"``.
+    Keys and values may hold letters, digits, ``_ . -``; the result is a valid MLflow metric name.
+    Results are comparable only when their keys are equal.
+    """
+    direction(metric)  # unknown metrics fail here
+    parts = [metric]
+    for name in sorted(depends_on):
+        value = _key_value(depends_on[name])
+        for piece in (name, value):
+            if not _KEY_PART.match(piece):
+                raise ValueError(f"result key part {piece!r} may only hold letters, digits, '_', '.', '-'")
+        parts.append(f"{name}:{value}")
+    return "/".join(parts)
+
+
+def parse_result_key(key: str) -> tuple[str, dict[str, str]]:
+    """Inverse of :func:`result_key` (values come back as strings)."""
+    metric, *rest = key.split("/")
+    return metric, dict(part.split(":", 1) for part in rest)
+
+
+# -- Inception FID (natural images) ------------------------------------------------------------
+
+INCEPTION_WEIGHTS_HINT = (
+    "Inception FID needs the FID Inception-v3 weights as a local file (nothing is downloaded at "
+    "run time): get 'pt_inception-2015-12-05-6726825d.pth' (from the torch-fidelity / pytorch-fid "
+    "releases) on a machine with network access, copy it here and pass its path; it also needs "
+    "'pip install torchmetrics torch-fidelity'"
+)
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """``[N x 3 x H x W]`` float in [-1, 1] (or uint8) -> uint8 in [0, 255]."""
+    if images.dtype == torch.uint8:
+        return images
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def inception_fid(real: torch.Tensor, fake: torch.Tensor, weights_path: str | Path | None,
+                  batch_size: int = 64, device: str | torch.device = "cpu") -> float:
+    """Inception-v3 FID (2048-d pool features) between two image sets, via torchmetrics.
+
+    ``real`` and ``fake`` are ``[N x 3 x H x W]``, float in [-1, 1] or uint8. ``weights_path`` is
+    the local FID Inception weights file; without it, or without torchmetrics, a clear error says
+    how to supply them.
+    """
+    if weights_path is None or not Path(weights_path).is_file():
+        raise FileNotFoundError(f"no Inception weights at {weights_path!r}. {INCEPTION_WEIGHTS_HINT}")
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError as e:
+        raise ImportError(f"torchmetrics is not installed. {INCEPTION_WEIGHTS_HINT}") from e
+    fid = FrechetInceptionDistance(feature=2048, normalize=False,
+                                   feature_extractor_weights_path=str(weights_path)).to(device)
+    for images, is_real in ((real, True), (fake, False)):
+        for i in range(0, images.shape[0], batch_size):
+            fid.update(_to_uint8(images[i:i + batch_size]).to(device), real=is_real)
+    return float(fid.compute())
+
+
+__all__ = [
+    "INCEPTION_WEIGHTS_HINT", "METRICS", "METRIC_DIRECTIONS", "Metric", "better", "copy_rate",
+    "direction", "feature_stats", "frechet_distance", "frechet_distance_from_features",
+    "inception_fid", "metric_name", "parse_result_key", "precision_recall", "result_key",
+]

@@ -1,0 +1,169 @@
+"""Closed-form checks of the sample-quality metrics, and the result-key/direction rules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from ddpm import metrics
+
+
+def _random_cov(rng: np.random.Generator, d: int) -> np.ndarray:
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+# -- Frechet distance -------------------------------------------------------------------------
+
+
+def test_frechet_distance_diagonal_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    s1, s2 = rng.uniform(0.1, 3.0, size=5), rng.uniform(0.1, 3.0, size=5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    assert metrics.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_one_dimensional_is_squared_wasserstein():
+    # W2^2 between N(m1, a^2) and N(m2, b^2) = (m1 - m2)^2 + (a - b)^2
+    assert metrics.frechet_distance([1.0], [[4.0]], [-2.0], [[0.25]]) == pytest.approx(9.0 + 1.5 ** 2)
+
+
+def test_frechet_distance_full_covariance_matches_scipy_sqrtm():
+    rng = np.random.default_rng(1)
+    for d in (3, 16, 64):
+        mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+        s1, s2 = _random_cov(rng, d), _random_cov(rng, d)
+        covmean = scipy.linalg.sqrtm(s1 @ s2).real
+        expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+        assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8, abs=1e-8)
+
+
+def test_frechet_distance_identical_stats_is_zero_even_when_singular():
+    rng = np.random.default_rng(2)
+    mu = rng.normal(size=32)
+    feats = rng.normal(size=(10, 32))  # 10 points in 32-d: a rank-9 covariance
+    sigma = np.cov(feats, rowvar=False)
+    assert metrics.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-9)
+    assert metrics.frechet_distance(mu, _random_cov(rng, 32), mu, sigma) > 0
+
+
+def test_frechet_distance_from_features_estimates_the_gaussian_distance():
+    rng = np.random.default_rng(3)
+    a = rng.normal(0.0, 1.0, size=(20_000, 4))
+    b = rng.normal(1.0, 2.0, size=(20_000, 4))
+    expected = 4 * 1.0 + 4 * (1.0 - 2.0) ** 2  # per dim: (dmu)^2 + (sd1 - sd2)^2
+    assert metrics.frechet_distance_from_features(a, torch.from_numpy(b)) == pytest.approx(expected, rel=0.03)
+    mu, sigma = metrics.feature_stats(a)
+    assert mu.shape == (4,) and sigma.shape == (4, 4)
+
+
+def test_frechet_distance_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="shape mismatch"):
+        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+# -- precision / recall ------------------------------------------------------------------------
+
+
+def test_precision_recall_identical_distributions_near_one():
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(2000, 4, generator=g), torch.randn(2000, 4, generator=g)
+    p, r = metrics.precision_recall(real, fake, k=3, chunk=512)
+    assert p > 0.9 and r > 0.9
+
+
+def test_precision_recall_disjoint_clouds_are_zero():
+    g = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(500, 8, generator=g), torch.randn(500, 8, generator=g) + 100.0
+    assert metrics.precision_recall(real, fake) == (0.0, 0.0)
+
+
+def test_precision_recall_shrunk_fake_has_high_precision_low_recall():
+    g = torch.Generator().manual_seed(2)
+    real, fake = torch.randn(2000, 4, generator=g), 0.2 * torch.randn(2000, 4, generator=g)
+    p, r = metrics.precision_recall(real, fake)
+    assert p > 0.9 and r < 0.2
+
+
+def test_precision_recall_does_not_depend_on_chunking():
+    g = torch.Generator().manual_seed(3)
+    real, fake = torch.randn(300, 5, generator=g), 1.3 * torch.randn(250, 5, generator=g)
+    assert metrics.precision_recall(real, fake, chunk=7) == metrics.precision_recall(real, fake, chunk=4096)
+
+
+# -- copy rate ---------------------------------------------------------------------------------
+
+
+def test_copy_rate_exact_copies_and_far_samples():
+    g = torch.Generator().manual_seed(4)
+    train, test = torch.randn(400, 1, 8, 8, generator=g), torch.randn(100, 1, 8, 8, generator=g)
+    assert metrics.copy_rate(train[:50], train, test) == 1.0
+    assert metrics.copy_rate(train[:50] + 50.0, train, test) == 0.0
+
+
+def test_copy_rate_fresh_draws_score_about_the_quantile():
+    g = torch.Generator().manual_seed(5)
+    train, test = torch.randn(1000, 6, generator=g), torch.randn(500, 6, generator=g)
+    fresh = torch.randn(2000, 6, generator=g)
+    assert metrics.copy_rate(fresh, train, test, quantile=0.05) == pytest.approx(0.05, abs=0.03)
+    assert metrics.copy_rate(test, train, test, quantile=0.2) == pytest.approx(0.2, abs=1 / 500)
+    assert metrics.copy_rate(test, train, test, quantile=0.0) == pytest.approx(1 / 500)
+
+
+# -- directions and keys -----------------------------------------------------------------------
+
+
+def test_directions_and_better():
+    assert metrics.METRIC_DIRECTIONS["fd"] == "lower" and metrics.METRIC_DIRECTIONS["recall"] == "higher"
+    assert metrics.better("fd", 1.0, 2.0) and not metrics.better("fd", 2.0, 1.0)
+    assert metrics.better("precision", 0.9, 0.8) and not metrics.better("precision", 0.8, 0.9)
+    assert not metrics.better("fd", 1.0, 1.0)  # a tie is not better
+    assert not metrics.better("fd", 1.9, 2.0, min_delta=0.5) and metrics.better("fd", 1.0, 2.0, min_delta=0.5)
+    assert not metrics.better("bpd", math.nan, 2.0) and not metrics.better("bpd", 1.0, math.nan)
+    key = metrics.result_key("copy_rate", num=100)
+    assert metrics.better(key, 0.01, 0.2) and metrics.better("confidence_floor", 0.99, 0.9)
+    with pytest.raises(ValueError, match="unknown metric 'fdd'; valid:"):
+        metrics.better("fdd", 1.0, 2.0)
+
+
+def test_result_key_is_canonical():
+    deps = dict(sampler="ddim", steps=50, num=1000, data="3f2a9c", features="digits-cnn-v1")
+    a = metrics.result_key("fd", **deps)
+    b = metrics.result_key("fd", **dict(reversed(list({**deps, "num": 1000.0}.items()))))
+    assert a == b == "fd/data:3f2a9c/features:digits-cnn-v1/num:1000/sampler:ddim/steps:50"
+    assert a != metrics.result_key("fd", **{**deps, "steps": 20})
+    assert metrics.result_key("bpd", eta=None, clip=True) == "bpd/clip:true/eta:none"
+    assert metrics.parse_result_key(a) == ("fd", {"data": "3f2a9c", "features": "digits-cnn-v1",
+                                                  "num": "1000", "sampler": "ddim", "steps": "50"})
+    with pytest.raises(ValueError, match="may only hold"):
+        metrics.result_key("fd", data="a/b")
+    with pytest.raises(ValueError, match="unknown metric"):
+        metrics.result_key("nope", steps=1)
+
+
+# -- Inception FID -----------------------------------------------------------------------------
+
+
+def test_inception_fid_without_weights_says_how_to_supply_them(tmp_path):
+    images = torch.zeros(2, 3, 32, 32)
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        metrics.inception_fid(images, images, weights_path=None)
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
+        metrics.inception_fid(images, images, weights_path=tmp_path / "missing.pth")
+
+
+def test_inception_fid_without_torchmetrics_says_how_to_install_it(tmp_path):
+    try:
+        import torchmetrics  # noqa: F401
+        pytest.skip("torchmetrics is installed")
+    except ImportError:
+        pass
+    weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    weights.write_bytes(b"")
+    with pytest.raises(ImportError, match="pip install torchmetrics"):
+        metrics.inception_fid(torch.zeros(2, 3, 32, 32), torch.zeros(2, 3, 32, 32), weights_path=weights)
