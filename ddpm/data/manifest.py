@@ -1,0 +1,106 @@
+"""``manifest.json``: the list of shards a reader uses (never a directory listing).
+
+A manifest is written last, after every shard it lists is complete. Its fields::
+
+    format        "ddpm-pipe/webdataset"     version   1
+    source        "digits", "cifar10", a file or folder name
+    split         "train" or "test"
+    num_samples   total over the shards
+    shape         [C, H, W] of every image (stored as H x W (x C) uint8 PNG)
+    dtype         "uint8"
+    levels        pixel levels (17 for digits, 256 for 8-bit images); values lie in [0, levels - 1]
+    value_range   [0, levels - 1]            observed_range  [min, max] seen while writing
+    labels        true when every sample has a ``.cls`` label     classes  class names or null
+    skipped       samples the source could not provide (counted, with the first reasons)
+    shards        [{"name": "train-000000.tar", "num_samples": 1000, "sha256": "...", "size": bytes}]
+
+It holds no timestamps, so writing the same data twice gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ddpm.data.storage import DataError, check_name, join, open_fs
+
+FORMAT = "ddpm-pipe/webdataset"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def dumps(manifest: dict[str, Any]) -> bytes:
+    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+
+
+def validate(manifest: Any, where: str) -> dict[str, Any]:
+    """Check a parsed manifest's fields; raise :class:`DataError` naming ``where`` and the problem."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(f"{where}: not a {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise DataError(f"{where}: manifest version {manifest.get('version')!r}, this reader knows {VERSION}")
+    for key in ("shards", "num_samples", "shape", "levels", "split", "source"):
+        if key not in manifest:
+            raise DataError(f"{where}: manifest has no {key!r}")
+    shape = manifest["shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise DataError(f"{where}: shape must be [C, H, W], got {shape!r}")
+    if shape[0] not in (1, 3):
+        raise DataError(f"{where}: {shape[0]} channels; 1 (grey) or 3 (RGB) are supported")
+    if not (isinstance(manifest["levels"], int) and 2 <= manifest["levels"] <= 256):
+        raise DataError(f"{where}: levels must be in 2..256, got {manifest['levels']!r}")
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not shards:
+        raise DataError(f"{where}: the manifest lists no shards (empty prefix?)")
+    names = set()
+    for entry in shards:
+        check_name(entry.get("name"), f"{where}: shard")
+        if not entry["name"].endswith(".tar"):
+            raise DataError(f"{where}: shard {entry['name']!r} is not a .tar file")
+        if entry["name"] in names:
+            raise DataError(f"{where}: shard {entry['name']!r} is listed twice")
+        names.add(entry["name"])
+        n = entry.get("num_samples")
+        if not (isinstance(n, int) and n > 0):
+            raise DataError(f"{where}: shard {entry['name']} has num_samples={n!r}")
+        if not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64:
+            raise DataError(f"{where}: shard {entry['name']} has no sha256 checksum")
+    total = sum(e["num_samples"] for e in shards)
+    if total != manifest["num_samples"]:
+        raise DataError(f"{where}: shards hold {total} samples but num_samples={manifest['num_samples']}")
+    return manifest
+
+
+def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read and validate ``{url}/manifest.json``."""
+    fs, root = open_fs(url, storage_options)
+    path = join(root, MANIFEST)
+    try:
+        raw = fs.cat_file(path)
+    except FileNotFoundError:
+        raise DataError(f"no {MANIFEST} at {url} (missing or empty prefix; run `ddpm-pipe data prepare`)") from None
+    try:
+        manifest = json.loads(raw)
+    except ValueError as e:
+        raise DataError(f"{url}/{MANIFEST} is not valid JSON: {e}") from None
+    return validate(manifest, f"{url}/{MANIFEST}")
+
+
+def resolve_split(url: str, split: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The folder holding ``split``'s manifest, given a split folder or the dataset folder above it.
+
+    Tried in order: ``{url}/{split}``; ``url`` itself if its manifest is of ``split``; the sibling
+    ``{parent of url}/{split}`` (so the test split is found "next to" a train folder).
+    """
+    fs, root = open_fs(url, storage_options)
+    url = url.rstrip("/")
+    if fs.exists(join(join(root, split), MANIFEST)):
+        return f"{url}/{split}"
+    if fs.exists(join(root, MANIFEST)):
+        if read_manifest(url, storage_options).get("split") == split:
+            return url
+        sibling = url.rsplit("/", 1)[0] + f"/{split}"
+        if "/" in url and fs.exists(join(root.rsplit("/", 1)[0], split) + f"/{MANIFEST}"):
+            return sibling
+        raise DataError(f"{url} holds another split and no {split!r} split is next to it")
+    raise DataError(f"no {MANIFEST} at {url} or {url}/{split} (run `ddpm-pipe data prepare --split {split}`)")

@@ -1,0 +1,85 @@
+"""Opening shard folders on any fsspec storage, and writing objects so no reader sees half of one.
+
+``s3://`` goes through s3fs. Its endpoint comes from ``endpoint_url`` if given, else from
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (read when :func:`storage_options_for` is called, never
+at import); credentials come from the usual AWS variables through botocore. Filesystem instances are
+not taken from fsspec's cache (``skip_instance_cache``): a cached s3fs instance keeps its endpoint,
+its listing cache and, after a fork, a dead event loop.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from typing import Any
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")  # one path component, no "..", no "/"
+
+
+class DataError(ValueError):
+    """Bad data or a bad shard folder; the message names the file and what is wrong."""
+
+
+class SourceError(DataError):
+    """A data source that cannot be used as given (missing path, unknown kind, bad layout)."""
+
+
+def check_name(name: str, what: str) -> str:
+    """Return ``name`` if it is a single safe path component, else raise (no traversal, no '..')."""
+    if not isinstance(name, str) or not SAFE_NAME.match(name) or ".." in name:
+        raise DataError(f"{what} {name!r} is not a plain file name (path traversal is refused)")
+    return name
+
+
+def storage_options_for(url: str, endpoint_url: str | None = None) -> dict[str, Any]:
+    """Storage options for ``url``: for s3, the endpoint from the argument or the environment."""
+    if not str(url).startswith(("s3://", "s3a://")):
+        return {}
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return {"endpoint_url": endpoint} if endpoint else {}
+
+
+def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """Return ``(filesystem, path)`` for a local path, ``file://`` or any fsspec URL."""
+    import fsspec.core
+
+    options = dict(storage_options or {})
+    if "://" in str(url) and not str(url).startswith("file://"):
+        options.setdefault("skip_instance_cache", True)
+    fs, path = fsspec.core.url_to_fs(str(url), **options)
+    return fs, path.rstrip("/") or path
+
+
+def is_local(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def join(path: str, name: str) -> str:
+    return f"{path.rstrip('/')}/{name}"
+
+
+def atomic_write(fs: Any, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old object, the new one, or none.
+
+    Local: write a hidden temporary file in the same folder, fsync, then ``os.replace``.
+    Object stores (s3, gcs, azure): an object becomes visible only when its upload completes, so
+    one upload of the finished bytes to the final key is already atomic; a temp key plus a server-side
+    copy would only double the traffic.
+    """
+    if is_local(fs):
+        folder, name = os.path.split(path)
+        os.makedirs(folder or ".", exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        fs.pipe_file(path, data)

@@ -1,0 +1,139 @@
+"""Data sources: digits split, image folders, arrays, the CIFAR-10 archive format."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddpm.data.shards import write_shards
+from ddpm.data.reader import load_split
+from ddpm.data.sources import Sample, Skip, cifar10, digits, open_source
+from ddpm.data.storage import SourceError
+
+
+def _samples(src):
+    return [s for s in src if isinstance(s, Sample)]
+
+
+def test_digits_fixed_disjoint_split():
+    train, test = _samples(digits("train")), _samples(digits("test"))
+    assert (len(train), len(test)) == (1437, 360)
+    assert not {s.key for s in train} & {s.key for s in test}
+    assert [s.key for s in test[:3]] == ["0000000", "0000005", "0000010"]  # index % 5 == 0
+    assert all(s.image.dtype == np.uint8 and s.image.shape == (8, 8, 1) for s in train[:10])
+    assert max(int(s.image.max()) for s in train) == 16 and digits("train").levels == 17
+    assert [s.key for s in _samples(digits("train"))] == [s.key for s in train]  # deterministic
+
+
+def test_image_folder_with_classes_and_skips(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls, n in (("cat", 2), ("dog", 3)):
+        (tmp_path / "img" / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)).save(tmp_path / "img" / cls / f"{i}.png")
+    Image.fromarray(np.zeros((7, 7, 3), np.uint8)).save(tmp_path / "img" / "dog" / "big.png")  # other size
+    (tmp_path / "img" / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
+    src = open_source(str(tmp_path / "img"), "train")
+    items = list(src)
+    samples = [s for s in items if isinstance(s, Sample)]
+    skips = [s for s in items if isinstance(s, Skip)]
+    assert src.classes == ["cat", "dog"] and [s.label for s in samples] == [0, 0, 1, 1, 1]
+    assert len(skips) == 2 and any("differs" in s.reason for s in skips) and any("unreadable" in s.reason for s in skips)
+    result = write_shards(src, str(tmp_path / "out"), shard_size=2)
+    assert result.manifest["skipped"]["count"] == 2 and result.manifest["shape"] == [3, 6, 5]
+    x, y, _ = load_split(str(tmp_path / "out"))
+    assert x.shape == (5, 3, 6, 5) and y.tolist() == [0, 0, 1, 1, 1]
+    assert np.array_equal(x[0].permute(1, 2, 0).numpy(), np.asarray(Image.open(tmp_path / "img" / "cat" / "0.png")))
+
+
+def test_image_folder_split_subfolders_and_mixing_error(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / "a" / split).mkdir(parents=True)
+        Image.fromarray(np.full((4, 4), 3, np.uint8)).save(tmp_path / "a" / split / "x.png")
+    src = open_source(str(tmp_path / "a"), "test")
+    assert [s.image.shape for s in _samples(src)] == [(4, 4, 1)] and src.classes is None
+    (tmp_path / "a" / "test" / "sub").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a" / "test" / "sub" / "y.png")
+    with pytest.raises(SourceError, match="mixes images"):
+        open_source(str(tmp_path / "a"), "test")
+
+
+@pytest.mark.parametrize("layout", ["nhw", "nhwc", "nchw"])
+def test_npz_layouts(tmp_path, layout):
+    rng = np.random.default_rng(1)
+    hwc = rng.integers(0, 256, (7, 4, 6, 3 if layout != "nhw" else 1), dtype=np.uint8)
+    arr = {"nhw": hwc[..., 0], "nhwc": hwc, "nchw": hwc.transpose(0, 3, 1, 2)}[layout]
+    np.savez(tmp_path / "d.npz", images=arr, labels=np.arange(7))
+    src = open_source(str(tmp_path / "d.npz"), "train")
+    samples = _samples(src)
+    assert src.name == "d" and len(samples) == 7 and samples[3].label == 3
+    assert np.array_equal(np.stack([s.image for s in samples]), hwc)
+
+
+def test_npy_and_npz_levels_and_bad_dtype(tmp_path):
+    np.save(tmp_path / "g.npy", np.zeros((3, 5, 5), np.uint8))
+    assert len(_samples(open_source(str(tmp_path / "g.npy")))) == 3
+    np.savez(tmp_path / "l.npz", x_test=np.full((2, 4, 4), 16, np.uint8), levels=np.array(17))
+    src = open_source(str(tmp_path / "l.npz"), "test")
+    assert src.levels == 17 and len(_samples(src)) == 2
+    np.save(tmp_path / "f.npy", np.zeros((3, 5, 5), np.float32) + 0.5)
+    with pytest.raises(SourceError, match="uint8"):
+        open_source(str(tmp_path / "f.npy"))
+
+
+def make_cifar_archive(path, n_per_batch=4, seed=0):
+    """A tiny archive in the CIFAR-10 python format (protocol-2 pickles of b"data" and b"labels")."""
+    rng = np.random.default_rng(seed)
+    batches = {}
+    with tarfile.open(path, "w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
+            labels = rng.integers(0, 10, n_per_batch).tolist()
+            batches[name] = (data, labels)
+            raw = pickle.dumps({b"batch_label": name.encode(), b"data": data, b"labels": labels}, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return batches
+
+
+def test_cifar10_archive_round_trip(tmp_path):
+    batches = make_cifar_archive(tmp_path / "cifar-10-python.tar.gz")
+    src = open_source(str(tmp_path / "cifar-10-python.tar.gz"), "train")
+    samples = _samples(src)
+    assert src.name == "cifar10" and src.levels == 256 and len(samples) == 20
+    first = batches["data_batch_1"][0][0].reshape(3, 32, 32).transpose(1, 2, 0)
+    assert np.array_equal(samples[0].image, first) and samples[0].label == batches["data_batch_1"][1][0]
+    test = _samples(cifar10(f"file://{tmp_path}/cifar-10-python.tar.gz", "test"))
+    assert [s.label for s in test] == batches["test_batch"][1]
+
+
+def test_cifar10_refuses_foreign_pickles(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with tarfile.open(tmp_path / "evil.tar.gz", "w:gz") as tar:
+        raw = pickle.dumps({b"data": Evil(), b"labels": []})
+        info = tarfile.TarInfo("cifar-10-batches-py/test_batch")
+        info.size = len(raw)
+        tar.addfile(info, io.BytesIO(raw))
+    with pytest.raises(SourceError, match="refusing to load"):
+        cifar10(str(tmp_path / "evil.tar.gz"), "test")
+    with pytest.raises(SourceError, match="lacks data_batch_1"):
+        cifar10(str(tmp_path / "evil.tar.gz"), "train")
+
+
+def test_unknown_sources():
+    with pytest.raises(SourceError, match="not found"):
+        open_source("/no/such/folder")
+    with pytest.raises(SourceError, match="needs your copy"):
+        open_source("cifar10")
+    with pytest.raises(SourceError, match="split"):
+        open_source("digits", "valid")
