@@ -1,0 +1,70 @@
+"""Noise schedules: the betas of the forward process q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I).
+
+Published schedules are append-only: once a name is released, its values never change (trained
+checkpoints store only the name and T). Add a new name instead of editing an old one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
+
+_PAPER_T = 1000  # Ho et al. 2020 use T = 1000 and beta from 1e-4 to 0.02
+_PAPER_BETA_START = 1e-4
+_PAPER_BETA_END = 0.02
+_COSINE_S = 0.008  # Nichol & Dhariwal 2021, eq. 17: small offset so beta_1 is not too small
+_COSINE_MAX_BETA = 0.999  # ibid.: clip to avoid a singularity at t = T
+
+
+def make_betas(
+    name: str, T: int, beta_start: float | None = None, beta_end: float | None = None
+) -> torch.Tensor:
+    """The betas of schedule ``name`` for ``T`` steps, float64 of shape ``(T,)``.
+
+    ``linear``, ``quadratic`` and ``sigmoid`` run from ``beta_start`` to ``beta_end``. A missing end
+    defaults to the paper's (1e-4, 0.02) scaled by ``1000 / T`` so that any T gives a similar total
+    amount of noise (improved-diffusion's ``get_named_beta_schedule``); a given end is used as is.
+    ``cosine`` (Nichol & Dhariwal 2021) has no range and rejects one.
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown beta schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+    if int(T) != T or T < 1:
+        raise ValueError(f"the number of timesteps T must be an integer >= 1, got {T}")
+    T = int(T)
+    if name == "cosine":
+        if beta_start is not None or beta_end is not None:
+            raise ValueError("the cosine schedule has no beta range; leave beta_start/beta_end unset")
+        betas = _cosine(T)
+    else:
+        scale = _PAPER_T / T
+        start = _PAPER_BETA_START * scale if beta_start is None else float(beta_start)
+        end = _PAPER_BETA_END * scale if beta_end is None else float(beta_end)
+        if name == "linear":
+            betas = torch.linspace(start, end, T, dtype=torch.float64)
+        elif name == "quadratic":
+            betas = torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
+        else:  # sigmoid, as diffusers' DDPMScheduler
+            betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (end - start) + start
+    if not bool(((betas > 0) & (betas < 1)).all()):
+        raise ValueError(
+            f"schedule {name!r} with T={T} gives betas outside (0, 1) "
+            f"(min {betas.min().item():.4g}, max {betas.max().item():.4g}); "
+            "for small T pass an explicit beta_start/beta_end"
+        )
+    return betas
+
+
+def _cosine(T: int) -> torch.Tensor:
+    """beta_t = 1 - abar(t+1)/abar(t), abar(t) = cos^2(((t/T + s)/(1 + s)) pi/2) (Nichol & Dhariwal, eq. 17)."""
+
+    def alpha_bar(u: float) -> float:
+        return math.cos((u + _COSINE_S) / (1 + _COSINE_S) * math.pi / 2) ** 2
+
+    betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), _COSINE_MAX_BETA) for i in range(T)]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+__all__ = ["SCHEDULES", "make_betas"]

@@ -1,0 +1,244 @@
+"""Forward process, posterior (Ho eq. 6-7), parameterizations, p_mean_variance and training losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddpm.config import DiffusionConfig
+from ddpm.diffusion import Diffusion
+from ddpm.schedules import make_betas
+
+torch.set_num_threads(1)
+
+
+class GaussianOracle(torch.nn.Module):
+    """The optimal network for data x_0 ~ N(mu, s^2) per pixel, under the ORIGINAL schedule ``abar``.
+
+    eps*(x_t, t) = sqrt(1 - abar_t) (x_t - sqrt(abar_t) mu) / (abar_t s^2 + 1 - abar_t), and the x_0 and v
+    targets that go with it. With ``var_value`` set it also outputs C learned-range channels.
+    Records the timesteps it is called with.
+    """
+
+    def __init__(self, alphas_cumprod, mu=0.3, s=0.5, prediction="eps", var_value=None):
+        super().__init__()
+        self.abar, self.mu, self.s, self.prediction, self.var_value = alphas_cumprod, mu, s, prediction, var_value
+        self.calls: list[list[int]] = []
+
+    def forward(self, x_t, t):
+        self.calls.append(t.tolist())
+        a = self.abar.to(x_t)[t].view(-1, *([1] * (x_t.dim() - 1)))
+        eps = (1 - a).sqrt() * (x_t - a.sqrt() * self.mu) / (a * self.s**2 + 1 - a)
+        x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        out = {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[self.prediction]
+        if self.var_value is not None:
+            out = torch.cat([out, torch.full_like(out, self.var_value)], dim=1)
+        return out
+
+
+def zero_model(x_t, t):
+    return torch.zeros_like(x_t)
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    return Diffusion(make_betas("linear", 1000))
+
+
+def test_num_timesteps_and_float64(diffusion):
+    assert diffusion.num_timesteps == 1000
+    assert diffusion.alphas_cumprod.dtype == torch.float64
+    assert diffusion.alphas_cumprod[-1].item() == pytest.approx(4.0358297653756754e-05, rel=1e-9)  # golden
+
+
+def test_golden_posterior_variance(diffusion):
+    # The same numbers as diffusers' DDPMScheduler tests (_get_variance(487) = 0.00979, (999) = 0.02).
+    assert diffusion.posterior_variance[0].item() == 0.0
+    assert diffusion.posterior_variance[487].item() == pytest.approx(0.009791571985690042, rel=1e-9)
+    assert diffusion.posterior_variance[999].item() == pytest.approx(0.01999998352656061, rel=1e-9)
+
+
+def test_posterior_matches_bayes_rule(diffusion):
+    # Ho eq. 6-7 derived independently: q(x_{t-1}|x_0) = N(sqrt(abar_{t-1}) x_0, 1 - abar_{t-1}) times
+    # q(x_t|x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t): precisions add, precision-weighted means add.
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([1, 2, 10, 487, 998, 999])
+    x0 = torch.randn(6, 2, 3, 3, generator=g, dtype=torch.float64)
+    xt = torch.randn(6, 2, 3, 3, generator=g, dtype=torch.float64)
+    mean, var, log_var = diffusion.q_posterior(x0, xt, t)
+    beta = diffusion.betas[t].view(-1, 1, 1, 1)
+    abar_prev = torch.cumprod(1 - diffusion.betas, 0)[t - 1].view(-1, 1, 1, 1)
+    prec = 1 / (1 - abar_prev) + (1 - beta) / beta
+    expected_mean = (abar_prev.sqrt() * x0 / (1 - abar_prev) + (1 - beta).sqrt() * xt / beta) / prec
+    torch.testing.assert_close(mean, expected_mean)
+    torch.testing.assert_close(var, (1 / prec).expand_as(xt))
+    torch.testing.assert_close(log_var, var.log())
+
+
+def test_posterior_at_t0_is_x0_with_clipped_log_variance(diffusion):
+    x0, xt = torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)
+    mean, var, log_var = diffusion.q_posterior(x0, xt, torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(mean, x0)
+    assert bool((var == 0).all())
+    torch.testing.assert_close(log_var, torch.full_like(xt, diffusion.posterior_variance[1].log().item()))
+
+
+def test_q_sample_moments(diffusion):
+    g = torch.Generator().manual_seed(1)
+    n, t = 20000, 300
+    x0 = torch.full((n, 1, 1, 1), 0.7, dtype=torch.float64)
+    tt = torch.full((n,), t)
+    xt = diffusion.q_sample(x0, tt, torch.randn(n, 1, 1, 1, generator=g, dtype=torch.float64))
+    abar = diffusion.alphas_cumprod[t].item()
+    mean, var, _ = diffusion.q_mean_variance(x0[:1], tt[:1])
+    assert mean.item() == pytest.approx(abar**0.5 * 0.7) and var.item() == pytest.approx(1 - abar)
+    assert abs(xt.mean().item() - mean.item()) < 4 * (var.item() / n) ** 0.5
+    assert abs(xt.var().item() - var.item()) < 4 * var.item() * (2 / n) ** 0.5
+
+
+def test_conversions_round_trip(diffusion):
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 250, 700, 999])
+    xt = diffusion.q_sample(x0, t, eps)
+    torch.testing.assert_close(diffusion.predict_xstart_from_eps(xt, t, eps), x0)
+    torch.testing.assert_close(diffusion.predict_eps_from_xstart(xt, t, x0), eps)
+    v = diffusion.get_v(x0, eps, t)
+    torch.testing.assert_close(diffusion.predict_xstart_from_v(xt, t, v), x0)
+    # v also satisfies eps = sqrt(abar) v + sqrt(1 - abar) x_t (Salimans & Ho).
+    a = diffusion.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(a.sqrt() * v + (1 - a).sqrt() * xt, eps)
+
+
+def test_float32_inputs_get_float32_coefficients(diffusion):
+    x = torch.randn(2, 1, 2, 2)
+    out = diffusion.q_sample(x, torch.tensor([3, 4]), torch.randn_like(x))
+    assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_parameterizations_agree(diffusion, prediction):
+    x = torch.randn(4, 2, 2, 2, dtype=torch.float64)
+    t = torch.tensor([0, 5, 500, 999])
+    ref = Diffusion(diffusion.betas).p_mean_variance(GaussianOracle(diffusion.alphas_cumprod), x, t, False)
+    d = Diffusion(diffusion.betas, prediction=prediction)
+    out = d.p_mean_variance(GaussianOracle(diffusion.alphas_cumprod, prediction=prediction), x, t, False)
+    for key in ("mean", "pred_xstart", "eps", "variance"):
+        torch.testing.assert_close(out[key], ref[key])
+
+
+def test_fixed_and_learned_variances(diffusion):
+    x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
+    t = torch.tensor([0, 1, 600])
+    oracle = GaussianOracle(diffusion.alphas_cumprod)
+    small = Diffusion(diffusion.betas, variance="fixed_small").p_mean_variance(oracle, x, t)
+    large = Diffusion(diffusion.betas, variance="fixed_large").p_mean_variance(oracle, x, t)
+    pv, beta = diffusion.posterior_variance, diffusion.betas
+    torch.testing.assert_close(small["variance"][:, 0, 0, 0], pv[t])
+    torch.testing.assert_close(large["variance"][:, 0, 0, 0], torch.stack([pv[1], beta[1], beta[600]]))
+    torch.testing.assert_close(large["log_variance"], large["variance"].log())
+    learned = Diffusion(diffusion.betas, variance="learned_range", loss="hybrid")
+    lo_log, hi_log = diffusion.posterior_log_variance_clipped[t], beta[t].log()
+    for v, expected in [(1.0, hi_log), (-1.0, lo_log), (0.0, (hi_log + lo_log) / 2)]:
+        out = learned.p_mean_variance(GaussianOracle(diffusion.alphas_cumprod, var_value=v), x, t)
+        torch.testing.assert_close(out["log_variance"][:, 0, 0, 0], expected)
+        torch.testing.assert_close(out["mean"], small["mean"])  # the mean ignores the variance channels
+    with pytest.raises(ValueError, match="needs 2"):
+        learned.p_mean_variance(oracle, x, t)
+
+
+def test_clip_denoised_clamps_pred_xstart(diffusion):
+    x = torch.full((1, 1, 1, 1), 50.0)
+    out = diffusion.p_mean_variance(zero_model, x, torch.tensor([10]), clip_denoised=True)
+    assert out["pred_xstart"].item() == 1.0
+    torch.testing.assert_close(out["eps"], diffusion.predict_eps_from_xstart(x, torch.tensor([10]), out["pred_xstart"]))
+
+
+def test_bad_choices_list_valid_options(diffusion):
+    with pytest.raises(ValueError, match="eps, x0, v"):
+        Diffusion(diffusion.betas, prediction="score")
+    with pytest.raises(ValueError, match="fixed_small, fixed_large, learned_range"):
+        Diffusion(diffusion.betas, variance="big")
+    with pytest.raises(ValueError, match="simple, vb, hybrid"):
+        Diffusion(diffusion.betas, loss="l1")
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        Diffusion(torch.tensor([0.1, 1.0]))
+
+
+def test_from_config():
+    d = Diffusion.from_config(DiffusionConfig(schedule="cosine", timesteps=100, prediction="v"))
+    assert d.num_timesteps == 100 and d.prediction == "v" and d.variance == "fixed_large"
+    torch.testing.assert_close(d.betas, make_betas("cosine", 100))
+
+
+def test_respace_keeps_alphas_cumprod_and_original_timesteps(diffusion):
+    kept = [0, 10, 500, 999]
+    spaced = diffusion.respace(kept)
+    torch.testing.assert_close(spaced.alphas_cumprod, diffusion.alphas_cumprod[kept])
+    assert spaced.timestep_map.tolist() == kept
+    oracle = GaussianOracle(diffusion.alphas_cumprod)
+    x = torch.randn(4, 1, 1, 1, dtype=torch.float64)
+    out = spaced.p_mean_variance(oracle, x, torch.arange(4), clip_denoised=False)
+    assert oracle.calls[-1] == kept  # the model sees original timesteps
+    ref = diffusion.p_mean_variance(oracle, x, torch.tensor(kept), clip_denoised=False)
+    torch.testing.assert_close(out["pred_xstart"], ref["pred_xstart"])
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_training_loss_oracle_beats_zero_model(diffusion, prediction):
+    d = Diffusion(diffusion.betas, prediction=prediction)
+    g = torch.Generator().manual_seed(3)
+    x0 = 0.3 + 0.5 * torch.randn(256, 1, 2, 2, generator=g)
+    oracle = GaussianOracle(diffusion.alphas_cumprod, prediction=prediction)
+    loss = d.training_loss(oracle, x0, generator=torch.Generator().manual_seed(4))
+    zero = d.training_loss(zero_model, x0, generator=torch.Generator().manual_seed(4))
+    assert loss.shape == (256,) and zero.shape == (256,)
+    assert loss.mean() < zero.mean()
+    if prediction == "eps":
+        assert zero.mean().item() == pytest.approx(1.0, abs=0.1)  # E|eps|^2 per dim
+
+
+def test_training_loss_explicit_t_and_noise(diffusion):
+    x0 = torch.randn(3, 1, 2, 2)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 100, 999])
+    loss = diffusion.training_loss(zero_model, x0, t=t, noise=noise)
+    torch.testing.assert_close(loss, noise.pow(2).mean(dim=(1, 2, 3)))  # Ho eq. 14 with eps_theta = 0
+
+
+def test_training_loss_vb(diffusion):
+    d = Diffusion(diffusion.betas, loss="vb")
+    x0 = (torch.randint(0, 17, (8, 1, 2, 2)) / 8.0 - 1).float()
+    oracle = GaussianOracle(diffusion.alphas_cumprod, mu=0.0, s=0.6)
+    loss = d.training_loss(oracle, x0, generator=torch.Generator().manual_seed(0), levels=17)
+    assert loss.shape == (8,) and bool(torch.isfinite(loss).all()) and bool((loss >= 0).all())
+
+
+def test_hybrid_vb_term_trains_only_the_variance():
+    d = Diffusion(make_betas("linear", 100), variance="learned_range", loss="hybrid")
+    simple = Diffusion(make_betas("linear", 100), variance="learned_range", loss="vb")
+    a = torch.nn.Parameter(torch.tensor(0.5))
+    b = torch.nn.Parameter(torch.tensor(0.1))
+
+    def model(x_t, t):
+        return torch.cat([a * x_t, b * torch.ones_like(x_t)], dim=1)
+
+    x0 = torch.rand(16, 1, 2, 2) * 2 - 1
+    t, noise = torch.randint(1, 100, (16,)), torch.randn(16, 1, 2, 2)
+    hybrid = d.training_loss(model, x0, t=t, noise=noise)
+    mse = (noise - a * d.q_sample(x0, t, noise)).pow(2).mean(dim=(1, 2, 3))
+    ga, gb = torch.autograd.grad((hybrid - mse).sum(), [a, b])
+    assert ga.item() == 0.0 and gb.item() != 0.0  # stop-grad on the mean (IDDPM sec. 3.1)
+    vb = simple.training_loss(model, x0, t=t, noise=noise)
+    ga_vb, _ = torch.autograd.grad(vb.sum(), [a, b])
+    assert ga_vb.item() != 0.0  # the pure vb loss does train the mean
+    torch.testing.assert_close(hybrid - mse, vb * 0.001)  # lambda L_vlb with L_vlb = T L_t
+
+
+def test_training_loss_reproducible_with_generator(diffusion):
+    x0 = torch.randn(4, 1, 2, 2)
+    oracle = GaussianOracle(diffusion.alphas_cumprod)
+    l1 = diffusion.training_loss(oracle, x0, generator=torch.Generator().manual_seed(7))
+    l2 = diffusion.training_loss(oracle, x0, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(l1, l2)
