@@ -72,10 +72,13 @@ def vb_term_bpd(diffusion: Diffusion, out: dict[str, torch.Tensor], x_start: tor
 
 
 def prior_bpd(diffusion: Diffusion, x_start: torch.Tensor) -> torch.Tensor:
-    """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, ``[N]``; no model needed."""
+    """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, ``[N]``; no model needed.
+
+    Computed in float64: the KL is tiny (about 1e-7 bits for the paper's schedule) and float32 loses it.
+    """
     t = torch.full((x_start.shape[0],), diffusion.num_timesteps - 1, device=x_start.device, dtype=torch.long)
-    mean, _, log_variance = diffusion.q_mean_variance(x_start, t)
-    return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / LN2
+    mean, _, log_variance = diffusion.q_mean_variance(x_start.double(), t)
+    return (mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / LN2).to(x_start.dtype)
 
 
 @torch.no_grad()
