@@ -70,9 +70,8 @@ class Diffusion:
         if not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("betas must lie in (0, 1)")
         T = len(betas)
-        self.timestep_map = (
-            torch.arange(T) if timestep_map is None else torch.as_tensor(timestep_map, dtype=torch.long).cpu()
-        )
+        self.timestep_map = (torch.arange(T) if timestep_map is None
+                             else torch.as_tensor(timestep_map, dtype=torch.long).cpu())
         if self.timestep_map.shape != (T,):
             raise ValueError(f"timestep_map must have shape ({T},), got {tuple(self.timestep_map.shape)}")
 
@@ -136,6 +135,15 @@ class Diffusion:
         if arr is None:
             arr = self._cast_cache[key] = getattr(self, name).to(device=x.device, dtype=x.dtype)
         return arr[t.to(x.device)].reshape(-1, *([1] * (x.dim() - 1)))
+
+    def _check_output(self, model_output: torch.Tensor, x: torch.Tensor) -> int:
+        """The input channel count C, after checking that the network returned C (or 2C) channels."""
+        C = x.shape[1]
+        want = 2 * C if self.variance == "learned_range" else C
+        if model_output.shape[1] != want:
+            raise ValueError(f"model output has {model_output.shape[1]} channels; variance={self.variance!r} "
+                             f"with {C} input channels needs {want}")
+        return C
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The original training timesteps that the model sees for indices ``t`` ``[N]``."""
@@ -206,11 +214,7 @@ class Diffusion:
         self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True
     ) -> dict[str, torch.Tensor]:
         """:meth:`p_mean_variance` given the network output ``[N x C (or 2C) x H x W]``."""
-        C = x_t.shape[1]
-        want = 2 * C if self.variance == "learned_range" else C
-        if model_output.shape[1] != want:
-            raise ValueError(f"model output has {model_output.shape[1]} channels; variance={self.variance!r} "
-                             f"with {C} input channels needs {want}")
+        C = self._check_output(model_output, x_t)
         # 1. Variance: fixed (Ho sec. 3.2: beta~_t or beta_t) or learned (IDDPM eq. 15).
         if self.variance == "learned_range":
             model_output, var_values = model_output[:, :C], model_output[:, C:]
@@ -270,7 +274,7 @@ class Diffusion:
             noise = randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
         x_t = self.q_sample(x_start, t, noise)
         model_output = model(x_t, self.model_timesteps(t))
-        C = x_start.shape[1]
+        C = self._check_output(model_output, x_start)
 
         if self.loss == "vb":
             out = self.p_mean_variance_from_output(model_output, x_t, t, clip_denoised=False)

@@ -146,13 +146,16 @@ def test_fixed_and_learned_variances(diffusion):
         torch.testing.assert_close(out["mean"], small["mean"])  # the mean ignores the variance channels
     with pytest.raises(ValueError, match="needs 2"):
         learned.p_mean_variance(oracle, x, t)
+    with pytest.raises(ValueError, match="needs 2"):
+        learned.training_loss(oracle, x)
 
 
 def test_clip_denoised_clamps_pred_xstart(diffusion):
     x = torch.full((1, 1, 1, 1), 50.0)
     out = diffusion.p_mean_variance(zero_model, x, torch.tensor([10]), clip_denoised=True)
     assert out["pred_xstart"].item() == 1.0
-    torch.testing.assert_close(out["eps"], diffusion.predict_eps_from_xstart(x, torch.tensor([10]), out["pred_xstart"]))
+    eps = diffusion.predict_eps_from_xstart(x, torch.tensor([10]), out["pred_xstart"])
+    torch.testing.assert_close(out["eps"], eps)
 
 
 def test_bad_choices_list_valid_options(diffusion):

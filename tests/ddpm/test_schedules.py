@@ -22,7 +22,8 @@ def test_linear_paper_values():
     betas = make_betas("linear", 1000)
     assert betas[0].item() == pytest.approx(1e-4, rel=1e-12)
     assert betas[-1].item() == pytest.approx(0.02, rel=1e-12)
-    torch.testing.assert_close(betas[1:] - betas[:-1], torch.full((999,), (0.02 - 1e-4) / 999, dtype=torch.float64))
+    step = torch.full((999,), (0.02 - 1e-4) / 999, dtype=torch.float64)
+    torch.testing.assert_close(betas[1:] - betas[:-1], step)
 
 
 def test_default_range_scales_with_T():
