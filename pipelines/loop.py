@@ -123,7 +123,7 @@ def _maybe_inject_fault(rank: int, step: int) -> None:
 def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=None,
                artifact_dir: str | None = None) -> dict[str, float]:
     """Train until ``cfg.train.max_steps``; report metrics, and a checkpoint every interval."""
-    from ddpm.data import make_loader, load_split
+    from ddpm.data import ShardLoader, load_split, to_float
 
     tc = cfg.train
     device = ctx.device
@@ -137,7 +137,7 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
 
     model, ema, opt, sched, diffusion = build(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-    loader = make_loader(data.url, batch_size=micro_batch, rank=ctx.rank, world_size=ctx.world_size,
+    loader = ShardLoader(data.url, batch_size=micro_batch, rank=ctx.rank, world_size=ctx.world_size,
                          seed=tc.seed, random_flip=cfg.data.random_flip, num_workers=cfg.data.num_workers,
                          storage_options=data.storage_options)
 
@@ -168,8 +168,6 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
     holdout = None
     if ctx.rank == 0 and data.holdout_url:
         images, _labels, _manifest = load_split(data.holdout_url, storage_options=data.storage_options)
-        from ddpm.data import to_float
-
         holdout = to_float(images[: data.holdout_size], cfg.data.levels).to(device)
 
     batches = iter(loader)
@@ -185,7 +183,7 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
         for _ in range(tc.grad_accum):
             x = next(batches).to(device, non_blocking=True)
             with _autocast(tc.precision, device):
-                loss = diffusion.training_loss(ddp_model, x).mean()
+                loss = diffusion.training_loss(ddp_model, x, levels=cfg.data.levels).mean()
             scaler.scale(loss / tc.grad_accum).backward()
         scaler.unscale_(opt)
         # Gradients are all-reduced, so every rank sees the same norm and takes the same branch.

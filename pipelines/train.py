@@ -116,8 +116,6 @@ def resolve_config(config: str, overrides: list[str], max_steps: int | None = No
 
 def resolve_data(cfg: ExperimentConfig, data: str | None, settings: Settings) -> tuple[str, str | None]:
     """The training shard URL and the held-out split URL; prepares the embedded default if missing."""
-    from pipelines.data import ensure_prepared
-
     url = data or cfg.data.url or settings.data_url(cfg.data.source, "train")
     holdout = cfg.data.holdout_url or None
     if not data and not cfg.data.url:
@@ -131,12 +129,22 @@ def resolve_data(cfg: ExperimentConfig, data: str | None, settings: Settings) ->
 
 
 def _exists(url: str) -> bool:
-    from ddpm.data import manifest_exists
+    from ddpm.data import read_manifest
 
     try:
-        return manifest_exists(url)
+        read_manifest(url)
+        return True
     except Exception:
         return False
+
+
+def ensure_prepared(source: str, url: str, split: str) -> None:
+    """Write the shards of ``source`` to ``url`` unless a manifest is already there."""
+    if not _exists(url):
+        from pipelines.data import prepare_command
+
+        print(f"[data] preparing {source} ({split}) -> {url}")
+        prepare_command(source=source, out=url, split=split)
 
 
 def run_config(name: str, storage: str, keep: int, max_failures: int = 3, env: dict | None = None):
