@@ -93,14 +93,13 @@ def resolve_split(url: str, split: str, storage_options: dict[str, Any] | None =
     ``{parent of url}/{split}`` (so the test split is found "next to" a train folder).
     """
     fs, root = open_fs(url, storage_options)
-    url = url.rstrip("/")
+    url, root = url.rstrip("/"), root.rstrip("/")
     if fs.exists(join(join(root, split), MANIFEST)):
         return f"{url}/{split}"
-    if fs.exists(join(root, MANIFEST)):
-        if read_manifest(url, storage_options).get("split") == split:
-            return url
-        sibling = url.rsplit("/", 1)[0] + f"/{split}"
-        if "/" in url and fs.exists(join(root.rsplit("/", 1)[0], split) + f"/{MANIFEST}"):
-            return sibling
-        raise DataError(f"{url} holds another split and no {split!r} split is next to it")
-    raise DataError(f"no {MANIFEST} at {url} or {url}/{split} (run `ddpm-pipe data prepare --split {split}`)")
+    if not fs.exists(join(root, MANIFEST)):
+        raise DataError(f"no {MANIFEST} at {url} or {url}/{split} (run `ddpm-pipe data prepare --split {split}`)")
+    if read_manifest(url, storage_options).get("split") == split:
+        return url
+    if "/" in root and fs.exists(join(join(root.rsplit("/", 1)[0], split), MANIFEST)):
+        return f"{url.rsplit('/', 1)[0]}/{split}"
+    raise DataError(f"{url} holds another split and no {split!r} split is next to it")

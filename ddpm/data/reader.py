@@ -47,7 +47,6 @@ import torch
 from ddpm.data.manifest import read_manifest
 from ddpm.data.storage import DataError, SAFE_NAME, join, open_fs, storage_options_for
 
-SHARD_CACHE = 16  # parsed shards kept per worker (encoded bytes, not decoded images)
 
 
 def to_float(x: torch.Tensor, levels: int) -> torch.Tensor:
@@ -168,6 +167,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)[:-1]])  # global index of each shard's first sample
         n = sum(self.counts)
         self.batches_per_epoch = math.ceil(n / (world_size * batch_size))
+        # shards one shuffle window can span at most: the k smallest whose counts first reach the window,
+        # plus the partial shards at its two ends; each worker keeps that many parsed (still encoded) shards
+        smallest = np.cumsum(sorted(self.counts))
+        self.cache_size = int(np.searchsorted(smallest, shuffle_window)) + 2
         self.start = 0
         self._fs: Any = None
         self._plan: tuple[int, np.ndarray] | None = None
@@ -186,7 +189,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             self._fs, self._root = open_fs(self.url, self.storage_options)
         shard = read_shard(self._fs, self._root, self.manifest["shards"][s], self.verify)
         self._cache[s] = shard
-        if len(self._cache) > SHARD_CACHE:
+        if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return shard
 
@@ -229,21 +232,25 @@ class ShardLoader:
 
     ``storage_options``: fsspec options; None reads the s3 endpoint from the environment now.
     ``shuffle_window``: samples shuffled together within a rank's block (bigger mixes more shards
-    per batch; each worker keeps up to ``SHARD_CACHE`` encoded shards in memory).
+    per batch; each worker keeps the shards of about one window in memory, still PNG-encoded).
     ``verify``: check each shard's sha256 when it is read.
+    ``split``: given, ``url`` may also be the dataset folder above the split (see ``resolve_split``).
+    ``num_workers`` > 0 uses a torch DataLoader (``multiprocessing_context``: its start method).
     """
 
     def __init__(self, url: str, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  num_workers: int = 0, random_flip: bool = False, storage_options: dict[str, Any] | None = None,
                  shuffle_window: int = 8192, verify: bool = True, return_index: bool = False,
                  pin_memory: bool = False, prefetch_factor: int | None = None,
-                 multiprocessing_context: str | None = None):
+                 multiprocessing_context: str | None = None, split: str | None = None):
+        from ddpm.data.manifest import resolve_split
+
         if not (0 <= rank < world_size):
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if batch_size < 1 or num_workers < 0 or shuffle_window < 1:
             raise ValueError("batch_size and shuffle_window must be >= 1, num_workers >= 0")
-        self.url = url.rstrip("/")
         options = storage_options_for(url) if storage_options is None else storage_options
+        self.url = (url if split is None else resolve_split(url, split, options)).rstrip("/")
         self.manifest = read_manifest(self.url, options)
         fs, root = open_fs(self.url, options)
         for entry in self.manifest["shards"]:

