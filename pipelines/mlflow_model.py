@@ -1,10 +1,13 @@
 """The registered model as MLflow "model from code": a pyfunc whose ``predict`` samples.
 
 This file is logged as the model's code; ``ddpm`` travels beside it as ``code_paths``. The weights
-(safetensors, EMA) and the config (JSON) are artifacts, so loading unpickles nothing of the project.
+(safetensors, EMA) and the config (JSON) are one artifact folder written by
+``ddpm.checkpoint.export_weights``, so loading unpickles nothing of the project.
 
-``predict`` takes a dict (or a one-row DataFrame) with ``num`` (required), and optional ``seed``,
-``sampler`` (ddpm|ddim|dpmpp), ``steps``, ``eta``; it returns uint8 images (num, H, W, C).
+``predict`` takes a dict (or a one-row DataFrame) with ``num`` (required) and optionally
+``seeds`` (one int per sample, or one int ``seed``: sample i then uses ``seed * 1_000_003 + i``),
+``sampler`` (ddpm|ddim|dpmpp, default the config's), ``steps``, ``eta``, ``batch_size``.
+It returns uint8 images ``[num x H x W x C]`` on the data's grey levels.
 """
 
 from __future__ import annotations
@@ -12,22 +15,19 @@ from __future__ import annotations
 import mlflow
 from mlflow.pyfunc import PythonModel
 
+SEED_STRIDE = 1_000_003  # sample i of seed s uses noise seed s * SEED_STRIDE + i (as training's grids)
+
 
 class DDPMSampler(PythonModel):
     def load_context(self, context) -> None:
         from ddpm.checkpoint import import_weights
-        from ddpm.config import ExperimentConfig
         from ddpm.diffusion import Diffusion
-        from ddpm.unet import UNet
 
-        with open(context.artifacts["config"]) as f:
-            self.config = ExperimentConfig.from_dict(__import__("json").load(f))
-        self.model = UNet(self.config.model)
-        import_weights(self.model, context.artifacts["weights"])
-        self.model.eval()
+        self.config, self.model = import_weights(context.artifacts["ddpm_model"])
         self.diffusion = Diffusion.from_config(self.config.diffusion)
 
     def predict(self, context, model_input, params=None):
+        import numpy as np
         import torch
 
         from ddpm.image import to_uint8
@@ -35,16 +35,38 @@ class DDPMSampler(PythonModel):
 
         req = dict(model_input) if isinstance(model_input, dict) else model_input.iloc[0].to_dict()
         req.update(params or {})
-        num = int(req["num"])
-        seed = int(req.get("seed", 0))
-        steps = req.get("steps")
+        num = int(_scalar(req["num"]))
+        seeds = req.get("seeds", req.get("seed", 0))
+        if hasattr(seeds, "__len__") and not isinstance(seeds, str):
+            seeds = [int(s) for s in seeds]
+            if len(seeds) != num:
+                raise ValueError(f"got {len(seeds)} seeds for num={num}")
+        else:
+            seeds = [int(seeds) * SEED_STRIDE + i for i in range(num)]
+        sampler = str(_scalar(req.get("sampler") or self.config.sample.sampler))
+        steps = _scalar(req.get("steps"))
+        if steps in (None, ""):  # the config's steps belong to the config's sampler
+            steps = self.config.sample.steps if sampler == self.config.sample.sampler else None
+        steps = None if steps is None else int(steps)
+        eta = float(_scalar(req.get("eta", 0.0)) or 0.0)
+        batch = int(_scalar(req.get("batch_size", self.config.sample.batch_size)))
         m = self.config.model
+        out = []
         with torch.no_grad():
-            x = generate(self.model, self.diffusion, (num, m.in_channels, m.image_size, m.image_size),
-                         sampler=str(req.get("sampler", self.config.sample.sampler)),
-                         steps=int(steps) if steps not in (None, "") else self.config.sample.steps,
-                         eta=float(req.get("eta", 0.0)), seeds=seed * 1_000_003 + torch.arange(num))
-        return to_uint8(x, self.config.data.levels)
+            for i in range(0, num, batch):
+                chunk = seeds[i:i + batch]
+                x = generate(self.model, self.diffusion, (len(chunk), m.in_channels, m.image_size, m.image_size),
+                             sampler=sampler, steps=steps, eta=eta, seeds=chunk,
+                             clip_denoised=self.config.sample.clip_denoised)
+                out.append(to_uint8(x, self.config.data.levels))
+        return np.concatenate(out)
+
+
+def _scalar(value):
+    """A DataFrame cell may hold a one-element list; a dict value is used as is."""
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        return value[0]
+    return value
 
 
 mlflow.models.set_model(DDPMSampler())

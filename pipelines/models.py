@@ -7,7 +7,6 @@ weights and config artifacts of the pyfunc logged by training), or a checkpoint 
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -64,9 +63,7 @@ def describe(uri: str) -> dict[str, str | None]:
 
 def load(uri: str) -> LoadedModel:
     """Load the EMA model behind ``uri`` for sampling (eval mode, CPU)."""
-    from ddpm.config import ExperimentConfig
     from ddpm.diffusion import Diffusion
-    from ddpm.unet import UNet
 
     meta = describe(uri)
     if not _is_mlflow_uri(uri):
@@ -78,18 +75,27 @@ def load(uri: str) -> LoadedModel:
 
     from ddpm.checkpoint import import_weights
 
+    model_uri = uri
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri[len("runs:/"):].partition("/")
+        model_uri = f"runs:/{run_id}/{path.strip('/') or 'model'}"
     with tempfile.TemporaryDirectory() as tmp:
-        if uri.startswith("runs:/"):
-            parts = uri[len("runs:/"):].split("/", 1)
-            model_uri = f"runs:/{parts[0]}/{parts[1] if len(parts) > 1 and parts[1] else 'model'}"
-        else:
-            model_uri = uri
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
-        art = os.path.join(local, "artifacts")
-        with open(os.path.join(art, "config.json")) as f:
-            cfg = ExperimentConfig.from_dict(json.load(f))
-        model = UNet(cfg.model)
-        import_weights(model, os.path.join(art, "weights.safetensors"))
+        folder = _weights_folder(local)
+        if folder is None:
+            raise UsageError(f"model {model_uri!r} holds no ddpm weights (model.safetensors + config.json); "
+                             "was it logged by ddpm-pipe?")
+        cfg, model = import_weights(folder)
     model.eval()
     return LoadedModel(uri=uri, config=cfg, model=model, diffusion=Diffusion.from_config(cfg.diffusion),
                        run_id=meta["run_id"], name=meta["name"], version=meta["version"])
+
+
+def _weights_folder(local: str) -> str | None:
+    """The folder under a downloaded pyfunc model that holds ``model.safetensors``."""
+    from ddpm.checkpoint import WEIGHTS_FILE
+
+    for root, _dirs, files in os.walk(local):
+        if WEIGHTS_FILE in files:
+            return root
+    return None

@@ -1,0 +1,419 @@
+"""`ddpm-pipe evaluate`: a model URI -> held-out bits/dim, sample quality and speed, logged to MLflow.
+
+What is measured (every result keyed by what it depends on, see ``ddpm.metrics.result_key``):
+
+- ``bpd``: the full variational bound (Ho et al. 2020, eq. 5; T model calls per batch) on the first
+  :data:`BPD_IMAGES` (64) images of the held-out split, in manifest order, noise seeded with 0.
+  Key: ``bpd/bound:full/data:<test manifest hash>/num:<images>``.
+- From ``num`` samples (sample i uses noise seed ``i``; one process, or the sample job with
+  ``--nodes`` above 1), quantised to the data's grey levels:
+  digits: ``fd``, ``precision``, ``recall`` (k=3), ``confidence``, ``copy_rate`` in the project's
+  digits feature space (``ddpm.features``), each with ``<metric>_floor``, the real test split's own
+  score against the training split with the same number of images;
+  natural images: ``fid`` (Inception-v3) when ``DDPM_INCEPTION_WEIGHTS`` names the weights file.
+  Keys: ``<metric>/data:<hash>/eta:<eta>/features:<net version>/num:<num>/sampler:<s>/steps:<n>``.
+- ``sec_per_sample``: wall-clock sampling time over ``num``.
+
+Where results go: a ``runs:/`` URI logs to that run; ``models:/`` logs to the version's run and
+tags the version (``ddpm.eval.<key>`` = value, read by `ddpm-pipe promote`); a checkpoint gets an
+evaluation run of its own. ``--table`` adds the sampler table (DDPM at T steps; DDIM at 10, 20, 50,
+100 steps with eta 0 and 1), printed and logged as ``evaluation/sampler_table.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import PipelineError, UsageError
+
+BPD_IMAGES = 64  # held-out images for the full bound: its cost is T model calls per image batch
+K_NEAREST = 3  # precision/recall neighbourhood (Kynkaanniemi et al. 2019)
+TABLE_ROWS = (("ddpm", 1000, 0.0),  # (sampler, steps, eta): the DDIM paper's Table 1 shape
+              *((("ddim", s, e)) for e in (0.0, 1.0) for s in (10, 20, 50, 100)))
+EVAL_TAG = "ddpm.eval."  # version tag prefix: ddpm.eval.<result key> = value
+LAST_TAG = "ddpm.eval_last."  # ddpm.eval_last.<metric> = the key of the latest evaluation
+INCEPTION_ENV = "DDPM_INCEPTION_WEIGHTS"
+
+
+@dataclass
+class EvalData:
+    test: Any  # float [N x C x H x W] in [-1, 1]
+    train: Any | None  # float, the training split (digits reference); None when not found
+    levels: int
+    source: str
+    test_hash: str  # of the test manifest
+    hash: str  # of the train and test manifests together
+    test_url: str
+    train_url: str | None
+
+
+def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampler: str = "ddim",
+                     steps: int | None = None, nodes: int = 1, table: bool = False,
+                     address: str | None = None, *, eta: float = 0.0, bpd_images: int = BPD_IMAGES,
+                     table_rows: tuple = TABLE_ROWS) -> dict[str, Any]:
+    """Evaluate ``model`` and log every keyed result; returns them with a readable ``message``."""
+    from ddpm.samplers import SAMPLERS
+
+    from pipelines import models, tracking
+    from pipelines.settings import resolve
+
+    if sampler not in SAMPLERS:
+        raise UsageError(f"--sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if num <= K_NEAREST:
+        raise UsageError(f"--num must be above {K_NEAREST} (k-NN precision/recall), got {num}")
+    if nodes > 1:
+        _cluster_sampler(nodes)  # fails before any work when the sample job is not there
+    settings = resolve(address=address)
+    tracking.configure(settings)
+    loaded = models.load(model)
+    cfg = loaded.config
+    ev = load_eval_data(cfg, data, settings)
+
+    results: list[dict[str, Any]] = []
+    bpd = held_out_bpd(loaded, ev, bpd_images)
+    results.append(bpd)
+    main = measure_sampler(loaded, ev, sampler, steps, eta, num, nodes, address, settings)
+    results.extend(main["results"])
+    rows = []
+    if table:
+        T = loaded.diffusion.num_timesteps
+        for s, n, e in dict.fromkeys((s, min(n, T), e) for s, n, e in table_rows):
+            print(f"[evaluate] sampler table: {s} {n} steps eta {e:g}")
+            row = measure_sampler(loaded, ev, s, n, e, num, nodes, address, settings)
+            rows.append(row)
+            results.extend(r for r in row["results"] if r["key"] not in {x["key"] for x in results})
+
+    target = log_results(loaded, model, results, main, rows, settings)
+    message = _message(model, bpd, main, rows, target)
+    return {"message": message, "model": model, "results": results, "bpd": bpd["value"],
+            "scores": main["scores"], "sec_per_sample": main["sec_per_sample"], "sampler": main["sampler"],
+            "steps": main["steps"], "eta": main["eta"], "num": num, "table": [_row_summary(r) for r in rows],
+            "feature_net": main.get("feature_net"), "notes": main.get("notes", []), **target}
+
+
+# -- data -------------------------------------------------------------------------------------------
+def _manifest_hash(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _ensure_prepared(source: str, url: str, split: str) -> None:
+    try:
+        from pipelines.data import ensure_prepared
+    except ImportError:  # the data module's helper; fall back to preparing when the manifest is absent
+        from ddpm.data.manifest import read_manifest
+        from ddpm.data.storage import DataError
+        from pipelines.data import prepare_command
+
+        try:
+            read_manifest(url)
+        except DataError:
+            prepare_command(source=source, out=url, split=split)
+        return
+    ensure_prepared(source, url, split=split)
+
+
+def load_eval_data(cfg: Any, data: str | None, settings: Any) -> EvalData:
+    """The held-out (test) split and, when present, the training split of the model's data.
+
+    ``data`` is a dataset folder (holding ``train/`` and ``test/``) or a split folder whose test split
+    is next to it; default: the config's ``data.url``, else ``DDPM_HOME/data/<source>/{test,train}``,
+    prepared from the config's source if missing.
+    """
+    from ddpm.data.manifest import resolve_split
+    from ddpm.data.reader import load_split, to_float
+    from ddpm.data.storage import DataError
+
+    base = data or cfg.data.url
+    try:
+        if base:
+            test_url = cfg.data.holdout_url if not data and cfg.data.holdout_url else resolve_split(base, "test")
+            try:
+                train_url: str | None = resolve_split(base, "train")
+            except DataError:
+                train_url = None
+        else:
+            test_url = settings.data_url(cfg.data.source, "test")
+            train_url = settings.data_url(cfg.data.source, "train")
+            _ensure_prepared(cfg.data.source, test_url, "test")
+            _ensure_prepared(cfg.data.source, train_url, "train")
+        test, _, test_manifest = load_split(test_url)
+        train, train_manifest = None, None
+        if train_url is not None:
+            train, _, train_manifest = load_split(train_url)
+    except DataError as e:
+        raise UsageError(f"evaluation data: {e}") from None
+    m = cfg.model
+    want = [m.in_channels, m.image_size, m.image_size]
+    if test_manifest["shape"] != want or test_manifest["levels"] != cfg.data.levels:
+        raise UsageError(f"{test_url} holds {test_manifest['shape']} images on {test_manifest['levels']} levels; "
+                         f"the model makes {want} on {cfg.data.levels}")
+    levels = cfg.data.levels
+    both = _manifest_hash({"train": train_manifest, "test": test_manifest})
+    return EvalData(test=to_float(test, levels), train=None if train is None else to_float(train, levels),
+                    levels=levels, source=str(test_manifest["source"]), test_hash=_manifest_hash(test_manifest),
+                    hash=both, test_url=test_url, train_url=train_url)
+
+
+# -- measurements -----------------------------------------------------------------------------------
+def _result(metric: str, value: float, **depends_on: Any) -> dict[str, Any]:
+    from ddpm.metrics import direction, result_key
+
+    return {"key": result_key(metric, **depends_on), "metric": metric, "value": float(value),
+            "direction": direction(metric)}
+
+
+def held_out_bpd(loaded: Any, ev: EvalData, images: int, batch_size: int = 64) -> dict[str, Any]:
+    """Mean full-bound bits/dim over the first ``images`` held-out images."""
+    import torch
+
+    x = ev.test[:images]
+    g = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    values = [loaded.diffusion.bits_per_dim(loaded.model, x[i:i + batch_size], levels=ev.levels, generator=g)
+              for i in range(0, len(x), batch_size)]
+    bpd = torch.cat(values).double().mean().item()
+    out = _result("bpd", bpd, bound="full", data=ev.test_hash, num=len(x))
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def generate_samples(loaded: Any, sampler: str, steps: int | None, eta: float, num: int, nodes: int,
+                     address: str | None, seed: int = 0) -> Any:
+    """``num`` samples in [-1, 1]; sample i draws its noise from seed ``seed * 1_000_003 + i``."""
+    import torch
+
+    from ddpm.samplers import generate
+
+    if nodes > 1:
+        return _generate_on_cluster(loaded, sampler, steps, eta, num, nodes, address, seed)
+    m, batch = loaded.config.model, loaded.config.sample.batch_size
+    out = []
+    for i in range(0, num, batch):
+        n = min(batch, num - i)
+        seeds = seed * 1_000_003 + torch.arange(i, i + n)
+        out.append(generate(loaded.model, loaded.diffusion, (n, m.in_channels, m.image_size, m.image_size),
+                            sampler=sampler, steps=steps, eta=eta, seeds=seeds,
+                            clip_denoised=loaded.config.sample.clip_denoised))
+    return torch.cat(out)
+
+
+def _cluster_sampler(nodes: int) -> Any:
+    """The batch-sampling job's array API, or a UsageError saying that it is needed."""
+    try:
+        from pipelines import sample as job
+    except ModuleNotFoundError as e:
+        if e.name != "pipelines.sample":
+            raise
+        job = None
+    fn = getattr(job, "sample_to_tensor", None)
+    if fn is None:
+        raise UsageError(f"--nodes {nodes} needs the sample job (`ddpm-pipe sample`, "
+                         "pipelines.sample.sample_to_tensor), which is not built yet; use --nodes 1")
+    return fn
+
+
+def _generate_on_cluster(loaded, sampler, steps, eta, num, nodes, address, seed):
+    fn = _cluster_sampler(nodes)
+    return fn(model=loaded.uri, num=num, sampler=sampler, steps=steps, eta=eta, seed=seed, nodes=nodes,
+              batch_size=loaded.config.sample.batch_size, address=address, progress=False)
+
+
+def _steps_used(loaded: Any, sampler: str, steps: int | None) -> int:
+    from ddpm.samplers import DEFAULT_STEPS
+
+    T = loaded.diffusion.num_timesteps
+    if steps is None:
+        steps = T if sampler == "ddpm" else DEFAULT_STEPS[sampler]
+    if not 1 <= steps <= T:
+        raise UsageError(f"--steps must be in [1, T={T}], got {steps}")
+    return min(int(steps), T)
+
+
+def measure_sampler(loaded: Any, ev: EvalData, sampler: str, steps: int | None, eta: float, num: int,
+                    nodes: int, address: str | None, settings: Any) -> dict[str, Any]:
+    """Sample ``num`` images with one sampler setting; score them against the data, with floors."""
+    from ddpm.data.reader import to_float, to_uint8
+
+    if eta and sampler != "ddim":
+        raise UsageError(f"eta applies to the ddim sampler only, not {sampler!r}")
+    steps = _steps_used(loaded, sampler, steps)
+    start = time.perf_counter()
+    x = generate_samples(loaded, sampler, steps, eta, num, nodes, address)
+    seconds = time.perf_counter() - start
+    samples = to_float(to_uint8(x, ev.levels), ev.levels)  # on the data's own grey levels
+    deps = {"sampler": sampler, "steps": steps, "eta": float(eta), "num": num}
+    out: dict[str, Any] = {"sampler": sampler, "steps": steps, "eta": float(eta), "num": num,
+                           "sec_per_sample": seconds / num, "samples": samples, "scores": {}, "floors": {},
+                           "notes": [], "features": "none"}
+    results = [_result("sec_per_sample", seconds / num, **deps)]
+    scores = _quality(samples, ev, settings, out)
+    for name, value in scores.items():
+        if name.endswith("_floor"):
+            out["floors"][name[:-len("_floor")]] = value
+            floor_deps = {"data": ev.hash, "features": out["features"], "num": min(num, len(ev.test))}
+            results.append(_result(name, value, **floor_deps))
+        else:
+            out["scores"][name] = value
+            results.append(_result(name, value, data=ev.hash, features=out["features"], **deps))
+    out["results"] = results
+    return out
+
+
+def _quality(samples: Any, ev: EvalData, settings: Any, out: dict[str, Any]) -> dict[str, float]:
+    """Scores and floors in the right feature space for the data; notes what was skipped and why."""
+    if samples.shape[1:] == (1, 8, 8) and ev.source == "digits":
+        from ddpm import features
+
+        if ev.train is None:
+            out["notes"].append("sample quality skipped: no training split next to the test split")
+            return {}
+        net, info = features.load_digits_feature_net(settings.home / "cache")
+        out["features"] = info["version"]
+        out["feature_net"] = {"version": info["version"], "test_accuracy": info["test_accuracy"]}
+        scores = features.evaluate_samples(samples, ev.test, ev.train, net=net, k=K_NEAREST)
+        return {k: v for k, v in scores.items() if k not in ("num_samples", "num_floor")}
+    if samples.shape[1] == 3:
+        from ddpm import metrics
+
+        weights = os.environ.get(INCEPTION_ENV)
+        out["features"] = "inception-v3-2048"
+        if not weights:
+            out["notes"].append(f"FID skipped: set {INCEPTION_ENV} to the weights file. {metrics.INCEPTION_WEIGHTS_HINT}")
+            return {}
+        try:
+            fid = metrics.inception_fid(ev.test, samples, weights)
+            n = min(len(samples), len(ev.test))
+            floor = metrics.inception_fid(ev.test, ev.train[:n], weights) if ev.train is not None else float("nan")
+        except (FileNotFoundError, ImportError) as e:
+            raise UsageError(str(e)) from None
+        return {"fid": fid, "fid_floor": floor}
+    out["notes"].append(f"sample quality skipped: no feature space for {tuple(samples.shape[1:])} "
+                        f"images of {ev.source!r}")
+    return {}
+
+
+# -- logging ----------------------------------------------------------------------------------------
+def _row_summary(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in ("sampler", "steps", "eta", "num", "sec_per_sample", "scores", "floors")}
+
+
+def table_markdown(rows: list[dict[str, Any]]) -> str:
+    """The sampler table as markdown: one row per setting, then the real data's floor."""
+    names = [n for n in ("fd", "fid", "precision", "recall", "confidence", "copy_rate")
+             if any(n in r["scores"] for r in rows)]
+    head = ["sampler", "steps", "eta", *names, "s/sample"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["sampler"], str(r["steps"]), f"{r['eta']:g}",
+                 *(f"{r['scores'][n]:.4g}" if n in r["scores"] else "-" for n in names),
+                 f"{r['sec_per_sample']:.4g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if rows and rows[0]["floors"]:
+        floors = rows[0]["floors"]
+        lines.append("| real data (floor) | - | - | "
+                     + " | ".join(f"{floors[n]:.4g}" if n in floors else "-" for n in names) + " | - |")
+    return "\n".join(lines)
+
+
+def _versions_of(uri: str, meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """Registered versions the results describe: the URI's own, or every version of a runs:/ model."""
+    from pipelines import tracking
+
+    if meta.get("name"):
+        return [(meta["name"], meta["version"])]
+    if uri.startswith("runs:/") and meta.get("run_id"):
+        try:
+            found = tracking.client().search_model_versions(f"run_id = '{meta['run_id']}'")
+        except Exception:  # a store without a registry
+            return []
+        return [(mv.name, str(mv.version)) for mv in found]
+    return []
+
+
+def log_results(loaded: Any, uri: str, results: list[dict[str, Any]], main: dict[str, Any],
+                rows: list[dict[str, Any]], settings: Any) -> dict[str, Any]:
+    """Log metrics and artifacts to the model's run (or a new evaluation run) and tag its versions.
+
+    Each version gets ``ddpm.eval.<key>`` = value for every result, and ``ddpm.eval_last.<metric>``
+    = the key of the setting asked for (bits/dim and the main sampler; not the table's rows).
+    """
+    primary = results[:1] + main["results"]
+    from mlflow.entities import Metric
+
+    from ddpm.image import save_grid
+    from pipelines import tracking
+
+    c = tracking.client()
+    run_id = loaded.run_id
+    created = False
+    if run_id is None:
+        exp_id = tracking.experiment_id(loaded.config.name, settings)
+        name = "evaluate-" + hashlib.sha256(uri.encode()).hexdigest()[:10]
+        run_id, _ = tracking.start_or_resume_run(exp_id, name, {tracking.KIND_TAG: "evaluate",
+                                                                "ddpm.model_uri": uri})
+        created = True
+    now = int(time.time() * 1000)
+    metrics = [Metric(r["key"], r["value"], now, 0) for r in results]
+    try:
+        for i in range(0, len(metrics), 500):
+            c.log_batch(run_id, metrics=metrics[i:i + 500])
+        if main.get("feature_net"):
+            c.log_batch(run_id, metrics=[Metric(f"feature_net_test_accuracy/features:{main['features']}",
+                                                main["feature_net"]["test_accuracy"], now, 0)])
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        with tempfile.TemporaryDirectory() as tmp:
+            doc = {"model": uri, "time": stamp, "results": results, "notes": main.get("notes", []),
+                   "feature_net": main.get("feature_net"), "table": [_row_summary(r) for r in rows]}
+            report = Path(tmp) / f"evaluation-{stamp}.json"
+            report.write_text(json.dumps(doc, indent=1, default=str))
+            c.log_artifact(run_id, str(report), "evaluation")
+            grid = Path(tmp) / f"samples-{main['sampler']}-{main['steps']}-{stamp}.png"
+            save_grid(main["samples"][:64], str(grid), levels=loaded.config.data.levels)
+            c.log_artifact(run_id, str(grid), "evaluation")
+            if rows:
+                (Path(tmp) / "sampler_table.json").write_text(
+                    json.dumps([_row_summary(r) for r in rows], indent=1))
+                (Path(tmp) / "sampler_table.md").write_text(table_markdown(rows) + "\n")
+                c.log_artifact(run_id, str(Path(tmp) / "sampler_table.json"), "evaluation")
+                c.log_artifact(run_id, str(Path(tmp) / "sampler_table.md"), "evaluation")
+        versions = _versions_of(uri, {"run_id": loaded.run_id, "name": loaded.name, "version": loaded.version})
+        for name, version in versions:
+            for r in results:
+                c.set_model_version_tag(name, version, EVAL_TAG + r["key"], repr(r["value"]))
+            for r in primary:  # the setting asked for, not the table's rows
+                c.set_model_version_tag(name, version, LAST_TAG + r["metric"], r["key"])
+            c.set_model_version_tag(name, version, "ddpm.eval_time", stamp)
+    except Exception as e:
+        if created:
+            tracking.end_run(run_id, "FAILED")
+        raise PipelineError(f"logging the evaluation to MLflow failed: {type(e).__name__}: {e}") from e
+    if created:
+        tracking.end_run(run_id)
+    return {"run_id": run_id, "versions": [f"models:/{n}/{v}" for n, v in versions]}
+
+
+def _message(uri: str, bpd: dict[str, Any], main: dict[str, Any], rows: list[dict[str, Any]],
+             target: dict[str, Any]) -> str:
+    lines = [f"{uri}: {bpd['value']:.4f} bits/dim (full bound, {bpd['key'].split('num:')[1].split('/')[0]} "
+             f"held-out images)",
+             f"{main['sampler']} {main['steps']} steps eta {main['eta']:g}, {main['num']} samples: "
+             f"{main['sec_per_sample'] * 1000:.1f} ms/sample"]
+    for name, value in main["scores"].items():
+        floor = main["floors"].get(name)
+        lines.append(f"  {name:<11} {value:.4f}" + (f"   (real data floor {floor:.4f})" if floor is not None else ""))
+    if main.get("feature_net"):
+        lines.append(f"  feature net {main['feature_net']['version']}: "
+                     f"{main['feature_net']['test_accuracy']:.3f} test accuracy")
+    lines.extend(f"  note: {n}" for n in main.get("notes", []))
+    if rows:
+        lines.append(table_markdown(rows))
+    where = ", ".join(target["versions"]) or "no registered version"
+    lines.append(f"logged to MLflow run {target['run_id']} ({where})")
+    return "\n".join(lines)

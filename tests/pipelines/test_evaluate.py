@@ -1,0 +1,114 @@
+"""`ddpm-pipe evaluate` on a tiny random model: keyed results with directions and floors, logged to MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from tests.pipelines.test_registry import register_tiny, save_tiny_checkpoint
+
+FAST = {"num": 16, "sampler": "ddim", "steps": 5, "bpd_images": 8}
+
+
+@pytest.fixture(scope="session")
+def digits_home_template(tmp_path_factory):
+    """Prepared digits shards and a trained feature net, made once and copied into each test's DDPM_HOME."""
+    from ddpm.features import load_digits_feature_net
+    from pipelines.data import prepare_command
+
+    root = tmp_path_factory.mktemp("digits-home")
+    for split in ("train", "test"):
+        prepare_command(source="digits", out=str(root / "data" / "digits" / split), split=split)
+    load_digits_feature_net(root / "cache")
+    return root
+
+
+@pytest.fixture
+def digits_home(digits_home_template):
+    home = Path(os.environ["DDPM_HOME"])
+    shutil.copytree(digits_home_template, home, dirs_exist_ok=True)
+    return home
+
+
+@pytest.mark.timeout(180)
+def test_evaluate_logs_keyed_results_on_the_version_and_its_run(tmp_path, digits_home):
+    from ddpm.features import FEATURE_NET_VERSION
+    from ddpm.metrics import METRIC_DIRECTIONS, parse_result_key
+    from pipelines import tracking
+    from pipelines.evaluate import EVAL_TAG, LAST_TAG, evaluate_command
+
+    run_id, version, _ = register_tiny(tmp_path)
+    out = evaluate_command(f"models:/tiny/{version}", **FAST)
+    by_metric = {}
+    for r in out["results"]:
+        metric, deps = parse_result_key(r["key"])
+        assert r["direction"] == METRIC_DIRECTIONS[metric.removesuffix("_floor")]
+        by_metric[metric] = (r, deps)
+    assert set(by_metric) >= {"bpd", "fd", "precision", "recall", "confidence", "copy_rate", "sec_per_sample",
+                              "fd_floor", "precision_floor", "recall_floor", "confidence_floor", "copy_rate_floor"}
+    fd, deps = by_metric["fd"]
+    assert deps == {"data": deps["data"], "eta": "0", "features": FEATURE_NET_VERSION, "num": "16",
+                    "sampler": "ddim", "steps": "5"}
+    assert by_metric["bpd"][1]["num"] == "8" and by_metric["bpd"][1]["bound"] == "full"
+    assert 0 < by_metric["bpd"][0]["value"] < 20
+    assert by_metric["fd_floor"][1] == {"data": deps["data"], "features": FEATURE_NET_VERSION, "num": "16"}
+    assert out["feature_net"]["test_accuracy"] >= 0.95
+    assert "real data floor" in out["message"]
+
+    c = tracking.client()
+    assert out["run_id"] == run_id  # models:/ logs on the version's own run
+    logged = c.get_run(run_id).data.metrics
+    assert logged[fd["key"]] == pytest.approx(fd["value"])
+    tags = c.get_model_version("tiny", version).tags
+    assert float(tags[EVAL_TAG + fd["key"]]) == pytest.approx(fd["value"])
+    assert tags[LAST_TAG + "fd"] == fd["key"]
+    assert any(a.path.startswith("evaluation/evaluation-") for a in c.list_artifacts(run_id, "evaluation"))
+
+
+@pytest.mark.timeout(240)
+def test_cli_evaluates_a_checkpoint_into_its_own_run_with_the_sampler_table(tmp_path, digits_home):
+    from pipelines import tracking
+
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt.pt")
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(ckpt), "--num", "8", "--steps", "3",
+                                      "--table", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["versions"] == []
+    # T = 50: DDPM at 50 steps; DDIM at 10, 20, 50 (100 is capped at T) with eta 0 and 1.
+    assert [(r["sampler"], r["steps"], r["eta"]) for r in out["table"]] == [
+        ("ddpm", 50, 0.0), ("ddim", 10, 0.0), ("ddim", 20, 0.0), ("ddim", 50, 0.0),
+        ("ddim", 10, 1.0), ("ddim", 20, 1.0), ("ddim", 50, 1.0)]
+    assert out["bpd"] > 0 and all(r["sec_per_sample"] > 0 for r in out["table"])
+    c = tracking.client()
+    run = c.get_run(out["run_id"])
+    assert run.data.tags["ddpm.kind"] == "evaluate" and run.data.tags["ddpm.model_uri"] == str(ckpt)
+    assert run.info.status == "FINISHED"
+    assert "bpd/bound:full/data:" in "".join(run.data.metrics)
+    names = {a.path for a in c.list_artifacts(out["run_id"], "evaluation")}
+    assert {"evaluation/sampler_table.md", "evaluation/sampler_table.json"} <= names
+    assert "| real data (floor) |" in out["message"]
+
+
+def test_more_than_one_node_needs_the_sample_job(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("pipelines.sample") is not None:
+        from pipelines import sample
+
+        if hasattr(sample, "sample_to_tensor"):
+            pytest.skip("the sample job exists; covered by the cluster tests")
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "none.pt"), "--nodes", "2"])
+    assert result.exit_code == 2
+    assert "needs the sample job" in result.output
+
+
+def test_bad_sampler_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "none.pt"), "--sampler", "euler"])
+    assert result.exit_code == 2 and "ddpm, ddim, dpmpp" in result.output
