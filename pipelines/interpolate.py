@@ -1,0 +1,134 @@
+"""`ddpm-pipe interpolate`: interpolation in x_t space (Ho et al. 2020, section 4.3, figure 8).
+
+1. Encode both source images with q(x_t | x_0) (eq. 4), using the SAME noise eps for both:
+   x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+2. Mix the latents linearly: xbar_t = (1 - lambda) x_t + lambda x'_t, for ``lambdas`` evenly spaced
+   weights in [0, 1].
+3. Decode each mix with the ancestral reverse process from t down to 0 (Algorithm 2). Every mix gets
+   the same per-sample seed, so the reverse noise too is fixed across the weights, as in the paper.
+
+One strip is written: source a, the ``lambdas`` decoded mixes, source b. Runs in the driver process:
+``lambdas`` images are one small batch, not worth a cluster.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import numpy as np
+
+from pipelines.errors import UsageError
+
+
+def read_image(url: str, channels: int, size: int, levels: int):
+    """A PNG/JPEG file -> float32 ``[1 x C x H x W]`` in [-1, 1] with the model's channels and size.
+
+    Pixels are read as 0..255 and quantised to the data's ``levels``, except for an image whose
+    values all lie in 0..levels-1 when ``levels < 256``: that is a shard image stored as raw levels
+    (the digits set stores 0..16), and is used as is.
+    """
+    import fsspec
+    import torch
+    from PIL import Image
+
+    from ddpm.data.storage import storage_options_for
+
+    try:
+        with fsspec.open(url, "rb", **storage_options_for(url)) as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"image {url!r} does not exist") from None
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:
+        raise UsageError(f"image {url!r} is not a readable image: {e}") from None
+    img = img.convert("L" if channels == 1 else "RGB")
+    arr = np.asarray(img, dtype=np.uint8)
+    if levels < 256 and int(arr.max()) <= levels - 1 and img.size == (size, size):
+        v = arr.astype(np.float32)  # raw levels, as the shards store them
+    else:
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.LANCZOS)
+            arr = np.asarray(img, dtype=np.uint8)
+        v = np.round(arr.astype(np.float32) / 255.0 * (levels - 1))
+    x = torch.from_numpy(v / (levels - 1) * 2.0 - 1.0)
+    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+    return x[None].float()
+
+
+def interpolate(model: Any, diffusion: Any, x_a, x_b, t: int, lambdas: int, seed: int = 0):
+    """Decoded interpolations ``[lambdas x C x H x W]`` between ``x_a`` and ``x_b`` (each ``[1 x C x H x W]``).
+
+    ``t`` is the 0-based index into the schedule (``t = T - 1`` noises fully).
+    """
+    import torch
+
+    from ddpm.noise import NoiseSource
+    from ddpm.samplers import DDPMSampler
+    from pipelines.sample import sample_seed
+
+    T = diffusion.num_timesteps
+    if not 0 <= t < T:
+        raise UsageError(f"--t {t} is out of range: the model has T={T}, so t must be in [0, {T - 1}]")
+    weights = torch.linspace(0.0, 1.0, lambdas).reshape(-1, 1, 1, 1)
+    # One seed for every row: the same eps for both encodings and the same reverse noise for all weights.
+    noise = NoiseSource((lambdas, *x_a.shape[1:]), seeds=[sample_seed(seed, 0)] * lambdas)
+    eps = noise.next()[:1]
+    tt = torch.full((1,), t, dtype=torch.long)
+    with torch.no_grad():
+        # 1. x_t and x'_t from q(x_t | x_0) with the same eps (Ho, eq. 4).
+        xt_a, xt_b = diffusion.q_sample(x_a, tt, eps), diffusion.q_sample(x_b, tt, eps)
+        # 2. Linear interpolation of the latents.
+        x = (1 - weights) * xt_a + weights * xt_b
+        # 3. Ancestral steps t, t-1, ..., 0 (Algorithm 2): positions T-1-t .. T-1 of the full list.
+        sampler = DDPMSampler(diffusion)
+        for i in range(T - 1 - t, T):
+            x, _ = sampler.step(model, x, i, noise)
+    return x
+
+
+def interpolate_command(model: str, a: str, b: str, t: int, lambdas: int, out: str, seed: int) -> dict[str, Any]:
+    """`ddpm-pipe interpolate`: see the module docstring."""
+    import torch
+
+    from ddpm.data.storage import atomic_write, open_fs, storage_options_for
+    from ddpm.image import grid, png_bytes
+    from pipelines import models
+    from pipelines.sample import check_model
+
+    if lambdas < 2:
+        raise UsageError(f"--lambdas must be >= 2, got {lambdas}")
+    if t < 0:
+        raise UsageError(f"--t must be >= 0, got {t}")
+    for name, url in (("--a", a), ("--b", b)):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url))
+        if not fs.isfile(path):
+            raise UsageError(f"{name} image {url!r} does not exist")
+    check_model(model)
+    start = time.perf_counter()
+    loaded = models.load(model)
+    cfg, diffusion = loaded.config, loaded.diffusion
+    if not t < diffusion.num_timesteps:
+        raise UsageError(f"--t {t} is out of range: the model has T={diffusion.num_timesteps}, "
+                         f"so t must be in [0, {diffusion.num_timesteps - 1}]")
+    C, size, levels = cfg.model.in_channels, cfg.model.image_size, cfg.data.levels
+    x_a, x_b = read_image(a, C, size, levels), read_image(b, C, size, levels)
+    mixes = interpolate(loaded.model, diffusion, x_a, x_b, t, lambdas, seed)
+    strip = torch.cat([x_a, mixes, x_b])
+    fs, path = open_fs(out, storage_options_for(out))
+    try:
+        atomic_write(fs, path, png_bytes(grid(strip, levels=levels, nrow=len(strip), scale=max(1, 32 // size))))
+    except OSError as e:
+        raise UsageError(f"cannot write {out!r}: {e}") from e
+    seconds = time.perf_counter() - start
+    return {"out": out, "t": t, "lambdas": torch.linspace(0, 1, lambdas).tolist(), "seed": seed,
+            "seconds": round(seconds, 3),
+            "message": f"wrote {out}: a, {lambdas} interpolations at t={t} (lambda 0..1), b"}
+
+
+__all__ = ["interpolate", "interpolate_command", "read_image"]

@@ -1,0 +1,92 @@
+"""`ddpm-pipe interpolate`: x_t-space interpolation with the noise fixed across the weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.interpolate import interpolate, read_image
+from tests.pipelines.test_sample import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(str(tmp_path_factory.mktemp("model") / "checkpoint.pt"))
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(a)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(b)  # RGB and twice the size
+    return str(a), str(b)
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.mark.timeout(60)
+def test_read_image_converts_channels_size_and_levels(tmp_path):
+    raw = tmp_path / "raw.png"  # a digits shard image: raw levels 0..16
+    Image.fromarray(np.array([[0, 8, 16, 4]] * 4, dtype=np.uint8)).save(raw)
+    x = read_image(str(raw), channels=1, size=4, levels=17)
+    assert x.shape == (1, 1, 4, 4)
+    assert x[0, 0, 0].tolist() == [-1.0, 0.0, 1.0, -0.5]
+    full = tmp_path / "full.png"  # an ordinary 0..255 RGB image, resized and made grey
+    Image.fromarray(np.full((8, 8, 3), 255, dtype=np.uint8)).save(full)
+    y = read_image(str(full), channels=1, size=4, levels=17)
+    assert y.shape == (1, 1, 4, 4) and torch.allclose(y, torch.ones_like(y))
+
+
+@pytest.mark.timeout(120)
+def test_noise_is_fixed_across_weights_and_the_ends_are_the_sources_decoded(ckpt):
+    from ddpm.checkpoint import load_model
+
+    _, model, diffusion = load_model(ckpt)
+    g = torch.Generator().manual_seed(0)
+    x_a, x_b = torch.rand(1, 1, 8, 8, generator=g) * 2 - 1, torch.rand(1, 1, 8, 8, generator=g) * 2 - 1
+    three = interpolate(model, diffusion, x_a, x_b, t=20, lambdas=3, seed=5)
+    five = interpolate(model, diffusion, x_a, x_b, t=20, lambdas=5, seed=5)
+    assert three.shape == (3, 1, 8, 8)
+    # lambda = 0, 0.5, 1 appear in both: the same noise whatever the number of weights.
+    for i, j in ((0, 0), (1, 2), (2, 4)):
+        assert torch.allclose(three[i], five[j], atol=1e-5)
+    assert (three[0] - three[2]).abs().max() > 0.1  # the two ends differ
+    other = interpolate(model, diffusion, x_a, x_b, t=20, lambdas=3, seed=6)
+    assert (other - three).abs().max() > 0.1  # the seed sets the noise
+    # At t = 0 the sources come back nearly unchanged (one step of tiny noise, then the decoder).
+    near = interpolate(model, diffusion, x_a, x_b, t=0, lambdas=2, seed=5)
+    assert (near[0] - x_a).abs().mean() < 0.1
+
+
+@pytest.mark.timeout(120)
+def test_command_writes_one_strip(tmp_path, ckpt, images):
+    out = tmp_path / "strip.png"
+    result = cli("interpolate", "--model", ckpt, "--a", images[0], "--b", images[1], "--t", "30",
+                 "--lambdas", "4", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["lambdas"] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    strip = np.asarray(Image.open(out))
+    scale = 32 // 8  # 8-pixel images are scaled up to be readable
+    assert strip.shape == (scale * (8 + 2), scale * (6 * (8 + 1) + 1))  # a, 4 mixes, b
+
+
+@pytest.mark.timeout(60)
+def test_missing_image_and_t_out_of_range_fail_with_exit_2(tmp_path, ckpt, images):
+    result = cli("interpolate", "--model", ckpt, "--a", images[0], "--b", str(tmp_path / "nope.png"))
+    assert result.exit_code == 2, result.output
+    assert "nope.png" in result.output and "does not exist" in result.output
+    result = cli("interpolate", "--model", ckpt, "--a", images[0], "--b", images[1], "--t", "50")
+    assert result.exit_code == 2, result.output
+    assert "T=50" in result.output and "[0, 49]" in result.output
+    result = cli("interpolate", "--model", str(tmp_path / "missing.pt"), "--a", images[0], "--b", images[1])
+    assert result.exit_code == 2, result.output

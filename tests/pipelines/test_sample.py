@@ -1,0 +1,253 @@
+"""`ddpm-pipe sample`: validation before sampling, determinism across workers, resuming, s3 output."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pipelines import sample as S
+from pipelines.cli import app
+
+N = 6  # samples per test: enough for several units on two workers, cheap on two cores
+
+
+def make_checkpoint(path: str, seed: int = 0) -> str:
+    """A tiny random U-Net (8x8 grey, T=50) saved with its config and EMA weights; no training."""
+    import torch
+
+    from ddpm.checkpoint import save_checkpoint
+    from ddpm.config import DiffusionConfig, ExperimentConfig, UNetConfig
+    from ddpm.unet import UNet
+
+    cfg = ExperimentConfig.preset("digits")
+    cfg = replace(cfg, model=UNetConfig(image_size=8, in_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1,
+                                        attn_resolutions=(), dropout=0.0),
+                  diffusion=DiffusionConfig(timesteps=50))
+    torch.manual_seed(seed)
+    model = UNet(cfg.model)
+    with torch.no_grad():  # break the zero-initialised output layer so the network matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sd = model.state_dict()
+    save_checkpoint(path, {"config": cfg, "model": sd,
+                           "ema": {"module": sd, "num_updates": 0, "decay": 0.999, "warmup": True}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(str(tmp_path_factory.mktemp("model") / "checkpoint.pt"))
+
+
+def request(ckpt: str, **kw) -> S.SampleRequest:
+    return S.SampleRequest(**{"model": ckpt, "num": N, "sampler": "ddim", "steps": 4, "batch_size": 4, **kw})
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def read_npz_folder(folder) -> dict[int, np.ndarray]:
+    out: dict[int, np.ndarray] = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".npz"):
+            with np.load(os.path.join(folder, name)) as z:
+                for k, i in enumerate(z["indices"].tolist()):
+                    assert i not in out, f"index {i} twice"
+                    out[i] = z["x"][k]
+    return out
+
+
+def png_array(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data))).astype(np.int16)
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Fail the test if a worker pool is started: validation must come before any sampling."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(S, "WorkerPool", refuse)
+
+
+# -- no Ray needed ------------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_sample_seed_is_a_function_of_seed_and_index():
+    assert S.sample_seed(0, 7) == 7
+    assert S.sample_seed(3, 5) == 3 * 1_000_003 + 5
+    assert len({S.sample_seed(s, i) for s in range(3) for i in range(1000)}) == 3000
+
+
+@pytest.mark.timeout(60)
+def test_units_are_runs_of_consecutive_missing_indices():
+    assert S.units_of([0, 1, 2, 3, 4], 2) == [[0, 1], [2, 3], [4]]
+    assert S.units_of([0, 1, 4, 5, 6, 9], 4) == [[0, 1], [4, 5, 6], [9]]
+
+
+@pytest.mark.timeout(60)
+def test_bad_model_uri_fails_before_sampling_with_exit_2(tmp_path, no_sampling):
+    result = cli("sample", "--model", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    assert "does not exist" in result.output
+    result = cli("sample", "--model", "models:/nobody/1", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    assert "does not exist" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(60)
+def test_unwritable_output_fails_before_sampling_with_exit_2(tmp_path, ckpt, no_sampling):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = cli("sample", "--model", ckpt, "--out", str(blocker / "out"))
+    assert result.exit_code == 2, result.output
+    assert "not writable" in result.output
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("option,value,valid", [("--sampler", "euler", "ddpm, ddim, dpmpp"),
+                                                ("--format", "jpg", "png, webdataset, npz"),
+                                                ("--precision", "fp8", "fp32, bf16")])
+def test_bad_choice_lists_the_valid_ones(tmp_path, ckpt, no_sampling, option, value, valid):
+    result = cli("sample", "--model", ckpt, "--out", str(tmp_path / "out"), option, value)
+    assert result.exit_code == 2, result.output
+    assert valid in result.output
+
+
+@pytest.mark.timeout(60)
+def test_folder_that_is_not_ours_is_refused_with_exit_3(tmp_path, ckpt, no_sampling):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "thesis.tex").write_text("precious")
+    result = cli("sample", "--model", ckpt, "--out", str(tmp_path / "out"))
+    assert result.exit_code == 3, result.output
+    assert "thesis.tex" in result.output
+    assert (tmp_path / "out" / "thesis.tex").read_text() == "precious"
+
+
+# -- on the shared Ray cluster ------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_one_and_two_workers_and_any_batch_size_give_the_same_samples(ray_cluster, tmp_path, ckpt):
+    one = S.write_samples(request(ckpt, nodes=1, batch_size=4), str(tmp_path / "one"), fmt="npz", progress=False)
+    two = S.write_samples(request(ckpt, nodes=2, batch_size=1), str(tmp_path / "two"), fmt="npz", progress=False)
+    assert (one["workers"], two["workers"]) == (1, 2)
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["nodes_used"] == 2 and manifest["count"] == N and manifest["steps"] == 4
+    a, b = read_npz_folder(tmp_path / "one"), read_npz_folder(tmp_path / "two")
+    assert sorted(a) == sorted(b) == list(range(N))
+    x1, x2 = np.stack([a[i] for i in range(N)]), np.stack([b[i] for i in range(N)])
+    assert np.abs(x1 - x2).max() < 1e-4
+    assert np.abs(x1[0] - x1[1]).max() > 0.1  # distinct samples, not one image repeated
+    # The in-memory API (what `evaluate` uses) gives the same samples through the same job.
+    x3 = S.sample_to_tensor(ckpt, N, sampler="ddim", steps=4, batch_size=3, nodes=2, progress=False).numpy()
+    assert np.abs(x1 - x3).max() < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fmt", ["png", "webdataset"])
+def test_interrupted_run_resumes_with_nothing_missing_and_no_duplicates(ray_cluster, tmp_path, ckpt, fmt,
+                                                                         monkeypatch):
+    out = tmp_path / "out"
+    written: list[str] = []
+
+    def stop_after_first_unit(names):
+        written.extend(names)
+        raise KeyboardInterrupt  # as if the driver were killed midway
+
+    with pytest.raises(KeyboardInterrupt):
+        S.write_samples(request(ckpt, nodes=2, batch_size=2), str(out), fmt=fmt, progress=False,
+                        on_written=stop_after_first_unit)
+    names = sorted(os.listdir(out))
+    assert "manifest.json" not in names  # only a finished set gets a manifest
+    assert 0 < len(written) and set(written) <= set(names)
+    (out / ".00000005.png.tmp-123-abcdef12").write_bytes(b"half")  # what a kill -9 mid-write leaves
+    if fmt == "png":
+        assert len([n for n in names if n.endswith(".png")]) < N
+
+    # Resume through the command line, with another batch size and number of workers.
+    result = cli("sample", "--model", ckpt, "--num", str(N), "--out", str(out), "--sampler", "ddim",
+                 "--steps", "4", "--batch-size", "3", "--nodes", "1", "--format", fmt, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["resumed"] and 0 < summary["written"] < N
+    assert str(out) in summary["message"]
+
+    names = sorted(os.listdir(out))
+    assert not [n for n in names if ".tmp-" in n]
+    if fmt == "png":
+        images = sorted(n for n in names if n.endswith(".png"))
+        assert images == [f"{i:08d}.png" for i in range(N)]
+        got = {i: png_array((out / f"{i:08d}.png").read_bytes()) for i in range(N)}
+    else:
+        got = {}
+        for name in (n for n in names if n.endswith(".tar")):
+            with tarfile.open(out / name) as tar:
+                for member in tar.getmembers():
+                    i = int(member.name.split(".")[0])
+                    assert i not in got, f"sample {i} twice"
+                    got[i] = png_array(tar.extractfile(member).read())
+        assert sorted(got) == list(range(N))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == N and manifest["format"] == fmt
+
+    # The same images as an uninterrupted run (one level of 17 is 16 grey values).
+    x = S.sample_to_tensor(ckpt, N, sampler="ddim", steps=4, progress=False)
+    from ddpm.image import to_uint8
+
+    ref = to_uint8(x, 17)[..., 0].astype(np.int16)
+    assert max(np.abs(got[i] - ref[i]).max() for i in range(N)) <= 16
+
+    # A complete set is left alone, without starting any worker.
+    def refuse(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(S, "WorkerPool", refuse)
+    again = S.write_samples(request(ckpt, nodes=1, batch_size=3), str(out), fmt=fmt, progress=False)
+    assert again["written"] == 0
+    # Other settings in the same folder are refused.
+    result = cli("sample", "--model", ckpt, "--num", str(N), "--out", str(out), "--steps", "4",
+                 "--seed", "1", "--format", fmt)
+    assert result.exit_code == 3, result.output
+    assert "seed=0" in result.output
+
+
+@pytest.mark.timeout(300)
+def test_s3_output_with_progressive_strips(ray_cluster, s3_prefix, ckpt):
+    import s3fs
+
+    result = S.write_samples(request(ckpt, num=3, nodes=1, progressive=3), s3_prefix, fmt="png", progress=False)
+    assert result["written"] == 3 and result["out"] == s3_prefix
+    fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(s3_prefix[len("s3://"):]))
+    assert names == [".ddpm-sample.json", "00000000-progressive.png", "00000000.png",
+                     "00000001-progressive.png", "00000001.png", "00000002-progressive.png", "00000002.png",
+                     "manifest.json"]
+    strip = png_array(fs.cat_file(f"{s3_prefix}/00000001-progressive.png"))
+    assert strip.shape[:2] == (8 + 2, 3 * (8 + 1) + 1)  # K = 3 predictions of x_0 in a row, 1 px gaps
+    manifest = json.loads(fs.cat_file(f"{s3_prefix}/manifest.json"))
+    assert manifest["progressive"] == 3 and manifest["model"] == ckpt
+
+
+@pytest.mark.timeout(300)
+def test_bf16_is_close_to_fp32_and_steps_beyond_T_fail_clearly(ray_cluster, ckpt):
+    fp32 = S.sample_to_tensor(ckpt, 2, steps=4, progress=False)
+    bf16 = S.sample_to_tensor(ckpt, 2, steps=4, precision="bf16", progress=False)
+    assert fp32.shape == bf16.shape == (2, 1, 8, 8)
+    diff = (fp32 - bf16).abs()
+    assert 0 < diff.max() and diff.mean() < 0.05  # bf16 really ran, and stays close
+    from pipelines.errors import UsageError
+
+    with pytest.raises(UsageError, match="T=50"):
+        S.sample_to_tensor(ckpt, 2, steps=51, progress=False)
