@@ -63,7 +63,7 @@ def _autocast(precision: str, device: torch.device):
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy(),
+    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
             "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate())}
 
 
@@ -71,7 +71,7 @@ def _set_rng_state(state: dict) -> None:
     import ast
 
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    np.random.set_state(("MT19937", np.asarray(state["numpy"]).astype(np.uint32), state["numpy_pos"], 0, 0.0))
     random.setstate(ast.literal_eval(state["python"]))
 
 
