@@ -1,0 +1,120 @@
+"""`ddpm-pipe promote`: the alias moves only when the candidate's keyed evaluation beats the holder's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from tests.pipelines.test_evaluate import FAST, digits_home, digits_home_template  # noqa: F401 (fixtures)
+from tests.pipelines.test_registry import register_tiny
+
+KEY = "fd/data:abc/eta:0/features:digits-cnn-v1/num:16/sampler:ddim/steps:5"
+
+
+def promote(*args: str):
+    return CliRunner().invoke(app, ["promote", "--json", *args])
+
+
+def _client():
+    from pipelines import tracking
+    from pipelines.settings import resolve
+
+    tracking.configure(resolve())
+    return tracking.client()
+
+
+def _bare_versions(name: str, n: int):
+    """Registered versions without artifacts: promote reads only their tags."""
+    c = _client()
+    c.create_registered_model(name)
+    for _ in range(n):
+        c.create_model_version(name, source="s3://ddpm-tests/nowhere")
+    return c
+
+
+@pytest.mark.timeout(600)
+def test_promotion_against_a_real_tracking_server(mlflow_server, monkeypatch, tmp_path, digits_home):
+    from pipelines.evaluate import evaluate_command
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    c = _client()
+    assert c.tracking_uri == mlflow_server
+    fd = {}
+    for seed in (0, 1):
+        _, version, _ = register_tiny(tmp_path, name="gated", seed=seed)
+        out = evaluate_command(f"models:/gated/{version}", **FAST)
+        fd[version] = out["scores"]["fd"]
+    worse, better = sorted(fd, key=fd.get, reverse=True)
+    assert fd[worse] > fd[better]
+
+    # No holder yet: an evaluated version takes the alias.
+    first = promote("--name", "gated", "--version", worse)
+    assert first.exit_code == 0, first.output
+    assert {k: str(v) for k, v in c.get_registered_model("gated").aliases.items()} == {"champion": worse}
+
+    # The better one beats it under the same key.
+    second = promote("--name", "gated", "--version", better)
+    assert second.exit_code == 0, second.output
+    assert c.get_model_version_by_alias("gated", "champion").version == better
+    tags = c.get_model_version("gated", better).tags
+    assert tags["ddpm.promote.champion.decision"] == "promoted"
+    assert tags["ddpm.promote.champion.holder_version"] == worse
+    assert float(tags["ddpm.promote.champion.holder_value"]) == pytest.approx(fd[worse])
+    assert float(tags["ddpm.promote.champion.candidate_value"]) == pytest.approx(fd[better])
+    assert tags["ddpm.promote.champion.key"].startswith("fd/") and "sampler:ddim" in tags["ddpm.promote.champion.key"]
+    assert any(k.startswith("ddpm.promote.champion.history.") for k in tags)
+    assert c.get_model_version("gated", worse).tags["ddpm.promote.champion.replaced_by"] == better
+
+    # The worse one is refused with exit 3, both numbers in the message, and the refusal recorded.
+    third = promote("--name", "gated", "--version", worse)
+    assert third.exit_code == 3, third.output
+    assert f"{fd[worse]:.6g}" in third.output and f"{fd[better]:.6g}" in third.output
+    assert c.get_model_version_by_alias("gated", "champion").version == better
+    assert c.get_model_version("gated", worse).tags["ddpm.promote.champion.decision"] == "refused"
+
+    # --force overrides and records why.
+    forced = promote("--name", "gated", "--version", worse, "--force", "--reason", "rollback drill")
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.stdout.strip().splitlines()[-1])["decision"] == "forced"
+    tags = c.get_model_version("gated", worse).tags
+    assert tags["ddpm.promote.champion.decision"] == "forced"
+    assert tags["ddpm.promote.champion.reason"] == "rollback drill"
+    assert c.get_model_version_by_alias("gated", "champion").version == worse
+
+
+@pytest.mark.timeout(60)
+def test_min_delta_and_direction():
+    c = _bare_versions("m", 3)
+    c.set_model_version_tag("m", "1", f"ddpm.eval.{KEY}", "10.0")
+    c.set_model_version_tag("m", "2", f"ddpm.eval.{KEY}", "9.5")
+    c.set_model_version_tag("m", "3", f"ddpm.eval.{KEY.replace('fd/', 'recall/')}", "0.4")
+    assert promote("--name", "m", "--version", "1").exit_code == 0
+    refused = promote("--name", "m", "--version", "2", "--min-delta", "1")
+    assert refused.exit_code == 3 and "9.5" in refused.output and "10" in refused.output
+    assert "lower is better" in refused.output
+    assert promote("--name", "m", "--version", "2", "--min-delta", "0.4").exit_code == 0
+    assert str(c.get_registered_model("m").aliases["champion"]) == "2"
+    # Higher-is-better metrics gate the other way, on their own alias.
+    assert promote("--name", "m", "--version", "3", "--alias", "best-recall", "--metric", "recall").exit_code == 0
+
+
+@pytest.mark.timeout(60)
+def test_no_comparable_evaluation_is_refused():
+    c = _bare_versions("n", 3)
+    c.set_model_version_tag("n", "1", f"ddpm.eval.{KEY}", "10.0")
+    c.set_model_version_tag("n", "2", f"ddpm.eval.{KEY.replace('num:16', 'num:64')}", "1.0")
+    unevaluated = promote("--name", "n", "--version", "3")
+    assert unevaluated.exit_code == 3 and "no evaluation of 'fd'" in unevaluated.output
+    assert "champion" not in c.get_registered_model("n").aliases
+    assert promote("--name", "n", "--version", "1").exit_code == 0
+    other_key = promote("--name", "n", "--version", "2")  # evaluated on 64 samples, the holder on 16
+    assert other_key.exit_code == 3 and "no comparable evaluation" in other_key.output
+    assert c.get_model_version("n", "2").tags["ddpm.promote.champion.why"] == "no comparable evaluation"
+    assert str(c.get_registered_model("n").aliases["champion"]) == "1"
+    latest = promote("--name", "n")  # --version defaults to the latest (3, unevaluated)
+    assert latest.exit_code == 3 and "version 3" in latest.output
+    assert promote("--name", "n", "--metric", "nope").exit_code == 2
+    assert promote("--name", "missing").exit_code == 2
