@@ -24,6 +24,7 @@ channels and is always called with the original training timestep ``t``.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,7 @@ class ResBlock(nn.Module):
     """
 
     def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float,
-                 resample: str | None = None) -> None:
+                 resample: Literal["up", "down"] | None = None) -> None:
         super().__init__()
         self.resample = resample
         self.norm1 = group_norm(in_ch)
@@ -190,8 +191,9 @@ class UNet(nn.Module):
             return Downsample(channels) if down else Upsample(channels)
 
         def attention(channels: int, size: int, n: int) -> list[AttentionBlock]:
-            return [AttentionBlock(channels, config.num_heads) for _ in range(n)] \
-                if size in config.attn_resolutions else []
+            if size not in config.attn_resolutions:
+                return []
+            return [AttentionBlock(channels, config.num_heads) for _ in range(n)]
 
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
@@ -206,7 +208,8 @@ class UNet(nn.Module):
                 cur = mult * ch
                 skip_channels.append(cur)
             last = level == len(config.ch_mult) - 1
-            self.down.append(DownLevel(res, attention(cur, size, len(res)), None if last else resampler(cur, True)))
+            downsample = None if last else resampler(cur, True)
+            self.down.append(DownLevel(res, attention(cur, size, len(res)), downsample))
             if not last:
                 skip_channels.append(cur)
 
