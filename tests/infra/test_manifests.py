@@ -1,0 +1,224 @@
+"""The infra/ manifests, compose file and launcher config: they parse, run the project image,
+use only commands and options the CLI has, and hold no credentials."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.infra import commands
+
+ROOT = Path(__file__).resolve().parents[2]
+INFRA = ROOT / "infra"
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+THIRD_PARTY_IMAGES = {"minio/minio", "minio/mc"}  # the local stack's object store and its client
+SECRET_KEY = re.compile(r"(PASSWORD|SECRET|ACCESS_KEY|TOKEN|CREDENTIAL|API_KEY)", re.I)
+ENV_REFERENCE = re.compile(r"^\$\{[A-Z_][A-Z0-9_]*(:?[-?][^}]*)?\}$")  # ${VAR}, ${VAR:?why}
+
+YAML_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+def _docs(path: Path) -> list:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _uses_a_cluster(path: Path) -> bool:
+    """RayJobs with a clusterSelector run on that RayCluster's image and name none themselves."""
+    return all(d.get("kind") == "RayJob" and "clusterSelector" in d["spec"] for d in _docs(path))
+
+
+def _walk(node, key=None):
+    """Yield (key, value) for every scalar in a YAML tree (list items carry their parent's key)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, k)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v, key)
+    else:
+        yield key, node
+
+
+def _documented_tags() -> set[str]:
+    """The image tags the Dockerfile's header documents (`docker build -t TAG`)."""
+    return set(re.findall(r"docker build -t (\S+)", (ROOT / "Dockerfile").read_text()))
+
+
+def _k8s(kind: str) -> list[dict]:
+    return [d for p in YAML_FILES if p.parent.name == "k8s" for d in _docs(p) if d.get("kind") == kind]
+
+
+@pytest.mark.timeout(60)
+def test_the_expected_files_exist_and_parse():
+    names = {p.relative_to(INFRA).as_posix() for p in YAML_FILES}
+    assert {"k8s/raycluster.yaml", "k8s/rayjob-train.yaml", "k8s/rayjob-tune.yaml",
+            "k8s/rayjob-sample.yaml", "local/compose.yaml", "aws/cluster.yaml"} <= names
+    for path in YAML_FILES:
+        assert _docs(path), f"{path} is empty"
+    assert (INFRA / "README.md").is_file()
+
+
+@pytest.mark.timeout(60)
+def test_the_dockerfile_documents_the_versioned_image():
+    tags = _documented_tags()
+    assert f"{commands.PROGRAM}:{VERSION}" in tags
+    assert all(t.startswith(f"{commands.PROGRAM}:{VERSION}") for t in tags), tags
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path", [p for p in YAML_FILES if p.name != "kustomization.yaml" and not _uses_a_cluster(p)], ids=lambda p: p.relative_to(INFRA).as_posix())
+def test_manifests_run_the_project_image(path):
+    images = {v for d in _docs(path) for k, v in _walk(d) if k == "image" and isinstance(v, str)}
+    ours = {i for i in images if commands.IMAGE_REF.match(i)}
+    assert ours, f"{path} does not use the project image"
+    assert ours <= _documented_tags(), f"{path}: {ours - _documented_tags()} not built by the Dockerfile's docs"
+    others = {i.rsplit(":", 1)[0] for i in images - ours}
+    assert others <= THIRD_PARTY_IMAGES, f"{path}: unexpected images {others}"
+
+
+@pytest.mark.timeout(60)
+def test_kustomization_renames_the_project_image():
+    (kust,) = _docs(INFRA / "k8s" / "kustomization.yaml")
+    assert [i["name"] for i in kust["images"]] == [commands.PROGRAM]
+    for resource in kust["resources"]:
+        assert (INFRA / "k8s" / resource).is_file()
+
+
+def _command_lines() -> list[tuple[str, list[str]]]:
+    found = []
+    for path in YAML_FILES:
+        for doc in _docs(path):
+            found += [(path.relative_to(ROOT).as_posix(), argv) for argv in commands.in_yaml(doc)]
+    for path in [INFRA / "README.md", ROOT / "Dockerfile"]:
+        text = path.read_text()
+        if path.suffix != ".md":  # the Dockerfile's usage block: its comment lines indented by 3
+            text = "```\n" + "\n".join(l[4:] for l in text.splitlines() if l.startswith("#   ")) + "\n```"
+        found += [(path.relative_to(ROOT).as_posix(), argv) for argv in commands.in_markdown(text)]
+    return found
+
+
+COMMAND_LINES = _command_lines()
+
+
+@pytest.mark.timeout(60)
+def test_command_lines_are_found_where_expected():
+    where = {w for w, _ in COMMAND_LINES}
+    for name in ["infra/k8s/rayjob-train.yaml", "infra/k8s/rayjob-tune.yaml", "infra/k8s/rayjob-sample.yaml",
+                 "infra/local/compose.yaml", "infra/README.md"]:
+        assert name in where, f"no ddpm-pipe command found in {name}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where,argv", COMMAND_LINES, ids=[f"{w}:{' '.join(a[:2])}" for w, a in COMMAND_LINES])
+def test_command_lines_use_the_cli_vocabulary(where, argv):
+    assert commands.check(argv) == [], f"{where}: ddpm-pipe {' '.join(argv)}"
+
+
+@pytest.mark.timeout(60)
+def test_the_checker_rejects_what_the_cli_does_not_have():
+    assert commands.check(["train", "--nodes", "4", "--gpus-per-node", "1"]) == []
+    assert commands.check(["config", "show", "--config", "digits"]) == []
+    assert commands.check(["--debug", "data", "--help"]) == []
+    assert "unknown option --node" in commands.check(["train", "--node", "4"])[0]
+    assert "unknown command 'fit'" in commands.check(["fit"])[0]
+    assert "unknown command 'list'" in commands.check(["config", "list"])[0]
+    assert "missing required --model" in commands.check(["sample", "--num", "4"])[0]
+    assert "unexpected argument 'extra'" in commands.check(["train", "--json", "extra"])[0]
+    assert list(commands.split_line('ddpm-pipe data prepare --out "$D/x" && ddpm-pipe train --json')) == [
+        ["data", "prepare", "--out", "$D/x"], ["train", "--json"]]
+    assert list(commands.split_line("kubectl exec h -- sh -c 'ddpm-pipe tune --trials 2'")) == [
+        ["tune", "--trials", "2"]]
+    assert list(commands.split_line("docker run --rm -e X=1 r.io/ddpm-pipe:0.1.0 sample --help")) == [
+        ["sample", "--help"]]
+
+
+def _job(name: str) -> dict:
+    (job,) = [j for j in _k8s("RayJob") if j["metadata"]["name"] == name]
+    return job
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name,command,required", [
+    ("ddpm-pipe-train", "train", ["--nodes", "4", "--gpus-per-node", "1"]),
+    ("ddpm-pipe-tune", "tune", ["--trials", "32"]),
+    ("ddpm-pipe-sample", "sample", ["--nodes", "4", "--gpus-per-node", "1"]),
+])
+def test_rayjobs_run_the_asked_commands_on_the_gpu_cluster(name, command, required):
+    job = _job(name)
+    (argv,) = list(commands.in_yaml(job["spec"]["entrypoint"]))
+    assert argv[0] == command
+    joined = " ".join(argv)
+    for i in range(0, len(required), 2):
+        assert f"{required[i]} {required[i + 1]}" in joined
+    (cluster,) = _k8s("RayCluster")
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    if "--nodes" in argv:
+        nodes, gpus = int(argv[argv.index("--nodes") + 1]), int(argv[argv.index("--gpus-per-node") + 1])
+        fits = [g for g in cluster["spec"]["workerGroupSpecs"]
+                for c in g["template"]["spec"]["containers"]
+                if int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) >= gpus and g["maxReplicas"] >= nodes]
+        assert fits, f"{name} asks for {nodes} nodes x {gpus} GPUs; no worker group can hold it"
+
+
+@pytest.mark.timeout(60)
+def test_ray_pods_take_their_settings_from_a_secret_and_run_as_non_root():
+    (cluster,) = _k8s("RayCluster")
+    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+    for group in groups:
+        pod = group["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for container in pod["containers"]:
+            assert {"secretRef": {"name": "ddpm-pipe-env"}} in container["envFrom"]
+            assert "env" not in container or all("valueFrom" in e for e in container["env"]
+                                                  if SECRET_KEY.search(e["name"]))
+    assert any("nvidia.com/gpu" in c["resources"]["limits"]
+               for g in cluster["spec"]["workerGroupSpecs"] for c in g["template"]["spec"]["containers"])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path", YAML_FILES + [INFRA / "local" / "env.example"],
+                         ids=lambda p: p.relative_to(INFRA).as_posix())
+def test_no_credential_literals(path):
+    text = path.read_text()
+    assert not re.search(r"\bA(KIA|SIA)[0-9A-Z]{16}\b", text), "an AWS access key id"
+    assert not re.search(r"://[^/\s:@]+:[^/\s@]+@", text), "a URL with a password in it"
+    if path.suffix == ".example":
+        pairs = [l.split("=", 1) for l in text.splitlines() if "=" in l and not l.startswith("#")]
+        assert all(v.strip() == "" for _, v in pairs), "env.example must leave the values empty"
+        return
+    for doc in _docs(path):
+        for key, value in _walk(doc):
+            if isinstance(key, str) and SECRET_KEY.search(key) and value not in (None, ""):
+                assert isinstance(value, str) and ENV_REFERENCE.match(value), f"{key}: literal value"
+        for key, value in _walk(doc):  # k8s env lists: {name: SECRET_NAME, value: ...}
+            if key == "name" and isinstance(value, str) and SECRET_KEY.search(value):
+                pytest.fail(f"{path}: {value} set as a literal env entry; use a secretRef")
+
+
+@pytest.mark.timeout(60)
+def test_local_stack_has_tracking_storage_and_ray():
+    (compose,) = _docs(INFRA / "local" / "compose.yaml")
+    services = compose["services"]
+    assert {"minio", "mlflow", "ray-head", "ray-worker"} <= set(services)
+    assert any("--backend-store-uri=sqlite:////mlflow/" in a for a in services["mlflow"]["command"])
+    assert "mlflow:/mlflow" in services["mlflow"]["volumes"]
+    env = services["ray-head"]["environment"]
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert services["ray-worker"]["entrypoint"][:2] == ["ray", "start"]
+    assert "--address=ray-head:6379" in services["ray-worker"]["entrypoint"]
+
+
+@pytest.mark.timeout(60)
+def test_cluster_launcher_config():
+    (cfg,) = _docs(INFRA / "aws" / "cluster.yaml")
+    assert cfg["provider"]["type"] == "aws"
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    assert sum(t.get("max_workers", 0) for t in types.values()) >= 4 <= cfg["max_workers"]
+    assert any("--head" in c for c in cfg["head_start_ray_commands"])
+    assert any("$RAY_HEAD_IP" in c for c in cfg["worker_start_ray_commands"])
