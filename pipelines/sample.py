@@ -142,7 +142,7 @@ class SampleWorker:
         from pipelines.models import load
 
         os.environ.update(env)  # the tracking store; never credentials (workers read their own)
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(int(os.environ.get("DDPM_TORCH_THREADS") or 0) or max(1, threads))
         start = time.perf_counter()
         loaded = load(uri)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -271,7 +271,7 @@ def _worker_env(model: str) -> dict[str, str]:
         import mlflow
 
         env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri()}
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "DDPM_HOME"):
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "DDPM_HOME", "DDPM_TORCH_THREADS"):
         if os.environ.get(name):
             env[name] = os.environ[name]
     return env

@@ -251,3 +251,35 @@ def test_bf16_is_close_to_fp32_and_steps_beyond_T_fail_clearly(ray_cluster, ckpt
 
     with pytest.raises(UsageError, match="T=50"):
         S.sample_to_tensor(ckpt, 2, steps=51, progress=False)
+
+
+@pytest.mark.timeout(60)
+def test_s3_bucket_that_does_not_exist_is_unwritable(s3_endpoint, ckpt, no_sampling):
+    result = cli("sample", "--model", ckpt, "--out", "s3://no-such-bucket/samples")
+    assert result.exit_code == 2, result.output
+    assert "not writable" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_registered_model_is_sampled_by_workers_and_its_version_recorded(ray_cluster, tmp_path, ckpt):
+    from ddpm.checkpoint import load_model
+    from pipelines import registry, tracking
+    from pipelines.settings import resolve
+
+    settings = resolve()
+    tracking.configure(settings)
+    run_id, _ = tracking.start_or_resume_run(tracking.experiment_id("sample-test", settings), "tiny")
+    config, model, _ = load_model(ckpt)
+    version = registry.log_model(run_id, config, model, "tiny-sampler")
+    tracking.end_run(run_id)
+
+    uri = f"models:/tiny-sampler/{version}"
+    result = S.write_samples(request(uri, num=2, nodes=1), str(tmp_path / "out"), fmt="npz", progress=False)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (manifest["model"], manifest["model_version"], manifest["model_run_id"]) == (uri, version, run_id)
+    # The registered weights are the checkpoint's EMA weights: the same samples as from the file.
+    x = S.sample_to_tensor(ckpt, 2, steps=4, progress=False).numpy()
+    got = read_npz_folder(tmp_path / "out")
+    assert np.abs(np.stack([got[0], got[1]]) - x).max() < 1e-4
+    assert result["written"] == 2
