@@ -107,6 +107,9 @@ def scaling_config(placement: Placement):
 
 
 def worker_env(placement: Placement) -> dict[str, Any]:
-    """Runtime env for workers: thread counts that do not oversubscribe the cores."""
+    """Runtime env for workers: thread counts that do not oversubscribe the cores, and the driver's
+    ``DDPM_*`` settings (workers on other nodes do not share the driver's environment)."""
     n = str(placement.threads_per_worker)
-    return {"env_vars": {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "DDPM_TORCH_THREADS": n}}
+    env = {k: v for k, v in os.environ.items() if k.startswith("DDPM_")}
+    env.update({"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "DDPM_TORCH_THREADS": n})
+    return {"env_vars": env}

@@ -110,6 +110,9 @@ def _maybe_inject_fault(rank: int, step: int) -> None:
     """Test hook: ``DDPM_FAULT_EXIT=RANK:STEP:MARKER`` kills this worker process once at that step.
 
     The marker file makes it fire once, so the restarted worker group trains on (tests/faults).
+    It waits ``DDPM_FAULT_EXIT_DELAY`` seconds first (default 5): Ray Train's controller collects
+    reported checkpoints every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s), and a checkpoint reported
+    less than that before a crash can be lost with it (then two intervals of work are lost).
     """
     spec = os.environ.get("DDPM_FAULT_EXIT")
     if not spec:
@@ -117,6 +120,7 @@ def _maybe_inject_fault(rank: int, step: int) -> None:
     r, s, marker = spec.split(":", 2)
     if int(r) == rank and int(s) == step and not os.path.exists(marker):
         open(marker, "w").close()
+        time.sleep(float(os.environ.get("DDPM_FAULT_EXIT_DELAY", "5")))
         os._exit(1)
 
 
