@@ -1,0 +1,430 @@
+"""`ddpm-pipe tune`: a Ray Tune sweep over T, the beta range, the schedule and the learning rate.
+
+Driver: config + search space -> parent MLflow run (resumed by sweep name) -> ``Tuner`` of a function
+trainable (or ``Tuner.restore`` of the same sweep) -> the best trial's full variational bound ->
+best config YAML, printed and logged to the parent run.
+
+Trials compare on ``bpd``: the held-out bits/dim estimate of :meth:`ddpm.diffusion.Diffusion.bits_per_dim_estimate`
+(the same images, timesteps and noise in every trial), which, unlike L_simple, does not depend on T
+or the schedule. ASHA stops trials early on it.
+
+A trial runs :func:`pipelines.loop.train_loop`:
+- ``--workers-per-trial 1``: in the trial's own process (:func:`_trial_single`), reporting through
+  ``ray.tune.report`` and resuming from ``ray.tune.get_checkpoint``.
+- ``--workers-per-trial W > 1``: the trial launches a ``TorchTrainer`` (:func:`_trial_distributed`),
+  whose rank 0 reports go to Tune through ``TuneReportCallback``.
+
+Ray issue 54305: a trial that wraps a TorchTrainer and is stopped by the scheduler dies with its
+controller, but the workers' placement group (owned by the job, not the dead controller) keeps
+holding the CPUs, so later trials wait forever. Here each trial's rank 0 records its placement
+group in a named registry actor, and the sweep callback (:func:`_make_callback`) removes it on the driver when the trial
+ends (completed, stopped or failed). Concurrency is capped so that K trials' workers fit the cluster.
+
+MLflow is written from the driver only (the same callback): one child run per trial under the
+sweep's parent run, its params at start and every report as metric history. No trial process opens
+the tracking store, so a sqlite store sees one writer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+from ddpm.config import ExperimentConfig
+from pipelines.errors import PipelineError, UsageError
+from pipelines.settings import resolve
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRIC = "bpd"
+REGISTRY_PREFIX = "ddpm-tune-pgs-"
+FULL_BOUND_IMAGES = 64  # held-out images for the best trial's full bound (T model calls each)
+
+
+# -- trial side -----------------------------------------------------------------------------------
+def _tune_context():
+    """A :class:`LoopContext` for a single-process trial: report and restore through Ray Tune."""
+    import ray.tune
+    import torch
+
+    from ddpm.checkpoint import load_checkpoint, save_checkpoint
+    from pipelines.loop import LoopContext
+
+    def restore():
+        ckpt = ray.tune.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
+
+    def report(metrics: dict, state: dict | None) -> None:
+        if state is None:
+            ray.tune.report(metrics)
+            return
+        tmp = tempfile.mkdtemp(prefix="ddpm-tune-ckpt-")
+        try:
+            save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), state)
+            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+    return LoopContext(device=device, restore=restore, report=report)
+
+
+def _trial_single(params: dict, base: dict, data: dict) -> None:
+    """Tune function trainable: the training loop in this trial's process."""
+    from pipelines import search_space
+    from pipelines.loop import LoopData, train_loop
+
+    os.environ.setdefault("DDPM_TORCH_THREADS", "1")  # one CPU per trial
+    cfg = search_space.apply(ExperimentConfig.from_dict(base), params)
+    train_loop(cfg, LoopData(url=data["url"], holdout_url=data["holdout_url"],
+                             storage_options=data["storage_options"]), _tune_context())
+
+
+def _worker_recording_placement(loop_config: dict) -> None:
+    """Ray Train worker entry: rank 0 records its placement group for the sweep's reaper, then trains."""
+    import ray
+    import ray.train
+
+    from pipelines.train import worker_main
+
+    if ray.train.get_context().get_world_rank() == 0:
+        pg = ray.util.get_current_placement_group()
+        if pg is not None:
+            registry = ray.get_actor(loop_config["registry"])
+            ray.get(registry.put.remote(loop_config["trial_id"], pg.id.hex()))
+    worker_main(loop_config)
+
+
+def _trial_distributed(params: dict, base: dict, data: dict, workers: int, storage: str,
+                       sweep: str, registry: str) -> None:
+    """Tune function trainable: a TorchTrainer of ``workers`` workers; rank 0's reports go to Tune.
+
+    Re-running the same trial (a resumed sweep) resumes the inner run from its own storage by name.
+    """
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines import cluster, search_space
+    from pipelines.train import run_config
+
+    cfg = search_space.apply(ExperimentConfig.from_dict(base), params)
+    trial_id = ray.tune.get_context().get_trial_id()
+    placement = cluster.Placement(workers=workers, use_gpu=False, strategy="SPREAD", cpus_per_worker=1.0,
+                                  threads_per_worker=1)
+    rc = run_config(f"{sweep}-{trial_id}", storage, keep=1, max_failures=0, env=cluster.worker_env(placement))
+    rc.callbacks = [TuneReportCallback()]
+    loop_config = {"config": cfg.to_dict(), "data_url": data["url"], "holdout_url": data["holdout_url"],
+                   "storage_options": data["storage_options"], "run_id": None, "tracking_uri": None,
+                   "trial_id": trial_id, "registry": registry}
+    trainer = TorchTrainer(_worker_recording_placement, train_loop_config=loop_config,
+                           scaling_config=cluster.scaling_config(placement), run_config=rc)
+    trainer.fit()
+
+
+# -- driver side ----------------------------------------------------------------------------------
+def _placement_registry(name: str):
+    """A named actor mapping trial id -> placement group id of its TorchTrainer workers."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class PlacementRegistry:
+        def __init__(self):
+            self.groups: dict[str, str] = {}
+
+        def put(self, trial_id: str, pg_hex: str) -> None:
+            self.groups[trial_id] = pg_hex
+
+        def pop(self, trial_id: str) -> str | None:
+            return self.groups.pop(trial_id, None)
+
+    return PlacementRegistry.options(name=name, get_if_exists=True).remote()
+
+
+def _remove_placement_group(pg_hex: str) -> bool:
+    """Remove a (possibly already removed) placement group; True when it was still there."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex)))
+    state = ray.util.placement_group_table(pg).get("state")
+    if state in (None, "REMOVED"):
+        return False
+    remove_placement_group(pg)
+    return True
+
+
+def _make_callback(exp_id: str, parent_run_id: str, sweep: str, base: ExperimentConfig, max_steps: int,
+                   registry: str | None = None):
+    from ray.tune import Callback
+
+    from pipelines import search_space, tracking
+
+    class SweepCallback(Callback):
+        """Nested MLflow runs for trials, and the reaper of stopped trials' worker placement groups."""
+
+        def __init__(self):
+            self.runs: dict[str, str] = {}
+            self.reaped = 0
+
+        def _run(self, trial) -> str:
+            if trial.trial_id not in self.runs:
+                run_id, _ = tracking.start_or_resume_run(
+                    exp_id, f"{sweep}-{trial.trial_id}", {tracking.KIND_TAG: "tune-trial"},
+                    parent_run_id=parent_run_id)
+                cfg = search_space.apply(base, trial.config)
+                tracking.log_params(run_id, {**cfg.to_dict(), "tune": {"trial_id": trial.trial_id,
+                                                                       **trial.config}})
+                self.runs[trial.trial_id] = run_id
+            return self.runs[trial.trial_id]
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            tracking.client().update_run(self._run(trial), status="RUNNING")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            from mlflow.entities import Metric
+
+            step = int(result.get("step", 0))
+            ts = int(time.time() * 1000)
+            metrics = [Metric(k, float(v), ts, step) for k, v in result.items()
+                       if k in ("loss", "bpd", "bpd_stderr", "grad_norm", "lr", "images_per_s")
+                       and isinstance(v, (int, float))]
+            tracking.client().log_batch(self._run(trial), metrics=metrics)
+
+        def _end(self, trial, status: str) -> None:
+            if registry is not None:
+                import ray
+
+                pg_hex = ray.get(ray.get_actor(registry).pop.remote(trial.trial_id))
+                if pg_hex and _remove_placement_group(pg_hex):
+                    self.reaped += 1  # a stopped trial's leaked workers (ray issue 54305)
+            run_id = self._run(trial)
+            step = int((trial.last_result or {}).get("step", 0))
+            ending = "failed" if status == "FAILED" else "completed" if step >= max_steps else "stopped early"
+            c = tracking.client()
+            c.set_tag(run_id, "ddpm.tune.ending", ending)
+            c.set_terminated(run_id, status=status)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._end(trial, "FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._end(trial, "FAILED")
+
+    return SweepCallback()
+
+
+def _default_concurrency(workers: int) -> int:
+    """Trials that fit at once: one CPU for a single-process trial; W worker CPUs plus one otherwise."""
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    per_trial = 1 if workers == 1 else workers + 1
+    return max(1, int(cpus // per_trial))
+
+
+def _full_bound(result, cfg: ExperimentConfig, holdout_url: str, storage_options: dict,
+                n: int) -> tuple[float, float] | None:
+    """The best trial's full variational bound (mean bits/dim and its standard error) on ``n`` images."""
+    import torch
+
+    from ddpm.checkpoint import load_checkpoint
+    from ddpm.data import load_split, to_float
+    from pipelines.loop import build
+
+    path = None
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            state = load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
+    elif (result.metrics or {}).get("checkpoint_path"):
+        path = result.metrics["checkpoint_path"]
+        state = load_checkpoint(f"{path.rstrip('/')}/{CHECKPOINT_FILE}")
+    else:
+        return None
+    _model, ema, _opt, _sched, diffusion = build(cfg, torch.device("cpu"))
+    ema.load_state_dict(state["ema"])
+    images, _labels, _manifest = load_split(holdout_url, storage_options=storage_options)
+    x = to_float(images[:n], cfg.data.levels)
+    ema.module.eval()
+    with torch.no_grad():
+        bpd = diffusion.bits_per_dim(ema.module, x, levels=cfg.data.levels,
+                                     generator=torch.Generator().manual_seed(0))
+    return float(bpd.mean()), float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
+
+
+def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] | None = None,
+                 space: str | None = None, data: str | None = None, max_steps: int | None = None,
+                 scheduler: str = "asha", search: str = "random", concurrent: int | None = None,
+                 workers_per_trial: int = 1, storage: str | None = None, experiment: str | None = None,
+                 name: str | None = None, address: str | None = None,
+                 full_bound_images: int = FULL_BOUND_IMAGES) -> dict[str, Any]:
+    """Run (or resume) a sweep; returns the best trial, its config file and every trial's ending."""
+    import ray
+    from ray import tune
+
+    from pipelines import cluster, search_space, tracking
+    from pipelines.storage import ray_storage, storage_options
+    from pipelines.train import _check_name, resolve_config, resolve_data
+
+    if scheduler not in ("asha", "none"):
+        raise UsageError(f"--scheduler {scheduler!r} is not valid; valid: asha, none")
+    if search not in ("random", "optuna"):
+        raise UsageError(f"--search {search!r} is not valid; valid: random, optuna")
+    t0 = time.perf_counter()
+    settings = resolve(storage, address)
+    overrides = list(overrides or [])
+    base = resolve_config(config, overrides)  # what the best config builds on (full max_steps)
+    trial_base = resolve_config(config, overrides, max_steps)
+    # Every report must carry a fresh bpd: evaluate at each checkpoint (report) step.
+    trial_base = trial_base.override([f"train.eval_every={trial_base.train.checkpoint_every}"])
+    steps = trial_base.train.max_steps
+    space_spec = search_space.load_space(space, trial_base)
+    sweep = name or f"{base.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_name(sweep)
+    data_url, holdout_url = resolve_data(trial_base, data, settings)
+    if not holdout_url:
+        raise UsageError("tune compares trials on held-out bits/dim: set data.holdout_url or use a data "
+                         "folder .../train with a .../test split beside it")
+    opts = storage_options(data_url)
+
+    tracking.configure(settings)
+    exp_id = tracking.experiment_id(experiment or base.name, settings)
+    parent_run_id, resumed = tracking.start_or_resume_run(exp_id, sweep, {tracking.KIND_TAG: "tune"})
+    tracking.log_params(parent_run_id, {"tune": {
+        "trials": trials, "max_steps": steps, "scheduler": scheduler, "search": search,
+        "workers_per_trial": workers_per_trial, "space": {k: str(v) for k, v in space_spec.items()},
+        "config": config, "overrides": overrides, "data": data_url}})
+
+    started = cluster.connect(settings.ray_address, min_cpus=workers_per_trial)
+    if workers_per_trial > 1:
+        cluster.plan(workers_per_trial, 0, started_locally=started)  # fails at once if W cannot fit
+    concurrent = concurrent or _default_concurrency(workers_per_trial)
+    data_spec = {"url": data_url, "holdout_url": holdout_url, "storage_options": opts}
+    registry, registry_name = None, None
+    if workers_per_trial == 1:
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial_single, base=trial_base.to_dict(), data=data_spec), {"CPU": 1})
+    else:
+        registry_name = REGISTRY_PREFIX + sweep
+        registry = _placement_registry(registry_name)
+        # The trial process only drives the TorchTrainer; its workers reserve their own CPUs.
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial_distributed, base=trial_base.to_dict(), data=data_spec,
+                                 workers=workers_per_trial, storage=settings.storage, sweep=sweep,
+                                 registry=registry_name), {"CPU": 1})
+    callback = _make_callback(exp_id, parent_run_id, sweep, trial_base, steps, registry_name)
+
+    # Tune warns at every checkpoint of a short trial that snapshots are frequent; they are cheap here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    path, fs = ray_storage(settings.storage)
+    sweep_path = f"{path.rstrip('/')}/{sweep}"
+    run_config = tune.RunConfig(
+        name=sweep, storage_path=path, storage_filesystem=fs, callbacks=[callback],
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), failure_config=tune.FailureConfig(max_failures=0),
+        verbose=0)
+    restoring = tune.Tuner.can_restore(sweep_path, storage_filesystem=fs)
+    if restoring:
+        tuner = tune.Tuner.restore(sweep_path, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
+        # The restored run config carries the callback pickled by the first run; use this run's.
+        tuner._local_tuner.get_run_config().callbacks = [callback]
+        print(f"[tune] resuming sweep '{sweep}' from {sweep_path}")
+    else:
+        sched = None
+        if scheduler == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            every = trial_base.train.checkpoint_every
+            sched = ASHAScheduler(time_attr="step", max_t=steps, grace_period=min(every, steps),
+                                  reduction_factor=2)
+        if search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg, limit = OptunaSearch(seed=trial_base.train.seed), concurrent
+        else:  # Tune ignores max_concurrent_trials for a generator: it takes its own cap
+            from ray.tune.search import BasicVariantGenerator
+
+            search_alg = BasicVariantGenerator(max_concurrent=concurrent, random_state=trial_base.train.seed)
+            limit = None
+        tuner = tune.Tuner(
+            trainable, param_space=search_space.to_tune(space_spec),
+            tune_config=tune.TuneConfig(metric=METRIC, mode="min", num_samples=trials, scheduler=sched,
+                                        search_alg=search_alg, max_concurrent_trials=limit),
+            run_config=run_config)
+        print(f"[tune] sweep '{sweep}': {trials} trial(s) of {steps} step(s), {concurrent} at once, "
+              f"{workers_per_trial} worker(s) each, scheduler {scheduler}, search {search}; "
+              f"MLflow parent run {parent_run_id}")
+    try:
+        grid = tuner.fit()
+    except Exception as e:
+        tracking.end_run(parent_run_id, "FAILED")
+        raise PipelineError(f"sweep '{sweep}' failed: {type(e).__name__}: {e}") from e
+    finally:
+        if registry is not None:
+            ray.kill(registry)
+    return _finish(grid, base, sweep, parent_run_id, resumed or restoring, steps, holdout_url, opts,
+                   full_bound_images, settings, time.perf_counter() - t0, callback.reaped)
+
+
+def _finish(grid, base: ExperimentConfig, sweep: str, parent_run_id: str, resumed: bool, steps: int,
+            holdout_url: str, opts: dict, full_bound_images: int, settings, wall_s: float,
+            reaped: int) -> dict[str, Any]:
+    """Summarise the trials, compute the best one's full bound, write and log the best config."""
+    from pipelines import search_space, tracking
+
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        params = {k: v for k, v in (r.config or {}).items()}
+        ending = "failed" if r.error else "completed" if m.get("step", 0) >= steps else "stopped early"
+        rows.append({"trial_id": m.get("trial_id"), "ending": ending, "step": m.get("step"),
+                     "bpd": m.get(METRIC), "bpd_stderr": m.get("bpd_stderr"), "params": params,
+                     "error": str(r.error)[:300] if r.error else None})
+    ok = [r for r in grid if not r.error and (r.metrics or {}).get(METRIC) is not None]
+    if not ok:
+        tracking.end_run(parent_run_id, "FAILED")
+        errors = "; ".join(x["error"] for x in rows if x["error"])[:500]
+        raise PipelineError(f"sweep '{sweep}': no trial reported {METRIC}: {errors}")
+    best = grid.get_best_result(metric=METRIC, mode="min", scope="last", filter_nan_and_inf=True)
+    best_cfg = search_space.apply(base, best.config)
+    full = _full_bound(best, best_cfg, holdout_url, opts, full_bound_images)
+
+    out_dir = settings.home / "tune" / sweep
+    out_dir.mkdir(parents=True, exist_ok=True)
+    best_path = out_dir / "best_config.yaml"
+    best_path.write_text(best_cfg.to_yaml())
+    c = tracking.client()
+    metrics = {"best_bpd": float(best.metrics[METRIC]), "best_bpd_stderr": float(best.metrics.get("bpd_stderr", 0.0)),
+               "wall_s": wall_s, "trials": float(len(rows)),
+               "trials_stopped_early": float(sum(x["ending"] == "stopped early" for x in rows)),
+               "trials_failed": float(sum(x["ending"] == "failed" for x in rows))}
+    if full is not None:
+        metrics["best_bpd_full"], metrics["best_bpd_full_stderr"] = full
+    for k, v in metrics.items():
+        c.log_metric(parent_run_id, k, v)
+    c.set_tag(parent_run_id, "ddpm.tune.best_trial", str(best.metrics.get("trial_id")))
+    c.log_artifact(parent_run_id, str(best_path))
+    tracking.end_run(parent_run_id)
+
+    endings = {e: sum(x["ending"] == e for x in rows) for e in ("completed", "stopped early", "failed")}
+    full_text = (f"; full bound {full[0]:.3f} +- {full[1]:.3f} on {full_bound_images} held-out images"
+                 if full else "")
+    message = (f"sweep '{sweep}' ({'resumed' if resumed else 'new'}): {len(rows)} trials "
+               f"({endings['completed']} completed, {endings['stopped early']} stopped early, "
+               f"{endings['failed']} failed) in {wall_s:.0f}s\n"
+               f"best trial {best.metrics.get('trial_id')}: bpd estimate {best.metrics[METRIC]:.3f} "
+               f"+- {best.metrics.get('bpd_stderr', float('nan')):.3f}{full_text}\n"
+               f"best config: {best_path} (train it with `ddpm-pipe train --config {best_path}`); "
+               f"MLflow parent run {parent_run_id}\n{best_cfg.to_yaml().rstrip()}")
+    return {"name": sweep, "resumed": resumed, "parent_run_id": parent_run_id, "wall_s": wall_s,
+            "best_trial": best.metrics.get("trial_id"), "best_params": best.config,
+            "best_bpd": best.metrics[METRIC], "best_bpd_stderr": best.metrics.get("bpd_stderr"),
+            "best_bpd_full": full[0] if full else None, "best_config_path": str(best_path),
+            "best_config": best_cfg.to_dict(), "trials": rows, "endings": endings,
+            "placement_groups_reaped": reaped, "message": message}

@@ -1,0 +1,145 @@
+"""`ddpm-pipe tune`: search-space validation, a digits sweep on the simulated cluster, workers-per-trial 2."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from ddpm.config import ConfigError, load_config
+from pipelines import search_space
+from pipelines.cli import app
+
+TINY = ["model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[4]",
+        "train.batch_size=16", "train.log_every=1", "train.checkpoint_every=1", "train.warmup_steps=2"]
+# T bounded so that the best trial's full bound (T model calls) stays quick on two cores.
+SMALL_T = "diffusion.timesteps: {type: randint, lower: 20, upper: 200, log: true}\n"
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def tune_args(tmp_path, *extra: str, trials: int, steps: int, name: str) -> list[str]:
+    space = tmp_path / "space.yaml"
+    space.write_text(SMALL_T)
+    sets = [x for s in TINY for x in ("--set", s)]
+    return ["tune", "--trials", str(trials), "--max-steps", str(steps), "--name", name, "--space", str(space),
+            "--storage", str(tmp_path / "storage"), "--json", *sets, *extra]
+
+
+def last_json(result) -> dict:
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def children(parent_run_id: str):
+    from pipelines import tracking
+    from pipelines.settings import resolve
+
+    tracking.configure(resolve())
+    c = tracking.client()
+    parent = c.get_run(parent_run_id)
+    return c.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+# -- search space (no cluster) --------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_default_space_keeps_beta_start_below_beta_end():
+    base = load_config("digits")
+    space = search_space.load_space(None, base)
+    assert {"diffusion.timesteps", "diffusion.schedule", "diffusion.beta_end", "train.lr"} <= set(space)
+    cfg = search_space.apply(base, {"diffusion.timesteps": 150, "diffusion.schedule": "quadratic",
+                                    "diffusion.beta_end": 0.04, search_space.BETA_RATIO: 0.25, "train.lr": 1e-3})
+    assert cfg.diffusion.timesteps == 150 and cfg.diffusion.beta_start == pytest.approx(0.01)
+    assert cfg.diffusion.beta_end == 0.04  # used as given, not rescaled by T
+    cosine = search_space.apply(base, {"diffusion.schedule": "cosine", "diffusion.beta_end": 0.04,
+                                       search_space.BETA_RATIO: 0.25})
+    assert cosine.diffusion.beta_start is None and cosine.diffusion.beta_end is None
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("text, expected", [
+    ("diffusion.T: {type: choice, values: [10]}\n", "valid: model.image_size"),
+    ("train.lr: {type: normal, mean: 1}\n", "valid: loguniform, uniform, randint, choice"),
+    ("train.lr: {type: loguniform, lower: 1.0e-4}\n", "missing upper"),
+    ("train.lr: {type: loguniform, lower: 1.0e-4, upper: 1.0e-3, q: 2}\n", "unknown q"),
+    ("diffusion.schedule: {type: choice, values: [linear, exponential]}\n", "valid: linear, cosine"),
+    ("train.lr: {type: loguniform, lower: 0, upper: 1}\n", "lower > 0"),
+    ("replace: true\ndiffusion.beta_start: {type: uniform, lower: 1.0e-4, upper: 0.05}\n"
+     "diffusion.beta_end: {type: uniform, lower: 0.01, upper: 0.1}\n", "not guaranteed"),
+])
+def test_bad_space_files_fail_with_the_valid_options(tmp_path, text, expected):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):
+        search_space.load_space(str(path), load_config("digits"))
+    result = run_cli("tune", "--space", str(path), "--trials", "1")
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+
+
+@pytest.mark.timeout(60)
+def test_space_file_extends_or_replaces_the_default(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("train.ema_decay: 0.99\n" + SMALL_T)
+    space = search_space.load_space(str(path), load_config("digits"))
+    assert space["train.ema_decay"] == 0.99 and "train.lr" in space and space["diffusion.timesteps"]["upper"] == 200
+    path.write_text("replace: true\n" + SMALL_T)
+    assert list(search_space.load_space(str(path), load_config("digits"))) == ["diffusion.timesteps"]
+
+
+# -- sweeps on the simulated 4-node cluster -------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_tune_eight_trials_nested_runs_best_config_trains_and_resumes(ray_cluster, tmp_path):
+    t0 = time.perf_counter()
+    result = run_cli(*tune_args(tmp_path, trials=8, steps=4, name="sweep8"))
+    assert result.exit_code == 0, result.output
+    out = last_json(result)
+    assert len(out["trials"]) == 8
+    assert all(t["ending"] in ("completed", "stopped early") for t in out["trials"]), out["trials"]
+    assert out["endings"]["completed"] >= 1
+    assert out["best_bpd"] > 0 and out["best_bpd_full"] > 0
+    runs = children(out["parent_run_id"])
+    assert len(runs) == 8
+    assert all(r.info.status == "FINISHED" for r in runs)
+    best = [r for r in runs if r.data.params.get("tune.trial_id") == out["best_trial"]]
+    assert len(best) == 1 and "bpd" in best[0].data.metrics and "bpd_stderr" in best[0].data.metrics
+    print(f"8-trial sweep: endings {out['endings']}, {time.perf_counter() - t0:.0f}s")
+
+    best_path = out["best_config_path"]
+    cfg = load_config(best_path)
+    assert cfg.diffusion.timesteps == out["best_params"]["diffusion.timesteps"]
+    trained = run_cli("train", "--config", best_path, "--max-steps", "2", "--nodes", "1", "--run-name", "best",
+                      "--storage", str(tmp_path / "storage"), "--json")
+    assert trained.exit_code == 0, trained.output
+    assert last_json(trained)["metrics"]["step"] == 2
+
+    again = run_cli(*tune_args(tmp_path, trials=8, steps=4, name="sweep8"))
+    assert again.exit_code == 0, again.output
+    out2 = last_json(again)
+    assert out2["resumed"] and out2["parent_run_id"] == out["parent_run_id"]
+    assert len(children(out["parent_run_id"])) == 8  # resuming adds no runs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_workers_per_trial_with_asha_does_not_stall(ray_cluster, tmp_path):
+    import ray
+
+    result = run_cli(*tune_args(tmp_path, "--workers-per-trial", "2", "--scheduler", "asha",
+                                trials=4, steps=4, name="sweepw2"))
+    assert result.exit_code == 0, result.output
+    out = last_json(result)
+    assert len(out["trials"]) == 4
+    assert all(t["ending"] in ("completed", "stopped early") for t in out["trials"]), out["trials"]
+    assert len(children(out["parent_run_id"])) == 4
+    print(f"workers-per-trial 2: endings {out['endings']}, placement groups reaped {out['placement_groups_reaped']}, "
+          f"{out['wall_s']:.0f}s")
+    # Every worker CPU comes back: no stopped trial keeps its placement group (ray issue 54305).
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
