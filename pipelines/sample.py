@@ -457,7 +457,8 @@ def inspect_folder(folder: OutputFolder, fmt: str) -> FolderState:
         raise RefusedError(f"output {folder.url!r} holds files that are not samples of this tool ({shown}); "
                            "choose an empty or new folder")
     manifest = folder.read_json(MANIFEST)
-    record = folder.read_json(JOB_FILE) or manifest
+    job = folder.read_json(JOB_FILE)
+    record = job if job is not None else manifest
     if ours and record is None:
         raise RefusedError(f"output {folder.url!r} holds samples with no record of their settings "
                            f"({JOB_FILE} or {MANIFEST}); choose an empty or new folder")
@@ -599,6 +600,8 @@ def write_samples(req: SampleRequest, out: str | None, fmt: str = "png", progres
         _check_same(folder, state.record, _identity(req, fmt, meta, info["steps"]))
         if state.record is None or "steps" not in state.record:
             folder.write(JOB_FILE, json.dumps(record, indent=2).encode())
+        if state.manifest is not None:  # it says "complete"; it comes back once that is true again
+            folder.remove(MANIFEST)
         bar = _bar(len(missing), progress)
         bar.set_postfix_str(f"{info['workers']} worker(s) -> {where}", refresh=False)
 

@@ -135,6 +135,31 @@ def test_folder_that_is_not_ours_is_refused_with_exit_3(tmp_path, ckpt, no_sampl
     assert (tmp_path / "out" / "thesis.tex").read_text() == "precious"
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", ["npz", "webdataset"])
+def test_chunk_files_hold_samples_and_progressive_strips(tmp_path, fmt):
+    rng = np.random.default_rng(0)
+    result = {"indices": [4, 5, 6], "x": rng.uniform(-1, 1, (3, 1, 8, 8)).astype(np.float32),
+              "progressive": rng.uniform(-1, 1, (3, 2, 1, 8, 8)).astype(np.float32)}
+    names = S.write_unit(S.OutputFolder(str(tmp_path)), fmt, result, levels=17)
+    ext = {"npz": "npz", "webdataset": "tar"}[fmt]
+    assert names == [f"samples-00000004-00000007.{ext}"]
+    with pytest.raises(S.RefusedError, match="no record of their settings"):
+        S.inspect_folder(S.OutputFolder(str(tmp_path)), fmt)
+    (tmp_path / S.JOB_FILE).write_text(json.dumps({"kind": "ddpm-samples"}))
+    state = S.inspect_folder(S.OutputFolder(str(tmp_path)), fmt)
+    assert state.done == {4, 5, 6}
+    if fmt == "npz":
+        with np.load(tmp_path / names[0]) as z:
+            assert z["indices"].tolist() == [4, 5, 6]
+            assert np.array_equal(z["x"], result["x"])
+            assert z["images"].shape == (3, 8, 8, 1) and z["progressive"].shape == (3, 2, 8, 8, 1)
+    else:
+        with tarfile.open(tmp_path / names[0]) as tar:
+            assert tar.getnames() == ["00000004.png", "00000004.progressive.png", "00000005.png",
+                                      "00000005.progressive.png", "00000006.png", "00000006.progressive.png"]
+
+
 # -- on the shared Ray cluster ------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(300)
