@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipelines.cli import app
+from tests.pipelines.test_registry import _no_stale_registry_uri  # noqa: F401 (autouse fixture)
 from tests.pipelines.test_registry import register_tiny, save_tiny_checkpoint
 
 FAST = {"num": 16, "sampler": "ddim", "steps": 5, "bpd_images": 8}

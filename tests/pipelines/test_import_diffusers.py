@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from pipelines.cli import app
+from tests.pipelines.test_registry import _no_stale_registry_uri  # noqa: F401 (autouse fixture)
 
 
 def paper_unet(seed: int = 0):

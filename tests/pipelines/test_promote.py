@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from tests.pipelines.test_evaluate import FAST, digits_home, digits_home_template  # noqa: F401 (fixtures)
-from tests.pipelines.test_registry import register_tiny
+from tests.pipelines.test_registry import _no_stale_registry_uri, register_tiny  # noqa: F401 (fixture)
 
 KEY = "fd/data:abc/eta:0/features:digits-cnn-v1/num:16/sampler:ddim/steps:5"
 
@@ -58,7 +58,7 @@ def test_promotion_against_a_real_tracking_server(mlflow_server, monkeypatch, tm
     # The better one beats it under the same key.
     second = promote("--name", "gated", "--version", better)
     assert second.exit_code == 0, second.output
-    assert c.get_model_version_by_alias("gated", "champion").version == better
+    assert str(c.get_model_version_by_alias("gated", "champion").version) == better
     tags = c.get_model_version("gated", better).tags
     assert tags["ddpm.promote.champion.decision"] == "promoted"
     assert tags["ddpm.promote.champion.holder_version"] == worse
@@ -72,7 +72,7 @@ def test_promotion_against_a_real_tracking_server(mlflow_server, monkeypatch, tm
     third = promote("--name", "gated", "--version", worse)
     assert third.exit_code == 3, third.output
     assert f"{fd[worse]:.6g}" in third.output and f"{fd[better]:.6g}" in third.output
-    assert c.get_model_version_by_alias("gated", "champion").version == better
+    assert str(c.get_model_version_by_alias("gated", "champion").version) == better
     assert c.get_model_version("gated", worse).tags["ddpm.promote.champion.decision"] == "refused"
 
     # --force overrides and records why.
@@ -82,7 +82,7 @@ def test_promotion_against_a_real_tracking_server(mlflow_server, monkeypatch, tm
     tags = c.get_model_version("gated", worse).tags
     assert tags["ddpm.promote.champion.decision"] == "forced"
     assert tags["ddpm.promote.champion.reason"] == "rollback drill"
-    assert c.get_model_version_by_alias("gated", "champion").version == worse
+    assert str(c.get_model_version_by_alias("gated", "champion").version) == worse
 
 
 @pytest.mark.timeout(60)

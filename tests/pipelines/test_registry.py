@@ -12,6 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+@pytest.fixture(autouse=True)
+def _no_stale_registry_uri(monkeypatch):
+    """mlflow.set_registry_uri also writes MLFLOW_REGISTRY_URI into os.environ, and
+    pipelines.settings.resolve() prefers that variable: drop the previous test's store."""
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+
+
 # A tiny U-Net and a short chain: the point is the plumbing, not the model.
 TINY = ["model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[4]",
         "model.dropout=0.0", "diffusion.timesteps=50", "sample.batch_size=8"]
