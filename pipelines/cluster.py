@@ -43,7 +43,7 @@ def connect(address: str | None = None, min_cpus: int = 1, quiet: bool = True) -
             raise UsageError(f"cannot reach the Ray cluster at {address}: {e}") from e
         return False
     cores = os.cpu_count() or 1
-    ray.init(num_cpus=max(cores, min_cpus), include_dashboard=False, **common)
+    ray.init(address="local", num_cpus=max(cores, min_cpus), include_dashboard=False, **common)
     return True
 
 
