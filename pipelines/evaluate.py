@@ -103,22 +103,6 @@ def _manifest_hash(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _ensure_prepared(source: str, url: str, split: str) -> None:
-    try:
-        from pipelines.data import ensure_prepared
-    except ImportError:  # the data module's helper; fall back to preparing when the manifest is absent
-        from ddpm.data.manifest import read_manifest
-        from ddpm.data.storage import DataError
-        from pipelines.data import prepare_command
-
-        try:
-            read_manifest(url)
-        except DataError:
-            prepare_command(source=source, out=url, split=split)
-        return
-    ensure_prepared(source, url, split=split)
-
-
 def load_eval_data(cfg: Any, data: str | None, settings: Any) -> EvalData:
     """The held-out (test) split and, when present, the training split of the model's data.
 
@@ -129,6 +113,7 @@ def load_eval_data(cfg: Any, data: str | None, settings: Any) -> EvalData:
     from ddpm.data.manifest import resolve_split
     from ddpm.data.reader import load_split, to_float
     from ddpm.data.storage import DataError
+    from pipelines.train import ensure_prepared
 
     base = data or cfg.data.url
     try:
@@ -141,8 +126,8 @@ def load_eval_data(cfg: Any, data: str | None, settings: Any) -> EvalData:
         else:
             test_url = settings.data_url(cfg.data.source, "test")
             train_url = settings.data_url(cfg.data.source, "train")
-            _ensure_prepared(cfg.data.source, test_url, "test")
-            _ensure_prepared(cfg.data.source, train_url, "train")
+            ensure_prepared(cfg.data.source, test_url, "test")
+            ensure_prepared(cfg.data.source, train_url, "train")
         test, _, test_manifest = load_split(test_url)
         train, train_manifest = None, None
         if train_url is not None:
@@ -277,6 +262,9 @@ def _quality(samples: Any, ev: EvalData, settings: Any, out: dict[str, Any]) -> 
         net, info = features.load_digits_feature_net(settings.home / "cache")
         out["features"] = info["version"]
         out["feature_net"] = {"version": info["version"], "test_accuracy": info["test_accuracy"]}
+        if len(samples) <= features.FEATURE_DIM:
+            out["notes"].append(f"{len(samples)} samples for {features.FEATURE_DIM}-d features: FD and recall "
+                                "are dominated by estimation noise; use --num of a few hundred or more")
         scores = features.evaluate_samples(samples, ev.test, ev.train, net=net, k=K_NEAREST)
         return {k: v for k, v in scores.items() if k not in ("num_samples", "num_floor")}
     if samples.shape[1] == 3:
