@@ -81,8 +81,10 @@ def _write_atomic(url: str, data: bytes, storage_options: dict | None) -> None:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         else:
-            fs.pipe_file(tmp, data)
-            fs.mv(tmp, path)
+            from ddpm.data.retry import with_retries
+
+            with_retries(lambda: fs.pipe_file(tmp, data), f"writing {tmp}")
+            with_retries(lambda: fs.mv(tmp, path), f"moving {tmp} to {path}")
     except BaseException:
         with contextlib.suppress(Exception):
             if local:

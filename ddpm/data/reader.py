@@ -70,8 +70,10 @@ class Shard:
 def read_shard(fs: Any, root: str, entry: dict[str, Any], verify: bool = True) -> Shard:
     """Fetch and parse one shard listed in a manifest; raise :class:`DataError` naming it if bad."""
     name = entry["name"]
+    from ddpm.data.retry import with_retries
+
     try:
-        data = fs.cat_file(join(root, name))
+        data = with_retries(lambda: fs.cat_file(join(root, name)), f"reading shard {name}")
     except FileNotFoundError:
         raise DataError(f"shard {name}: listed in the manifest but missing at {root}") from None
     if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:

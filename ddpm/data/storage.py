@@ -82,4 +82,6 @@ def atomic_write(fs: Any, path: str, data: bytes) -> None:
             if os.path.exists(tmp):
                 os.remove(tmp)
     else:
-        fs.pipe_file(path, data)
+        from ddpm.data.retry import with_retries
+
+        with_retries(lambda: fs.pipe_file(path, data), f"writing {path}")
