@@ -67,13 +67,16 @@ def load(uri: str) -> LoadedModel:
 
     meta = describe(uri)
     if not _is_mlflow_uri(uri):
-        from ddpm.checkpoint import load_model
+        from ddpm.checkpoint import CheckpointError, load_model
 
-        cfg, model, diffusion = load_model(uri)
+        try:
+            cfg, model, diffusion = load_model(uri)
+        except CheckpointError as e:  # unsafe, corrupt or incompatible: the user's input, exit 2
+            raise UsageError(f"model {uri!r} cannot be loaded: {e}") from e
         return LoadedModel(uri=uri, config=cfg, model=model, diffusion=diffusion)
     import mlflow
 
-    from ddpm.checkpoint import import_weights
+    from ddpm.checkpoint import CheckpointError, import_weights
 
     model_uri = uri
     if uri.startswith("runs:/"):
@@ -85,7 +88,10 @@ def load(uri: str) -> LoadedModel:
         if folder is None:
             raise UsageError(f"model {model_uri!r} holds no ddpm weights (model.safetensors + config.json); "
                              "was it logged by ddpm-pipe?")
-        cfg, model = import_weights(folder)
+        try:
+            cfg, model = import_weights(folder)
+        except CheckpointError as e:
+            raise UsageError(f"model {model_uri!r} cannot be loaded: {e}") from e
     model.eval()
     return LoadedModel(uri=uri, config=cfg, model=model, diffusion=Diffusion.from_config(cfg.diffusion),
                        run_id=meta["run_id"], name=meta["name"], version=meta["version"])

@@ -138,6 +138,33 @@ def _exists(url: str) -> bool:
         return False
 
 
+def check_data(url: str, cfg: ExperimentConfig) -> None:
+    """Fail before any run or worker starts when the shards are missing, empty, incomplete or do not
+    fit the model (a worker would find out only after Ray had restarted it ``max_failures`` times)."""
+    from ddpm.data import DataError, open_fs, read_manifest, storage_options_for
+
+    options = storage_options_for(url)
+    try:
+        manifest = read_manifest(url, options)
+        fs, root = open_fs(url, options)
+        sizes = {p["name"].rstrip("/").rsplit("/", 1)[-1]: p.get("size") for p in fs.ls(root, detail=True)}
+    except (DataError, OSError) as e:
+        raise UsageError(f"data {url}: {e}") from e
+    want = [cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size]
+    if manifest["shape"] != want:
+        raise UsageError(f"data {url}: images are [C, H, W] = {manifest['shape']} but the model takes {want} "
+                         "(model.in_channels, model.image_size)")
+    if manifest["levels"] != cfg.data.levels:
+        raise UsageError(f"data {url}: {manifest['levels']} pixel levels but data.levels={cfg.data.levels}")
+    for entry in manifest["shards"]:
+        name, size = entry["name"], entry.get("size")
+        if name not in sizes:
+            raise UsageError(f"data {url}: shard {name} is listed in the manifest but missing")
+        if size is not None and sizes[name] != size:
+            raise UsageError(f"data {url}: shard {name} has {sizes[name]} bytes, the manifest says {size} "
+                             "(truncated or replaced)")
+
+
 def ensure_prepared(source: str, url: str, split: str) -> None:
     """Write the shards of ``source`` to ``url`` unless a manifest is already there."""
     if not _exists(url):
@@ -181,6 +208,7 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     run_name = run_name or cfg.name
     _check_name(run_name)
     data_url, holdout_url = resolve_data(cfg, data, settings)
+    check_data(data_url, cfg)
 
     tracking.configure(settings)
     exp_id = tracking.experiment_id(experiment or cfg.name, settings)
