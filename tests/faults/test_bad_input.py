@@ -1,0 +1,182 @@
+"""Bad input fails at once with an error naming the problem (exit 2, or 3 when refused), before any
+MLflow run, Ray worker or output exists. No Ray needed: every check runs before the cluster is used."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from tests.pipelines.test_train import TINY
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def train(tmp_path: Path, *extra: str):
+    sets = [x for s in TINY for x in ("--set", s)]
+    return cli("train", "--max-steps", "1", "--storage", str(tmp_path / "storage"), *sets, *extra)
+
+
+def assert_nothing_started(tmp_path: Path) -> None:
+    home = tmp_path / "ddpm-home"
+    assert not (home / "mlflow.db").exists(), "an MLflow run was created for bad input"
+    assert not (tmp_path / "storage").exists()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("override,expected", [
+    ("train.nope=1", "unknown config key 'train.nope'"),
+    ("diffusion.schedule=cosin", "diffusion.schedule='cosin' is not a valid choice; valid: linear, cosine"),
+    ("train.precision=fp8", "valid: fp32, bf16, fp16"),
+    ("diffusion.timesteps=0", "diffusion.timesteps (T) must be >= 1, got 0"),
+    ("diffusion.beta_start=0", "diffusion.beta_start must be in (0, 1), got 0"),
+    ("diffusion.beta_end=1.5", "diffusion.beta_end must be in (0, 1), got 1.5"),
+    ("model.image_size=9", "model.image_size=9 is not divisible by 2**(len(ch_mult)-1)=2"),
+])
+def test_bad_config_is_a_usage_error_naming_the_key(tmp_path, override, expected):
+    result = train(tmp_path, "--set", override)
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+    assert_nothing_started(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory) -> Path:
+    from pipelines.data import prepare_command
+
+    out = tmp_path_factory.mktemp("digits") / "train"
+    prepare_command(source="digits", out=str(out), split="train", shard_size=600)
+    return out
+
+
+def _copy(shards: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(shards, tmp_path / "data"))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("damage,expected", [
+    ("missing", "no manifest.json"),
+    ("empty", "no manifest.json"),
+    ("no-shards", "lists no shards"),
+    ("shard-gone", "shard train-000001.tar is listed in the manifest but missing"),
+    ("truncated", "shard train-000000.tar has 100 bytes, the manifest says"),
+    ("corrupt-manifest", "manifest.json is not valid JSON"),
+])
+def test_missing_empty_corrupt_shards_fail_before_training(tmp_path, digits_shards, damage, expected):
+    data = _copy(digits_shards, tmp_path)
+    manifest = data / "manifest.json"
+    if damage == "missing":
+        shutil.rmtree(data)
+    elif damage == "empty":
+        shutil.rmtree(data)
+        data.mkdir()
+    elif damage == "no-shards":
+        m = json.loads(manifest.read_text())
+        manifest.write_text(json.dumps({**m, "shards": [], "num_samples": 0}))
+    elif damage == "shard-gone":
+        (data / "train-000001.tar").unlink()
+    elif damage == "truncated":
+        shard = data / "train-000000.tar"
+        shard.write_bytes(shard.read_bytes()[:100])
+    elif damage == "corrupt-manifest":
+        manifest.write_text("{not json")
+    result = train(tmp_path, "--data", str(data))
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and str(data) in result.output
+    assert_nothing_started(tmp_path)
+
+
+@pytest.mark.timeout(120)
+def test_shards_that_do_not_fit_the_model_fail_before_training(tmp_path, digits_shards):
+    """8x8 grey digits with a 16x16 model, or another number of pixel levels."""
+    result = train(tmp_path, "--data", str(digits_shards), "--set", "model.image_size=16")
+    assert result.exit_code == 2, result.output
+    assert "images are [C, H, W] = [1, 8, 8] but the model takes [1, 16, 16]" in result.output
+    result = train(tmp_path, "--data", str(digits_shards), "--set", "data.levels=256")
+    assert result.exit_code == 2, result.output
+    assert "17 pixel levels but data.levels=256" in result.output
+    assert_nothing_started(tmp_path)
+
+
+# -- models and checkpoints ---------------------------------------------------------------------------
+def _checkpoint(path: Path, **changes) -> str:
+    from tests.pipelines.test_sample import make_checkpoint
+
+    make_checkpoint(str(path))
+    if changes:  # rewrite the saved dict as a future or foreign version would have written it
+        state = torch.load(path, weights_only=True)
+        state.update(changes)
+        torch.save(state, path)
+    return str(path)
+
+
+def _interpolate(tmp_path: Path, model: str):
+    from PIL import Image
+
+    for name in ("a.png", "b.png"):
+        Image.new("L", (8, 8)).save(tmp_path / name)
+    return cli("interpolate", "--model", model, "--a", str(tmp_path / "a.png"), "--b", str(tmp_path / "b.png"),
+               "--t", "10", "--out", str(tmp_path / "mix.png"))
+
+
+@pytest.mark.timeout(120)
+def test_model_uri_that_does_not_exist_is_a_usage_error(tmp_path):
+    for uri in (str(tmp_path / "nowhere.pt"), "models:/nobody/1", "runs:/0123456789abcdef/model"):
+        result = _interpolate(tmp_path, uri)
+        assert result.exit_code == 2, result.output
+        assert "does not exist" in result.output and uri in result.output
+    assert not (tmp_path / "mix.png").exists()
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_of_another_format_version_is_a_usage_error(tmp_path):
+    ckpt = _checkpoint(tmp_path / "future.pt", format_version=99, ddpm_version="9.0.0")
+    result = _interpolate(tmp_path, ckpt)
+    assert result.exit_code == 2, result.output
+    assert "format version 99 (ddpm 9.0.0)" in result.output and "reads format 1" in result.output
+    assert not (tmp_path / "mix.png").exists()
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_whose_config_does_not_build_is_a_usage_error(tmp_path):
+    cfg = json.loads(json.dumps({"name": "x", "model": {"image_size": 8, "attention": "flash"}}))
+    ckpt = _checkpoint(tmp_path / "foreign.pt", config=json.dumps(cfg))
+    result = _interpolate(tmp_path, ckpt)
+    assert result.exit_code == 2, result.output
+    assert "its config does not build" in result.output and "attention" in result.output
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_whose_weights_do_not_fit_its_config_is_a_usage_error(tmp_path):
+    from ddpm.config import ExperimentConfig
+
+    other = ExperimentConfig.preset("digits")  # ch=64: the saved ch=8 weights do not fit
+    ckpt = _checkpoint(tmp_path / "mismatch.pt", config=other.to_json())
+    result = _interpolate(tmp_path, ckpt)
+    assert result.exit_code == 2, result.output
+    assert "weights do not fit the config's model" in result.output
+
+
+@pytest.mark.timeout(120)
+def test_output_that_exists_and_is_not_ours_is_refused(tmp_path):
+    """Sampling into a folder of someone else's files is refused with exit 3, the files untouched
+    (more cases in tests/pipelines/test_sample.py); an output that is a file is not writable."""
+    ckpt = _checkpoint(tmp_path / "c.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = cli("sample", "--model", ckpt, "--num", "2", "--out", str(out))
+    assert result.exit_code == 3, result.output
+    assert "notes.txt" in result.output and "not samples of this tool" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    (tmp_path / "a-file").write_text("x")
+    result = cli("sample", "--model", ckpt, "--num", "2", "--out", str(tmp_path / "a-file"))
+    assert result.exit_code == 2, result.output
+    assert "is a file, not a folder" in result.output or "not writable" in result.output
