@@ -22,6 +22,8 @@ torch.set_num_threads(1)
 def _isolated_home(tmp_path, monkeypatch):
     """Every test gets its own DDPM_HOME and local MLflow store unless it sets one."""
     monkeypatch.setenv("DDPM_HOME", str(tmp_path / "ddpm-home"))
+    # MLflow's set_tracking_uri/set_registry_uri write these into os.environ; never carry them over.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     yield
