@@ -72,4 +72,21 @@ def randn(
     return NoiseSource(shape, generator=generator, seeds=seeds, device=device, dtype=dtype).next()
 
 
-__all__ = ["NoiseSource", "randn"]
+SEED_STRIDE = 1_000_003  # a prime above any sample count: (seed, i) pairs do not collide for i < stride
+
+
+def sample_seed(seed: int, i: int) -> int:
+    """The noise seed of sample ``i`` of a job seeded ``seed``: ``seed * SEED_STRIDE + i`` (mod 2^63).
+
+    Batch sampling, evaluation, training's sample grids and the registered model all use this rule,
+    so sample i of a seed is the same image wherever it is drawn.
+    """
+    return (int(seed) * SEED_STRIDE + int(i)) % (1 << 63)
+
+
+def sample_seeds(seed: int, start: int, count: int) -> torch.Tensor:
+    """``sample_seed(seed, i)`` for i in ``start .. start+count-1``, as an int64 tensor (count,)."""
+    return torch.tensor([sample_seed(seed, i) for i in range(start, start + count)], dtype=torch.int64)
+
+
+__all__ = ["NoiseSource", "SEED_STRIDE", "randn", "sample_seed", "sample_seeds"]

@@ -171,9 +171,10 @@ def held_out_bpd(loaded: Any, ev: EvalData, images: int, batch_size: int = 64) -
 
 def generate_samples(loaded: Any, sampler: str, steps: int | None, eta: float, num: int, nodes: int,
                      address: str | None, seed: int = 0) -> Any:
-    """``num`` samples in [-1, 1]; sample i draws its noise from seed ``seed * 1_000_003 + i``."""
+    """``num`` samples in [-1, 1]; sample i draws its noise from ``ddpm.noise.sample_seed(seed, i)``."""
     import torch
 
+    from ddpm.noise import sample_seeds
     from ddpm.samplers import generate
 
     if nodes > 1:
@@ -182,7 +183,7 @@ def generate_samples(loaded: Any, sampler: str, steps: int | None, eta: float, n
     out = []
     for i in range(0, num, batch):
         n = min(batch, num - i)
-        seeds = seed * 1_000_003 + torch.arange(i, i + n)
+        seeds = sample_seeds(seed, i, n)
         out.append(generate(loaded.model, loaded.diffusion, (n, m.in_channels, m.image_size, m.image_size),
                             sampler=sampler, steps=steps, eta=eta, seeds=seeds,
                             clip_denoised=loaded.config.sample.clip_denoised))

@@ -82,7 +82,8 @@ def build(cfg: ExperimentConfig, device: torch.device):
     from ddpm.unet import UNet
 
     torch.manual_seed(cfg.train.seed)
-    model = UNet(cfg.model).to(device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.preserve_format
+    model = UNet(cfg.model).to(device, memory_format=memory_format)  # before the EMA copies it
     ema = EMA(model, decay=cfg.train.ema_decay)
     fused = device.type == "cuda"
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, foreach=not fused, fused=fused or None)
@@ -94,6 +95,7 @@ def build(cfg: ExperimentConfig, device: torch.device):
 def sample_grid(model, diffusion, cfg: ExperimentConfig, path: str, n: int = 64, seed: int = 0) -> str:
     """Sample ``n`` images with the config's fast sampler and save them as one PNG grid."""
     from ddpm.image import save_grid
+    from ddpm.noise import sample_seeds
     from ddpm.samplers import generate
 
     m = cfg.model
@@ -101,7 +103,7 @@ def sample_grid(model, diffusion, cfg: ExperimentConfig, path: str, n: int = 64,
     with torch.no_grad():
         x = generate(model, diffusion, (n, m.in_channels, m.image_size, m.image_size),
                      sampler=cfg.sample.sampler, steps=cfg.sample.steps, eta=cfg.sample.eta,
-                     seeds=torch.arange(n) + seed * 1_000_003, clip_denoised=cfg.sample.clip_denoised)
+                     seeds=sample_seeds(seed, 0, n), clip_denoised=cfg.sample.clip_denoised)
     save_grid(x, path, levels=cfg.data.levels)
     return path
 
@@ -122,6 +124,23 @@ def _maybe_inject_fault(rank: int, step: int) -> None:
         open(marker, "w").close()
         time.sleep(float(os.environ.get("DDPM_FAULT_EXIT_DELAY", "5")))
         os._exit(1)
+
+
+def _compiled(model: torch.nn.Module, log: Callable[[str], None]) -> Callable:
+    """``torch.compile(model)``, falling back to the eager model if compiling fails (at first call)."""
+    current: list[Callable] = [torch.compile(model)]
+
+    def forward(*args, **kwargs):
+        try:
+            return current[0](*args, **kwargs)
+        except Exception as e:  # no C++ compiler, an unsupported op, ...: eager still trains
+            if current[0] is model:
+                raise
+            log(f"[train] torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running eagerly")
+            current[0] = model
+            return model(*args, **kwargs)
+
+    return forward
 
 
 def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=None,
@@ -169,6 +188,7 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
         random.seed(seed)
 
     ddp_model = ctx.wrap_model(model)
+    net = _compiled(ddp_model, ctx.log) if tc.compile else ddp_model
     holdout = None
     if ctx.rank == 0 and data.holdout_url:
         images, _labels, _manifest = load_split(data.holdout_url, storage_options=data.storage_options)
@@ -186,13 +206,15 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
         opt.zero_grad(set_to_none=True)
         for _ in range(tc.grad_accum):
             x = next(batches).to(device, non_blocking=True)
+            if tc.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(tc.precision, device):
-                loss = diffusion.training_loss(ddp_model, x, levels=cfg.data.levels).mean()
+                loss = diffusion.training_loss(net, x, levels=cfg.data.levels).mean()
             scaler.scale(loss / tc.grad_accum).backward()
         scaler.unscale_(opt)
         # Gradients are all-reduced, so every rank sees the same norm and takes the same branch.
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        if not torch.isfinite(grad_norm) or not torch.isfinite(loss):
+        if not bool(torch.isfinite(grad_norm) & torch.isfinite(loss.detach())):  # one host sync, not two
             nonfinite_run += 1
             nonfinite_total += 1
             opt.zero_grad(set_to_none=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import mlflow
 from mlflow.pyfunc import PythonModel
 
-SEED_STRIDE = 1_000_003  # sample i of seed s uses noise seed s * SEED_STRIDE + i (as training's grids)
 
 
 class DDPMSampler(PythonModel):
@@ -42,7 +41,9 @@ class DDPMSampler(PythonModel):
             if len(seeds) != num:
                 raise ValueError(f"got {len(seeds)} seeds for num={num}")
         else:
-            seeds = [int(seeds) * SEED_STRIDE + i for i in range(num)]
+            from ddpm.noise import sample_seed
+
+            seeds = [sample_seed(int(seeds), i) for i in range(num)]
         sampler = str(_scalar(req.get("sampler") or self.config.sample.sampler))
         steps = _scalar(req.get("steps"))
         if steps in (None, ""):  # the config's steps belong to the config's sampler

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from ddpm.noise import SEED_STRIDE, sample_seed
 from pipelines.errors import PipelineError, RefusedError, UsageError
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
@@ -55,7 +56,6 @@ FORMATS = ("png", "webdataset", "npz")
 PRECISIONS = ("fp32", "bf16")
 MANIFEST = "manifest.json"
 JOB_FILE = ".ddpm-sample.json"
-SEED_STRIDE = 1_000_003  # a prime above any sample count: (seed, i) pairs do not collide for i < stride
 _PNG = re.compile(r"^(\d{8})\.png$")
 _STRIP = re.compile(r"^(\d{8})-progressive\.png$")
 _CHUNK = re.compile(r"^samples-(\d{8})-(\d{8})\.(npz|tar)$")
@@ -64,11 +64,6 @@ _CHUNK_EXT = {"npz": "npz", "webdataset": "tar"}
 # Settings that must match for a folder to be resumed: a sample depends on all of them.
 IDENTITY = ("model", "model_run_id", "model_name", "model_version", "sampler", "steps", "eta", "seed",
             "format", "precision", "progressive")
-
-
-def sample_seed(seed: int, i: int) -> int:
-    """The noise seed of sample ``i`` of a job seeded ``seed``: ``seed * 1_000_003 + i`` (mod 2^63)."""
-    return (int(seed) * SEED_STRIDE + int(i)) % (1 << 63)
 
 
 # -- the request ------------------------------------------------------------------------------------
