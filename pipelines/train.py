@@ -217,7 +217,8 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     tracking.log_params(run_id, {**cfg.to_dict(), "run": {"nodes": nodes, "gpus_per_node": gpus_per_node,
                                                           "data": data_url}})
 
-    started = cluster.connect(settings.ray_address, min_cpus=nodes * max(gpus_per_node, 1))
+    # Workers print the progress lines (step, loss, images/s, ETA): forward them to this console.
+    started = cluster.connect(settings.ray_address, min_cpus=nodes * max(gpus_per_node, 1), quiet=False)
     placement = cluster.plan(nodes, gpus_per_node, started_locally=started)
     from pipelines.storage import storage_options
 
