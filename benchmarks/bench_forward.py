@@ -1,0 +1,119 @@
+"""Sampling throughput: denoiser evaluations per second at batch 64, ours against diffusers' UNet2DModel.
+
+Forward passes under ``torch.no_grad`` of the CIFAR-10 architecture in one process, alternating the
+models (ABBA), medians over ``--repeats``: fp32, and bf16 as autocast (both models) and as bf16 weights
+(ours: ``model.to(torch.bfloat16)``, sound for inference; the sample job's ``precision=bf16``).
+With ``--ddim-steps N`` it also times an N-step DDIM run for ``--ddim-num`` images with our sampler
+against diffusers' ``DDIMScheduler`` loop (the 1000-step DDPM time follows from evaluations/s).
+
+    python -m benchmarks.bench_forward [--batch 64 --repeats 3] [--ddim-steps 50] [--quick] [--json-out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from benchmarks import common
+
+
+def _ddim(ours, theirs, steps: int, num: int, size: int) -> dict[str, float]:
+    import torch
+
+    from ddpm.config import DiffusionConfig
+    from ddpm.diffusion import Diffusion
+    from ddpm.samplers import ddim_loop
+
+    diffusion = Diffusion.from_config(DiffusionConfig())
+    shape = (num, 3, size, size)
+    start = time.perf_counter()
+    ddim_loop(diffusion, ours, shape, steps=steps, generator=torch.Generator().manual_seed(0))
+    out = {"ours_s": round(time.perf_counter() - start, 2)}
+    if theirs is not None:
+        from diffusers import DDIMScheduler
+
+        sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+        sched.set_timesteps(steps)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        start = time.perf_counter()
+        with torch.no_grad():
+            for t in sched.timesteps:  # diffusers' documented loop
+                x = sched.step(theirs(x, t).sample, t, x).prev_sample
+        out["diffusers_s"] = round(time.perf_counter() - start, 2)
+        out["ratio"] = round(out["diffusers_s"] / out["ours_s"], 3)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--ddim-steps", type=int, default=0, help="also time an N-step DDIM run (0: skip)")
+    p.add_argument("--ddim-num", type=int, default=16)
+    p.add_argument("--quick", action="store_true", help="a tiny model, one repeat: a smoke test")
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.repeats = 4, 1
+        args.ddim_steps, args.ddim_num = min(args.ddim_steps, 2), 2
+
+    import torch
+
+    threads = common.set_threads(args.threads)
+    load_before = common.load()
+    torch.manual_seed(0)
+    ours = common.ours_cifar10(args.quick).eval()
+    theirs = common.diffusers_cifar10(args.quick)
+    ours_bf16 = common.ours_cifar10(args.quick).eval()
+    ours_bf16.load_state_dict(ours.state_dict())
+    ours_bf16.to(torch.bfloat16)
+    size = ours.config.image_size
+    x = torch.randn(args.batch, 3, size, size)
+    t = torch.randint(0, 1000, (args.batch,))
+
+    def case(model, precision: str, weights_bf16: bool = False):
+        xx = x.to(torch.bfloat16) if weights_bf16 else x
+
+        def run() -> float:
+            with torch.no_grad(), common.autocast("fp32" if weights_bf16 else precision):
+                start = time.perf_counter()
+                common.call(model, xx, t)
+                return args.batch / (time.perf_counter() - start)
+        return run
+
+    rows = []
+    for prec in args.precisions.split(","):
+        cases = {"ours": case(ours, prec)}
+        if prec == "bf16":
+            cases["ours_bf16_weights"] = case(ours_bf16, prec, weights_bf16=True)
+        if theirs is not None:
+            theirs.eval()
+            cases["diffusers"] = case(theirs, prec)
+        for c in cases.values():
+            c()  # warm-up
+        ips = common.alternate(cases, args.repeats)
+        row: dict[str, Any] = {"precision": prec, "batch": args.batch, "load": common.load()}
+        for name, xs in ips.items():
+            row[name] = {"evals_per_s": round(common.median(xs), 3), "repeats": [round(v, 3) for v in xs]}
+        if "diffusers" in ips:
+            for name in (n for n in ips if n.startswith("ours")):
+                key = "ratio" if name == "ours" else f"ratio_{name.removeprefix('ours_')}"
+                row[key] = round(common.median([a / b for a, b in zip(ips[name], ips["diffusers"])]), 3)
+        rows.append(row)
+
+    result = {"benchmark": "forward", "model": "quick" if args.quick else "cifar10 U-Net (35.7M)",
+              "machine": common.machine(threads), "load_before": load_before, "repeats": args.repeats,
+              "results": rows}
+    if args.ddim_steps:
+        result["ddim"] = {"steps": args.ddim_steps, "num": args.ddim_num, "load": common.load(),
+                          **_ddim(ours, theirs.eval() if theirs is not None else None, args.ddim_steps,
+                                  args.ddim_num, size)}
+    print(common.write_json(result, args.json_out))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Each benchmark's --quick mode runs and writes the JSON the suite's table reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+
+def _read(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _machine_ok(m: dict) -> None:
+    assert {"torch", "cpus", "threads", "loadavg"} <= set(m) and len(m["loadavg"]) == 3
+
+
+@pytest.mark.timeout(600)
+def test_train_quick(tmp_path):
+    from benchmarks import bench_train
+
+    bench_train.main(["--quick", "--json-out", str(tmp_path / "train.json")])
+    r = _read(tmp_path / "train.json")
+    _machine_ok(r["machine"])
+    assert r["benchmark"] == "train_step" and r["gflop_per_image_fwd_bwd"] > 0
+    assert {row["precision"] for row in r["results"]} == {"fp32", "bf16"}
+    for row in r["results"]:
+        assert row["ours"]["images_per_s"] > 0 and row["diffusers"]["images_per_s"] > 0
+        assert row["ratio"] > 0 and row["ratio_cl"] > 0 and 0 < row["ours"]["share_of_matmul_peak"]
+    assert r["matmul_peak"]["fp32"]["median_gflops"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_forward_quick(tmp_path):
+    from benchmarks import bench_forward
+
+    bench_forward.main(["--quick", "--ddim-steps", "2", "--json-out", str(tmp_path / "forward.json")])
+    r = _read(tmp_path / "forward.json")
+    _machine_ok(r["machine"])
+    fp32, bf16 = r["results"]
+    assert fp32["ours"]["evals_per_s"] > 0 and fp32["ratio"] > 0
+    assert bf16["ours_bf16_weights"]["evals_per_s"] > 0 and bf16["ratio_bf16_weights"] > 0
+    assert r["ddim"]["ours_s"] > 0 and r["ddim"]["ratio"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_allreduce_quick(tmp_path):
+    from benchmarks import bench_allreduce
+
+    bench_allreduce.main(["--quick", "--json-out", str(tmp_path / "ar.json")])
+    r = _read(tmp_path / "ar.json")
+    assert [row["workers"] for row in r["results"]] == [1, 2]
+    assert r["results"][1]["bus_gb_per_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ray_quick_and_table(tmp_path):
+    from benchmarks import bench_ray, run
+
+    bench_ray.main(["--quick", "--threads", "1", "--json-out", str(tmp_path / "ray.json")])
+    r = _read(tmp_path / "ray.json")
+    _machine_ok(r["machine"])
+    assert r["plain"]["images_per_s"] > 0 and r["ray"]["images_per_s"] > 0 and r["ratio"] > 0
+    text = run.main(["--table-only", "--out", str(tmp_path)])
+    assert "Ray Train" in text and (tmp_path / "table.md").exists()
