@@ -47,15 +47,6 @@ def test_bad_config_is_a_usage_error_naming_the_key(tmp_path, override, expected
     assert_nothing_started(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def digits_shards(tmp_path_factory) -> Path:
-    from pipelines.data import prepare_command
-
-    out = tmp_path_factory.mktemp("digits") / "train"
-    prepare_command(source="digits", out=str(out), split="train", shard_size=600)
-    return out
-
-
 def _copy(shards: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(shards, tmp_path / "data"))
 
