@@ -1,0 +1,172 @@
+"""Training faults on the shared simulated Ray cluster: a killed worker, a lost node, a killed driver.
+
+Each resumes from the last checkpoint Ray Train registered; at most one checkpoint interval of work
+is redone. Tiny configs (tests/pipelines/test_train.py's TINY): the point is the recovery, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from tests.pipelines.test_train import TINY
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the registered checkpoints
+
+
+def sets(*extra: str) -> list[str]:
+    return [x for s in (*TINY, *extra) for x in ("--set", s)]
+
+
+def train(tmp_path: Path, name: str, nodes: int, steps: int, *extra: str) -> dict:
+    args = ["train", "--nodes", str(nodes), "--max-steps", str(steps), "--run-name", name,
+            "--storage", str(tmp_path / "storage"), "--json", *sets(*extra)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def final_state(out: dict) -> dict:
+    from ddpm.checkpoint import load_checkpoint
+
+    return load_checkpoint(os.path.join(out["checkpoint"], "checkpoint.pt"))
+
+
+def mlflow_client():
+    from pipelines import tracking
+    from pipelines.settings import resolve
+
+    tracking.configure(resolve())
+    return tracking.client()
+
+
+def wait_for_checkpoint(run_dir: Path, step: int, timeout: float, alive=lambda: True) -> None:
+    """Until Ray Train has registered the checkpoint of ``step`` (its snapshot names it)."""
+    name = f"checkpoint_{step:08d}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        snap = run_dir / SNAPSHOT
+        if snap.exists() and name in snap.read_text(errors="replace"):
+            return
+        assert alive(), "training ended before the fault could be injected"
+        time.sleep(0.2)
+    raise AssertionError(f"no {name} registered in {run_dir} after {timeout:.0f}s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killed_worker_resumes_and_ends_bit_identical_to_an_uninterrupted_run(ray_cluster, tmp_path,
+                                                                             monkeypatch):
+    clean = train(tmp_path, "clean", 2, 4)
+    marker = tmp_path / "killed"
+    # Rank 1 dies after step 3 (os._exit); step 2 is the last checkpoint: the group restarts there.
+    monkeypatch.setenv("DDPM_FAULT_EXIT", f"1:3:{marker}")
+    killed = train(tmp_path, "killed", 2, 4)
+    assert marker.exists()
+    c = mlflow_client()
+    assert [m.value for m in c.get_metric_history(killed["run_id"], "resumed_from_step")] == [2]
+    assert killed["metrics"]["step"] == 4 and killed["metrics"]["ranks_in_sync"] == 1.0
+
+    # The checkpoint holds RNG (per rank), optimizer, lr schedule, EMA and reader position, so the
+    # redone steps 3-4 draw the same batches, t and noise: the weights agree bit for bit.
+    a, b = final_state(clean), final_state(killed)
+    assert a["step"] == b["step"] == 4
+    for part in ("model",):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
+    for k, v in a["ema"]["module"].items():
+        assert torch.equal(v, b["ema"]["module"][k]), f"ema.{k} differs"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_node_removed_and_fresh_node_added_resumes_on_the_new_node(ray_cluster, tmp_path):
+    """A strictly spread group of 4 on 4 nodes loses one node; it can only run again once a fresh
+    node joins. The shared cluster has 4 nodes again afterwards."""
+    import ray
+
+    from pipelines.train import train_command
+
+    steps = 10
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = train_command(overrides=TINY, storage=str(tmp_path / "storage"), nodes=4,
+                                              max_steps=steps, run_name="node-lost")
+        except BaseException as e:  # reported by the assertion below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_for_checkpoint(tmp_path / "storage" / "node-lost", 2, timeout=300, alive=thread.is_alive)
+    victim = next(iter(ray_cluster.worker_nodes))  # never the head: the driver and controller live there
+    lost_id = victim.node_id
+    ray_cluster.remove_node(victim, allow_graceful=False)
+    fresh = ray_cluster.add_node(num_cpus=2)
+    ray_cluster.wait_for_nodes()
+    thread.join(timeout=420)
+    assert not thread.is_alive(), "training did not finish after the node was replaced"
+    assert "error" not in outcome, repr(outcome.get("error"))
+    out = outcome["result"]
+    assert out["metrics"]["step"] == steps and out["metrics"]["ranks_in_sync"] == 1.0
+
+    c = mlflow_client()
+    resumed = [m.value for m in c.get_metric_history(out["run_id"], "resumed_from_step")]
+    assert len(resumed) == 1 and resumed[0] >= 2  # lost at most one checkpoint interval
+    nodes = {p.split("@")[1] for p in c.get_run(out["run_id"]).data.tags["ddpm.placement"].split(",")}
+    assert len(nodes) == 4 and fresh.node_id[:12] in nodes and lost_id[:12] not in nodes
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killed_driver_rerun_resumes_the_same_run_and_ignores_a_partial_checkpoint(ray_cluster, tmp_path):
+    storage = tmp_path / "storage"
+    cmd = [str(Path(sys.executable).with_name("ddpm-pipe")), "train", "--nodes", "2", "--max-steps", "10",
+           "--run-name", "driver", "--storage", str(storage), "--address", ray_cluster.address, "--json",
+           *sets()]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "first.log", "wb")
+    first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for_checkpoint(storage / "driver", 2, timeout=300, alive=lambda: first.poll() is None)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+        log.close()
+    assert first.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+
+    # What a kill during an upload can leave: a checkpoint folder Ray never registered, numbered
+    # beyond every real one and holding half a file. It must not be taken as the latest.
+    partial = storage / "driver" / "checkpoint_00000099"
+    partial.mkdir()
+    good = next((storage / "driver").glob("checkpoint_00000002")) / "checkpoint.pt"
+    (partial / "checkpoint.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=420)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    out = json.loads(second.stdout.strip().splitlines()[-1])
+    assert out["resumed"] and out["metrics"]["step"] == 10
+    assert not out["checkpoint"].rstrip("/").endswith("checkpoint_00000099")
+
+    c = mlflow_client()
+    runs = c.search_runs([c.get_experiment_by_name("digits").experiment_id],
+                         filter_string="tags.`ddpm.run_name` = 'driver'")
+    assert [r.info.run_id for r in runs] == [out["run_id"]]  # one run, not two
+    assert runs[0].info.status == "FINISHED"
+    resumed = [m.value for m in c.get_metric_history(out["run_id"], "resumed_from_step")]
+    assert len(resumed) == 1 and 2 <= resumed[0] < 10, resumed
