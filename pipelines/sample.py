@@ -203,6 +203,7 @@ class WorkerPool:
             remote = ray.remote(SampleWorker)
             for k in range(placement.workers):
                 self.actors.append(remote.options(
+                    max_restarts=2, max_task_retries=2,  # a killed worker is restarted, its unit redone
                     num_cpus=placement.cpus_per_worker, num_gpus=1 if placement.use_gpu else 0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k),
                 ).remote(req.model, req.sampler, req.steps, req.eta, req.precision, req.progressive,
