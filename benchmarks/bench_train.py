@@ -44,6 +44,20 @@ def _step_fn(model, opt, diffusion, x, precision: str, channels_last: bool):
     return step
 
 
+def profile(step, top: int = 15) -> list[dict[str, Any]]:
+    """One step under torch.profiler: the ``top`` operators by self CPU time, with their share."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"op": e.key, "calls": e.count, "self_s": round(e.self_cpu_time_total / 1e6, 3),
+             "share": round(e.self_cpu_time_total / total, 3)} for e in rows]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=16)
@@ -53,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--channels-last", choices=["ours", "both", "none"], default="ours",
                    help="which models also run a channels_last case (ours_cl / diffusers_cl)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one step of each model (torch.profiler, top operators by self CPU time)")
     p.add_argument("--quick", action="store_true", help="a tiny model, one repeat: a smoke test")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
@@ -124,10 +140,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row[key] = round(common.median(pairs), 3)
         rows.append(row)
 
+    profiles = {}
+    if args.profile:
+        for prec in args.precisions.split(","):
+            for name, m in models.items():
+                profiles[f"{name} {prec}"] = profile(_step_fn(m, opts[name], diffusion, x, prec, layout[name]))
+                print(f"-- {name} {prec}\n" + "\n".join(
+                    f"{r['op']:<45} {r['self_s']:8.3f} s {r['share']:6.1%}" for r in profiles[f"{name} {prec}"]))
+
     result = {"benchmark": "train_step", "model": "quick" if args.quick else "cifar10 U-Net (35.7M)",
               "machine": common.machine(threads), "load_before": load_before, "steps_per_repeat": args.steps,
               "repeats": args.repeats, "gflop_per_image_fwd_bwd": round(flops_per_image / 1e9, 2),
               "matmul_peak": peaks, "results": rows}
+    if profiles:
+        result["profile"] = profiles
     print(common.write_json(result, args.json_out))
     return result
 
