@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 setup: .venv/bin/ddpm-pipe
 
 demo: .venv/bin/ddpm-pipe
-	$(PY) -m pipelines.demo
+	.venv/bin/ddpm-pipe run --name demo
 
 test: .venv/bin/ddpm-pipe
 	$(PY) -m pytest $(PYTEST_ARGS)

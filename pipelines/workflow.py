@@ -370,8 +370,17 @@ def submit_job(config: str, overrides: list[str], workflow: str | None, name: st
         client = JobSubmissionClient(job_address)
     except Exception as e:
         raise UsageError(f"cannot reach the Ray Jobs API at {job_address}: {str(e).splitlines()[0]}") from e
-    job_id = client.submit_job(entrypoint=shlex.join(args), runtime_env={"env_vars": env},
-                               submission_id=f"{name}-{int(time.time())}")
+    submission_id = f"{name}-{int(time.time())}"
+    deadline = time.time() + 120
+    while True:  # a freshly started head answers "No available agent" until its job agent is up
+        try:
+            job_id = client.submit_job(entrypoint=shlex.join(args), runtime_env={"env_vars": env},
+                                       submission_id=submission_id)
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
     return {"job_id": job_id, "address": job_address, "entrypoint": shlex.join(args),
             "message": f"submitted workflow '{name}' as Ray Job {job_id}; follow it with: "
                        f"ray job logs --address {job_address} --follow {job_id}"}

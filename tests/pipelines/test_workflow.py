@@ -1,0 +1,139 @@
+"""`ddpm-pipe run`: the whole workflow on the simulated multi-node cluster, resumed, and submitted."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from tests.pipelines.test_train import TINY, mlflow_client
+
+WORKFLOW = """
+train: {nodes: 2}
+evaluate: {num: 32, steps: 5}
+sample: {num: 8, steps: 5, nodes: 2}
+"""
+
+
+def run_args(tmp_path, name: str, *extra: str, workflow: str = WORKFLOW) -> list[str]:
+    spec = tmp_path / "workflow.yaml"
+    spec.write_text(workflow)
+    sets = [x for s in TINY + ["train.max_steps=2"] for x in ("--set", s)]
+    return ["run", "--name", name, "--workflow", str(spec), "--storage", str(tmp_path / "storage"),
+            "--json", *sets, *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_workflow_runs_every_step_then_resumes(ray_cluster, tmp_path):
+    first = CliRunner().invoke(app, run_args(tmp_path, "wf"))
+    assert first.exit_code == 0, first.output
+    out = json.loads(first.stdout.strip().splitlines()[-1])
+    assert out["ran"] == ["prepare", "train", "evaluate", "promote", "sample"]
+    steps = out["steps"]
+    assert steps["train"]["model_uri"].startswith("models:/ddpm-digits/")
+    assert steps["promote"]["promoted"] is True  # the first evaluated version takes the alias
+    assert steps["sample"]["grid"].endswith(".png")
+
+    c = mlflow_client()
+    parent = c.get_run(out["parent_run_id"])
+    lineage = json.loads(parent.data.tags["ddpm.lineage"])
+    assert lineage["train_run"] == steps["train"]["run_id"]
+    assert lineage["data_manifest"] == steps["prepare"]["train_manifest"]
+    children = c.search_runs([parent.info.experiment_id],
+                             filter_string=f"tags.`mlflow.parentRunId` = '{out['parent_run_id']}'")
+    kinds = {r.data.tags.get("ddpm.kind") for r in children}
+    assert {"train", "workflow.prepare", "workflow.evaluate", "workflow.promote", "workflow.sample"} <= kinds
+    version = c.get_model_version("ddpm-digits", steps["train"]["version"])
+    assert any(k.startswith("eval.") or "fd" in k for k in version.tags), version.tags
+
+    second = CliRunner().invoke(app, run_args(tmp_path, "wf"))
+    assert second.exit_code == 0, second.output
+    again = json.loads(second.stdout.strip().splitlines()[-1])
+    assert again["ran"] == [] and again["skipped"] == ["prepare", "train", "evaluate", "promote", "sample"]
+    assert again["parent_run_id"] == out["parent_run_id"]
+
+    # A changed input (the sample count) reruns that step only.
+    third = CliRunner().invoke(app, run_args(tmp_path, "wf", workflow=WORKFLOW.replace("num: 8", "num: 9")))
+    assert third.exit_code == 0, third.output
+    assert json.loads(third.stdout.strip().splitlines()[-1])["ran"] == ["sample"]
+
+
+def test_unknown_workflow_key_is_a_usage_error(tmp_path):
+    spec = tmp_path / "w.yaml"
+    spec.write_text("train: {nodez: 2}\n")
+    result = CliRunner().invoke(app, ["run", "--workflow", str(spec)])
+    assert result.exit_code == 2
+    assert "nodez" in result.output and "nodes" in result.output
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A separate local Ray head with the dashboard (Jobs API), started by `ray start --block`.
+
+    Stopping the blocking `ray start` process stops that head's processes and nothing else.
+    """
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    gcs, dash = free_port(), free_port()
+    bin_dir = os.path.dirname(sys.executable)  # the job's `ddpm-pipe` is this environment's
+    # A loopback-only test head: no token authentication (a real cluster's token is read by the
+    # Jobs client from RAY_AUTH_MODE=token and ~/.ray/auth_token).
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([os.path.join(bin_dir, "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=env)
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # it answers (401 when token authentication is on): it is up
+            break
+        except Exception:
+            assert proc.poll() is None and time.time() < deadline, "the Ray head did not start"
+            time.sleep(1)
+    try:
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_workflow_submitted_as_ray_job(ray_head, tmp_path, monkeypatch):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    monkeypatch.setenv("DDPM_HOME", str(tmp_path / "job-home"))
+    result = CliRunner().invoke(app, run_args(tmp_path, "job", "--submit", "--address", ray_head))
+    assert result.exit_code == 0, result.output
+    job_id = json.loads(result.stdout.strip().splitlines()[-1])["job_id"]
+    client = JobSubmissionClient(ray_head)
+    deadline = time.time() + 800
+    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.time() < deadline, "the submitted workflow did not finish"
+        time.sleep(2)
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "workflow 'job': ran prepare, train, evaluate, promote, sample" in logs
