@@ -21,19 +21,16 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 # -- worker side ----------------------------------------------------------------------------------
-def _ray_context(tracking_uri: str | None):
-    import ray.train
-    import ray.train.torch
-    import torch
+def checkpoint_io(report_fn, get_checkpoint, checkpoint_cls, name_dirs: bool = False):
+    """``(restore, report)`` for a :class:`LoopContext` on top of Ray Train's or Ray Tune's API.
 
+    ``report(metrics, state)`` saves ``state`` (when given) as ``checkpoint.pt`` in a temporary folder
+    and hands it to Ray, which copies it to the run's storage; ``restore()`` loads the latest one.
+    """
     from ddpm.checkpoint import load_checkpoint, save_checkpoint
-    from pipelines.loop import LoopContext
-
-    tctx = ray.train.get_context()
-    rank, world = tctx.get_world_rank(), tctx.get_world_size()
 
     def restore():
-        ckpt = ray.train.get_checkpoint()
+        ckpt = get_checkpoint()
         if ckpt is None:
             return None
         with ckpt.as_directory() as d:
@@ -41,15 +38,30 @@ def _ray_context(tracking_uri: str | None):
 
     def report(metrics: dict, state: dict | None) -> None:
         if state is None:
-            ray.train.report(metrics)
+            report_fn(metrics)
             return
         tmp = tempfile.mkdtemp(prefix="ddpm-ckpt-")
         try:
             save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), state)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_{int(metrics['step']):08d}")
+            extra = {"checkpoint_dir_name": f"checkpoint_{int(metrics['step']):08d}"} if name_dirs else {}
+            report_fn(metrics, checkpoint=checkpoint_cls.from_directory(tmp), **extra)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    return restore, report
+
+
+def _ray_context(tracking_uri: str | None):
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from pipelines.loop import LoopContext
+
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    restore, report = checkpoint_io(ray.train.report, ray.train.get_checkpoint, ray.train.Checkpoint,
+                                    name_dirs=True)
 
     def wrap(model):
         return ray.train.torch.prepare_model(model) if world > 1 else model

@@ -29,16 +29,14 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import time
 from typing import Any
 
 from ddpm.config import ExperimentConfig
 from pipelines.errors import PipelineError, UsageError
 from pipelines.settings import resolve
+from pipelines.train import CHECKPOINT_FILE
 
-CHECKPOINT_FILE = "checkpoint.pt"
 METRIC = "bpd"
 REGISTRY_PREFIX = "ddpm-tune-pgs-"
 FULL_BOUND_IMAGES = 64  # held-out images for the best trial's full bound (T model calls each)
@@ -50,26 +48,10 @@ def _tune_context():
     import ray.tune
     import torch
 
-    from ddpm.checkpoint import load_checkpoint, save_checkpoint
     from pipelines.loop import LoopContext
+    from pipelines.train import checkpoint_io
 
-    def restore():
-        ckpt = ray.tune.get_checkpoint()
-        if ckpt is None:
-            return None
-        with ckpt.as_directory() as d:
-            return load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
-
-    def report(metrics: dict, state: dict | None) -> None:
-        if state is None:
-            ray.tune.report(metrics)
-            return
-        tmp = tempfile.mkdtemp(prefix="ddpm-tune-ckpt-")
-        try:
-            save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), state)
-            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    restore, report = checkpoint_io(ray.tune.report, ray.tune.get_checkpoint, ray.tune.Checkpoint)
 
     device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
     return LoopContext(device=device, restore=restore, report=report)
