@@ -5,10 +5,9 @@ one CPU core), cached on disk under a name that carries :data:`FEATURE_NET_VERSI
 test-split accuracy is reported. :func:`evaluate_samples` turns it into Frechet distance,
 precision/recall, classifier confidence and copy rate, each with the real data's floor beside it.
 
-The split (shared with the digits data source): ``sklearn.datasets.load_digits`` in its own order,
-``perm = numpy.random.default_rng(seed).permutation(1797)``, ``n_test = round(1797 * test_fraction)``;
-the last ``n_test`` indices of ``perm`` are the test split, the rest (in ``perm`` order) the training
-split. Seed 0 and 0.2 give 1438 training and 359 test images. Pixels 0..16 map to [-1, 1] as
+The split is the digits data source's (``ddpm.data.sources.digits``): in ``load_digits`` order,
+index % 5 == 0 is the test split (360 images), the rest the training split (1437), so the network
+never trains on the test images that evaluation uses as real data. Pixels 0..16 map to [-1, 1] as
 ``x / 8 - 1``.
 """
 
@@ -29,7 +28,7 @@ from ddpm import metrics
 
 # Bump when the architecture, training recipe or split rule changes: cached weights and every
 # stored result keyed by it then stop matching.
-FEATURE_NET_VERSION = "digits-cnn-v1"
+FEATURE_NET_VERSION = "digits-cnn-v2"  # v2: the data source's split
 
 FEATURE_DIM = 64  # penultimate features; small enough for a full-rank covariance from ~100 samples
 
@@ -37,24 +36,22 @@ FEATURE_DIM = 64  # penultimate features; small enough for a full-rank covarianc
 # -- data --------------------------------------------------------------------------------------
 
 
-def digits_split_indices(n: int, seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) indices into ``load_digits`` order; see the module docstring for the rule."""
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    perm = np.random.default_rng(seed).permutation(n)
-    n_test = int(round(n * test_fraction))
-    return perm[: n - n_test], perm[n - n_test:]
+def digits_split_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices into ``load_digits`` order: the data source's fixed split."""
+    from ddpm.data.sources import DIGITS_TEST_EVERY
+
+    index = np.arange(n)
+    return index[index % DIGITS_TEST_EVERY != 0], index[index % DIGITS_TEST_EVERY == 0]
 
 
-def digits_split(seed: int = 0, test_fraction: float = 0.2,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_train, y_train, x_test, y_test): images ``[N x 1 x 8 x 8]`` float32 in [-1, 1], labels int64."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     x = torch.from_numpy(digits.images.astype(np.float32) / 8.0 - 1.0).unsqueeze(1)
     y = torch.from_numpy(digits.target.astype(np.int64))
-    train, test = digits_split_indices(len(x), seed, test_fraction)
+    train, test = digits_split_indices(len(x))
     train, test = torch.from_numpy(train), torch.from_numpy(test)
     return x[train], y[train], x[test], y[test]
 

@@ -233,8 +233,8 @@ def _key_value(value: Any) -> str:
 def result_key(metric: str, **depends_on: Any) -> str:
     """Canonical key of a result: the metric, then every dependency sorted by name.
 
-    ``result_key("fd", sampler="ddim", steps=50, num=1000, data="3f2a", features="digits-cnn-v1")``
-    -> ``"fd/data:3f2a/features:digits-cnn-v1/num:1000/sampler:ddim/steps:50"``.
+    ``result_key("fd", sampler="ddim", steps=50, num=1000, data="3f2a", features="digits-cnn-v2")``
+    -> ``"fd/data:3f2a/features:digits-cnn-v2/num:1000/sampler:ddim/steps:50"``.
     Keys and values may hold letters, digits, ``_ . -``; the result is a valid MLflow metric name.
     Results are comparable only when their keys are equal.
     """

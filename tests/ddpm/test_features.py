@@ -26,16 +26,19 @@ def split():
     return features.digits_split()
 
 
-def test_digits_split_rule():
+def test_digits_split_rule_is_the_data_sources():
+    from ddpm.data.sources import digits
+
     train, test = features.digits_split_indices(1797)
-    perm = np.random.default_rng(0).permutation(1797)
-    assert (len(train), len(test)) == (1438, 359)
-    assert np.array_equal(np.concatenate([train, test]), perm)  # the last 20% of the permutation
+    assert (len(train), len(test)) == (1437, 360)
+    assert not set(train) & set(test)
+    assert [int(s.key) for s in digits("test").iterate()] == test.tolist()
+    assert [int(s.key) for s in digits("train").iterate()] == train.tolist()
 
 
 def test_digits_split_images(split):
     x_train, y_train, x_test, y_test = split
-    assert x_train.shape == (1438, 1, 8, 8) and x_test.shape == (359, 1, 8, 8)
+    assert x_train.shape == (1437, 1, 8, 8) and x_test.shape == (360, 1, 8, 8)
     assert x_train.dtype == torch.float32 and y_train.dtype == torch.int64
     assert x_train.min() == -1.0 and x_train.max() == 1.0
     assert set(y_test.tolist()) == set(range(10))
@@ -84,7 +87,7 @@ def test_evaluate_samples_real_images_sit_at_the_floor(trained, split):
     x_train, _, x_test, _ = split
     samples, held_out = x_test[:180], x_test[180:]  # fresh real images stand in for a perfect model
     out = features.evaluate_samples(samples, held_out, x_train, net=net)
-    assert out["num_samples"] == 180 and out["num_floor"] == 179
+    assert out["num_samples"] == 180 and out["num_floor"] == 180  # min(N, M) test images
     for name in ("fd", "precision", "recall", "confidence", "copy_rate"):
         assert f"{name}_floor" in out
     assert out["fd"] < 1.5 * out["fd_floor"]

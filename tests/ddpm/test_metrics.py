@@ -132,13 +132,13 @@ def test_directions_and_better():
 
 
 def test_result_key_is_canonical():
-    deps = dict(sampler="ddim", steps=50, num=1000, data="3f2a9c", features="digits-cnn-v1")
+    deps = dict(sampler="ddim", steps=50, num=1000, data="3f2a9c", features="digits-cnn-v2")
     a = metrics.result_key("fd", **deps)
     b = metrics.result_key("fd", **dict(reversed(list({**deps, "num": 1000.0}.items()))))
-    assert a == b == "fd/data:3f2a9c/features:digits-cnn-v1/num:1000/sampler:ddim/steps:50"
+    assert a == b == "fd/data:3f2a9c/features:digits-cnn-v2/num:1000/sampler:ddim/steps:50"
     assert a != metrics.result_key("fd", **{**deps, "steps": 20})
     assert metrics.result_key("bpd", eta=None, clip=True) == "bpd/clip:true/eta:none"
-    assert metrics.parse_result_key(a) == ("fd", {"data": "3f2a9c", "features": "digits-cnn-v1",
+    assert metrics.parse_result_key(a) == ("fd", {"data": "3f2a9c", "features": "digits-cnn-v2",
                                                   "num": "1000", "sampler": "ddim", "steps": "50"})
     with pytest.raises(ValueError, match="may only hold"):
         metrics.result_key("fd", data="a/b")

@@ -11,7 +11,7 @@ from pipelines.cli import app
 from tests.pipelines.test_evaluate import FAST, digits_home, digits_home_template  # noqa: F401 (fixtures)
 from tests.pipelines.test_registry import _no_stale_registry_uri, register_tiny  # noqa: F401 (fixture)
 
-KEY = "fd/data:abc/eta:0/features:digits-cnn-v1/num:16/sampler:ddim/steps:5"
+KEY = "fd/data:abc/eta:0/features:digits-cnn-v2/num:16/sampler:ddim/steps:5"
 
 
 def promote(*args: str):
