@@ -1,6 +1,6 @@
 """`make bench`: run the benchmark suite, write JSON to bench-results/ and print a markdown table.
 
-    python -m benchmarks.run [--quick] [--only train,forward,ray,allreduce,data] [--out bench-results]
+    python -m benchmarks.run [--quick] [--only train,forward,digits,ray,allreduce,data] [--out bench-results]
     python -m benchmarks.run --table-only      # re-print the table from the JSON already written
 
 Every ratio comes from one process alternating the models it compares; each JSON file records the
@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any, Callable
 
-BENCHES = ("train", "forward", "ray", "allreduce", "data")
+BENCHES = ("train", "forward", "digits", "ray", "allreduce", "data")
 
 
 def _runners(quick: bool, threads: int | None) -> dict[str, Callable[[str], Any]]:
@@ -31,6 +31,10 @@ def _runners(quick: bool, threads: int | None) -> dict[str, Callable[[str], Any]
         from benchmarks import bench_forward
         return bench_forward.main(q + t + ["--json-out", path])
 
+    def digits(path):
+        from benchmarks import bench_digits
+        return bench_digits.main(q + t + ["--json-out", path])
+
     def ray(path):
         from benchmarks import bench_ray
         return bench_ray.main(q + t + ["--json-out", path])
@@ -44,7 +48,7 @@ def _runners(quick: bool, threads: int | None) -> dict[str, Callable[[str], Any]
         extra = ["--datasets", "digits", "--no-s3", "--epochs", "1"] if quick else ["--cifar-samples", "2000"]
         return bench_data.main(extra + ["--json-out", path])
 
-    return {"train": train, "forward": forward, "ray": ray, "allreduce": allreduce, "data": data}
+    return {"train": train, "forward": forward, "digits": digits, "ray": ray, "allreduce": allreduce, "data": data}
 
 
 def _load(out: str, name: str) -> dict | None:
@@ -82,6 +86,15 @@ def table(out: str) -> str:
             d = fw["ddim"]
             rows.append(f"| DDIM {d['steps']} steps, {d['num']} images (s) | {d['ours_s']} | {d.get('diffusers_s', '-')} | "
                         f"{d.get('ratio', '-')} | ≥ 1 | {d['load'][0]} |")
+    dg = _load(out, "digits")
+    if dg:
+        by = {r["precision"]: r for r in dg["runs"] if r["seed"] == 0}
+        rel = dg["bf16_over_fp32"]
+        rows.append(f"| digits {dg['steps']} steps bf16 vs fp32: loss; pixel Frechet (lower better); img/s | "
+                    f"{by['bf16']['loss']}; {by['bf16']['pixel_frechet']}; {by['bf16']['images_per_s']} | "
+                    f"{by['fp32']['loss']}; {by['fp32']['pixel_frechet']}; {by['fp32']['images_per_s']} | "
+                    f"{rel['loss']}; {rel['pixel_frechet']}; {rel['images_per_s']} | loss, quality ≈ 1 | "
+                    f"{by['bf16']['load'][0]} |")
     ry = _load(out, "ray")
     if ry:
         rows.append(f"| digits training, 1-worker Ray Train vs plain (img/s) | {ry['ray']['images_per_s']} | "

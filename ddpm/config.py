@@ -166,6 +166,8 @@ class TrainConfig:
     keep_checkpoints: int = 3  # the last K, plus the best
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
     registered_model: str = "ddpm"  # registry name the final model is registered under
+    channels_last: bool = False  # NHWC activations and weights (oneDNN/cuDNN's native conv layout)
+    compile: bool = False  # torch.compile the model's forward; falls back to eager if it fails
 
     def __post_init__(self) -> None:
         _validate_choices(self)

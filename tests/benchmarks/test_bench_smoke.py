@@ -47,6 +47,17 @@ def test_forward_quick(tmp_path):
 
 
 @pytest.mark.timeout(600)
+def test_digits_quick(tmp_path):
+    from benchmarks import bench_digits
+
+    bench_digits.main(["--quick", "--json-out", str(tmp_path / "digits.json")])
+    r = _read(tmp_path / "digits.json")
+    assert [row["precision"] for row in r["runs"]] == ["fp32", "bf16"]
+    assert all(row["loss"] > 0 and row["pixel_frechet"] >= 0 for row in r["runs"])
+    assert set(r["bf16_over_fp32"]) == {"loss", "images_per_s", "pixel_frechet"}
+
+
+@pytest.mark.timeout(600)
 def test_allreduce_quick(tmp_path):
     from benchmarks import bench_allreduce
 
