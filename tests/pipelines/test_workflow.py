@@ -101,16 +101,16 @@ def ray_head(tmp_path):
                             env=env)
     url = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:  # it answers (401 when token authentication is on): it is up
-            break
-        except Exception:
-            assert proc.poll() is None and time.time() < deadline, "the Ray head did not start"
-            time.sleep(1)
     try:
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # it answers (401 when token authentication is on): it is up
+                break
+            except Exception:
+                assert proc.poll() is None and time.time() < deadline, "the Ray head did not start"
+                time.sleep(1)
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
