@@ -1,7 +1,8 @@
 """Training-step throughput of our CIFAR-10 U-Net against diffusers' UNet2DModel of the same architecture.
 
 One training step is what ``pipelines.loop`` does per batch: x_t from ``Diffusion.training_loss``
-(uniform t, Gaussian eps), forward, L_simple, backward, global-norm clip, foreach Adam. Both models
+(uniform t, Gaussian eps), forward, L_simple, backward, global-norm clip, Adam (ours: fused, as the
+loop builds it; diffusers: torch's default foreach; ``--same-optimizer``: foreach for both). Both models
 run the same step on the same batch in one process, alternating (ABBA), ``--steps`` timed steps per
 repeat, medians over ``--repeats``; fp32 and bf16 autocast. Ours runs as the training loop runs it
 contiguous (``ours``) and channels-last (``ours_cl``, ``TrainConfig.channels_last``); diffusers as its
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--channels-last", choices=["ours", "both", "none"], default="ours",
                    help="which models also run a channels_last case (ours_cl / diffusers_cl)")
+    p.add_argument("--same-optimizer", action="store_true",
+                   help="foreach Adam for every model (compares the networks alone)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one step of each model (torch.profiler, top operators by self CPU time)")
     p.add_argument("--quick", action="store_true", help="a tiny model, one repeat: a smoke test")
@@ -104,7 +107,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         m.train()
         if layout[name]:
             m.to(memory_format=torch.channels_last)
-    opts = {name: torch.optim.Adam(m.parameters(), lr=2e-4, foreach=True) for name, m in models.items()}
+    # Ours: the optimizer pipelines.loop.build makes (fused Adam); diffusers: torch's default (foreach),
+    # as in diffusers' train_unconditional example. --same-optimizer gives every model foreach Adam.
+    def adam(name, m):
+        fused = name.startswith("ours") and not args.same_optimizer
+        return torch.optim.Adam(m.parameters(), lr=2e-4, foreach=not fused, fused=fused or None)
+    opts = {name: adam(name, m) for name, m in models.items()}
 
     # FLOPs of one image's forward + backward (the optimizer's elementwise work is not counted).
     def fwd_bwd():
@@ -150,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     result = {"benchmark": "train_step", "model": "quick" if args.quick else "cifar10 U-Net (35.7M)",
               "machine": common.machine(threads), "load_before": load_before, "steps_per_repeat": args.steps,
-              "repeats": args.repeats, "gflop_per_image_fwd_bwd": round(flops_per_image / 1e9, 2),
+              "repeats": args.repeats, "optimizer": "foreach Adam for all" if args.same_optimizer else
+              "ours: fused Adam (as pipelines.loop); diffusers: foreach Adam", "gflop_per_image_fwd_bwd": round(flops_per_image / 1e9, 2),
               "matmul_peak": peaks, "results": rows}
     if profiles:
         result["profile"] = profiles

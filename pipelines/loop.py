@@ -85,7 +85,8 @@ def build(cfg: ExperimentConfig, device: torch.device):
     memory_format = torch.channels_last if cfg.train.channels_last else torch.preserve_format
     model = UNet(cfg.model).to(device, memory_format=memory_format)  # before the EMA copies it
     ema = EMA(model, decay=cfg.train.ema_decay)
-    fused = device.type == "cuda"
+    # Fused Adam (one kernel over all parameters) has CUDA and CPU kernels; elsewhere, foreach.
+    fused = device.type in ("cuda", "cpu")
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, foreach=not fused, fused=fused or None)
     warmup = max(cfg.train.warmup_steps, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
