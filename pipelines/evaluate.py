@@ -68,8 +68,6 @@ def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampl
         raise UsageError(f"--sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
     if num <= K_NEAREST:
         raise UsageError(f"--num must be above {K_NEAREST} (k-NN precision/recall), got {num}")
-    if nodes > 1:
-        _cluster_sampler(nodes)  # fails before any work when the sample job is not there
     settings = resolve(address=address)
     tracking.configure(settings)
     loaded = models.load(model)
@@ -190,24 +188,11 @@ def generate_samples(loaded: Any, sampler: str, steps: int | None, eta: float, n
     return torch.cat(out)
 
 
-def _cluster_sampler(nodes: int) -> Any:
-    """The batch-sampling job's array API, or a UsageError saying that it is needed."""
-    try:
-        from pipelines import sample as job
-    except ModuleNotFoundError as e:
-        if e.name != "pipelines.sample":
-            raise
-        job = None
-    fn = getattr(job, "sample_to_tensor", None)
-    if fn is None:
-        raise UsageError(f"--nodes {nodes} needs the sample job (`ddpm-pipe sample`, "
-                         "pipelines.sample.sample_to_tensor), which is not built yet; use --nodes 1")
-    return fn
-
-
 def _generate_on_cluster(loaded, sampler, steps, eta, num, nodes, address, seed):
-    fn = _cluster_sampler(nodes)
-    return fn(model=loaded.uri, num=num, sampler=sampler, steps=steps, eta=eta, seed=seed, nodes=nodes,
+    """Sample through the batch-sampling job (`ddpm-pipe sample`'s Ray actors): same seeds, same images."""
+    from pipelines.sample import sample_to_tensor
+
+    return sample_to_tensor(model=loaded.uri, num=num, sampler=sampler, steps=steps, eta=eta, seed=seed, nodes=nodes,
               batch_size=loaded.config.sample.batch_size, address=address, progress=False)
 
 

@@ -97,17 +97,17 @@ def test_cli_evaluates_a_checkpoint_into_its_own_run_with_the_sampler_table(tmp_
     assert "| real data (floor) |" in out["message"]
 
 
-def test_more_than_one_node_needs_the_sample_job(tmp_path):
-    import importlib.util
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_nodes_sample_through_the_batch_job_and_match_one_process(ray_cluster, tmp_path):
+    from pipelines import models
+    from pipelines.evaluate import generate_samples
 
-    if importlib.util.find_spec("pipelines.sample") is not None:
-        from pipelines import sample
-
-        if hasattr(sample, "sample_to_tensor"):
-            pytest.skip("the sample job exists; covered by the cluster tests")
-    result = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "none.pt"), "--nodes", "2"])
-    assert result.exit_code == 2
-    assert "needs the sample job" in result.output
+    loaded = models.load(str(save_tiny_checkpoint(tmp_path / "tiny.pt")))
+    one = generate_samples(loaded, "ddim", 5, 0.0, 6, nodes=1, address=None)
+    two = generate_samples(loaded, "ddim", 5, 0.0, 6, nodes=2, address=None)
+    assert one.shape == two.shape == (6, 1, 8, 8)
+    assert (one - two).abs().max() < 1e-4
 
 
 def test_bad_sampler_is_a_usage_error(tmp_path):

@@ -89,14 +89,19 @@ def ray_head(tmp_path):
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    gcs, dash = free_port(), free_port()
+    # Every fixed default port of a head (client server 10001, agent 52365, ...) may be taken by the
+    # session's shared cluster: give each one a free port.
+    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
+                                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                             "metrics-export-port", "runtime-env-agent-port")}
+    dash = ports["dashboard-port"]
     bin_dir = os.path.dirname(sys.executable)  # the job's `ddpm-pipe` is this environment's
     # A loopback-only test head: no token authentication (a real cluster's token is read by the
     # Jobs client from RAY_AUTH_MODE=token and ~/.ray/auth_token).
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([os.path.join(bin_dir, "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
-                             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", "--disable-usage-stats"],
+    proc = subprocess.Popen([os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--num-cpus=2",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+                             *(f"--{name}={port}" for name, port in ports.items())],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env=env)
     url = f"http://127.0.0.1:{dash}"
