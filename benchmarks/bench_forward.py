@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: per-process CPU seconds (robust to other load; use with --threads 1)")
     p.add_argument("--ddim-steps", type=int, default=0, help="also time an N-step DDIM run (0: skip)")
     p.add_argument("--ddim-num", type=int, default=16)
     p.add_argument("--quick", action="store_true", help="a tiny model, one repeat: a smoke test")
@@ -78,10 +80,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         xx = x.to(torch.bfloat16) if weights_bf16 else x
 
         def run() -> float:
+            now = common.clock(args.clock)
             with torch.no_grad(), common.autocast("fp32" if weights_bf16 else precision):
-                start = time.perf_counter()
+                start = now()
                 common.call(model, xx, t)
-                return args.batch / (time.perf_counter() - start)
+                return args.batch / (now() - start)
         return run
 
     rows = []
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append(row)
 
     result = {"benchmark": "forward", "model": "quick" if args.quick else "cifar10 U-Net (35.7M)",
-              "machine": common.machine(threads), "load_before": load_before, "repeats": args.repeats,
+              "machine": common.machine(threads), "load_before": load_before, "repeats": args.repeats, "clock": args.clock,
               "results": rows}
     if args.ddim_steps:
         result["ddim"] = {"steps": args.ddim_steps, "num": args.ddim_num, "load": common.load(),

@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--channels-last", choices=["ours", "both", "none"], default="ours",
                    help="which models also run a channels_last case (ours_cl / diffusers_cl)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: per-process CPU seconds (robust to other load; use with --threads 1)")
     p.add_argument("--same-optimizer", action="store_true",
                    help="foreach Adam for every model (compares the networks alone)")
     p.add_argument("--profile", action="store_true",
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     threads = common.set_threads(args.threads)
     load_before = common.load()
-    peaks = {prec: common.matmul_peak(prec, n=256 if args.quick else 1024, repeats=2 if args.quick else 5)
+    peaks = {prec: common.matmul_peak(prec, n=256 if args.quick else 1024, repeats=2 if args.quick else 5,
+                                      kind=args.clock)
              for prec in args.precisions.split(",")}
     diffusion = Diffusion.from_config(DiffusionConfig())
     torch.manual_seed(0)
@@ -128,10 +131,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         def case(step):
             def run() -> float:
-                start = time.perf_counter()
+                now = common.clock(args.clock)
+                start = now()
                 for _ in range(args.steps):
                     step()
-                return args.batch * args.steps / (time.perf_counter() - start)
+                return args.batch * args.steps / (now() - start)
             return run
 
         ips = common.alternate({name: case(s) for name, s in steps.items()}, args.repeats)
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"{r['op']:<45} {r['self_s']:8.3f} s {r['share']:6.1%}" for r in profiles[f"{name} {prec}"]))
 
     result = {"benchmark": "train_step", "model": "quick" if args.quick else "cifar10 U-Net (35.7M)",
-              "machine": common.machine(threads), "load_before": load_before, "steps_per_repeat": args.steps,
+              "machine": common.machine(threads), "load_before": load_before, "steps_per_repeat": args.steps, "clock": args.clock,
               "repeats": args.repeats, "optimizer": "foreach Adam for all" if args.same_optimizer else
               "ours: fused Adam (as pipelines.loop); diffusers: foreach Adam", "gflop_per_image_fwd_bwd": round(flops_per_image / 1e9, 2),
               "matmul_peak": peaks, "results": rows}
