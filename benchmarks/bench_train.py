@@ -18,7 +18,6 @@ against this machine's matrix-multiply rate measured in the same run.
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 from benchmarks import common
