@@ -91,7 +91,8 @@ def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampl
     target = log_results(loaded, model, results, main, rows, settings)
     message = _message(model, bpd, main, rows, target)
     return {"message": message, "model": model, "results": results, "bpd": bpd["value"],
-            "scores": main["scores"], "sec_per_sample": main["sec_per_sample"], "sampler": main["sampler"],
+            "scores": main["scores"], "floors": main.get("floors", {}),
+            "sec_per_sample": main["sec_per_sample"], "sampler": main["sampler"],
             "steps": main["steps"], "eta": main["eta"], "num": num, "table": [_row_summary(r) for r in rows],
             "feature_net": main.get("feature_net"), "notes": main.get("notes", []), **target}
 

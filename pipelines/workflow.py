@@ -256,7 +256,7 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
             e = spec.evaluate
             res = evaluate_command(model=trained["model_uri"], data=data["test_url"], num=e.num,
                                    sampler=e.sampler, steps=e.steps, nodes=e.nodes, address=address)
-            scores = {k: v for k, v in res["scores"].items() if isinstance(v, (int, float))}
+            scores = {k: v for k, v in {**res["scores"], **{f"{k}_floor": v for k, v in res["floors"].items()}}.items() if isinstance(v, (int, float))}
             return {"model_uri": trained["model_uri"], "bpd": res["bpd"], "scores": scores,
                     "sec_per_sample": res["sec_per_sample"]}
 
@@ -305,8 +305,9 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
     message = "\n".join([
         f"workflow '{name}': ran {', '.join(ran) or 'nothing'}; skipped {', '.join(skipped) or 'nothing'}",
         f"  registered model : {trained['model_uri']} ({'promoted to ' + spec.promote.alias if promoted['promoted'] else 'not promoted: ' + promoted['message']})",
-        f"  evaluation       : bpd {evaluated['bpd']:.3f}, " + ", ".join(
-            f"{k} {v:.3f}" for k, v in evaluated["scores"].items() if k in ("fd", "fd_floor", "precision", "recall")),
+        f"  evaluation       : bpd {evaluated['bpd']:.3f}; " + "; ".join(
+            f"{k} {s[k]:.3f} (real-data floor {s[k + '_floor']:.3f})" for s in [evaluated["scores"]]
+            for k in ("fd", "precision", "recall") if k in s and k + "_floor" in s),
         f"  sample grid      : {sampled['grid']}",
         f"  samples          : {sampled['out']}",
         f"  MLflow store     : {settings.tracking_uri} (UI: {ui})",
