@@ -21,10 +21,11 @@ def run_cli(*args: str):
     return result
 
 
-def train_args(tmp_path, *extra: str, nodes: int = 4, steps: int = 4, name: str = "t1") -> list[str]:
+def train_args(tmp_path, *extra: str, nodes: int = 4, steps: int = 4, name: str = "t1",
+               storage: str | None = None) -> list[str]:
     sets = [x for s in TINY for x in ("--set", s)]
     return ["train", "--nodes", str(nodes), "--max-steps", str(steps), "--run-name", name,
-            "--storage", str(tmp_path / "storage"), "--json", *sets, *extra]
+            "--storage", storage or str(tmp_path / "storage"), "--json", *sets, *extra]
 
 
 def mlflow_client():
@@ -102,3 +103,23 @@ def test_bad_config_key_is_a_usage_error(tmp_path):
     result = run_cli("train", "--set", "train.nope=1", "--storage", str(tmp_path))
     assert result.exit_code == 2
     assert "unknown config key" in result.output and "batch_size" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_checkpoints_go_to_s3_storage_and_resume_from_there(ray_cluster, tmp_path, s3_prefix):
+    import s3fs
+
+    storage = f"{s3_prefix}/runs"
+    first = run_cli(*train_args(tmp_path, nodes=2, steps=2, name="s3run", storage=storage))
+    assert first.exit_code == 0, first.output
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    root = storage[len("s3://"):]
+    assert fs.exists(f"{root}/s3run/checkpoint_00000002/checkpoint.pt")
+    second = run_cli(*train_args(tmp_path, nodes=2, steps=4, name="s3run", storage=storage))
+    assert second.exit_code == 0, second.output
+    out = json.loads(second.stdout.strip().splitlines()[-1])
+    assert out["resumed"] and out["metrics"]["step"] == 4
+    assert fs.exists(f"{root}/s3run/checkpoint_00000004/checkpoint.pt")
+    c = mlflow_client()
+    assert [m.value for m in c.get_metric_history(out["run_id"], "resumed_from_step")] == [2]
