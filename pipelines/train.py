@@ -73,7 +73,10 @@ def _ray_context(tracking_uri: str | None):
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    return LoopContext(rank=rank, world_size=world, device=ray.train.torch.get_device(), restore=restore,
+    device = ray.train.torch.get_device()
+    if device.type == "cpu" and world == 1 and torch.backends.mps.is_available():
+        device = torch.device("mps")  # Apple GPU: Ray does not schedule it, one worker can use it
+    return LoopContext(rank=rank, world_size=world, device=device, restore=restore,
                        report=report, wrap_model=wrap, all_gather=all_gather)
 
 
@@ -231,6 +234,9 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
 
     # Workers print the progress lines (step, loss, images/s, ETA): forward them to this console.
     started = cluster.connect(settings.ray_address, min_cpus=nodes * max(gpus_per_node, 1), quiet=False)
+    if started and gpus_per_node == 0 and nodes == 1 and _local_gpus() > 0:
+        gpus_per_node = 1  # one machine with a GPU: use it
+        print("[train] a CUDA GPU is present: training on it (--gpus-per-node 1)")
     placement = cluster.plan(nodes, gpus_per_node, started_locally=started)
     from pipelines.storage import storage_options
 
@@ -281,3 +287,9 @@ def _root_cause(e: BaseException) -> str:
         seen = seen.__cause__
     text = str(seen).strip().splitlines()
     return f"{type(seen).__name__}: {text[-1] if text else ''}"[:500]
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
