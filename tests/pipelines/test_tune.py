@@ -143,3 +143,44 @@ def test_two_workers_per_trial_with_asha_does_not_stall(ray_cluster, tmp_path):
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
         time.sleep(1)
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_stopped_trial_with_a_leaked_worker_group_gets_its_cpus_back(ray_cluster):
+    """Ray issue 54305 on the path ASHA takes: a trial stopped early whose TorchTrainer's worker
+    placement group outlived it. The sweep callback must remove that group and free its CPUs."""
+    from types import SimpleNamespace
+
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from ddpm.config import load_config
+    from pipelines import tracking, tune
+    from pipelines.settings import resolve
+
+    settings = resolve()
+    tracking.configure(settings)
+    exp_id = tracking.experiment_id("tune-reaper", settings)
+    parent, _ = tracking.start_or_resume_run(exp_id, "sweep-reaper")
+    name = tune.REGISTRY_PREFIX + "reaper"
+    registry = tune._placement_registry(name)
+    total = ray.cluster_resources()["CPU"]
+    leaked = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="SPREAD")  # the trial's 2 workers
+    ray.get(leaked.ready(), timeout=60)
+    assert ray.available_resources().get("CPU", 0) <= total - 2
+    ray.get(registry.put.remote("trial_0001", leaked.id.hex()))
+
+    callback = tune._make_callback(exp_id, parent, "reaper", load_config("digits"), max_steps=8, registry=name)
+    stopped = SimpleNamespace(trial_id="trial_0001", config={}, last_result={"step": 2})  # stopped at a rung
+    callback.on_trial_complete(0, [], stopped)
+
+    assert callback.reaped == 1
+    assert placement_group_table(leaked)["state"] == "REMOVED"
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == total
+    run = tracking.client().get_run(callback.runs["trial_0001"])
+    assert run.data.tags["ddpm.tune.ending"] == "stopped early"
+    ray.kill(registry)
