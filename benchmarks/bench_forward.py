@@ -1,10 +1,16 @@
 """Sampling throughput: denoiser evaluations per second at batch 64, ours against diffusers' UNet2DModel.
 
 Forward passes under ``torch.no_grad`` of the CIFAR-10 architecture in one process, alternating the
-models (ABBA), medians over ``--repeats``: fp32, and bf16 as autocast (both models) and as bf16 weights
-(ours: ``model.to(torch.bfloat16)``, sound for inference; the sample job's ``precision=bf16``).
+models (ABBA), medians over ``--repeats``. Both models carry the same weights (diffusers' default
+init, converted into ours): our zero-initialized residual branches produce denormal activations
+that slow a CPU by a few percent, which a trained model does not have. Cases: ``ours`` (plain NCHW,
+fp32 or bf16 autocast), ``ours_cl`` (``ddpm.inference.SamplingNet``: channels-last, fp32; what the
+sample job runs), ``ours_bf16_weights`` / ``ours_bf16_cl`` (SamplingNet with bf16 weights, NCHW /
+channels-last; the sample job's ``--precision bf16``), ``diffusers`` (fp32, or bf16 autocast) and
+``diffusers_bf16_weights`` (diffusers cast with ``.to(torch.bfloat16)``, a reference only).
 With ``--ddim-steps N`` it also times an N-step DDIM run for ``--ddim-num`` images with our sampler
-against diffusers' ``DDIMScheduler`` loop (the 1000-step DDPM time follows from evaluations/s).
+(and SamplingNet, as the sample job) against diffusers' ``DDIMScheduler`` loop (the 1000-step DDPM
+time follows from evaluations/s).
 
     python -m benchmarks.bench_forward [--batch 64 --repeats 3] [--ddim-steps 50] [--quick] [--json-out PATH]
 """
@@ -66,22 +72,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     threads = common.set_threads(args.threads)
     load_before = common.load()
+    from ddpm.inference import SamplingNet
+
     torch.manual_seed(0)
-    ours = common.ours_cifar10(args.quick).eval()
     theirs = common.diffusers_cifar10(args.quick)
-    ours_bf16 = common.ours_cifar10(args.quick).eval()
-    ours_bf16.load_state_dict(ours.state_dict())
-    ours_bf16.to(torch.bfloat16)
+    theirs_bf16 = None
+    if theirs is not None:
+        theirs.eval()
+        theirs_bf16 = common.diffusers_cifar10(args.quick).eval()
+        theirs_bf16.load_state_dict(theirs.state_dict())
+        theirs_bf16.to(torch.bfloat16)
+
+    def ours_model():
+        m = common.ours_cifar10(args.quick).eval()
+        if theirs is not None:
+            common.copy_diffusers_weights(theirs, m)
+        return m
+
+    ours = ours_model()
+    nets = {"ours_cl": SamplingNet(ours_model(), "fp32"),
+            "ours_bf16_weights": SamplingNet(ours_model(), "bf16", channels_last=False),
+            "ours_bf16_cl": SamplingNet(ours_model(), "bf16")}
     size = ours.config.image_size
     x = torch.randn(args.batch, 3, size, size)
     t = torch.randint(0, 1000, (args.batch,))
 
-    def case(model, precision: str, weights_bf16: bool = False):
-        xx = x.to(torch.bfloat16) if weights_bf16 else x
-
+    def case(model, precision: str, xx=x):
         def run() -> float:
             now = common.clock(args.clock)
-            with torch.no_grad(), common.autocast("fp32" if weights_bf16 else precision):
+            with torch.no_grad(), common.autocast(precision):
                 start = now()
                 common.call(model, xx, t)
                 return args.batch / (now() - start)
@@ -89,19 +108,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     rows = []
     for prec in args.precisions.split(","):
-        cases = {"ours": case(ours, prec)}
-        if prec == "bf16":
-            cases["ours_bf16_weights"] = case(ours_bf16, prec, weights_bf16=True)
+        if prec == "fp32":
+            cases = {"ours": case(ours, prec), "ours_cl": case(nets["ours_cl"], prec)}
+        else:  # SamplingNet casts inside; no autocast around it
+            cases = {"ours": case(ours, prec), "ours_bf16_weights": case(nets["ours_bf16_weights"], "fp32"),
+                     "ours_bf16_cl": case(nets["ours_bf16_cl"], "fp32")}
         if theirs is not None:
-            theirs.eval()
             cases["diffusers"] = case(theirs, prec)
+            if prec == "bf16":
+                cases["diffusers_bf16_weights"] = case(theirs_bf16, "fp32", x.to(torch.bfloat16))
         for c in cases.values():
             c()  # warm-up
         ips = common.alternate(cases, args.repeats)
         row: dict[str, Any] = {"precision": prec, "batch": args.batch, "load": common.load()}
         for name, xs in ips.items():
             row[name] = {"evals_per_s": round(common.median(xs), 3), "repeats": [round(v, 3) for v in xs]}
-        if "diffusers" in ips:
+        if "diffusers" in ips:  # every ratio is against diffusers as its users run it (fp32 / autocast)
             for name in (n for n in ips if n.startswith("ours")):
                 key = "ratio" if name == "ours" else f"ratio_{name.removeprefix('ours_')}"
                 row[key] = round(common.median([a / b for a, b in zip(ips[name], ips["diffusers"])]), 3)
@@ -112,8 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "results": rows}
     if args.ddim_steps:
         result["ddim"] = {"steps": args.ddim_steps, "num": args.ddim_num, "load": common.load(),
-                          **_ddim(ours, theirs.eval() if theirs is not None else None, args.ddim_steps,
-                                  args.ddim_num, size)}
+                          **_ddim(nets["ours_cl"], theirs, args.ddim_steps, args.ddim_num, size)}
     print(common.write_json(result, args.json_out))
     return result
 

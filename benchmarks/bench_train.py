@@ -6,8 +6,9 @@ loop builds it; diffusers: torch's default foreach; ``--same-optimizer``: foreac
 run the same step on the same batch in one process, alternating (ABBA), ``--steps`` timed steps per
 repeat, medians over ``--repeats``; fp32 and bf16 autocast. Ours runs as the training loop runs it
 contiguous (``ours``) and channels-last (``ours_cl``, ``TrainConfig.channels_last``); diffusers as its
-users run it (contiguous NCHW; ``--channels-last both`` adds ``diffusers_cl``). Ratios are medians of
-per-repeat ratios, each pair measured back to back.
+users run it (contiguous NCHW; ``--channels-last both`` adds ``diffusers_cl``). Both start from the
+same weights (diffusers' init, converted into ours). Ratios are medians of per-repeat ratios, each
+pair measured back to back.
 
 Achieved GFLOP/s = FLOPs per image (``torch.utils.flop_counter``, forward + backward) x images/s,
 against this machine's matrix-multiply rate measured in the same run.
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     ours = common.ours_cifar10(args.quick)
     theirs = common.diffusers_cifar10(args.quick)
+    if theirs is not None:  # the same weights on both sides (common.copy_diffusers_weights says why)
+        common.copy_diffusers_weights(theirs, ours)
     models = {"ours": ours}
     layout = {"ours": False}  # channels_last?
     if args.channels_last in ("ours", "both"):

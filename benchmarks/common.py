@@ -132,6 +132,16 @@ def diffusers_cifar10(quick: bool = False):
     return diffusers.UNet2DModel(**kwargs)
 
 
+def copy_diffusers_weights(theirs, ours) -> None:
+    """Give ``ours`` the weights of ``theirs`` (the same architecture; ``ddpm.convert_diffusers``), so
+    both models compute the same function on the same numbers: a fair race. Our own init zeroes
+    every residual branch's last layer, and zero branches make denormal activations that slow a
+    CPU by a few percent (measured: docs/PERFORMANCE.md); trained weights have none."""
+    from ddpm.convert_diffusers import convert_state_dict
+
+    ours.load_state_dict(convert_state_dict(theirs.state_dict()))
+
+
 def call(model, x, t):
     """Both models' forward, returning a tensor (diffusers wraps its output in ``.sample``)."""
     out = model(x, t)

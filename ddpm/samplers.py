@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ddpm.diffusion import Diffusion, Model, Progress
+from ddpm.inference import sampling_dtype
 from ddpm.noise import NoiseSource
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
@@ -141,7 +142,7 @@ def _device_dtype(model: Model, device: torch.device | str | None) -> tuple[torc
     params = getattr(model, "parameters", None)
     p = next((q for q in params() if q.is_floating_point()), None) if callable(params) else None
     dev = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
-    return dev, (p.dtype if p is not None else torch.float32)
+    return dev, (sampling_dtype(p.dtype) if p is not None else torch.float32)
 
 
 def run_loop(sampler: DDPMSampler | DDIMSampler | DPMSolverPPSampler, model: Model, shape: Sequence[int], *,
@@ -153,7 +154,7 @@ def run_loop(sampler: DDPMSampler | DDIMSampler | DPMSolverPPSampler, model: Mod
     ``progress(done, total)`` is called after each step (done = 1..total). With ``progressive = K``
     the predicted x_0 at K evenly spaced steps is returned too, as (x_0, preds ``[K x N x C x H x W]``)
     (Ho et al. 2020, figure 6). Device and dtype follow the model's parameters unless ``device``
-    is given.
+    is given; a bf16/fp16 network (:class:`ddpm.inference.SamplingNet`) is sampled in float32.
     """
     if progressive < 0:
         raise ValueError(f"progressive must be >= 0, got {progressive}")

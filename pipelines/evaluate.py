@@ -173,17 +173,19 @@ def generate_samples(loaded: Any, sampler: str, steps: int | None, eta: float, n
     """``num`` samples in [-1, 1]; sample i draws its noise from ``ddpm.noise.sample_seed(seed, i)``."""
     import torch
 
+    from ddpm.inference import SamplingNet
     from ddpm.noise import sample_seeds
     from ddpm.samplers import generate
 
     if nodes > 1:
         return _generate_on_cluster(loaded, sampler, steps, eta, num, nodes, address, seed)
     m, batch = loaded.config.model, loaded.config.sample.batch_size
+    net = SamplingNet(loaded.model)  # as the sample job's workers run it: same seeds, same images
     out = []
     for i in range(0, num, batch):
         n = min(batch, num - i)
         seeds = sample_seeds(seed, i, n)
-        out.append(generate(loaded.model, loaded.diffusion, (n, m.in_channels, m.image_size, m.image_size),
+        out.append(generate(net, loaded.diffusion, (n, m.in_channels, m.image_size, m.image_size),
                             sampler=sampler, steps=steps, eta=eta, seeds=seeds,
                             clip_denoised=loaded.config.sample.clip_denoised))
     return torch.cat(out)

@@ -21,8 +21,10 @@ class DDPMSampler(PythonModel):
     def load_context(self, context) -> None:
         from ddpm.checkpoint import import_weights
         from ddpm.diffusion import Diffusion
+        from ddpm.inference import SamplingNet
 
-        self.config, self.model = import_weights(context.artifacts["ddpm_model"])
+        self.config, model = import_weights(context.artifacts["ddpm_model"])
+        self.model = SamplingNet(model)  # as `ddpm-pipe sample` runs it: same seeds, same images
         self.diffusion = Diffusion.from_config(self.config.diffusion)
 
     def predict(self, context, model_input, params=None):

@@ -41,8 +41,9 @@ def test_forward_quick(tmp_path):
     r = _read(tmp_path / "forward.json")
     _machine_ok(r["machine"])
     fp32, bf16 = r["results"]
-    assert fp32["ours"]["evals_per_s"] > 0 and fp32["ratio"] > 0
+    assert fp32["ours"]["evals_per_s"] > 0 and fp32["ratio"] > 0 and fp32["ratio_cl"] > 0
     assert bf16["ours_bf16_weights"]["evals_per_s"] > 0 and bf16["ratio_bf16_weights"] > 0
+    assert bf16["ratio_bf16_cl"] > 0 and bf16["diffusers_bf16_weights"]["evals_per_s"] > 0
     assert r["ddim"]["ours_s"] > 0 and r["ddim"]["ratio"] > 0
 
 
