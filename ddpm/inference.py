@@ -13,10 +13,36 @@ master weights (``pipelines/loop.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compile_or_eager(model: Callable, log: Callable[[str], None] = print, backend: Any = "inductor",
+                     what: str = "model") -> Callable:
+    """``torch.compile(model)`` that falls back to ``model`` itself if compiling fails.
+
+    Compilation happens at the first call; if that raises (no C++ compiler on the machine, an
+    operator the backend cannot handle, ...), ``log`` says so once and every call from then on runs
+    ``model`` eagerly. An error that eager execution raises too is re-raised: it is the input's.
+    """
+    current: list[Callable] = [torch.compile(model, backend=backend)]
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return current[0](*args, **kwargs)
+        except Exception as e:
+            if current[0] is model:
+                raise
+            log(f"torch.compile of the {what} failed ({type(e).__name__}: {str(e)[:200]}); running eagerly")
+            current[0] = model
+            return model(*args, **kwargs)
+
+    return call
 
 
 class SamplingNet(nn.Module):
@@ -27,9 +53,13 @@ class SamplingNet(nn.Module):
         copy to keep the original.
     :param precision: ``fp32``, ``bf16`` or ``fp16`` (fp16 only makes sense on a GPU).
     :param channels_last: run convolutions on NHWC tensors; outputs come back NCHW-contiguous.
+    :param compile: ``torch.compile`` the network (:func:`compile_or_eager`: eager if it fails);
+        ``True`` uses inductor, a string names another backend. On the 2-core CPU the CIFAR-10
+        U-Net compiles in about 40 s and then runs 3-5% faster.
     """
 
-    def __init__(self, model: nn.Module, precision: str = "fp32", channels_last: bool = True) -> None:
+    def __init__(self, model: nn.Module, precision: str = "fp32", channels_last: bool = True,
+                 compile: bool | str = False, log: Callable[[str], None] = print) -> None:
         super().__init__()
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
@@ -38,6 +68,10 @@ class SamplingNet(nn.Module):
         self.model = model.eval().to(self.dtype)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self._compiled: Callable | None = None  # a plain function, not a second child module
+        if compile:
+            backend = compile if isinstance(compile, str) else "inductor"
+            self._compiled = compile_or_eager(self.model, log, backend=backend, what="sampling network")
 
     @property
     def config(self):
@@ -47,7 +81,7 @@ class SamplingNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """:param x: [N x C x H x W] float32 x_t. :param t: [N] timesteps. :return: float32, contiguous."""
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        out = self.model(x.to(dtype=self.dtype, memory_format=fmt), t)
+        out = (self._compiled or self.model)(x.to(dtype=self.dtype, memory_format=fmt), t)
         return out.to(dtype=torch.float32, memory_format=torch.contiguous_format)
 
 
@@ -58,4 +92,4 @@ def sampling_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if param_dtype in (torch.bfloat16, torch.float16) else param_dtype
 
 
-__all__ = ["PRECISIONS", "SamplingNet", "sampling_dtype"]
+__all__ = ["PRECISIONS", "SamplingNet", "compile_or_eager", "sampling_dtype"]

@@ -227,6 +227,7 @@ def sample(
     format_: Annotated[str, typer.Option("--format", help="png, webdataset or npz.")] = "png",
     precision: Annotated[str, typer.Option("--precision", help="fp32 or bf16.")] = "fp32",
     progressive: Annotated[int, typer.Option("--progressive", min=0, help="Also save predicted x_0 at K steps per sample.")] = 0,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile each worker's network (~40 s on a CPU, then 3-5% faster; eager if it fails).")] = False,
     address: Address = None,
     json_out: Json = False,
 ) -> None:
@@ -234,7 +235,7 @@ def sample(
     _dispatch("sample", "pipelines.sample", "sample_command", json_out, model=model, num=num, out=out,
               sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, nodes=nodes,
               gpus_per_node=gpus_per_node, seed=seed, format=format_, precision=precision,
-              progressive=progressive, address=address)
+              progressive=progressive, address=address, compile=compile_)
 
 
 @app.command()

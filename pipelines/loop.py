@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ddpm.config import ExperimentConfig
+from ddpm.inference import compile_or_eager
 
 
 class NonFiniteLossError(RuntimeError):
@@ -127,23 +128,6 @@ def _maybe_inject_fault(rank: int, step: int) -> None:
         os._exit(1)
 
 
-def _compiled(model: torch.nn.Module, log: Callable[[str], None]) -> Callable:
-    """``torch.compile(model)``, falling back to the eager model if compiling fails (at first call)."""
-    current: list[Callable] = [torch.compile(model)]
-
-    def forward(*args, **kwargs):
-        try:
-            return current[0](*args, **kwargs)
-        except Exception as e:  # no C++ compiler, an unsupported op, ...: eager still trains
-            if current[0] is model:
-                raise
-            log(f"[train] torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running eagerly")
-            current[0] = model
-            return model(*args, **kwargs)
-
-    return forward
-
-
 def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=None,
                artifact_dir: str | None = None) -> dict[str, float]:
     """Train until ``cfg.train.max_steps``; report metrics, and a checkpoint every interval."""
@@ -189,7 +173,7 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
         random.seed(seed)
 
     ddp_model = ctx.wrap_model(model)
-    net = _compiled(ddp_model, ctx.log) if tc.compile else ddp_model
+    net = compile_or_eager(ddp_model, ctx.log, what="model") if tc.compile else ddp_model
     holdout = None
     if ctx.rank == 0 and data.holdout_url:
         images, _labels, _manifest = load_split(data.holdout_url, storage_options=data.storage_options)

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import uuid
 from collections import deque
@@ -83,6 +84,7 @@ class SampleRequest:
     precision: str = "fp32"
     progressive: int = 0
     address: str | None = None
+    compile: bool = False  # torch.compile each worker's network (eager if it fails); speed only
 
     def validate(self) -> None:
         _choice("--sampler", self.sampler, SAMPLERS)
@@ -122,15 +124,15 @@ class SampleWorker:
     """One Ray actor: loads the model once, then samples units of indices (see the module docstring)."""
 
     def __init__(self, uri: str, sampler: str, steps: int | None, eta: float, precision: str,
-                 progressive: int, threads: int, env: dict[str, str]) -> None:
+                 progressive: int, threads: int, env: dict[str, str], compile: bool = False) -> None:
         self._error: Exception | None = None
         try:
-            self._setup(uri, sampler, steps, eta, precision, progressive, threads, env)
+            self._setup(uri, sampler, steps, eta, precision, progressive, threads, env, compile)
         except Exception as e:  # raised from info(): an actor that dies in __init__ loses the cause
             self._error = e
 
     def _setup(self, uri: str, sampler: str, steps: int | None, eta: float, precision: str,
-               progressive: int, threads: int, env: dict[str, str]) -> None:
+               progressive: int, threads: int, env: dict[str, str], compile: bool) -> None:
         import torch
 
         from ddpm.inference import SamplingNet
@@ -143,7 +145,8 @@ class SampleWorker:
         loaded = load(uri)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # Weights cast once and channels-last (ddpm/inference.py): faster than autocast per call.
-        self.model = SamplingNet(loaded.model.to(self.device), precision=precision)
+        self.model = SamplingNet(loaded.model.to(self.device), precision=precision, compile=compile,
+                                 log=lambda m: print(f"[sample] {m}", file=sys.stderr, flush=True))
         self.diffusion = loaded.diffusion
         cfg = loaded.config
         T = self.diffusion.num_timesteps
@@ -206,7 +209,7 @@ class WorkerPool:
                     num_cpus=placement.cpus_per_worker, num_gpus=1 if placement.use_gpu else 0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k),
                 ).remote(req.model, req.sampler, req.steps, req.eta, req.precision, req.progressive,
-                         placement.threads_per_worker, env))
+                         placement.threads_per_worker, env, req.compile))
             infos = self._get([a.info.remote() for a in self.actors])
         except BaseException:
             self.close()
@@ -637,11 +640,11 @@ def _write_manifest(folder: OutputFolder, record: dict[str, Any], timings: dict[
 
 def sample_command(model: str, num: int, out: str | None, sampler: str, steps: int | None, eta: float,
                    batch_size: int, nodes: int, gpus_per_node: int, seed: int, format: str, precision: str,
-                   progressive: int, address: str | None) -> dict[str, Any]:
+                   progressive: int, address: str | None, compile: bool = False) -> dict[str, Any]:
     """`ddpm-pipe sample`: see the module docstring."""
     req = SampleRequest(model=model, num=num, sampler=sampler, steps=steps, eta=eta, batch_size=batch_size,
                         nodes=nodes, gpus_per_node=gpus_per_node, seed=seed, precision=precision,
-                        progressive=progressive, address=address)
+                        progressive=progressive, address=address, compile=compile)
     return write_samples(req, out, fmt=format)
 
 

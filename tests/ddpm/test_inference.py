@@ -71,3 +71,39 @@ def test_sampling_dtype_and_bad_precision(net):
     assert sampling_dtype(torch.float64) is torch.float64
     with pytest.raises(ValueError, match="valid: fp32, bf16, fp16"):
         SamplingNet(copy.deepcopy(net), "fp8")
+
+
+def _failing_backend(gm, example_inputs):
+    raise RuntimeError("no C++ compiler here")
+
+
+def test_compile_falls_back_to_eager_once_and_says_so(net):
+    from ddpm.inference import compile_or_eager
+
+    x, t = _x_t()
+    lines = []
+    call = compile_or_eager(net, lines.append, backend=_failing_backend, what="test net")
+    with torch.no_grad():
+        out1, out2, ref = call(x, t), call(x, t), net(x, t)
+    torch.testing.assert_close(out1, ref)
+    torch.testing.assert_close(out2, ref)
+    assert len(lines) == 1 and "torch.compile of the test net failed" in lines[0] and "no C++ compiler" in lines[0]
+
+
+def test_compiled_sampling_net_is_the_same_function(net):
+    x, t = _x_t()
+    lines = []
+    # dynamo's "eager" backend traces the graph without C++ code generation: seconds, not a minute
+    fast = SamplingNet(copy.deepcopy(net), "fp32", compile="eager", log=lines.append)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, t), net(x, t), rtol=1e-5, atol=1e-5)
+    assert lines == [] and fast._compiled is not None
+    assert set(fast.state_dict()) == {f"model.{k}" for k in net.state_dict()}  # one copy of the weights
+
+
+def test_an_error_of_the_input_is_not_swallowed_by_the_fallback(net):
+    from ddpm.inference import compile_or_eager
+
+    call = compile_or_eager(net, lambda m: None, backend=_failing_backend)
+    with pytest.raises(ValueError, match="UNet expects x of shape"):
+        call(torch.zeros(1, 3, 8, 8), torch.tensor([1]))

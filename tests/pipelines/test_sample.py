@@ -116,6 +116,21 @@ def test_unwritable_output_fails_before_sampling_with_exit_2(tmp_path, ckpt, no_
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("flag,expected", [([], False), (["--compile"], True)])
+def test_compile_flag_reaches_the_worker_pool(tmp_path, ckpt, monkeypatch, flag, expected):
+    seen = []
+
+    def record(req, env):
+        seen.append(req)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(S, "WorkerPool", record)
+    result = cli("sample", "--model", ckpt, "--out", str(tmp_path / "out"), "--num", "2", *flag)
+    assert result.exit_code != 0 and len(seen) == 1
+    assert seen[0].compile is expected
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("option,value,valid", [("--sampler", "euler", "ddpm, ddim, dpmpp"),
                                                 ("--format", "jpg", "png, webdataset, npz"),
                                                 ("--precision", "fp8", "fp32, bf16")])
