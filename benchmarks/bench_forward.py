@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     size = ours.config.image_size
     x = torch.randn(args.batch, 3, size, size)
     t = torch.randint(0, 1000, (args.batch,))
+    with torch.no_grad():  # one image's forward FLOPs (convolutions and matmuls), for GFLOP/s
+        flops_per_image = common.count_flops(lambda: ours(x[:1], t[:1]))
+    peaks = {prec: common.matmul_peak(prec, n=256 if args.quick else 1024, repeats=2 if args.quick else 5,
+                                      kind=args.clock) for prec in args.precisions.split(",")}
 
     def case(model, precision: str, xx=x):
         def run() -> float:
@@ -122,7 +126,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ips = common.alternate(cases, args.repeats)
         row: dict[str, Any] = {"precision": prec, "batch": args.batch, "load": common.load()}
         for name, xs in ips.items():
-            row[name] = {"evals_per_s": round(common.median(xs), 3), "repeats": [round(v, 3) for v in xs]}
+            med = common.median(xs)
+            row[name] = {"evals_per_s": round(med, 3), "repeats": [round(v, 3) for v in xs],
+                         "gflops": round(med * flops_per_image / 1e9, 1),
+                         "share_of_matmul_peak": round(med * flops_per_image / 1e9 / peaks[prec]["median_gflops"], 3)}
         if "diffusers" in ips:  # every ratio is against diffusers as its users run it (fp32 / autocast)
             for name in (n for n in ips if n.startswith("ours")):
                 key = "ratio" if name == "ours" else f"ratio_{name.removeprefix('ours_')}"
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     result = {"benchmark": "forward", "model": "quick" if args.quick else "cifar10 U-Net (35.7M)",
               "machine": common.machine(threads), "load_before": load_before, "repeats": args.repeats, "clock": args.clock,
-              "results": rows}
+              "gflop_per_image_fwd": round(flops_per_image / 1e9, 2), "matmul_peak": peaks, "results": rows}
     if args.ddim_steps:
         result["ddim"] = {"steps": args.ddim_steps, "num": args.ddim_num, "load": common.load(),
                           **_ddim(nets["ours_cl"], theirs, args.ddim_steps, args.ddim_num, size)}

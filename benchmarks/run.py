@@ -33,7 +33,7 @@ def _runners(quick: bool, threads: int | None) -> dict[str, Callable[[str], Any]
 
     def digits(path):
         from benchmarks import bench_digits
-        return bench_digits.main(q + t + ["--json-out", path])
+        return bench_digits.main(q + t + ["--time-to-quality", "--json-out", path])
 
     def ray(path):
         from benchmarks import bench_ray
@@ -80,7 +80,9 @@ def table(out: str) -> str:
             target = "≥ 1.05" if r["precision"] == "fp32" else "≥ 1.4"
             best = max((k for k in r if k.startswith("ours")), key=lambda k: r[k]["evals_per_s"])
             ratio = r.get("ratio" if best == "ours" else f"ratio_{best.removeprefix('ours_')}", "-")
-            rows.append(f"| forward {r['precision']}, batch {r['batch']} (img/s; {best}) | {r[best]['evals_per_s']} | "
+            share = (f" ({r[best]['gflops']} GFLOP/s = {100 * r[best]['share_of_matmul_peak']:.0f}% of "
+                     f"{fw['matmul_peak'][r['precision']]['median_gflops']} matmul)" if "gflops" in r[best] else "")
+            rows.append(f"| forward {r['precision']}, batch {r['batch']} (img/s; {best}) | {r[best]['evals_per_s']}{share} | "
                         f"{r.get('diffusers', {}).get('evals_per_s', '-')} | {ratio} | {target} | {r['load'][0]} |")
         if "ddim" in fw:
             d = fw["ddim"]
@@ -95,6 +97,11 @@ def table(out: str) -> str:
                     f"{by['fp32']['loss']}; {by['fp32']['pixel_frechet']}; {by['fp32']['images_per_s']} | "
                     f"{rel['loss']}; {rel['pixel_frechet']}; {rel['images_per_s']} | loss, quality ≈ 1 | "
                     f"{by['bf16']['load'][0]} |")
+        for q in dg.get("time_to_quality", []):
+            got = (f"{q['seconds_to_floor']} s (step {q['reached_at_step']})" if q["seconds_to_floor"] is not None
+                   else f"not reached in {q['checks'][-1]['step']} steps")
+            rows.append(f"| digits {q['precision']}: training time until feature FD of {q['samples']} samples "
+                        f"reaches the real floor ({q['floor_fd']}) | {got} | - | - | - | - |")
     ry = _load(out, "ray")
     if ry:
         rows.append(f"| digits training, 1-worker Ray Train vs plain (img/s) | {ry['ray']['images_per_s']} | "

@@ -51,11 +51,20 @@ def test_forward_quick(tmp_path):
 def test_digits_quick(tmp_path):
     from benchmarks import bench_digits
 
-    bench_digits.main(["--quick", "--json-out", str(tmp_path / "digits.json")])
+    bench_digits.main(["--quick", "--time-to-quality", "--json-out", str(tmp_path / "digits.json")])
     r = _read(tmp_path / "digits.json")
     assert [row["precision"] for row in r["runs"]] == ["fp32", "bf16"]
     assert all(row["loss"] > 0 and row["pixel_frechet"] >= 0 for row in r["runs"])
     assert set(r["bf16_over_fp32"]) == {"loss", "images_per_s", "pixel_frechet"}
+    for q in r["time_to_quality"]:  # scored every 2 steps; the clock stops at the first check at the floor
+        steps, fds = [c["step"] for c in q["checks"]], [c["fd"] for c in q["checks"]]
+        assert steps in ([2], [2, 4]) and q["floor_fd"] > 0
+        assert all(fd > q["floor_fd"] for fd in fds[:-1])
+        if q["seconds_to_floor"] is None:
+            assert steps == [2, 4] and fds[-1] > q["floor_fd"]
+        else:
+            assert fds[-1] <= q["floor_fd"] and q["reached_at_step"] == steps[-1]
+            assert q["seconds_to_floor"] == q["checks"][-1]["train_s"]
 
 
 @pytest.mark.timeout(600)
