@@ -29,7 +29,7 @@ def _runners(quick: bool, threads: int | None) -> dict[str, Callable[[str], Any]
 
     def forward(path):
         from benchmarks import bench_forward
-        return bench_forward.main(q + t + ["--json-out", path])
+        return bench_forward.main(q + t + ([] if quick else ["--ddim-steps", "50"]) + ["--json-out", path])
 
     def digits(path):
         from benchmarks import bench_digits
@@ -37,7 +37,7 @@ def _runners(quick: bool, threads: int | None) -> dict[str, Callable[[str], Any]
 
     def ray(path):
         from benchmarks import bench_ray
-        return bench_ray.main(q + t + ["--json-out", path])
+        return bench_ray.main(q + t + ([] if quick else ["--steps", "200", "--repeats", "3"]) + ["--json-out", path])
 
     def allreduce(path):
         from benchmarks import bench_allreduce
