@@ -5,9 +5,9 @@ does on every call (cast each weight to bf16) is done once here, and the activat
 layout the convolution kernels prefer. The samplers' own arithmetic (posterior means, DDIM updates,
 the noise) stays in float32: :class:`SamplingNet` takes and returns float32 ``[N x C x H x W]``.
 
-Measured on the CIFAR-10 U-Net at batch 64 (docs/PERFORMANCE.md, ``benchmarks.bench_forward``):
-channels-last is 7-15% faster than NCHW on a CPU, and bf16 weights are faster than bf16 autocast
-because no casts are left per call. bf16 weights are sound for inference only: training keeps fp32
+Measured on the CIFAR-10 U-Net at batch 64 on a 2-core CPU (docs/PERFORMANCE.md,
+``benchmarks.bench_forward``): channels-last is about 6% faster than NCHW in fp32, and bf16
+weights are faster than bf16 autocast because no casts are left per call. bf16 weights are sound for inference only: training keeps fp32
 master weights (``pipelines/loop.py``).
 """
 
