@@ -108,8 +108,14 @@ def scaling_config(placement: Placement):
 
 def worker_env(placement: Placement) -> dict[str, Any]:
     """Runtime env for workers: thread counts that do not oversubscribe the cores, and the driver's
-    ``DDPM_*`` settings (workers on other nodes do not share the driver's environment)."""
+    ``DDPM_*`` settings (workers on other nodes do not share the driver's environment).
+
+    Ray Train 2.5x replaces ``print`` in its workers with a logger that also tees to the (wrapped)
+    stdout, so every worker line reached the console twice; ``RAY_TRAIN_ENABLE_PRINT_PATCH=0``
+    keeps plain ``print`` (lines still land in the worker's log file and reach the driver once).
+    """
     n = str(placement.threads_per_worker)
     env = {k: v for k, v in os.environ.items() if k.startswith("DDPM_")}
-    env.update({"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "DDPM_TORCH_THREADS": n})
+    env.update({"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "DDPM_TORCH_THREADS": n,
+                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"})
     return {"env_vars": env}
