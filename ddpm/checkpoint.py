@@ -11,12 +11,9 @@ versions also sit in its metadata) and ``config.json`` beside it.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import pickle
-import uuid
 from typing import Any
 
 import torch
@@ -63,35 +60,16 @@ def _config_json(config: ExperimentConfig | str | dict) -> str:
     raise TypeError(f"config must be an ExperimentConfig, a dict or a JSON string, got {type(config).__name__}")
 
 
-def _write_atomic(url: str, data: bytes, storage_options: dict | None) -> None:
-    """Write to a temporary name in the same folder, then move it over ``url``."""
+def _write(url: str, data: bytes, storage_options: dict | None) -> None:
+    """Write ``data`` to ``url`` whole or not at all, through a temporary name on every store."""
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    folder, name = path.rsplit("/", 1) if "/" in path else ("", path)
-    tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}" if folder else f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-    if folder:
-        fs.makedirs(folder, exist_ok=True)
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    try:
-        if local:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        else:
-            from ddpm.data.retry import with_retries
+    from ddpm.data.storage import atomic_write
 
-            with_retries(lambda: fs.pipe_file(tmp, data), f"writing {tmp}")
-            with_retries(lambda: fs.mv(tmp, path), f"moving {tmp} to {path}")
-    except BaseException:
-        with contextlib.suppress(Exception):
-            if local:
-                os.remove(tmp)
-            else:
-                fs.rm(tmp)
-        raise
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if "/" in path:  # atomic_write makes only local folders; remote stores with folders need theirs
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    atomic_write(fs, path, data, via_temp=True)
 
 
 def save_checkpoint(url: str, state: dict[str, Any], storage_options: dict | None = None) -> None:
@@ -111,7 +89,7 @@ def save_checkpoint(url: str, state: dict[str, Any], storage_options: dict | Non
     _check_plain(payload, "state")
     buf = io.BytesIO()
     torch.save(payload, buf)
-    _write_atomic(url, buf.getvalue(), storage_options)
+    _write(url, buf.getvalue(), storage_options)
 
 
 def _parse_config(text: Any, url: str) -> ExperimentConfig:
@@ -210,9 +188,9 @@ def export_weights(model: nn.Module, folder: str, config: ExperimentConfig,
     tensors = {k: v.detach().to("cpu", memory_format=torch.contiguous_format).contiguous()
                for k, v in model.state_dict().items()}
     folder = folder.rstrip("/")
-    _write_atomic(f"{folder}/{WEIGHTS_FILE}", save_safetensors(tensors, metadata=meta), storage_options)
+    _write(f"{folder}/{WEIGHTS_FILE}", save_safetensors(tensors, metadata=meta), storage_options)
     doc = {"config": config.to_dict(), "ddpm_version": ddpm.__version__, "format_version": FORMAT_VERSION}
-    _write_atomic(f"{folder}/{CONFIG_FILE}", json.dumps(doc, indent=2).encode(), storage_options)
+    _write(f"{folder}/{CONFIG_FILE}", json.dumps(doc, indent=2).encode(), storage_options)
 
 
 def import_weights(folder: str, storage_options: dict | None = None) -> tuple[ExperimentConfig, nn.Module]:

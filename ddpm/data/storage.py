@@ -9,6 +9,7 @@ its listing cache and, after a fork, a dead event loop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -60,18 +61,27 @@ def join(path: str, name: str) -> str:
     return f"{path.rstrip('/')}/{name}"
 
 
-def atomic_write(fs: Any, path: str, data: bytes) -> None:
+def _temp_path(path: str) -> str:
+    """A hidden name beside ``path``, unique to this process and call: ``.{name}.tmp-{pid}-{hex}``."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def atomic_write(fs: Any, path: str, data: bytes, *, via_temp: bool = False) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old object, the new one, or none.
 
     Local: write a hidden temporary file in the same folder, fsync, then ``os.replace``.
     Object stores (s3, gcs, azure): an object becomes visible only when its upload completes, so
     one upload of the finished bytes to the final key is already atomic; a temp key plus a server-side
     copy would only double the traffic.
+    ``via_temp=True`` (checkpoints): on any non-local file system, upload to a hidden temporary name,
+    then move it over ``path``: a rename on stores that may show a file while it is written (sftp,
+    hdfs, ...), a server-side copy on an object store. A failed upload or move removes the temporary.
+    Remote calls are retried with backoff (:func:`ddpm.data.retry.with_retries`).
     """
     if is_local(fs):
-        folder, name = os.path.split(path)
-        os.makedirs(folder or ".", exist_ok=True)
-        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = _temp_path(path)
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -81,7 +91,17 @@ def atomic_write(fs: Any, path: str, data: bytes) -> None:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    else:
-        from ddpm.data.retry import with_retries
+        return
+    from ddpm.data.retry import with_retries
 
+    if not via_temp:
         with_retries(lambda: fs.pipe_file(path, data), f"writing {path}")
+        return
+    tmp = _temp_path(path)
+    try:
+        with_retries(lambda: fs.pipe_file(tmp, data), f"writing {tmp}")
+        with_retries(lambda: fs.mv(tmp, path), f"moving {tmp} to {path}")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
