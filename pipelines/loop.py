@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -128,6 +129,24 @@ def _maybe_inject_fault(rank: int, step: int) -> None:
         os._exit(1)
 
 
+def _log_best_model(ema_module: torch.nn.Module, cfg: ExperimentConfig, artifact_dir: str, tracker, step: int,
+                    bpd: float, best_dirs: list[str]) -> None:
+    """Log the EMA weights with the lowest held-out bits/dim so far as the run's ``best_model/``
+    artifact (``model.safetensors`` + ``config.json``, as ``ddpm-pipe`` logs models); the last
+    K checkpoints may all be past it. Each improvement writes a fresh folder, because the tracker
+    uploads asynchronously; only the two newest are kept on local disk."""
+    from ddpm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, export_weights
+
+    folder = os.path.join(artifact_dir, f"best_step{step:07d}")
+    export_weights(ema_module, folder, cfg)
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        tracker.log_artifact(os.path.join(folder, name), "best_model")
+    tracker.set_tag("ddpm.best_model", f"step={step} bpd={bpd:.4f}")
+    best_dirs.append(folder)
+    while len(best_dirs) > 2:
+        shutil.rmtree(best_dirs.pop(0), ignore_errors=True)
+
+
 def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=None,
                artifact_dir: str | None = None) -> dict[str, float]:
     """Train until ``cfg.train.max_steps``; report metrics, and a checkpoint every interval."""
@@ -186,6 +205,7 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
     t_last, step_last = time.perf_counter(), step
     t_start = t_last
     last_metrics: dict[str, float] = {}
+    best_dirs: list[str] = []  # local copies of the best EMA weights, newest last
     while step < tc.max_steps:
         ddp_model.train()
         opt.zero_grad(set_to_none=True)
@@ -238,6 +258,11 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
                 est, err = diffusion.bits_per_dim_estimate(ema.module, holdout, levels=cfg.data.levels, seed=0)
             metrics["bpd"] = float(est.mean())
             metrics["bpd_stderr"] = float(err.pow(2).sum().sqrt() / len(err))
+            if metrics["bpd"] < best_bpd:
+                best_bpd = metrics["bpd"]
+                metrics["best_bpd"] = best_bpd
+                if artifact_dir and tracker is not None:
+                    _log_best_model(ema.module, cfg, artifact_dir, tracker, step, best_bpd, best_dirs)
         if ctx.rank == 0 and artifact_dir and tracker is not None and (
                 step % tc.sample_every == 0 or step == tc.max_steps):
             path = os.path.join(artifact_dir, f"samples_step{step:07d}.png")
@@ -258,8 +283,6 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
             rngs = ctx.all_gather(_rng_state())
             ckpt = None
             if ctx.rank == 0:
-                bpd = last_metrics.get("bpd", math.inf)
-                best_bpd = min(best_bpd, bpd)
                 ckpt = {
                     "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),

@@ -55,7 +55,17 @@ def test_train_four_nodes_spread_in_sync_and_tracked(ray_cluster, tmp_path):
     history = c.get_metric_history(out["run_id"], "loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     artifacts = {a.path for a in c.list_artifacts(out["run_id"])}
-    assert "checkpoint" in artifacts and "samples" in artifacts
+    assert "checkpoint" in artifacts and "samples" in artifacts and "best_model" in artifacts
+    # The best copy: the EMA weights at the lowest held-out bits/dim, loadable like a logged model.
+    bpd = {m.step: m.value for m in c.get_metric_history(out["run_id"], "bpd")}
+    best_step = min(bpd, key=bpd.get)
+    assert run.data.tags["ddpm.best_model"] == f"step={best_step} bpd={bpd[best_step]:.4f}"
+    assert {a.path for a in c.list_artifacts(out["run_id"], "best_model")} == {
+        "best_model/model.safetensors", "best_model/config.json"}
+    from ddpm.checkpoint import import_weights
+
+    best_cfg, best_net = import_weights(c.download_artifacts(out["run_id"], "best_model", str(tmp_path / "best")))
+    assert best_cfg.model.ch == 32 and sum(p.numel() for p in best_net.parameters()) > 0
     version = c.get_model_version(out["registered_model"], out["version"])
     assert version.run_id == out["run_id"]
 
