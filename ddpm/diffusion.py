@@ -48,13 +48,17 @@ class Diffusion:
     All schedule arrays are float64 tensors of shape ``[T]`` on the CPU, cast to the input's dtype
     and device when used. ``timestep_map[i]`` is the original training timestep of index i; it is
     ``arange(T)`` except for a :meth:`respace`-d process, whose model calls use the original steps.
+
+    ``variance`` defaults to ``fixed_small`` (the posterior variance beta~_t) as the public API
+    promises; the config (``DiffusionConfig.variance``) defaults to ``fixed_large`` (beta_t, the
+    paper's CIFAR-10 choice), and :meth:`from_config` always passes it explicitly.
     """
 
     def __init__(
         self,
         betas: torch.Tensor | Sequence[float],
         prediction: Prediction = "eps",
-        variance: Variance = "fixed_large",
+        variance: Variance = "fixed_small",
         loss: LossType = "simple",
         *,
         timestep_map: torch.Tensor | Sequence[int] | None = None,

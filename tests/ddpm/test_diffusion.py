@@ -42,7 +42,7 @@ def zero_model(x_t, t):
 
 @pytest.fixture(scope="module")
 def diffusion():
-    return Diffusion(make_betas("linear", 1000))
+    return Diffusion(make_betas("linear", 1000), variance="fixed_large")
 
 
 def test_num_timesteps_and_float64(diffusion):
@@ -121,8 +121,9 @@ def test_float32_inputs_get_float32_coefficients(diffusion):
 def test_parameterizations_agree(diffusion, prediction):
     x = torch.randn(4, 2, 2, 2, dtype=torch.float64)
     t = torch.tensor([0, 5, 500, 999])
-    ref = Diffusion(diffusion.betas).p_mean_variance(GaussianOracle(diffusion.alphas_cumprod), x, t, False)
-    d = Diffusion(diffusion.betas, prediction=prediction)
+    ref = Diffusion(diffusion.betas, variance="fixed_large").p_mean_variance(
+        GaussianOracle(diffusion.alphas_cumprod), x, t, False)
+    d = Diffusion(diffusion.betas, prediction=prediction, variance="fixed_large")
     out = d.p_mean_variance(GaussianOracle(diffusion.alphas_cumprod, prediction=prediction), x, t, False)
     for key in ("mean", "pred_xstart", "eps", "variance"):
         torch.testing.assert_close(out[key], ref[key])
@@ -169,6 +170,16 @@ def test_bad_choices_list_valid_options(diffusion):
         Diffusion(torch.tensor([0.1, 1.0]))
 
 
+def test_default_variance_is_the_posterior_variance_as_the_api_promises():
+    d = Diffusion(make_betas("linear", 100))
+    assert d.variance == "fixed_small"
+    x, t = torch.zeros(2, 1, 1, 1), torch.tensor([0, 50])
+    out = d.p_mean_variance(lambda x_t, tt: torch.zeros_like(x_t), x, t, clip_denoised=False)
+    # fixed_small: sigma_t^2 = beta~_t (Ho et al. eq. 7), exactly 0 at t = 0
+    expected = d.posterior_variance.to(torch.float32)[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(out["variance"], expected)
+
+
 def test_from_config():
     d = Diffusion.from_config(DiffusionConfig(schedule="cosine", timesteps=100, prediction="v"))
     assert d.num_timesteps == 100 and d.prediction == "v" and d.variance == "fixed_large"
@@ -190,7 +201,7 @@ def test_respace_keeps_alphas_cumprod_and_original_timesteps(diffusion):
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 def test_training_loss_oracle_beats_zero_model(diffusion, prediction):
-    d = Diffusion(diffusion.betas, prediction=prediction)
+    d = Diffusion(diffusion.betas, prediction=prediction, variance="fixed_large")
     g = torch.Generator().manual_seed(3)
     x0 = 0.3 + 0.5 * torch.randn(256, 1, 2, 2, generator=g)
     oracle = GaussianOracle(diffusion.alphas_cumprod, prediction=prediction)
@@ -211,7 +222,7 @@ def test_training_loss_explicit_t_and_noise(diffusion):
 
 
 def test_training_loss_vb(diffusion):
-    d = Diffusion(diffusion.betas, loss="vb")
+    d = Diffusion(diffusion.betas, loss="vb", variance="fixed_large")
     x0 = (torch.randint(0, 17, (8, 1, 2, 2)) / 8.0 - 1).float()
     oracle = GaussianOracle(diffusion.alphas_cumprod, mu=0.0, s=0.6)
     loss = d.training_loss(oracle, x0, generator=torch.Generator().manual_seed(0), levels=17)

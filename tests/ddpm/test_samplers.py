@@ -27,7 +27,7 @@ SHAPE = (1024, 4, 1, 1)  # 4096 scalar samples
 
 @pytest.fixture(scope="module")
 def diffusion():
-    return Diffusion(make_betas("linear", 1000))
+    return Diffusion(make_betas("linear", 1000), variance="fixed_large")
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_dpmpp_matches_exact_moments(diffusion, abar, steps):
 
 @pytest.mark.parametrize("prediction", ["x0", "v"])
 def test_parameterizations_give_the_same_samples(diffusion, prediction):
-    d = Diffusion(diffusion.betas, prediction=prediction)
+    d = Diffusion(diffusion.betas, prediction=prediction, variance="fixed_large")
     ref = generate(GaussianOracle(diffusion.alphas_cumprod), diffusion, (8, 2, 2, 2), "ddim", steps=10,
                    generator=torch.Generator().manual_seed(0))
     out = generate(GaussianOracle(diffusion.alphas_cumprod, prediction=prediction), d, (8, 2, 2, 2), "ddim",
@@ -214,7 +214,7 @@ def test_progressive_and_progress(diffusion, sampler):
 
 
 def test_generate_defaults_and_errors(diffusion):
-    small = Diffusion(make_betas("linear", 30))
+    small = Diffusion(make_betas("linear", 30), variance="fixed_large")
     oracle = GaussianOracle(small.alphas_cumprod)
     generate(oracle, small, (1, 1, 1, 1), "ddim")  # default 50 steps capped at T = 30
     assert len(oracle.calls) == 30
