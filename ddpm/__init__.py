@@ -23,6 +23,7 @@ _EXPORTS = {
     "ConfigError": "ddpm.config",
     "load_config": "ddpm.config",
     "make_betas": "ddpm.schedules",
+    "SamplingNet": "ddpm.inference",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
