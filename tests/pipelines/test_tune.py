@@ -12,10 +12,16 @@ from ddpm.config import ConfigError, load_config
 from pipelines import search_space
 from pipelines.cli import app
 
-TINY = ["model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[4]",
-        "train.batch_size=16", "train.log_every=1", "train.checkpoint_every=1", "train.warmup_steps=2"]
-# T bounded so that the best trial's full bound (T model calls) stays quick on two cores.
-SMALL_T = "diffusion.timesteps: {type: randint, lower: 20, upper: 200, log: true}\n"
+# Sized for two cores: every report runs the held-out bpd estimate (256 images x 16 timesteps), so the
+# model's width sets most of a trial's compute; ch=16 is 4x cheaper than the preset's 32 and still
+# has every block type (two levels, a residual block each, attention at 4x4).
+# sample.steps=10: the best config's training run samples a DDIM grid, whose steps must not exceed T.
+TINY = ["model.ch=16", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[4]",
+        "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=1", "train.warmup_steps=2",
+        "sample.steps=10"]
+# T bounded so that the best trial's full bound (T model calls on 64 images, once per sweep run) stays
+# quick on two cores; a log-randint over 10..40 still gives trials different Ts.
+SMALL_T = "diffusion.timesteps: {type: randint, lower: 10, upper: 40, log: true}\n"
 
 
 def run_cli(*args: str):
@@ -85,7 +91,7 @@ def test_space_file_extends_or_replaces_the_default(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text("train.ema_decay: 0.99\n" + SMALL_T)
     space = search_space.load_space(str(path), load_config("digits"))
-    assert space["train.ema_decay"] == 0.99 and "train.lr" in space and space["diffusion.timesteps"]["upper"] == 200
+    assert space["train.ema_decay"] == 0.99 and "train.lr" in space and space["diffusion.timesteps"]["upper"] == 40
     path.write_text("replace: true\n" + SMALL_T)
     assert list(search_space.load_space(str(path), load_config("digits"))) == ["diffusion.timesteps"]
 
@@ -93,21 +99,23 @@ def test_space_file_extends_or_replaces_the_default(tmp_path):
 # -- sweeps on the simulated 4-node cluster -------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_tune_eight_trials_nested_runs_best_config_trains_and_resumes(ray_cluster, tmp_path):
+def test_tune_sweep_nested_runs_best_config_trains_and_resumes(ray_cluster, tmp_path):
+    # 4 trials of 2 steps: all run at once on the 8 CPUs, and ASHA's rung at step 1 (grace period =
+    # checkpoint_every = 1) lets it stop the later, worse ones, so both endings can occur.
     t0 = time.perf_counter()
-    result = run_cli(*tune_args(tmp_path, trials=8, steps=4, name="sweep8"))
+    result = run_cli(*tune_args(tmp_path, trials=4, steps=2, name="sweep4"))
     assert result.exit_code == 0, result.output
     out = last_json(result)
-    assert len(out["trials"]) == 8
+    assert len(out["trials"]) == 4
     assert all(t["ending"] in ("completed", "stopped early") for t in out["trials"]), out["trials"]
     assert out["endings"]["completed"] >= 1
     assert out["best_bpd"] > 0 and out["best_bpd_full"] > 0
     runs = children(out["parent_run_id"])
-    assert len(runs) == 8
+    assert len(runs) == 4
     assert all(r.info.status == "FINISHED" for r in runs)
     best = [r for r in runs if r.data.params.get("tune.trial_id") == out["best_trial"]]
     assert len(best) == 1 and "bpd" in best[0].data.metrics and "bpd_stderr" in best[0].data.metrics
-    print(f"8-trial sweep: endings {out['endings']}, {time.perf_counter() - t0:.0f}s")
+    print(f"4-trial sweep: endings {out['endings']}, {time.perf_counter() - t0:.0f}s")
 
     best_path = out["best_config_path"]
     cfg = load_config(best_path)
@@ -117,32 +125,43 @@ def test_tune_eight_trials_nested_runs_best_config_trains_and_resumes(ray_cluste
     assert trained.exit_code == 0, trained.output
     assert last_json(trained)["metrics"]["step"] == 2
 
-    again = run_cli(*tune_args(tmp_path, trials=8, steps=4, name="sweep8"))
+    again = run_cli(*tune_args(tmp_path, trials=4, steps=2, name="sweep4"))
     assert again.exit_code == 0, again.output
     out2 = last_json(again)
     assert out2["resumed"] and out2["parent_run_id"] == out["parent_run_id"]
-    assert len(children(out["parent_run_id"])) == 8  # resuming adds no runs
+    assert len(children(out["parent_run_id"])) == 4  # resuming adds no runs
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_workers_per_trial_with_asha_does_not_stall(ray_cluster, tmp_path):
     import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
 
-    result = run_cli(*tune_args(tmp_path, "--workers-per-trial", "2", "--scheduler", "asha",
-                                trials=4, steps=4, name="sweepw2"))
+    # A trial takes 3 CPUs (its own + 2 workers), so 2 run at once on the 8 CPUs. Holding one node's
+    # 2 CPUs leaves 6: the third trial then needs every CPU the first trial to end gives back, so a
+    # single stopped trial whose worker group is not reaped stalls the sweep (without the hold it
+    # would take two leaks and a fourth trial).
+    total = ray.cluster_resources()["CPU"]
+    hold = placement_group([{"CPU": 2}], strategy="STRICT_PACK")
+    ray.get(hold.ready(), timeout=60)
+    try:
+        result = run_cli(*tune_args(tmp_path, "--workers-per-trial", "2", "--scheduler", "asha",
+                                    trials=3, steps=2, name="sweepw2"))
+    finally:
+        remove_placement_group(hold)
     assert result.exit_code == 0, result.output
     out = last_json(result)
-    assert len(out["trials"]) == 4
+    assert len(out["trials"]) == 3
     assert all(t["ending"] in ("completed", "stopped early") for t in out["trials"]), out["trials"]
-    assert len(children(out["parent_run_id"])) == 4
+    assert len(children(out["parent_run_id"])) == 3
     print(f"workers-per-trial 2: endings {out['endings']}, placement groups reaped {out['placement_groups_reaped']}, "
           f"{out['wall_s']:.0f}s")
     # Every worker CPU comes back: no stopped trial keeps its placement group (ray issue 54305).
     deadline = time.monotonic() + 60
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
         time.sleep(1)
-    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+    assert ray.available_resources().get("CPU", 0) == total
 
 
 @pytest.mark.slow
