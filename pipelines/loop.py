@@ -96,16 +96,21 @@ def build(cfg: ExperimentConfig, device: torch.device):
 
 
 def sample_grid(model, diffusion, cfg: ExperimentConfig, path: str, n: int = 64, seed: int = 0) -> str:
-    """Sample ``n`` images with the config's fast sampler and save them as one PNG grid."""
+    """Sample ``n`` images with the config's fast sampler and save them as one PNG grid.
+
+    ``sample.steps`` is capped at T: a sweep over T (``ddpm-pipe tune``) may pick a T below the
+    preset's step count, and the grid must not end such a run with an error.
+    """
     from ddpm.image import save_grid
     from ddpm.noise import sample_seeds
     from ddpm.samplers import generate
 
     m = cfg.model
+    steps = None if cfg.sample.steps is None else min(cfg.sample.steps, diffusion.num_timesteps)
     model.eval()
     with torch.no_grad():
         x = generate(model, diffusion, (n, m.in_channels, m.image_size, m.image_size),
-                     sampler=cfg.sample.sampler, steps=cfg.sample.steps, eta=cfg.sample.eta,
+                     sampler=cfg.sample.sampler, steps=steps, eta=cfg.sample.eta,
                      seeds=sample_seeds(seed, 0, n), clip_denoised=cfg.sample.clip_denoised)
     save_grid(x, path, levels=cfg.data.levels)
     return path

@@ -50,6 +50,8 @@ class DDPMSampler(PythonModel):
         steps = _scalar(req.get("steps"))
         if steps in (None, ""):  # the config's steps belong to the config's sampler
             steps = self.config.sample.steps if sampler == self.config.sample.sampler else None
+            if steps is not None:  # a config's default step count never exceeds this model's T
+                steps = min(int(steps), self.diffusion.num_timesteps)
         steps = None if steps is None else int(steps)
         eta = float(_scalar(req.get("eta", 0.0)) or 0.0)
         batch = int(_scalar(req.get("batch_size", self.config.sample.batch_size)))
