@@ -365,6 +365,25 @@ def _build(cls: type, data: Any, owner: str) -> Any:
         raise ConfigError(str(e)) from e
 
 
+def read_yaml_mapping(path: str, not_a_mapping: str, name: str | None = None) -> dict[str, Any]:
+    """The mapping held by the YAML file at ``path``; an empty file reads as ``{}``.
+
+    :param not_a_mapping: what the error says when the file holds something else.
+    :param name: how errors name the file (``"--space space.yaml"``); ``path`` by default.
+    :raises ConfigError: ``"{name}: not valid YAML: ..."`` or ``"{name}: {not_a_mapping}"``.
+    """
+    import yaml
+
+    name = path if name is None else name
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: {not_a_mapping}")
+    return data
+
+
 def load_config(spec: str | None = "digits", overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Resolve ``--config`` and ``--set``.
 
@@ -378,14 +397,7 @@ def load_config(spec: str | None = "digits", overrides: list[str] | tuple[str, .
         path = Path(spec)
         if not path.exists():
             raise ConfigError(f"--config {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing file")
-        import yaml
-
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{spec}: not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{spec}: the config file must hold a mapping")
+        data = read_yaml_mapping(spec, "the config file must hold a mapping")
         base = data.pop("base", None)
         if base is not None:
             merged = ExperimentConfig.preset(str(base)).to_dict()
@@ -401,5 +413,5 @@ def load_config(spec: str | None = "digits", overrides: list[str] | tuple[str, .
 
 __all__ = [
     "ConfigError", "DataConfig", "DiffusionConfig", "ExperimentConfig", "PRESETS", "SampleConfig",
-    "TrainConfig", "UNetConfig", "load_config", "replace",
+    "TrainConfig", "UNetConfig", "load_config", "read_yaml_mapping", "replace",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ddpm.config import ConfigError, ExperimentConfig
+from ddpm.config import ConfigError, ExperimentConfig, read_yaml_mapping
 
 BETA_RATIO = "diffusion.beta_ratio"  # derived: beta_start = beta_ratio * beta_end
 
@@ -54,17 +54,10 @@ def load_space(path: str | None, base: ExperimentConfig) -> dict[str, Any]:
     """The default space, replaced or extended by the YAML file at ``path``; validated against ``base``."""
     space = dict(DEFAULT_SPACE)
     if path:
-        import yaml
-
-        p = Path(path)
-        if not p.exists():
+        if not Path(path).exists():
             raise ConfigError(f"--space {path!r}: no such file")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--space {path}: not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"--space {path}: must hold a mapping of dotted config keys to distributions")
+        data = read_yaml_mapping(path, "must hold a mapping of dotted config keys to distributions",
+                                 name=f"--space {path}")
         replace = data.pop("replace", False)
         if not isinstance(replace, bool):
             raise ConfigError(f"--space {path}: 'replace' must be true or false, got {replace!r}")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ddpm
+from ddpm.config import ConfigError, read_yaml_mapping
 from pipelines.errors import UsageError
 
 STEPS = ("prepare", "tune", "train", "evaluate", "promote", "sample")
@@ -84,14 +85,12 @@ class WorkflowSpec:
     def load(cls, path: str | None) -> "WorkflowSpec":
         if not path:
             return cls()
-        import yaml
-
-        p = Path(path)
-        if not p.exists():
+        if not Path(path).exists():
             raise UsageError(f"--workflow {path!r} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise UsageError(f"{path}: the workflow file must hold a mapping of steps")
+        try:
+            data = read_yaml_mapping(path, "the workflow file must hold a mapping of steps")
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(sections))
         if unknown:
