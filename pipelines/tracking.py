@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import PipelineError
 from pipelines.settings import Settings, redact
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,12 @@ def start_or_resume_run(exp_id: str, run_name: str, tags: dict[str, str] | None 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status=status)
+
+
+def fail_run(run_id: str, message: str) -> PipelineError:
+    """End the run as FAILED; return the error for the caller to raise (``raise fail_run(...) from e``)."""
+    end_run(run_id, "FAILED")
+    return PipelineError(message)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:

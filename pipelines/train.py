@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.config import ExperimentConfig, load_config
-from pipelines.errors import PipelineError, UsageError
+from pipelines.errors import UsageError
 from pipelines.settings import Settings, resolve
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -255,11 +255,9 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     try:
         result = trainer.fit()
     except Exception as e:
-        tracking.end_run(run_id, "FAILED")
-        raise PipelineError(f"training failed: {_root_cause(e)}") from e
+        raise tracking.fail_run(run_id, f"training failed: {_root_cause(e)}") from e
     if result.checkpoint is None:
-        tracking.end_run(run_id, "FAILED")
-        raise PipelineError("training ended without a checkpoint")
+        raise tracking.fail_run(run_id, "training ended without a checkpoint")
     with result.checkpoint.as_directory() as d:
         version = log_and_register(run_id, os.path.join(d, CHECKPOINT_FILE), cfg.train.registered_model)
     tracking.end_run(run_id)

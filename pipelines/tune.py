@@ -33,7 +33,7 @@ import time
 from typing import Any
 
 from ddpm.config import ExperimentConfig
-from pipelines.errors import PipelineError, UsageError
+from pipelines.errors import UsageError
 from pipelines.settings import resolve
 from pipelines.train import CHECKPOINT_FILE
 
@@ -345,8 +345,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     try:
         grid = tuner.fit()
     except Exception as e:
-        tracking.end_run(parent_run_id, "FAILED")
-        raise PipelineError(f"sweep '{sweep}' failed: {type(e).__name__}: {e}") from e
+        raise tracking.fail_run(parent_run_id, f"sweep '{sweep}' failed: {type(e).__name__}: {e}") from e
     finally:
         if registry is not None:
             ray.kill(registry)
@@ -370,9 +369,8 @@ def _finish(grid, base: ExperimentConfig, sweep: str, parent_run_id: str, resume
                      "error": str(r.error)[:300] if r.error else None})
     ok = [r for r in grid if not r.error and (r.metrics or {}).get(METRIC) is not None]
     if not ok:
-        tracking.end_run(parent_run_id, "FAILED")
         errors = "; ".join(x["error"] for x in rows if x["error"])[:500]
-        raise PipelineError(f"sweep '{sweep}': no trial reported {METRIC}: {errors}")
+        raise tracking.fail_run(parent_run_id, f"sweep '{sweep}': no trial reported {METRIC}: {errors}")
     best = grid.get_best_result(metric=METRIC, mode="min", scope="last", filter_nan_and_inf=True)
     best_cfg = search_space.apply(base, best.config)
     full = _full_bound(best, best_cfg, holdout_url, opts, full_bound_images)
