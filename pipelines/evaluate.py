@@ -203,11 +203,11 @@ def _steps_used(loaded: Any, sampler: str, steps: int | None) -> int:
     from ddpm.samplers import DEFAULT_STEPS
 
     T = loaded.diffusion.num_timesteps
-    if steps is None:
-        steps = T if sampler == "ddpm" else DEFAULT_STEPS[sampler]
+    if steps is None:  # the sampler's default, capped at T (a tuned model may have T below 50)
+        return T if sampler == "ddpm" else min(DEFAULT_STEPS[sampler], T)
     if not 1 <= steps <= T:
         raise UsageError(f"--steps must be in [1, T={T}], got {steps}")
-    return min(int(steps), T)
+    return int(steps)
 
 
 def measure_sampler(loaded: Any, ev: EvalData, sampler: str, steps: int | None, eta: float, num: int,

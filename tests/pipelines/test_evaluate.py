@@ -113,3 +113,17 @@ def test_two_nodes_sample_through_the_batch_job_and_match_one_process(ray_cluste
 def test_bad_sampler_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "none.pt"), "--sampler", "euler"])
     assert result.exit_code == 2 and "ddpm, ddim, dpmpp" in result.output
+
+
+def test_default_steps_are_capped_at_a_small_T_and_explicit_ones_checked():
+    from types import SimpleNamespace
+
+    from pipelines.errors import UsageError
+    from pipelines.evaluate import _steps_used
+
+    loaded = SimpleNamespace(diffusion=SimpleNamespace(num_timesteps=30))  # e.g. a tuned T=30 model
+    assert _steps_used(loaded, "ddim", None) == 30  # not DDIM's default 50
+    assert _steps_used(loaded, "dpmpp", None) == 20 and _steps_used(loaded, "ddpm", None) == 30
+    assert _steps_used(loaded, "ddim", 10) == 10
+    with pytest.raises(UsageError, match="T=30"):
+        _steps_used(loaded, "ddim", 31)
