@@ -7,8 +7,8 @@ the noise) stays in float32: :class:`SamplingNet` takes and returns float32 ``[N
 
 Measured on the CIFAR-10 U-Net at batch 64 on a 2-core CPU (docs/PERFORMANCE.md,
 ``benchmarks.bench_forward``): channels-last is about 6% faster than NCHW in fp32, and bf16
-weights are faster than bf16 autocast because no casts are left per call. bf16 weights are sound for inference only: training keeps fp32
-master weights (``pipelines/loop.py``).
+weights are faster than bf16 autocast because no casts are left per call. bf16 weights are sound
+for inference only: training keeps fp32 master weights (``pipelines/loop.py``).
 """
 
 from __future__ import annotations
@@ -72,11 +72,6 @@ class SamplingNet(nn.Module):
         if compile:
             backend = compile if isinstance(compile, str) else "inductor"
             self._compiled = compile_or_eager(self.model, log, backend=backend, what="sampling network")
-
-    @property
-    def config(self):
-        """The wrapped network's config (``UNetConfig`` for ours), for code that reads shapes from it."""
-        return getattr(self.model, "config", None)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """:param x: [N x C x H x W] float32 x_t. :param t: [N] timesteps. :return: float32, contiguous."""

@@ -28,6 +28,14 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp")
 DEFAULT_STEPS = {"ddim": 50, "dpmpp": 20}  # ddpm: T
 
 
+def default_steps(sampler: str, num_timesteps: int, preferred: int | None = None) -> int:
+    """Model calls to make when the caller asked for no particular number: ``preferred`` (a
+    config's ``sample.steps``) or else the sampler's default (T for ddpm, 50 ddim, 20 dpmpp), capped
+    at T, so that a model with a small T (a tuning sweep can pick one) still samples."""
+    steps = preferred if preferred is not None else DEFAULT_STEPS.get(sampler, num_timesteps)
+    return min(int(steps), num_timesteps)
+
+
 def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """``steps`` evenly spaced timesteps from T-1 down to 0 (``[T-1]`` for one step), descending."""
     if not 1 <= steps <= num_timesteps:
@@ -205,7 +213,7 @@ def generate(model: Model, diffusion: Diffusion, shape: Sequence[int], sampler: 
     if eta != 0 and sampler != "ddim":
         raise ValueError(f"eta={eta} only applies to the ddim sampler, not {sampler!r}")
     if steps is None:
-        steps = min(DEFAULT_STEPS.get(sampler, diffusion.num_timesteps), diffusion.num_timesteps)
+        steps = default_steps(sampler, diffusion.num_timesteps)
     obj: DDPMSampler | DDIMSampler | DPMSolverPPSampler
     if sampler == "ddpm":
         obj = DDPMSampler(diffusion, steps)
@@ -217,5 +225,5 @@ def generate(model: Model, diffusion: Diffusion, shape: Sequence[int], sampler: 
                     progressive=progressive, progress=progress, device=device)
 
 
-__all__ = ["DDIMSampler", "DDPMSampler", "DEFAULT_STEPS", "DPMSolverPPSampler", "SAMPLERS", "ddim_loop",
+__all__ = ["DDIMSampler", "DDPMSampler", "DEFAULT_STEPS", "DPMSolverPPSampler", "SAMPLERS", "ddim_loop", "default_steps",
            "ddpm_loop", "dpmpp_loop", "generate", "run_loop", "space_timesteps"]

@@ -200,11 +200,11 @@ def _generate_on_cluster(loaded, sampler, steps, eta, num, nodes, address, seed)
 
 
 def _steps_used(loaded: Any, sampler: str, steps: int | None) -> int:
-    from ddpm.samplers import DEFAULT_STEPS
+    from ddpm.samplers import default_steps
 
     T = loaded.diffusion.num_timesteps
-    if steps is None:  # the sampler's default, capped at T (a tuned model may have T below 50)
-        return T if sampler == "ddpm" else min(DEFAULT_STEPS[sampler], T)
+    if steps is None:
+        return default_steps(sampler, T)
     if not 1 <= steps <= T:
         raise UsageError(f"--steps must be in [1, T={T}], got {steps}")
     return int(steps)

@@ -98,15 +98,15 @@ def build(cfg: ExperimentConfig, device: torch.device):
 def sample_grid(model, diffusion, cfg: ExperimentConfig, path: str, n: int = 64, seed: int = 0) -> str:
     """Sample ``n`` images with the config's fast sampler and save them as one PNG grid.
 
-    ``sample.steps`` is capped at T: a sweep over T (``ddpm-pipe tune``) may pick a T below the
-    preset's step count, and the grid must not end such a run with an error.
+    ``sample.steps`` is capped at T (``ddpm.samplers.default_steps``): a sweep over T (``ddpm-pipe
+    tune``) may pick a T below the preset's step count, and the grid must not end such a run.
     """
     from ddpm.image import save_grid
     from ddpm.noise import sample_seeds
-    from ddpm.samplers import generate
+    from ddpm.samplers import default_steps, generate
 
     m = cfg.model
-    steps = None if cfg.sample.steps is None else min(cfg.sample.steps, diffusion.num_timesteps)
+    steps = default_steps(cfg.sample.sampler, diffusion.num_timesteps, cfg.sample.steps)
     model.eval()
     with torch.no_grad():
         x = generate(model, diffusion, (n, m.in_channels, m.image_size, m.image_size),

@@ -32,7 +32,7 @@ class DDPMSampler(PythonModel):
         import torch
 
         from ddpm.image import to_uint8
-        from ddpm.samplers import generate
+        from ddpm.samplers import default_steps, generate
 
         req = dict(model_input) if isinstance(model_input, dict) else model_input.iloc[0].to_dict()
         req.update(params or {})
@@ -48,11 +48,10 @@ class DDPMSampler(PythonModel):
             seeds = [sample_seed(int(seeds), i) for i in range(num)]
         sampler = str(_scalar(req.get("sampler") or self.config.sample.sampler))
         steps = _scalar(req.get("steps"))
-        if steps in (None, ""):  # the config's steps belong to the config's sampler
-            steps = self.config.sample.steps if sampler == self.config.sample.sampler else None
-            if steps is not None:  # a config's default step count never exceeds this model's T
-                steps = min(int(steps), self.diffusion.num_timesteps)
-        steps = None if steps is None else int(steps)
+        if steps in (None, ""):  # the config's steps belong to the config's sampler (capped at T)
+            preferred = self.config.sample.steps if sampler == self.config.sample.sampler else None
+            steps = default_steps(sampler, self.diffusion.num_timesteps, preferred)
+        steps = int(steps)
         eta = float(_scalar(req.get("eta", 0.0)) or 0.0)
         batch = int(_scalar(req.get("batch_size", self.config.sample.batch_size)))
         m = self.config.model

@@ -136,7 +136,7 @@ class SampleWorker:
         import torch
 
         from ddpm.inference import SamplingNet
-        from ddpm.samplers import DEFAULT_STEPS
+        from ddpm.samplers import default_steps
         from pipelines.models import load
 
         os.environ.update(env)  # the tracking store; never credentials (workers read their own)
@@ -151,7 +151,7 @@ class SampleWorker:
         cfg = loaded.config
         T = self.diffusion.num_timesteps
         self.sampler, self.eta, self.precision, self.progressive = sampler, eta, precision, progressive
-        self.steps = steps if steps is not None else min(DEFAULT_STEPS.get(sampler, T), T)
+        self.steps = steps if steps is not None else default_steps(sampler, T)
         if self.steps > T:
             raise UsageError(f"--steps {self.steps} exceeds the model's T={T}")
         self.shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)

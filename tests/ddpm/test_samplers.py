@@ -246,3 +246,13 @@ def test_golden_seeded_ddim_loop(diffusion):
     x = generate(GaussianOracle(diffusion.alphas_cumprod), diffusion, (2, 1, 2, 2), "ddim", steps=10,
                  generator=torch.Generator().manual_seed(0))
     assert x.sum().item() == pytest.approx(1.8142677545547485, rel=1e-4)
+
+
+def test_default_steps_prefer_the_config_and_never_exceed_T():
+    from ddpm.samplers import default_steps
+
+    assert default_steps("ddpm", 1000) == 1000
+    assert default_steps("ddim", 1000) == 50 and default_steps("dpmpp", 1000) == 20
+    assert default_steps("ddim", 30) == 30  # a small T caps the sampler's default
+    assert default_steps("ddim", 1000, preferred=100) == 100
+    assert default_steps("ddim", 30, preferred=100) == 30  # and a config's steps
