@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t = torch.randint(0, 1000, (args.batch,))
     with torch.no_grad():  # one image's forward FLOPs (convolutions and matmuls), for GFLOP/s
         flops_per_image = common.count_flops(lambda: ours(x[:1], t[:1]))
-    peaks = {prec: common.matmul_peak(prec, n=256 if args.quick else 1024, repeats=2 if args.quick else 5,
-                                      kind=args.clock) for prec in args.precisions.split(",")}
+    peaks = common.matmul_peaks(args.precisions.split(","), args.quick, args.clock)
 
     def case(model, precision: str, xx=x):
         def run() -> float:
@@ -125,15 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             c()  # warm-up
         ips = common.alternate(cases, args.repeats)
         row: dict[str, Any] = {"precision": prec, "batch": args.batch, "load": common.load()}
-        for name, xs in ips.items():
-            med = common.median(xs)
-            row[name] = {"evals_per_s": round(med, 3), "repeats": [round(v, 3) for v in xs],
-                         "gflops": round(med * flops_per_image / 1e9, 1),
-                         "share_of_matmul_peak": round(med * flops_per_image / 1e9 / peaks[prec]["median_gflops"], 3)}
-        if "diffusers" in ips:  # every ratio is against diffusers as its users run it (fp32 / autocast)
-            for name in (n for n in ips if n.startswith("ours")):
-                key = "ratio" if name == "ours" else f"ratio_{name.removeprefix('ours_')}"
-                row[key] = round(common.median([a / b for a, b in zip(ips[name], ips["diffusers"])]), 3)
+        row.update(common.summarize(ips, "evals_per_s", flops_per_image, peaks[prec]["median_gflops"]))
+        row.update(common.ratios_to(ips, "diffusers"))  # against diffusers as its users run it
         rows.append(row)
 
     result = {"benchmark": "forward", "model": "quick" if args.quick else "cifar10 U-Net (35.7M)",

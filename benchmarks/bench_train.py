@@ -87,9 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     threads = common.set_threads(args.threads)
     load_before = common.load()
-    peaks = {prec: common.matmul_peak(prec, n=256 if args.quick else 1024, repeats=2 if args.quick else 5,
-                                      kind=args.clock)
-             for prec in args.precisions.split(",")}
+    peaks = common.matmul_peaks(args.precisions.split(","), args.quick, args.clock)
     diffusion = Diffusion.from_config(DiffusionConfig())
     torch.manual_seed(0)
     ours = common.ours_cifar10(args.quick)
@@ -142,16 +140,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         ips = common.alternate({name: case(s) for name, s in steps.items()}, args.repeats)
         row: dict[str, Any] = {"precision": prec, "batch": args.batch, "load": common.load()}
-        for name, xs in ips.items():
-            med = common.median(xs)
-            row[name] = {"images_per_s": round(med, 3), "repeats": [round(v, 3) for v in xs],
-                         "gflops": round(med * flops_per_image / 1e9, 1),
-                         "share_of_matmul_peak": round(med * flops_per_image / 1e9 / peaks[prec]["median_gflops"], 3)}
-        if "diffusers" in ips:  # per-repeat ratios: each pair ran back to back under the same load
-            for name in (n for n in ips if n.startswith("ours")):
-                key = "ratio" if name == "ours" else f"ratio_{name.removeprefix('ours_')}"
-                pairs = [a / b for a, b in zip(ips[name], ips["diffusers"])]
-                row[key] = round(common.median(pairs), 3)
+        row.update(common.summarize(ips, "images_per_s", flops_per_image, peaks[prec]["median_gflops"]))
+        row.update(common.ratios_to(ips, "diffusers"))
         rows.append(row)
 
     profiles = {}

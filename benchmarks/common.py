@@ -102,6 +102,34 @@ def matmul_peak(precision: str = "fp32", n: int = 1024, repeats: int = 5, kind: 
     return {"median_gflops": round(median(rates), 1), "best_gflops": round(max(rates), 1), "n": n}
 
 
+def matmul_peaks(precisions: list[str], quick: bool, kind: str = "wall") -> dict[str, dict[str, float]]:
+    """:func:`matmul_peak` for each precision (a small, quick one for ``--quick`` smoke runs)."""
+    return {prec: matmul_peak(prec, n=256 if quick else 1024, repeats=2 if quick else 5, kind=kind)
+            for prec in precisions}
+
+
+def summarize(ips: dict[str, list[float]], unit: str, flops_per_item: int, peak_gflops: float) -> dict[str, Any]:
+    """Per case: the median rate as ``unit``, the repeats, achieved GFLOP/s and its share of the peak."""
+    out: dict[str, Any] = {}
+    for name, xs in ips.items():
+        med = median(xs)
+        gflops = med * flops_per_item / 1e9
+        out[name] = {unit: round(med, 3), "repeats": [round(v, 3) for v in xs], "gflops": round(gflops, 1),
+                     "share_of_matmul_peak": round(gflops / peak_gflops, 3)}
+    return out
+
+
+def ratios_to(ips: dict[str, list[float]], ref: str = "diffusers") -> dict[str, float]:
+    """``ratio`` (for ``ours``) and ``ratio_<variant>`` (for ``ours_<variant>``) against ``ref``: the
+    median of per-repeat ratios, each pair measured back to back under the same load. Empty if
+    ``ref`` did not run."""
+    if ref not in ips:
+        return {}
+    return {("ratio" if name == "ours" else f"ratio_{name.removeprefix('ours_')}"):
+            round(median([a / b for a, b in zip(xs, ips[ref])]), 3)
+            for name, xs in ips.items() if name.startswith("ours")}
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call of ``fn`` (matmuls and convolutions, as torch.utils.flop_counter counts)."""
     from torch.utils.flop_counter import FlopCounterMode
