@@ -255,7 +255,8 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
             e = spec.evaluate
             res = evaluate_command(model=trained["model_uri"], data=data["test_url"], num=e.num,
                                    sampler=e.sampler, steps=e.steps, nodes=e.nodes, address=address)
-            scores = {k: v for k, v in {**res["scores"], **{f"{k}_floor": v for k, v in res["floors"].items()}}.items() if isinstance(v, (int, float))}
+            floors = {f"{k}_floor": v for k, v in res["floors"].items()}
+            scores = {k: v for k, v in {**res["scores"], **floors}.items() if isinstance(v, (int, float))}
             return {"model_uri": trained["model_uri"], "bpd": res["bpd"], "scores": scores,
                     "sec_per_sample": res["sec_per_sample"]}
 
@@ -301,12 +302,13 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
     tracking.end_run(parent_id)
     ui = f"mlflow ui --backend-store-uri {settings.tracking_uri}" if settings.tracking_uri.startswith("sqlite:") \
         else settings.tracking_uri
+    scores = evaluated["scores"]
     message = "\n".join([
         f"workflow '{name}': ran {', '.join(ran) or 'nothing'}; skipped {', '.join(skipped) or 'nothing'}",
         f"  registered model : {trained['model_uri']} ({'promoted to ' + spec.promote.alias if promoted['promoted'] else 'not promoted: ' + promoted['message']})",
         f"  evaluation       : bpd {evaluated['bpd']:.3f}; " + "; ".join(
-            f"{k} {s[k]:.3f} (real-data floor {s[k + '_floor']:.3f})" for s in [evaluated["scores"]]
-            for k in ("fd", "precision", "recall") if k in s and k + "_floor" in s),
+            f"{k} {scores[k]:.3f} (real-data floor {scores[k + '_floor']:.3f})"
+            for k in ("fd", "precision", "recall") if k in scores and k + "_floor" in scores),
         f"  sample grid      : {sampled['grid']}",
         f"  samples          : {sampled['out']}",
         f"  MLflow store     : {settings.tracking_uri} (UI: {ui})",
