@@ -150,7 +150,7 @@ class SampleWorker:
         self.diffusion = loaded.diffusion
         cfg = loaded.config
         T = self.diffusion.num_timesteps
-        self.sampler, self.eta, self.precision, self.progressive = sampler, eta, precision, progressive
+        self.sampler, self.eta, self.progressive = sampler, eta, progressive  # precision: in self.model
         self.steps = steps if steps is not None else default_steps(sampler, T)
         if self.steps > T:
             raise UsageError(f"--steps {self.steps} exceeds the model's T={T}")
