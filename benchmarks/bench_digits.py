@@ -30,7 +30,7 @@ def _run(url: str, steps: int, precision: str, seed: int, samples: int, quick: b
 
     from ddpm.diffusion import Diffusion
     from ddpm.metrics import frechet_distance_from_features
-    from ddpm.samplers import ddim_loop
+    from ddpm.samplers import generate
     from ddpm.unet import UNet
     from pipelines.loop import LoopContext, LoopData, train_loop
 
@@ -40,8 +40,8 @@ def _run(url: str, steps: int, precision: str, seed: int, samples: int, quick: b
                                                          log=lambda msg: None))
     model = UNet(cfg.model).eval()
     model.load_state_dict(final["ema"]["module"])
-    x = ddim_loop(Diffusion.from_config(cfg.diffusion), model, (samples, 1, 8, 8), steps=50,
-                  generator=torch.Generator().manual_seed(seed))
+    x = generate(model, Diffusion.from_config(cfg.diffusion), (samples, 1, 8, 8), "ddim", steps=50,
+                 generator=torch.Generator().manual_seed(seed))
     fd = frechet_distance_from_features(x.flatten(1).double(), real[: max(samples, 2)].flatten(1).double())
     return {"loss": round(out["loss"], 4), "images_per_s": round(out["images_per_s"], 1),
             "pixel_frechet": round(float(fd), 3)}
@@ -73,7 +73,7 @@ def time_to_quality(url: str, precision: str, check_every: int, max_steps: int, 
     from ddpm import metrics
     from ddpm.diffusion import Diffusion
     from ddpm.features import digits_split, extract_features, load_digits_feature_net
-    from ddpm.samplers import ddim_loop
+    from ddpm.samplers import generate
     from ddpm.unet import UNet
     from pipelines.loop import LoopContext, LoopData, train_loop
 
@@ -93,7 +93,7 @@ def time_to_quality(url: str, precision: str, check_every: int, max_steps: int, 
         t0 = time.perf_counter()
         model = UNet(cfg.model).eval()
         model.load_state_dict(state["ema"]["module"])
-        x = ddim_loop(diffusion, model, (samples, 1, 8, 8), steps=50, generator=torch.Generator().manual_seed(seed))
+        x = generate(model, diffusion, (samples, 1, 8, 8), "ddim", steps=50, generator=torch.Generator().manual_seed(seed))
         fd = float(metrics.frechet_distance_from_features(extract_features(net, x), ref))
         checks.append({"step": m["step"], "train_s": round(t0 - start - scoring, 1), "fd": round(fd, 2)})
         scoring += time.perf_counter() - t0

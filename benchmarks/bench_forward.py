@@ -29,12 +29,12 @@ def _ddim(ours, theirs, steps: int, num: int, size: int) -> dict[str, float]:
 
     from ddpm.config import DiffusionConfig
     from ddpm.diffusion import Diffusion
-    from ddpm.samplers import ddim_loop
+    from ddpm.samplers import generate
 
     diffusion = Diffusion.from_config(DiffusionConfig())
     shape = (num, 3, size, size)
     start = time.perf_counter()
-    ddim_loop(diffusion, ours, shape, steps=steps, generator=torch.Generator().manual_seed(0))
+    generate(ours, diffusion, shape, "ddim", steps=steps, generator=torch.Generator().manual_seed(0))
     out = {"ours_s": round(time.perf_counter() - start, 2)}
     if theirs is not None:
         from diffusers import DDIMScheduler

@@ -24,6 +24,7 @@ _EXPORTS = {
     "load_config": "ddpm.config",
     "make_betas": "ddpm.schedules",
     "SamplingNet": "ddpm.inference",
+    "DDPMPipeline": "ddpm.pipeline",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

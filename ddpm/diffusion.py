@@ -5,8 +5,8 @@ The network is an argument, never an attribute: ``model(x_t, t)`` takes ``x_t`` 
 ``[N x C x H x W]`` (or ``[N x 2C x H x W]`` with ``variance="learned_range"``).
 
 Equation numbers: (Ho) Ho et al. 2020; (IDDPM) Nichol & Dhariwal 2021; (v) Salimans & Ho 2022.
-Sampling loops live in :mod:`ddpm.samplers`, bits/dim in :mod:`ddpm.likelihood`; the methods here
-that run them are thin wrappers.
+Sampling loops live in :mod:`ddpm.samplers` and :mod:`ddpm.pipeline`, the whole bound in bits/dim in
+:mod:`ddpm.likelihood`; each imports this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any, get_args
 import torch
 
 from ddpm.config import LossType, Prediction, Variance
+from ddpm.losses import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from ddpm.noise import randn
+from ddpm.schedules import make_betas
 
 if TYPE_CHECKING:
     from ddpm.config import DiffusionConfig
@@ -30,11 +32,6 @@ VARIANCES: tuple[str, ...] = get_args(Variance)
 LOSSES: tuple[str, ...] = get_args(LossType)
 
 _HYBRID_LAMBDA = 0.001  # IDDPM sec. 3.1: L_hybrid = L_simple + lambda L_vlb
-
-
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """Mean over all but the batch dimension: ``[N x ...] -> [N]``."""
-    return x.mean(dim=tuple(range(1, x.dim())))
 
 
 def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
@@ -103,8 +100,6 @@ class Diffusion:
 
     @classmethod
     def from_config(cls, cfg: DiffusionConfig) -> Diffusion:
-        from ddpm.schedules import make_betas
-
         betas = make_betas(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end)
         return cls(betas, prediction=cfg.prediction, variance=cfg.variance, loss=cfg.loss)
 
@@ -268,8 +263,6 @@ class Diffusion:
         sec. 3.1); with a fixed variance that term has no gradient and is left out. ``levels`` sets the
         decoder's bins at t = 0 (256 for 8-bit images).
         """
-        from ddpm.likelihood import vb_term_bpd
-
         N = x_start.shape[0]
         if t is None:
             dev = generator.device if generator is not None else x_start.device
@@ -282,7 +275,7 @@ class Diffusion:
 
         if self.loss == "vb":
             out = self.p_mean_variance_from_output(model_output, x_t, t, clip_denoised=False)
-            return vb_term_bpd(self, out, x_start, x_t, t, levels) * self.num_timesteps
+            return self.vb_term_bpd(out, x_start, x_t, t, levels) * self.num_timesteps
 
         target = {"eps": noise, "x0": x_start, "v": self.get_v(x_start, noise, t)}[self.prediction]
         loss = mean_flat((target - model_output[:, :C]) ** 2)
@@ -290,55 +283,21 @@ class Diffusion:
             frozen = torch.cat([model_output[:, :C].detach(), model_output[:, C:]], dim=1)
             out = self.p_mean_variance_from_output(frozen, x_t, t, clip_denoised=False)
             # lambda * (T L_t): the vb term's L_vlb estimate (IDDPM eq. 16).
-            loss = loss + _HYBRID_LAMBDA * self.num_timesteps * vb_term_bpd(self, out, x_start, x_t, t, levels)
+            loss = loss + _HYBRID_LAMBDA * self.num_timesteps * self.vb_term_bpd(out, x_start, x_t, t, levels)
         return loss
 
-    # -- sampling and likelihood (see ddpm.samplers and ddpm.likelihood) -----------------------
-    def p_sample_loop(self, model: Model, shape: Sequence[int], generator: torch.Generator | None = None,
-                      steps: int | None = None, seeds: torch.Tensor | Sequence[int] | None = None,
-                      clip_denoised: bool = True, progress: Progress | None = None, progressive: int = 0,
-                      device: torch.device | str | None = None) -> Any:
-        """Ancestral DDPM sampling (Ho, Algorithm 2); ``steps < T`` respaces. See :func:`ddpm.samplers.ddpm_loop`."""
-        from ddpm.samplers import ddpm_loop
+    def vb_term_bpd(self, out: dict[str, torch.Tensor], x_start: torch.Tensor, x_t: torch.Tensor,
+                    t: torch.Tensor, levels: int = 256) -> torch.Tensor:
+        """One term of the bound, ``[N]`` bits/dim: the KL at ``t > 0``, the decoder NLL at ``t == 0``.
 
-        return ddpm_loop(self, model, shape, steps=steps, generator=generator, seeds=seeds,
-                         clip_denoised=clip_denoised, progressive=progressive, progress=progress, device=device)
-
-    def ddim_sample_loop(self, model: Model, shape: Sequence[int], steps: int = 50, eta: float = 0.0,
-                         generator: torch.Generator | None = None, seeds: torch.Tensor | Sequence[int] | None = None,
-                         clip_denoised: bool = True, progress: Progress | None = None, progressive: int = 0,
-                         device: torch.device | str | None = None) -> Any:
-        """DDIM sampling (Song et al. 2021). See :func:`ddpm.samplers.ddim_loop`."""
-        from ddpm.samplers import ddim_loop
-
-        return ddim_loop(self, model, shape, steps=steps, eta=eta, generator=generator, seeds=seeds,
-                         clip_denoised=clip_denoised, progressive=progressive, progress=progress, device=device)
-
-    def dpmpp_sample_loop(self, model: Model, shape: Sequence[int], steps: int = 20,
-                          generator: torch.Generator | None = None, seeds: torch.Tensor | Sequence[int] | None = None,
-                          clip_denoised: bool = True, progress: Progress | None = None, progressive: int = 0,
-                          device: torch.device | str | None = None) -> Any:
-        """DPM-Solver++ 2M (Lu et al. 2022). See :func:`ddpm.samplers.dpmpp_loop`."""
-        from ddpm.samplers import dpmpp_loop
-
-        return dpmpp_loop(self, model, shape, steps=steps, generator=generator, seeds=seeds,
-                          clip_denoised=clip_denoised, progressive=progressive, progress=progress, device=device)
-
-    def bits_per_dim(self, model: Model, x_start: torch.Tensor, levels: int = 256, *,
-                     clip_denoised: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The full variational bound (Ho, eq. 5) in bits/dim, ``[N]``. See :mod:`ddpm.likelihood`."""
-        from ddpm.likelihood import bits_per_dim
-
-        return bits_per_dim(self, model, x_start, levels=levels, clip_denoised=clip_denoised, generator=generator)
-
-    def bits_per_dim_estimate(self, model: Model, x_start: torch.Tensor, levels: int = 256,
-                              num_timesteps: int = 16, seed: int = 0, *,
-                              clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """An unbiased stratified estimate of :meth:`bits_per_dim` and its standard error, each ``[N]``."""
-        from ddpm.likelihood import bits_per_dim_estimate
-
-        return bits_per_dim_estimate(self, model, x_start, levels=levels, num_timesteps=num_timesteps,
-                                     seed=seed, clip_denoised=clip_denoised)
+        ``out`` is :meth:`p_mean_variance`'s result at (x_t, t):
+        L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) and L_0 = -log p(x_0 | x_1) (Ho, eq. 5, 13).
+        """
+        true_mean, _, true_log_var = self.q_posterior(x_start, x_t, t)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / LN2
+        nll = -mean_flat(discretized_gaussian_log_likelihood(
+            x_start, out["mean"], 0.5 * out["log_variance"], levels)) / LN2
+        return torch.where(t == 0, nll, kl)
 
 
 __all__ = ["Diffusion", "LOSSES", "PREDICTIONS", "VARIANCES", "mean_flat"]

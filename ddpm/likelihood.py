@@ -12,64 +12,11 @@ has half-width 1 / (levels - 1); the two outer bins extend to -inf and +inf.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ddpm.diffusion import Diffusion, Model, mean_flat
+from ddpm.diffusion import Diffusion, Model
+from ddpm.losses import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from ddpm.noise import randn
-
-LN2 = math.log(2.0)
-
-
-def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor | float,
-              logvar2: torch.Tensor | float) -> torch.Tensor:
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
-    mean2 = torch.as_tensor(mean2, dtype=mean1.dtype, device=mean1.device)
-    logvar2 = torch.as_tensor(logvar2, dtype=mean1.dtype, device=mean1.device)
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor,
-                                        levels: int) -> torch.Tensor:
-    """log P(x) elementwise for x on ``levels`` values in [-1, 1] under N(means, e^(2 log_scales)) binned.
-
-    Computed in float64 with log-CDFs, so that the tails do not underflow; returned in ``x``'s dtype.
-    """
-    if levels < 2:
-        raise ValueError(f"levels must be >= 2, got {levels}")
-    half_width = 1.0 / (levels - 1)
-    x64, m64, s64 = x.double(), means.double(), log_scales.double()
-    centered = x64 - m64
-    inv_stdv = torch.exp(-s64)
-    plus_in = inv_stdv * (centered + half_width)
-    min_in = inv_stdv * (centered - half_width)
-    log_cdf_plus = torch.special.log_ndtr(plus_in)  # lowest bin: P(X < x + w)
-    log_one_minus_cdf_min = torch.special.log_ndtr(-min_in)  # highest bin: P(X > x - w)
-    # Inner bins: log(Phi(hi) - Phi(lo)), taken on the side of the mean where both tails are large.
-    right = centered > 0
-    hi = torch.where(right, -min_in, plus_in)
-    lo = torch.where(right, -plus_in, min_in)
-    log_hi = torch.special.log_ndtr(hi)
-    log_mid = log_hi + torch.log(-torch.expm1(torch.special.log_ndtr(lo) - log_hi))
-    log_probs = torch.where(x64 < -1 + half_width, log_cdf_plus,
-                            torch.where(x64 > 1 - half_width, log_one_minus_cdf_min, log_mid))
-    return log_probs.to(x.dtype)
-
-
-def vb_term_bpd(diffusion: Diffusion, out: dict[str, torch.Tensor], x_start: torch.Tensor,
-                x_t: torch.Tensor, t: torch.Tensor, levels: int = 256) -> torch.Tensor:
-    """One term of the bound, ``[N]`` bits/dim: the KL at ``t > 0``, the decoder NLL at ``t == 0``.
-
-    ``out`` is :meth:`Diffusion.p_mean_variance`'s result at (x_t, t).
-    """
-    true_mean, _, true_log_var = diffusion.q_posterior(x_start, x_t, t)
-    kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / LN2
-    nll = -mean_flat(discretized_gaussian_log_likelihood(
-        x_start, out["mean"], 0.5 * out["log_variance"], levels)) / LN2
-    return torch.where(t == 0, nll, kl)
-
 
 def prior_bpd(diffusion: Diffusion, x_start: torch.Tensor) -> torch.Tensor:
     """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, ``[N]``; no model needed.
@@ -96,7 +43,7 @@ def calc_bpd_loop(diffusion: Diffusion, model: Model, x_start: torch.Tensor, lev
         noise = randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
         x_t = diffusion.q_sample(x_start, t, noise)
         out = diffusion.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised)
-        vb[:, i] = vb_term_bpd(diffusion, out, x_start, x_t, t, levels)
+        vb[:, i] = diffusion.vb_term_bpd(out, x_start, x_t, t, levels)
     prior = prior_bpd(diffusion, x_start)
     return {"total_bpd": vb.sum(dim=1) + prior, "prior_bpd": prior, "vb": vb}
 
@@ -139,7 +86,7 @@ def bits_per_dim_estimate(diffusion: Diffusion, model: Model, x_start: torch.Ten
         noise = randn(x_start.shape, generator=g, device=x_start.device, dtype=x_start.dtype)
         x_t = diffusion.q_sample(x_start, t, noise)
         out = diffusion.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised)
-        ys.append(size * vb_term_bpd(diffusion, out, x_start, x_t, t, levels).double())
+        ys.append(size * diffusion.vb_term_bpd(out, x_start, x_t, t, levels).double())
     y = torch.stack(ys)  # [K x N]
     estimate = prior_bpd(diffusion, x_start).double() + y.sum(dim=0)
     if K == 1:
@@ -153,5 +100,6 @@ def bits_per_dim_estimate(diffusion: Diffusion, model: Model, x_start: torch.Ten
     return estimate.to(x_start.dtype), stderr.to(x_start.dtype)
 
 
-__all__ = ["bits_per_dim", "bits_per_dim_estimate", "calc_bpd_loop", "discretized_gaussian_log_likelihood",
-           "normal_kl", "prior_bpd", "vb_term_bpd"]
+# LN2, normal_kl and discretized_gaussian_log_likelihood are ddpm.losses', re-exported for callers of the bound.
+__all__ = ["LN2", "bits_per_dim", "bits_per_dim_estimate", "calc_bpd_loop", "discretized_gaussian_log_likelihood",
+           "normal_kl", "prior_bpd"]

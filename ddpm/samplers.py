@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
+from ddpm.config import Sampler
 from ddpm.diffusion import Diffusion, Model, Progress
 from ddpm.inference import sampling_dtype
 from ddpm.noise import NoiseSource
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp")
+SAMPLERS: tuple[str, ...] = get_args(Sampler)  # ddpm, ddim, dpmpp: named once, in ddpm.config
 DEFAULT_STEPS = {"ddim": 50, "dpmpp": 20}  # ddpm: T
 
 
@@ -181,21 +182,27 @@ def run_loop(sampler: DDPMSampler | DDIMSampler | DPMSolverPPSampler, model: Mod
     return (x, torch.stack(preds)) if progressive else x
 
 
-def ddpm_loop(diffusion: Diffusion, model: Model, shape: Sequence[int], steps: int | None = None,
-              **kwargs: Any) -> Any:
-    """DDPM ancestral sampling with ``steps`` (default T) model calls; see :func:`run_loop`."""
-    return run_loop(DDPMSampler(diffusion, steps), model, shape, **kwargs)
+def check_sampler(sampler: str, eta: float = 0.0) -> None:
+    """``ValueError`` naming the valid samplers, or an ``eta`` given to a sampler other than ddim."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    if eta != 0 and sampler != "ddim":
+        raise ValueError(f"eta={eta} only applies to the ddim sampler, not {sampler!r}")
 
 
-def ddim_loop(diffusion: Diffusion, model: Model, shape: Sequence[int], steps: int = 50, eta: float = 0.0,
-              **kwargs: Any) -> Any:
-    """DDIM sampling with ``steps`` model calls; see :func:`run_loop`."""
-    return run_loop(DDIMSampler(diffusion, steps, eta), model, shape, **kwargs)
-
-
-def dpmpp_loop(diffusion: Diffusion, model: Model, shape: Sequence[int], steps: int = 20, **kwargs: Any) -> Any:
-    """DPM-Solver++ 2M sampling with ``steps`` model calls; see :func:`run_loop`."""
-    return run_loop(DPMSolverPPSampler(diffusion, steps), model, shape, **kwargs)
+def make_sampler(diffusion: Diffusion, sampler: str, steps: int | None = None,
+                 eta: float = 0.0) -> DDPMSampler | DDIMSampler | DPMSolverPPSampler:
+    """The sampler object named ``sampler`` with ``steps`` model calls (default: :func:`default_steps`)."""
+    check_sampler(sampler, eta)
+    if steps is None:
+        steps = default_steps(sampler, diffusion.num_timesteps)
+    if sampler == "ddpm":
+        return DDPMSampler(diffusion, steps)
+    if sampler == "ddim":
+        return DDIMSampler(diffusion, steps, eta)
+    return DPMSolverPPSampler(diffusion, steps)
 
 
 def generate(model: Model, diffusion: Diffusion, shape: Sequence[int], sampler: str = "ddim",
@@ -203,27 +210,15 @@ def generate(model: Model, diffusion: Diffusion, shape: Sequence[int], sampler: 
              seeds: torch.Tensor | Sequence[int] | None = None, clip_denoised: bool = True,
              progressive: int = 0, progress: Progress | None = None,
              device: torch.device | str | None = None) -> Any:
-    """Samples of ``shape`` ``[N x C x H x W]`` with sampler ``ddpm``, ``ddim`` or ``dpmpp``.
+    """One batch of samples of ``shape`` ``[N x C x H x W]`` with sampler ``ddpm``, ``ddim`` or ``dpmpp``.
 
     ``steps`` defaults to T for ddpm, 50 for ddim and 20 for dpmpp (capped at T). ``eta`` is DDIM's
-    and must be 0 for the others. Returns x_0, or (x_0, preds) with ``progressive > 0``.
+    and must be 0 for the others. Returns x_0, or (x_0, preds) with ``progressive > 0``; see
+    :func:`run_loop`. Many seeded samples in batches: :class:`ddpm.pipeline.DDPMPipeline`.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
-    if eta != 0 and sampler != "ddim":
-        raise ValueError(f"eta={eta} only applies to the ddim sampler, not {sampler!r}")
-    if steps is None:
-        steps = default_steps(sampler, diffusion.num_timesteps)
-    obj: DDPMSampler | DDIMSampler | DPMSolverPPSampler
-    if sampler == "ddpm":
-        obj = DDPMSampler(diffusion, steps)
-    elif sampler == "ddim":
-        obj = DDIMSampler(diffusion, steps, eta)
-    else:
-        obj = DPMSolverPPSampler(diffusion, steps)
-    return run_loop(obj, model, shape, generator=generator, seeds=seeds, clip_denoised=clip_denoised,
-                    progressive=progressive, progress=progress, device=device)
+    return run_loop(make_sampler(diffusion, sampler, steps, eta), model, shape, generator=generator, seeds=seeds,
+                    clip_denoised=clip_denoised, progressive=progressive, progress=progress, device=device)
 
 
-__all__ = ["DDIMSampler", "DDPMSampler", "DEFAULT_STEPS", "DPMSolverPPSampler", "SAMPLERS", "ddim_loop", "default_steps",
-           "ddpm_loop", "dpmpp_loop", "generate", "run_loop", "space_timesteps"]
+__all__ = ["DDIMSampler", "DDPMSampler", "DEFAULT_STEPS", "DPMSolverPPSampler", "SAMPLERS", "check_sampler",
+           "default_steps", "generate", "make_sampler", "run_loop", "space_timesteps"]

@@ -157,10 +157,12 @@ def held_out_bpd(loaded: Any, ev: EvalData, images: int, batch_size: int = 64) -
     """Mean full-bound bits/dim over the first ``images`` held-out images."""
     import torch
 
+    from ddpm.likelihood import bits_per_dim
+
     x = ev.test[:images]
     g = torch.Generator().manual_seed(0)
     start = time.perf_counter()
-    values = [loaded.diffusion.bits_per_dim(loaded.model, x[i:i + batch_size], levels=ev.levels, generator=g)
+    values = [bits_per_dim(loaded.diffusion, loaded.model, x[i:i + batch_size], levels=ev.levels, generator=g)
               for i in range(0, len(x), batch_size)]
     bpd = torch.cat(values).double().mean().item()
     out = _result("bpd", bpd, bound="full", data=ev.test_hash, num=len(x))
@@ -171,24 +173,15 @@ def held_out_bpd(loaded: Any, ev: EvalData, images: int, batch_size: int = 64) -
 def generate_samples(loaded: Any, sampler: str, steps: int | None, eta: float, num: int, nodes: int,
                      address: str | None, seed: int = 0) -> Any:
     """``num`` samples in [-1, 1]; sample i draws its noise from ``ddpm.noise.sample_seed(seed, i)``."""
-    import torch
-
     from ddpm.inference import SamplingNet
-    from ddpm.noise import sample_seeds
-    from ddpm.samplers import generate
+    from ddpm.pipeline import DDPMPipeline
 
     if nodes > 1:
         return _generate_on_cluster(loaded, sampler, steps, eta, num, nodes, address, seed)
-    m, batch = loaded.config.model, loaded.config.sample.batch_size
-    net = SamplingNet(loaded.model)  # as the sample job's workers run it: same seeds, same images
-    out = []
-    for i in range(0, num, batch):
-        n = min(batch, num - i)
-        seeds = sample_seeds(seed, i, n)
-        out.append(generate(net, loaded.diffusion, (n, m.in_channels, m.image_size, m.image_size),
-                            sampler=sampler, steps=steps, eta=eta, seeds=seeds,
-                            clip_denoised=loaded.config.sample.clip_denoised))
-    return torch.cat(out)
+    # SamplingNet as the sample job's workers run it: same seeds, same images.
+    pipe = DDPMPipeline.from_config(SamplingNet(loaded.model), loaded.config, loaded.diffusion,
+                                    sampler=sampler, steps=steps, eta=eta)
+    return pipe(num, seed)
 
 
 def _generate_on_cluster(loaded, sampler, steps, eta, num, nodes, address, seed):

@@ -1,11 +1,5 @@
-"""`ddpm-pipe interpolate`: interpolation in x_t space (Ho et al. 2020, section 4.3, figure 8).
-
-1. Encode both source images with q(x_t | x_0) (eq. 4), using the SAME noise eps for both:
-   x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
-2. Mix the latents linearly: xbar_t = (1 - lambda) x_t + lambda x'_t, for ``lambdas`` evenly spaced
-   weights in [0, 1].
-3. Decode each mix with the ancestral reverse process from t down to 0 (Algorithm 2). Every mix gets
-   the same per-sample seed, so the reverse noise too is fixed across the weights, as in the paper.
+"""`ddpm-pipe interpolate`: reads two images, runs :func:`ddpm.interpolate.interpolate` (Ho et al. 2020,
+section 4.3) and writes the strip; the math lives in the library.
 
 One strip is written: source a, the ``lambdas`` decoded mixes, source b. Runs in the driver process:
 ``lambdas`` images are one small batch, not worth a cluster.
@@ -59,43 +53,13 @@ def read_image(url: str, channels: int, size: int, levels: int):
     return x[None].float()
 
 
-def interpolate(model: Any, diffusion: Any, x_a, x_b, t: int, lambdas: int, seed: int = 0):
-    """Decoded interpolations ``[lambdas x C x H x W]`` between ``x_a`` and ``x_b`` (each ``[1 x C x H x W]``).
-
-    ``t`` is the 0-based index into the schedule (``t = T - 1`` noises fully).
-    """
-    import torch
-
-    from ddpm.noise import NoiseSource
-    from ddpm.samplers import DDPMSampler
-    from pipelines.sample import sample_seed
-
-    T = diffusion.num_timesteps
-    if not 0 <= t < T:
-        raise UsageError(f"--t {t} is out of range: the model has T={T}, so t must be in [0, {T - 1}]")
-    weights = torch.linspace(0.0, 1.0, lambdas).reshape(-1, 1, 1, 1)
-    # One seed for every row: the same eps for both encodings and the same reverse noise for all weights.
-    noise = NoiseSource((lambdas, *x_a.shape[1:]), seeds=[sample_seed(seed, 0)] * lambdas)
-    eps = noise.next()[:1]
-    tt = torch.full((1,), t, dtype=torch.long)
-    with torch.no_grad():
-        # 1. x_t and x'_t from q(x_t | x_0) with the same eps (Ho, eq. 4).
-        xt_a, xt_b = diffusion.q_sample(x_a, tt, eps), diffusion.q_sample(x_b, tt, eps)
-        # 2. Linear interpolation of the latents.
-        x = (1 - weights) * xt_a + weights * xt_b
-        # 3. Ancestral steps t, t-1, ..., 0 (Algorithm 2): positions T-1-t .. T-1 of the full list.
-        sampler = DDPMSampler(diffusion)
-        for i in range(T - 1 - t, T):
-            x, _ = sampler.step(model, x, i, noise)
-    return x
-
-
 def interpolate_command(model: str, a: str, b: str, t: int, lambdas: int, out: str, seed: int) -> dict[str, Any]:
     """`ddpm-pipe interpolate`: see the module docstring."""
     import torch
 
     from ddpm.data.storage import atomic_write, open_fs, storage_options_for
     from ddpm.image import grid, png_bytes
+    from ddpm.interpolate import interpolate
     from pipelines import models
     from pipelines.sample import check_model
 
@@ -131,4 +95,4 @@ def interpolate_command(model: str, a: str, b: str, t: int, lambdas: int, out: s
             "message": f"wrote {out}: a, {lambdas} interpolations at t={t} (lambda 0..1), b"}
 
 
-__all__ = ["interpolate", "interpolate_command", "read_image"]
+__all__ = ["interpolate_command", "read_image"]

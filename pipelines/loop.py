@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ddpm import likelihood
 from ddpm.config import ExperimentConfig
 from ddpm.inference import compile_or_eager
 
@@ -98,20 +99,14 @@ def build(cfg: ExperimentConfig, device: torch.device):
 def sample_grid(model, diffusion, cfg: ExperimentConfig, path: str, n: int = 64, seed: int = 0) -> str:
     """Sample ``n`` images with the config's fast sampler and save them as one PNG grid.
 
-    ``sample.steps`` is capped at T (``ddpm.samplers.default_steps``): a sweep over T (``ddpm-pipe
+    ``sample.steps`` is capped at T (:meth:`ddpm.pipeline.DDPMPipeline.from_config`): a sweep over T (``ddpm-pipe
     tune``) may pick a T below the preset's step count, and the grid must not end such a run.
     """
     from ddpm.image import save_grid
-    from ddpm.noise import sample_seeds
-    from ddpm.samplers import default_steps, generate
+    from ddpm.pipeline import DDPMPipeline
 
-    m = cfg.model
-    steps = default_steps(cfg.sample.sampler, diffusion.num_timesteps, cfg.sample.steps)
     model.eval()
-    with torch.no_grad():
-        x = generate(model, diffusion, (n, m.in_channels, m.image_size, m.image_size),
-                     sampler=cfg.sample.sampler, steps=steps, eta=cfg.sample.eta,
-                     seeds=sample_seeds(seed, 0, n), clip_denoised=cfg.sample.clip_denoised)
+    x = DDPMPipeline.from_config(model, cfg, diffusion)(n, seed)
     save_grid(x, path, levels=cfg.data.levels)
     return path
 
@@ -260,7 +255,7 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
         if holdout is not None and (step % tc.eval_every == 0 or step == tc.max_steps):
             ema.module.eval()
             with torch.no_grad():
-                est, err = diffusion.bits_per_dim_estimate(ema.module, holdout, levels=cfg.data.levels, seed=0)
+                est, err = likelihood.bits_per_dim_estimate(diffusion, ema.module, holdout, levels=cfg.data.levels, seed=0)
             metrics["bpd"] = float(est.mean())
             metrics["bpd_stderr"] = float(err.pow(2).sum().sqrt() / len(err))
             if metrics["bpd"] < best_bpd:

@@ -28,11 +28,8 @@ class DDPMSampler(PythonModel):
         self.diffusion = Diffusion.from_config(self.config.diffusion)
 
     def predict(self, context, model_input, params=None):
-        import numpy as np
-        import torch
-
         from ddpm.image import to_uint8
-        from ddpm.samplers import default_steps, generate
+        from ddpm.pipeline import DDPMPipeline
 
         req = dict(model_input) if isinstance(model_input, dict) else model_input.iloc[0].to_dict()
         req.update(params or {})
@@ -47,23 +44,13 @@ class DDPMSampler(PythonModel):
 
             seeds = [sample_seed(int(seeds), i) for i in range(num)]
         sampler = str(_scalar(req.get("sampler") or self.config.sample.sampler))
-        steps = _scalar(req.get("steps"))
-        if steps in (None, ""):  # the config's steps belong to the config's sampler (capped at T)
-            preferred = self.config.sample.steps if sampler == self.config.sample.sampler else None
-            steps = default_steps(sampler, self.diffusion.num_timesteps, preferred)
-        steps = int(steps)
-        eta = float(_scalar(req.get("eta", 0.0)) or 0.0)
-        batch = int(_scalar(req.get("batch_size", self.config.sample.batch_size)))
-        m = self.config.model
-        out = []
-        with torch.no_grad():
-            for i in range(0, num, batch):
-                chunk = seeds[i:i + batch]
-                x = generate(self.model, self.diffusion, (len(chunk), m.in_channels, m.image_size, m.image_size),
-                             sampler=sampler, steps=steps, eta=eta, seeds=chunk,
-                             clip_denoised=self.config.sample.clip_denoised)
-                out.append(to_uint8(x, self.config.data.levels))
-        return np.concatenate(out)
+        steps = _scalar(req.get("steps"))  # none: the config's steps for the config's sampler (capped at T)
+        batch = _scalar(req.get("batch_size"))
+        pipe = DDPMPipeline.from_config(self.model, self.config, self.diffusion, sampler=sampler,
+                                        steps=None if steps in (None, "") else int(steps),
+                                        eta=float(_scalar(req.get("eta", 0.0)) or 0.0),
+                                        batch_size=None if batch in (None, "") else int(batch))
+        return to_uint8(pipe.from_seeds(seeds), self.config.data.levels)
 
 
 def _scalar(value):

@@ -136,6 +136,7 @@ class SampleWorker:
         import torch
 
         from ddpm.inference import SamplingNet
+        from ddpm.pipeline import DDPMPipeline
         from ddpm.samplers import default_steps
         from pipelines.models import load
 
@@ -150,12 +151,15 @@ class SampleWorker:
         self.diffusion = loaded.diffusion
         cfg = loaded.config
         T = self.diffusion.num_timesteps
-        self.sampler, self.eta, self.progressive = sampler, eta, progressive  # precision: in self.model
-        self.steps = steps if steps is not None else default_steps(sampler, T)
-        if self.steps > T:
-            raise UsageError(f"--steps {self.steps} exceeds the model's T={T}")
-        self.shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
-        self._info = {"steps": self.steps, "T": T, "shape": list(self.shape), "levels": cfg.data.levels,
+        self.progressive = progressive
+        steps = steps if steps is not None else default_steps(sampler, T)
+        if steps > T:
+            raise UsageError(f"--steps {steps} exceeds the model's T={T}")
+        # The driver sizes units to --batch-size, and a unit is sampled as one batch.
+        self.pipe = DDPMPipeline.from_config(self.model, cfg, self.diffusion, sampler=sampler, steps=steps,
+                                             eta=eta, batch_size=sys.maxsize)
+        self.shape = self.pipe.image_shape
+        self._info = {"steps": self.pipe.steps, "T": T, "shape": list(self.shape), "levels": cfg.data.levels,
                       "clip_denoised": cfg.sample.clip_denoised, "load_s": time.perf_counter() - start,
                       "device": str(self.device)}
 
@@ -168,12 +172,8 @@ class SampleWorker:
 
     def sample(self, indices: list[int], seed: int) -> dict[str, Any]:
         """x_0 for ``indices`` as float32 ``[n x C x H x W]`` (and the progressive predictions)."""
-        from ddpm.samplers import generate
-
         start = time.perf_counter()
-        out = generate(self.model, self.diffusion, (len(indices), *self.shape), sampler=self.sampler,
-                       steps=self.steps, eta=self.eta, seeds=[sample_seed(seed, i) for i in indices],
-                       clip_denoised=self._info["clip_denoised"], progressive=self.progressive)
+        out = self.pipe.from_seeds([sample_seed(seed, i) for i in indices], progressive=self.progressive)
         x, preds = out if self.progressive else (out, None)
         return {"indices": list(indices), "seconds": time.perf_counter() - start,
                 "x": x.float().cpu().numpy(),

@@ -4,7 +4,7 @@ Driver: config + search space -> parent MLflow run (resumed by sweep name) -> ``
 trainable (or ``Tuner.restore`` of the same sweep) -> the best trial's full variational bound ->
 best config YAML, printed and logged to the parent run.
 
-Trials compare on ``bpd``: the held-out bits/dim estimate of :meth:`ddpm.diffusion.Diffusion.bits_per_dim_estimate`
+Trials compare on ``bpd``: the held-out bits/dim estimate of :func:`ddpm.likelihood.bits_per_dim_estimate`
 (the same images, timesteps and noise in every trial), which, unlike L_simple, does not depend on T
 or the schedule. ASHA stops trials early on it.
 
@@ -218,6 +218,7 @@ def _full_bound(result, cfg: ExperimentConfig, holdout_url: str, storage_options
 
     from ddpm.checkpoint import load_checkpoint
     from ddpm.data import load_split, to_float
+    from ddpm.likelihood import bits_per_dim
     from pipelines.loop import build
 
     path = None
@@ -235,8 +236,8 @@ def _full_bound(result, cfg: ExperimentConfig, holdout_url: str, storage_options
     x = to_float(images[:n], cfg.data.levels)
     ema.module.eval()
     with torch.no_grad():
-        bpd = diffusion.bits_per_dim(ema.module, x, levels=cfg.data.levels,
-                                     generator=torch.Generator().manual_seed(0))
+        bpd = bits_per_dim(diffusion, ema.module, x, levels=cfg.data.levels,
+                           generator=torch.Generator().manual_seed(0))
     return float(bpd.mean()), float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
 
 

@@ -139,21 +139,21 @@ def test_estimate_is_unbiased(diffusion, data):
 def test_estimate_is_reproducible(diffusion, data):
     oracle = GaussianOracle(diffusion.alphas_cumprod, MU, S)
     x = data[::256]
-    a = diffusion.bits_per_dim_estimate(oracle, x, levels=LEVELS, num_timesteps=5, seed=3)
-    b = diffusion.bits_per_dim_estimate(oracle, x, levels=LEVELS, num_timesteps=5, seed=3)
-    c = diffusion.bits_per_dim_estimate(oracle, x, levels=LEVELS, num_timesteps=5, seed=4)
+    a = bits_per_dim_estimate(diffusion, oracle, x, levels=LEVELS, num_timesteps=5, seed=3)
+    b = bits_per_dim_estimate(diffusion, oracle, x, levels=LEVELS, num_timesteps=5, seed=3)
+    c = bits_per_dim_estimate(diffusion, oracle, x, levels=LEVELS, num_timesteps=5, seed=4)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(a[0], c[0])
     assert bool(torch.isfinite(a[1]).all()) and bool((a[1] > 0).all())
-    one = diffusion.bits_per_dim_estimate(oracle, x, levels=LEVELS, num_timesteps=1)
+    one = bits_per_dim_estimate(diffusion, oracle, x, levels=LEVELS, num_timesteps=1)
     assert bool(torch.isnan(one[1]).all()) and bool(torch.isfinite(one[0]).all())
 
 
-def test_bits_per_dim_method_and_image_levels():
+def test_bits_per_dim_is_seeded_by_its_generator_at_image_levels():
     d = Diffusion(make_betas("linear", 30), variance="fixed_large")
     oracle = GaussianOracle(d.alphas_cumprod, 0.0, 0.5)
     x = (torch.randint(0, 256, (4, 3, 4, 4)) / 127.5 - 1).float()
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    bpd = d.bits_per_dim(oracle, x, generator=g1)
+    bpd = bits_per_dim(d, oracle, x, generator=g1)
     torch.testing.assert_close(bpd, bits_per_dim(d, oracle, x, 256, generator=g2))
     assert bpd.shape == (4,) and bool(torch.isfinite(bpd).all()) and bool((bpd > 0).all())

@@ -15,7 +15,7 @@ import torch
 
 from ddpm.diffusion import Diffusion
 from ddpm.noise import NoiseSource, randn
-from ddpm.samplers import DDIMSampler, DDPMSampler, DPMSolverPPSampler, generate, space_timesteps
+from ddpm.samplers import DDIMSampler, DDPMSampler, DPMSolverPPSampler, generate, run_loop, space_timesteps
 from ddpm.schedules import make_betas
 from tests.ddpm.test_diffusion import GaussianOracle
 
@@ -122,8 +122,8 @@ def test_ddpm_matches_exact_moments(diffusion, abar, steps, variance):
     d = Diffusion(diffusion.betas, variance=variance)
     sampler = DDPMSampler(d, steps)
     m, v = ddpm_moments(abar, sampler.timesteps, variance)
-    x = d.p_sample_loop(GaussianOracle(d.alphas_cumprod, MU, S), SHAPE, steps=steps,
-                        generator=torch.Generator().manual_seed(steps), clip_denoised=False)
+    x = run_loop(sampler, GaussianOracle(d.alphas_cumprod, MU, S), SHAPE,
+                 generator=torch.Generator().manual_seed(steps), clip_denoised=False)
     assert_moments(x, m, v)
     if steps == 1000:  # the full chain reproduces the data distribution
         assert abs(m - MU) < 1e-3 and abs(v - S**2) < 2e-3
@@ -134,8 +134,8 @@ def test_ddpm_matches_exact_moments(diffusion, abar, steps, variance):
 def test_ddim_matches_exact_moments(diffusion, abar, steps, eta):
     sampler = DDIMSampler(diffusion, steps, eta)
     m, v = ddim_moments(abar, sampler.timesteps, eta)
-    x = diffusion.ddim_sample_loop(GaussianOracle(diffusion.alphas_cumprod, MU, S), SHAPE, steps=steps, eta=eta,
-                                   generator=torch.Generator().manual_seed(10 + steps), clip_denoised=False)
+    x = run_loop(sampler, GaussianOracle(diffusion.alphas_cumprod, MU, S), SHAPE,
+                 generator=torch.Generator().manual_seed(10 + steps), clip_denoised=False)
     assert_moments(x, m, v)
     if steps == 1000:
         assert abs(m - MU) < 1e-3 and abs(v - S**2) < 2e-3
@@ -152,8 +152,8 @@ def test_ddim_eta_one_is_ddpm_with_posterior_variance(abar):
 def test_dpmpp_matches_exact_moments(diffusion, abar, steps):
     sampler = DPMSolverPPSampler(diffusion, steps)
     m, v = dpmpp_moments(abar, sampler.timesteps)
-    x = diffusion.dpmpp_sample_loop(GaussianOracle(diffusion.alphas_cumprod, MU, S), SHAPE, steps=steps,
-                                    generator=torch.Generator().manual_seed(20 + steps), clip_denoised=False)
+    x = run_loop(sampler, GaussianOracle(diffusion.alphas_cumprod, MU, S), SHAPE,
+                 generator=torch.Generator().manual_seed(20 + steps), clip_denoised=False)
     assert_moments(x, m, v)
     assert sampler.timesteps[-1] == 0
 

@@ -1,0 +1,118 @@
+"""One way into sampling: a network, its diffusion and a sampler that turn ``(num, seed)`` into images.
+
+In the spirit of diffusers' ``DDPMPipeline``: every caller that wants many seeded samples (the
+training run's sample grids, ``evaluate``, the batch-sampling workers, the registered pyfunc model)
+builds a :class:`DDPMPipeline` and calls it, so sample i of a seed is the same image everywhere::
+
+    pipe = DDPMPipeline.from_config(SamplingNet(model), cfg, sampler="ddim", steps=50)
+    x0 = pipe(num=500, seed=0)              # [500 x C x H x W] float32 in [-1, 1]
+
+Sample i draws all its noise from ``ddpm.noise.sample_seed(seed, i)``, whatever the batch size.
+One batch with explicit seeds or a shared generator is :func:`ddpm.samplers.generate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ddpm.config import Sampler
+from ddpm.diffusion import Diffusion, Model
+from ddpm.noise import sample_seed
+from ddpm.samplers import check_sampler, default_steps, generate
+
+if TYPE_CHECKING:
+    from ddpm.config import ExperimentConfig
+
+BatchProgress = Callable[[int, int], Any]  # (samples done, samples in all)
+
+
+class DDPMPipeline:
+    """``model`` + ``diffusion`` + one sampler choice; call it for seeded samples in batches.
+
+    :param model: the denoiser ``model(x_t [N x C x H x W], t [N]) -> [N x C' x H x W]`` (often a
+        :class:`ddpm.inference.SamplingNet`).
+    :param image_shape: ``(C, H, W)`` of one sample.
+    :param sampler: ``ddpm`` (ancestral; fewer steps respace), ``ddim`` or ``dpmpp``.
+    :param steps: model calls per sample; ``None`` is the sampler's default capped at T
+        (:func:`ddpm.samplers.default_steps`). More than T is a ``ValueError``.
+    :param eta: DDIM's noise scale; must be 0 for the other samplers.
+    :param batch_size: samples per network call.
+    """
+
+    def __init__(self, model: Model, diffusion: Diffusion, image_shape: Sequence[int], *,
+                 sampler: Sampler = "ddim", steps: int | None = None, eta: float = 0.0,
+                 clip_denoised: bool = True, batch_size: int = 64) -> None:
+        T = diffusion.num_timesteps
+        check_sampler(sampler, eta)
+        self.steps = default_steps(sampler, T) if steps is None else int(steps)
+        if not 1 <= self.steps <= T:
+            raise ValueError(f"steps must be in [1, T={T}], got {self.steps}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.diffusion = model, diffusion
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.sampler, self.eta = sampler, float(eta)
+        self.clip_denoised, self.batch_size = clip_denoised, int(batch_size)
+
+    @classmethod
+    def from_config(cls, model: Model, cfg: ExperimentConfig, diffusion: Diffusion | None = None, *,
+                    sampler: Sampler | None = None, steps: int | None = None, eta: float | None = None,
+                    batch_size: int | None = None) -> DDPMPipeline:
+        """A pipeline with ``cfg.sample``'s settings for whatever is not given.
+
+        The config's ``steps`` and ``eta`` belong to the config's sampler: with another ``sampler``
+        the defaults are that sampler's own (steps capped at T, eta 0).
+        """
+        s = cfg.sample
+        diffusion = diffusion if diffusion is not None else Diffusion.from_config(cfg.diffusion)
+        sampler = sampler or s.sampler
+        own = sampler == s.sampler
+        if steps is None:
+            steps = default_steps(sampler, diffusion.num_timesteps, s.steps if own else None)
+        if eta is None:
+            eta = s.eta if own else 0.0
+        m = cfg.model
+        return cls(model, diffusion, (m.in_channels, m.image_size, m.image_size), sampler=sampler, steps=steps,
+                   eta=eta, clip_denoised=s.clip_denoised, batch_size=batch_size or s.batch_size)
+
+    def __call__(self, num: int, seed: int = 0, *, start: int = 0, progress: BatchProgress | None = None,
+                 progressive: int = 0) -> Any:
+        """Samples ``start .. start+num-1`` of ``seed``: float32 ``[num x C x H x W]`` in [-1, 1].
+
+        With ``progressive = K``, also the predicted x_0 at K steps, ``[K x num x C x H x W]``.
+        """
+        if num < 0:
+            raise ValueError(f"num must be >= 0, got {num}")
+        return self.from_seeds([sample_seed(seed, i) for i in range(start, start + num)],
+                               progress=progress, progressive=progressive)
+
+    def from_seeds(self, seeds: Sequence[int], *, progress: BatchProgress | None = None,
+                   progressive: int = 0) -> Any:
+        """One sample per noise seed, in batches of ``batch_size``; see :meth:`__call__`."""
+        seeds = [int(s) for s in seeds]
+        xs: list[torch.Tensor] = []
+        preds: list[torch.Tensor] = []
+        with torch.no_grad():
+            for i in range(0, len(seeds), self.batch_size):
+                chunk = seeds[i:i + self.batch_size]
+                out = generate(self.model, self.diffusion, (len(chunk), *self.image_shape), self.sampler,
+                               steps=self.steps, eta=self.eta, seeds=chunk, clip_denoised=self.clip_denoised,
+                               progressive=progressive)
+                x, p = out if progressive else (out, None)
+                xs.append(x.float())
+                if p is not None:
+                    preds.append(p.float())
+                if progress is not None:
+                    progress(i + len(chunk), len(seeds))
+        x = torch.cat(xs) if xs else torch.empty(0, *self.image_shape)
+        return (x, torch.cat(preds, dim=1)) if progressive else x
+
+    def __repr__(self) -> str:
+        return (f"DDPMPipeline(sampler={self.sampler!r}, steps={self.steps}, eta={self.eta}, "
+                f"T={self.diffusion.num_timesteps}, image_shape={self.image_shape}, batch_size={self.batch_size})")
+
+
+__all__ = ["DDPMPipeline"]

@@ -1,0 +1,75 @@
+"""ddpm.pipeline.DDPMPipeline: the one way to many seeded samples, against generate() and the config."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from ddpm.config import DiffusionConfig, ExperimentConfig, SampleConfig
+from ddpm.diffusion import Diffusion
+from ddpm.noise import sample_seeds
+from ddpm.pipeline import DDPMPipeline
+from ddpm.samplers import generate
+from ddpm.schedules import make_betas
+from tests.ddpm.test_diffusion import GaussianOracle
+
+SHAPE = (1, 3, 3)
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    return Diffusion(make_betas("linear", 40), variance="fixed_large")
+
+
+@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", 8, 0.0), ("ddim", 6, 0.5), ("dpmpp", 5, 0.0)])
+def test_batches_do_not_change_samples_and_match_generate(diffusion, sampler, steps, eta):
+    oracle = GaussianOracle(diffusion.alphas_cumprod)
+    whole = DDPMPipeline(oracle, diffusion, SHAPE, sampler=sampler, steps=steps, eta=eta, batch_size=7)(7, seed=3)
+    pieces = DDPMPipeline(oracle, diffusion, SHAPE, sampler=sampler, steps=steps, eta=eta, batch_size=3)(7, seed=3)
+    ref = generate(oracle, diffusion, (7, *SHAPE), sampler, steps=steps, eta=eta, seeds=sample_seeds(3, 0, 7))
+    assert whole.shape == (7, *SHAPE) and whole.dtype == torch.float32
+    torch.testing.assert_close(pieces, whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(whole, ref, rtol=0, atol=1e-6)
+    # start=k gives samples k.. of the same seed; another seed gives other samples.
+    tail = DDPMPipeline(oracle, diffusion, SHAPE, sampler=sampler, steps=steps, eta=eta)(3, seed=3, start=4)
+    torch.testing.assert_close(tail, whole[4:], rtol=0, atol=1e-6)
+    other = DDPMPipeline(oracle, diffusion, SHAPE, sampler=sampler, steps=steps, eta=eta)(7, seed=4)
+    assert (other - whole).abs().max() > 1e-3
+
+
+def test_progress_counts_samples_and_progressive_keeps_predictions(diffusion):
+    oracle = GaussianOracle(diffusion.alphas_cumprod)
+    seen = []
+    pipe = DDPMPipeline(oracle, diffusion, SHAPE, sampler="ddim", steps=4, batch_size=2)
+    x, preds = pipe(5, progress=lambda done, total: seen.append((done, total)), progressive=3)
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+    assert x.shape == (5, *SHAPE) and preds.shape == (3, 5, *SHAPE)
+    torch.testing.assert_close(preds[-1], x)  # the last prediction of x_0 is the sample (ddim, eta 0)
+    assert pipe(0).shape == (0, *SHAPE)
+
+
+def test_from_config_uses_the_configs_steps_for_its_sampler_only():
+    cfg = replace(ExperimentConfig.preset("digits"), diffusion=DiffusionConfig(timesteps=30),
+                  sample=SampleConfig(sampler="ddim", steps=12, eta=0.3, batch_size=5))
+    model = GaussianOracle(Diffusion.from_config(cfg.diffusion).alphas_cumprod)
+    own = DDPMPipeline.from_config(model, cfg)
+    assert (own.sampler, own.steps, own.eta, own.batch_size) == ("ddim", 12, 0.3, 5)
+    assert own.image_shape == (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+    other = DDPMPipeline.from_config(model, cfg, sampler="dpmpp")
+    assert (other.steps, other.eta) == (20, 0.0)
+    ddpm = DDPMPipeline.from_config(model, cfg, sampler="ddpm")
+    assert ddpm.steps == 30  # T, the ancestral sampler's default
+
+
+def test_bad_choices_fail_listing_the_valid_ones(diffusion):
+    oracle = GaussianOracle(diffusion.alphas_cumprod)
+    with pytest.raises(ValueError, match="valid: ddpm, ddim, dpmpp"):
+        DDPMPipeline(oracle, diffusion, SHAPE, sampler="euler")
+    with pytest.raises(ValueError, match=r"steps must be in \[1, T=40\], got 41"):
+        DDPMPipeline(oracle, diffusion, SHAPE, sampler="ddim", steps=41)
+    with pytest.raises(ValueError, match="only applies to the ddim sampler"):
+        DDPMPipeline(oracle, diffusion, SHAPE, sampler="ddpm", eta=1.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        DDPMPipeline(oracle, diffusion, SHAPE, batch_size=0)
