@@ -261,7 +261,6 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     if search not in ("random", "optuna"):
         raise UsageError(f"--search {search!r} is not valid; valid: random, optuna")
     t0 = time.perf_counter()
-    settings = resolve(storage, address)
     overrides = list(overrides or [])
     base = resolve_config(config, overrides)  # what the best config builds on (full max_steps)
     trial_base = resolve_config(config, overrides, max_steps)
@@ -272,6 +271,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     sweep = name or f"{base.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
     check_name(sweep, "--name" if name else "the config's name (in the default --name)")
     check_name(experiment or base.name, "--experiment" if experiment else "the config's name (the default --experiment)")
+    settings = resolve(storage, address)
     data_url, holdout_url = resolve_data(trial_base, data, settings)
     if not holdout_url:
         raise UsageError("tune compares trials on held-out bits/dim: set data.holdout_url or use a data "
