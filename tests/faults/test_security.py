@@ -316,3 +316,109 @@ def test_sweep_state_under_a_generated_name_is_never_resumed(tmp_path, digits_sh
     assert result.exit_code == 3, result.output
     assert "not given with --name" in result.output
     assert not marker.exists()
+
+
+# -- credentials inside URIs are masked wherever printed or logged (item 10) ----------------------
+CREDENTIALED_URI = f"http://alice:{PLANTED_PASSWORD}@mlflow.example:5000"
+
+
+def test_redact_masks_credentials_inside_any_url():
+    from pipelines.settings import redact
+
+    text = (f"store {CREDENTIALED_URI}/api, head https://bob:pw@head:8265 and s3://bucket/key, "
+            "sqlite:////home/me@work/mlflow.db, http://host:5000")
+    assert redact(text) == ("store http://***@mlflow.example:5000/api, head https://***@head:8265 and "
+                            "s3://bucket/key, sqlite:////home/me@work/mlflow.db, http://host:5000")
+
+
+@pytest.mark.timeout(120)
+def test_cli_error_never_prints_a_url_password():
+    result = CliRunner().invoke(app, ["run", "--submit", "--address",
+                                      f"http://alice:{PLANTED_PASSWORD}@127.0.0.1:1"])
+    assert result.exit_code == 2, result.output
+    assert "cannot reach the Ray Jobs API at http://***@127.0.0.1:1" in result.output
+    assert PLANTED_PASSWORD not in result.output
+
+
+class FakeJobClient:
+    """Stands in for ``JobSubmissionClient``: records each submission (and what its working dir held)."""
+
+    submitted: list[dict] = []
+
+    def __init__(self, address: str):
+        self.address = address
+
+    def submit_job(self, entrypoint: str, runtime_env: dict, submission_id: str) -> str:
+        folder = Path(runtime_env["working_dir"])
+        files = {p.name: p.read_text() for p in folder.iterdir()}
+        FakeJobClient.submitted.append({"entrypoint": entrypoint, "runtime_env": runtime_env, "files": files})
+        return submission_id
+
+
+@pytest.fixture
+def fake_jobs(monkeypatch):
+    import ray.job_submission
+
+    FakeJobClient.submitted = []
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeJobClient)
+    return FakeJobClient.submitted
+
+
+def test_submitted_job_env_holds_no_credentials_and_the_output_masks_the_address(fake_jobs, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", CREDENTIALED_URI)
+    result = CliRunner().invoke(app, ["run", "--submit", "--json", "--address",
+                                      f"http://alice:{PLANTED_PASSWORD}@127.0.0.1:8265"])
+    assert result.exit_code == 0, result.output
+    assert PLANTED_PASSWORD not in result.output and "http://***@127.0.0.1:8265" in result.output
+    env = fake_jobs[0]["runtime_env"]["env_vars"]
+    assert "MLFLOW_TRACKING_URI" not in env  # the cluster's own is used
+    assert not set(env) & set(PLANTED)
+    assert_no_secret("the job's runtime env", fake_jobs[0])
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")  # nothing secret: it travels
+    assert CliRunner().invoke(app, ["run", "--submit", "--address", "http://127.0.0.1:8265"]).exit_code == 0
+    assert fake_jobs[1]["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
+
+
+def test_sampling_actors_env_holds_no_tracking_password(monkeypatch):
+    import mlflow
+
+    from pipelines.sample import _worker_env
+
+    mlflow.set_tracking_uri(CREDENTIALED_URI)
+    mlflow.set_registry_uri(CREDENTIALED_URI)
+    assert "MLFLOW_TRACKING_URI" not in _worker_env("models:/m/1")
+    mlflow.set_tracking_uri("http://mlflow.example:5000")
+    mlflow.set_registry_uri("http://mlflow.example:5000")
+    assert _worker_env("models:/m/1")["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
+
+
+@pytest.mark.timeout(300)
+def test_workflow_summary_masks_the_tracking_uri_password(monkeypatch):
+    """``run``'s summary names the MLflow store; with ``user:pass@`` in it, the password is masked.
+    The steps are stubbed: this checks the summary, not the steps."""
+    import dataclasses
+
+    from pipelines import evaluate, promote, sample, settings, tracking, train, workflow
+
+    real_resolve, real_configure = settings.resolve, tracking.configure
+    monkeypatch.setattr(settings, "resolve", lambda *a, **k: dataclasses.replace(
+        real_resolve(*a, **k), tracking_uri=CREDENTIALED_URI))
+    monkeypatch.setattr(tracking, "configure", lambda _s: real_configure(real_resolve()))
+    uri = "models:/ddpm-digits/1"
+    monkeypatch.setattr(train, "ensure_prepared", lambda *a, **k: None)
+    monkeypatch.setattr(workflow, "_manifest_digest", lambda url: "d")
+    monkeypatch.setattr(workflow, "_log_step", lambda *a, **k: None)
+    monkeypatch.setattr(workflow, "_grid", lambda *a, **k: "grid.png")
+    monkeypatch.setattr(train, "train_command", lambda **k: {
+        "run_id": "r", "model_uri": uri, "version": "1", "registered_model": "ddpm-digits",
+        "checkpoint": "c", "metrics": {"loss": 0.1}})
+    monkeypatch.setattr(evaluate, "evaluate_command", lambda **k: {
+        "bpd": 1.0, "scores": {"fd": 1.0}, "floors": {"fd": 0.5}, "sec_per_sample": 0.1})
+    monkeypatch.setattr(promote, "promote_command", lambda **k: {"message": "promoted"})
+    monkeypatch.setattr(sample, "sample_command", lambda **k: {"out": "out", "manifest": "m"})
+    result = CliRunner().invoke(app, ["run", "--name", "summary"])
+    assert result.exit_code == 0, result.output
+    assert "MLflow store     : http://***@mlflow.example:5000" in result.output
+    assert PLANTED_PASSWORD not in result.output
+    assert PLANTED_PASSWORD not in workflow.run_command(name="summary")["message"]  # also for library callers
