@@ -48,15 +48,19 @@ Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Sampling s
 
 
 def _fail(message: str, code: int) -> None:
-    typer.echo(f"error: {message}", err=True)
+    from pipelines.settings import redact
+
+    typer.echo(f"error: {redact(message)}", err=True)
     raise typer.Exit(code)
 
 
 def _emit(result: dict[str, Any], json_out: bool) -> None:
+    from pipelines.settings import redact  # credentials inside URLs never reach the console
+
     if json_out:
-        typer.echo(json.dumps(result, default=str, sort_keys=True))
+        typer.echo(redact(json.dumps(result, default=str, sort_keys=True)))
     elif result.get("message"):
-        typer.echo(result["message"])
+        typer.echo(redact(result["message"]))
 
 
 def _dispatch(command: str, module: str, function: str, json_out: bool, **kwargs: Any) -> None:

@@ -35,9 +35,11 @@ def import_command(path: str, name: str) -> dict[str, Any]:
     from ddpm.convert_diffusers import DiffusersConversionError, load_diffusers_unet
     from ddpm.unet import UNet
     from pipelines import tracking
+    from pipelines.names import check_name
     from pipelines.registry import MODEL_ARTIFACT, log_model
     from pipelines.settings import resolve
 
+    check_name(name, "--name")
     try:
         unet_config, state_dict = load_diffusers_unet(path)
     except (DiffusersConversionError, FileNotFoundError) as e:

@@ -32,8 +32,10 @@ def promote_command(name: str, version: str | None = None, alias: str = "champio
     from ddpm import metrics
 
     from pipelines import tracking
+    from pipelines.names import check_name
     from pipelines.settings import resolve
 
+    check_name(name, "--name")
     try:
         metrics.direction(metric)
     except ValueError as e:
@@ -111,7 +113,9 @@ def promote_command(name: str, version: str | None = None, alias: str = "champio
 
 
 def _latest(c: Any, name: str) -> str:
-    versions = c.search_model_versions(f"name = '{name}'")
+    from pipelines import tracking
+
+    versions = c.search_model_versions(f"name = {tracking.quote(name)}")
     if not versions:
         raise UsageError(f"registered model {name!r} has no versions")
     return str(max(int(v.version) for v in versions))

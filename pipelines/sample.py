@@ -263,12 +263,16 @@ def _first_line(e: BaseException) -> str:
 
 
 def _worker_env(model: str) -> dict[str, str]:
-    """What workers need to resolve a model URI: the tracking store (no secrets)."""
+    """What workers need to resolve a model URI: the tracking store (no secrets: a URI holding
+    credentials is left out, the workers read their own, see :func:`pipelines.settings.shareable_uri`)."""
     env: dict[str, str] = {}
     if model.startswith(("runs:/", "models:/")):
         import mlflow
 
-        env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri()}
+        from pipelines.settings import shareable_uri
+
+        uris = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri()}
+        env = {k: v for k, v in uris.items() if shareable_uri(v)}
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "DDPM_HOME", "DDPM_TORCH_THREADS"):
         if os.environ.get(name):
             env[name] = os.environ[name]

@@ -8,6 +8,7 @@ variables and ``--storage`` override the embedded defaults.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ SECRET_ENV_VARS = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN",
 )
+# The user-info part of a URL: scheme://USER:PASSWORD@host (user-info cannot hold '/', '@' or a space).
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,25 @@ def resolve(storage: str | None = None, address: str | None = None) -> Settings:
 
 
 def redact(text: str) -> str:
-    """Replace the value of every secret environment variable in ``text`` with ``***``."""
+    """``text`` fit to print or log: credentials inside URLs (``http://user:pass@host`` ->
+    ``http://***@host``) and the value of every secret environment variable become ``***``.
+
+    The one masking function: the CLI applies it to everything it prints, tracking to every param
+    and tag it logs.
+    """
+    text = _USERINFO.sub(r"\g<scheme>***@", str(text))
     for name in SECRET_ENV_VARS:
         value = os.environ.get(name)
         if value and len(value) >= 4:
             text = text.replace(value, "***")
     return text
+
+
+def shareable_uri(uri: str) -> str | None:
+    """``uri`` if it may travel to another process (a Ray worker, a Ray job), else None.
+
+    A URI holding credentials (``user:pass@``) never travels inside a config, a runtime env or a
+    pickle: the receiving process reads its own ``MLFLOW_TRACKING_URI`` (a local Ray instance
+    inherits the driver's; a cluster's nodes have their own, ``infra/README.md``).
+    """
+    return None if _USERINFO.search(uri) else uri

@@ -1,7 +1,9 @@
 """fsspec and pyarrow file systems for the storage URLs users pass (local paths, file://, s3://).
 
-Credentials are never put into options that travel or get logged: workers read the usual AWS_*
-variables themselves. Only the (non-secret) endpoint of an S3-compatible store travels.
+Credentials never travel inside an object: every process (the driver, each Ray worker) reads the
+usual ``AWS_*`` variables from its own environment. A local Ray instance started by a command
+inherits the driver's; on a cluster each node has its own (``infra/README.md``). Only the
+(non-secret) endpoint and region of an S3-compatible store travel.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ def ray_storage(url: str):
     """``(storage_path, storage_filesystem)`` for Ray's ``RunConfig``.
 
     A local path becomes absolute; ``s3://`` with a custom endpoint gets a pyarrow S3 file system
-    (Ray would otherwise talk to AWS itself).
+    (Ray would otherwise talk to AWS itself). It is built without keys: pyarrow pickles the keys it
+    is given (Ray pickles the file system to its workers and into ``tuner.pkl`` in the bucket), while
+    one built without them resolves them from the environment wherever it is unpickled.
     """
     if url.startswith("s3://"):
         endpoint = s3_endpoint()
@@ -38,9 +42,6 @@ def ray_storage(url: str):
         s3 = fs.S3FileSystem(
             endpoint_override=parsed.netloc or endpoint,
             scheme=parsed.scheme or "https",
-            access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
-            secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-            session_token=os.environ.get("AWS_SESSION_TOKEN"),
             region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
         )
         return url[len("s3://"):].rstrip("/"), s3

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import PipelineError
+from pipelines.errors import PipelineError, UsageError
 from pipelines.settings import Settings, redact
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,25 @@ def experiment_id(name: str, settings: Settings | None = None) -> str:
         return exp.experiment_id
 
 
+def quote(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter.
+
+    MLflow's parser strips the outer quotes and knows no escapes: a value holding ``'`` goes in
+    double quotes, one holding both kinds cannot be written and is refused.
+    """
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise UsageError(f"{value!r} holds both kinds of quote and cannot be searched for in MLflow")
+
+
 def find_run(exp_id: str, run_name: str, parent_run_id: str | None = None):
     """The newest run of this experiment whose ddpm.run_name tag equals ``run_name``, or None."""
-    flt = f"tags.`{RUN_NAME_TAG}` = '{run_name}'"
+    flt = f"tags.`{RUN_NAME_TAG}` = {quote(run_name)}"
     if parent_run_id:
-        flt += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+        flt += f" and tags.`mlflow.parentRunId` = {quote(parent_run_id)}"
     runs = client().search_runs([exp_id], filter_string=flt, max_results=1, order_by=["attributes.start_time DESC"])
     return runs[0] if runs else None
 
@@ -192,7 +206,7 @@ class AsyncLogger:
                 except Exception as e:  # tracking outage: retry, then drop and count
                     if attempt == self.retries:
                         self.dropped += 1
-                        self.errors.append(f"{type(e).__name__}: {e}"[:300])
-                        log.warning("MLflow logging failed, dropped one %s item: %s", item[0], e)
+                        self.errors.append(redact(f"{type(e).__name__}: {e}")[:300])
+                        log.warning("MLflow logging failed, dropped one %s item: %s", item[0], redact(str(e)))
                     else:
                         time.sleep(self.backoff * 2**attempt)

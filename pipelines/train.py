@@ -95,7 +95,8 @@ def worker_main(loop_config: dict[str, Any]) -> None:
 
         from pipelines.tracking import AsyncLogger
 
-        mlflow.set_tracking_uri(loop_config["tracking_uri"])
+        if loop_config.get("tracking_uri"):  # else (it held credentials) this process's own MLFLOW_TRACKING_URI
+            mlflow.set_tracking_uri(loop_config["tracking_uri"])
         tracker = AsyncLogger(loop_config["run_id"])
         artifact_dir = tempfile.mkdtemp(prefix="ddpm-artifacts-")
     # Where each rank runs and what it reads: logged once so placement and data shares can be checked.
@@ -216,12 +217,16 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     from ray.train.torch import TorchTrainer
 
     from pipelines import cluster, tracking
+    from pipelines.names import check_name
     from pipelines.registry import log_and_register
+    from pipelines.settings import shareable_uri
 
-    settings = resolve(storage, address)
     cfg = resolve_config(config, overrides or [], max_steps, precision)
+    check_name(run_name or cfg.name, "--run-name" if run_name else "the config's name (the default --run-name)")
     run_name = run_name or cfg.name
-    _check_name(run_name)
+    check_name(experiment or cfg.name, "--experiment" if experiment else "the config's name (the default --experiment)")
+    check_name(cfg.train.registered_model, "train.registered_model")
+    settings = resolve(storage, address)
     data_url, holdout_url = resolve_data(cfg, data, settings)
     check_data(data_url, cfg)
 
@@ -242,7 +247,7 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
 
     loop_config = {"config": cfg.to_dict(), "data_url": data_url, "holdout_url": holdout_url,
                    "storage_options": storage_options(data_url), "run_id": run_id,
-                   "tracking_uri": settings.tracking_uri}
+                   "tracking_uri": shareable_uri(settings.tracking_uri)}
     trainer = TorchTrainer(
         worker_main,
         train_loop_config=loop_config,
@@ -270,13 +275,6 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
         "message": (f"trained '{run_name}' to step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}; "
                     f"checkpoint {checkpoint_url}; registered {model_uri}; MLflow run {run_id}"),
     }
-
-
-def _check_name(name: str) -> None:
-    import re
-
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name):
-        raise UsageError(f"run name {name!r} must be letters, digits, '_', '.', '-' (at most 128)")
 
 
 def _root_cause(e: BaseException) -> str:

@@ -33,11 +33,12 @@ import time
 from typing import Any
 
 from ddpm.config import ExperimentConfig
-from pipelines.errors import UsageError
+from pipelines.errors import RefusedError, UsageError
 from pipelines.settings import resolve
 from pipelines.train import CHECKPOINT_FILE
 
 METRIC = "bpd"
+STORAGE_TAG = "ddpm.tune.storage"  # where the sweep's Tune state lives; a resume must find the same
 REGISTRY_PREFIX = "ddpm-tune-pgs-"
 FULL_BOUND_IMAGES = 64  # held-out images for the best trial's full bound (T model calls each)
 
@@ -252,15 +253,15 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     from ray import tune
 
     from pipelines import cluster, search_space, tracking
+    from pipelines.names import check_name
     from pipelines.storage import ray_storage, storage_options
-    from pipelines.train import _check_name, resolve_config, resolve_data
+    from pipelines.train import resolve_config, resolve_data
 
     if scheduler not in ("asha", "none"):
         raise UsageError(f"--scheduler {scheduler!r} is not valid; valid: asha, none")
     if search not in ("random", "optuna"):
         raise UsageError(f"--search {search!r} is not valid; valid: random, optuna")
     t0 = time.perf_counter()
-    settings = resolve(storage, address)
     overrides = list(overrides or [])
     base = resolve_config(config, overrides)  # what the best config builds on (full max_steps)
     trial_base = resolve_config(config, overrides, max_steps)
@@ -269,7 +270,9 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     steps = trial_base.train.max_steps
     space_spec = search_space.load_space(space, trial_base)
     sweep = name or f"{base.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
-    _check_name(sweep)
+    check_name(sweep, "--name" if name else "the config's name (in the default --name)")
+    check_name(experiment or base.name, "--experiment" if experiment else "the config's name (the default --experiment)")
+    settings = resolve(storage, address)
     data_url, holdout_url = resolve_data(trial_base, data, settings)
     if not holdout_url:
         raise UsageError("tune compares trials on held-out bits/dim: set data.holdout_url or use a data "
@@ -278,7 +281,14 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
 
     tracking.configure(settings)
     exp_id = tracking.experiment_id(experiment or base.name, settings)
+    path, fs = ray_storage(settings.storage)
+    sweep_path = f"{path.rstrip('/')}/{sweep}"
+    location = sweep_path if fs is None else f"s3://{sweep_path}"
+    restoring = tune.Tuner.can_restore(sweep_path, storage_filesystem=fs)
+    if restoring:
+        check_resumable(exp_id, sweep, location, named=name is not None)
     parent_run_id, resumed = tracking.start_or_resume_run(exp_id, sweep, {tracking.KIND_TAG: "tune"})
+    tracking.client().set_tag(parent_run_id, STORAGE_TAG, location)  # where this sweep's state is written
     tracking.log_params(parent_run_id, {"tune": {
         "trials": trials, "max_steps": steps, "scheduler": scheduler, "search": search,
         "workers_per_trial": workers_per_trial, "space": {k: str(v) for k, v in space_spec.items()},
@@ -305,13 +315,10 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
 
     # Tune warns at every checkpoint of a short trial that snapshots are frequent; they are cheap here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    path, fs = ray_storage(settings.storage)
-    sweep_path = f"{path.rstrip('/')}/{sweep}"
     run_config = tune.RunConfig(
         name=sweep, storage_path=path, storage_filesystem=fs, callbacks=[callback],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1), failure_config=tune.FailureConfig(max_failures=0),
         verbose=0)
-    restoring = tune.Tuner.can_restore(sweep_path, storage_filesystem=fs)
     if restoring:
         tuner = tune.Tuner.restore(sweep_path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
@@ -352,6 +359,32 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
             ray.kill(registry)
     return _finish(grid, base, sweep, parent_run_id, resumed or restoring, steps, holdout_url, opts,
                    full_bound_images, settings, time.perf_counter() - t0, callback.reaped)
+
+
+def check_resumable(exp_id: str, sweep: str, location: str, named: bool) -> None:
+    """Refuse (exit 3) to restore Tune state from ``location`` unless this user started it there.
+
+    Restoring unpickles ``tuner.pkl`` and the trial states: whoever can write the storage prefix runs
+    code in this process. So a restore needs (1) the sweep named with ``--name`` (a generated name is
+    never resumed) and (2) this tracking store's parent run of that name, recording in its
+    ``ddpm.tune.storage`` tag the very location found now. State planted under a name this store
+    never started, or found under another storage than the one the sweep ran in, is not read.
+    """
+    from pipelines import tracking
+
+    def refuse(why: str) -> RefusedError:
+        return RefusedError(f"refused to resume sweep '{sweep}' from {location}: {why}. Resuming unpickles "
+                            "Tune's state there, which runs code; use another --name (or --storage) "
+                            "to start a new sweep")
+
+    if not named:
+        raise refuse("Tune state exists under a name that was not given with --name")
+    previous = tracking.find_run(exp_id, sweep)
+    if previous is None:
+        raise refuse("this MLflow store has no sweep of that name, so this state was not written by it")
+    recorded = previous.data.tags.get(STORAGE_TAG)
+    if recorded != location:
+        raise refuse(f"the sweep's MLflow run records its storage as {recorded or 'nothing (an older sweep)'}")
 
 
 def _finish(grid, base: ExperimentConfig, sweep: str, parent_run_id: str, resumed: bool, steps: int,

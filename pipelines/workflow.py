@@ -18,6 +18,8 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,8 @@ from typing import Any, Callable
 import ddpm
 from ddpm.config import ConfigError, read_yaml_mapping
 from pipelines.errors import UsageError
+from pipelines.names import check_name
+from pipelines.settings import redact, shareable_uri
 
 STEPS = ("prepare", "tune", "train", "evaluate", "promote", "sample")
 
@@ -168,6 +172,8 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
     overrides = list(overrides or [])
     cfg = resolve_config(config, overrides)
     spec = WorkflowSpec.load(workflow)
+    check_name(name or f"{cfg.name}-workflow", "--name" if name else "the config's name (in the default --name)")
+    check_name(cfg.name, "the config's name (the workflow's MLflow experiment)")
     name = name or f"{cfg.name}-workflow"
     if submit:
         return submit_job(config, overrides, workflow, name, storage, address)
@@ -313,6 +319,7 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
         f"  samples          : {sampled['out']}",
         f"  MLflow store     : {settings.tracking_uri} (UI: {ui})",
     ])
+    message = redact(message)  # a tracking URI may hold user:password@
     return {"name": name, "parent_run_id": parent_id, "resumed": resumed, "ran": ran, "skipped": skipped,
             "steps": outputs, "message": message}
 
@@ -349,40 +356,79 @@ def _log_step(exp_id: str, parent_id: str, name: str, label: str, key: str, out:
     tracking.end_run(run_id)
 
 
+def ship_files(config: str, workflow: str | None) -> tuple[str, str, str | None]:
+    """A new folder holding copies of the local files the job reads; ``(folder, config, workflow)``
+    with ``config``/``workflow`` as the job names them, relative to that folder (its working dir).
+
+    A preset name stays a name; a config or workflow file is copied under a fixed name.
+    """
+    from ddpm.config import PRESETS
+
+    folder = tempfile.mkdtemp(prefix="ddpm-job-")
+    if config not in PRESETS:
+        shipped = "config" + Path(config).suffix
+        shutil.copyfile(config, os.path.join(folder, shipped))
+        config = shipped
+    if workflow:
+        shipped = "workflow" + Path(workflow).suffix
+        shutil.copyfile(workflow, os.path.join(folder, shipped))
+        workflow = shipped
+    return folder, config, workflow
+
+
+def job_env() -> dict[str, str]:
+    """Settings the Ray job takes from the submitter: non-secret ones only.
+
+    Credentials (``AWS_*`` keys, a tracking URI holding ``user:pass@``) stay out: a job's runtime env
+    is shown by the Ray dashboard; the cluster's own environment holds them.
+    """
+    env = {k: v for k, v in os.environ.items() if k in ("DDPM_HOME", "MLFLOW_TRACKING_URI", "DDPM_STORAGE",
+                                                         "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
+    if "MLFLOW_TRACKING_URI" in env and shareable_uri(env["MLFLOW_TRACKING_URI"]) is None:
+        del env["MLFLOW_TRACKING_URI"]
+    return env
+
+
 def submit_job(config: str, overrides: list[str], workflow: str | None, name: str, storage: str | None,
                address: str | None) -> dict[str, Any]:
-    """Submit ``ddpm-pipe run`` as a Ray Job (Jobs API, needs ``ray[default]`` on the cluster)."""
+    """Submit ``ddpm-pipe run`` as a Ray Job (Jobs API, needs ``ray[default]`` on the cluster).
+
+    The local config and workflow files travel with the job as its working directory (uploaded by
+    the Jobs client), so they need not exist on the cluster.
+    """
     from ray.job_submission import JobSubmissionClient
 
     job_address = address or os.environ.get("RAY_JOB_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not job_address:
         raise UsageError("--submit needs --address (the cluster's dashboard URL, e.g. http://HEAD:8265) "
                          "or RAY_ADDRESS")
-    args = ["ddpm-pipe", "run", "--config", config, "--name", name]
-    for item in overrides:
-        args += ["--set", item]
-    if workflow:
-        args += ["--workflow", workflow]
-    if storage:
-        args += ["--storage", storage]
-    # Non-secret settings travel; credentials come from the cluster's own environment.
-    env = {k: v for k, v in os.environ.items() if k in ("DDPM_HOME", "MLFLOW_TRACKING_URI", "DDPM_STORAGE",
-                                                         "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
     try:
         client = JobSubmissionClient(job_address)
     except Exception as e:
         raise UsageError(f"cannot reach the Ray Jobs API at {job_address}: {str(e).splitlines()[0]}") from e
+    folder, job_config, job_workflow = ship_files(config, workflow)
+    args = ["ddpm-pipe", "run", "--config", job_config, "--name", name]
+    for item in overrides:
+        args += ["--set", item]
+    if job_workflow:
+        args += ["--workflow", job_workflow]
+    if storage:
+        args += ["--storage", storage]
+    runtime_env = {"working_dir": folder, "env_vars": job_env()}
     submission_id = f"{name}-{int(time.time())}"
     deadline = time.time() + 120
-    while True:  # a freshly started head answers "No available agent" until its job agent is up
-        try:
-            job_id = client.submit_job(entrypoint=shlex.join(args), runtime_env={"env_vars": env},
-                                       submission_id=submission_id)
-            break
-        except RuntimeError as e:
-            if "No available agent" not in str(e) or time.time() > deadline:
-                raise
-            time.sleep(2)
+    try:
+        while True:  # a freshly started head answers "No available agent" until its job agent is up
+            try:
+                job_id = client.submit_job(entrypoint=shlex.join(args), runtime_env=runtime_env,
+                                           submission_id=submission_id)
+                break
+            except RuntimeError as e:
+                if "No available agent" not in str(e) or time.time() > deadline:
+                    raise
+                time.sleep(2)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # uploaded by submit_job
     return {"job_id": job_id, "address": job_address, "entrypoint": shlex.join(args),
             "message": f"submitted workflow '{name}' as Ray Job {job_id}; follow it with: "
                        f"ray job logs --address {job_address} --follow {job_id}"}

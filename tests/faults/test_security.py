@@ -116,3 +116,309 @@ def test_planted_credentials_never_reach_mlflow_checkpoints_manifests_or_samples
         assert value not in logged, f"{name} in the run's params/tags/metrics"
         for f in files:
             assert value.encode() not in f.read_bytes(), f"{name} written to {f}"
+
+
+# -- keys never travel inside what Ray pickles (issue 17, item 1) --------------------------------
+PLANTED = {"AWS_ACCESS_KEY_ID": "AKIAPLANTEDKEY", "AWS_SECRET_ACCESS_KEY": "planted-secret",
+           "AWS_SESSION_TOKEN": "planted-session-token"}
+PLANTED_PASSWORD = "planted-mlflow-password"
+
+
+@pytest.fixture
+def planted_keys(s3_endpoint, monkeypatch):
+    """S3 with a custom endpoint (the compose defaults) and planted keys in this process's environment."""
+    for name, value in PLANTED.items():
+        monkeypatch.setenv(name, value)
+    return PLANTED
+
+
+def assert_no_secret(label: str, obj) -> None:
+    """Pickle ``obj`` as Ray does (cloudpickle) and look for every planted secret in the bytes."""
+    from ray import cloudpickle
+
+    blob = cloudpickle.dumps(obj)
+    for value in (*PLANTED.values(), PLANTED_PASSWORD):
+        assert value.encode() not in blob, f"{value} pickled with {label}"
+
+
+class _Captured(Exception):
+    """Raised by the fakes below once they hold what the command was about to hand to Ray."""
+
+
+def test_storage_file_system_and_train_run_config_pickle_without_keys(planted_keys, s3_prefix):
+    from pipelines import cluster
+    from pipelines.storage import ray_storage
+    from pipelines.train import run_config
+
+    path, fs = ray_storage(f"{s3_prefix}/runs")
+    assert fs is not None and fs.type_name == "s3"  # the endpoint case: our own pyarrow file system
+    assert_no_secret("the storage file system", fs)
+    placement = cluster.Placement(workers=2, use_gpu=False, strategy="PACK", cpus_per_worker=1.0,
+                                  threads_per_worker=1)
+    assert_no_secret("the train RunConfig", run_config("r", f"{s3_prefix}/runs", keep=2,
+                                                       env=cluster.worker_env(placement)))
+
+
+def test_file_system_built_without_keys_reads_them_from_the_environment(s3_endpoint, s3_prefix):
+    """The key-less file system works: it writes through the endpoint with the environment's keys,
+    also when unpickled (as in a Ray worker)."""
+    import pickle
+
+    import s3fs
+
+    path, fs = ray_storage_of(s3_prefix)
+    worker_fs = pickle.loads(pickle.dumps(fs))
+    with worker_fs.open_output_stream(f"{path}/probe.txt") as f:
+        f.write(b"written by a worker")
+    assert s3fs.S3FileSystem(skip_instance_cache=True).cat_file(f"{path}/probe.txt") == b"written by a worker"
+
+
+def ray_storage_of(url: str):
+    from pipelines.storage import ray_storage
+
+    return ray_storage(url)
+
+
+@pytest.mark.timeout(300)
+def test_train_hands_ray_nothing_holding_keys_or_a_tracking_password(planted_keys, s3_prefix, digits_shards,
+                                                                    monkeypatch):
+    """Everything ``train`` gives TorchTrainer (loop config, run config with its file system and
+    worker env, scaling config) pickles without the planted AWS keys or the tracking URI's password.
+
+    The settings resolve to a tracking URI holding ``alice:<password>@`` while MLflow itself writes
+    to the local store (no server needed to see what would travel).
+    """
+    import dataclasses
+
+    import ray.train.torch
+
+    from pipelines import cluster, settings, tracking, train
+    from pipelines.train import train_command
+
+    def resolve_with_password(*args, **kwargs):
+        real = settings.resolve(*args, **kwargs)
+        return dataclasses.replace(real, tracking_uri=f"http://alice:{PLANTED_PASSWORD}@mlflow.example:5000")
+
+    real_configure = tracking.configure
+    monkeypatch.setattr(train, "resolve", resolve_with_password)
+    monkeypatch.setattr(tracking, "configure", lambda _settings: real_configure(settings.resolve()))
+    captured: dict = {}
+
+    class FakeTrainer:
+        def __init__(self, *args, **kwargs):
+            captured.update(kwargs, args=args)
+            raise _Captured
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
+    monkeypatch.setattr(cluster, "connect", lambda *a, **k: False)
+    monkeypatch.setattr(cluster, "plan", lambda *a, **k: cluster.Placement(
+        workers=2, use_gpu=False, strategy="PACK", cpus_per_worker=1.0, threads_per_worker=1))
+    with pytest.raises(_Captured):
+        train_command(overrides=TINY, data=str(digits_shards), storage=f"{s3_prefix}/runs", nodes=2,
+                      max_steps=2, run_name="planted")
+    assert captured["run_config"].storage_filesystem is not None
+    assert captured["train_loop_config"]["tracking_uri"] is None  # the workers read their own
+    for label in ("train_loop_config", "run_config", "scaling_config", "args"):
+        assert_no_secret(label, captured[label])
+
+
+@pytest.mark.timeout(300)
+def test_tune_hands_ray_nothing_holding_keys(planted_keys, s3_prefix, digits_shards, monkeypatch):
+    """The sweep's RunConfig (what Ray writes to ``tuner.pkl`` in the bucket), TuneConfig, search
+    space and the trainable's parameters pickle without the planted keys."""
+    from ray import tune
+
+    from pipelines import cluster
+    from pipelines.tune import tune_command
+
+    captured: dict = {}
+    real_can_restore = tune.Tuner.can_restore
+
+    class FakeTuner:
+        can_restore = staticmethod(real_can_restore)
+
+        def __init__(self, trainable, **kwargs):
+            captured.update(kwargs, trainable=trainable)
+            raise _Captured
+
+    def fake_with_parameters(trainable, **kwargs):
+        captured["parameters"] = kwargs
+        return trainable
+
+    monkeypatch.setattr(tune, "Tuner", FakeTuner)
+    monkeypatch.setattr(tune, "with_parameters", fake_with_parameters)
+    monkeypatch.setattr(cluster, "connect", lambda *a, **k: False)
+    with pytest.raises(_Captured):
+        tune_command(trials=2, overrides=[*TINY, f"data.holdout_url={digits_shards}"], data=str(digits_shards),
+                     max_steps=2, concurrent=1, storage=f"{s3_prefix}/sweeps", name="planted")
+    assert captured["run_config"].storage_filesystem is not None
+    for label in ("run_config", "tune_config", "param_space", "parameters", "trainable"):
+        assert_no_secret(label, captured[label])
+
+
+# -- resuming a sweep unpickles its storage: only from a prefix the user named (item 1) -----------
+def _plant_tuner_state(storage: Path, sweep: str, marker: Path) -> None:
+    (storage / sweep).mkdir(parents=True)
+    (storage / sweep / "tuner.pkl").write_bytes(pickle.dumps(_Exploit(marker)))
+
+
+def _tune(storage: Path, data: Path, *extra: str):
+    sets = [x for s in [*TINY, f"data.holdout_url={data}"] for x in ("--set", s)]
+    return CliRunner().invoke(app, ["tune", "--trials", "1", "--max-steps", "2", "--data", str(data),
+                                    "--storage", str(storage), *sets, *extra])
+
+
+@pytest.mark.timeout(120)
+def test_planted_sweep_state_under_a_new_name_is_refused_and_never_unpickled(tmp_path, digits_shards):
+    from pipelines import tracking
+    from pipelines.settings import resolve
+
+    marker = tmp_path / "pwned"
+    _plant_tuner_state(tmp_path / "storage", "planted", marker)
+    result = _tune(tmp_path / "storage", digits_shards, "--name", "planted")
+    assert result.exit_code == 3, result.output
+    assert "refused to resume sweep 'planted'" in result.output
+    assert "this MLflow store has no sweep of that name" in result.output
+    assert not marker.exists()
+    tracking.configure(resolve())
+    exp = tracking.client().get_experiment_by_name("digits")
+    assert exp is None or tracking.find_run(exp.experiment_id, "planted") is None  # no run left behind
+
+
+@pytest.mark.timeout(120)
+def test_sweep_state_found_under_another_storage_than_recorded_is_refused(tmp_path, digits_shards):
+    """The sweep's MLflow run records where it ran; the same --name under another --storage whose
+    prefix holds Tune state (written by whoever can write there) is not resumed."""
+    from pipelines import tracking
+    from pipelines.settings import resolve
+    from pipelines.tune import STORAGE_TAG
+
+    tracking.configure(resolve())
+    exp_id = tracking.experiment_id("digits")
+    run_id, _ = tracking.start_or_resume_run(exp_id, "mine", {tracking.KIND_TAG: "tune"})
+    tracking.client().set_tag(run_id, STORAGE_TAG, str(tmp_path / "own" / "mine"))
+    marker = tmp_path / "pwned"
+    _plant_tuner_state(tmp_path / "shared", "mine", marker)
+    result = _tune(tmp_path / "shared", digits_shards, "--name", "mine")
+    assert result.exit_code == 3, result.output
+    assert f"records its storage as {tmp_path / 'own' / 'mine'}" in result.output
+    assert not marker.exists()
+
+
+@pytest.mark.timeout(120)
+def test_sweep_state_under_a_generated_name_is_never_resumed(tmp_path, digits_shards, monkeypatch):
+    import time
+
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")
+    marker = tmp_path / "pwned"
+    _plant_tuner_state(tmp_path / "storage", "digits-tune-20260101-000000", marker)
+    result = _tune(tmp_path / "storage", digits_shards)
+    assert result.exit_code == 3, result.output
+    assert "not given with --name" in result.output
+    assert not marker.exists()
+
+
+# -- credentials inside URIs are masked wherever printed or logged (item 10) ----------------------
+CREDENTIALED_URI = f"http://alice:{PLANTED_PASSWORD}@mlflow.example:5000"
+
+
+def test_redact_masks_credentials_inside_any_url():
+    from pipelines.settings import redact
+
+    text = (f"store {CREDENTIALED_URI}/api, head https://bob:pw@head:8265 and s3://bucket/key, "
+            "sqlite:////home/me@work/mlflow.db, http://host:5000")
+    assert redact(text) == ("store http://***@mlflow.example:5000/api, head https://***@head:8265 and "
+                            "s3://bucket/key, sqlite:////home/me@work/mlflow.db, http://host:5000")
+
+
+@pytest.mark.timeout(120)
+def test_cli_error_never_prints_a_url_password():
+    result = CliRunner().invoke(app, ["run", "--submit", "--address",
+                                      f"http://alice:{PLANTED_PASSWORD}@127.0.0.1:1"])
+    assert result.exit_code == 2, result.output
+    assert "cannot reach the Ray Jobs API at http://***@127.0.0.1:1" in result.output
+    assert PLANTED_PASSWORD not in result.output
+
+
+class FakeJobClient:
+    """Stands in for ``JobSubmissionClient``: records each submission (and what its working dir held)."""
+
+    submitted: list[dict] = []
+
+    def __init__(self, address: str):
+        self.address = address
+
+    def submit_job(self, entrypoint: str, runtime_env: dict, submission_id: str) -> str:
+        folder = Path(runtime_env["working_dir"])
+        files = {p.name: p.read_text() for p in folder.iterdir()}
+        FakeJobClient.submitted.append({"entrypoint": entrypoint, "runtime_env": runtime_env, "files": files})
+        return submission_id
+
+
+@pytest.fixture
+def fake_jobs(monkeypatch):
+    import ray.job_submission
+
+    FakeJobClient.submitted = []
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeJobClient)
+    return FakeJobClient.submitted
+
+
+def test_submitted_job_env_holds_no_credentials_and_the_output_masks_the_address(fake_jobs, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", CREDENTIALED_URI)
+    result = CliRunner().invoke(app, ["run", "--submit", "--json", "--address",
+                                      f"http://alice:{PLANTED_PASSWORD}@127.0.0.1:8265"])
+    assert result.exit_code == 0, result.output
+    assert PLANTED_PASSWORD not in result.output and "http://***@127.0.0.1:8265" in result.output
+    env = fake_jobs[0]["runtime_env"]["env_vars"]
+    assert "MLFLOW_TRACKING_URI" not in env  # the cluster's own is used
+    assert not set(env) & set(PLANTED)
+    assert_no_secret("the job's runtime env", fake_jobs[0])
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")  # nothing secret: it travels
+    assert CliRunner().invoke(app, ["run", "--submit", "--address", "http://127.0.0.1:8265"]).exit_code == 0
+    assert fake_jobs[1]["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
+
+
+def test_sampling_actors_env_holds_no_tracking_password(monkeypatch):
+    import mlflow
+
+    from pipelines.sample import _worker_env
+
+    mlflow.set_tracking_uri(CREDENTIALED_URI)
+    mlflow.set_registry_uri(CREDENTIALED_URI)
+    assert "MLFLOW_TRACKING_URI" not in _worker_env("models:/m/1")
+    mlflow.set_tracking_uri("http://mlflow.example:5000")
+    mlflow.set_registry_uri("http://mlflow.example:5000")
+    assert _worker_env("models:/m/1")["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
+
+
+@pytest.mark.timeout(300)
+def test_workflow_summary_masks_the_tracking_uri_password(monkeypatch):
+    """``run``'s summary names the MLflow store; with ``user:pass@`` in it, the password is masked.
+    The steps are stubbed: this checks the summary, not the steps."""
+    import dataclasses
+
+    from pipelines import evaluate, promote, sample, settings, tracking, train, workflow
+
+    real_resolve, real_configure = settings.resolve, tracking.configure
+    monkeypatch.setattr(settings, "resolve", lambda *a, **k: dataclasses.replace(
+        real_resolve(*a, **k), tracking_uri=CREDENTIALED_URI))
+    monkeypatch.setattr(tracking, "configure", lambda _s: real_configure(real_resolve()))
+    uri = "models:/ddpm-digits/1"
+    monkeypatch.setattr(train, "ensure_prepared", lambda *a, **k: None)
+    monkeypatch.setattr(workflow, "_manifest_digest", lambda url: "d")
+    monkeypatch.setattr(workflow, "_log_step", lambda *a, **k: None)
+    monkeypatch.setattr(workflow, "_grid", lambda *a, **k: "grid.png")
+    monkeypatch.setattr(train, "train_command", lambda **k: {
+        "run_id": "r", "model_uri": uri, "version": "1", "registered_model": "ddpm-digits",
+        "checkpoint": "c", "metrics": {"loss": 0.1}})
+    monkeypatch.setattr(evaluate, "evaluate_command", lambda **k: {
+        "bpd": 1.0, "scores": {"fd": 1.0}, "floors": {"fd": 0.5}, "sec_per_sample": 0.1})
+    monkeypatch.setattr(promote, "promote_command", lambda **k: {"message": "promoted"})
+    monkeypatch.setattr(sample, "sample_command", lambda **k: {"out": "out", "manifest": "m"})
+    result = CliRunner().invoke(app, ["run", "--name", "summary"])
+    assert result.exit_code == 0, result.output
+    assert "MLflow store     : http://***@mlflow.example:5000" in result.output
+    assert PLANTED_PASSWORD not in result.output
+    assert PLANTED_PASSWORD not in workflow.run_command(name="summary")["message"]  # also for library callers
