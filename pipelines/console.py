@@ -15,6 +15,8 @@ exception the command reports.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 import threading
@@ -37,13 +39,21 @@ def configure(verbose: bool) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def quiet_mlflow() -> None:
-    """Silence MLflow's event lines ("Successfully registered model ...", printed past its logger)
-    unless verbose. Call once MLflow is imported anyway: importing it costs seconds."""
-    if not verbose():
-        from mlflow.utils.logging_utils import disable_logging
-
-        disable_logging()
+@contextlib.contextmanager
+def muted():
+    """Unless verbose, hold back what a library call writes to ``sys.stderr`` (MLflow's event lines
+    such as "Created version '3' of model ...", which it prints past its logger); if the call
+    fails, what it wrote is printed before the error travels on."""
+    if verbose():
+        yield
+        return
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
 
 
 def info(message: str) -> None:

@@ -269,8 +269,7 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     if result.checkpoint is None:
         raise tracking.fail_run(run_id, "training ended without a checkpoint")
     console.info(f"[train] registering the model as a new version of '{cfg.train.registered_model}'")
-    console.quiet_mlflow()
-    with result.checkpoint.as_directory() as d:
+    with result.checkpoint.as_directory() as d, console.muted():
         version = log_and_register(run_id, os.path.join(d, CHECKPOINT_FILE), cfg.train.registered_model)
     tracking.end_run(run_id)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
