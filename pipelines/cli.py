@@ -1,7 +1,11 @@
 """The `ddpm-pipe` command line: parse options, call one function, print its result.
 
 Every command returns a dict; ``--json`` prints it as one JSON line on stdout, otherwise its
-``message`` is printed. Exit codes: 0 success, 1 failure, 2 bad usage, 3 refused.
+``message`` is printed. A failure with ``--json`` prints ``{"error": ..., "exit_code": ...}`` on
+stdout too. Exit codes: 0 success, 1 failure, 2 bad usage, 3 refused.
+Progress and phase lines go to stderr; Ray's and MLflow's own logs only with ``--verbose``
+(``pipelines/console.py``). Option choices come from the config's ``Literal`` types, so ``--help``
+lists them and shell completion (``--install-completion``) offers them.
 Implementations live in ``pipelines.<module>.<name>_command`` and are imported only when run.
 """
 
@@ -11,17 +15,17 @@ import importlib
 import json
 import os
 import sys
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, get_args, get_type_hints
 
 import typer
 
+from ddpm.config import Precision, Sampler, SampleConfig
 from pipelines.errors import NotBuiltError, PipelineError
 
 app = typer.Typer(
     name="ddpm-pipe",
     help="Train, tune, evaluate, register and sample DDPMs as Ray pipelines tracked in MLflow.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(help="Prepare WebDataset shards from a data source.", no_args_is_help=True)
@@ -29,7 +33,29 @@ config_app = typer.Typer(help="Inspect the resolved experiment configuration.", 
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 
-_state = {"debug": False}
+_state = {"debug": False, "json": False}
+
+
+def _choice(*flags: str, values: tuple[str, ...], help: str) -> Any:
+    """An option whose value must be one of ``values``: listed in --help, offered by completion,
+    and a wrong value fails with exit 2 naming the valid ones."""
+
+    def parse(value: str) -> str:
+        if value not in values:
+            raise typer.BadParameter(f"{value!r} is not valid; valid: {', '.join(values)}")
+        return value
+
+    def complete(incomplete: str) -> list[str]:
+        return [v for v in values if v.startswith(incomplete)]
+
+    return typer.Option(*flags, help=help, metavar="[" + "|".join(values) + "]", parser=parse,
+                        autocompletion=complete)
+
+
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
+TRAIN_PRECISIONS: tuple[str, ...] = get_args(Precision)
+SAMPLE_PRECISIONS: tuple[str, ...] = get_args(get_type_hints(SampleConfig)["precision"])
+FORMATS = ("png", "webdataset", "npz")  # pipelines.sample.FORMATS
 
 # -- shared option types (one vocabulary for every command) -------------------------------------
 Json = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON result on stdout.")]
@@ -40,17 +66,21 @@ Storage = Annotated[Optional[str], typer.Option("--storage", help="Checkpoint/ru
 Address = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address; default RAY_ADDRESS, else a local Ray instance.")]
 Nodes = Annotated[int, typer.Option("--nodes", min=1, help="Number of nodes (one worker per node, times --gpus-per-node).")]
 GpusPerNode = Annotated[int, typer.Option("--gpus-per-node", min=0, help="GPUs (workers) per node; 0 trains on CPU.")]
+SampleGpusPerNode = Annotated[int, typer.Option("--gpus-per-node", min=0, help="GPUs (sampling workers) per node; 0 samples on CPU.")]
 Experiment = Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment name. Default: the config's name.")]
 Model = Annotated[str, typer.Option("--model", "-m", help="Model URI: runs:/ID/model, models:/NAME/VERSION, models:/NAME@ALIAS, or a checkpoint path/URL.")]
 Num = Annotated[int, typer.Option("--num", "-n", min=1, help="Number of samples.")]
-SamplerOpt = Annotated[str, typer.Option("--sampler", help="ddpm (ancestral; --steps below T respaces), ddim (--eta), dpmpp (DPM-Solver++ 2M).")]
+SamplerOpt = Annotated[str, _choice("--sampler", values=SAMPLERS, help="ddpm (ancestral; --steps below T respaces), ddim (--eta), dpmpp (DPM-Solver++ 2M).")]
 Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Sampling steps. Default: T for ddpm, 50 for ddim, 20 for dpmpp.")]
 
 
 def _fail(message: str, code: int) -> None:
     from pipelines.settings import redact
 
-    typer.echo(f"error: {redact(message)}", err=True)
+    message = redact(message)
+    typer.echo(f"error: {message}", err=True)
+    if _state["json"]:
+        typer.echo(json.dumps({"error": message, "exit_code": code}))
     raise typer.Exit(code)
 
 
@@ -67,6 +97,7 @@ def _dispatch(command: str, module: str, function: str, json_out: bool, **kwargs
     """Import ``module.function``, call it with the parsed options, report its result or error."""
     from ddpm.config import ConfigError
 
+    _state["json"] = json_out
     try:
         try:
             mod = importlib.import_module(module)
@@ -98,11 +129,24 @@ def _dispatch(command: str, module: str, function: str, json_out: bool, **kwargs
         _emit(result, json_out)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        import ddpm
+
+        typer.echo(f"ddpm-pipe {ddpm.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show Ray's and MLflow's own logs (worker output, Ray Train's checkpoint lines, MLflow's messages).")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
+    from pipelines import console
+
     _state["debug"] = debug or os.environ.get("DDPM_DEBUG", "") not in ("", "0")
+    console.configure(verbose or console.verbose())
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -111,6 +155,7 @@ def config_show(config: Config = "digits", set_: Set = None, json_out: Json = Fa
     """Print the resolved config as YAML (or JSON with --json)."""
     from ddpm.config import ConfigError, load_config
 
+    _state["json"] = json_out
     try:
         cfg = load_config(config, set_ or [])
     except ConfigError as e:
@@ -124,7 +169,7 @@ def data_prepare(
     source: Annotated[str, typer.Option("--source", help="digits, an image folder, a .npz/.npy file, or a CIFAR-10 python archive (path or URL).")] = "digits",
     out: Annotated[Optional[str], typer.Option("--out", help="Output URL (local path, file://, s3://). Default: DDPM_HOME/data/<source>.")] = None,
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Samples per shard.")] = 1000,
-    split: Annotated[str, typer.Option("--split", help="train or test.")] = "train",
+    split: Annotated[str, _choice("--split", values=("train", "test"), help="Which split of the source.")] = "train",
     endpoint_url: Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint; default AWS_ENDPOINT_URL.")] = None,
     json_out: Json = False,
 ) -> None:
@@ -143,7 +188,7 @@ def train(
     nodes: Nodes = 1,
     gpus_per_node: GpusPerNode = 0,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Override train.max_steps.")] = None,
-    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32, bf16 or fp16.")] = None,
+    precision: Annotated[Optional[str], _choice("--precision", values=TRAIN_PRECISIONS, help="Override train.precision.")] = None,
     experiment: Experiment = None,
     run_name: Annotated[Optional[str], typer.Option("--run-name", help="Run name; re-running the same name resumes it.")] = None,
     address: Address = None,
@@ -164,8 +209,8 @@ def tune(
     space: Annotated[Optional[str], typer.Option("--space", help="YAML search space replacing or extending the default.")] = None,
     data: Data = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Training steps per trial.")] = None,
-    scheduler: Annotated[str, typer.Option("--scheduler", help="asha or none.")] = "asha",
-    search: Annotated[str, typer.Option("--search", help="random or optuna.")] = "random",
+    scheduler: Annotated[str, _choice("--scheduler", values=("asha", "none"), help="asha stops poor trials early on held-out bits/dim.")] = "asha",
+    search: Annotated[str, _choice("--search", values=("random", "optuna"), help="How trials are drawn from the space.")] = "random",
     concurrent: Annotated[Optional[int], typer.Option("--concurrent", min=1, help="Trials at once. Default: what the cluster's CPUs allow.")] = None,
     workers_per_trial: Annotated[int, typer.Option("--workers-per-trial", min=1, help="Training workers per trial (above 1 wraps a TorchTrainer).")] = 1,
     storage: Storage = None,
@@ -226,10 +271,10 @@ def sample(
     eta: Annotated[float, typer.Option("--eta", min=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like.")] = 0.0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per model call.")] = 256,
     nodes: Nodes = 1,
-    gpus_per_node: GpusPerNode = 0,
+    gpus_per_node: SampleGpusPerNode = 0,
     seed: Annotated[int, typer.Option("--seed", help="Sample i depends on (seed, i) alone.")] = 0,
-    format_: Annotated[str, typer.Option("--format", help="png, webdataset or npz.")] = "png",
-    precision: Annotated[str, typer.Option("--precision", help="fp32 or bf16.")] = "fp32",
+    format_: Annotated[str, _choice("--format", values=FORMATS, help="One PNG per sample, or tar/npz chunks.")] = "png",
+    precision: Annotated[str, _choice("--precision", values=SAMPLE_PRECISIONS, help="Sampling precision.")] = "fp32",
     progressive: Annotated[int, typer.Option("--progressive", min=0, help="Also save predicted x_0 at K steps per sample.")] = 0,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile each worker's network (~40 s on a CPU, then 3-5% faster; eager if it fails).")] = False,
     address: Address = None,
@@ -250,7 +295,7 @@ def interpolate(
     t: Annotated[int, typer.Option("--t", min=0, help="Diffusion step to interpolate at.")] = 500,
     lambdas: Annotated[int, typer.Option("--lambdas", min=2, help="Number of interpolation weights.")] = 11,
     out: Annotated[str, typer.Option("--out", help="Output PNG.")] = "interpolation.png",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Noise seed: the same encoding noise and reverse noise for every weight.")] = 0,
     json_out: Json = False,
 ) -> None:
     """Interpolate two images in x_t space and denoise (the paper's section 4.3)."""
@@ -286,7 +331,19 @@ def run(
 
 
 def main() -> None:
-    app(prog_name="ddpm-pipe")
+    """The console entry point: with --json, a usage error is a JSON error object on stdout too."""
+    if "--json" not in sys.argv[1:]:
+        app(prog_name="ddpm-pipe")
+        return
+    from typer._click import exceptions as click_exceptions
+
+    try:
+        code = app(prog_name="ddpm-pipe", standalone_mode=False)
+    except click_exceptions.ClickException as e:
+        e.show()
+        typer.echo(json.dumps({"error": e.format_message(), "exit_code": e.exit_code}))
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

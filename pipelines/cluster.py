@@ -23,28 +23,42 @@ class Placement:
     threads_per_worker: int  # torch threads per worker so the cores are not oversubscribed
 
 
-def connect(address: str | None = None, min_cpus: int = 1, quiet: bool = True) -> bool:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local instance.
+def connect(address: str | None = None, min_cpus: int = 1) -> bool:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local instance; print the dashboard.
 
     The local instance gets ``max(cores, min_cpus)`` logical CPUs so that ``--nodes 4`` runs on a
-    2-core laptop. Returns True when this call started a local instance.
+    2-core laptop, and runs the dashboard: Ray Train's controller and placement-group cleaner
+    query actor states through it (the state API), and people expect its URL. With no port given,
+    Ray takes 8265 or the next free one, so several local instances on one machine do not clash.
+    What Ray prints is set by the console mode (``pipelines.console``). Returns True when this
+    call started a local instance.
     """
     import ray
+
+    from pipelines import console
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    common: dict[str, Any] = {"log_to_driver": not quiet, "configure_logging": True,
-                              "logging_level": "WARNING"}
+    common = console.ray_init_options()
     if address:
         try:
-            ray.init(address=address, **common)
+            context = ray.init(address=address, **common)
         except ConnectionError as e:
             raise UsageError(f"cannot reach the Ray cluster at {address}: {e}") from e
+        console.info(f"[ray] connected to {address}; dashboard {_dashboard(context)}")
         return False
     cores = os.cpu_count() or 1
-    ray.init(address="local", num_cpus=max(cores, min_cpus), include_dashboard=False, **common)
+    context = ray.init(address="local", num_cpus=max(cores, min_cpus), include_dashboard=True, **common)
+    console.info(f"[ray] local instance ({max(cores, min_cpus)} CPUs); dashboard {_dashboard(context)}")
     return True
+
+
+def _dashboard(context: Any) -> str:
+    url = getattr(context, "dashboard_url", None)
+    if not url:
+        return "not running"
+    return url if "://" in url else f"http://{url}"
 
 
 def capacity() -> dict[str, Any]:

@@ -246,9 +246,6 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
             metrics.update(loss=float(loss_sum) / max(loss_count, 1), grad_norm=float(grad_norm),
                            lr=sched.get_last_lr()[0], images_per_s=ips, nonfinite_total=nonfinite_total)
             eta = (tc.max_steps - step) * tc.batch_size / max(ips, 1e-9)
-            if ctx.rank == 0:
-                ctx.log(f"[train] step {step}/{tc.max_steps} loss {metrics['loss']:.4f} "
-                        f"{ips:.1f} img/s ETA {eta:.0f}s")
             loss_sum.zero_()
             loss_count = 0
             t_last, step_last = now, step
@@ -263,6 +260,10 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
                 metrics["best_bpd"] = best_bpd
                 if artifact_dir and tracker is not None:
                     _log_best_model(ema.module, cfg, artifact_dir, tracker, step, best_bpd, best_dirs)
+        if ctx.rank == 0 and "loss" in metrics:  # one line per log interval, with bits/dim when measured
+            held_out = f" held-out {metrics['bpd']:.3f} bits/dim" if "bpd" in metrics else ""
+            ctx.log(f"[train] step {step}/{tc.max_steps} loss {metrics['loss']:.4f} "
+                    f"{metrics['images_per_s']:.1f} img/s{held_out} ETA {eta:.0f}s")
         if ctx.rank == 0 and artifact_dir and tracker is not None and (
                 step % tc.sample_every == 0 or step == tc.max_steps):
             path = os.path.join(artifact_dir, f"samples_step{step:07d}.png")

@@ -12,9 +12,11 @@ It returns uint8 images ``[num x H x W x C]`` on the data's grey levels.
 
 from __future__ import annotations
 
-import mlflow
-from mlflow.pyfunc import PythonModel
+from typing import Any
 
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 
 class DDPMSampler(PythonModel):
@@ -27,7 +29,9 @@ class DDPMSampler(PythonModel):
         self.model = SamplingNet(model)  # as `ddpm-pipe sample` runs it: same seeds, same images
         self.diffusion = Diffusion.from_config(self.config.diffusion)
 
-    def predict(self, context, model_input, params=None):
+    # A DataFrame hint (a dict works as well): MLflow infers no schema from it, so it neither
+    # validates the free-form request nor warns that the hints are missing.
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
         from ddpm.image import to_uint8
         from ddpm.pipeline import DDPMPipeline
 

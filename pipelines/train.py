@@ -86,8 +86,11 @@ def worker_main(loop_config: dict[str, Any]) -> None:
 
     from pipelines.loop import LoopData, train_loop
 
+    from pipelines.console import remote_log
+
     cfg = ExperimentConfig.from_dict(loop_config["config"])
     ctx = _ray_context(loop_config.get("tracking_uri"))
+    ctx.log = remote_log(loop_config.get("progress"))  # the driver prints these lines
     tracker = None
     artifact_dir = None
     if ctx.rank == 0 and loop_config.get("run_id"):
@@ -114,7 +117,7 @@ def worker_main(loop_config: dict[str, Any]) -> None:
         if tracker is not None:
             stats = tracker.close(timeout=30)
             if stats["dropped"]:
-                print(f"[train] MLflow: {stats['dropped']} logging item(s) dropped during a tracking outage")
+                ctx.log(f"[train] MLflow: {stats['dropped']} logging item(s) dropped during a tracking outage")
         if artifact_dir:
             shutil.rmtree(artifact_dir, ignore_errors=True)
 
@@ -186,7 +189,9 @@ def ensure_prepared(source: str, url: str, split: str) -> None:
     if not _exists(url):
         from pipelines.data import prepare_command
 
-        print(f"[data] preparing {source} ({split}) -> {url}")
+        from pipelines.console import info
+
+        info(f"[data] preparing {source} ({split}) -> {url}")
         prepare_command(source=source, out=url, split=split)
 
 
@@ -194,6 +199,7 @@ def run_config(name: str, storage: str, keep: int, max_failures: int = 3, env: d
     """Ray ``RunConfig``: checkpoints under storage/name, the last ``keep`` kept, restarts on failure."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
+    from pipelines.console import train_logging_config
     from pipelines.storage import ray_storage
 
     path, fs = ray_storage(storage)
@@ -205,6 +211,7 @@ def run_config(name: str, storage: str, keep: int, max_failures: int = 3, env: d
         checkpoint_config=CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute="step",
                                            checkpoint_score_order="max"),
         worker_runtime_env=env,
+        logging_config=train_logging_config(),
     )
 
 
@@ -216,7 +223,7 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     """Train on Ray; returns the run id, final metrics, checkpoint and registered model version."""
     from ray.train.torch import TorchTrainer
 
-    from pipelines import cluster, tracking
+    from pipelines import cluster, console, tracking
     from pipelines.names import check_name
     from pipelines.registry import log_and_register
     from pipelines.settings import shareable_uri
@@ -237,17 +244,18 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     tracking.log_params(run_id, {**cfg.to_dict(), "run": {"nodes": nodes, "gpus_per_node": gpus_per_node,
                                                           "data": data_url}})
 
-    # Workers print the progress lines (step, loss, images/s, ETA): forward them to this console.
-    started = cluster.connect(settings.ray_address, min_cpus=nodes * max(gpus_per_node, 1), quiet=False)
+    started = cluster.connect(settings.ray_address, min_cpus=nodes * max(gpus_per_node, 1))
     if started and gpus_per_node == 0 and nodes == 1 and _local_gpus() > 0:
         gpus_per_node = 1  # one machine with a GPU: use it
-        print("[train] a CUDA GPU is present: training on it (--gpus-per-node 1)")
+        console.info("[train] a CUDA GPU is present: training on it (--gpus-per-node 1)")
     placement = cluster.plan(nodes, gpus_per_node, started_locally=started)
     from pipelines.storage import storage_options
 
+    # Rank 0 puts its progress lines (step, loss, images/s, bits/dim, ETA) here; a thread prints them.
+    progress = console.ProgressChannel()
     loop_config = {"config": cfg.to_dict(), "data_url": data_url, "holdout_url": holdout_url,
                    "storage_options": storage_options(data_url), "run_id": run_id,
-                   "tracking_uri": shareable_uri(settings.tracking_uri)}
+                   "tracking_uri": shareable_uri(settings.tracking_uri), "progress": progress.queue}
     trainer = TorchTrainer(
         worker_main,
         train_loop_config=loop_config,
@@ -255,15 +263,18 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
         run_config=run_config(run_name, settings.storage, cfg.train.keep_checkpoints, max_failures,
                               env=cluster.worker_env(placement)),
     )
-    print(f"[train] {placement.workers} worker(s), {placement.strategy}, run '{run_name}' "
-          f"({'resuming' if resumed else 'new'}), MLflow run {run_id}")
+    console.info(f"[train] {placement.workers} worker(s), {placement.strategy}, run '{run_name}' "
+                 f"({'resuming' if resumed else 'new'}) to step {cfg.train.max_steps}, MLflow run {run_id}")
     try:
         result = trainer.fit()
     except Exception as e:
         raise tracking.fail_run(run_id, f"training failed: {_root_cause(e)}") from e
+    finally:
+        progress.close()
     if result.checkpoint is None:
         raise tracking.fail_run(run_id, "training ended without a checkpoint")
-    with result.checkpoint.as_directory() as d:
+    console.info(f"[train] registering the model as a new version of '{cfg.train.registered_model}'")
+    with result.checkpoint.as_directory() as d, console.muted():
         version = log_and_register(run_id, os.path.join(d, CHECKPOINT_FILE), cfg.train.registered_model)
     tracking.end_run(run_id)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}

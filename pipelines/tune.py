@@ -252,7 +252,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     import ray
     from ray import tune
 
-    from pipelines import cluster, search_space, tracking
+    from pipelines import cluster, console, search_space, sweep_table, tracking
     from pipelines.names import check_name
     from pipelines.storage import ray_storage, storage_options
     from pipelines.train import resolve_config, resolve_data
@@ -312,19 +312,21 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
                                  workers=workers_per_trial, storage=settings.storage, sweep=sweep,
                                  registry=registry_name), {"CPU": 1})
     callback = _make_callback(exp_id, parent_run_id, sweep, trial_base, steps, registry_name)
+    table = sweep_table.SweepTable(lambda params: search_space.apply(trial_base, params), steps)
 
     # Tune warns at every checkpoint of a short trial that snapshots are frequent; they are cheap here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     run_config = tune.RunConfig(
-        name=sweep, storage_path=path, storage_filesystem=fs, callbacks=[callback],
+        name=sweep, storage_path=path, storage_filesystem=fs,
+        callbacks=[callback, sweep_table.make_callback(table)],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1), failure_config=tune.FailureConfig(max_failures=0),
         verbose=0)
     if restoring:
         tuner = tune.Tuner.restore(sweep_path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
         # The restored run config carries the callback pickled by the first run; use this run's.
-        tuner._local_tuner.get_run_config().callbacks = [callback]
-        print(f"[tune] resuming sweep '{sweep}' from {sweep_path}")
+        tuner._local_tuner.get_run_config().callbacks = [callback, sweep_table.make_callback(table)]
+        console.info(f"[tune] resuming sweep '{sweep}' from {sweep_path}")
     else:
         sched = None
         if scheduler == "asha":
@@ -347,9 +349,9 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
             tune_config=tune.TuneConfig(metric=METRIC, mode="min", num_samples=trials, scheduler=sched,
                                         search_alg=search_alg, max_concurrent_trials=limit),
             run_config=run_config)
-        print(f"[tune] sweep '{sweep}': {trials} trial(s) of {steps} step(s), {concurrent} at once, "
-              f"{workers_per_trial} worker(s) each, scheduler {scheduler}, search {search}; "
-              f"MLflow parent run {parent_run_id}")
+        console.info(f"[tune] sweep '{sweep}': {trials} trial(s) of {steps} step(s), {concurrent} at once, "
+                     f"{workers_per_trial} worker(s) each, scheduler {scheduler}, search {search}; "
+                     f"MLflow parent run {parent_run_id}")
     try:
         grid = tuner.fit()
     except Exception as e:
@@ -391,7 +393,7 @@ def _finish(grid, base: ExperimentConfig, sweep: str, parent_run_id: str, resume
             holdout_url: str, opts: dict, full_bound_images: int, settings, wall_s: float,
             reaped: int) -> dict[str, Any]:
     """Summarise the trials, compute the best one's full bound, write and log the best config."""
-    from pipelines import search_space, tracking
+    from pipelines import search_space, sweep_table, tracking
 
     rows = []
     for r in grid:
@@ -429,9 +431,10 @@ def _finish(grid, base: ExperimentConfig, sweep: str, parent_run_id: str, resume
     endings = {e: sum(x["ending"] == e for x in rows) for e in ("completed", "stopped early", "failed")}
     full_text = (f"; full bound {full[0]:.3f} +- {full[1]:.3f} on {full_bound_images} held-out images"
                  if full else "")
+    table = sweep_table.ranked(rows, lambda params: search_space.apply(base, params))
     message = (f"sweep '{sweep}' ({'resumed' if resumed else 'new'}): {len(rows)} trials "
                f"({endings['completed']} completed, {endings['stopped early']} stopped early, "
-               f"{endings['failed']} failed) in {wall_s:.0f}s\n"
+               f"{endings['failed']} failed) in {wall_s:.0f}s\n" + "\n".join(table) + "\n"
                f"best trial {best.metrics.get('trial_id')}: bpd estimate {best.metrics[METRIC]:.3f} "
                f"+- {best.metrics.get('bpd_stderr', float('nan')):.3f}{full_text}\n"
                f"best config: {best_path} (train it with `ddpm-pipe train --config {best_path}`); "
