@@ -7,14 +7,18 @@ This file is logged as the model's code; ``ddpm`` travels beside it as ``code_pa
 ``predict`` takes a dict (or a one-row DataFrame) with ``num`` (required) and optionally
 ``seeds`` (one int per sample, or one int ``seed``: sample i then uses ``seed * 1_000_003 + i``),
 ``sampler`` (ddpm|ddim|dpmpp, default the config's), ``steps``, ``eta``, ``batch_size``.
-It returns uint8 images ``[num x H x W x C]`` on the data's grey levels.
+It returns uint8 images ``[num x H x W x C]`` on the data's grey levels. The logged signature
+(``pipelines.registry.signature``) declares these columns, so pyfunc hands ``predict`` a DataFrame.
 """
 
 from __future__ import annotations
 
-import mlflow
-from mlflow.pyfunc import PythonModel
+from typing import Any
 
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 
 class DDPMSampler(PythonModel):
@@ -27,8 +31,8 @@ class DDPMSampler(PythonModel):
         self.model = SamplingNet(model)  # as `ddpm-pipe sample` runs it: same seeds, same images
         self.diffusion = Diffusion.from_config(self.config.diffusion)
 
-    def predict(self, context, model_input, params=None):
-        import numpy as np
+    # pd.DataFrame: a type hint MLflow takes as "no schema from hints" (the logged signature holds it)
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         import torch
 
         from ddpm.image import to_uint8

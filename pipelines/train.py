@@ -217,6 +217,7 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
 
     from pipelines import cluster, tracking
     from pipelines.registry import log_and_register
+    from pipelines.storage import storage_options
 
     settings = resolve(storage, address)
     cfg = resolve_config(config, overrides or [], max_steps, precision)
@@ -231,6 +232,7 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
                                                    parent_run_id=parent_run_id)
     tracking.log_params(run_id, {**cfg.to_dict(), "run": {"nodes": nodes, "gpus_per_node": gpus_per_node,
                                                           "data": data_url}})
+    tracking.log_dataset(run_id, data_url, "training", storage_options(data_url))
 
     # Workers print the progress lines (step, loss, images/s, ETA): forward them to this console.
     started = cluster.connect(settings.ray_address, min_cpus=nodes * max(gpus_per_node, 1), quiet=False)
@@ -238,8 +240,6 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
         gpus_per_node = 1  # one machine with a GPU: use it
         print("[train] a CUDA GPU is present: training on it (--gpus-per-node 1)")
     placement = cluster.plan(nodes, gpus_per_node, started_locally=started)
-    from pipelines.storage import storage_options
-
     loop_config = {"config": cfg.to_dict(), "data_url": data_url, "holdout_url": holdout_url,
                    "storage_options": storage_options(data_url), "run_id": run_id,
                    "tracking_uri": settings.tracking_uri}
