@@ -88,7 +88,7 @@ def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampl
             rows.append(row)
             results.extend(r for r in row["results"] if r["key"] not in {x["key"] for x in results})
 
-    target = log_results(loaded, model, results, main, rows, settings)
+    target = log_results(loaded, model, results, main, rows, settings, data_url=ev.test_url)
     message = _message(model, bpd, main, rows, target)
     return {"message": message, "model": model, "results": results, "bpd": bpd["value"],
             "scores": main["scores"], "floors": main.get("floors", {}),
@@ -308,17 +308,19 @@ def _versions_of(uri: str, meta: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def log_results(loaded: Any, uri: str, results: list[dict[str, Any]], main: dict[str, Any],
-                rows: list[dict[str, Any]], settings: Any) -> dict[str, Any]:
+                rows: list[dict[str, Any]], settings: Any, data_url: str | None = None) -> dict[str, Any]:
     """Log metrics and artifacts to the model's run (or a new evaluation run) and tag its versions.
 
     Each version gets ``ddpm.eval.<key>`` = value for every result, and ``ddpm.eval_last.<metric>``
     = the key of the setting asked for (bits/dim and the main sampler; not the table's rows).
+    ``data_url`` (the held-out split) is logged as the run's evaluation dataset; what the UI shows
+    (model metrics, short tags, the description, a results table) is ``registry.record_evaluation``.
     """
     primary = results[:1] + main["results"]
     from mlflow.entities import Metric
 
     from ddpm.image import save_grid
-    from pipelines import tracking
+    from pipelines import registry, tracking
 
     c = tracking.client()
     run_id = loaded.run_id
@@ -360,6 +362,8 @@ def log_results(loaded: Any, uri: str, results: list[dict[str, Any]], main: dict
             for r in primary:  # the setting asked for, not the table's rows
                 c.set_model_version_tag(name, version, LAST_TAG + r["metric"], r["key"])
             c.set_model_version_tag(name, version, "ddpm.eval_time", stamp)
+        dataset = tracking.log_dataset(run_id, data_url, "evaluation") if data_url else None
+        registry.record_evaluation(c, run_id, loaded.model_id, versions, primary, results, stamp, dataset)
     except Exception as e:
         if created:
             tracking.end_run(run_id, "FAILED")

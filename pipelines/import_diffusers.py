@@ -56,7 +56,7 @@ def import_command(path: str, name: str) -> dict[str, Any]:
     tracking.configure(settings)
     exp_id = tracking.experiment_id(EXPERIMENT, settings)
     run_id = tracking.client().create_run(exp_id, run_name=f"import-{name}",
-                                          tags={tracking.KIND_TAG: "import-diffusers",
+                                          tags={**tracking.provenance_tags(), tracking.KIND_TAG: "import-diffusers",
                                                 "ddpm.source": path}).info.run_id
     try:
         tracking.log_params(run_id, {**cfg.to_dict(), "import": {"path": path}})

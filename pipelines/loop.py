@@ -268,7 +268,7 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
                 step % tc.sample_every == 0 or step == tc.max_steps):
             path = os.path.join(artifact_dir, f"samples_step{step:07d}.png")
             sample_grid(ema.module, diffusion, cfg, path)
-            tracker.log_artifact(path, "samples")
+            tracker.log_image(path, "samples", step)
         if metrics and tracker is not None and ctx.rank == 0:
             tracker.log_metrics(metrics, step)
         last_metrics.update(metrics)

@@ -7,7 +7,8 @@ This file is logged as the model's code; ``ddpm`` travels beside it as ``code_pa
 ``predict`` takes a dict (or a one-row DataFrame) with ``num`` (required) and optionally
 ``seeds`` (one int per sample, or one int ``seed``: sample i then uses ``seed * 1_000_003 + i``),
 ``sampler`` (ddpm|ddim|dpmpp, default the config's), ``steps``, ``eta``, ``batch_size``.
-It returns uint8 images ``[num x H x W x C]`` on the data's grey levels.
+It returns uint8 images ``[num x H x W x C]`` on the data's grey levels. The logged signature
+(``pipelines.registry.signature``) declares these columns, so pyfunc hands ``predict`` a DataFrame.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
@@ -29,9 +31,8 @@ class DDPMSampler(PythonModel):
         self.model = SamplingNet(model)  # as `ddpm-pipe sample` runs it: same seeds, same images
         self.diffusion = Diffusion.from_config(self.config.diffusion)
 
-    # A DataFrame hint (a dict works as well): MLflow infers no schema from it, so it neither
-    # validates the free-form request nor warns that the hints are missing.
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
+    # pd.DataFrame: a type hint MLflow takes as "no schema from hints" (the logged signature holds it)
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         from ddpm.image import to_uint8
         from ddpm.pipeline import DDPMPipeline
 

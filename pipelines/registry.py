@@ -6,12 +6,20 @@ What is logged under the run's model ``model``::
     mlflow_model.py              the pyfunc: predict(num, seeds, sampler, steps, eta) -> images
     code/ddpm/                   the package's source (code_paths), so loading needs no install
     artifacts/ddpm_model/        model.safetensors (EMA weights) + config.json, see ddpm.checkpoint
+    input_example.json           {"num": 2, "seed": 0, "sampler": "ddim", "steps": 10} (and its
+    serving_input_example.json   serving payload; MLflow checks at logging that predict accepts it)
+
+The model carries a signature (inputs: the columns of :func:`signature`; output: uint8 images
+``[num x H x W x C]``), so ``mlflow models predict`` / ``mlflow models serve`` know its input. The
+logged model holds the flattened config as its params; the registered version gets a description
+(what it was trained on, to which step) that :func:`record_evaluation` extends with headline scores.
 
 Nothing of the project is pickled: weights are safetensors, the config is JSON, the model is code.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +28,33 @@ import ddpm
 
 MODEL_ARTIFACT = "model"  # the model's name within its run: runs:/RUN_ID/model
 WEIGHTS_ARTIFACT = "ddpm_model"  # the pyfunc artifact key (and folder) of the exported weights
+EXAMPLE_STEPS = 10  # the input example's sampler steps: MLflow runs it once when logging (cheap)
+SHORT_TAG = "eval."  # version tags the UI can read: eval.<metric> = value of the latest evaluation
+EVAL_HEADING = "\n\nLatest evaluation "  # where a version's description turns to its scores
+
+
+def signature(config: Any):
+    """The pyfunc's signature: request columns in, uint8 images ``[-1 x H x W x C]`` out.
+
+    ``num`` is required; ``seed`` (sample i uses ``ddpm.noise.sample_seed(seed, i)``) or ``seeds``
+    (one per sample), ``sampler``, ``steps``, ``eta`` and ``batch_size`` are optional.
+    """
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import DataType
+    from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
+
+    optional = [("seed", DataType.long), ("seeds", Array(DataType.long)), ("sampler", DataType.string),
+                ("steps", DataType.long), ("eta", DataType.double), ("batch_size", DataType.long)]
+    inputs = Schema([ColSpec(DataType.long, "num"), *(ColSpec(t, n, required=False) for n, t in optional)])
+    m = config.model
+    outputs = Schema([TensorSpec(np.dtype("uint8"), (-1, m.image_size, m.image_size, m.in_channels))])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def input_example(config: Any) -> dict[str, Any]:
+    """Two DDIM samples from seed 0 in a few steps (at most T)."""
+    return {"num": 2, "seed": 0, "sampler": "ddim", "steps": min(EXAMPLE_STEPS, config.diffusion.timesteps)}
 
 
 def log_model(run_id: str, config: Any, model: Any, name: str | None,
@@ -43,10 +78,23 @@ def log_model(run_id: str, config: Any, model: Any, name: str | None,
                 artifacts={WEIGHTS_ARTIFACT: str(folder)},
                 code_paths=[str(Path(ddpm.__file__).parent)],
                 pip_requirements=_requirements(),
+                signature=signature(config),
+                input_example=input_example(config),
                 registered_model_name=name or None,
                 metadata={"ddpm_version": ddpm.__version__, **(metadata or {})},
             )
-    return str(info.registered_model_version) if name else None
+    from pipelines import tracking
+
+    c = tracking.client()
+    params = tracking.flatten(config.to_dict())
+    items = list(params.items())
+    for i in range(0, len(items), 100):
+        c.log_model_params(info.model_id, dict(items[i:i + 100]))
+    if not name:
+        return None
+    version = str(info.registered_model_version)
+    c.update_model_version(name, version, training_description(c, run_id, config, metadata or {}))
+    return version
 
 
 def log_and_register(run_id: str, checkpoint_path: str, name: str | None) -> str | None:
@@ -64,6 +112,72 @@ def log_and_register(run_id: str, checkpoint_path: str, name: str | None) -> str
     with mlflow.start_run(run_id=run_id):
         mlflow.log_artifact(checkpoint_path, "checkpoint")
     return version
+
+
+def training_description(c: Any, run_id: str, config: Any, metadata: dict[str, Any]) -> str:
+    """One paragraph for the version page: network, chain, training data and step, run."""
+    run = c.get_run(run_id)
+    m, d = config.model, config.diffusion
+    data = [f"{i.dataset.name} ({json.loads(i.dataset.profile or '{}').get('num_samples', '?')} images, "
+            f"digest {i.dataset.digest}, {i.dataset.source_type} {_source_uri(i.dataset.source)})"
+            for i in (run.inputs.dataset_inputs if run.inputs else [])
+            if any(t.key == "mlflow.data.context" and t.value == "training" for t in i.tags)]
+    trained = f"trained to step {metadata['step']}" if "step" in metadata else "trained"
+    return (f"DDPM '{config.name}': U-Net ch={m.ch} ch_mult={list(m.ch_mult)} on {m.in_channels}x{m.image_size}x"
+            f"{m.image_size} images, T={d.timesteps} {d.schedule} schedule, {d.prediction} prediction; "
+            f"{trained} on {', '.join(data) or config.data.url or config.data.source} "
+            f"in run {run.info.run_name} ({run_id}).")
+
+
+def _source_uri(source_json: str) -> str:
+    try:
+        source = json.loads(source_json)
+    except ValueError:
+        return source_json
+    return str(source.get("uri") or source.get("url") or source)
+
+
+def record_evaluation(c: Any, run_id: str, model_id: str | None, versions: list[tuple[str, str]],
+                      primary: list[dict[str, Any]], results: list[dict[str, Any]], stamp: str,
+                      dataset: Any = None) -> None:
+    """What MLflow's UI shows of an evaluation, beside the full-key ``ddpm.eval.*`` version tags
+    that `ddpm-pipe promote` reads.
+
+    ``primary`` are the results of the setting asked for (each ``{"key", "metric", "value"}``; any
+    metric names). They become metrics ``eval/<metric>`` of the run linked to the logged model
+    ``model_id`` (its model page) and to the evaluation ``dataset`` when given, version tags
+    ``eval.<metric>`` = value, and the headline of each version's description. Every result goes
+    into the table ``evaluation/results-<stamp>.md`` of run ``run_id``.
+    """
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    linked = {"dataset_name": dataset.name, "dataset_digest": dataset.digest} if dataset is not None else {}
+    if model_id:
+        c.log_batch(run_id, metrics=[Metric(f"eval/{r['metric']}", r["value"], now, 0, model_id=model_id, **linked)
+                                     for r in primary])
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / f"results-{stamp}.md"
+        table.write_text(results_markdown(results, stamp))
+        c.log_artifact(run_id, str(table), "evaluation")
+    headline = ", ".join(f"{r['metric']} {r['value']:.4g}" for r in primary)
+    for name, version in versions:
+        for r in primary:
+            c.set_model_version_tag(name, version, SHORT_TAG + r["metric"], f"{r['value']:.6g}")
+        trained = (c.get_model_version(name, version).description or "").split(EVAL_HEADING)[0].rstrip()
+        c.update_model_version(name, version, f"{trained}{EVAL_HEADING}({stamp}): {headline}. Every result with "
+                               f"the setting it depends on: run {run_id}, artifact evaluation/{table.name}.".lstrip())
+
+
+def results_markdown(results: list[dict[str, Any]], stamp: str) -> str:
+    """Every result as a table row: metric, value, and the setting it depends on (its key's parts)."""
+    lines = [f"# Evaluation {stamp}", "", "| metric | value | depends on |", "|---|---|---|"]
+    for r in results:
+        setting = ", ".join(r["key"].split("/")[1:])
+        lines.append(f"| {r['metric']} | {r['value']:.6g} | {setting} |")
+    return "\n".join(lines) + "\n"
 
 
 def _requirements() -> list[str]:

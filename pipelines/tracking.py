@@ -2,6 +2,12 @@
 
 Training must never stall on tracking: metrics go through :class:`AsyncLogger`, a background thread
 with bounded retries and a bounded buffer; what cannot be delivered is counted and reported.
+
+Every run carries what ``mlflow.start_run`` would set (``mlflow.user``, ``mlflow.source.name``,
+``mlflow.source.type``, ``mlflow.source.git.commit``; the commit is that of the ``pipelines``
+source tree, or ``DDPM_GIT_COMMIT`` in an image built without ``.git``). Experiments are tagged
+as model training (``mlflow.experimentKind``), so MLflow's UI opens them on runs and charts.
+Data goes in as an MLflow dataset built from the shards' manifest (:func:`log_dataset`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "ddpm.run_name"
 KIND_TAG = "ddpm.kind"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by MLflow's UI to pick the experiment's view
+EXPERIMENT_KIND = "custom_model_development"  # runs, charts, models (not the GenAI traces view)
+GIT_COMMIT_ENV = "DDPM_GIT_COMMIT"  # the image's commit, passed at build time (no .git in the image)
 
 
 def configure(settings: Settings) -> None:
@@ -47,12 +56,14 @@ def experiment_id(name: str, settings: Settings | None = None) -> str:
     c = client()
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made before the tag existed; a user's choice stays
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if settings is not None and settings.tracking_uri.startswith("sqlite:"):
         location = (settings.home / "mlartifacts" / name).as_uri()
     try:
-        return c.create_experiment(name, artifact_location=location)
+        return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # created concurrently by another process
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -74,6 +85,36 @@ def quote(value: str) -> str:
     raise UsageError(f"{value!r} holds both kinds of quote and cannot be searched for in MLflow")
 
 
+def provenance_tags() -> dict[str, str]:
+    """The tags ``mlflow.start_run`` sets (user, source name and type), plus the project's git commit.
+
+    The source name is the command (``ddpm-pipe train``); the commit, repository and branch are
+    those of the ``pipelines`` source tree (an editable install or a checkout), else
+    ``DDPM_GIT_COMMIT``; none is set when neither is known.
+    """
+    import sys
+
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils import git_utils
+    from mlflow.utils.mlflow_tags import (MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL,
+                                          MLFLOW_SOURCE_NAME)
+
+    tags = {k: v for k, v in resolve_tags().items() if k.startswith("mlflow.")}
+    argv = [Path(sys.argv[0]).name, *sys.argv[1:2]] if sys.argv and sys.argv[0] else []
+    command = " ".join(a for a in argv if a and not a.startswith("-"))
+    if command:
+        tags[MLFLOW_SOURCE_NAME] = command
+    here = str(Path(__file__).resolve().parent)
+    commit = git_utils.get_git_commit(here) or os.environ.get(GIT_COMMIT_ENV)
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
+        for key, value in ((MLFLOW_GIT_REPO_URL, git_utils.get_git_repo_url(here)),
+                           (MLFLOW_GIT_BRANCH, git_utils.get_git_branch(here))):
+            if value:
+                tags[key] = value
+    return tags
+
+
 def find_run(exp_id: str, run_name: str, parent_run_id: str | None = None):
     """The newest run of this experiment whose ddpm.run_name tag equals ``run_name``, or None."""
     flt = f"tags.`{RUN_NAME_TAG}` = {quote(run_name)}"
@@ -91,7 +132,7 @@ def start_or_resume_run(exp_id: str, run_name: str, tags: dict[str, str] | None 
     if existing is not None:
         c.update_run(existing.info.run_id, status="RUNNING")
         return existing.info.run_id, True
-    all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **(tags or {})}
+    all_tags = {**provenance_tags(), RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
@@ -129,6 +170,64 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
     new = [Param(k, v[:6000]) for k, v in flatten(params).items() if k not in have]
     for i in range(0, len(new), 100):
         c.log_batch(run_id, params=new[i:i + 100])
+
+
+DATA_CONTEXTS = ("training", "validation", "evaluation")  # mlflow.data.context of a logged dataset
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """12 hex digits of the manifest's sha256: the ``data:<hash>`` part of evaluation keys."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def dataset(url: str, manifest: dict[str, Any]):
+    """The shards at ``url`` as an ``mlflow.data`` dataset entity: source ``url``, the manifest's
+    digest, name ``<source>-<split>``, an image schema, and the manifest's counts as its profile."""
+    import warnings
+
+    import numpy as np
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset as DatasetEntity
+    from mlflow.types.schema import Schema, TensorSpec
+
+    with warnings.catch_warnings():  # MLflow registers its local source twice and warns about it
+        warnings.simplefilter("ignore")
+        try:
+            source = resolve_dataset_source(url)
+        except Exception:  # a scheme MLflow has no source type for (memory://, ...)
+            from mlflow.data.code_dataset_source import CodeDatasetSource
+
+            source = CodeDatasetSource(tags={"uri": url})
+    c, h, w = manifest["shape"]
+    # The images as one tensor (MLflow schemas do not mix tensors and columns: labels are profiled).
+    schema = Schema([TensorSpec(np.dtype("uint8"), (-1, h, w, c), "image")])
+    meta = MetaDataset(source, f"{manifest['source']}-{manifest['split']}", manifest_digest(manifest), schema)
+    profile = {key: manifest.get(key) for key in ("num_samples", "shape", "levels", "split", "source", "labels")}
+    profile.update(shards=len(manifest["shards"]), bytes=sum(int(s.get("size") or 0) for s in manifest["shards"]))
+    return DatasetEntity(**meta.to_dict(), profile=json.dumps(profile))  # MetaDataset itself has no profile
+
+
+def log_dataset(run_id: str, data: Any, context: str, storage_options: dict[str, Any] | None = None):
+    """Log ``data`` as the run's input in ``context`` (``mlflow.data.context``: training, evaluation).
+
+    ``data`` is a shards URL (its manifest is read) or the entity a previous call returned; that
+    entity is returned (plain data: Ray may pickle it; its ``name`` and ``digest`` label metrics).
+    MLflow keeps one input per dataset (name and digest) and run: a resumed run does not log it twice.
+    """
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    if context not in DATA_CONTEXTS:
+        raise ValueError(f"context {context!r} is not one of {DATA_CONTEXTS}")
+    if isinstance(data, str):
+        from ddpm.data.manifest import read_manifest
+
+        data = dataset(data, read_manifest(data, storage_options))
+    client().log_inputs(run_id, datasets=[DatasetInput(data, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+    return data
 
 
 class AsyncLogger:
@@ -171,6 +270,12 @@ class AsyncLogger:
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self._put(("artifact", str(local_path), artifact_path))
 
+    def log_image(self, local_path: str | Path, key: str, step: int) -> None:
+        """A PNG as MLflow image ``key`` at ``step`` (the UI's image chart, one slider over steps),
+        and the file itself under the artifact folder ``key/``."""
+        self._put(("artifact", str(local_path), key))
+        self._put(("image", str(local_path), key, int(step)))
+
     def close(self, timeout: float = 30.0) -> dict[str, Any]:
         """Flush what can be flushed within ``timeout`` seconds; return delivery counts."""
         self._put(("stop",))
@@ -192,6 +297,11 @@ class AsyncLogger:
             c.set_tag(self.run_id, item[1], item[2])
         elif kind == "artifact":
             c.log_artifact(self.run_id, item[1], item[2])
+        elif kind == "image":
+            from PIL import Image
+
+            with Image.open(item[1]) as image:
+                c.log_image(self.run_id, image.copy(), key=item[2], step=item[3], synchronous=True)
 
     def _work(self) -> None:
         while True:

@@ -227,6 +227,7 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     from pipelines.names import check_name
     from pipelines.registry import log_and_register
     from pipelines.settings import shareable_uri
+    from pipelines.storage import storage_options
 
     cfg = resolve_config(config, overrides or [], max_steps, precision)
     check_name(run_name or cfg.name, "--run-name" if run_name else "the config's name (the default --run-name)")
@@ -243,14 +244,13 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
                                                    parent_run_id=parent_run_id)
     tracking.log_params(run_id, {**cfg.to_dict(), "run": {"nodes": nodes, "gpus_per_node": gpus_per_node,
                                                           "data": data_url}})
+    tracking.log_dataset(run_id, data_url, "training", storage_options(data_url))
 
     started = cluster.connect(settings.ray_address, min_cpus=nodes * max(gpus_per_node, 1))
     if started and gpus_per_node == 0 and nodes == 1 and _local_gpus() > 0:
         gpus_per_node = 1  # one machine with a GPU: use it
         console.info("[train] a CUDA GPU is present: training on it (--gpus-per-node 1)")
     placement = cluster.plan(nodes, gpus_per_node, started_locally=started)
-    from pipelines.storage import storage_options
-
     # Rank 0 puts its progress lines (step, loss, images/s, bits/dim, ETA) here; a thread prints them.
     progress = console.ProgressChannel()
     loop_config = {"config": cfg.to_dict(), "data_url": data_url, "holdout_url": holdout_url,

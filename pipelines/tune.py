@@ -144,7 +144,7 @@ def _remove_placement_group(pg_hex: str) -> bool:
 
 
 def _make_callback(exp_id: str, parent_run_id: str, sweep: str, base: ExperimentConfig, max_steps: int,
-                   registry: str | None = None):
+                   registry: str | None = None, data_input: Any = None):
     from ray.tune import Callback
 
     from pipelines import search_space, tracking
@@ -164,6 +164,8 @@ def _make_callback(exp_id: str, parent_run_id: str, sweep: str, base: Experiment
                 cfg = search_space.apply(base, trial.config)
                 tracking.log_params(run_id, {**cfg.to_dict(), "tune": {"trial_id": trial.trial_id,
                                                                        **trial.config}})
+                if data_input is not None:  # the sweep's training data (an mlflow.data entity)
+                    tracking.log_dataset(run_id, data_input, "training")
                 self.runs[trial.trial_id] = run_id
             return self.runs[trial.trial_id]
 
@@ -293,6 +295,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
         "trials": trials, "max_steps": steps, "scheduler": scheduler, "search": search,
         "workers_per_trial": workers_per_trial, "space": {k: str(v) for k, v in space_spec.items()},
         "config": config, "overrides": overrides, "data": data_url}})
+    data_input = tracking.log_dataset(parent_run_id, data_url, "training", opts)
 
     started = cluster.connect(settings.ray_address, min_cpus=workers_per_trial)
     if workers_per_trial > 1:
@@ -311,7 +314,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
             tune.with_parameters(_trial_distributed, base=trial_base.to_dict(), data=data_spec,
                                  workers=workers_per_trial, storage=settings.storage, sweep=sweep,
                                  registry=registry_name), {"CPU": 1})
-    callback = _make_callback(exp_id, parent_run_id, sweep, trial_base, steps, registry_name)
+    callback = _make_callback(exp_id, parent_run_id, sweep, trial_base, steps, registry_name, data_input)
     table = sweep_table.SweepTable(lambda params: search_space.apply(trial_base, params), steps)
 
     # Tune warns at every checkpoint of a short trial that snapshots are frequent; they are cheap here.
