@@ -4,18 +4,23 @@ An :class:`ExperimentConfig` holds one dataclass per concern (model, diffusion, 
 It comes from a preset (``digits``, ``cifar10``) or a YAML file, with dotted overrides
 (``train.lr=1e-4``). Unknown keys and bad choices fail at once with the valid options listed.
 
-Only the standard library and PyYAML are used here, so the config can be read anywhere.
+Only the standard library and PyYAML are used here, so the config can be read anywhere. A config
+that constructs also builds: the U-Net's shape rules and the schedule's beta range are checked here,
+so a bad one fails on the driver and never reaches a worker.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from ddpm.schedules import beta_range
 
 Schedule = Literal["linear", "cosine", "quadratic", "sigmoid"]
 Prediction = Literal["eps", "x0", "v"]
@@ -86,6 +91,16 @@ class UNetConfig:
             f"the U-Net halves the resolution {len(self.ch_mult) - 1} times",
         )
         _require(self.ch % 32 == 0 or self.ch % 8 == 0, "model.ch must be a multiple of 8 (GroupNorm)")
+        sizes = [self.image_size // 2**i for i in range(len(self.ch_mult))]
+        unknown = sorted(set(self.attn_resolutions) - set(sizes))
+        _require(not unknown, f"model.attn_resolutions has {unknown}, which no level has; the level sizes are {sizes}")
+        _require(self.num_heads >= 1, f"model.num_heads must be >= 1, got {self.num_heads}")
+        # Attention runs at the listed sizes and in the middle block (ch x the last multiplier).
+        attended = {self.ch * m for m, size in zip(self.ch_mult, sizes) if size in self.attn_resolutions}
+        attended.add(self.ch * self.ch_mult[-1])
+        bad = sorted(c for c in attended if c % self.num_heads)
+        _require(not bad, f"model.num_heads={self.num_heads} does not divide the attention channels {bad} "
+                          f"(model.ch x ch_mult); choose a divisor of {math.gcd(*attended)}")
 
     @property
     def out_channels(self) -> int:
@@ -129,6 +144,10 @@ class DiffusionConfig:
         if self.beta_start is not None and self.beta_end is not None:
             _require(self.beta_start <= self.beta_end,
                      f"diffusion.beta_start={self.beta_start} must be <= beta_end={self.beta_end}")
+        try:
+            beta_range(self.schedule, self.timesteps, self.beta_start, self.beta_end)
+        except ValueError as e:
+            raise ConfigError(f"diffusion: {e}") from None
         _require(not (self.variance == "learned_range" and self.loss == "simple"),
                  "diffusion.variance=learned_range needs loss=hybrid or vb (L_simple gives the "
                  "variance no gradient)")

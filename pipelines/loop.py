@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ddpm import likelihood
-from ddpm.config import ExperimentConfig
+from ddpm.config import ConfigError, ExperimentConfig
 from ddpm.inference import compile_or_eager
 
 
@@ -158,7 +158,7 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
     if threads > 0:
         torch.set_num_threads(threads)
     if tc.batch_size % (ctx.world_size * tc.grad_accum):
-        raise ValueError(f"train.batch_size={tc.batch_size} must divide by workers x grad_accum "
+        raise ConfigError(f"train.batch_size={tc.batch_size} must divide by workers x grad_accum "
                          f"= {ctx.world_size} x {tc.grad_accum}")
     micro_batch = tc.batch_size // (ctx.world_size * tc.grad_accum)
 

@@ -60,7 +60,7 @@ JOB_FILE = ".ddpm-sample.json"
 _PNG = re.compile(r"^(\d{8})\.png$")
 _STRIP = re.compile(r"^(\d{8})-progressive\.png$")
 _CHUNK = re.compile(r"^samples-(\d{8})-(\d{8})\.(npz|tar)$")
-_TMP = re.compile(r"^\..+\.tmp-[0-9]+-[0-9a-f]+$")  # atomic_write's temporary names
+_PROBE = re.compile(r"^\.ddpm-probe-[0-9a-f]{8}$")  # OutputFolder.check_writable's probe
 _CHUNK_EXT = {"npz": "npz", "webdataset": "tar"}
 # Settings that must match for a folder to be resumed: a sample depends on all of them.
 IDENTITY = ("model", "model_run_id", "model_name", "model_version", "sampler", "steps", "eta", "seed",
@@ -291,6 +291,40 @@ def check_model(model: str) -> dict[str, Any]:
     return models.describe(model)
 
 
+def model_timesteps(uri: str) -> int | None:
+    """The model's T, read on the driver without its weights (a registered model's ``config.json``;
+    a local checkpoint memory-mapped), or None where that is not cheap: then the workers check."""
+    import tempfile
+
+    try:
+        if uri.startswith(("runs:/", "models:/")):
+            import mlflow
+
+            from pipelines.registry import MODEL_ARTIFACT, WEIGHTS_ARTIFACT
+
+            base = uri.rstrip("/")
+            if uri.startswith("runs:/") and base.count("/") < 2:
+                base = f"{base}/{MODEL_ARTIFACT}"
+            with tempfile.TemporaryDirectory() as tmp:
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{base}/artifacts/{WEIGHTS_ARTIFACT}/config.json", dst_path=tmp)
+                with open(local) as f:
+                    config = json.load(f)["config"]
+        else:
+            from ddpm.data.storage import is_local, open_fs
+
+            fs, path = open_fs(uri)
+            if not is_local(fs):
+                return None
+            import torch
+
+            config = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+            config = json.loads(config) if isinstance(config, str) else config
+        return int(config["diffusion"]["timesteps"])
+    except Exception:  # whatever goes wrong here, the workers load the model and report it
+        return None
+
+
 def units_of(indices: list[int], size: int) -> list[list[int]]:
     """Split sorted ``indices`` into runs of consecutive indices of at most ``size`` each."""
     units: list[list[int]] = []
@@ -384,20 +418,17 @@ class OutputFolder:
         return f"{self.root}/{name}"
 
     def names(self) -> list[str]:
-        try:
-            if not self.fs.isdir(self.root):
-                if self.fs.exists(self.root):
-                    raise UsageError(f"output {self.url!r} is a file, not a folder")
-                return []
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
-        except FileNotFoundError:
-            return []
+        from pipelines.outputs import listing
+
+        return listing(self.fs, self.root, self.url)
 
     def check_writable(self) -> None:
-        """Write and delete a probe object, so a bad URL fails before any sampling."""
+        """Write and delete a probe object, so a bad URL fails before any sampling; a local folder
+        made for the probe is removed again (nothing is left until the job has checked everything)."""
         from ddpm.data.storage import is_local
 
         probe = self.path(f".ddpm-probe-{uuid.uuid4().hex[:8]}")
+        made = is_local(self.fs) and not self.fs.exists(self.root)
         try:
             if is_local(self.fs):
                 self.fs.makedirs(self.root, exist_ok=True)
@@ -405,6 +436,18 @@ class OutputFolder:
             self.fs.rm(probe)
         except Exception as e:
             raise UsageError(f"output {self.url!r} is not writable: {_first_line(e)}") from e
+        finally:
+            if made:
+                try:
+                    os.rmdir(self.root)
+                except OSError:
+                    pass
+
+    def lock(self):
+        """The folder's one-writer lock (``with folder.lock():``; :class:`pipelines.outputs.FolderLock`)."""
+        from pipelines.outputs import FolderLock
+
+        return FolderLock(self.fs, self.root, self.url, "sample")
 
     def read_json(self, name: str) -> dict[str, Any] | None:
         try:
@@ -428,19 +471,28 @@ class FolderState:
     done: set[int]
     record: dict[str, Any] | None  # the job file, else the manifest
     manifest: dict[str, Any] | None
+    temporaries: list[str] = field(default_factory=list)  # ours, half-written (atomic_write's)
+
+
+def _is_ours(name: str) -> bool:
+    return bool(name in (MANIFEST, JOB_FILE) or _PROBE.match(name) or _PNG.match(name) or _STRIP.match(name)
+                or _CHUNK.match(name))
 
 
 def inspect_folder(folder: OutputFolder, fmt: str) -> FolderState:
-    """Indices present, and the settings record; refuse a folder holding anything that is not ours."""
+    """Indices present, and the settings record; refuse a folder holding anything that is not ours.
+
+    Reads only: ownership is decided before anything is touched (``pipelines.outputs``); the caller
+    removes dead jobs' temporaries once it holds the folder's lock.
+    """
+    from pipelines.outputs import TEMP, refuse_foreign
+
     names = folder.names()
+    temporaries = refuse_foreign(folder.url, names, _is_ours, "samples of this tool")
     done: set[int] = set()
-    foreign: list[str] = []
     ours = 0
     for name in names:
-        if name in (MANIFEST, JOB_FILE):
-            continue
-        if _TMP.match(name):  # left by a killed run: never a finished file
-            folder.remove(name)
+        if name in (MANIFEST, JOB_FILE) or TEMP.match(name) or _PROBE.match(name):
             continue
         if m := _PNG.match(name):
             ours += 1
@@ -452,19 +504,13 @@ def inspect_folder(folder: OutputFolder, fmt: str) -> FolderState:
             ours += 1
             if fmt != "png" and m.group(3) == _CHUNK_EXT[fmt]:
                 done.update(range(int(m.group(1)), int(m.group(2))))
-        else:
-            foreign.append(name)
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise RefusedError(f"output {folder.url!r} holds files that are not samples of this tool ({shown}); "
-                           "choose an empty or new folder")
     manifest = folder.read_json(MANIFEST)
     job = folder.read_json(JOB_FILE)
     record = job if job is not None else manifest
     if ours and record is None:
         raise RefusedError(f"output {folder.url!r} holds samples with no record of their settings "
                            f"({JOB_FILE} or {MANIFEST}); choose an empty or new folder")
-    return FolderState(done=done, record=record, manifest=manifest)
+    return FolderState(done=done, record=record, manifest=manifest, temporaries=temporaries)
 
 
 def _check_same(folder: OutputFolder, record: dict[str, Any] | None, wanted: dict[str, Any]) -> None:
@@ -573,10 +619,24 @@ def write_samples(req: SampleRequest, out: str | None, fmt: str = "png", progres
     req.validate()
     _choice("--format", fmt, FORMATS)
     meta = check_model(req.model)
+    T = model_timesteps(req.model) if req.steps is not None else None
+    if T is not None and req.steps > T:  # before any folder exists or worker starts
+        raise UsageError(f"--steps {req.steps} exceeds the model's T={T}")
     out = out or _default_out(req, meta)
     folder = OutputFolder(out)
     folder.check_writable()
+    inspect_folder(folder, fmt)  # refuses a folder that is not ours before the lock touches it
+    with folder.lock():
+        return _write_locked(req, folder, fmt, meta, start, progress, on_written)
+
+
+def _write_locked(req: SampleRequest, folder: OutputFolder, fmt: str, meta: dict[str, Any], start: float,
+                  progress: bool, on_written: Callable[[list[str]], None] | None) -> dict[str, Any]:
+    """:func:`write_samples` once this job holds the folder's lock."""
+    from pipelines.outputs import remove_stale_temporaries
+
     state = inspect_folder(folder, fmt)
+    remove_stale_temporaries(folder.fs, folder.root, state.temporaries)
     _check_same(folder, state.record, _identity(req, fmt, meta, req.steps))
     beyond = sorted(i for i in state.done if i >= req.num)
     if beyond:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.config import ExperimentConfig, load_config
-from pipelines.errors import UsageError
+from pipelines.errors import PipelineError, UsageError
 from pipelines.settings import Settings, resolve
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -157,10 +157,35 @@ def _exists(url: str) -> bool:
         return False
 
 
+def check_builds(cfg: ExperimentConfig, workers: int) -> None:
+    """Build what every worker builds, on the driver and before any run exists: the schedule, the
+    network (on the ``meta`` device: shapes only, no memory) and the per-worker batch."""
+    import torch
+
+    from ddpm.diffusion import Diffusion
+    from ddpm.unet import UNet
+
+    try:
+        Diffusion.from_config(cfg.diffusion)
+        with torch.device("meta"):
+            UNet(cfg.model)
+    except ValueError as e:
+        raise UsageError(f"config {cfg.name!r} does not build: {e}") from e
+    per_step = workers * cfg.train.grad_accum
+    if cfg.train.batch_size % per_step:
+        raise UsageError(f"train.batch_size={cfg.train.batch_size} does not divide over {workers} worker(s) x "
+                         f"train.grad_accum={cfg.train.grad_accum}; use a multiple of {per_step}")
+
+
 def check_data(url: str, cfg: ExperimentConfig) -> None:
     """Fail before any run or worker starts when the shards are missing, empty, incomplete or do not
-    fit the model (a worker would find out only after Ray had restarted it ``max_failures`` times)."""
+    fit the model (a worker would find out only after Ray had restarted it ``max_failures`` times).
+    Local shards are also hashed against the manifest (cheap: a local read); shards in an object
+    store are hashed by the worker that reads them, whose error is not retried (pipelines/failures.py)."""
+    import hashlib
+
     from ddpm.data import DataError, open_fs, read_manifest, storage_options_for
+    from ddpm.data.storage import is_local
 
     options = storage_options_for(url)
     try:
@@ -182,6 +207,14 @@ def check_data(url: str, cfg: ExperimentConfig) -> None:
         if size is not None and sizes[name] != size:
             raise UsageError(f"data {url}: shard {name} has {sizes[name]} bytes, the manifest says {size} "
                              "(truncated or replaced)")
+        if is_local(fs):
+            digest = hashlib.sha256()
+            with open(f"{root}/{name}", "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            if digest.hexdigest() != entry["sha256"]:
+                raise UsageError(f"data {url}: shard {name} does not match its sha256 in the manifest "
+                                 "(changed or corrupt); prepare the data again")
 
 
 def ensure_prepared(source: str, url: str, split: str) -> None:
@@ -196,10 +229,12 @@ def ensure_prepared(source: str, url: str, split: str) -> None:
 
 
 def run_config(name: str, storage: str, keep: int, max_failures: int = 3, env: dict | None = None):
-    """Ray ``RunConfig``: checkpoints under storage/name, the last ``keep`` kept, restarts on failure."""
+    """Ray ``RunConfig``: checkpoints under storage/name, the last ``keep`` kept, restarts when a worker
+    is lost, but not on bad input (:class:`pipelines.failures.StopOnBadInput`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     from pipelines.console import train_logging_config
+    from pipelines.failures import StopOnBadInput
     from pipelines.storage import ray_storage
 
     path, fs = ray_storage(storage)
@@ -212,6 +247,7 @@ def run_config(name: str, storage: str, keep: int, max_failures: int = 3, env: d
                                            checkpoint_score_order="max"),
         worker_runtime_env=env,
         logging_config=train_logging_config(),
+        callbacks=[StopOnBadInput()],
     )
 
 
@@ -234,6 +270,7 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     run_name = run_name or cfg.name
     check_name(experiment or cfg.name, "--experiment" if experiment else "the config's name (the default --experiment)")
     check_name(cfg.train.registered_model, "train.registered_model")
+    check_builds(cfg, nodes * max(gpus_per_node, 1))
     settings = resolve(storage, address)
     data_url, holdout_url = resolve_data(cfg, data, settings)
     check_data(data_url, cfg)
@@ -268,6 +305,12 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     try:
         result = trainer.fit()
     except Exception as e:
+        from pipelines.failures import worker_input_error
+
+        bad = worker_input_error(e)
+        if bad is not None:  # bad input found by a worker: one attempt, exit 2
+            failed = tracking.fail_run(run_id, f"training stopped: {bad}")
+            raise (UsageError if bad.exit_code == 2 else PipelineError)(str(failed)) from None
         raise tracking.fail_run(run_id, f"training failed: {_root_cause(e)}") from e
     finally:
         progress.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -100,3 +101,35 @@ def test_matches_diffusers_schedules():
         sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
                                         beta_schedule=theirs)
         torch.testing.assert_close(make_betas(ours, 1000).float(), sched.betas, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("T", [1, 2, 10, 20, 21, 25, 1000])
+def test_beta_range_is_the_min_and_max_make_betas_gives(name, T):
+    """Configs check a schedule with beta_range (no torch, no tensor); it must agree with make_betas,
+    also on which (schedule, T) pairs are refused (small T pushes the scaled default end past 1)."""
+    from ddpm.schedules import beta_range
+
+    try:
+        betas = make_betas(name, T)
+    except ValueError as e:
+        with pytest.raises(ValueError, match=re.escape(str(e).split(" (min")[0])):
+            beta_range(name, T)
+        return
+    lo, hi = beta_range(name, T)
+    assert lo == pytest.approx(betas.min().item(), rel=1e-9) and hi == pytest.approx(betas.max().item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("args,message", [
+    (("linear", 10), "gives betas outside (0, 1) (min 0.01, max 2)"),
+    (("quadratic", 20), "gives betas outside (0, 1)"),
+    (("cosine", 100, 1e-3), "the cosine schedule has no beta range"),
+    (("linear", 0), "T must be an integer >= 1"),
+])
+def test_beta_range_raises_what_make_betas_raises(args, message):
+    from ddpm.schedules import beta_range
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        beta_range(*args)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_betas(*args)

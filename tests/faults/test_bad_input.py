@@ -39,11 +39,31 @@ def assert_nothing_started(tmp_path: Path) -> None:
     ("diffusion.beta_start=0", "diffusion.beta_start must be in (0, 1), got 0"),
     ("diffusion.beta_end=1.5", "diffusion.beta_end must be in (0, 1), got 1.5"),
     ("model.image_size=9", "model.image_size=9 is not divisible by 2**(len(ch_mult)-1)=2"),
+    # Configs that used to pass the driver and fail in every worker, three times over (issue 17).
+    ("diffusion.timesteps=10", "schedule 'linear' with T=10 gives betas outside (0, 1) (min 0.01, max 2)"),
+    ("diffusion.schedule=cosine diffusion.beta_start=0.001", "the cosine schedule has no beta range"),
+    ("model.num_heads=3", "model.num_heads=3 does not divide the attention channels [64]"),
+    ("model.attn_resolutions=[3]", "model.attn_resolutions has [3], which no level has"),
 ])
 def test_bad_config_is_a_usage_error_naming_the_key(tmp_path, override, expected):
-    result = train(tmp_path, "--set", override)
+    result = train(tmp_path, *[x for o in override.split() for x in ("--set", o)])
     assert result.exit_code == 2, result.output
     assert expected in result.output
+    assert_nothing_started(tmp_path)
+
+
+@pytest.mark.timeout(120)
+def test_batch_that_does_not_divide_over_the_nodes_fails_before_any_run(tmp_path, monkeypatch):
+    """16 images over 3 workers: refused on the driver, before Ray is even connected."""
+    from pipelines import cluster
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a batch that cannot be split")
+
+    monkeypatch.setattr(cluster, "connect", no_ray)
+    result = train(tmp_path, "--nodes", "3")
+    assert result.exit_code == 2, result.output
+    assert "train.batch_size=16 does not divide over 3 worker(s)" in result.output
     assert_nothing_started(tmp_path)
 
 
@@ -59,6 +79,7 @@ def _copy(shards: Path, tmp_path: Path) -> Path:
     ("shard-gone", "shard train-000001.tar is listed in the manifest but missing"),
     ("truncated", "shard train-000000.tar has 100 bytes, the manifest says"),
     ("corrupt-manifest", "manifest.json is not valid JSON"),
+    ("same-size-other-bytes", "shard train-000001.tar does not match its sha256 in the manifest"),
 ])
 def test_missing_empty_corrupt_shards_fail_before_training(tmp_path, digits_shards, damage, expected):
     data = _copy(digits_shards, tmp_path)
@@ -78,6 +99,11 @@ def test_missing_empty_corrupt_shards_fail_before_training(tmp_path, digits_shar
         shard.write_bytes(shard.read_bytes()[:100])
     elif damage == "corrupt-manifest":
         manifest.write_text("{not json")
+    elif damage == "same-size-other-bytes":  # passes the size check; only the hash tells
+        shard = data / "train-000001.tar"
+        raw = bytearray(shard.read_bytes())
+        raw[600] ^= 0xFF
+        shard.write_bytes(bytes(raw))
     result = train(tmp_path, "--data", str(data))
     assert result.exit_code == 2, result.output
     assert expected in result.output and str(data) in result.output

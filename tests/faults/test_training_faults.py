@@ -170,3 +170,42 @@ def test_killed_driver_rerun_resumes_the_same_run_and_ignores_a_partial_checkpoi
     assert runs[0].info.status == "FINISHED"
     resumed = [m.value for m in c.get_metric_history(out["run_id"], "resumed_from_step")]
     assert len(resumed) == 1 and 2 <= resumed[0] < 10, resumed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bad_shard_found_by_a_worker_stops_the_run_after_one_attempt(ray_cluster, tmp_path, digits_shards,
+                                                                    monkeypatch):
+    """A shard whose bytes no longer match its sha256 (same size), as the driver cannot see it for
+    data in an object store: the worker's DataError ends the run at once with exit 2. Ray Train
+    used to restart the worker group max_failures=3 times, each attempt failing the same way."""
+    import shutil
+
+    from pipelines import train as T
+
+    data = Path(shutil.copytree(digits_shards, tmp_path / "data"))
+    shard = data / "train-000001.tar"
+    raw = bytearray(shard.read_bytes())
+    raw[600] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    monkeypatch.setattr(T, "check_data", lambda url, cfg: None)  # as for s3:// data: hashed by the reader
+    starts = tmp_path / "worker-starts"
+    real = T.worker_main
+
+    def counted(loop_config):  # pickled by value: every worker process of every attempt appends a line
+        with open(starts, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        real(loop_config)
+
+    monkeypatch.setattr(T, "worker_main", counted)
+    args = ["train", "--nodes", "2", "--max-steps", "2", "--run-name", "badshard", "--data", str(data),
+            "--storage", str(tmp_path / "storage"), *sets()]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "train-000001.tar: sha256 does not match the manifest" in result.output
+    assert "not retried" in result.output
+    assert len(starts.read_text().split()) == 2  # one attempt: two workers, started once
+    c = mlflow_client()
+    runs = c.search_runs([c.get_experiment_by_name("digits").experiment_id],
+                         "tags.`ddpm.run_name` = 'badshard'")
+    assert [r.info.status for r in runs] == ["FAILED"]

@@ -151,6 +151,110 @@ def test_folder_that_is_not_ours_is_refused_with_exit_3(tmp_path, ckpt, no_sampl
 
 
 @pytest.mark.timeout(60)
+def test_a_foreign_temporary_is_refused_untouched(tmp_path, ckpt, no_sampling):
+    """A name shaped like our temporaries is still someone else's file when its target is: it used
+    to be deleted before the folder was refused."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".thesis.tex.tmp-4242-deadbeef").write_text("half a thesis")
+    result = cli("sample", "--model", ckpt, "--num", "2", "--out", str(out))
+    assert result.exit_code == 3, result.output
+    assert ".thesis.tex.tmp-4242-deadbeef" in result.output
+    assert sorted(p.name for p in out.iterdir()) == [".thesis.tex.tmp-4242-deadbeef"]
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped): provably gone."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture
+def live_pid():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def _started_folder(out, ckpt: str) -> None:
+    """A folder a `sample --model ckpt` job (default settings) has started: its job file and one sample."""
+    out.mkdir()
+    ident = S._identity(S.SampleRequest(model=ckpt, num=1), "png", {}, None)
+    (out / S.JOB_FILE).write_text(json.dumps({"kind": "ddpm-samples", **ident}))
+    (out / "00000000.png").write_bytes(b"png")
+
+
+@pytest.mark.timeout(60)
+def test_second_job_into_a_folder_being_written_is_refused_and_touches_nothing(tmp_path, ckpt, no_sampling,
+                                                                             live_pid):
+    import socket
+
+    out = tmp_path / "out"
+    _started_folder(out, ckpt)
+    lock = {"host": socket.gethostname(), "pid": live_pid, "what": "sample", "since": "2026-01-01T00:00:00Z"}
+    (out / ".ddpm-lock").write_text(json.dumps(lock))
+    in_flight = out / f".00000001.png.tmp-{live_pid}-abcdef12"
+    in_flight.write_bytes(b"being written")
+    before = sorted(p.name for p in out.iterdir())
+    result = cli("sample", "--model", ckpt, "--num", "2", "--out", str(out))
+    assert result.exit_code == 3, result.output
+    assert f"being written by another sample job (pid {live_pid}" in result.output
+    assert sorted(p.name for p in out.iterdir()) == before  # the first job's temporary is still there
+
+
+@pytest.mark.timeout(60)
+def test_stale_lock_and_temporaries_of_a_dead_job_are_cleaned_live_ones_kept(tmp_path, ckpt, monkeypatch,
+                                                                           live_pid):
+    import socket
+
+    out = tmp_path / "out"
+    _started_folder(out, ckpt)
+    gone = dead_pid()
+    (out / ".ddpm-lock").write_text(json.dumps({"host": socket.gethostname(), "pid": gone}))
+    dead_tmp, live_tmp = f".00000001.png.tmp-{gone}-abcdef12", f".00000002.png.tmp-{live_pid}-abcdef12"
+    for name in (dead_tmp, live_tmp):
+        (out / name).write_bytes(b"half")
+    seen = []
+
+    def pool(req, env):  # the job got past the lock: look at the folder, then stop
+        seen.append(sorted(p.name for p in out.iterdir()))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(S, "WorkerPool", pool)
+    result = cli("sample", "--model", ckpt, "--num", "3", "--out", str(out))
+    assert result.exit_code == 1 and "stop here" in result.output, result.output
+    assert ".ddpm-lock" in seen[0] and dead_tmp not in seen[0] and live_tmp in seen[0]
+    assert sorted(p.name for p in out.iterdir()) == sorted([S.JOB_FILE, "00000000.png", live_tmp])  # lock released
+
+
+@pytest.mark.timeout(60)
+def test_steps_beyond_T_fail_before_any_folder_or_worker(tmp_path, ckpt, no_sampling):
+    result = cli("sample", "--model", ckpt, "--num", "2", "--steps", "51", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    assert "--steps 51 exceeds the model's T=50" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_job_that_fails_after_its_checks_leaves_no_empty_folder(tmp_path, ckpt, monkeypatch):
+    def pool(req, env):
+        raise S.UsageError("a worker could not load the model")
+
+    monkeypatch.setattr(S, "WorkerPool", pool)
+    result = cli("sample", "--model", ckpt, "--num", "2", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("fmt", ["npz", "webdataset"])
 def test_chunk_files_hold_samples_and_progressive_strips(tmp_path, fmt):
     rng = np.random.default_rng(0)
@@ -212,7 +316,7 @@ def test_interrupted_run_resumes_with_nothing_missing_and_no_duplicates(ray_clus
     names = sorted(os.listdir(out))
     assert "manifest.json" not in names  # only a finished set gets a manifest
     assert 0 < len(written) and set(written) <= set(names)
-    (out / ".00000005.png.tmp-123-abcdef12").write_bytes(b"half")  # what a kill -9 mid-write leaves
+    (out / f".00000005.png.tmp-{dead_pid()}-abcdef12").write_bytes(b"half")  # what a kill -9 mid-write leaves
     if fmt == "png":
         assert len([n for n in names if n.endswith(".png")]) < N
 

@@ -1,0 +1,79 @@
+"""Which training-worker errors Ray Train may retry: lost workers yes, bad input no.
+
+Ray Train's ``FailureConfig(max_failures)`` restarts the worker group after ANY worker error. That is
+right for a killed process or a lost node, and wrong for an error that comes back identically on
+every attempt: a shard whose sha256 does not match, a config a worker cannot use, losses that are
+non-finite from the same checkpoint and seed. Those are recognised by type (:data:`NOT_RETRIED`),
+and :class:`StopOnBadInput`, a Ray Train callback run by the controller, turns the first one into a
+controller error, which Ray does not retry. The driver finds it with :func:`worker_input_error`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray.train
+
+
+def _not_retried() -> tuple[type[BaseException], ...]:
+    from ddpm.config import ConfigError
+    from ddpm.data.storage import DataError
+    from pipelines.loop import NonFiniteLossError
+
+    return ConfigError, DataError, NonFiniteLossError
+
+
+class WorkerInputError(RuntimeError):
+    """A worker stopped on an error that a retry would repeat; ``exit_code`` 2 for bad input, else 1."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message, exit_code)
+        self.message, self.exit_code = message, exit_code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and what it wraps: Ray's wrappers (``_base_exc``, ``cause``, ``controller_failure``),
+    ``__cause__`` and ``__context__``."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is s for s in seen) or not isinstance(e, BaseException):
+            continue
+        seen.append(e)
+        todo += [getattr(e, name, None) for name in ("_base_exc", "cause", "controller_failure",
+                                                      "__cause__", "__context__")]
+        todo += list(getattr(e, "worker_failures", {}).values())
+    return seen
+
+
+def deterministic_cause(exc: BaseException) -> BaseException | None:
+    """The first error in ``exc``'s chain that a retry would repeat, else None."""
+    kinds = _not_retried()
+    return next((e for e in _chain(exc) if isinstance(e, kinds)), None)
+
+
+def worker_input_error(exc: BaseException) -> WorkerInputError | None:
+    """The :class:`WorkerInputError` that ended a ``trainer.fit()``, if that is what ended it."""
+    return next((e for e in _chain(exc) if isinstance(e, WorkerInputError)), None)
+
+
+class StopOnBadInput(ray.train.UserCallback):
+    """Ray Train callback (run in the controller): end the run at once on an error a retry would repeat.
+
+    Raising from ``after_exception`` makes the controller fail with a ``ControllerError``, which
+    Ray's failure policy raises instead of retrying (only worker-group errors are retried).
+    """
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, BaseException]) -> None:
+        from pipelines.loop import NonFiniteLossError
+
+        for rank, exc in sorted(worker_exceptions.items()):
+            cause = deterministic_cause(exc)
+            if cause is not None:
+                code = 1 if isinstance(cause, NonFiniteLossError) else 2
+                raise WorkerInputError(f"worker {rank}: {cause} (not retried: a retry would fail the same way)",
+                                       code)
