@@ -1,8 +1,9 @@
 """`ddpm-pipe tune`: a Ray Tune sweep over T, the beta range, the schedule and the learning rate.
 
 Driver: config + search space -> parent MLflow run (resumed by sweep name) -> ``Tuner`` of a function
-trainable (or ``Tuner.restore`` of the same sweep) -> the best trial's full variational bound ->
-best config YAML, printed and logged to the parent run.
+trainable (or ``Tuner.restore`` of the same sweep, only from the storage its parent run recorded:
+:func:`check_resumable`) -> the best trial's full variational bound -> best config YAML, printed and
+logged to the parent run.
 
 Trials compare on ``bpd``: the held-out bits/dim estimate of :func:`ddpm.likelihood.bits_per_dim_estimate`
 (the same images, timesteps and noise in every trial), which, unlike L_simple, does not depend on T

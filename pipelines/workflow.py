@@ -418,13 +418,14 @@ def submit_job(config: str, overrides: list[str], workflow: str | None, name: st
     submission_id = f"{name}-{int(time.time())}"
     deadline = time.time() + 120
     try:
-        while True:  # a freshly started head answers "No available agent" until its job agent is up
+        while True:  # a freshly started head drops connections or answers "No available agent" for a while
             try:
                 job_id = client.submit_job(entrypoint=shlex.join(args), runtime_env=runtime_env,
                                            submission_id=submission_id)
                 break
-            except RuntimeError as e:
-                if "No available agent" not in str(e) or time.time() > deadline:
+            except (RuntimeError, OSError) as e:
+                starting = isinstance(e, OSError) or "No available agent" in str(e)
+                if not starting or time.time() > deadline:
                     raise
                 time.sleep(2)
     finally:

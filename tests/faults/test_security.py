@@ -422,3 +422,20 @@ def test_workflow_summary_masks_the_tracking_uri_password(monkeypatch):
     assert "MLflow store     : http://***@mlflow.example:5000" in result.output
     assert PLANTED_PASSWORD not in result.output
     assert PLANTED_PASSWORD not in workflow.run_command(name="summary")["message"]  # also for library callers
+
+
+def test_a_sweep_whose_run_records_this_storage_may_be_resumed(tmp_path):
+    """The gate's other side: the sweep's own parent run, recording the same location, lets it pass
+    (the full resume: tests/pipelines/test_tune.py::test_tune_sweep_nested_runs_best_config_trains_and_resumes)."""
+    from pipelines import tracking
+    from pipelines.errors import RefusedError
+    from pipelines.settings import resolve
+    from pipelines.tune import STORAGE_TAG, check_resumable
+
+    tracking.configure(resolve())
+    exp_id = tracking.experiment_id("digits")
+    run_id, _ = tracking.start_or_resume_run(exp_id, "mine", {tracking.KIND_TAG: "tune"})
+    tracking.client().set_tag(run_id, STORAGE_TAG, str(tmp_path / "storage" / "mine"))
+    check_resumable(exp_id, "mine", str(tmp_path / "storage" / "mine"), named=True)
+    with pytest.raises(RefusedError, match="not given with --name"):
+        check_resumable(exp_id, "mine", str(tmp_path / "storage" / "mine"), named=False)

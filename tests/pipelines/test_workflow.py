@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -142,3 +143,73 @@ def test_workflow_submitted_as_ray_job(ray_head, tmp_path, monkeypatch):
     logs = client.get_job_logs(job_id)
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
     assert "workflow 'job': ran prepare, train, evaluate, promote, sample" in logs
+
+
+def test_submit_ships_the_local_config_and_workflow_files_as_the_jobs_working_dir(tmp_path, monkeypatch):
+    """The job names its files relative to its working dir, which holds copies taken at submission;
+    the submitter's paths appear nowhere in it and the temporary folder is gone afterwards."""
+    import ray.job_submission
+
+    submitted = []
+
+    class FakeJobClient:
+        def __init__(self, address):
+            pass
+
+        def submit_job(self, entrypoint, runtime_env, submission_id):
+            folder = runtime_env["working_dir"]
+            submitted.append({"entrypoint": entrypoint, "folder": folder,
+                              "files": {p.name: p.read_text() for p in Path(folder).iterdir()}})
+            return submission_id
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeJobClient)
+    local = tmp_path / "laptop-only"
+    local.mkdir()
+    (local / "exp.yaml").write_text("base: digits\nname: shipped\n")
+    (local / "wf.yaml").write_text(WORKFLOW)
+    result = CliRunner().invoke(app, ["run", "--submit", "--address", "http://127.0.0.1:8265", "--json",
+                                      "--config", str(local / "exp.yaml"), "--workflow", str(local / "wf.yaml")])
+    assert result.exit_code == 0, result.output
+    job = submitted[0]
+    assert job["files"] == {"config.yaml": "base: digits\nname: shipped\n", "workflow.yaml": WORKFLOW}
+    assert "--config config.yaml" in job["entrypoint"] and "--workflow workflow.yaml" in job["entrypoint"]
+    assert str(local) not in job["entrypoint"]
+    assert not Path(job["folder"]).exists()  # uploaded by submit_job, then removed
+
+    preset = CliRunner().invoke(app, ["run", "--submit", "--address", "http://127.0.0.1:8265"])
+    assert preset.exit_code == 0, preset.output
+    assert "--config digits" in submitted[1]["entrypoint"] and submitted[1]["files"] == {}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_submitted_job_reads_files_that_exist_only_on_the_submitting_side(ray_head, tmp_path, monkeypatch):
+    """Config and workflow files in a folder deleted right after submission: the job still reads
+    them (shipped in its runtime env). The workflow asks for 9 nodes so the job stops, exit 2, at the
+    train step, after the prepare step has written the shards where the shipped config says."""
+    import shutil
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    monkeypatch.setenv("DDPM_HOME", str(tmp_path / "job-home"))
+    local = tmp_path / "laptop-only"
+    local.mkdir()
+    data = tmp_path / "shipped-data"
+    (local / "exp.yaml").write_text(f"base: digits\ndata: {{url: {data / 'train'}, holdout_url: {data / 'test'}}}\n")
+    (local / "wf.yaml").write_text("train: {nodes: 9}\n")
+    result = CliRunner().invoke(app, ["run", "--name", "shipped", "--submit", "--address", ray_head, "--json",
+                                      "--config", str(local / "exp.yaml"), "--workflow", str(local / "wf.yaml")])
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(local)  # the job can only read its shipped copies
+    job_id = json.loads(result.stdout.strip().splitlines()[-1])["job_id"]
+    client = JobSubmissionClient(ray_head)
+    assert str(local) not in client.get_job_info(job_id).entrypoint
+    deadline = time.time() + 300
+    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.time() < deadline, (client.get_job_status(job_id), client.get_job_info(job_id).message,
+                                        client.get_job_logs(job_id)[-3000:])
+        time.sleep(2)
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id) == JobStatus.FAILED, logs[-3000:]
+    assert "--nodes 9 needs 9 CPUs" in logs, logs[-3000:]  # the shipped workflow was read
+    assert (data / "train" / "manifest.json").exists(), logs[-3000:]  # the shipped config was read
