@@ -199,3 +199,40 @@ def test_output_that_exists_and_is_not_ours_is_refused(tmp_path):
     result = cli("sample", "--model", ckpt, "--num", "2", "--out", str(tmp_path / "a-file"))
     assert result.exit_code == 2, result.output
     assert "is a file, not a folder" in result.output or "not writable" in result.output
+
+
+# -- data sources -------------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind,expected", [
+    ("npz-levels-array", "levels.npz: 'levels' must be one integer"),
+    ("cifar-list", "cifar-10-python.tar.gz:test_batch: not a CIFAR-10 batch (it unpickles to a list"),
+    ("corrupt-pngs", "gave no usable samples (2 skipped; first skip: a.png: unreadable image (not a PNG or JPEG file))"),
+])
+def test_bad_data_sources_are_usage_errors_naming_the_file(tmp_path, kind, expected):
+    """These used to exit 1 with a bare TypeError/AttributeError, or a file object's repr."""
+    import io
+    import pickle
+    import tarfile
+
+    import numpy as np
+
+    if kind == "npz-levels-array":
+        source = tmp_path / "levels.npz"
+        np.savez(source, x=np.zeros((2, 4, 4), np.uint8), levels=np.array([17, 17]))
+    elif kind == "cifar-list":
+        source = tmp_path / "cifar-10-python.tar.gz"
+        with tarfile.open(source, "w:gz") as tar:
+            raw = pickle.dumps([1, 2, 3], protocol=2)
+            info = tarfile.TarInfo("cifar-10-batches-py/test_batch")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    else:
+        source = tmp_path / "pngs"
+        source.mkdir()
+        for name in ("a.png", "b.png"):
+            (source / name).write_bytes(b"\x89PNG but not really")
+    out = tmp_path / "out"
+    result = cli("data", "prepare", "--source", str(source), "--split", "test", "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and "object at 0x" not in result.output
+    assert not out.exists()
