@@ -67,6 +67,39 @@ def test_batch_that_does_not_divide_over_the_nodes_fails_before_any_run(tmp_path
     assert_nothing_started(tmp_path)
 
 
+@pytest.mark.timeout(120)
+def test_a_run_name_being_trained_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path, digits_shards,
+                                                                                   monkeypatch):
+    """Two `train --run-name same` at once made two MLflow runs sharing storage/<run-name>; the second
+    is now refused (exit 3) before any run exists. A crashed holder (pid gone) does not block."""
+    import socket
+    import subprocess
+    import sys
+
+    from pipelines import cluster
+
+    lock = tmp_path / "storage" / "same" / ".ddpm-lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "since": "earlier"}))
+        result = train(tmp_path, "--data", str(digits_shards), "--run-name", "same")
+        assert result.exit_code == 3, result.output
+        assert f"being written by another train job (pid {holder.pid}" in result.output
+        assert not (tmp_path / "ddpm-home" / "mlflow.db").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+    def stop(*args, **kwargs):  # past the lock: the run exists; stop before Ray
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(cluster, "connect", stop)
+    result = train(tmp_path, "--data", str(digits_shards), "--run-name", "same")
+    assert result.exit_code == 1 and "stop here" in result.output, result.output
+    assert not lock.exists()  # taken over, then released
+
+
 def _copy(shards: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(shards, tmp_path / "data"))
 
