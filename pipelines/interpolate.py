@@ -2,7 +2,9 @@
 section 4.3) and writes the strip; the math lives in the library.
 
 One strip is written: source a, the ``lambdas`` decoded mixes, source b. Runs in the driver process:
-``lambdas`` images are one small batch, not worth a cluster.
+``lambdas`` images are one small batch, not worth a cluster. The PNG carries the text chunk
+``Software: ddpm-pipe interpolate``; an existing ``--out`` is replaced only when it carries it too
+(anything else is someone's file: exit 3, untouched; ``pipelines/outputs.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,32 @@ from typing import Any
 import numpy as np
 
 from pipelines.errors import UsageError
+
+SOFTWARE = "ddpm-pipe interpolate"  # the PNG text chunk that marks a strip as ours
+
+
+def strip_png(array: np.ndarray) -> bytes:
+    """A uint8 ``[H x W (x C)]`` strip as PNG bytes, marked as written by this command."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", SOFTWARE)
+    buf = io.BytesIO()
+    Image.fromarray(array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array).save(
+        buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def is_our_strip(data: bytes) -> bool:
+    """Whether ``data`` is a PNG this command wrote (its text chunk says so)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format == "PNG" and img.info.get("Software") == SOFTWARE
+    except Exception:
+        return False
 
 
 def read_image(url: str, channels: int, size: int, levels: int):
@@ -58,9 +86,10 @@ def interpolate_command(model: str, a: str, b: str, t: int, lambdas: int, out: s
     import torch
 
     from ddpm.data.storage import atomic_write, open_fs, storage_options_for
-    from ddpm.image import grid, png_bytes
+    from ddpm.image import grid
     from ddpm.interpolate import interpolate
     from pipelines import models
+    from pipelines.outputs import refuse_foreign_file
     from pipelines.sample import check_model
 
     if lambdas < 2:
@@ -73,6 +102,8 @@ def interpolate_command(model: str, a: str, b: str, t: int, lambdas: int, out: s
         fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url))
         if not fs.isfile(path):
             raise UsageError(f"{name} image {url!r} does not exist")
+    fs, path = open_fs(out, storage_options_for(out))
+    refuse_foreign_file(fs, path, out, is_our_strip, "a strip this tool wrote")
     check_model(model)
     start = time.perf_counter()
     loaded = models.load(model)
@@ -84,9 +115,8 @@ def interpolate_command(model: str, a: str, b: str, t: int, lambdas: int, out: s
     x_a, x_b = read_image(a, C, size, levels), read_image(b, C, size, levels)
     mixes = interpolate(loaded.model, diffusion, x_a, x_b, t, lambdas, seed)
     strip = torch.cat([x_a, mixes, x_b])
-    fs, path = open_fs(out, storage_options_for(out))
     try:
-        atomic_write(fs, path, png_bytes(grid(strip, levels=levels, nrow=len(strip), scale=max(1, 32 // size))))
+        atomic_write(fs, path, strip_png(grid(strip, levels=levels, nrow=len(strip), scale=max(1, 32 // size))))
     except OSError as e:
         raise UsageError(f"cannot write {out!r}: {e}") from e
     seconds = time.perf_counter() - start

@@ -7,8 +7,10 @@ The rule every writing command follows (``sample``, ``data prepare``, ``interpol
    command writes (``is_ours``); a hidden temporary ``.{name}.tmp-{pid}-{hex}`` (left by
    :func:`ddpm.data.storage.atomic_write`) counts as ours only when ``name`` does. Anything else: refused,
    exit 3, the folder untouched. A single output file is ours when ``is_ours(bytes)`` says so.
-2. One writer: :class:`FolderLock` creates ``.ddpm-lock`` (host, pid) exclusively; a second job into
-   the same folder is refused (exit 3) while the first one's process is alive.
+2. One writer: :class:`FolderLock` creates ``.ddpm-lock`` (host, pid, heartbeat) exclusively; a
+   second job into the same folder is refused (exit 3) while the first one is alive: on this host,
+   while its pid is; from another host, while its heartbeat (rewritten every ``HEARTBEAT_S``) is
+   younger than ``STALE_S``. A dead job's lock is taken over, so a crash never blocks for good.
 3. Only then remove leftovers: our temporaries whose process is provably gone (its pid is not alive
    on this host). A live process's temporary, or one from another host, is left alone.
 """
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +30,8 @@ from pipelines.errors import RefusedError
 
 TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>[0-9]+)-[0-9a-f]+$")  # atomic_write's temporary names
 LOCK = ".ddpm-lock"
+HEARTBEAT_S = 30.0  # a lock holder rewrites its lock this often
+STALE_S = 120.0  # a lock of another host not rewritten for this long is taken over
 
 
 def listing(fs: Any, root: str, url: str) -> list[str]:
@@ -51,7 +56,8 @@ def refuse_foreign(url: str, names: list[str], is_ours: Callable[[str], bool], w
     foreign, temporaries = [], []
     for name in names:
         m = TEMP.match(name)
-        if name == LOCK or is_ours(m.group("name") if m else name):
+        target = m.group("name") if m else name
+        if target == LOCK or is_ours(target):
             if m:
                 temporaries.append(name)
         else:
@@ -109,22 +115,26 @@ def remove_stale_temporaries(fs: Any, root: str, temporaries: list[str]) -> list
 
 
 class FolderLock:
-    """``.ddpm-lock`` in an output folder: the one job writing there (``with FolderLock(...):``).
+    """``.ddpm-lock`` in a folder: the one job writing there (``with FolderLock(...):``).
 
-    Local folders: created with ``O_CREAT | O_EXCL``, so two jobs cannot both take it; a lock whose
-    process is gone (same host, pid not alive) is taken over. Object stores: checked, then written
-    (best effort; their writers are usually one driver). A lock held by a live process, or by one on
-    another host, is refused with exit 3 naming the holder and the lock file.
+    Local folders: created with ``O_CREAT | O_EXCL``, so two jobs cannot both take it. Object stores:
+    checked, then written (best effort). While held, a thread rewrites it every ``HEARTBEAT_S``.
+    A lock is stale, and taken over, when its process is gone: on this host its pid is not alive;
+    from another host its heartbeat is older than ``STALE_S``. A live holder: exit 3 naming it.
     """
 
     def __init__(self, fs: Any, root: str, url: str, what: str) -> None:
         self.fs, self.root, self.url, self.what = fs, root, url, what
         self.path = f"{root}/{LOCK}"
-        self.held = self.created = False
+        self.held = False
+        self.created: list[str] = []  # local folders this lock made, deepest first
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        self._since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     def _record(self) -> bytes:
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "what": self.what,
-                           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+                           "since": self._since, "heartbeat": time.time()}).encode()
 
     def _holder(self) -> dict[str, Any] | None:
         try:
@@ -137,52 +147,76 @@ class FolderLock:
 
     def _stale(self, holder: dict[str, Any]) -> bool:
         pid = holder.get("pid")
-        return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
+        if holder.get("host") == socket.gethostname() and isinstance(pid, int):
+            return not _alive(pid)
+        beat = holder.get("heartbeat")
+        return isinstance(beat, (int, float)) and time.time() - beat > STALE_S
 
-    def __enter__(self) -> "FolderLock":
+    def _take(self) -> bool:
         from ddpm.data.storage import is_local
 
+        if is_local(self.fs):
+            folder = os.path.abspath(self.root)
+            while not os.path.isdir(folder) and folder != os.path.dirname(folder):
+                if folder not in self.created:
+                    self.created.append(folder)
+                folder = os.path.dirname(folder)
+            os.makedirs(self.root, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._record())
+            return True
+        if self.fs.exists(self.path):
+            return False
+        self.fs.pipe_file(self.path, self._record())
+        return True
+
+    def __enter__(self) -> "FolderLock":
         for _ in range(3):
-            if is_local(self.fs):
-                self.created = self.created or not os.path.isdir(self.root)
-                os.makedirs(self.root, exist_ok=True)
-                try:
-                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                except FileExistsError:
-                    pass
-                else:
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(self._record())
-                    self.held = True
-                    return self
-            elif not self.fs.exists(self.path):
-                self.fs.pipe_file(self.path, self._record())
+            if self._take():
                 self.held = True
+                self._beat = threading.Thread(target=self._heartbeat, name="ddpm-lock-heartbeat", daemon=True)
+                self._beat.start()
                 return self
             holder = self._holder()
             if holder is None:
                 continue  # released between our two looks
             if not self._stale(holder):
                 who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
-                raise RefusedError(f"output {self.url!r} is being written by another {self.what} job ({who}); "
-                                   f"wait for it, or use another --out (if that job is gone, delete "
-                                   f"{self.url.rstrip('/')}/{LOCK})")
+                raise RefusedError(f"{self.url!r} is being written by another {self.what} job ({who}); "
+                                   f"wait for it, or use another output or name (if that job is gone, "
+                                   f"delete {self.url.rstrip('/')}/{LOCK})")
             try:
                 self.fs.rm(self.path)  # its process is gone: take it over
             except FileNotFoundError:
                 pass
-        raise RefusedError(f"output {self.url!r}: could not take {LOCK}; another job keeps taking it")
+        raise RefusedError(f"{self.url!r}: could not take {LOCK}; another job keeps taking it")
+
+    def _heartbeat(self) -> None:
+        from ddpm.data.storage import atomic_write
+
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                atomic_write(self.fs, self.path, self._record())
+            except Exception:  # a missed beat only makes the lock look older to other hosts
+                pass
 
     def __exit__(self, *exc: Any) -> None:
         """Release the lock; a folder the lock created and nothing else filled is removed again."""
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
         if self.held:
             try:
                 self.fs.rm(self.path)
             except FileNotFoundError:
                 pass
             self.held = False
-        if self.created:
+        for folder in self.created:  # deepest first; only while empty
             try:
-                os.rmdir(self.root)  # only if empty
+                os.rmdir(folder)
             except OSError:
-                pass
+                break

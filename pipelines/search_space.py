@@ -80,7 +80,7 @@ def validate(space: dict[str, Any], base: ExperimentConfig) -> None:
         if key not in valid:
             raise ConfigError(f"unknown {_where(key)}; valid: {', '.join(valid)}")
         if not isinstance(spec, dict):
-            _check_value(base, key, spec)
+            _check_value(base, key, spec, space)
             continue
         kind = spec.get("type")
         if kind not in DISTRIBUTIONS:
@@ -97,7 +97,7 @@ def validate(space: dict[str, Any], base: ExperimentConfig) -> None:
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{_where(key)}: choice values must be a non-empty list")
             for v in values:
-                _check_value(base, key, v)
+                _check_value(base, key, v, space)
             continue
         lo, hi = spec["lower"], spec["upper"]
         numbers = (int,) if kind == "randint" else (int, float)
@@ -109,11 +109,11 @@ def validate(space: dict[str, Any], base: ExperimentConfig) -> None:
         if (kind == "loguniform" or spec.get("log")) and lo <= 0:
             raise ConfigError(f"{_where(key)}: a log scale needs lower > 0, got {lo}")
         for v in (lo, hi):
-            _check_value(base, key, v)
+            _check_value(base, key, v, space)
     _check_beta_order(space)
 
 
-def _check_value(base: ExperimentConfig, key: str, value: Any) -> None:
+def _check_value(base: ExperimentConfig, key: str, value: Any, space: dict[str, Any] | None = None) -> None:
     if key == BETA_RATIO:
         if not (isinstance(value, (int, float)) and 0 < value < 1):
             raise ConfigError(f"{_where(key)}: beta_start/beta_end ratio must be in (0, 1), got {value!r}")
@@ -122,8 +122,13 @@ def _check_value(base: ExperimentConfig, key: str, value: Any) -> None:
         if not (isinstance(value, (int, float)) and 0 < value < 1):
             raise ConfigError(f"{_where(key)}: {value!r} is not in (0, 1)")
         return
+    sets = [f"{key}={value}"]
+    if key == "diffusion.timesteps" and space is not None and "diffusion.beta_end" in space:
+        # Trials take beta_end from the space (always in (0, 1)), not the schedule's T-scaled
+        # default, which leaves (0, 1) for small T: check T with an explicit range.
+        sets += ["diffusion.schedule=linear", "diffusion.beta_start=null", "diffusion.beta_end=0.02"]
     try:
-        base.override([f"{key}={value}"])
+        base.override(sets)
     except ConfigError as e:
         raise ConfigError(f"{_where(key)}: {e}") from None
 

@@ -259,8 +259,10 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     """Train on Ray; returns the run id, final metrics, checkpoint and registered model version."""
     from ray.train.torch import TorchTrainer
 
+    from ddpm.data.storage import open_fs, storage_options_for
     from pipelines import cluster, console, tracking
     from pipelines.names import check_name
+    from pipelines.outputs import FolderLock
     from pipelines.registry import log_and_register
     from pipelines.settings import shareable_uri
     from pipelines.storage import storage_options
@@ -275,60 +277,64 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     data_url, holdout_url = resolve_data(cfg, data, settings)
     check_data(data_url, cfg)
 
-    tracking.configure(settings)
-    exp_id = tracking.experiment_id(experiment or cfg.name, settings)
-    run_id, resumed = tracking.start_or_resume_run(exp_id, run_name, {tracking.KIND_TAG: "train"},
-                                                   parent_run_id=parent_run_id)
-    tracking.log_params(run_id, {**cfg.to_dict(), "run": {"nodes": nodes, "gpus_per_node": gpus_per_node,
-                                                          "data": data_url}})
-    tracking.log_dataset(run_id, data_url, "training", storage_options(data_url))
+    # One writer per run name: its checkpoints live in storage/<run-name> (pipelines/outputs.py).
+    run_url = f"{settings.storage.rstrip('/')}/{run_name}"
+    fs, root = open_fs(run_url, storage_options_for(run_url))
+    with FolderLock(fs, root, run_url, "train"):
+        tracking.configure(settings)
+        exp_id = tracking.experiment_id(experiment or cfg.name, settings)
+        run_id, resumed = tracking.start_or_resume_run(exp_id, run_name, {tracking.KIND_TAG: "train"},
+                                                       parent_run_id=parent_run_id)
+        tracking.log_params(run_id, {**cfg.to_dict(), "run": {"nodes": nodes, "gpus_per_node": gpus_per_node,
+                                                              "data": data_url}})
+        tracking.log_dataset(run_id, data_url, "training", storage_options(data_url))
 
-    started = cluster.connect(settings.ray_address, min_cpus=nodes * max(gpus_per_node, 1))
-    if started and gpus_per_node == 0 and nodes == 1 and _local_gpus() > 0:
-        gpus_per_node = 1  # one machine with a GPU: use it
-        console.info("[train] a CUDA GPU is present: training on it (--gpus-per-node 1)")
-    placement = cluster.plan(nodes, gpus_per_node, started_locally=started)
-    # Rank 0 puts its progress lines (step, loss, images/s, bits/dim, ETA) here; a thread prints them.
-    progress = console.ProgressChannel()
-    loop_config = {"config": cfg.to_dict(), "data_url": data_url, "holdout_url": holdout_url,
-                   "storage_options": storage_options(data_url), "run_id": run_id,
-                   "tracking_uri": shareable_uri(settings.tracking_uri), "progress": progress.queue}
-    trainer = TorchTrainer(
-        worker_main,
-        train_loop_config=loop_config,
-        scaling_config=cluster.scaling_config(placement),
-        run_config=run_config(run_name, settings.storage, cfg.train.keep_checkpoints, max_failures,
-                              env=cluster.worker_env(placement)),
-    )
-    console.info(f"[train] {placement.workers} worker(s), {placement.strategy}, run '{run_name}' "
-                 f"({'resuming' if resumed else 'new'}) to step {cfg.train.max_steps}, MLflow run {run_id}")
-    try:
-        result = trainer.fit()
-    except Exception as e:
-        from pipelines.failures import worker_input_error
+        started = cluster.connect(settings.ray_address, min_cpus=nodes * max(gpus_per_node, 1))
+        if started and gpus_per_node == 0 and nodes == 1 and _local_gpus() > 0:
+            gpus_per_node = 1  # one machine with a GPU: use it
+            console.info("[train] a CUDA GPU is present: training on it (--gpus-per-node 1)")
+        placement = cluster.plan(nodes, gpus_per_node, started_locally=started)
+        # Rank 0 puts its progress lines (step, loss, images/s, bits/dim, ETA) here; a thread prints them.
+        progress = console.ProgressChannel()
+        loop_config = {"config": cfg.to_dict(), "data_url": data_url, "holdout_url": holdout_url,
+                       "storage_options": storage_options(data_url), "run_id": run_id,
+                       "tracking_uri": shareable_uri(settings.tracking_uri), "progress": progress.queue}
+        trainer = TorchTrainer(
+            worker_main,
+            train_loop_config=loop_config,
+            scaling_config=cluster.scaling_config(placement),
+            run_config=run_config(run_name, settings.storage, cfg.train.keep_checkpoints, max_failures,
+                                  env=cluster.worker_env(placement)),
+        )
+        console.info(f"[train] {placement.workers} worker(s), {placement.strategy}, run '{run_name}' "
+                     f"({'resuming' if resumed else 'new'}) to step {cfg.train.max_steps}, MLflow run {run_id}")
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            from pipelines.failures import worker_input_error
 
-        bad = worker_input_error(e)
-        if bad is not None:  # bad input found by a worker: one attempt, exit 2
-            failed = tracking.fail_run(run_id, f"training stopped: {bad}")
-            raise (UsageError if bad.exit_code == 2 else PipelineError)(str(failed)) from None
-        raise tracking.fail_run(run_id, f"training failed: {_root_cause(e)}") from e
-    finally:
-        progress.close()
-    if result.checkpoint is None:
-        raise tracking.fail_run(run_id, "training ended without a checkpoint")
-    console.info(f"[train] registering the model as a new version of '{cfg.train.registered_model}'")
-    with result.checkpoint.as_directory() as d, console.muted():
-        version = log_and_register(run_id, os.path.join(d, CHECKPOINT_FILE), cfg.train.registered_model)
-    tracking.end_run(run_id)
-    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-    checkpoint_url = result.checkpoint.path
-    model_uri = f"models:/{cfg.train.registered_model}/{version}"
-    return {
-        "run_id": run_id, "resumed": resumed, "metrics": metrics, "checkpoint": checkpoint_url,
-        "model_uri": model_uri, "registered_model": cfg.train.registered_model, "version": version,
-        "message": (f"trained '{run_name}' to step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}; "
-                    f"checkpoint {checkpoint_url}; registered {model_uri}; MLflow run {run_id}"),
-    }
+            bad = worker_input_error(e)
+            if bad is not None:  # bad input found by a worker: one attempt, exit 2
+                failed = tracking.fail_run(run_id, f"training stopped: {bad}")
+                raise (UsageError if bad.exit_code == 2 else PipelineError)(str(failed)) from None
+            raise tracking.fail_run(run_id, f"training failed: {_root_cause(e)}") from e
+        finally:
+            progress.close()
+        if result.checkpoint is None:
+            raise tracking.fail_run(run_id, "training ended without a checkpoint")
+        console.info(f"[train] registering the model as a new version of '{cfg.train.registered_model}'")
+        with result.checkpoint.as_directory() as d, console.muted():
+            version = log_and_register(run_id, os.path.join(d, CHECKPOINT_FILE), cfg.train.registered_model)
+        tracking.end_run(run_id)
+        metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+        checkpoint_url = result.checkpoint.path
+        model_uri = f"models:/{cfg.train.registered_model}/{version}"
+        return {
+            "run_id": run_id, "resumed": resumed, "metrics": metrics, "checkpoint": checkpoint_url,
+            "model_uri": model_uri, "registered_model": cfg.train.registered_model, "version": version,
+            "message": (f"trained '{run_name}' to step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}; "
+                        f"checkpoint {checkpoint_url}; registered {model_uri}; MLflow run {run_id}"),
+        }
 
 
 def _root_cause(e: BaseException) -> str:

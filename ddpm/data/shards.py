@@ -30,7 +30,7 @@ import numpy as np
 
 from ddpm.data.manifest import FORMAT, MANIFEST, VERSION, dumps
 from ddpm.data.sources import Sample, Skip, Source
-from ddpm.data.storage import DataError, atomic_write, check_name, join, open_fs
+from ddpm.data.storage import DataError, SourceError, atomic_write, check_name, join, open_fs
 
 PNG_COMPRESS_LEVEL = 6  # zlib level; fixed so the bytes (and checksums) are reproducible
 MAX_REPORTED_SKIPS = 20  # reasons kept in the manifest; the count is always exact
@@ -185,7 +185,7 @@ def write_shards(
     bar.close()
     if not shards:
         reason = f"; first skip: {skipped[0][1]}" if skipped else ""
-        raise DataError(f"source {source!r} ({split}) gave no usable samples ({len(skipped)} skipped{reason})")
+        raise SourceError(f"source {source!r} ({split}) gave no usable samples ({len(skipped)} skipped{reason})")
 
     height, width, channels = shape
     manifest = {

@@ -25,6 +25,7 @@ import io
 import pickle
 import posixpath
 import tarfile
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -154,8 +155,10 @@ def array_file(url: str, split: str = "train", storage_options: dict[str, Any] |
             label_key = next((k for k in (f"labels_{split}", f"y_{split}", "labels", "y") if k in arrays), None)
             labels = None if label_key is None else arrays[label_key].astype(np.int64).reshape(-1)
             if "levels" in arrays:
-                levels = int(arrays["levels"])
-    except (ValueError, OSError) as e:
+                levels = _levels(arrays["levels"], url)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, SourceError):
+            raise
         raise SourceError(f"{url}: cannot read the array file: {e}") from None
     images = _as_uint8(_channels_last(np.asarray(images), url), url)
     if labels is not None and len(labels) != len(images):
@@ -171,9 +174,18 @@ def array_file(url: str, split: str = "train", storage_options: dict[str, Any] |
     return Source(name, split, levels, len(images), iterate, description=f"array file {url}")
 
 
+def _levels(value: np.ndarray, where: str) -> int:
+    """A ``levels`` entry: one integer (a 0-d or one-element array of integers)."""
+    if value.size != 1 or not (np.issubdtype(value.dtype, np.integer)
+                               or (np.issubdtype(value.dtype, np.floating) and float(value.reshape(-1)[0]).is_integer())):
+        raise SourceError(f"{where}: 'levels' must be one integer, got an array of shape {list(value.shape)} "
+                          f"({value.dtype})")
+    return int(value.reshape(-1)[0])
+
+
 # -- image folder -------------------------------------------------------------------------------
 def image_folder(url: str, split: str = "train", storage_options: dict[str, Any] | None = None) -> Source:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     fs, root = open_fs(url, storage_options)
     if fs.isdir(f"{root}/{split}"):
@@ -194,13 +206,18 @@ def image_folder(url: str, split: str = "train", storage_options: dict[str, Any]
         for i, (path, r) in enumerate(zip(files, rel)):
             key = f"{i:07d}"
             try:
-                with fs.open(path, "rb") as f, Image.open(f) as img:
+                with fs.open(path, "rb") as f:
+                    data = f.read()
+                with Image.open(io.BytesIO(data)) as img:
                     if img.mode == "P":
                         img = img.convert("RGB")
                     if img.mode not in ("L", "RGB"):
                         yield Skip(key, f"{r}: mode {img.mode}; only grey (L) and RGB are stored as they are")
                         continue
                     arr = np.asarray(img, dtype=np.uint8)
+            except UnidentifiedImageError:  # its message shows the file object, not the file
+                yield Skip(key, f"{r}: unreadable image (not a PNG or JPEG file)")
+                continue
             except (OSError, ValueError) as e:
                 yield Skip(key, f"{r}: unreadable image ({e})")
                 continue
@@ -240,13 +257,20 @@ def _load_batch(raw: bytes, where: str) -> tuple[np.ndarray, list[int]]:
         batch = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as e:
         raise SourceError(f"{where}: not a CIFAR-10 batch ({e})") from None
+    if not isinstance(batch, dict):
+        raise SourceError(f"{where}: not a CIFAR-10 batch (it unpickles to a {type(batch).__name__}, not a dict)")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     data, labels = np.asarray(batch.get("data")), batch.get("labels")
+    if not isinstance(labels, (list, np.ndarray)):
+        labels = None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels is None \
             or len(labels) != len(data):
         raise SourceError(f"{where}: expected data (N, 3072) uint8 and N labels, got data "
                           f"{data.shape} {data.dtype} and {None if labels is None else len(labels)} labels")
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), [int(x) for x in labels]
+    try:
+        return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), [int(x) for x in labels]
+    except (TypeError, ValueError):
+        raise SourceError(f"{where}: labels must be integers") from None
 
 
 def cifar10(url: str, split: str = "train", storage_options: dict[str, Any] | None = None) -> Source:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ddpm.data.shards import write_shards
 from ddpm.data.reader import load_split
-from ddpm.data.sources import Sample, Skip, cifar10, digits, open_source
+from ddpm.data.sources import Sample, Skip, cifar10, digits, image_folder, open_source
 from ddpm.data.storage import SourceError
 
 
@@ -137,3 +137,36 @@ def test_unknown_sources():
         open_source("cifar10")
     with pytest.raises(SourceError, match="split"):
         open_source("digits", "valid")
+
+
+def test_npz_whose_levels_is_an_array_is_a_source_error_naming_the_file(tmp_path):
+    """It used to end in a bare TypeError (exit 1)."""
+    path = tmp_path / "l.npz"
+    np.savez(path, x=np.zeros((2, 4, 4), np.uint8), levels=np.array([17, 17]))
+    with pytest.raises(SourceError, match=r"l\.npz: 'levels' must be one integer, got an array of shape \[2\]"):
+        open_source(str(path))
+    np.savez(path, x=np.zeros((2, 4, 4), np.uint8), levels=np.array(17.5))
+    with pytest.raises(SourceError, match="'levels' must be one integer"):
+        open_source(str(path))
+
+
+@pytest.mark.parametrize("payload", [[1, 2, 3], {b"data": np.zeros((2, 3072), np.uint8), b"labels": 7},
+                                     {b"data": np.zeros((1, 3072), np.uint8), b"labels": [b"cat"]}])
+def test_cifar_batch_of_another_shape_is_a_source_error_naming_the_member(tmp_path, payload):
+    """A batch that unpickles to a list (or holds odd labels) used to end in a bare AttributeError."""
+    with tarfile.open(tmp_path / "odd.tar.gz", "w:gz") as tar:
+        raw = pickle.dumps(payload, protocol=2)
+        info = tarfile.TarInfo("cifar-10-batches-py/test_batch")
+        info.size = len(raw)
+        tar.addfile(info, io.BytesIO(raw))
+    with pytest.raises(SourceError, match=r"odd\.tar\.gz:test_batch: "):
+        cifar10(str(tmp_path / "odd.tar.gz"), "test")
+
+
+def test_unreadable_images_are_skipped_with_their_file_name_not_a_file_object(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "broken.png").write_bytes(b"not a png at all")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "img" / "ok.png")
+    skips = [s for s in image_folder(str(tmp_path / "img")) if not isinstance(s, Sample)]
+    assert [s.reason for s in skips] == ["broken.png: unreadable image (not a PNG or JPEG file)"]
+    assert "object at 0x" not in skips[0].reason

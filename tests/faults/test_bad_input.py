@@ -67,6 +67,39 @@ def test_batch_that_does_not_divide_over_the_nodes_fails_before_any_run(tmp_path
     assert_nothing_started(tmp_path)
 
 
+@pytest.mark.timeout(120)
+def test_a_run_name_being_trained_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path, digits_shards,
+                                                                                   monkeypatch):
+    """Two `train --run-name same` at once made two MLflow runs sharing storage/<run-name>; the second
+    is now refused (exit 3) before any run exists. A crashed holder (pid gone) does not block."""
+    import socket
+    import subprocess
+    import sys
+
+    from pipelines import cluster
+
+    lock = tmp_path / "storage" / "same" / ".ddpm-lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "since": "earlier"}))
+        result = train(tmp_path, "--data", str(digits_shards), "--run-name", "same")
+        assert result.exit_code == 3, result.output
+        assert f"being written by another train job (pid {holder.pid}" in result.output
+        assert not (tmp_path / "ddpm-home" / "mlflow.db").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+    def stop(*args, **kwargs):  # past the lock: the run exists; stop before Ray
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(cluster, "connect", stop)
+    result = train(tmp_path, "--data", str(digits_shards), "--run-name", "same")
+    assert result.exit_code == 1 and "stop here" in result.output, result.output
+    assert not lock.exists()  # taken over, then released
+
+
 def _copy(shards: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(shards, tmp_path / "data"))
 
@@ -113,7 +146,9 @@ def test_missing_empty_corrupt_shards_fail_before_training(tmp_path, digits_shar
 @pytest.mark.timeout(120)
 def test_shards_that_do_not_fit_the_model_fail_before_training(tmp_path, digits_shards):
     """8x8 grey digits with a 16x16 model, or another number of pixel levels."""
-    result = train(tmp_path, "--data", str(digits_shards), "--set", "model.image_size=16")
+    # attn_resolutions=[8]: TINY's [4] is no level of a 16-pixel, two-level U-Net (a config error of its own)
+    result = train(tmp_path, "--data", str(digits_shards), "--set", "model.image_size=16",
+                   "--set", "model.attn_resolutions=[8]")
     assert result.exit_code == 2, result.output
     assert "images are [C, H, W] = [1, 8, 8] but the model takes [1, 16, 16]" in result.output
     result = train(tmp_path, "--data", str(digits_shards), "--set", "data.levels=256")
@@ -197,3 +232,40 @@ def test_output_that_exists_and_is_not_ours_is_refused(tmp_path):
     result = cli("sample", "--model", ckpt, "--num", "2", "--out", str(tmp_path / "a-file"))
     assert result.exit_code == 2, result.output
     assert "is a file, not a folder" in result.output or "not writable" in result.output
+
+
+# -- data sources -------------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind,expected", [
+    ("npz-levels-array", "levels.npz: 'levels' must be one integer"),
+    ("cifar-list", "cifar-10-python.tar.gz:test_batch: not a CIFAR-10 batch (it unpickles to a list"),
+    ("corrupt-pngs", "gave no usable samples (2 skipped; first skip: a.png: unreadable image (not a PNG or JPEG file))"),
+])
+def test_bad_data_sources_are_usage_errors_naming_the_file(tmp_path, kind, expected):
+    """These used to exit 1 with a bare TypeError/AttributeError, or a file object's repr."""
+    import io
+    import pickle
+    import tarfile
+
+    import numpy as np
+
+    if kind == "npz-levels-array":
+        source = tmp_path / "levels.npz"
+        np.savez(source, x=np.zeros((2, 4, 4), np.uint8), levels=np.array([17, 17]))
+    elif kind == "cifar-list":
+        source = tmp_path / "cifar-10-python.tar.gz"
+        with tarfile.open(source, "w:gz") as tar:
+            raw = pickle.dumps([1, 2, 3], protocol=2)
+            info = tarfile.TarInfo("cifar-10-batches-py/test_batch")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    else:
+        source = tmp_path / "pngs"
+        source.mkdir()
+        for name in ("a.png", "b.png"):
+            (source / name).write_bytes(b"\x89PNG but not really")
+    out = tmp_path / "out"
+    result = cli("data", "prepare", "--source", str(source), "--split", "test", "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and "object at 0x" not in result.output
+    assert not out.exists()

@@ -69,3 +69,24 @@ def test_missing_image_and_t_out_of_range_fail_with_exit_2(tmp_path, ckpt, image
     assert "T=50" in result.output and "[0, 49]" in result.output
     result = cli("interpolate", "--model", str(tmp_path / "missing.pt"), "--a", images[0], "--b", images[1])
     assert result.exit_code == 2, result.output
+
+
+@pytest.mark.timeout(120)
+def test_an_existing_file_that_is_not_our_strip_is_refused_untouched(tmp_path, ckpt, images):
+    """A text file (or someone's PNG) at --out used to be replaced by the strip; our own strip may be."""
+    args = ["interpolate", "--model", ckpt, "--a", images[0], "--b", images[1], "--t", "10", "--lambdas", "2",
+            "--out"]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    result = cli(*args, str(notes))
+    assert result.exit_code == 3, result.output
+    assert "exists and is not a strip this tool wrote" in result.output
+    assert notes.read_text() == "mine"
+    photo = tmp_path / "photo.png"
+    Image.new("L", (4, 4)).save(photo)
+    before = photo.read_bytes()
+    assert cli(*args, str(photo)).exit_code == 3 and photo.read_bytes() == before
+    strip = tmp_path / "strip.png"
+    assert cli(*args, str(strip)).exit_code == 0
+    again = cli(*args, str(strip))  # a strip of ours is replaced
+    assert again.exit_code == 0, again.output

@@ -92,7 +92,12 @@ def test_space_file_extends_or_replaces_the_default(tmp_path):
     path.write_text("train.ema_decay: 0.99\n" + SMALL_T)
     space = search_space.load_space(str(path), load_config("digits"))
     assert space["train.ema_decay"] == 0.99 and "train.lr" in space and space["diffusion.timesteps"]["upper"] == 40
+    # Replaced, T is the only key: trials use the schedule's T-scaled default betas, which leave (0, 1)
+    # for T <= 20, so such a range is refused up front rather than failing in the trials.
     path.write_text("replace: true\n" + SMALL_T)
+    with pytest.raises(ConfigError, match="T=10 gives betas outside"):
+        search_space.load_space(str(path), load_config("digits"))
+    path.write_text("replace: true\n" + SMALL_T.replace("lower: 10", "lower: 21"))
     assert list(search_space.load_space(str(path), load_config("digits"))) == ["diffusion.timesteps"]
 
 
