@@ -179,15 +179,21 @@ def generate_samples(loaded: Any, sampler: str, steps: int | None, eta: float, n
 
     if nodes > 1:
         return _generate_on_cluster(loaded, sampler, steps, eta, num, nodes, address, seed)
+    from pipelines.console import Progress
+
     m, batch = loaded.config.model, loaded.config.sample.batch_size
     net = SamplingNet(loaded.model)  # as the sample job's workers run it: same seeds, same images
     out = []
+    bar = Progress("evaluate", num, "sample")
+    bar.suffix = f" ({sampler}, {steps} steps)"
     for i in range(0, num, batch):
         n = min(batch, num - i)
         seeds = sample_seeds(seed, i, n)
         out.append(generate(net, loaded.diffusion, (n, m.in_channels, m.image_size, m.image_size),
                             sampler=sampler, steps=steps, eta=eta, seeds=seeds,
                             clip_denoised=loaded.config.sample.clip_denoised))
+        bar.update(n)
+    bar.close()
     return torch.cat(out)
 
 

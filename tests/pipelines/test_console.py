@@ -138,3 +138,18 @@ def test_sweep_table_tracks_trials_and_the_best_and_prints_plain_lines_off_a_ter
                     {"trial_id": "b", "ending": "completed", "step": 10, "bpd": 2.5, "params": {"T": 200}}],
                    config_of)
     assert [x.split()[1] for x in final[1:]] == ["b", "a", "c"]
+
+
+@pytest.mark.timeout(60)
+def test_progress_prints_rate_and_eta_as_plain_lines_off_a_terminal_at_most_every_interval():
+    from pipelines.console import Progress
+
+    stream = io.StringIO()
+    bar = Progress("evaluate", 10, "sample", stream=stream, every_s=3600)
+    for _ in range(10):
+        bar.update(1)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2  # the first update, then the end (the interval holds back the rest)
+    assert lines[0].startswith("[evaluate] 1/10 samples (10%)") and "samples/s ETA" in lines[0]
+    assert lines[1].startswith("[evaluate] 10/10 samples (100%)") and "\r" not in stream.getvalue()
