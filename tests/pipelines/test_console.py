@@ -20,7 +20,7 @@ from pipelines.sweep_table import SweepTable, ranked
 
 CLI = str(Path(sys.executable).with_name("ddpm-pipe"))
 TINY = ["--set", "model.ch=8", "--set", "model.ch_mult=[1,2]", "--set", "model.attn_resolutions=[]",
-        "--set", "diffusion.timesteps=20", "--set", "train.log_every=2", "--set", "train.eval_every=2",
+        "--set", "diffusion.timesteps=50", "--set", "train.log_every=2", "--set", "train.eval_every=2",
         "--set", "train.checkpoint_every=2", "--set", "train.sample_every=4", "--set", "sample.steps=2",
         "--set", "train.warmup_steps=1", "--set", "train.batch_size=16"]
 NOISE = ("Traceback", "WARNING", "Warning:", "(PlacementGroupCleaner", "(TrainController", "(RayTrainWorker",
