@@ -186,14 +186,14 @@ def _node_id() -> str:
 
 
 def runs_in_process(req: SampleRequest) -> bool:
-    """A one-worker job with no cluster to use runs in this process: no Ray instance to start and
+    """A one-worker CPU job with no cluster to use runs in this process: no Ray instance to start and
     no actor to launch, which were most of a small local job's time (seconds, not tens of seconds).
     With ``--nodes`` above 1, ``--address``, ``RAY_ADDRESS`` or Ray already running here, the job
     goes to Ray as before; ``DDPM_SAMPLE_IN_PROCESS=0`` sends every job there (to compare)."""
     ray = sys.modules.get("ray")
     if os.environ.get("DDPM_SAMPLE_IN_PROCESS", "1") == "0":
         return False
-    return (req.nodes == 1 and req.gpus_per_node <= 1 and not req.address and not os.environ.get("RAY_ADDRESS")
+    return (req.nodes == 1 and req.gpus_per_node == 0 and not req.address and not os.environ.get("RAY_ADDRESS")
             and not (ray is not None and ray.is_initialized()))
 
 

@@ -22,7 +22,7 @@ def test_only_a_one_worker_job_with_no_cluster_runs_in_process(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # whatever other tests started
     req = request("model.pt")
     assert S.runs_in_process(req)
-    assert S.runs_in_process(request("model.pt", gpus_per_node=1))
+    assert not S.runs_in_process(request("model.pt", gpus_per_node=1))  # Ray checks the GPU is there
     assert not S.runs_in_process(request("model.pt", nodes=2))
     assert not S.runs_in_process(request("model.pt", gpus_per_node=2))
     assert not S.runs_in_process(request("model.pt", address="ray://head:10001"))
