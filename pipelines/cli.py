@@ -42,7 +42,7 @@ def _choice(*flags: str, values: tuple[str, ...], help: str) -> Any:
 
     def parse(value: str) -> str:
         if value not in values:
-            raise typer.BadParameter(f"{value!r} is not valid; valid: {', '.join(values)}")
+            raise typer.BadParameter(f"{value!r}; valid: {', '.join(values)}")  # short: not wrapped
         return value
 
     def complete(incomplete: str) -> list[str]:

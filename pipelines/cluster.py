@@ -49,7 +49,15 @@ def connect(address: str | None = None, min_cpus: int = 1) -> bool:
         console.info(f"[ray] connected to {address}; dashboard {_dashboard(context)}")
         return False
     cores = os.cpu_count() or 1
-    context = ray.init(address="local", num_cpus=max(cores, min_cpus), include_dashboard=True, **common)
+    for attempt in (1, 2):
+        try:
+            context = ray.init(address="local", num_cpus=max(cores, min_cpus), include_dashboard=True, **common)
+            break
+        except Exception as e:  # Ray gives its raylet 30 s to register, which a busy machine can miss
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+            ray.shutdown()
+            console.info("[ray] the local instance was slow to start (a busy machine?); starting it again")
     console.info(f"[ray] local instance ({max(cores, min_cpus)} CPUs); dashboard {_dashboard(context)}")
     return True
 

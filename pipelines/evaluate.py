@@ -178,10 +178,16 @@ def generate_samples(loaded: Any, sampler: str, steps: int | None, eta: float, n
 
     if nodes > 1:
         return _generate_on_cluster(loaded, sampler, steps, eta, num, nodes, address, seed)
+    from pipelines.console import Progress
+
     # SamplingNet as the sample job's workers run it: same seeds, same images.
     pipe = DDPMPipeline.from_config(SamplingNet(loaded.model), loaded.config, loaded.diffusion,
                                     sampler=sampler, steps=steps, eta=eta)
-    return pipe(num, seed)
+    bar = Progress("evaluate", num, "sample")
+    bar.suffix = f" ({sampler}, {pipe.steps} steps)"
+    x = pipe(num, seed, progress=lambda done, _total: bar.update(done - bar.done))
+    bar.close()
+    return x
 
 
 def _generate_on_cluster(loaded, sampler, steps, eta, num, nodes, address, seed):

@@ -164,11 +164,9 @@ class SampleWorker:
                       "device": str(self.device)}
 
     def info(self) -> dict[str, Any]:
-        import ray
-
         if self._error is not None:
             raise self._error
-        return {**self._info, "node_id": ray.get_runtime_context().get_node_id()}
+        return {**self._info, "node_id": _node_id()}
 
     def sample(self, indices: list[int], seed: int) -> dict[str, Any]:
         """x_0 for ``indices`` as float32 ``[n x C x H x W]`` (and the progressive predictions)."""
@@ -180,10 +178,40 @@ class SampleWorker:
                 "progressive": None if preds is None else preds.float().cpu().numpy().swapaxes(0, 1)}
 
 
+def _node_id() -> str:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
+    return "local"
+
+
+def runs_in_process(req: SampleRequest) -> bool:
+    """A one-worker CPU job with no cluster to use runs in this process: no Ray instance to start and
+    no actor to launch, which were most of a small local job's time (seconds, not tens of seconds).
+    With ``--nodes`` above 1, ``--address``, ``RAY_ADDRESS`` or Ray already running here, the job
+    goes to Ray as before; ``DDPM_SAMPLE_IN_PROCESS=0`` sends every job there (to compare)."""
+    ray = sys.modules.get("ray")
+    if os.environ.get("DDPM_SAMPLE_IN_PROCESS", "1") == "0":
+        return False
+    return (req.nodes == 1 and req.gpus_per_node == 0 and not req.address and not os.environ.get("RAY_ADDRESS")
+            and not (ray is not None and ray.is_initialized()))
+
+
 class WorkerPool:
-    """``nodes * max(gpus_per_node, 1)`` :class:`SampleWorker` actors in one placement group."""
+    """``nodes * max(gpus_per_node, 1)`` :class:`SampleWorker` actors in one placement group, or one
+    :class:`SampleWorker` in this process (:func:`runs_in_process`)."""
 
     def __init__(self, req: SampleRequest, env: dict[str, str]) -> None:
+        self.actors: list[Any] = []
+        self.pg = None
+        self.started = False
+        self._local: SampleWorker | None = None
+        if runs_in_process(req):
+            self._local = SampleWorker(req.model, req.sampler, req.steps, req.eta, req.precision, req.progressive,
+                                       os.cpu_count() or 1, {}, req.compile)
+            self.info = {k: v for k, v in self._local.info().items() if k != "node_id"}
+            self.info.update(workers=1, nodes_used=1)
+            return
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -191,8 +219,6 @@ class WorkerPool:
 
         self._ray = ray
         self.started = cluster.connect(req.address, min_cpus=req.nodes * max(req.gpus_per_node, 1))
-        self.actors: list[Any] = []
-        self.pg = None
         try:
             placement = cluster.plan(req.nodes, req.gpus_per_node, started_locally=self.started)
             bundle = {"CPU": placement.cpus_per_worker, **({"GPU": 1} if placement.use_gpu else {})}
@@ -230,6 +256,10 @@ class WorkerPool:
 
     def run(self, units: Iterable[list[int]], seed: int, on_result: Callable[[dict[str, Any]], None]) -> None:
         """Sample every unit; ``on_result`` gets each unit's result on the driver as it arrives."""
+        if self._local is not None:
+            for unit in units:
+                on_result(self._local.sample(unit, seed))
+            return
         queue = deque(units)
         pending: dict[Any, Any] = {}
         for actor in self.actors:
@@ -243,6 +273,8 @@ class WorkerPool:
             on_result(self._get(ready[0]))
 
     def close(self) -> None:
+        if self._local is not None:
+            return
         for actor in self.actors:
             try:
                 self._ray.kill(actor)

@@ -84,9 +84,8 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     """Ray Train worker entry point (``train_loop_per_worker``)."""
     import ray
 
-    from pipelines.loop import LoopData, train_loop
-
     from pipelines.console import remote_log
+    from pipelines.loop import LoopData, train_loop
 
     cfg = ExperimentConfig.from_dict(loop_config["config"])
     ctx = _ray_context(loop_config.get("tracking_uri"))
@@ -220,9 +219,8 @@ def check_data(url: str, cfg: ExperimentConfig) -> None:
 def ensure_prepared(source: str, url: str, split: str) -> None:
     """Write the shards of ``source`` to ``url`` unless a manifest is already there."""
     if not _exists(url):
-        from pipelines.data import prepare_command
-
         from pipelines.console import info
+        from pipelines.data import prepare_command
 
         info(f"[data] preparing {source} ({split}) -> {url}")
         prepare_command(source=source, out=url, split=split)

@@ -1,0 +1,155 @@
+"""What a person sees: quiet healthy runs with live progress, Ray's own lines with --verbose,
+JSON errors, --version, choices listed in --help, the live sweep table.
+
+The end-to-end tests run the real `ddpm-pipe` executable in a subprocess (as a user would) on a
+local Ray instance, with a tiny model and a few steps; stdout and stderr are read together.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.sweep_table import SweepTable, ranked
+
+CLI = str(Path(sys.executable).with_name("ddpm-pipe"))
+TINY = ["--set", "model.ch=8", "--set", "model.ch_mult=[1,2]", "--set", "model.attn_resolutions=[]",
+        "--set", "diffusion.timesteps=50", "--set", "train.log_every=2", "--set", "train.eval_every=2",
+        "--set", "train.checkpoint_every=2", "--set", "train.sample_every=4", "--set", "sample.steps=2",
+        "--set", "train.warmup_steps=1", "--set", "train.batch_size=16"]
+NOISE = ("Traceback", "WARNING", "Warning:", "(PlacementGroupCleaner", "(TrainController", "(RayTrainWorker",
+         "(_trial_single", "Checkpoint successfully created", "Reporting training result",
+         "Created version", "Successfully registered")
+
+
+def run(args: list[str], env: dict[str, str], timeout: int = 900) -> tuple[int, str]:
+    proc = subprocess.run([CLI, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stdout
+
+
+def assert_quiet(output: str) -> None:
+    found = [n for n in NOISE if n in output]
+    assert not found, f"{found} in:\n{output}"
+
+
+@pytest.fixture
+def cli_env(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "DDPM_VERBOSE"))}
+    env.update(DDPM_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
+    return env
+
+
+# -- end to end -----------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_train_sample_tune_are_quiet_and_show_progress_and_verbose_shows_rays_lines(cli_env, tmp_path):
+    code, out = run(["train", "--max-steps", "4", *TINY, "--run-name", "quiet", "--json"], cli_env)
+    assert code == 0, out
+    assert_quiet(out)
+    assert "[ray] local instance" in out and "dashboard http://" in out
+    assert "[train] step 2/4 loss" in out and "img/s held-out" in out and "[train] step 4/4" in out
+    result = json.loads(out.strip().splitlines()[-1])  # --json: the last line is the result
+    assert result["metrics"]["step"] == 4
+
+    checkpoint = f"{result['checkpoint']}/checkpoint.pt"
+    code, out = run(["sample", "--model", checkpoint, "--num", "6", "--steps", "2", "--out",
+                     str(tmp_path / "samples")], cli_env)
+    assert code == 0, out
+    assert_quiet(out)
+    assert "6/6" in out and "wrote 6 sample(s)" in out
+
+    code, out = run(["tune", "--trials", "2", "--max-steps", "4", "--scheduler", "none", *TINY,
+                     "--name", "quiet-sweep"], cli_env)
+    assert code == 0, out
+    assert_quiet(out)
+    assert "[tune] trial" in out and "best so far: trial" in out  # the live table
+    assert "1. " in out and "2. " in out  # the final ranked table
+
+    code, out = run(["--verbose", "train", "--max-steps", "2", *TINY, "--run-name", "loud"], cli_env)
+    assert code == 0, out
+    assert "(RayTrainWorker" in out or "(TrainController" in out, out
+
+
+@pytest.mark.timeout(120)
+def test_json_errors_version_and_choices(cli_env, tmp_path):
+    code, out = run(["sample", "--model", str(tmp_path / "missing.pt"), "--json"], cli_env)
+    assert code == 2
+    error = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    assert error["exit_code"] == 2 and "does not exist" in error["error"]
+
+    code, out = run(["sample", "--model", "x", "--format", "jpg", "--json"], cli_env)
+    assert code == 2
+    error = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    assert error["exit_code"] == 2 and "png, webdataset, npz" in error["error"]
+
+    code, out = run(["--version"], cli_env)
+    assert code == 0 and out.startswith("ddpm-pipe ")
+
+    code, out = run(["sample", "--help"], {**cli_env, "COLUMNS": "200"})
+    assert "[ddpm|ddim|dpmpp]" in out and "[png|webdataset|npz]" in out and "0 samples on CPU" in out
+    code, out = run(["interpolate", "--help"], {**cli_env, "COLUMNS": "200"})
+    assert "Noise seed" in out
+
+
+# -- the sweep table ----------------------------------------------------------------------------------
+class FakeDiffusion:
+    def __init__(self, T, schedule, beta_start, beta_end):
+        self.timesteps, self.schedule, self.beta_start, self.beta_end = T, schedule, beta_start, beta_end
+
+
+class FakeTrain:
+    lr = 1e-3
+
+
+def config_of(params):
+    class Cfg:
+        diffusion = FakeDiffusion(params["T"], params.get("schedule", "linear"), 1e-4, 0.02)
+        train = FakeTrain()
+
+    return Cfg()
+
+
+@pytest.mark.timeout(60)
+def test_sweep_table_tracks_trials_and_the_best_and_prints_plain_lines_off_a_terminal():
+    stream = io.StringIO()
+    table = SweepTable(config_of, max_steps=10, stream=stream, every_s=0)
+    table.update("a", "RUNNING", {"T": 100})
+    table.update("b", "RUNNING", {"T": 200, "schedule": "cosine"})
+    table.update("a", "RUNNING", result={"step": 5, "bpd": 3.5})
+    table.update("b", "RUNNING", result={"step": 5, "bpd": 2.5})
+    table.update("a", "DONE", result={"step": 10, "bpd": 3.0})
+    table.show()
+    text = stream.getvalue()
+    assert "\r" not in text and "\033" not in text
+    lines = [x for x in text.splitlines() if x.startswith("[tune]")]
+    assert lines[0].split()[1:4] == ["trial", "state", "T"]
+    assert any("a" in x and "DONE" in x and "100" in x and "3.000" in x for x in lines)
+    assert lines[-1] == "[tune] best so far: trial b, held-out 2.500 bits/dim"
+
+    final = ranked([{"trial_id": "a", "ending": "completed", "step": 10, "bpd": 3.0, "params": {"T": 100}},
+                    {"trial_id": "c", "ending": "failed", "step": 1, "bpd": None, "params": {"T": 50}},
+                    {"trial_id": "b", "ending": "completed", "step": 10, "bpd": 2.5, "params": {"T": 200}}],
+                   config_of)
+    assert [x.split()[1] for x in final[1:]] == ["b", "a", "c"]
+
+
+@pytest.mark.timeout(60)
+def test_progress_prints_rate_and_eta_as_plain_lines_off_a_terminal_at_most_every_interval():
+    from pipelines.console import Progress
+
+    stream = io.StringIO()
+    bar = Progress("evaluate", 10, "sample", stream=stream, every_s=3600)
+    for _ in range(10):
+        bar.update(1)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2  # the first update, then the end (the interval holds back the rest)
+    assert lines[0].startswith("[evaluate] 1/10 samples (10%)") and "samples/s ETA" in lines[0]
+    assert lines[1].startswith("[evaluate] 10/10 samples (100%)") and "\r" not in stream.getvalue()

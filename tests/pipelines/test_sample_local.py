@@ -1,0 +1,51 @@
+"""A one-worker local `sample` runs in the driver's process: when it does, and that it samples the
+same images as the Ray actors do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines import sample as S
+from tests.pipelines.test_sample import make_checkpoint, read_npz_folder, request
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(str(tmp_path_factory.mktemp("model") / "checkpoint.pt"))
+
+
+@pytest.mark.timeout(60)
+def test_only_a_one_worker_job_with_no_cluster_runs_in_process(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # whatever other tests started
+    req = request("model.pt")
+    assert S.runs_in_process(req)
+    assert not S.runs_in_process(request("model.pt", gpus_per_node=1))  # Ray checks the GPU is there
+    assert not S.runs_in_process(request("model.pt", nodes=2))
+    assert not S.runs_in_process(request("model.pt", gpus_per_node=2))
+    assert not S.runs_in_process(request("model.pt", address="ray://head:10001"))
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert not S.runs_in_process(req)
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setenv("DDPM_SAMPLE_IN_PROCESS", "0")
+    assert not S.runs_in_process(req)
+    monkeypatch.delenv("DDPM_SAMPLE_IN_PROCESS")
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # connected to a cluster already: use it
+    assert not S.runs_in_process(req)
+
+
+@pytest.mark.timeout(300)
+def test_in_process_job_writes_the_same_samples_as_the_ray_workers(ray_cluster, tmp_path, ckpt, monkeypatch):
+    on_ray = S.write_samples(request(ckpt, nodes=1, batch_size=4), str(tmp_path / "ray"), fmt="npz",
+                             progress=False)
+    monkeypatch.setattr(S, "runs_in_process", lambda req: True)
+    local = S.write_samples(request(ckpt, nodes=1, batch_size=3), str(tmp_path / "local"), fmt="npz",
+                            progress=False)
+    assert on_ray["written"] == local["written"] == len(read_npz_folder(tmp_path / "local"))
+    a, b = read_npz_folder(tmp_path / "ray"), read_npz_folder(tmp_path / "local")
+    assert sorted(a) == sorted(b) == list(range(len(a)))
+    for i in a:
+        np.testing.assert_allclose(a[i], b[i], atol=1e-4)
+    assert local["workers"] == 1

@@ -1,0 +1,40 @@
+"""scripts/plots.py: an MLflow run's loss and held-out bits/dim history -> PNGs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("plots", ROOT / "scripts" / "plots.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(300)
+def test_curves_of_a_run_are_written_as_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    from mlflow.entities import Metric
+
+    from pipelines import tracking
+    from pipelines.settings import resolve
+
+    tracking.configure(resolve())
+    c = tracking.client()
+    exp = tracking.experiment_id("digits")
+    run_id = c.create_run(exp, run_name="curves").info.run_id
+    c.log_batch(run_id, metrics=[Metric("loss", 1.0 / s, 0, s) for s in (10, 20, 30)]
+                + [Metric("bpd", 5.0 - s / 10, 0, s) for s in (10, 30)]
+                + [Metric("bpd_stderr", 0.1, 0, s) for s in (10, 30)])
+    plots = load_script()
+    written = plots.main(["--run-name", "curves", "--out", str(tmp_path / "img")])
+    assert [p.name for p in written] == ["loss.png", "bpd.png"]
+    for p in written:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
+    assert plots.history(c, run_id, "loss") == ([10, 20, 30], [0.1, 0.05, 1.0 / 30])
