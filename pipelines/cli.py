@@ -68,7 +68,7 @@ Nodes = Annotated[int, typer.Option("--nodes", min=1, help="Number of nodes (one
 GpusPerNode = Annotated[int, typer.Option("--gpus-per-node", min=0, help="GPUs (workers) per node; 0 trains on CPU.")]
 SampleGpusPerNode = Annotated[int, typer.Option("--gpus-per-node", min=0, help="GPUs (sampling workers) per node; 0 samples on CPU.")]
 Experiment = Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment name. Default: the config's name.")]
-Model = Annotated[str, typer.Option("--model", "-m", help="Model URI: runs:/ID/model, models:/NAME/VERSION, models:/NAME@ALIAS, or a checkpoint path/URL.")]
+Model = Annotated[str, typer.Option("--model", "-m", help="Model URI: runs:/ID/model, models:/NAME/VERSION, models:/NAME/latest, models:/NAME@ALIAS, models:/m-<logged model id>, or a checkpoint path/URL.")]
 Num = Annotated[int, typer.Option("--num", "-n", min=1, help="Number of samples.")]
 SamplerOpt = Annotated[str, _choice("--sampler", values=SAMPLERS, help="ddpm (ancestral; --steps below T respaces), ddim (--eta), dpmpp (DPM-Solver++ 2M).")]
 Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Sampling steps. Default: T for ddpm, 50 for ddim, 20 for dpmpp.")]

@@ -67,11 +67,19 @@ def describe(uri: str) -> dict[str, str | None]:
             logged = c.get_logged_model(resolved[0])
             return {"run_id": logged.source_run_id, "name": None, "version": None, "model_id": logged.model_id}
         mv = c.get_model_version(*resolved)
-        return {"run_id": mv.run_id, "name": mv.name, "version": str(mv.version),
-                "model_id": getattr(mv, "model_id", None)}
+        return {"run_id": mv.run_id, "name": mv.name, "version": str(mv.version), "model_id": model_id_of(mv)}
     except MlflowException as e:
         raise UsageError(f"model {uri!r} does not exist in the MLflow store or is not a model URI "
                          f"({URI_FORMS}): {str(e).splitlines()[0]}") from e
+
+
+def model_id_of(version: Any) -> str | None:
+    """The logged model (m-...) a registered version points at: its ``model_id``, which some stores
+    leave empty, else the ``models:/m-...`` source it was registered from."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = version.source or ""
+    return source[len("models:/"):] if source.startswith("models:/m-") and "/" not in source[8:] else None
 
 
 def _logged_model_of_run(c: Any, run: Any, name: str) -> str | None:

@@ -125,3 +125,121 @@ def test_runs_and_models_uris_load_the_checkpoints_ema_weights(tmp_path):
 
     with pytest.raises(UsageError):
         models.load("models:/tiny/99")
+
+
+@pytest.mark.timeout(240)
+def test_logged_model_has_a_signature_an_example_and_predict_accepts_it(tmp_path, recwarn):
+    import mlflow
+
+    from pipelines.registry import input_example
+
+    run_id, version, _ = register_tiny(tmp_path)
+    assert not [w for w in recwarn.list if "type hints" in str(w.message)]  # MLflow's predict hint warning
+    info = mlflow.models.get_model_info(f"models:/tiny/{version}")
+    inputs = info.signature.inputs.to_dict()
+    assert [c["name"] for c in inputs] == ["num", "seed", "seeds", "sampler", "steps", "eta", "batch_size"]
+    assert inputs[0]["required"] and not any(c["required"] for c in inputs[1:])
+    (out,) = info.signature.outputs.to_dict()
+    assert out["tensor-spec"]["dtype"] == "uint8" and list(out["tensor-spec"]["shape"]) == [-1, 8, 8, 1]
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/tiny/{version}", dst_path=str(tmp_path / "m")))
+    example = json.loads((local / "input_example.json").read_text())
+    assert example == {"num": 2, "seed": 0, "sampler": "ddim", "steps": 10}
+    serving = json.loads((local / "serving_input_example.json").read_text())
+    assert serving == {"inputs": example}  # the body a serving endpoint takes
+    # What `mlflow models predict` and a serving endpoint do with the payload: schema check, then predict.
+    result = tmp_path / "predictions.json"
+    mlflow.models.predict(f"models:/tiny/{version}", input_data=input_example(tiny_config()),
+                          env_manager="local", output_path=str(result))
+    images = json.loads(result.read_text())["predictions"]
+    assert len(images) == 2 and len(images[0]) == 8 and len(images[0][0]) == 8 and len(images[0][0][0]) == 1
+    with pytest.raises(Exception, match="num"):  # the signature refuses a request without the required column
+        mlflow.models.predict(f"models:/tiny/{version}", input_data={"seed": 3}, env_manager="local",
+                              output_path=str(tmp_path / "bad.json"))
+
+
+@pytest.mark.timeout(240)
+def test_version_description_and_model_params_say_what_it_was_trained_on(tmp_path):
+    from pipelines import models, registry, tracking
+    from pipelines.data import prepare_command
+    from pipelines.settings import resolve
+
+    settings = resolve()
+    tracking.configure(settings)
+    c = tracking.client()
+    data = tmp_path / "digits" / "train"
+    prepare_command(source="digits", out=str(data), split="train")
+    run_id, _ = tracking.start_or_resume_run(tracking.experiment_id("described", settings), "described")
+    ds = tracking.log_dataset(run_id, str(data), "training")
+    version = registry.log_and_register(run_id, str(save_tiny_checkpoint(tmp_path / "c.pt")), "described")
+    mv = c.get_model_version("described", version)
+    assert f"digits-train (1437 images, digest {ds.digest}, local {data})" in mv.description
+    assert "trained to step 7" in mv.description and "T=50 linear" in mv.description
+    assert f"in run described ({run_id})" in mv.description
+    logged = c.get_logged_model(models.model_id_of(mv))
+    assert logged.params["diffusion.timesteps"] == "50" and logged.params["model.ch"] == "32"
+
+
+@pytest.mark.timeout(240)
+def test_evaluation_shows_as_model_metrics_short_tags_a_description_and_a_table(tmp_path):
+    from pipelines import models, registry, tracking
+
+    run_id, version, _ = register_tiny(tmp_path)
+    c = tracking.client()
+    mv = c.get_model_version("tiny", version)
+    model_id = models.model_id_of(mv)
+    trained = mv.description
+    ds = tracking.dataset("/data/digits/test", {"source": "digits", "split": "test", "shape": [1, 8, 8],
+                                                "shards": []})
+    # Any metric names: another evaluation may compute other metrics.
+    primary = [{"key": "bpd/bound:full/data:abc/num:8", "metric": "bpd", "value": 4.25},
+               {"key": "sharpness/data:abc/sampler:ddim/steps:5", "metric": "sharpness", "value": 0.125}]
+    extra = [{"key": "sharpness/data:abc/sampler:ddim/steps:10", "metric": "sharpness", "value": 0.5}]
+    for stamp, scale in (("20260101T000000Z", 1.0), ("20260102T000000Z", 2.0)):
+        scaled = [{**r, "value": r["value"] * scale} for r in primary]
+        registry.record_evaluation(c, run_id, model_id, [("tiny", version)], scaled, scaled + extra, stamp, ds)
+
+    mv = c.get_model_version("tiny", version)
+    assert mv.tags["eval.bpd"] == "8.5" and mv.tags["eval.sharpness"] == "0.25"  # the latest evaluation
+    assert mv.description.startswith(trained)  # the training paragraph stays
+    assert mv.description.count("Latest evaluation") == 1
+    assert "Latest evaluation (20260102T000000Z): bpd 8.5, sharpness 0.25." in mv.description
+    assert "evaluation/results-20260102T000000Z.md" in mv.description
+    logged = c.get_logged_model(model_id)
+    linked = {m.key: m for m in logged.metrics}
+    assert set(linked) == {"eval/bpd", "eval/sharpness"}
+    assert linked["eval/sharpness"].dataset_name == "digits-test" and linked["eval/sharpness"].dataset_digest == ds.digest
+    history = sorted(m.value for m in c.get_metric_history(run_id, "eval/bpd"))
+    assert history == [4.25, 8.5]  # also the run's metrics, one point per evaluation
+    table = Path(c.download_artifacts(run_id, "evaluation/results-20260102T000000Z.md", str(tmp_path)))
+    lines = table.read_text().splitlines()
+    assert "| sharpness | 0.5 | data:abc, sampler:ddim, steps:10 |" in lines
+    assert "| bpd | 8.5 | bound:full, data:abc, num:8 |" in lines
+
+
+@pytest.mark.timeout(240)
+def test_every_model_uri_form_mlflow_accepts_loads(tmp_path):
+    from ddpm.checkpoint import load_model
+    from pipelines import models, tracking
+    from pipelines.errors import UsageError
+
+    run_1, _, _ = register_tiny(tmp_path, seed=0)
+    run_2, _, ckpt_2 = register_tiny(tmp_path, seed=1)
+    c = tracking.client()
+    c.set_registered_model_alias("tiny", "champion", "1")
+    model_id = models.model_id_of(c.get_model_version("tiny", "2"))
+    assert model_id.startswith("m-")
+    _, reference, _ = load_model(str(ckpt_2), weights="ema")
+    expect = {"models:/tiny/latest": ("tiny", "2", run_2), "models:/tiny/LATEST": ("tiny", "2", run_2),
+              "models:/tiny@champion": ("tiny", "1", run_1), f"models:/{model_id}": (None, None, run_2),
+              f"runs:/{run_2}/model": (None, None, run_2), "models:/tiny/2": ("tiny", "2", run_2)}
+    for uri, (name, version, run_id) in expect.items():
+        meta = models.describe(uri)
+        assert (meta["name"], meta["version"], meta["run_id"]) == (name, version, run_id), uri
+        assert meta["model_id"] == models.model_id_of(c.get_model_version("tiny", version or "2")), uri
+    for uri in ("models:/tiny/latest", f"models:/{model_id}", f"runs:/{run_2}/model"):
+        sd = models.load(uri).model.state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in reference.state_dict().items()), uri
+    assert models.load("models:/tiny@champion").version == "1"
+    for bad in ("models:/tiny@nobody", "models:/m-0000", "models:/nobody/latest", "models:/tiny/1/2"):
+        with pytest.raises(UsageError, match="does not exist"):
+            models.describe(bad)
