@@ -252,7 +252,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
 
     from pipelines import cluster, search_space, tracking
     from pipelines.storage import ray_storage, storage_options
-    from pipelines.train import _check_name, resolve_config, resolve_data
+    from pipelines.train import _check_name, check_builds, check_data, resolve_config, resolve_data
 
     if scheduler not in ("asha", "none"):
         raise UsageError(f"--scheduler {scheduler!r} is not valid; valid: asha, none")
@@ -269,7 +269,9 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     space_spec = search_space.load_space(space, trial_base)
     sweep = name or f"{base.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_name(sweep)
+    check_builds(trial_base, workers_per_trial)  # as train does: before any run, trial or worker
     data_url, holdout_url = resolve_data(trial_base, data, settings)
+    check_data(data_url, trial_base)
     if not holdout_url:
         raise UsageError("tune compares trials on held-out bits/dim: set data.holdout_url or use a data "
                          "folder .../train with a .../test split beside it")
