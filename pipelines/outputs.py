@@ -82,6 +82,24 @@ def refuse_foreign_file(fs: Any, path: str, url: str, is_ours: Callable[[bytes],
         raise RefusedError(f"output {url!r} exists and is not {what}; choose another --out or remove it")
 
 
+def missing_folders(root: str) -> list[str]:
+    """The local folders that making ``root`` would create, deepest first."""
+    missing, folder = [], os.path.abspath(root)
+    while not os.path.isdir(folder) and folder != os.path.dirname(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def remove_if_empty(folders: list[str]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: undo what :func:`missing_folders` listed."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
+
+
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this host (a process of another user counts as alive)."""
     try:
@@ -156,11 +174,7 @@ class FolderLock:
         from ddpm.data.storage import is_local
 
         if is_local(self.fs):
-            folder = os.path.abspath(self.root)
-            while not os.path.isdir(folder) and folder != os.path.dirname(folder):
-                if folder not in self.created:
-                    self.created.append(folder)
-                folder = os.path.dirname(folder)
+            self.created = self.created or missing_folders(self.root)
             os.makedirs(self.root, exist_ok=True)
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -215,8 +229,4 @@ class FolderLock:
             except FileNotFoundError:
                 pass
             self.held = False
-        for folder in self.created:  # deepest first; only while empty
-            try:
-                os.rmdir(folder)
-            except OSError:
-                break
+        remove_if_empty(self.created)
