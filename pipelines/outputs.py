@@ -1,7 +1,8 @@
 """Outputs at user paths: write only where everything is ours, one job at a time, and clean only our
 own leftovers.
 
-The rule every writing command follows (``sample``, ``data prepare``, ``interpolate``):
+The rule every command that writes to a user path follows (``sample``, ``data prepare``,
+``interpolate``; ``train`` takes the lock of step 2 for ``<storage>/<run-name>``):
 
 1. Decide ownership first, touching nothing: a folder is ours when every name in it is one this
    command writes (``is_ours``); a hidden temporary ``.{name}.tmp-{pid}-{hex}`` (left by
@@ -26,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipelines.errors import RefusedError
+from pipelines.errors import RefusedError, UsageError
 
 TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>[0-9]+)-[0-9a-f]+$")  # atomic_write's temporary names
 LOCK = ".ddpm-lock"
@@ -36,8 +37,6 @@ STALE_S = 120.0  # a lock of another host not rewritten for this long is taken o
 
 def listing(fs: Any, root: str, url: str) -> list[str]:
     """The names in the folder ``root`` ([] when it does not exist); a file there is an error."""
-    from pipelines.errors import UsageError
-
     try:
         if not fs.isdir(root):
             if fs.exists(root):
