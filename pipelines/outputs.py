@@ -1,7 +1,8 @@
 """Outputs at user paths: write only where everything is ours, one job at a time, and clean only our
 own leftovers.
 
-The rule every writing command follows (``sample``, ``data prepare``, ``interpolate``):
+The rule every command that writes to a user path follows (``sample``, ``data prepare``,
+``interpolate``; ``train`` takes the lock of step 2 for ``<storage>/<run-name>``):
 
 1. Decide ownership first, touching nothing: a folder is ours when every name in it is one this
    command writes (``is_ours``); a hidden temporary ``.{name}.tmp-{pid}-{hex}`` (left by
@@ -26,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipelines.errors import RefusedError
+from pipelines.errors import RefusedError, UsageError
 
 TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>[0-9]+)-[0-9a-f]+$")  # atomic_write's temporary names
 LOCK = ".ddpm-lock"
@@ -36,8 +37,6 @@ STALE_S = 120.0  # a lock of another host not rewritten for this long is taken o
 
 def listing(fs: Any, root: str, url: str) -> list[str]:
     """The names in the folder ``root`` ([] when it does not exist); a file there is an error."""
-    from pipelines.errors import UsageError
-
     try:
         if not fs.isdir(root):
             if fs.exists(root):
@@ -80,6 +79,24 @@ def refuse_foreign_file(fs: Any, path: str, url: str, is_ours: Callable[[bytes],
         return
     if not is_ours(data):
         raise RefusedError(f"output {url!r} exists and is not {what}; choose another --out or remove it")
+
+
+def missing_folders(root: str) -> list[str]:
+    """The local folders that making ``root`` would create, deepest first."""
+    missing, folder = [], os.path.abspath(root)
+    while not os.path.isdir(folder) and folder != os.path.dirname(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def remove_if_empty(folders: list[str]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: undo what :func:`missing_folders` listed."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
 
 
 def _alive(pid: int) -> bool:
@@ -156,11 +173,7 @@ class FolderLock:
         from ddpm.data.storage import is_local
 
         if is_local(self.fs):
-            folder = os.path.abspath(self.root)
-            while not os.path.isdir(folder) and folder != os.path.dirname(folder):
-                if folder not in self.created:
-                    self.created.append(folder)
-                folder = os.path.dirname(folder)
+            self.created = self.created or missing_folders(self.root)
             os.makedirs(self.root, exist_ok=True)
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -215,8 +228,4 @@ class FolderLock:
             except FileNotFoundError:
                 pass
             self.held = False
-        for folder in self.created:  # deepest first; only while empty
-            try:
-                os.rmdir(folder)
-            except OSError:
-                break
+        remove_if_empty(self.created)

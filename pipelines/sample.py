@@ -458,9 +458,10 @@ class OutputFolder:
         """Write and delete a probe object, so a bad URL fails before any sampling; a local folder
         made for the probe is removed again (nothing is left until the job has checked everything)."""
         from ddpm.data.storage import is_local
+        from pipelines.outputs import missing_folders, remove_if_empty
 
         probe = self.path(f".ddpm-probe-{uuid.uuid4().hex[:8]}")
-        made = is_local(self.fs) and not self.fs.exists(self.root)
+        made = missing_folders(self.root) if is_local(self.fs) else []
         try:
             if is_local(self.fs):
                 self.fs.makedirs(self.root, exist_ok=True)
@@ -469,11 +470,7 @@ class OutputFolder:
         except Exception as e:
             raise UsageError(f"output {self.url!r} is not writable: {_first_line(e)}") from e
         finally:
-            if made:
-                try:
-                    os.rmdir(self.root)
-                except OSError:
-                    pass
+            remove_if_empty(made)
 
     def lock(self):
         """The folder's one-writer lock (``with folder.lock():``; :class:`pipelines.outputs.FolderLock`)."""

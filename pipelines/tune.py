@@ -258,7 +258,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     from pipelines import cluster, console, search_space, sweep_table, tracking
     from pipelines.names import check_name
     from pipelines.storage import ray_storage, storage_options
-    from pipelines.train import resolve_config, resolve_data
+    from pipelines.train import check_builds, check_data, resolve_config, resolve_data
 
     if scheduler not in ("asha", "none"):
         raise UsageError(f"--scheduler {scheduler!r} is not valid; valid: asha, none")
@@ -275,8 +275,10 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     sweep = name or f"{base.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
     check_name(sweep, "--name" if name else "the config's name (in the default --name)")
     check_name(experiment or base.name, "--experiment" if experiment else "the config's name (the default --experiment)")
+    check_builds(trial_base, workers_per_trial)  # as train does: before any run, trial or worker
     settings = resolve(storage, address)
     data_url, holdout_url = resolve_data(trial_base, data, settings)
+    check_data(data_url, trial_base)
     if not holdout_url:
         raise UsageError("tune compares trials on held-out bits/dim: set data.holdout_url or use a data "
                          "folder .../train with a .../test split beside it")

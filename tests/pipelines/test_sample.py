@@ -249,9 +249,9 @@ def test_a_job_that_fails_after_its_checks_leaves_no_empty_folder(tmp_path, ckpt
         raise S.UsageError("a worker could not load the model")
 
     monkeypatch.setattr(S, "WorkerPool", pool)
-    result = cli("sample", "--model", ckpt, "--num", "2", "--out", str(tmp_path / "out"))
+    result = cli("sample", "--model", ckpt, "--num", "2", "--out", str(tmp_path / "new" / "out"))
     assert result.exit_code == 2, result.output
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "new").exists()  # nor the parent it had to make
 
 
 @pytest.mark.timeout(60)

@@ -101,6 +101,13 @@ def test_space_file_extends_or_replaces_the_default(tmp_path):
     assert list(search_space.load_space(str(path), load_config("digits"))) == ["diffusion.timesteps"]
 
 
+def test_batch_that_does_not_divide_over_the_workers_per_trial_fails_before_any_run(tmp_path):
+    result = run_cli(*tune_args(tmp_path, "--workers-per-trial", "3", trials=2, steps=2, name="odd"))
+    assert result.exit_code == 2, result.output
+    assert "train.batch_size=8 does not divide over 3 worker(s)" in result.output  # TINY's batch 8
+    assert not (tmp_path / "ddpm-home" / "mlflow.db").exists()
+
+
 # -- sweeps on the simulated 4-node cluster -------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(420)
