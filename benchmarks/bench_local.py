@@ -65,21 +65,26 @@ def main(argv: list[str] | None = None) -> dict:
                 runs[mode].append(run_once(cli, model, args.num, os.path.join(tmp, f"{mode}-{k}"), mode, env))
                 print(f"[bench_local] {mode} run {k + 1}: {runs[mode][-1]['wall_s']:.1f} s "
                       f"(load {runs[mode][-1]['load_1m_before']:.1f})", file=sys.stderr, flush=True)
-    result = {
+            result = summarize(args, runs)
+            if args.out:  # after every repeat, so an interrupted run keeps what it measured
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def summarize(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict:
+    done = {m: rs for m, rs in runs.items() if rs}
+    return {
         "bench": "local", "command": f"ddpm-pipe sample --model MODEL --num {args.num}",
-        "model": args.model or "digits preset, random weights (checkpoint)", "repeats": args.repeats,
-        "cpus": os.cpu_count(), "platform": platform.platform(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "median_wall_s": {m: round(statistics.median(r["wall_s"] for r in rs), 3) for m, rs in runs.items()},
-        "median_sample_s": {m: round(statistics.median(r["sample_s"] for r in rs), 3) for m, rs in runs.items()},
-        "load_1m": {m: [r["load_1m_before"] for r in rs] for m, rs in runs.items()},
+        "model": args.model or "digits preset, random weights (checkpoint)", "repeats": len(runs[args.modes[0]]),
+        "cpus": os.cpu_count(), "platform": platform.platform(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "median_wall_s": {m: round(statistics.median(r["wall_s"] for r in rs), 3) for m, rs in done.items()},
+        "median_sample_s": {m: round(statistics.median(r["sample_s"] for r in rs), 3) for m, rs in done.items()},
+        "load_1m": {m: [r["load_1m_before"] for r in rs] for m, rs in done.items()},
         "runs": runs,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    return result
 
 
 if __name__ == "__main__":

@@ -49,3 +49,18 @@ def test_in_process_job_writes_the_same_samples_as_the_ray_workers(ray_cluster, 
     for i in a:
         np.testing.assert_allclose(a[i], b[i], atol=1e-4)
     assert local["workers"] == 1
+
+
+@pytest.mark.timeout(300)
+def test_local_benchmark_runs_the_cli_in_process_and_records_its_timings(tmp_path, ckpt):
+    import json
+
+    from benchmarks import bench_local
+
+    out = tmp_path / "local.json"
+    bench_local.main(["--model", ckpt, "--num", "4", "--repeats", "1", "--modes", "in_process",
+                      "--out", str(out)])
+    result = json.loads(out.read_text())
+    run = result["runs"]["in_process"][0]
+    assert result["repeats"] == 1 and result["median_wall_s"]["in_process"] == run["wall_s"] > 0
+    assert run["samples_written"] == 4 and run["load_s"] >= 0 and "load_1m_before" in run
