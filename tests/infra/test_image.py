@@ -44,25 +44,70 @@ def _args(name: str) -> dict[str, str]:
     return found
 
 
-@pytest.mark.timeout(60)
-def test_dockerfile_starts_from_slim_python_3_11():
-    assert _instructions()[0] == ("FROM", "python:3.11-slim")
+def _stages() -> dict[str, list[tuple[str, str]]]:
+    """The instructions of each ``FROM ... AS name`` stage ("" for the global ARGs before the first)."""
+    stages: dict[str, list[tuple[str, str]]] = {"": []}
+    current = ""
+    for word, rest in _instructions():
+        if word == "FROM":
+            current = rest.split(" AS ")[-1] if " AS " in rest else rest
+            stages[current] = []
+        stages[current].append((word, rest))
+    return stages
 
 
 @pytest.mark.timeout(60)
-def test_dockerfile_installs_with_install_sh_and_the_same_torch_default():
-    runs = [rest for word, rest in _instructions() if word == "RUN" and "scripts/install.sh" in rest]
-    assert len(runs) == 1, "exactly one RUN calls scripts/install.sh"
-    call = shlex.split(runs[0])
-    at = call.index("scripts/install.sh")
-    assert call[at + 1:] == ["/usr/local/bin/python"], "no extras: the image gets the runtime dependencies"
-    assert "TORCH_SPEC=${TORCH_SPEC}" in call[:at] and "PIP_EXTRA_INDEX_URL=${TORCH_INDEX_URL}" in call[:at]
+def test_dockerfile_starts_from_slim_python_3_11_pinned_by_digest():
+    image = _args("ARG")["PYTHON_IMAGE"]
+    assert re.fullmatch(r"python:3\.11-slim@sha256:[0-9a-f]{64}", image), image
+    froms = [rest for word, rest in _instructions() if word == "FROM"]
+    assert froms[0] == "${PYTHON_IMAGE} AS base"
+
+
+@pytest.mark.timeout(60)
+def test_dockerfile_has_cpu_and_cuda_torch_targets():
+    stages = _stages()
+    assert ("ENV", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in stages["torch-cpu"]
+    assert ("ENV", "TORCH_INDEX_URL=") in stages["torch-cuda"]  # PyPI's Linux torch is the CUDA build
+    assert _args("ARG")["TORCH"] == "cpu", "CPU torch by default"
+    assert stages["image"][0] == ("FROM", "torch-${TORCH} AS image")
+    assert "TORCH_INDEX_URL" in (ROOT / "scripts/install.sh").read_text()
+
+
+@pytest.mark.timeout(60)
+def test_dockerfile_installs_dependencies_before_the_source_with_install_sh():
+    steps = _stages()["image"]
+    runs = [i for i, (word, rest) in enumerate(steps) if word == "RUN" and "scripts/install.sh" in rest]
+    assert len(runs) == 2, "one RUN for the dependencies, one for the project"
+    copy_all = steps.index(("COPY", ". /opt/ddpm-pipe"))
+    deps, project = (shlex.split(steps[i][1]) for i in runs)
+    assert runs[0] < copy_all < runs[1], "dependencies first: a source edit does not reinstall torch"
+    assert "DEPS_ONLY=1" in deps and "DEPS_ONLY=1" not in project
+    for call in (deps, project):
+        at = call.index("scripts/install.sh")
+        assert call[at + 1:] == ["/usr/local/bin/python", "pipeline"], "the pipeline extra: the CLI"
+        assert "TORCH_SPEC=${TORCH_SPEC}" in call[:at] and "CONSTRAINTS=constraints.txt" in call[:at]
+    copied = [rest for word, rest in steps[:runs[0]] if word == "COPY"]
+    assert all(". " not in f" {c} " for c in copied), copied  # only what the dependencies are read from
+    assert set(" ".join(copied).split()[:-1]) >= {"pyproject.toml", "constraints.txt", "scripts/install.sh"}
     default = re.search(r"TORCH_SPEC=\$\{TORCH_SPEC:-([^}]+)\}", (ROOT / "scripts/install.sh").read_text())
-    args = _args("ARG")
-    assert args["TORCH_SPEC"] == default.group(1), "the image's torch pin must match install.sh's"
-    assert args["TORCH_INDEX_URL"].endswith("/whl/cpu"), "CPU torch by default"
+    assert _args("ARG")["TORCH_SPEC"] == default.group(1), "the image's torch pin must match install.sh's"
     assert "scripts/install.sh" in (ROOT / "Makefile").read_text(), "make setup uses the same script"
-    assert ("COPY", ". /opt/ddpm-pipe") in _instructions()
+
+
+@pytest.mark.timeout(60)
+def test_dockerfile_leaves_no_package_manager_cache():
+    env = _args("ENV")
+    assert env["PIP_NO_CACHE_DIR"] == "1" and env["UV_NO_CACHE"] == "1"
+    apt = [rest for word, rest in _instructions() if word == "RUN" and "apt-get install" in rest]
+    assert apt and all("rm -rf /var/lib/apt/lists/*" in rest for rest in apt)
+    assert env["DDPM_GIT_COMMIT"] == "${GIT_COMMIT}", "runs in the image record the commit it was built from"
+
+
+@pytest.mark.timeout(60)
+def test_entrypoint_comment_names_where_the_image_installs():
+    text = (ROOT / "scripts/entrypoint.sh").read_text()
+    assert "/opt/venv" not in text and "/usr/local/bin" in text
 
 
 @pytest.mark.timeout(60)
@@ -83,7 +128,7 @@ def test_dockerignore_keeps_what_install_sh_needs():
     patterns = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines()
                 if l.strip() and not l.startswith("#")]
     needed = ["pyproject.toml", "scripts/install.sh", "scripts/entrypoint.sh", "ddpm/__init__.py",
-              "pipelines/cli.py", "README.md"]
+              "pipelines/cli.py", "README.md", "LICENSE", "constraints.txt"]
     for path in needed:
         hits = [p for p in patterns if fnmatch.fnmatch(path, p) or path.startswith(p.rstrip("/") + "/")]
         assert not hits, f".dockerignore drops {path} ({hits})"

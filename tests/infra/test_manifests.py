@@ -204,8 +204,8 @@ def test_local_stack_has_tracking_storage_and_ray():
     (compose,) = _docs(INFRA / "local" / "compose.yaml")
     services = compose["services"]
     assert {"minio", "mlflow", "ray-head", "ray-worker"} <= set(services)
-    assert any("--backend-store-uri=sqlite:////mlflow/" in a for a in services["mlflow"]["command"])
-    assert "mlflow:/mlflow" in services["mlflow"]["volumes"]
+    assert any("--backend-store-uri=sqlite:////home/ddpm/.ddpm/" in a for a in services["mlflow"]["command"])
+    assert "mlflow:/home/ddpm/.ddpm" in services["mlflow"]["volumes"]  # the store on the named volume
     env = services["ray-head"]["environment"]
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
@@ -222,3 +222,19 @@ def test_cluster_launcher_config():
     assert sum(t.get("max_workers", 0) for t in types.values()) >= 4 <= cfg["max_workers"]
     assert any("--head" in c for c in cfg["head_start_ray_commands"])
     assert any("$RAY_HEAD_IP" in c for c in cfg["worker_start_ray_commands"])
+
+
+@pytest.mark.timeout(60)
+def test_local_stack_publishes_ports_on_loopback_only_and_mlflow_runs_as_non_root():
+    (compose,) = _docs(INFRA / "local" / "compose.yaml")
+    published = {name: svc["ports"] for name, svc in compose["services"].items() if svc.get("ports")}
+    assert {"mlflow", "ray-head", "minio"} <= set(published)
+    for name, ports in published.items():
+        for port in ports:
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+    mlflow = compose["services"]["mlflow"]
+    assert str(mlflow["user"]) not in ("0", "root")
+    (volume,) = mlflow["volumes"]
+    assert volume.split(":")[1] == "/home/ddpm/.ddpm"  # the image's DDPM_HOME, owned by that user
+    assert all(a.split("=", 1)[1].startswith(("sqlite:////home/ddpm/.ddpm/", "/home/ddpm/.ddpm/"))
+               for a in mlflow["command"] if a.startswith(("--backend-store-uri", "--artifacts-destination")))

@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 from pipelines.cli import app
 from tests.pipelines.test_registry import _no_stale_registry_uri  # noqa: F401 (autouse fixture)
 
+pytest.importorskip("diffusers", reason="diffusers is not installed (the `diffusers` extra; `make setup` has it)")
+
 
 def paper_unet(seed: int = 0):
     """The paper's architecture (diffusers' google/ddpm-cifar10-32 options), small channels for speed."""
