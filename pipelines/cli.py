@@ -343,6 +343,9 @@ def main() -> None:
         e.show()
         typer.echo(json.dumps({"error": e.format_message(), "exit_code": e.exit_code}))
         sys.exit(e.exit_code)
+    except click_exceptions.Abort:
+        typer.echo(json.dumps({"error": "interrupted", "exit_code": 130}))
+        sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -51,7 +51,9 @@ def connect(address: str | None = None, min_cpus: int = 1) -> bool:
     cores = os.cpu_count() or 1
     for attempt in (1, 2):
         try:
-            context = ray.init(address="local", num_cpus=max(cores, min_cpus), include_dashboard=True, **common)
+            # include_dashboard=None: Ray starts it, and a dashboard that fails to come up (a busy
+            # machine) costs the URL, not the run; True would fail the run.
+            context = ray.init(address="local", num_cpus=max(cores, min_cpus), include_dashboard=None, **common)
             break
         except Exception as e:  # Ray gives its raylet 30 s to register, which a busy machine can miss
             if attempt == 2 or "timed out during startup" not in str(e):
@@ -65,7 +67,7 @@ def connect(address: str | None = None, min_cpus: int = 1) -> bool:
 def _dashboard(context: Any) -> str:
     url = getattr(context, "dashboard_url", None)
     if not url:
-        return "not running"
+        return "not running (see dashboard.log in /tmp/ray/session_latest/logs)"
     return url if "://" in url else f"http://{url}"
 
 
