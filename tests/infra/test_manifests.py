@@ -15,7 +15,7 @@ from tests.infra import commands
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-THIRD_PARTY_IMAGES = {"minio/minio", "minio/mc"}  # the local stack's object store and its client
+THIRD_PARTY_IMAGES = {"minio/minio", "minio/mc", "postgres"}  # the local stack's object store, its client, MLflow's database
 SECRET_KEY = re.compile(r"(PASSWORD|SECRET|ACCESS_KEY|TOKEN|CREDENTIAL|API_KEY)", re.I)
 ENV_REFERENCE = re.compile(r"^\$\{[A-Z_][A-Z0-9_]*(:?[-?][^}]*)?\}$")  # ${VAR}, ${VAR:?why}
 
@@ -204,8 +204,8 @@ def test_local_stack_has_tracking_storage_and_ray():
     (compose,) = _docs(INFRA / "local" / "compose.yaml")
     services = compose["services"]
     assert {"minio", "mlflow", "ray-head", "ray-worker"} <= set(services)
-    assert any("--backend-store-uri=sqlite:////home/ddpm/.ddpm/" in a for a in services["mlflow"]["command"])
-    assert "mlflow:/home/ddpm/.ddpm" in services["mlflow"]["volumes"]  # the store on the named volume
+    assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"] == "postgresql://mlflow@postgres:5432/mlflow"
+    assert "mlflow:/home/ddpm/.ddpm" in services["mlflow"]["volumes"]  # the artifacts on the named volume
     env = services["ray-head"]["environment"]
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
@@ -236,5 +236,41 @@ def test_local_stack_publishes_ports_on_loopback_only_and_mlflow_runs_as_non_roo
     assert str(mlflow["user"]) not in ("0", "root")
     (volume,) = mlflow["volumes"]
     assert volume.split(":")[1] == "/home/ddpm/.ddpm"  # the image's DDPM_HOME, owned by that user
-    assert all(a.split("=", 1)[1].startswith(("sqlite:////home/ddpm/.ddpm/", "/home/ddpm/.ddpm/"))
-               for a in mlflow["command"] if a.startswith(("--backend-store-uri", "--artifacts-destination")))
+    assert all(a.split("=", 1)[1].startswith("/home/ddpm/.ddpm/")
+               for a in mlflow["command"] if a.startswith("--artifacts-destination"))
+
+
+@pytest.mark.timeout(60)
+def test_local_stack_services_are_healthchecked_and_wait_for_what_they_need():
+    (compose,) = _docs(INFRA / "local" / "compose.yaml")
+    services = compose["services"]
+    one_shot = {"minio-setup", "submit"}
+    for name, svc in services.items():
+        if name not in one_shot:
+            assert svc.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+        for need, how in (svc.get("depends_on") or {}).items():
+            assert isinstance(how, dict), f"{name} depends on {need} without a condition"
+            want = "service_completed_successfully" if need in one_shot else "service_healthy"
+            assert how["condition"] == want, (name, need, how)
+    assert set(services["ray-head"]["depends_on"]) == {"mlflow", "minio-setup"}  # the bucket exists first
+    assert set(services["mlflow"]["depends_on"]) == {"postgres"}
+    for name, svc in services.items():  # pinned: no floating tags
+        image = svc["image"]
+        assert not image.endswith(":latest") and ":" in image, f"{name}: {image}"
+
+
+@pytest.mark.timeout(60)
+def test_local_stack_pipeline_uses_its_own_minio_key_not_the_root_key():
+    (compose,) = _docs(INFRA / "local" / "compose.yaml")
+    services = compose["services"]
+    for name in ("ray-head", "ray-worker"):
+        env = services[name]["environment"]
+        assert "MINIO_ROOT" not in env["AWS_ACCESS_KEY_ID"] + env["AWS_SECRET_ACCESS_KEY"], name
+        assert env["AWS_ACCESS_KEY_ID"].startswith("${DDPM_S3_ACCESS_KEY")
+    roots = {name for name, svc in services.items() if "MINIO_ROOT_PASSWORD" in str(svc.get("environment", {}))}
+    assert roots == {"minio", "minio-setup"}
+    script = services["minio-setup"]["entrypoint"][-1]
+    for step in ("mc mb --ignore-existing local/ddpm", "mc admin policy create local ddpm-rw",
+                 'mc admin user add local "$$DDPM_S3_ACCESS_KEY"', "mc admin policy attach local ddpm-rw"):
+        assert step in script, step
+    assert '"arn:aws:s3:::ddpm/*"' in script and "arn:aws:s3:::*" not in script  # the bucket only
