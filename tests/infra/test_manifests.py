@@ -274,3 +274,60 @@ def test_local_stack_pipeline_uses_its_own_minio_key_not_the_root_key():
                  'mc admin user add local "$$DDPM_S3_ACCESS_KEY"', "mc admin policy attach local ddpm-rw"):
         assert step in script, step
     assert '"arn:aws:s3:::ddpm/*"' in script and "arn:aws:s3:::*" not in script  # the bucket only
+
+
+@pytest.mark.timeout(60)
+def test_ray_pods_drop_privileges_and_use_the_default_seccomp_profile():
+    (cluster,) = _k8s("RayCluster")
+    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+    for group in groups:
+        pod = group["template"]["spec"]
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    sc = cluster["spec"]["autoscalerOptions"]["securityContext"]  # the autoscaler sidecar too
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+
+
+@pytest.mark.timeout(60)
+def test_gpu_workers_scale_between_min_and_max_replicas():
+    (cluster,) = _k8s("RayCluster")
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        assert group["minReplicas"] < group["maxReplicas"], "nothing to scale"
+
+
+@pytest.mark.timeout(60)
+def test_the_head_takes_traffic_only_from_its_cluster_the_operator_and_its_namespace():
+    (policy,) = _k8s("NetworkPolicy")
+    (cluster,) = _k8s("RayCluster")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/cluster": cluster["metadata"]["name"],
+                                                            "ray.io/node-type": "head"}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = policy["spec"]["ingress"]
+    open_ports = [r for r in rules if "ports" not in r]
+    assert open_ports == [{"from": [{"podSelector": {"matchLabels": {"ray.io/cluster": "ddpm-pipe"}}}]}]
+    for rule in rules:
+        for peer in rule["from"]:
+            if "namespaceSelector" in peer:  # another namespace: the KubeRay operator's pods only
+                assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+    ports = {p["port"] for r in rules for p in r.get("ports", [])}
+    assert ports <= {6379, 8265, 10001}
+
+
+@pytest.mark.timeout(60)
+def test_rayjobs_have_a_deadline():
+    jobs = _k8s("RayJob")
+    assert len(jobs) == 3
+    for job in jobs:
+        assert 0 < job["spec"]["activeDeadlineSeconds"] <= 7 * 86400, job["metadata"]["name"]
+
+
+@pytest.mark.timeout(60)
+def test_aws_nodes_declare_their_instance_profiles():
+    (launcher,) = _docs(INFRA / "aws" / "cluster.yaml")
+    for name, node in launcher["available_node_types"].items():
+        profile = node["node_config"].get("IamInstanceProfile")
+        assert profile and (profile.get("Name") or profile.get("Arn")), f"{name} has no instance profile"
