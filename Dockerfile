@@ -47,10 +47,10 @@ WORKDIR /opt/ddpm-pipe
 COPY pyproject.toml README.md LICENSE constraints.txt /opt/ddpm-pipe/
 COPY scripts/install.sh /opt/ddpm-pipe/scripts/install.sh
 RUN DEPS_ONLY=1 CONSTRAINTS=constraints.txt TORCH_SPEC=${TORCH_SPEC} \
-    scripts/install.sh /usr/local/bin/python pipeline
+    scripts/install.sh /usr/local/bin/python pipeline,server
 COPY . /opt/ddpm-pipe
 RUN CONSTRAINTS=constraints.txt TORCH_SPEC=${TORCH_SPEC} \
-    scripts/install.sh /usr/local/bin/python pipeline
+    scripts/install.sh /usr/local/bin/python pipeline,server
 
 USER ${USER}
 ENV HOME=/home/${USER} \

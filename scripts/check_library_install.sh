@@ -23,7 +23,7 @@ absent = [m for m in ("ray", "mlflow", "typer") if importlib.util.find_spec(m) i
 assert not absent, f"the library install pulled in {absent}"
 assert "site-packages" in ddpm.__file__, ddpm.__file__
 cfg = ExperimentConfig.preset("digits").override(["model.ch=32", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]",
-                                                  "diffusion.timesteps=20"])
+                                                  "diffusion.timesteps=50"])
 torch.manual_seed(0)
 model = ddpm.UNet(cfg.model)
 with tempfile.TemporaryDirectory() as tmp:

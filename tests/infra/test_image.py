@@ -85,7 +85,7 @@ def test_dockerfile_installs_dependencies_before_the_source_with_install_sh():
     assert "DEPS_ONLY=1" in deps and "DEPS_ONLY=1" not in project
     for call in (deps, project):
         at = call.index("scripts/install.sh")
-        assert call[at + 1:] == ["/usr/local/bin/python", "pipeline"], "the pipeline extra: the CLI"
+        assert call[at + 1:] == ["/usr/local/bin/python", "pipeline,server"], "the CLI and MLflow's Postgres driver"
         assert "TORCH_SPEC=${TORCH_SPEC}" in call[:at] and "CONSTRAINTS=constraints.txt" in call[:at]
     copied = [rest for word, rest in steps[:runs[0]] if word == "COPY"]
     assert all(". " not in f" {c} " for c in copied), copied  # only what the dependencies are read from

@@ -15,7 +15,7 @@ from tests.infra import commands
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-THIRD_PARTY_IMAGES = {"minio/minio", "minio/mc"}  # the local stack's object store and its client
+THIRD_PARTY_IMAGES = {"minio/minio", "minio/mc", "postgres"}  # the local stack's object store, its client, MLflow's database
 SECRET_KEY = re.compile(r"(PASSWORD|SECRET|ACCESS_KEY|TOKEN|CREDENTIAL|API_KEY)", re.I)
 ENV_REFERENCE = re.compile(r"^\$\{[A-Z_][A-Z0-9_]*(:?[-?][^}]*)?\}$")  # ${VAR}, ${VAR:?why}
 
@@ -204,8 +204,8 @@ def test_local_stack_has_tracking_storage_and_ray():
     (compose,) = _docs(INFRA / "local" / "compose.yaml")
     services = compose["services"]
     assert {"minio", "mlflow", "ray-head", "ray-worker"} <= set(services)
-    assert any("--backend-store-uri=sqlite:////home/ddpm/.ddpm/" in a for a in services["mlflow"]["command"])
-    assert "mlflow:/home/ddpm/.ddpm" in services["mlflow"]["volumes"]  # the store on the named volume
+    assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"] == "postgresql://mlflow@postgres:5432/mlflow"
+    assert "mlflow:/home/ddpm/.ddpm" in services["mlflow"]["volumes"]  # the artifacts on the named volume
     env = services["ray-head"]["environment"]
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
@@ -236,5 +236,98 @@ def test_local_stack_publishes_ports_on_loopback_only_and_mlflow_runs_as_non_roo
     assert str(mlflow["user"]) not in ("0", "root")
     (volume,) = mlflow["volumes"]
     assert volume.split(":")[1] == "/home/ddpm/.ddpm"  # the image's DDPM_HOME, owned by that user
-    assert all(a.split("=", 1)[1].startswith(("sqlite:////home/ddpm/.ddpm/", "/home/ddpm/.ddpm/"))
-               for a in mlflow["command"] if a.startswith(("--backend-store-uri", "--artifacts-destination")))
+    assert all(a.split("=", 1)[1].startswith("/home/ddpm/.ddpm/")
+               for a in mlflow["command"] if a.startswith("--artifacts-destination"))
+
+
+@pytest.mark.timeout(60)
+def test_local_stack_services_are_healthchecked_and_wait_for_what_they_need():
+    (compose,) = _docs(INFRA / "local" / "compose.yaml")
+    services = compose["services"]
+    one_shot = {"minio-setup", "submit"}
+    for name, svc in services.items():
+        if name not in one_shot:
+            assert svc.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+        for need, how in (svc.get("depends_on") or {}).items():
+            assert isinstance(how, dict), f"{name} depends on {need} without a condition"
+            want = "service_completed_successfully" if need in one_shot else "service_healthy"
+            assert how["condition"] == want, (name, need, how)
+    assert set(services["ray-head"]["depends_on"]) == {"mlflow", "minio-setup"}  # the bucket exists first
+    assert set(services["mlflow"]["depends_on"]) == {"postgres"}
+    for name, svc in services.items():  # pinned: no floating tags
+        image = svc["image"]
+        assert not image.endswith(":latest") and ":" in image, f"{name}: {image}"
+
+
+@pytest.mark.timeout(60)
+def test_local_stack_pipeline_uses_its_own_minio_key_not_the_root_key():
+    (compose,) = _docs(INFRA / "local" / "compose.yaml")
+    services = compose["services"]
+    for name in ("ray-head", "ray-worker"):
+        env = services[name]["environment"]
+        assert "MINIO_ROOT" not in env["AWS_ACCESS_KEY_ID"] + env["AWS_SECRET_ACCESS_KEY"], name
+        assert env["AWS_ACCESS_KEY_ID"].startswith("${DDPM_S3_ACCESS_KEY")
+    roots = {name for name, svc in services.items() if "MINIO_ROOT_PASSWORD" in str(svc.get("environment", {}))}
+    assert roots == {"minio", "minio-setup"}
+    script = services["minio-setup"]["entrypoint"][-1]
+    for step in ("mc mb --ignore-existing local/ddpm", "mc admin policy create local ddpm-rw",
+                 'mc admin user add local "$$DDPM_S3_ACCESS_KEY"', "mc admin policy attach local ddpm-rw"):
+        assert step in script, step
+    assert '"arn:aws:s3:::ddpm/*"' in script and "arn:aws:s3:::*" not in script  # the bucket only
+
+
+@pytest.mark.timeout(60)
+def test_ray_pods_drop_privileges_and_use_the_default_seccomp_profile():
+    (cluster,) = _k8s("RayCluster")
+    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+    for group in groups:
+        pod = group["template"]["spec"]
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    sc = cluster["spec"]["autoscalerOptions"]["securityContext"]  # the autoscaler sidecar too
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+
+
+@pytest.mark.timeout(60)
+def test_gpu_workers_scale_between_min_and_max_replicas():
+    (cluster,) = _k8s("RayCluster")
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        assert group["minReplicas"] < group["maxReplicas"], "nothing to scale"
+
+
+@pytest.mark.timeout(60)
+def test_the_head_takes_traffic_only_from_its_cluster_the_operator_and_its_namespace():
+    (policy,) = _k8s("NetworkPolicy")
+    (cluster,) = _k8s("RayCluster")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/cluster": cluster["metadata"]["name"],
+                                                            "ray.io/node-type": "head"}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = policy["spec"]["ingress"]
+    open_ports = [r for r in rules if "ports" not in r]
+    assert open_ports == [{"from": [{"podSelector": {"matchLabels": {"ray.io/cluster": "ddpm-pipe"}}}]}]
+    for rule in rules:
+        for peer in rule["from"]:
+            if "namespaceSelector" in peer:  # another namespace: the KubeRay operator's pods only
+                assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+    ports = {p["port"] for r in rules for p in r.get("ports", [])}
+    assert ports <= {6379, 8265, 10001}
+
+
+@pytest.mark.timeout(60)
+def test_rayjobs_have_a_deadline():
+    jobs = _k8s("RayJob")
+    assert len(jobs) == 3
+    for job in jobs:
+        assert 0 < job["spec"]["activeDeadlineSeconds"] <= 7 * 86400, job["metadata"]["name"]
+
+
+@pytest.mark.timeout(60)
+def test_aws_nodes_declare_their_instance_profiles():
+    (launcher,) = _docs(INFRA / "aws" / "cluster.yaml")
+    for name, node in launcher["available_node_types"].items():
+        profile = node["node_config"].get("IamInstanceProfile")
+        assert profile and (profile.get("Name") or profile.get("Arn")), f"{name} has no instance profile"

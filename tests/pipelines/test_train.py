@@ -52,6 +52,11 @@ def test_train_four_nodes_spread_in_sync_and_tracked(ray_cluster, tmp_path):
     assert len({p.split("@")[1] for p in placement}) == 4, placement  # 4 distinct nodes
     assert run.data.params["train.batch_size"] == "16"
     assert "loss" in run.data.metrics and "bpd" in run.data.metrics
+    # Provenance: the data as an MLflow dataset, the code's commit, the grids as stepped images.
+    assert [(i.dataset.name, [t.value for t in i.tags]) for i in run.inputs.dataset_inputs] == [
+        ("digits-train", ["training"])]
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+    assert any(a.path.startswith("images/samples+step+4+") for a in c.list_artifacts(out["run_id"], "images"))
     history = c.get_metric_history(out["run_id"], "loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     artifacts = {a.path for a in c.list_artifacts(out["run_id"])}
