@@ -1,12 +1,18 @@
-"""Sample-quality metrics: Frechet distance, precision/recall, copy rate, and how results compare.
+"""Sample-quality metrics: Frechet and kernel distances, precision/recall, classifier score, class
+coverage, copy rate, their standard errors, and how results compare.
 
 All metrics take features as ``[N x D]`` arrays (numpy or torch); images are flattened to
 ``[N x C*H*W]`` where a function accepts pixels. Statistics are computed in float64.
 
 - Frechet distance (Heusel et al. 2017, https://arxiv.org/abs/1706.08500) between Gaussians fitted
   to two feature sets.
+- Kernel distance, KID (Binkowski et al. 2018, https://arxiv.org/abs/1801.01401): the unbiased
+  squared MMD with the cubic polynomial kernel; unlike FD it has no bias that depends on N.
 - Improved precision and recall (Kynkaanniemi et al. 2019, https://arxiv.org/abs/1904.06991).
+- Classifier score (the Inception Score's form, Salimans et al. 2016, https://arxiv.org/abs/1606.03498)
+  and class coverage from a classifier's predictions.
 - Copy rate: the share of samples nearer to a training image than real held-out images are.
+- :func:`jackknife`: the standard error of any of them (delete-a-group jackknife).
 - ``METRIC_DIRECTIONS``, :func:`better` and :func:`result_key`: every result is keyed by what it
   depends on, and two results are only compared when their keys are equal.
 - :func:`inception_fid`: Inception-v3 FID for natural images through torchmetrics, from a weights
@@ -83,6 +89,112 @@ def frechet_distance_from_features(a: Any, b: Any) -> float:
     return frechet_distance(*feature_stats(a), *feature_stats(b))
 
 
+# -- kernel distance (KID) ---------------------------------------------------------------------
+
+
+def polynomial_kernel(a: Any, b: Any, degree: int = 3, coef0: float = 1.0) -> torch.Tensor:
+    """k(x, y) = (x . y / D + coef0)^degree for rows of ``[N x D]`` and ``[M x D]`` -> ``[N x M]``."""
+    x, y = _as_2d_float64(a), _as_2d_float64(b)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"feature sizes differ: {x.shape[1]} and {y.shape[1]}")
+    return (x @ y.T / x.shape[1] + coef0) ** degree
+
+
+def kernel_distance(a: Any, b: Any, degree: int = 3, coef0: float = 1.0) -> float:
+    """KID: the unbiased estimate of MMD^2 between the distributions of two feature sets.
+
+    With k = :func:`polynomial_kernel` (Binkowski et al. 2018, eq. 4 with their default kernel),
+    ``[N x D]`` features x and ``[M x D]`` features y:
+
+        MMD^2_u = sum_{i != j} k(x_i, x_j) / (N (N - 1)) + sum_{i != j} k(y_i, y_j) / (M (M - 1))
+                  - 2 sum_{i, j} k(x_i, y_j) / (N M).
+
+    Its expectation is the population MMD^2 for any N, M >= 2 (0 when both sets come from the same
+    distribution), so an estimate may be slightly negative.
+    """
+    x, y = _as_2d_float64(a), _as_2d_float64(b)
+    n, m = x.shape[0], y.shape[0]
+    if n < 2 or m < 2:
+        raise ValueError(f"need at least 2 feature vectors in each set, got {n} and {m}")
+    kxx, kyy = polynomial_kernel(x, x, degree, coef0), polynomial_kernel(y, y, degree, coef0)
+    kxy = polynomial_kernel(x, y, degree, coef0)
+    within_x = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+    within_y = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    return float(within_x + within_y - 2.0 * kxy.mean())
+
+
+# -- classifier score and class coverage -------------------------------------------------------
+
+
+def classifier_score(probs: Any) -> float:
+    """exp(E_x KL(p(y|x) || p(y))) from ``[N x K]`` class probabilities (the Inception Score's form).
+
+    p(y) is the mean of p(y|x) over the set. The score is 1 when every prediction is the same (or
+    uniform) and K when the predictions are one-hot and the classes balanced: high means confident
+    predictions spread over all classes.
+    """
+    p = _as_2d_float64(probs)
+    marginal = p.mean(dim=0)
+    kl = (p * (torch.log(p.clamp_min(1e-300)) - torch.log(marginal.clamp_min(1e-300)))).sum(dim=1)
+    return math.exp(kl.mean().item())
+
+
+def class_histogram(labels: Any, num_classes: int) -> np.ndarray:
+    """Share of each class ``[K]`` among integer labels ``[N]``."""
+    y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64).ravel()
+    if y.size == 0:
+        raise ValueError("no labels")
+    return np.bincount(y, minlength=num_classes)[:num_classes] / y.size
+
+
+def class_tv(labels: Any, ref_labels: Any, num_classes: int) -> float:
+    """Total variation between two class histograms: 0.5 sum_k |p_k - q_k|, in [0, 1]."""
+    return float(0.5 * np.abs(class_histogram(labels, num_classes)
+                              - class_histogram(ref_labels, num_classes)).sum())
+
+
+def classes_covered(labels: Any, ref_labels: Any, num_classes: int, share: float = 0.5) -> int:
+    """Classes of the reference that hold at least ``share`` of their reference share among ``labels``."""
+    p, q = class_histogram(labels, num_classes), class_histogram(ref_labels, num_classes)
+    return int(((q > 0) & (p >= share * q)).sum())
+
+
+# -- standard errors ---------------------------------------------------------------------------
+
+
+def _take(x: Any, index: np.ndarray) -> Any:
+    return x[torch.from_numpy(index)] if isinstance(x, torch.Tensor) else np.asarray(x)[index]
+
+
+def jackknife(stat: Any, *sets: Any, groups: int = 10, seed: int = 0) -> tuple[Any, Any]:
+    """``stat(*sets)`` and its delete-a-group jackknife standard error.
+
+    1. Each set (rows ``[N_s x ...]``) is split into the same number G = min(``groups``, smallest
+       N_s) of random groups of near-equal size (seeded with ``seed``); the unit i is the i-th group
+       of every set, so G units are independent draws when the sets are.
+    2. theta_i = ``stat`` on the sets without unit i.
+    3. se = sqrt((G - 1) / G * sum_i (theta_i - mean theta)^2) (Efron and Stein 1981).
+
+    ``stat`` may return a float or a tuple of floats (then both results are numpy arrays). The
+    value returned is ``stat`` of the full sets; se is NaN when G < 2.
+    """
+    value = stat(*sets)
+    vector = isinstance(value, tuple)
+    sizes = [len(s) for s in sets]
+    g = min([groups, *sizes])
+    if g < 2:
+        se = np.full(len(value), np.nan) if vector else math.nan
+    else:
+        rng = np.random.default_rng(seed)
+        unit = [rng.permutation(n) % g for n in sizes]  # each row's unit: groups of near-equal size
+        thetas = np.array([stat(*(_take(s, np.flatnonzero(u != i)) for s, u in zip(sets, unit)))
+                           for i in range(g)], dtype=np.float64)
+        se = np.sqrt((g - 1) / g * ((thetas - thetas.mean(axis=0)) ** 2).sum(axis=0))
+    if vector:
+        return np.asarray(value, dtype=np.float64), se
+    return float(value), float(se)
+
+
 # -- nearest neighbours ------------------------------------------------------------------------
 
 
@@ -133,18 +245,15 @@ def precision_recall(real_feats: Any, fake_feats: Any, k: int = 3, chunk: int = 
 # -- copy rate ---------------------------------------------------------------------------------
 
 
-def copy_rate(samples: Any, train: Any, test: Any, quantile: float = 0.05, chunk: int = 1024) -> float:
-    """Share of samples nearer to the training set than real held-out images usually are.
+def copies(samples: Any, train: Any, test: Any, quantile: float = 0.05, chunk: int = 1024) -> torch.Tensor:
+    """``[N]`` bool: sample i is nearer to the training set than real held-out images usually are.
 
     Definition (features or flattened pixels, Euclidean):
 
     1. d_test[j] = distance from real test image j to its nearest training image.
     2. tau = the ``quantile`` (default 5th percentile) of d_test, taken as an observed value
        (numpy ``method="lower"``), so ``quantile=0`` gives the smallest test-to-train distance.
-    3. copy_rate = share of samples whose nearest-training distance is <= tau.
-
-    A model that draws fresh images from the data distribution scores about ``quantile`` (real test
-    images score exactly the share at or below tau); exact copies of training images score 1.0.
+    3. sample i is a copy when its nearest-training distance is <= tau.
     """
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must be in [0, 1], got {quantile}")
@@ -153,8 +262,16 @@ def copy_rate(samples: Any, train: Any, test: Any, quantile: float = 0.05, chunk
         raise ValueError(f"sizes differ: samples {s.shape[1]}, train {tr.shape[1]}, test {te.shape[1]}")
     d_test = _nn_distance(te, tr, chunk).numpy()
     tau = np.quantile(d_test, quantile, method="lower")
-    d_samples = _nn_distance(s, tr, chunk).numpy()
-    return float((d_samples <= tau).mean())
+    return _nn_distance(s, tr, chunk) <= tau
+
+
+def copy_rate(samples: Any, train: Any, test: Any, quantile: float = 0.05, chunk: int = 1024) -> float:
+    """Share of samples nearer to the training set than real held-out images usually are (:func:`copies`).
+
+    A model that draws fresh images from the data distribution scores about ``quantile`` (real test
+    images score exactly the share at or below tau); exact copies of training images score 1.0.
+    """
+    return copies(samples, train, test, quantile, chunk).double().mean().item()
 
 
 # -- directions and result keys ----------------------------------------------------------------
@@ -169,6 +286,10 @@ class Metric:
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("fd", "lower", "Frechet distance in the feature network's space"),
+    Metric("kid", "lower", "kernel distance (unbiased MMD^2, cubic kernel) in the feature network's space"),
+    Metric("classifier_score", "higher", "exp E_x KL(p(y|x) || p(y)) of the feature classifier"),
+    Metric("class_tv", "lower", "total variation between the samples' and the reference's class histograms"),
+    Metric("classes_covered", "higher", "classes holding at least half their reference share of samples"),
     Metric("fid", "lower", "Inception-v3 Frechet distance (natural images)"),
     Metric("precision", "higher", "share of samples inside the real manifold (k-NN, k=3)"),
     Metric("recall", "higher", "share of real images inside the sample manifold (k-NN, k=3)"),
@@ -181,23 +302,35 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
 METRIC_DIRECTIONS: dict[str, Direction] = {name: m.direction for name, m in METRICS.items()}
 
 _FLOOR_SUFFIX = "_floor"
+_SE_SUFFIX = "_se"
+
+
+def _strip_floor(name: str) -> str:
+    if name.endswith(_FLOOR_SUFFIX) and name[: -len(_FLOOR_SUFFIX)] in METRIC_DIRECTIONS:
+        return name[: -len(_FLOOR_SUFFIX)]
+    return name
+
+
+def _is_se(name: str) -> bool:
+    return name.endswith(_SE_SUFFIX) and _strip_floor(name[: -len(_SE_SUFFIX)]) in METRIC_DIRECTIONS
 
 
 def metric_name(key: str) -> str:
     """The metric a name or result key refers to: ``fd/sampler:ddim/...`` -> ``fd``;
-    ``fd_floor`` -> ``fd`` (a floor has its metric's direction)."""
+    ``fd_floor`` -> ``fd`` (a floor has its metric's direction); ``kid_se``, ``kid_floor_se``
+    -> ``kid`` (standard errors)."""
     name = key.split("/", 1)[0]
-    if name.endswith(_FLOOR_SUFFIX) and name[: -len(_FLOOR_SUFFIX)] in METRIC_DIRECTIONS:
-        name = name[: -len(_FLOOR_SUFFIX)]
-    return name
+    if _is_se(name):
+        name = name[: -len(_SE_SUFFIX)]
+    return _strip_floor(name)
 
 
 def direction(metric: str) -> Direction:
-    """'lower' or 'higher' is better for a metric name or result key."""
+    """'lower' or 'higher' is better for a metric name or result key (a standard error: lower)."""
     name = metric_name(metric)
     if name not in METRIC_DIRECTIONS:
         raise ValueError(f"unknown metric {name!r}; valid: {', '.join(sorted(METRIC_DIRECTIONS))}")
-    return METRIC_DIRECTIONS[name]
+    return "lower" if _is_se(metric.split("/", 1)[0]) else METRIC_DIRECTIONS[name]
 
 
 def better(metric: str, a: float, b: float, min_delta: float = 0.0) -> bool:
@@ -295,7 +428,8 @@ def inception_fid(real: torch.Tensor, fake: torch.Tensor, weights_path: str | Pa
 
 
 __all__ = [
-    "INCEPTION_WEIGHTS_HINT", "METRICS", "METRIC_DIRECTIONS", "Metric", "better", "copy_rate",
-    "direction", "feature_stats", "frechet_distance", "frechet_distance_from_features",
-    "inception_fid", "metric_name", "parse_result_key", "precision_recall", "result_key",
+    "INCEPTION_WEIGHTS_HINT", "METRICS", "METRIC_DIRECTIONS", "Metric", "better", "class_histogram",
+    "class_tv", "classes_covered", "classifier_score", "copies", "copy_rate", "direction", "feature_stats",
+    "frechet_distance", "frechet_distance_from_features", "inception_fid", "jackknife", "kernel_distance",
+    "metric_name", "parse_result_key", "polynomial_kernel", "precision_recall", "result_key",
 ]

@@ -239,7 +239,7 @@ def evaluate(
     address: Address = None,
     json_out: Json = False,
 ) -> None:
-    """Measure bits/dim, Frechet distance, precision/recall and copy rate; log them to MLflow."""
+    """Measure bits/dim, and KID, FD, precision/recall, classifier score, class coverage and copy rate against held-out images, each with its floor; log them to MLflow."""
     _dispatch("evaluate", "pipelines.evaluate", "evaluate_command", json_out, model=model, data=data,
               num=num, sampler=sampler, steps=steps, nodes=nodes, table=table, address=address)
 
@@ -249,7 +249,7 @@ def promote(
     name: Annotated[str, typer.Option("--name", help="Registered model name.")],
     version: Annotated[Optional[str], typer.Option("--version", help="Candidate version. Default: the latest.")] = None,
     alias: Annotated[str, typer.Option("--alias", help="Alias to move.")] = "champion",
-    metric: Annotated[str, typer.Option("--metric", help="Evaluation metric to compare.")] = "fd",
+    metric: Annotated[str, typer.Option("--metric", help="Evaluation metric to compare (kid, fd, classifier_score, ...).")] = "kid",
     min_delta: Annotated[float, typer.Option("--min-delta", min=0.0, help="Required improvement.")] = 0.0,
     force: Annotated[bool, typer.Option("--force", help="Move the alias whatever the metrics say (recorded as a tag).")] = False,
     reason: Annotated[Optional[str], typer.Option("--reason", help="Why --force was used; recorded as a tag.")] = None,

@@ -6,12 +6,17 @@ What is measured (every result keyed by what it depends on, see ``ddpm.metrics.r
   :data:`BPD_IMAGES` (64) images of the held-out split, in manifest order, noise seeded with 0.
   Key: ``bpd/bound:full/data:<test manifest hash>/num:<images>``.
 - From ``num`` samples (sample i uses noise seed ``i``; one process, or the sample job with
-  ``--nodes`` above 1), quantised to the data's grey levels:
-  digits: ``fd``, ``precision``, ``recall`` (k=3), ``confidence``, ``copy_rate`` in the project's
-  digits feature space (``ddpm.features``), each with ``<metric>_floor``, the real test split's own
-  score against the training split with the same number of images;
+  ``--nodes`` above 1), quantised to the data's grey levels, compared with the held-out test split
+  (which neither the feature network nor the model trained on):
+  digits (``ddpm.features.evaluate_samples``): ``fd``, ``kid``, ``precision``, ``recall`` (k=3),
+  ``class_tv`` and ``classes_covered`` against the test split; ``classifier_score`` and
+  ``confidence`` of the samples; ``copy_rate`` against the training split. Each with its standard
+  error (``<metric>_se``) and ``<metric>_floor``: the same comparison for the same number of
+  training images in place of the samples (copy rate: the test split's own);
   natural images: ``fid`` (Inception-v3) when ``DDPM_INCEPTION_WEIGHTS`` names the weights file.
-  Keys: ``<metric>/data:<hash>/eta:<eta>/features:<net version>/num:<num>/sampler:<s>/steps:<n>``.
+  Keys: ``<metric>/data:<hash>/eta:<eta>/features:<net version>/num:<num>/sampler:<s>/steps:<n>/vs:test-<M>``
+  (``vs`` names the set compared with; none for a score of the samples alone); floors:
+  ``<metric>_floor/data:<hash>/features:<net version>/num:<n>/real:train/vs:test-<M>``.
 - ``sec_per_sample``: wall-clock sampling time over ``num``.
 
 Where results go: a ``runs:/`` URI logs to that run; ``models:/`` logs to the version's run and
@@ -66,8 +71,9 @@ def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampl
 
     if sampler not in SAMPLERS:
         raise UsageError(f"--sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
-    if num <= K_NEAREST:
-        raise UsageError(f"--num must be above {K_NEAREST} (k-NN precision/recall), got {num}")
+    if num <= K_NEAREST + 1:  # + 1: the jackknife leaves a group out and still needs k + 1 points
+        raise UsageError(f"--num must be above {K_NEAREST + 1} (k-NN precision/recall with its standard "
+                         f"error), got {num}")
     settings = resolve(address=address)
     tracking.configure(settings)
     loaded = models.load(model)
@@ -91,7 +97,10 @@ def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampl
     target = log_results(loaded, model, results, main, rows, settings, data_url=ev.test_url)
     message = _message(model, bpd, main, rows, target)
     return {"message": message, "model": model, "results": results, "bpd": bpd["value"],
-            "scores": main["scores"], "floors": main.get("floors", {}),
+            "scores": main["scores"], "floors": main.get("floors", {}), "se": main.get("se", {}),
+            "floor_se": main.get("floor_se", {}),
+            "compared": {n: c["label"] for n, c in main.get("compared", {}).items()},
+            "floor_compared": {n: c["label"] for n, c in main.get("floor_compared", {}).items()},
             "sec_per_sample": main["sec_per_sample"], "sampler": main["sampler"],
             "steps": main["steps"], "eta": main["eta"], "num": num, "table": [_row_summary(r) for r in rows],
             "feature_net": main.get("feature_net"), "notes": main.get("notes", []), **target}
@@ -146,11 +155,17 @@ def load_eval_data(cfg: Any, data: str | None, settings: Any) -> EvalData:
 
 
 # -- measurements -----------------------------------------------------------------------------------
-def _result(metric: str, value: float, **depends_on: Any) -> dict[str, Any]:
+def _result(metric: str, value: float, se: float | None = None, **depends_on: Any) -> dict[str, Any]:
+    """A keyed result; ``se`` (its standard error, when known) is logged under ``se_key``."""
+    import math
+
     from ddpm.metrics import direction, result_key
 
-    return {"key": result_key(metric, **depends_on), "metric": metric, "value": float(value),
-            "direction": direction(metric)}
+    out = {"key": result_key(metric, **depends_on), "metric": metric, "value": float(value),
+           "direction": direction(metric)}
+    if se is not None and math.isfinite(se):
+        out.update(se=float(se), se_key=result_key(f"{metric}_se", **depends_on))
+    return out
 
 
 def held_out_bpd(loaded: Any, ev: EvalData, images: int, batch_size: int = 64) -> dict[str, Any]:
@@ -211,7 +226,11 @@ def _steps_used(loaded: Any, sampler: str, steps: int | None) -> int:
 
 def measure_sampler(loaded: Any, ev: EvalData, sampler: str, steps: int | None, eta: float, num: int,
                     nodes: int, address: str | None, settings: Any) -> dict[str, Any]:
-    """Sample ``num`` images with one sampler setting; score them against the data, with floors."""
+    """Sample ``num`` images with one sampler setting; score them against held-out data, with floors.
+
+    Each result's key says what was compared with what: ``vs:test-<M>`` (the held-out split) or
+    ``vs:train-<M>`` (copy rate), and a floor's ``real:train``/``real:test`` with its ``num``.
+    """
     from ddpm.data.reader import to_float, to_uint8
 
     if eta and sampler != "ddim":
@@ -224,23 +243,45 @@ def measure_sampler(loaded: Any, ev: EvalData, sampler: str, steps: int | None, 
     deps = {"sampler": sampler, "steps": steps, "eta": float(eta), "num": num}
     out: dict[str, Any] = {"sampler": sampler, "steps": steps, "eta": float(eta), "num": num,
                            "sec_per_sample": seconds / num, "samples": samples, "scores": {}, "floors": {},
-                           "notes": [], "features": "none"}
+                           "se": {}, "floor_se": {}, "compared": {}, "floor_compared": {}, "notes": [],
+                           "features": "none"}
     results = [_result("sec_per_sample", seconds / num, **deps)]
     scores = _quality(samples, ev, settings, out)
-    for name, value in scores.items():
-        if name.endswith("_floor"):
-            out["floors"][name[:-len("_floor")]] = value
-            floor_deps = {"data": ev.hash, "features": out["features"], "num": min(num, len(ev.test))}
-            results.append(_result(name, value, **floor_deps))
-        else:
-            out["scores"][name] = value
-            results.append(_result(name, value, data=ev.hash, features=out["features"], **deps))
+    for name, c in out["compared"].items():
+        value, se = scores[name], scores.get(f"{name}_se")
+        vs = {"vs": c["vs"]} if c["vs"] else {}
+        out["scores"][name], out["se"][name] = value, se
+        results.append(_result(name, value, se, data=ev.hash, features=out["features"], **deps, **vs))
+        if f"{name}_floor" in scores:
+            floor, floor_se, f = scores[f"{name}_floor"], scores.get(f"{name}_floor_se"), out["floor_compared"][name]
+            out["floors"][name], out["floor_se"][name] = floor, floor_se
+            results.append(_result(f"{name}_floor", floor, floor_se, data=ev.hash, features=out["features"],
+                                   num=f["num"], real=f["real"], **vs))
     out["results"] = results
     return out
 
 
+def _compared(scores: dict[str, float], what: dict[str, str | None], n_samples: int, n_ref: int,
+              n_train: int, n_floor: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What each score and its floor compared: ``vs`` (key part) and a readable ``label``."""
+    sets = {"reference": (f"test-{n_ref}", f"the test split ({n_ref})"),
+            "train": (f"train-{n_train}", f"the training split ({n_train})")}
+    compared, floors = {}, {}
+    for name in what:
+        if name not in scores:
+            continue
+        vs, vs_label = sets[what[name]] if what[name] else (None, "")
+        compared[name] = {"vs": vs, "label": f"{name} vs {vs_label}" if vs else name,
+                          "samples": f"{n_samples} samples"}
+        real, n = ("test", n_ref) if name == "copy_rate" else ("train", n_floor)
+        kind = "test images" if real == "test" else "training images"
+        floors[name] = {"real": real, "num": n, "label": f"{n} {kind}" + (f" vs {vs_label}" if vs else "")}
+    return compared, floors
+
+
 def _quality(samples: Any, ev: EvalData, settings: Any, out: dict[str, Any]) -> dict[str, float]:
-    """Scores and floors in the right feature space for the data; notes what was skipped and why."""
+    """Scores, standard errors and floors in the right feature space for the data; fills ``out``'s
+    ``compared``/``floor_compared`` and notes what was skipped and why."""
     if samples.shape[1:] == (1, 8, 8) and ev.source == "digits":
         from ddpm import features
 
@@ -254,7 +295,9 @@ def _quality(samples: Any, ev: EvalData, settings: Any, out: dict[str, Any]) -> 
             out["notes"].append(f"{len(samples)} samples for {features.FEATURE_DIM}-d features: FD and recall "
                                 "are dominated by estimation noise; use --num of a few hundred or more")
         scores = features.evaluate_samples(samples, ev.test, ev.train, net=net, k=K_NEAREST)
-        return {k: v for k, v in scores.items() if k not in ("num_samples", "num_floor")}
+        out["compared"], out["floor_compared"] = _compared(
+            scores, features.COMPARED_WITH, len(samples), len(ev.test), len(ev.train), int(scores["num_floor"]))
+        return scores
     if samples.shape[1] == 3:
         from ddpm import metrics
 
@@ -265,11 +308,14 @@ def _quality(samples: Any, ev: EvalData, settings: Any, out: dict[str, Any]) -> 
             return {}
         try:
             fid = metrics.inception_fid(ev.test, samples, weights)
-            n = min(len(samples), len(ev.test))
+            n = min(len(samples), len(ev.train)) if ev.train is not None else 0
             floor = metrics.inception_fid(ev.test, ev.train[:n], weights) if ev.train is not None else float("nan")
         except (FileNotFoundError, ImportError) as e:
             raise UsageError(str(e)) from None
-        return {"fid": fid, "fid_floor": floor}
+        scores = {"fid": fid, "fid_floor": floor}
+        out["compared"], out["floor_compared"] = _compared(
+            scores, {"fid": "reference"}, len(samples), len(ev.test), n, n)
+        return scores
     out["notes"].append(f"sample quality skipped: no feature space for {tuple(samples.shape[1:])} "
                         f"images of {ev.source!r}")
     return {}
@@ -277,24 +323,40 @@ def _quality(samples: Any, ev: EvalData, settings: Any, out: dict[str, Any]) -> 
 
 # -- logging ----------------------------------------------------------------------------------------
 def _row_summary(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row[k] for k in ("sampler", "steps", "eta", "num", "sec_per_sample", "scores", "floors")}
+    keys = ("sampler", "steps", "eta", "num", "sec_per_sample", "scores", "se", "floors", "floor_se")
+    return {**{k: row[k] for k in keys},
+            "compared": {n: c["label"] for n, c in row["compared"].items()},
+            "floor_compared": {n: c["label"] for n, c in row["floor_compared"].items()}}
+
+
+def _cell(value: float, se: float | None) -> str:
+    return f"{value:.4g}" + (f" ± {se:.2g}" if se is not None else "")
 
 
 def table_markdown(rows: list[dict[str, Any]]) -> str:
-    """The sampler table as markdown: one row per setting, then the real data's floor."""
-    names = [n for n in ("fd", "fid", "precision", "recall", "confidence", "copy_rate")
-             if any(n in r["scores"] for r in rows)]
-    head = ["sampler", "steps", "eta", *names, "s/sample"]
+    """The sampler table as markdown: one row per setting (value ± standard error), then the floor.
+
+    Column headers say what the samples were compared with; the line under the table says what
+    the floor row is.
+    """
+    names = list(dict.fromkeys(n for r in rows for n in r["compared"]))
+    labels = {n: c["label"] for r in rows for n, c in r["compared"].items()}
+    head = ["sampler", "steps", "eta", *(labels[n] for n in names), "s/sample"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["sampler"], str(r["steps"]), f"{r['eta']:g}",
-                 *(f"{r['scores'][n]:.4g}" if n in r["scores"] else "-" for n in names),
+                 *(_cell(r["scores"][n], r["se"].get(n)) if n in r["scores"] else "-" for n in names),
                  f"{r['sec_per_sample']:.4g}"]
         lines.append("| " + " | ".join(cells) + " |")
     if rows and rows[0]["floors"]:
-        floors = rows[0]["floors"]
+        first = rows[0]
+        floors, ses = first["floors"], first["floor_se"]
         lines.append("| real data (floor) | - | - | "
-                     + " | ".join(f"{floors[n]:.4g}" if n in floors else "-" for n in names) + " | - |")
+                     + " | ".join(_cell(floors[n], ses.get(n)) if n in floors else "-" for n in names) + " | - |")
+        what = dict.fromkeys(c["label"].split(" vs ")[0] for c in first["floor_compared"].values())
+        lines.append("\nfloor: the same comparison with " + " / ".join(what)
+                     + " in place of the samples (copy_rate: the test split's own); ± is one standard error "
+                     "(jackknife)")
     return "\n".join(lines)
 
 
@@ -339,6 +401,7 @@ def log_results(loaded: Any, uri: str, results: list[dict[str, Any]], main: dict
         created = True
     now = int(time.time() * 1000)
     metrics = [Metric(r["key"], r["value"], now, 0) for r in results]
+    metrics += [Metric(r["se_key"], r["se"], now, 0) for r in results if "se_key" in r]
     try:
         for i in range(0, len(metrics), 500):
             c.log_batch(run_id, metrics=metrics[i:i + 500])
@@ -365,6 +428,8 @@ def log_results(loaded: Any, uri: str, results: list[dict[str, Any]], main: dict
         for name, version in versions:
             for r in results:
                 c.set_model_version_tag(name, version, EVAL_TAG + r["key"], repr(r["value"]))
+                if "se_key" in r:
+                    c.set_model_version_tag(name, version, EVAL_TAG + r["se_key"], repr(r["se"]))
             for r in primary:  # the setting asked for, not the table's rows
                 c.set_model_version_tag(name, version, LAST_TAG + r["metric"], r["key"])
             c.set_model_version_tag(name, version, "ddpm.eval_time", stamp)
@@ -386,8 +451,12 @@ def _message(uri: str, bpd: dict[str, Any], main: dict[str, Any], rows: list[dic
              f"{main['sampler']} {main['steps']} steps eta {main['eta']:g}, {main['num']} samples: "
              f"{main['sec_per_sample'] * 1000:.1f} ms/sample"]
     for name, value in main["scores"].items():
-        floor = main["floors"].get(name)
-        lines.append(f"  {name:<11} {value:.4f}" + (f"   (real data floor {floor:.4f})" if floor is not None else ""))
+        what, floor = main["compared"][name], main["floors"].get(name)
+        line = f"  {what['label']:<38} {_cell(value, main['se'].get(name)):<18}"
+        if floor is not None:
+            line += (f" (real data floor {_cell(floor, main['floor_se'].get(name))}: "
+                     f"{main['floor_compared'][name]['label']})")
+        lines.append(line)
     if main.get("feature_net"):
         lines.append(f"  feature net {main['feature_net']['version']}: "
                      f"{main['feature_net']['test_accuracy']:.3f} test accuracy")

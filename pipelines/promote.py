@@ -22,7 +22,7 @@ from pipelines.errors import RefusedError, UsageError
 from pipelines.evaluate import EVAL_TAG, LAST_TAG
 
 
-def promote_command(name: str, version: str | None = None, alias: str = "champion", metric: str = "fd",
+def promote_command(name: str, version: str | None = None, alias: str = "champion", metric: str = "kid",
                     min_delta: float = 0.0, force: bool = False, reason: str | None = None) -> dict[str, Any]:
     """Move ``alias`` of registered model ``name`` to ``version`` (default: the latest) if it wins.
 

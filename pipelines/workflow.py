@@ -52,7 +52,7 @@ class TrainStep:
 
 @dataclass(frozen=True)
 class EvaluateStep:
-    num: int = 500  # samples for FD / precision / recall
+    num: int = 500  # samples scored against the held-out split (KID, FD, precision/recall, ...)
     sampler: str = "ddim"
     steps: int | None = 50
     nodes: int = 1
@@ -61,7 +61,7 @@ class EvaluateStep:
 @dataclass(frozen=True)
 class PromoteStep:
     alias: str = "champion"
-    metric: str = "fd"
+    metric: str = "kid"  # unbiased, with a standard error; against held-out images
     min_delta: float = 0.0
 
 
@@ -262,8 +262,12 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
             res = evaluate_command(model=trained["model_uri"], data=data["test_url"], num=e.num,
                                    sampler=e.sampler, steps=e.steps, nodes=e.nodes, address=address)
             floors = {f"{k}_floor": v for k, v in res["floors"].items()}
-            scores = {k: v for k, v in {**res["scores"], **floors}.items() if isinstance(v, (int, float))}
+            errors = {f"{k}_se": v for k, v in res.get("se", {}).items()}
+            errors.update({f"{k}_floor_se": v for k, v in res.get("floor_se", {}).items()})
+            scores = {k: v for k, v in {**res["scores"], **floors, **errors}.items()
+                      if isinstance(v, (int, float))}
             return {"model_uri": trained["model_uri"], "bpd": res["bpd"], "scores": scores,
+                    "compared": res.get("compared", {}), "floor_compared": res.get("floor_compared", {}),
                     "sec_per_sample": res["sec_per_sample"]}
 
         evaluated = step("evaluate", {"model": trained["model_uri"], "evaluate": dataclasses.asdict(spec.evaluate),
@@ -312,9 +316,8 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
     message = "\n".join([
         f"workflow '{name}': ran {', '.join(ran) or 'nothing'}; skipped {', '.join(skipped) or 'nothing'}",
         f"  registered model : {trained['model_uri']} ({'promoted to ' + spec.promote.alias if promoted['promoted'] else 'not promoted: ' + promoted['message']})",
-        f"  evaluation       : bpd {evaluated['bpd']:.3f}; " + "; ".join(
-            f"{k} {scores[k]:.3f} (real-data floor {scores[k + '_floor']:.3f})"
-            for k in ("fd", "precision", "recall") if k in scores and k + "_floor" in scores),
+        f"  evaluation       : bpd {evaluated['bpd']:.3f} (held-out bound)",
+        *_score_lines(evaluated),
         f"  sample grid      : {sampled['grid']}",
         f"  samples          : {sampled['out']}",
         f"  MLflow store     : {settings.tracking_uri} (UI: {ui})",
@@ -322,6 +325,26 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
     message = redact(message)  # a tracking URI may hold user:password@
     return {"name": name, "parent_run_id": parent_id, "resumed": resumed, "ran": ran, "skipped": skipped,
             "steps": outputs, "message": message}
+
+
+SUMMARY_SCORES = ("kid", "fd", "classifier_score", "class_tv", "precision", "recall")
+
+
+def _score_lines(evaluated: dict[str, Any]) -> list[str]:
+    """One summary line per headline score: value ± s.e., what it was compared with, and its floor."""
+    scores, compared = evaluated["scores"], evaluated.get("compared", {})
+    floor_what = evaluated.get("floor_compared", {})
+
+    def cell(name: str) -> str:
+        se = scores.get(f"{name}_se")
+        return f"{scores[name]:.4g}" + (f" ± {se:.2g}" if se is not None else "")
+
+    lines = []
+    for k in SUMMARY_SCORES:
+        if k in scores and f"{k}_floor" in scores:
+            lines.append(f"    {compared.get(k, k):<36} {cell(k):<16} (real-data floor {cell(k + '_floor')}: "
+                         f"{floor_what.get(k, 'training images')})")
+    return lines
 
 
 def _grid(model_uri: str, settings, name: str, cfg) -> str:

@@ -1,14 +1,20 @@
-"""The digits feature network: split, accuracy, determinism, cache, and evaluate_samples."""
+"""The digits feature network: split, accuracy, determinism, cache, and evaluate_samples.
+
+The yardstick's own tests use real digits: held-out images must score at the floor, the training
+images themselves (a perfect memoriser) must not beat it and are caught by the copy rate, corrupted
+images must score worse the stronger the corruption, and samples of one class are caught by coverage.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from ddpm import features
+from ddpm import features, metrics
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +66,10 @@ def test_classifier_accuracy_and_cache(trained, cache_dir):
     assert net(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
 
 
-def test_training_is_deterministic(trained):
-    net, info = trained
+def test_training_is_deterministic():
+    net, _ = features.train_digits_feature_net(epochs=2)  # the full recipe's first epochs, twice: cheap
     rng_state = torch.get_rng_state()
-    again, _ = features.train_digits_feature_net()
+    again, _ = features.train_digits_feature_net(epochs=2)
     assert torch.equal(torch.get_rng_state(), rng_state)  # the global RNG is left alone
     for a, b in zip(net.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
@@ -82,12 +88,14 @@ def test_classifier_confidence(trained, split):
     assert features.classifier_confidence(net, noise) < features.classifier_confidence(net, x_test)
 
 
-def test_evaluate_samples_real_images_sit_at_the_floor(trained, split):
+def test_evaluate_samples_real_images_sit_at_the_floor(trained, split, halves):
     net, _ = trained
-    x_train, _, x_test, _ = split
-    samples, held_out = x_test[:180], x_test[180:]  # fresh real images stand in for a perfect model
+    x_train = split[0]
+    # Fresh real images stand in for a perfect model: random halves, since load_digits is ordered
+    # by writer and its first and second halves differ (FD 59 against a floor of 25).
+    samples, held_out = halves
     out = features.evaluate_samples(samples, held_out, x_train, net=net)
-    assert out["num_samples"] == 180 and out["num_floor"] == 180  # min(N, M) test images
+    assert out["num_samples"] == 180 and out["num_floor"] == 180  # min(N, M) training images
     for name in ("fd", "precision", "recall", "confidence", "copy_rate"):
         assert f"{name}_floor" in out
     assert out["fd"] < 1.5 * out["fd_floor"]
@@ -103,3 +111,100 @@ def test_evaluate_samples_flags_bad_and_copied_samples(trained, split):
     assert bad["fd"] > 5 * bad["fd_floor"] and bad["precision"] < 0.2
     copied = features.evaluate_samples(x_train[:200], x_test, x_train, net=net)
     assert copied["copy_rate"] == 1.0 and copied["copy_rate_floor"] < 0.1
+
+
+# -- the yardstick itself ----------------------------------------------------------------------
+
+# Scores with a standard error that every corruption must worsen; coverage (an integer) and the
+# copy rate (not a quality score: noise moves images away from the training set) are checked apart.
+SCORES = ("fd", "kid", "precision", "recall", "classifier_score", "confidence", "class_tv")
+
+
+@pytest.fixture(scope="module")
+def halves(split):
+    """Two disjoint random halves of the test split: samples stand-in and reference (180 each)."""
+    x_test = split[2]
+    perm = torch.randperm(len(x_test), generator=torch.Generator().manual_seed(0))
+    return x_test[perm[:180]], x_test[perm[180:]]
+
+
+@pytest.fixture(scope="module")
+def held_out(trained, split, halves):
+    """A perfect generalising model: fresh real images the model and the feature net never saw."""
+    return features.evaluate_samples(halves[0], halves[1], split[0], net=trained[0])
+
+
+def _noise(out: dict, name: str) -> float:
+    """Standard error of the difference between a score and its floor (independent draws)."""
+    return math.hypot(out[f"{name}_se"], out[f"{name}_floor_se"])
+
+
+def _quantise(x: torch.Tensor) -> torch.Tensor:
+    """To the digits' 17 grey levels in [-1, 1], as evaluation does to samples."""
+    return torch.round((x.clamp(-1, 1) + 1) * 8) / 8 - 1
+
+
+def _noisy(x: torch.Tensor, strength: float) -> torch.Tensor:
+    return _quantise(x + strength * torch.randn(x.shape, generator=torch.Generator().manual_seed(2)))
+
+
+def _blurred(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    r = torch.arange(-2, 3, dtype=torch.float32)
+    k = torch.exp(-r ** 2 / (2 * sigma ** 2))
+    k = (k[:, None] * k[None, :]) / k.sum() ** 2
+    return _quantise(torch.nn.functional.conv2d(torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0), k[None, None]))
+
+
+def test_the_reference_is_the_held_out_split_and_the_floor_training_images(held_out):
+    assert held_out["num_reference"] == 180 and held_out["num_samples"] == 180
+    assert held_out["num_floor"] == 180 and held_out["num_train"] == 1437
+    assert set(features.COMPARED_WITH) == {k for k in held_out if f"{k}_floor" in held_out}
+
+
+def test_held_out_images_score_at_the_floor_within_noise(held_out):
+    for name in SCORES:
+        assert 0 < held_out[f"{name}_se"] < math.inf, name
+        if name != "confidence":
+            assert abs(held_out[name] - held_out[f"{name}_floor"]) <= 3 * _noise(held_out, name), name
+    # The classifier saw the floor's training images: its confidence on them is higher than on unseen
+    # digits (the documented ceiling), by about 0.01.
+    assert held_out["confidence_floor"] - 0.02 < held_out["confidence"] <= held_out["confidence_floor"]
+    assert held_out["classes_covered"] == held_out["classes_covered_floor"] == 10
+    assert held_out["classifier_score"] > 8.5 and held_out["kid"] < 0.1
+    assert held_out["copy_rate"] <= held_out["copy_rate_floor"] + 3 * _noise(held_out, "copy_rate")
+
+
+def test_a_perfect_memoriser_does_not_beat_the_floor_and_is_caught_by_the_copy_rate(trained, split, halves):
+    x_train = split[0]
+    out = features.evaluate_samples(x_train[:180], halves[1], x_train, net=trained[0])  # the training images
+    for name in SCORES:
+        assert not metrics.better(name, out[name], out[f"{name}_floor"], min_delta=3 * _noise(out, name)), name
+    assert out["copy_rate"] == 1.0 and out["copy_rate_floor"] < 0.1
+
+
+# Pixel noise keeps the class mix (class_tv does not move beyond noise); blur merges classes.
+@pytest.mark.parametrize("corrupt,strengths,coarse", [
+    (_noisy, (0.15, 0.3, 0.6), ("precision", "recall")),
+    (_blurred, (0.5, 0.8, 1.2), ("precision", "recall", "class_tv"))], ids=["noise", "blur"])
+def test_corrupted_images_score_worse_the_stronger_the_corruption(trained, split, halves, held_out, corrupt,
+                                                                    strengths, coarse):
+    samples, reference = halves
+    outs = [held_out] + [features.evaluate_samples(corrupt(samples, s), reference, split[0], net=trained[0])
+                         for s in strengths]
+    for name in ("fd", "kid", "classifier_score", "confidence"):  # strictly monotone in the strength
+        values = [o[name] for o in outs]
+        assert all(metrics.better(name, a, b) for a, b in zip(values, values[1:])), (name, values)
+    for name in coarse:  # coarser: the strongest is worse by over one standard error
+        worst = outs[-1]
+        assert metrics.better(name, held_out[name], worst[name], min_delta=_noise(worst, name)), name
+    assert outs[-1]["kid"] > outs[-1]["kid_floor"] + 3 * _noise(outs[-1], "kid")
+    assert outs[-1]["classes_covered"] <= held_out["classes_covered"]
+
+
+def test_samples_of_a_single_class_are_caught_by_coverage_and_score(trained, split, halves):
+    x_train, y_train = split[0], split[1]
+    out = features.evaluate_samples(x_train[y_train == 3], halves[1], x_train, net=trained[0])
+    assert out["classes_covered"] == 1 and out["classes_covered_floor"] == 10
+    assert out["class_tv"] > 0.8 and out["class_tv"] > out["class_tv_floor"] + 5 * _noise(out, "class_tv")
+    assert out["classifier_score"] < 1.5 and out["classifier_score_floor"] > 8.5
+    assert out["recall"] < out["recall_floor"] - 5 * _noise(out, "recall")

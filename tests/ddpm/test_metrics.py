@@ -167,3 +167,109 @@ def test_inception_fid_without_torchmetrics_says_how_to_install_it(tmp_path):
     weights.write_bytes(b"")
     with pytest.raises(ImportError, match="pip install torchmetrics"):
         metrics.inception_fid(torch.zeros(2, 3, 32, 32), torch.zeros(2, 3, 32, 32), weights_path=weights)
+
+
+# -- kernel distance (KID) ---------------------------------------------------------------------
+
+
+def test_kernel_distance_known_kernel_values():
+    # D = 1, k(x, y) = (x y + 1)^3: k(0, 0) = 1, k(1, 1) = 8, k(0, 1) = 1 -> MMD^2 = 1 + 8 - 2 * 1.
+    x, y = torch.zeros(2, 1), torch.ones(3, 1)
+    assert metrics.kernel_distance(x, y) == pytest.approx(7.0)
+    assert metrics.kernel_distance(x, x) == pytest.approx(0.0)  # every pair the same point
+    assert metrics.polynomial_kernel(torch.tensor([[1.0, 3.0]]), torch.tensor([[2.0, 0.0]]))[0, 0] == 8.0
+
+
+def test_kernel_distance_matches_the_double_sum():
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(7, 3)), rng.normal(0.5, 1.0, size=(5, 3))
+    k = lambda a, b: (a @ b / 3 + 1) ** 3  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    yy = sum(k(y[i], y[j]) for i in range(5) for j in range(5) if i != j) / (5 * 4)
+    xy = sum(k(x[i], y[j]) for i in range(7) for j in range(5)) / (7 * 5)
+    assert metrics.kernel_distance(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-12)
+
+
+def test_kernel_distance_estimates_the_population_mmd():
+    # D = 1: (xy + 1)^3 = sum_j C(3, j) (xy)^j, so MMD^2 = 3 (dm1)^2 + 3 (dm2)^2 + (dm3)^2 with the
+    # raw moments m_j. U(0, 1) against U(0.5, 1.5): m = (1/2, 1/3, 1/4) and (1, 13/12, 5/4)
+    # -> 3/4 + 27/16 + 1 = 3.4375.
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.rand(2000, 1, generator=g), torch.rand(2000, 1, generator=g) + 0.5
+    assert metrics.kernel_distance(x, y) == pytest.approx(3.4375, rel=0.05)
+
+
+def test_kernel_distance_is_unbiased_where_the_plug_in_estimate_is_not():
+    g = torch.Generator().manual_seed(8)
+    draws = [(torch.rand(10, 4, generator=g), torch.rand(10, 4, generator=g)) for _ in range(400)]
+    kid = np.array([metrics.kernel_distance(a, b) for a, b in draws])
+    assert abs(kid.mean()) < 3 * kid.std() / np.sqrt(len(kid))  # same distribution: E = 0
+    biased = np.array([(metrics.polynomial_kernel(a, a).mean() + metrics.polynomial_kernel(b, b).mean()
+                        - 2 * metrics.polynomial_kernel(a, b).mean()).item() for a, b in draws])
+    assert biased.mean() > 10 * biased.std() / np.sqrt(len(biased))  # the V-statistic's bias is visible
+
+
+# -- standard errors ---------------------------------------------------------------------------
+
+
+def test_jackknife_of_a_mean_is_the_textbook_standard_error():
+    x = torch.from_numpy(np.random.default_rng(9).normal(size=40))
+    value, se = metrics.jackknife(lambda v: v.mean().item(), x, groups=40)  # leave-one-out
+    assert value == pytest.approx(x.mean().item())
+    assert se == pytest.approx(x.std().item() / np.sqrt(40), rel=1e-10)
+    _, nan = metrics.jackknife(lambda v: v.mean().item(), x[:1])
+    assert math.isnan(nan)
+
+
+def test_jackknife_standard_error_of_kid_matches_its_spread_over_draws():
+    g = torch.Generator().manual_seed(10)
+    values, ses = [], []
+    for _ in range(60):
+        a, b = torch.randn(60, 4, generator=g), 1.3 * torch.randn(40, 4, generator=g)
+        v, se = metrics.jackknife(metrics.kernel_distance, a, b, groups=10)
+        values.append(v)
+        ses.append(se)
+    assert np.mean(ses) == pytest.approx(np.std(values), rel=0.35)
+
+
+def test_jackknife_of_a_tuple_gives_arrays():
+    g = torch.Generator().manual_seed(11)
+    real, fake = torch.randn(50, 3, generator=g), torch.randn(40, 3, generator=g)
+    value, se = metrics.jackknife(lambda f, r: metrics.precision_recall(r, f), fake, real)
+    assert value.shape == se.shape == (2,) and (se > 0).all()
+    assert tuple(value) == metrics.precision_recall(real, fake)
+
+
+# -- classifier score and class coverage -------------------------------------------------------
+
+
+def test_classifier_score_closed_forms():
+    assert metrics.classifier_score(torch.full((30, 10), 0.1)) == pytest.approx(1.0)  # uniform
+    assert metrics.classifier_score(torch.eye(10).repeat(3, 1)) == pytest.approx(10.0)  # one-hot, balanced
+    assert metrics.classifier_score(torch.eye(10)[[4] * 20]) == pytest.approx(1.0)  # one class only
+    p = torch.tensor([[0.9, 0.1], [0.1, 0.9]])  # marginal (0.5, 0.5)
+    assert metrics.classifier_score(p) == pytest.approx(math.exp(0.9 * math.log(1.8) + 0.1 * math.log(0.2)))
+
+
+def test_class_coverage():
+    ref = np.repeat(np.arange(10), 20)  # balanced
+    assert metrics.class_tv(ref, ref, 10) == 0.0 and metrics.classes_covered(ref, ref, 10) == 10
+    single = np.full(50, 3)
+    assert metrics.class_tv(single, ref, 10) == pytest.approx(0.9)
+    assert metrics.classes_covered(single, ref, 10) == 1
+    half = np.repeat(np.arange(5), 4)  # classes 0-4 only
+    assert metrics.class_tv(half, ref, 10) == pytest.approx(0.5)
+    assert metrics.classes_covered(half, ref, 10) == 5
+    skewed = np.concatenate([np.repeat(np.arange(10), 2), np.zeros(100, dtype=int)])  # 1/60 of each other
+    assert metrics.classes_covered(skewed, ref, 10) == 1  # below half their share (0.05)
+
+
+def test_standard_errors_and_new_metrics_have_directions():
+    assert metrics.direction("kid") == "lower" and metrics.direction("classifier_score") == "higher"
+    assert metrics.direction("class_tv") == "lower" and metrics.direction("classes_covered") == "higher"
+    key = metrics.result_key("classifier_score_se", num=10)
+    assert metrics.direction(key) == "lower" and metrics.metric_name(key) == "classifier_score"
+    assert metrics.metric_name("kid_floor_se/num:10") == "kid" and metrics.direction("kid_floor_se") == "lower"
+    assert metrics.direction("recall_floor") == "higher"
+    with pytest.raises(ValueError, match="unknown metric"):
+        metrics.direction("nope_se")

@@ -52,15 +52,25 @@ def test_evaluate_logs_keyed_results_on_the_version_and_its_run(tmp_path, digits
         assert r["direction"] == METRIC_DIRECTIONS[metric.removesuffix("_floor")]
         by_metric[metric] = (r, deps)
     assert set(by_metric) >= {"bpd", "fd", "precision", "recall", "confidence", "copy_rate", "sec_per_sample",
-                              "fd_floor", "precision_floor", "recall_floor", "confidence_floor", "copy_rate_floor"}
+                              "fd_floor", "precision_floor", "recall_floor", "confidence_floor", "copy_rate_floor",
+                              "kid", "kid_floor", "classifier_score", "classifier_score_floor", "class_tv",
+                              "class_tv_floor", "classes_covered", "classes_covered_floor"}
     fd, deps = by_metric["fd"]
+    # Every key says what was compared with what: the samples vs the 360 held-out test images.
     assert deps == {"data": deps["data"], "eta": "0", "features": FEATURE_NET_VERSION, "num": "16",
-                    "sampler": "ddim", "steps": "5"}
+                    "sampler": "ddim", "steps": "5", "vs": "test-360"}
     assert by_metric["bpd"][1]["num"] == "8" and by_metric["bpd"][1]["bound"] == "full"
     assert 0 < by_metric["bpd"][0]["value"] < 20
-    assert by_metric["fd_floor"][1] == {"data": deps["data"], "features": FEATURE_NET_VERSION, "num": "16"}
+    assert by_metric["fd_floor"][1] == {"data": deps["data"], "features": FEATURE_NET_VERSION, "num": "16",
+                                        "real": "train", "vs": "test-360"}
+    assert by_metric["copy_rate"][1]["vs"] == "train-1437" and by_metric["copy_rate_floor"][1]["real"] == "test"
+    assert "vs" not in by_metric["classifier_score"][1] and by_metric["classifier_score"][0]["direction"] == "higher"
+    kid = by_metric["kid"][0]
+    assert kid["se"] > 0 and kid["se_key"].startswith("kid_se/") and kid["se_key"].endswith("/vs:test-360")
     assert out["feature_net"]["test_accuracy"] >= 0.95
     assert "real data floor" in out["message"]
+    assert "kid vs the test split (360)" in out["message"] and "16 training images vs the test split (360)" in out["message"]
+    assert out["compared"]["copy_rate"] == "copy_rate vs the training split (1437)"
 
     c = tracking.client()
     assert out["run_id"] == run_id  # models:/ logs on the version's own run
@@ -69,6 +79,8 @@ def test_evaluate_logs_keyed_results_on_the_version_and_its_run(tmp_path, digits
     tags = c.get_model_version("tiny", version).tags
     assert float(tags[EVAL_TAG + fd["key"]]) == pytest.approx(fd["value"])
     assert tags[LAST_TAG + "fd"] == fd["key"]
+    assert float(tags[EVAL_TAG + kid["se_key"]]) == pytest.approx(kid["se"])
+    assert logged[kid["se_key"]] == pytest.approx(kid["se"])
     assert any(a.path.startswith("evaluation/evaluation-") for a in c.list_artifacts(run_id, "evaluation"))
 
 
@@ -95,6 +107,8 @@ def test_cli_evaluates_a_checkpoint_into_its_own_run_with_the_sampler_table(tmp_
     names = {a.path for a in c.list_artifacts(out["run_id"], "evaluation")}
     assert {"evaluation/sampler_table.md", "evaluation/sampler_table.json"} <= names
     assert "| real data (floor) |" in out["message"]
+    assert "| kid vs the test split (360) |" in out["message"] and "floor: the same comparison with 8 training" in out["message"]
+    assert out["table"][0]["compared"]["kid"] == "kid vs the test split (360)"
 
 
 @pytest.mark.slow

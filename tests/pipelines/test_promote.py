@@ -11,7 +11,7 @@ from pipelines.cli import app
 from tests.pipelines.test_evaluate import FAST, digits_home, digits_home_template  # noqa: F401 (fixtures)
 from tests.pipelines.test_registry import _no_stale_registry_uri, register_tiny  # noqa: F401 (fixture)
 
-KEY = "fd/data:abc/eta:0/features:digits-cnn-v2/num:16/sampler:ddim/steps:5"
+KEY = "kid/data:abc/eta:0/features:digits-cnn-v3/num:16/sampler:ddim/steps:5/vs:test-360"
 
 
 def promote(*args: str):
@@ -42,11 +42,11 @@ def test_promotion_against_a_real_tracking_server(mlflow_server, monkeypatch, tm
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     c = _client()
     assert c.tracking_uri == mlflow_server
-    fd = {}
+    fd = {}  # the default promotion metric's values: KID against the held-out split
     for seed in (0, 1):
         _, version, _ = register_tiny(tmp_path, name="gated", seed=seed)
         out = evaluate_command(f"models:/gated/{version}", **FAST)
-        fd[version] = out["scores"]["fd"]
+        fd[version] = out["scores"]["kid"]
     worse, better = sorted(fd, key=fd.get, reverse=True)
     assert fd[worse] > fd[better]
 
@@ -64,7 +64,7 @@ def test_promotion_against_a_real_tracking_server(mlflow_server, monkeypatch, tm
     assert tags["ddpm.promote.champion.holder_version"] == worse
     assert float(tags["ddpm.promote.champion.holder_value"]) == pytest.approx(fd[worse])
     assert float(tags["ddpm.promote.champion.candidate_value"]) == pytest.approx(fd[better])
-    assert tags["ddpm.promote.champion.key"].startswith("fd/") and "sampler:ddim" in tags["ddpm.promote.champion.key"]
+    assert tags["ddpm.promote.champion.key"].startswith("kid/") and "sampler:ddim" in tags["ddpm.promote.champion.key"]
     assert any(k.startswith("ddpm.promote.champion.history.") for k in tags)
     assert c.get_model_version("gated", worse).tags["ddpm.promote.champion.replaced_by"] == better
 
@@ -90,7 +90,7 @@ def test_min_delta_and_direction():
     c = _bare_versions("m", 3)
     c.set_model_version_tag("m", "1", f"ddpm.eval.{KEY}", "10.0")
     c.set_model_version_tag("m", "2", f"ddpm.eval.{KEY}", "9.5")
-    c.set_model_version_tag("m", "3", f"ddpm.eval.{KEY.replace('fd/', 'recall/')}", "0.4")
+    c.set_model_version_tag("m", "3", f"ddpm.eval.{KEY.replace('kid/', 'recall/')}", "0.4")
     assert promote("--name", "m", "--version", "1").exit_code == 0
     refused = promote("--name", "m", "--version", "2", "--min-delta", "1")
     assert refused.exit_code == 3 and "9.5" in refused.output and "10" in refused.output
@@ -107,7 +107,7 @@ def test_no_comparable_evaluation_is_refused():
     c.set_model_version_tag("n", "1", f"ddpm.eval.{KEY}", "10.0")
     c.set_model_version_tag("n", "2", f"ddpm.eval.{KEY.replace('num:16', 'num:64')}", "1.0")
     unevaluated = promote("--name", "n", "--version", "3")
-    assert unevaluated.exit_code == 3 and "no evaluation of 'fd'" in unevaluated.output
+    assert unevaluated.exit_code == 3 and "no evaluation of 'kid'" in unevaluated.output
     assert "champion" not in c.get_registered_model("n").aliases
     assert promote("--name", "n", "--version", "1").exit_code == 0
     other_key = promote("--name", "n", "--version", "2")  # evaluated on 64 samples, the holder on 16
