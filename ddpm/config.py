@@ -132,7 +132,9 @@ class DiffusionConfig:
     beta_start: float | None = None  # None: the schedule's default (linear: 1e-4 * 1000/T)
     beta_end: float | None = None  # None: the schedule's default (linear: 0.02 * 1000/T)
     prediction: Prediction = "eps"  # the paper's choice
-    variance: Variance = "fixed_large"  # the paper's CIFAR-10 choice (sigma_t^2 = beta_t)
+    # The paper's CIFAR-10 choice (sigma_t^2 = beta_t). ddpm.Diffusion's own default is fixed_small
+    # (beta~_t); Diffusion.from_config always passes this value, so configs never see that default.
+    variance: Variance = "fixed_large"
     loss: LossType = "simple"  # L_simple, the paper's eq. 14
 
     def __post_init__(self) -> None:

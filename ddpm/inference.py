@@ -5,10 +5,9 @@ does on every call (cast each weight to bf16) is done once here, and the activat
 layout the convolution kernels prefer. The samplers' own arithmetic (posterior means, DDIM updates,
 the noise) stays in float32: :class:`SamplingNet` takes and returns float32 ``[N x C x H x W]``.
 
-Measured on the CIFAR-10 U-Net at batch 64 on a 2-core CPU (docs/PERFORMANCE.md,
-``benchmarks.bench_forward``): channels-last is about 6% faster than NCHW in fp32, and bf16
-weights are faster than bf16 autocast because no casts are left per call. bf16 weights are sound
-for inference only: training keeps fp32 master weights (``pipelines/loop.py``).
+Channels-last and cast-once bf16 weights are what ``benchmarks.bench_forward`` compares (figures in
+docs/PERFORMANCE.md, not here, where they would go stale). bf16 weights are sound for inference
+only: training keeps fp32 master weights (``pipelines/loop.py``).
 """
 
 from __future__ import annotations
@@ -54,8 +53,8 @@ class SamplingNet(nn.Module):
     :param precision: ``fp32``, ``bf16`` or ``fp16`` (fp16 only makes sense on a GPU).
     :param channels_last: run convolutions on NHWC tensors; outputs come back NCHW-contiguous.
     :param compile: ``torch.compile`` the network (:func:`compile_or_eager`: eager if it fails);
-        ``True`` uses inductor, a string names another backend. On the 2-core CPU the CIFAR-10
-        U-Net compiles in about 40 s and then runs 3-5% faster.
+        ``True`` uses inductor, a string names another backend. Compiling takes tens of seconds
+        at the first call (measured cost and gain: docs/PERFORMANCE.md).
     """
 
     def __init__(self, model: nn.Module, precision: str = "fp32", channels_last: bool = True,
