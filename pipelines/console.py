@@ -7,7 +7,8 @@ Quiet (the default) means one line per phase, live progress and the closing summ
   session folder (``/tmp/ray/session_latest/logs``) instead. Training progress reaches the console
   through a :class:`ProgressChannel`, a queue the rank-0 worker writes its lines into.
 - Ray's driver logger at ERROR, Ray Train's own logger at WARNING (``ray.train.LoggingConfig``),
-  MLflow's logger at WARNING and its artifact progress bars off.
+  MLflow's logger at WARNING and its artifact progress bars off; MLflow's event lines printed past
+  its logger (model registration) are held back by :func:`muted`.
 ``--verbose`` (``DDPM_VERBOSE=1``, which workers inherit with the other ``DDPM_*`` settings) turns
 all of that back on. Errors always reach the console: a failed worker's error travels back as the
 exception the command reports.
