@@ -86,8 +86,8 @@ def log_model(run_id: str, config: Any, model: Any, name: str | None,
     from pipelines import tracking
 
     c = tracking.client()
-    params = tracking.flatten(config.to_dict())
-    items = list(params.items())
+    have = c.get_logged_model(info.model_id).params  # MLflow copies the run's params onto its models
+    items = [(k, v) for k, v in tracking.flatten(config.to_dict()).items() if k not in have]
     for i in range(0, len(items), 100):
         c.log_model_params(info.model_id, dict(items[i:i + 100]))
     if not name:

@@ -169,6 +169,7 @@ def test_version_description_and_model_params_say_what_it_was_trained_on(tmp_pat
     data = tmp_path / "digits" / "train"
     prepare_command(source="digits", out=str(data), split="train")
     run_id, _ = tracking.start_or_resume_run(tracking.experiment_id("described", settings), "described")
+    tracking.log_params(run_id, {"model": {"ch": 32}, "run": {"nodes": 1}})  # as train logs them, before the model
     ds = tracking.log_dataset(run_id, str(data), "training")
     version = registry.log_and_register(run_id, str(save_tiny_checkpoint(tmp_path / "c.pt")), "described")
     mv = c.get_model_version("described", version)
@@ -177,6 +178,7 @@ def test_version_description_and_model_params_say_what_it_was_trained_on(tmp_pat
     assert f"in run described ({run_id})" in mv.description
     logged = c.get_logged_model(models.model_id_of(mv))
     assert logged.params["diffusion.timesteps"] == "50" and logged.params["model.ch"] == "32"
+    assert logged.params["run.nodes"] == "1"  # MLflow's copy of the run's params, kept
 
 
 @pytest.mark.timeout(240)
