@@ -231,6 +231,8 @@ def measure_sampler(loaded: Any, ev: EvalData, sampler: str, steps: int | None, 
     Each result's key says what was compared with what: ``vs:test-<M>`` (the held-out split) or
     ``vs:train-<M>`` (copy rate), and a floor's ``real:train``/``real:test`` with its ``num``.
     """
+    import math
+
     from ddpm.data.reader import to_float, to_uint8
 
     if eta and sampler != "ddim":
@@ -247,13 +249,17 @@ def measure_sampler(loaded: Any, ev: EvalData, sampler: str, steps: int | None, 
                            "features": "none"}
     results = [_result("sec_per_sample", seconds / num, **deps)]
     scores = _quality(samples, ev, settings, out)
+    def finite(x: float | None) -> float | None:  # no standard error (classes_covered): None, not NaN
+        return x if x is not None and math.isfinite(x) else None
+
     for name, c in out["compared"].items():
-        value, se = scores[name], scores.get(f"{name}_se")
+        value, se = scores[name], finite(scores.get(f"{name}_se"))
         vs = {"vs": c["vs"]} if c["vs"] else {}
         out["scores"][name], out["se"][name] = value, se
         results.append(_result(name, value, se, data=ev.hash, features=out["features"], **deps, **vs))
         if f"{name}_floor" in scores:
-            floor, floor_se, f = scores[f"{name}_floor"], scores.get(f"{name}_floor_se"), out["floor_compared"][name]
+            floor, floor_se = scores[f"{name}_floor"], finite(scores.get(f"{name}_floor_se"))
+            f = out["floor_compared"][name]
             out["floors"][name], out["floor_se"][name] = floor, floor_se
             results.append(_result(f"{name}_floor", floor, floor_se, data=ev.hash, features=out["features"],
                                    num=f["num"], real=f["real"], **vs))

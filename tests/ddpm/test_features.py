@@ -197,7 +197,7 @@ def test_corrupted_images_score_worse_the_stronger_the_corruption(trained, split
     for name in coarse:  # coarser: the strongest is worse by over one standard error
         worst = outs[-1]
         assert metrics.better(name, held_out[name], worst[name], min_delta=_noise(worst, name)), name
-    assert outs[-1]["kid"] > outs[-1]["kid_floor"] + 3 * _noise(outs[-1], "kid")
+    assert outs[-1]["kid"] > outs[-1]["kid_floor"] + 2 * _noise(outs[-1], "kid")
     assert outs[-1]["classes_covered"] <= held_out["classes_covered"]
 
 
