@@ -11,16 +11,16 @@ Implementations live in ``pipelines.<module>.<name>_command`` and are imported o
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Annotated, Any, Optional, get_args, get_type_hints
 
 import typer
 
 from ddpm.config import Precision, Sampler, SampleConfig
-from pipelines.errors import NotBuiltError, PipelineError
+from pipelines.errors import PipelineError
 
 app = typer.Typer(
     name="ddpm-pipe",
@@ -93,21 +93,16 @@ def _emit(result: dict[str, Any], json_out: bool) -> None:
         typer.echo(redact(result["message"]))
 
 
-def _dispatch(command: str, module: str, function: str, json_out: bool, **kwargs: Any) -> None:
-    """Import ``module.function``, call it with the parsed options, report its result or error."""
+def _dispatch(func: Callable[..., dict[str, Any] | None], json_out: bool, **kwargs: Any) -> None:
+    """Call a ``*_command`` function with the parsed options, report its result or error.
+
+    Each command imports its function inside its own body (so ``ddpm-pipe --help`` stays fast and
+    loads no Ray or MLflow) and passes it here by reference.
+    """
     from ddpm.config import ConfigError
 
     _state["json"] = json_out
     try:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:
-                raise NotBuiltError(f"`ddpm-pipe {command}` is not built yet") from e
-            raise
-        func = getattr(mod, function, None)
-        if func is None:
-            raise NotBuiltError(f"`ddpm-pipe {command}` is not built yet")
         result = func(**kwargs) or {}
     except typer.Exit:
         raise
@@ -174,7 +169,9 @@ def data_prepare(
     json_out: Json = False,
 ) -> None:
     """Convert a data source to WebDataset tar shards plus a manifest."""
-    _dispatch("data prepare", "pipelines.data", "prepare_command", json_out, source=source, out=out,
+    from pipelines.data import prepare_command
+
+    _dispatch(prepare_command, json_out, source=source, out=out,
               shard_size=shard_size, split=split, endpoint_url=endpoint_url)
 
 
@@ -195,7 +192,9 @@ def train(
     json_out: Json = False,
 ) -> None:
     """Train a DDPM with Ray Train (DDP), tracked in MLflow."""
-    _dispatch("train", "pipelines.train", "train_command", json_out, config=config, overrides=set_ or [],
+    from pipelines.train import train_command
+
+    _dispatch(train_command, json_out, config=config, overrides=set_ or [],
               data=data, storage=storage, nodes=nodes, gpus_per_node=gpus_per_node, max_steps=max_steps,
               precision=precision, experiment=experiment, run_name=run_name, address=address)
 
@@ -220,7 +219,9 @@ def tune(
     json_out: Json = False,
 ) -> None:
     """Sweep T, the beta range, the schedule and the learning rate with Ray Tune."""
-    _dispatch("tune", "pipelines.tune", "tune_command", json_out, trials=trials, config=config,
+    from pipelines.tune import tune_command
+
+    _dispatch(tune_command, json_out, trials=trials, config=config,
               overrides=set_ or [], space=space, data=data, max_steps=max_steps, scheduler=scheduler,
               search=search, concurrent=concurrent, workers_per_trial=workers_per_trial, storage=storage,
               experiment=experiment, name=name, address=address)
@@ -240,7 +241,9 @@ def evaluate(
     json_out: Json = False,
 ) -> None:
     """Measure bits/dim, and KID, FD, precision/recall, classifier score, class coverage and copy rate against held-out images, each with its floor; log them to MLflow."""
-    _dispatch("evaluate", "pipelines.evaluate", "evaluate_command", json_out, model=model, data=data,
+    from pipelines.evaluate import evaluate_command
+
+    _dispatch(evaluate_command, json_out, model=model, data=data,
               num=num, sampler=sampler, steps=steps, nodes=nodes, table=table, address=address)
 
 
@@ -256,7 +259,9 @@ def promote(
     json_out: Json = False,
 ) -> None:
     """Move an alias to a version only if its evaluation beats the current holder's."""
-    _dispatch("promote", "pipelines.promote", "promote_command", json_out, name=name, version=version,
+    from pipelines.promote import promote_command
+
+    _dispatch(promote_command, json_out, name=name, version=version,
               alias=alias, metric=metric, min_delta=min_delta, force=force, reason=reason)
 
 
@@ -281,7 +286,9 @@ def sample(
     json_out: Json = False,
 ) -> None:
     """Generate samples on the Ray cluster, resumably, to any fsspec URL."""
-    _dispatch("sample", "pipelines.sample", "sample_command", json_out, model=model, num=num, out=out,
+    from pipelines.sample import sample_command
+
+    _dispatch(sample_command, json_out, model=model, num=num, out=out,
               sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, nodes=nodes,
               gpus_per_node=gpus_per_node, seed=seed, format=format_, precision=precision,
               progressive=progressive, address=address, compile=compile_)
@@ -299,7 +306,9 @@ def interpolate(
     json_out: Json = False,
 ) -> None:
     """Interpolate two images in x_t space and denoise (the paper's section 4.3)."""
-    _dispatch("interpolate", "pipelines.interpolate", "interpolate_command", json_out, model=model, a=a,
+    from pipelines.interpolate import interpolate_command
+
+    _dispatch(interpolate_command, json_out, model=model, a=a,
               b=b, t=t, lambdas=lambdas, out=out, seed=seed)
 
 
@@ -310,7 +319,9 @@ def import_diffusers(
     json_out: Json = False,
 ) -> None:
     """Register a diffusers UNet2DModel of the paper's architecture as a model version."""
-    _dispatch("import-diffusers", "pipelines.import_diffusers", "import_command", json_out, path=path, name=name)
+    from pipelines.import_diffusers import import_command
+
+    _dispatch(import_command, json_out, path=path, name=name)
 
 
 # -- run ------------------------------------------------------------------------------------------
@@ -326,7 +337,9 @@ def run(
     json_out: Json = False,
 ) -> None:
     """Run prepare -> (tune) -> train -> evaluate -> register -> promote -> sample as one workflow."""
-    _dispatch("run", "pipelines.workflow", "run_command", json_out, config=config, overrides=set_ or [],
+    from pipelines.workflow import run_command
+
+    _dispatch(run_command, json_out, config=config, overrides=set_ or [],
               workflow=workflow, name=name, storage=storage, address=address, submit=submit)
 
 

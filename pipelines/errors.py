@@ -15,10 +15,6 @@ class UsageError(PipelineError):
     exit_code = 2
 
 
-class NotBuiltError(UsageError):
-    """The command exists in the vocabulary but is not implemented yet (exit code 2)."""
-
-
 class RefusedError(PipelineError):
     """A gate said no: a promotion that does not beat the holder, an output that is not ours (exit 3)."""
 

@@ -21,7 +21,9 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
-class DDPMSampler(PythonModel):
+class DDPMPyfunc(PythonModel):
+    """The registered model: ``predict({"num": N, "seed": S, ...})`` samples through :class:`ddpm.pipeline.DDPMPipeline`."""
+
     def load_context(self, context) -> None:
         from ddpm.checkpoint import import_weights
         from ddpm.diffusion import Diffusion
@@ -65,4 +67,4 @@ def _scalar(value):
     return value
 
 
-mlflow.models.set_model(DDPMSampler())
+mlflow.models.set_model(DDPMPyfunc())

@@ -63,10 +63,6 @@ _CHUNK = re.compile(r"^samples-(\d{8})-(\d{8})\.(npz|tar)$")
 _PROBE = re.compile(r"^\.ddpm-probe-[0-9a-f]{8}$")  # OutputFolder.check_writable's probe
 _CHUNK_EXT = {"npz": "npz", "webdataset": "tar"}
 # Settings that must match for a folder to be resumed: a sample depends on all of them.
-IDENTITY = ("model", "model_run_id", "model_name", "model_version", "sampler", "steps", "eta", "seed",
-            "format", "precision", "progressive")
-
-
 # -- the request ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SampleRequest:

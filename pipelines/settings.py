@@ -27,7 +27,6 @@ class Settings:
     registry_uri: str
     ray_address: str | None
     storage: str
-    s3_endpoint: str | None
 
     def data_url(self, source: str, split: str = "train") -> str:
         return str(self.home / "data" / source / split)
@@ -48,7 +47,6 @@ def resolve(storage: str | None = None, address: str | None = None) -> Settings:
         registry_uri=registry,
         ray_address=address or os.environ.get("RAY_ADDRESS") or None,
         storage=storage or os.environ.get("DDPM_STORAGE") or str(home / "ray"),
-        s3_endpoint=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None,
     )
 
 

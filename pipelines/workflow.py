@@ -31,8 +31,6 @@ from pipelines.errors import UsageError
 from pipelines.names import check_name
 from pipelines.settings import redact, shareable_uri
 
-STEPS = ("prepare", "tune", "train", "evaluate", "promote", "sample")
-
 
 @dataclass(frozen=True)
 class TuneStep:
