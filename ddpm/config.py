@@ -18,6 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from ddpm.schedules import beta_range
@@ -289,15 +290,27 @@ class ExperimentConfig:
         return _build(cls, data, "")
 
     def override(self, assignments: list[str] | tuple[str, ...]) -> "ExperimentConfig":
-        """Apply ``section.key=value`` strings; values are parsed as YAML scalars."""
+        """Apply ``section.key=value`` strings (``--set``): each value is parsed once as a YAML scalar,
+        then :meth:`with_values` does the rest."""
         import yaml
 
-        data = self.to_dict()
+        changes: dict[str, Any] = {}
         for item in assignments:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like section.key=value")
             key, raw = item.split("=", 1)
-            parts = key.strip().split(".")
+            changes[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        return self.with_values(changes)
+
+    def with_values(self, changes: Mapping[str, Any]) -> "ExperimentConfig":
+        """A new config with typed values changed: ``{"train.max_steps": 500, "diffusion.beta_end": None}``.
+
+        Keys are dotted paths; values are Python values, checked and converted like a YAML file's
+        (an unknown key or a bad choice raises :class:`ConfigError` listing the valid ones).
+        """
+        data = self.to_dict()
+        for key, value in changes.items():
+            parts = key.split(".")
             node = data
             for i, part in enumerate(parts[:-1]):
                 if not isinstance(node.get(part), dict):
@@ -308,7 +321,7 @@ class ExperimentConfig:
             if leaf not in node:
                 where = ".".join(parts[:-1]) or "top level"
                 raise ConfigError(f"unknown config key {key!r}; valid keys in {where}: {', '.join(node)}")
-            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+            node[leaf] = _to_plain(value)
         return ExperimentConfig.from_dict(data)
 
 

@@ -122,13 +122,13 @@ def _check_value(base: ExperimentConfig, key: str, value: Any, space: dict[str, 
         if not (isinstance(value, (int, float)) and 0 < value < 1):
             raise ConfigError(f"{_where(key)}: {value!r} is not in (0, 1)")
         return
-    sets = [f"{key}={value}"]
+    changes = {key: value}
     if key == "diffusion.timesteps" and space is not None and "diffusion.beta_end" in space:
         # Trials take beta_end from the space (always in (0, 1)), not the schedule's T-scaled
         # default, which leaves (0, 1) for small T: check T with an explicit range.
-        sets += ["diffusion.schedule=linear", "diffusion.beta_start=null", "diffusion.beta_end=0.02"]
+        changes.update({"diffusion.schedule": "linear", "diffusion.beta_start": None, "diffusion.beta_end": 0.02})
     try:
-        base.override(sets)
+        base.with_values(changes)
     except ConfigError as e:
         raise ConfigError(f"{_where(key)}: {e}") from None
 
@@ -180,8 +180,6 @@ def apply(base: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
 
     The cosine schedule has no beta range, so a sampled range is dropped for it.
     """
-    import json
-
     params = dict(params)
     ratio = params.pop(BETA_RATIO, None)
     if ratio is not None:
@@ -190,6 +188,4 @@ def apply(base: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
     if schedule == "cosine":
         params["diffusion.beta_start"] = None
         params["diffusion.beta_end"] = None
-    sets = [f"{k}={'null' if v is None else json.dumps(v) if not isinstance(v, str) else v}"
-            for k, v in params.items()]
-    return base.override(sets)
+    return base.with_values(params)

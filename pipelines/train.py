@@ -124,12 +124,9 @@ def worker_main(loop_config: dict[str, Any]) -> None:
 # -- driver side ----------------------------------------------------------------------------------
 def resolve_config(config: str, overrides: list[str], max_steps: int | None = None,
                    precision: str | None = None) -> ExperimentConfig:
-    extra = list(overrides)
-    if max_steps is not None:
-        extra.append(f"train.max_steps={max_steps}")
-    if precision is not None:
-        extra.append(f"train.precision={precision}")
-    return load_config(config, extra)
+    """``--config`` and ``--set`` (strings, parsed once), then the typed command-line options."""
+    typed = {"train.max_steps": max_steps, "train.precision": precision}
+    return load_config(config, overrides).with_values({k: v for k, v in typed.items() if v is not None})
 
 
 def resolve_data(cfg: ExperimentConfig, data: str | None, settings: Settings) -> tuple[str, str | None]:

@@ -269,7 +269,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     base = resolve_config(config, overrides)  # what the best config builds on (full max_steps)
     trial_base = resolve_config(config, overrides, max_steps)
     # Every report must carry a fresh bpd: evaluate at each checkpoint (report) step.
-    trial_base = trial_base.override([f"train.eval_every={trial_base.train.checkpoint_every}"])
+    trial_base = trial_base.with_values({"train.eval_every": trial_base.train.checkpoint_every})
     steps = trial_base.train.max_steps
     space_spec = search_space.load_space(space, trial_base)
     sweep = name or f"{base.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,0 +1,40 @@
+"""ddpm.config: typed changes (with_values), string overrides (--set) and their errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from ddpm.config import ConfigError, ExperimentConfig, load_config
+
+
+def test_with_values_changes_typed_values_and_leaves_the_rest():
+    base = ExperimentConfig.preset("digits")
+    cfg = base.with_values({"train.max_steps": 7, "diffusion.schedule": "cosine", "diffusion.beta_start": None,
+                            "diffusion.beta_end": None, "model.ch_mult": [1, 2]})
+    assert cfg.train.max_steps == 7 and cfg.diffusion.schedule == "cosine"
+    assert cfg.model.ch_mult == (1, 2)  # coerced to the field's tuple type
+    assert cfg.train.lr == base.train.lr and cfg.data == base.data
+    assert base.train.max_steps != 7  # frozen: a new config, the old one unchanged
+
+
+def test_override_strings_equal_typed_values():
+    base = ExperimentConfig.preset("digits")
+    assert base.override(["train.lr=1e-4", "model.ch_mult=[1,2]", "diffusion.beta_end=null"]) == \
+        base.with_values({"train.lr": 1e-4, "model.ch_mult": (1, 2), "diffusion.beta_end": None})
+    assert load_config("digits", ["train.max_steps=9"]).train.max_steps == 9
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"train.nope": 1}, "unknown config key 'train.nope'; valid keys in train: "),
+    ({"nosection.x": 1}, "unknown config section 'nosection'; valid: model, diffusion"),
+    ({"sample.sampler": "euler"}, "valid: ddpm, ddim, dpmpp"),
+    ({"train.precision": "fp8"}, "valid: fp32, bf16, fp16"),
+])
+def test_bad_keys_and_choices_list_the_valid_ones(changes, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        ExperimentConfig.preset("digits").with_values(changes)
+
+
+def test_override_needs_key_equals_value():
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        ExperimentConfig.preset("digits").override(["train.lr"])
