@@ -11,7 +11,6 @@ ring formula: bytes on the wire per worker = 2 (N-1)/N x bytes, bus GB/s = that 
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
 import time

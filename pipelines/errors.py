@@ -19,3 +19,9 @@ class RefusedError(PipelineError):
     """A gate said no: a promotion that does not beat the holder, an output that is not ours (exit 3)."""
 
     exit_code = 3
+
+
+def first_line(e: BaseException) -> str:
+    """The last non-empty line of an exception's message (where Ray and fsspec put the cause), at most 400 characters."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:400]

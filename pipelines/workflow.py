@@ -310,7 +310,6 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
     tracking.end_run(parent_id)
     ui = f"mlflow ui --backend-store-uri {settings.tracking_uri}" if settings.tracking_uri.startswith("sqlite:") \
         else settings.tracking_uri
-    scores = evaluated["scores"]
     message = "\n".join([
         f"workflow '{name}': ran {', '.join(ran) or 'nothing'}; skipped {', '.join(skipped) or 'nothing'}",
         f"  registered model : {trained['model_uri']} ({'promoted to ' + spec.promote.alias if promoted['promoted'] else 'not promoted: ' + promoted['message']})",

@@ -6,7 +6,6 @@ loopback on first use and stopped at the end of the session.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -383,14 +383,14 @@ def test_submitted_job_env_holds_no_credentials_and_the_output_masks_the_address
 def test_sampling_actors_env_holds_no_tracking_password(monkeypatch):
     import mlflow
 
-    from pipelines.sample import _worker_env
+    from pipelines.sample_pool import worker_env
 
     mlflow.set_tracking_uri(CREDENTIALED_URI)
     mlflow.set_registry_uri(CREDENTIALED_URI)
-    assert "MLFLOW_TRACKING_URI" not in _worker_env("models:/m/1")
+    assert "MLFLOW_TRACKING_URI" not in worker_env("models:/m/1")
     mlflow.set_tracking_uri("http://mlflow.example:5000")
     mlflow.set_registry_uri("http://mlflow.example:5000")
-    assert _worker_env("models:/m/1")["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
+    assert worker_env("models:/m/1")["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
 
 
 @pytest.mark.timeout(300)

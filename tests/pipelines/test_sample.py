@@ -13,6 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipelines import sample as S
+from pipelines import sample_output as O
+from pipelines import sample_pool as P
 from pipelines.cli import app
 
 N = 6  # samples per test: enough for several units on two workers, cheap on two cores
@@ -91,8 +93,8 @@ def test_sample_seed_is_a_function_of_seed_and_index():
 
 @pytest.mark.timeout(60)
 def test_units_are_runs_of_consecutive_missing_indices():
-    assert S.units_of([0, 1, 2, 3, 4], 2) == [[0, 1], [2, 3], [4]]
-    assert S.units_of([0, 1, 4, 5, 6, 9], 4) == [[0, 1], [4, 5, 6], [9]]
+    assert P.units_of([0, 1, 2, 3, 4], 2) == [[0, 1], [2, 3], [4]]
+    assert P.units_of([0, 1, 4, 5, 6, 9], 4) == [[0, 1], [4, 5, 6], [9]]
 
 
 @pytest.mark.timeout(60)
@@ -188,7 +190,7 @@ def _started_folder(out, ckpt: str) -> None:
     """A folder a `sample --model ckpt` job (default settings) has started: its job file and one sample."""
     out.mkdir()
     ident = S._identity(S.SampleRequest(model=ckpt, num=1), "png", {}, None)
-    (out / S.JOB_FILE).write_text(json.dumps({"kind": "ddpm-samples", **ident}))
+    (out / O.JOB_FILE).write_text(json.dumps({"kind": "ddpm-samples", **ident}))
     (out / "00000000.png").write_bytes(b"png")
 
 
@@ -232,7 +234,7 @@ def test_stale_lock_and_temporaries_of_a_dead_job_are_cleaned_live_ones_kept(tmp
     result = cli("sample", "--model", ckpt, "--num", "3", "--out", str(out))
     assert result.exit_code == 1 and "stop here" in result.output, result.output
     assert ".ddpm-lock" in seen[0] and dead_tmp not in seen[0] and live_tmp in seen[0]
-    assert sorted(p.name for p in out.iterdir()) == sorted([S.JOB_FILE, "00000000.png", live_tmp])  # lock released
+    assert sorted(p.name for p in out.iterdir()) == sorted([O.JOB_FILE, "00000000.png", live_tmp])  # lock released
 
 
 @pytest.mark.timeout(60)
@@ -260,13 +262,13 @@ def test_chunk_files_hold_samples_and_progressive_strips(tmp_path, fmt):
     rng = np.random.default_rng(0)
     result = {"indices": [4, 5, 6], "x": rng.uniform(-1, 1, (3, 1, 8, 8)).astype(np.float32),
               "progressive": rng.uniform(-1, 1, (3, 2, 1, 8, 8)).astype(np.float32)}
-    names = S.write_unit(S.OutputFolder(str(tmp_path)), fmt, result, levels=17)
+    names = O.write_unit(O.OutputFolder(str(tmp_path)), fmt, result, levels=17)
     ext = {"npz": "npz", "webdataset": "tar"}[fmt]
     assert names == [f"samples-00000004-00000007.{ext}"]
     with pytest.raises(S.RefusedError, match="no record of their settings"):
-        S.inspect_folder(S.OutputFolder(str(tmp_path)), fmt)
-    (tmp_path / S.JOB_FILE).write_text(json.dumps({"kind": "ddpm-samples"}))
-    state = S.inspect_folder(S.OutputFolder(str(tmp_path)), fmt)
+        O.inspect_folder(O.OutputFolder(str(tmp_path)), fmt)
+    (tmp_path / O.JOB_FILE).write_text(json.dumps({"kind": "ddpm-samples"}))
+    state = O.inspect_folder(O.OutputFolder(str(tmp_path)), fmt)
     assert state.done == {4, 5, 6}
     if fmt == "npz":
         with np.load(tmp_path / names[0]) as z:

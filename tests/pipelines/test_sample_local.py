@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pipelines import sample as S
+from pipelines import sample_pool as P
 from tests.pipelines.test_sample import make_checkpoint, read_npz_folder, request
 
 
@@ -21,26 +22,26 @@ def test_only_a_one_worker_job_with_no_cluster_runs_in_process(monkeypatch):
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # whatever other tests started
     req = request("model.pt")
-    assert S.runs_in_process(req)
-    assert not S.runs_in_process(request("model.pt", gpus_per_node=1))  # Ray checks the GPU is there
-    assert not S.runs_in_process(request("model.pt", nodes=2))
-    assert not S.runs_in_process(request("model.pt", gpus_per_node=2))
-    assert not S.runs_in_process(request("model.pt", address="ray://head:10001"))
+    assert P.runs_in_process(req)
+    assert not P.runs_in_process(request("model.pt", gpus_per_node=1))  # Ray checks the GPU is there
+    assert not P.runs_in_process(request("model.pt", nodes=2))
+    assert not P.runs_in_process(request("model.pt", gpus_per_node=2))
+    assert not P.runs_in_process(request("model.pt", address="ray://head:10001"))
     monkeypatch.setenv("RAY_ADDRESS", "head:6379")
-    assert not S.runs_in_process(req)
+    assert not P.runs_in_process(req)
     monkeypatch.delenv("RAY_ADDRESS")
     monkeypatch.setenv("DDPM_SAMPLE_IN_PROCESS", "0")
-    assert not S.runs_in_process(req)
+    assert not P.runs_in_process(req)
     monkeypatch.delenv("DDPM_SAMPLE_IN_PROCESS")
     monkeypatch.setattr(ray, "is_initialized", lambda: True)  # connected to a cluster already: use it
-    assert not S.runs_in_process(req)
+    assert not P.runs_in_process(req)
 
 
 @pytest.mark.timeout(300)
 def test_in_process_job_writes_the_same_samples_as_the_ray_workers(ray_cluster, tmp_path, ckpt, monkeypatch):
     on_ray = S.write_samples(request(ckpt, nodes=1, batch_size=4), str(tmp_path / "ray"), fmt="npz",
                              progress=False)
-    monkeypatch.setattr(S, "runs_in_process", lambda req: True)
+    monkeypatch.setattr(P, "runs_in_process", lambda req: True)
     local = S.write_samples(request(ckpt, nodes=1, batch_size=3), str(tmp_path / "local"), fmt="npz",
                             progress=False)
     assert on_ray["written"] == local["written"] == len(read_npz_folder(tmp_path / "local"))

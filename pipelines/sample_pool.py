@@ -1,0 +1,224 @@
+"""`ddpm-pipe sample`'s workers: one :class:`SampleWorker` per Ray actor (or in this process), and the
+:class:`WorkerPool` that hands them units of sample indices (why actors: ``pipelines/sample.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from ddpm.noise import sample_seed
+from pipelines.errors import PipelineError, UsageError, first_line
+
+if TYPE_CHECKING:
+    from pipelines.sample import SampleRequest
+
+
+class SampleWorker:
+    """One Ray actor: loads the model once, then samples units of indices (see the module docstring)."""
+
+    def __init__(self, uri: str, sampler: str, steps: int | None, eta: float, precision: str,
+                 progressive: int, threads: int, env: dict[str, str], compile: bool = False) -> None:
+        self._error: Exception | None = None
+        try:
+            self._setup(uri, sampler, steps, eta, precision, progressive, threads, env, compile)
+        except Exception as e:  # raised from info(): an actor that dies in __init__ loses the cause
+            self._error = e
+
+    def _setup(self, uri: str, sampler: str, steps: int | None, eta: float, precision: str,
+               progressive: int, threads: int, env: dict[str, str], compile: bool) -> None:
+        import torch
+
+        from ddpm.inference import SamplingNet
+        from ddpm.pipeline import DDPMPipeline
+        from ddpm.samplers import default_steps
+        from pipelines.models import load
+
+        os.environ.update(env)  # the tracking store; never credentials (workers read their own)
+        torch.set_num_threads(int(os.environ.get("DDPM_TORCH_THREADS") or 0) or max(1, threads))
+        start = time.perf_counter()
+        loaded = load(uri)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Weights cast once and channels-last (ddpm/inference.py): faster than autocast per call.
+        self.model = SamplingNet(loaded.model.to(self.device), precision=precision, compile=compile,
+                                 log=lambda m: print(f"[sample] {m}", file=sys.stderr, flush=True))
+        self.diffusion = loaded.diffusion
+        cfg = loaded.config
+        T = self.diffusion.num_timesteps
+        self.progressive = progressive
+        steps = steps if steps is not None else default_steps(sampler, T)
+        if steps > T:
+            raise UsageError(f"--steps {steps} exceeds the model's T={T}")
+        # The driver sizes units to --batch-size, and a unit is sampled as one batch.
+        self.pipe = DDPMPipeline.from_config(self.model, cfg, self.diffusion, sampler=sampler, steps=steps,
+                                             eta=eta, batch_size=sys.maxsize)
+        self.shape = self.pipe.image_shape
+        self._info = {"steps": self.pipe.steps, "T": T, "shape": list(self.shape), "levels": cfg.data.levels,
+                      "clip_denoised": cfg.sample.clip_denoised, "load_s": time.perf_counter() - start,
+                      "device": str(self.device)}
+
+    def info(self) -> dict[str, Any]:
+        if self._error is not None:
+            raise self._error
+        return {**self._info, "node_id": _node_id()}
+
+    def sample(self, indices: list[int], seed: int) -> dict[str, Any]:
+        """x_0 for ``indices`` as float32 ``[n x C x H x W]`` (and the progressive predictions)."""
+        start = time.perf_counter()
+        out = self.pipe.from_seeds([sample_seed(seed, i) for i in indices], progressive=self.progressive)
+        x, preds = out if self.progressive else (out, None)
+        return {"indices": list(indices), "seconds": time.perf_counter() - start,
+                "x": x.float().cpu().numpy(),
+                "progressive": None if preds is None else preds.float().cpu().numpy().swapaxes(0, 1)}
+
+
+def _node_id() -> str:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
+    return "local"
+
+
+def runs_in_process(req: SampleRequest) -> bool:
+    """A one-worker CPU job with no cluster to use runs in this process: no Ray instance to start and
+    no actor to launch, which were most of a small local job's time (seconds, not tens of seconds).
+    With ``--nodes`` above 1, ``--address``, ``RAY_ADDRESS`` or Ray already running here, the job
+    goes to Ray as before; ``DDPM_SAMPLE_IN_PROCESS=0`` sends every job there (to compare)."""
+    ray = sys.modules.get("ray")
+    if os.environ.get("DDPM_SAMPLE_IN_PROCESS", "1") == "0":
+        return False
+    return (req.nodes == 1 and req.gpus_per_node == 0 and not req.address and not os.environ.get("RAY_ADDRESS")
+            and not (ray is not None and ray.is_initialized()))
+
+
+class WorkerPool:
+    """``nodes * max(gpus_per_node, 1)`` :class:`SampleWorker` actors in one placement group, or one
+    :class:`SampleWorker` in this process (:func:`runs_in_process`)."""
+
+    def __init__(self, req: SampleRequest, env: dict[str, str]) -> None:
+        self.actors: list[Any] = []
+        self.pg = None
+        self.started = False
+        self._local: SampleWorker | None = None
+        if runs_in_process(req):
+            self._local = SampleWorker(req.model, req.sampler, req.steps, req.eta, req.precision, req.progressive,
+                                       os.cpu_count() or 1, {}, req.compile)
+            self.info = {k: v for k, v in self._local.info().items() if k != "node_id"}
+            self.info.update(workers=1, nodes_used=1)
+            return
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from pipelines import cluster
+
+        self._ray = ray
+        self.started = cluster.connect(req.address, min_cpus=req.nodes * max(req.gpus_per_node, 1))
+        try:
+            placement = cluster.plan(req.nodes, req.gpus_per_node, started_locally=self.started)
+            bundle = {"CPU": placement.cpus_per_worker, **({"GPU": 1} if placement.use_gpu else {})}
+            self.pg = ray.util.placement_group([bundle] * placement.workers, strategy=placement.strategy)
+            try:
+                ray.get(self.pg.ready(), timeout=120)
+            except ray.exceptions.GetTimeoutError:
+                raise PipelineError(f"the cluster could not place {placement.workers} sampling worker(s) "
+                                    f"({placement.strategy}) within 120 s") from None
+            remote = ray.remote(SampleWorker)
+            for k in range(placement.workers):
+                self.actors.append(remote.options(
+                    max_restarts=2, max_task_retries=2,  # a killed worker is restarted, its unit redone
+                    num_cpus=placement.cpus_per_worker, num_gpus=1 if placement.use_gpu else 0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k),
+                ).remote(req.model, req.sampler, req.steps, req.eta, req.precision, req.progressive,
+                         placement.threads_per_worker, env, req.compile))
+            infos = self._get([a.info.remote() for a in self.actors])
+        except BaseException:
+            self.close()
+            raise
+        self.info = {k: v for k, v in infos[0].items() if k not in ("load_s", "node_id")}
+        self.info["workers"] = len(self.actors)
+        self.info["nodes_used"] = len({i["node_id"] for i in infos})
+        self.info["load_s"] = max(i["load_s"] for i in infos)
+
+    def _get(self, refs: Any) -> Any:
+        try:
+            return self._ray.get(refs)
+        except self._ray.exceptions.RayError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, PipelineError):
+                raise cause from None
+            raise PipelineError(f"a sampling worker failed: {first_line(e)}") from e
+
+    def run(self, units: Iterable[list[int]], seed: int, on_result: Callable[[dict[str, Any]], None]) -> None:
+        """Sample every unit; ``on_result`` gets each unit's result on the driver as it arrives."""
+        if self._local is not None:
+            for unit in units:
+                on_result(self._local.sample(unit, seed))
+            return
+        queue = deque(units)
+        pending: dict[Any, Any] = {}
+        for actor in self.actors:
+            if queue:
+                pending[actor.sample.remote(queue.popleft(), seed)] = actor
+        while pending:
+            ready, _ = self._ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(ready[0])
+            if queue:  # keep the actor busy while the driver writes
+                pending[actor.sample.remote(queue.popleft(), seed)] = actor
+            on_result(self._get(ready[0]))
+
+    def close(self) -> None:
+        if self._local is not None:
+            return
+        for actor in self.actors:
+            try:
+                self._ray.kill(actor)
+            except Exception:
+                pass
+        if self.pg is not None:
+            try:
+                self._ray.util.remove_placement_group(self.pg)
+            except Exception:
+                pass
+        if self.started:
+            self._ray.shutdown()
+
+
+def worker_env(model: str) -> dict[str, str]:
+    """What workers need to resolve a model URI: the tracking store (no secrets: a URI holding
+    credentials is left out, the workers read their own, see :func:`pipelines.settings.shareable_uri`)."""
+    env: dict[str, str] = {}
+    if model.startswith(("runs:/", "models:/")):
+        import mlflow
+
+        from pipelines.settings import shareable_uri
+
+        uris = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri()}
+        env = {k: v for k, v in uris.items() if shareable_uri(v)}
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "DDPM_HOME", "DDPM_TORCH_THREADS"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
+
+
+def units_of(indices: list[int], size: int) -> list[list[int]]:
+    """Split sorted ``indices`` into runs of consecutive indices of at most ``size`` each."""
+    units: list[list[int]] = []
+    for i in indices:
+        if units and units[-1][-1] == i - 1 and len(units[-1]) < size:
+            units[-1].append(i)
+        else:
+            units.append([i])
+    return units
+
+
+def unit_size(missing: int, workers: int, batch_size: int) -> int:
+    """At most ``batch_size``, and small enough that every worker gets a unit."""
+    return max(1, min(batch_size, math.ceil(missing / max(workers, 1))))
+
+
+__all__ = ["SampleWorker", "WorkerPool", "runs_in_process", "unit_size", "units_of", "worker_env"]
