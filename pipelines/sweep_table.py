@@ -38,8 +38,9 @@ class SweepTable:
 
     def __init__(self, config_of: Callable[[dict], Any], max_steps: int, stream=None, every_s: float = 10.0):
         self.config_of, self.max_steps = config_of, max_steps
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        # None: sys.stderr, looked up when shown. Tune pickles the run config and so this table (with
+        # its callback) into tuner.pkl, and an open stream does not pickle.
+        self._stream = stream
         self.every_s = every_s
         self.trials: dict[str, dict[str, str]] = {}
         self.best: tuple[float, str] | None = None
@@ -66,6 +67,14 @@ class SweepTable:
         best = (f"best so far: trial {self.best[1]}, held-out {self.best[0]:.3f} bits/dim"
                 if self.best else "best so far: none yet")
         return render(list(self.trials.values())) + [best]
+
+    @property
+    def stream(self):
+        return self._stream if self._stream is not None else sys.stderr
+
+    @property
+    def tty(self) -> bool:
+        return bool(getattr(self.stream, "isatty", lambda: False)())
 
     def show(self, force: bool = False) -> None:
         now = time.perf_counter()
