@@ -253,9 +253,8 @@ class ExperimentConfig:
                 model=UNetConfig.digits(),
                 diffusion=DiffusionConfig(schedule="linear", timesteps=1000),
                 data=DataConfig(source="digits", levels=17, random_flip=False),
-                # Measured on this preset (docs/RESULTS.md): FD below the real-data floor by step
-                # 1500; 3000 steps of batch 64 (about 130 passes over 1437 images) sharpen the digits
-                # and take about 5 minutes on 2 CPU cores.
+                # 3000 steps of batch 64: about 130 passes over the 1437 training digits, a few
+                # minutes on 2 CPU cores (docs/RESULTS.md has the measured time and scores).
                 train=TrainConfig(batch_size=64, lr=2e-3, warmup_steps=100, ema_decay=0.995,
                                   max_steps=3000, log_every=100, eval_every=500, sample_every=1000,
                                   checkpoint_every=500, registered_model="ddpm-digits"),
