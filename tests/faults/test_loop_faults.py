@@ -105,7 +105,7 @@ def test_checkpoint_write_killed_halfway_leaves_the_previous_one_whole(tmp_path)
 
 # -- the MLflow server down for part of a run ---------------------------------------------------------
 def _start_mlflow(root: Path, port: int) -> subprocess.Popen:
-    from tests.fixtures.mlflow_server import _healthy
+    from tests.fixtures.mlflow_server import _START_TIMEOUT, _healthy
 
     uri = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -114,7 +114,7 @@ def _start_mlflow(root: Path, port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root, env=env,
                             start_new_session=True)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + _START_TIMEOUT
     while not _healthy(uri):
         assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
         time.sleep(0.3)
