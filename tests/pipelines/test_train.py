@@ -108,7 +108,8 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, tmp_path, monk
 
 
 def test_nodes_beyond_cluster_fail_fast(ray_cluster, tmp_path):
-    result = run_cli(*train_args(tmp_path, nodes=9, steps=1, name="toobig"))
+    # 8 nodes: the batch of 16 divides over them (that driver check comes first), the 4-node cluster cannot place them.
+    result = run_cli(*train_args(tmp_path, nodes=8, steps=1, name="toobig"))
     assert result.exit_code == 2
     assert "cannot be placed" in result.output and "4 node(s)" in result.output
 
