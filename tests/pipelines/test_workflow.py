@@ -185,8 +185,9 @@ def test_submit_ships_the_local_config_and_workflow_files_as_the_jobs_working_di
 @pytest.mark.timeout(900)
 def test_submitted_job_reads_files_that_exist_only_on_the_submitting_side(ray_head, tmp_path, monkeypatch):
     """Config and workflow files in a folder deleted right after submission: the job still reads
-    them (shipped in its runtime env). The workflow asks for 9 nodes so the job stops, exit 2, at the
-    train step, after the prepare step has written the shards where the shipped config says."""
+    them (shipped in its runtime env). The workflow asks for 16 nodes (the batch of 64 divides over
+    them, so the driver's batch check passes) so the job stops, exit 2, at the train step's capacity
+    check, after the prepare step has written the shards where the shipped config says."""
     import shutil
 
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -196,7 +197,7 @@ def test_submitted_job_reads_files_that_exist_only_on_the_submitting_side(ray_he
     local.mkdir()
     data = tmp_path / "shipped-data"
     (local / "exp.yaml").write_text(f"base: digits\ndata: {{url: {data / 'train'}, holdout_url: {data / 'test'}}}\n")
-    (local / "wf.yaml").write_text("train: {nodes: 9}\n")
+    (local / "wf.yaml").write_text("train: {nodes: 16}\n")
     result = CliRunner().invoke(app, ["run", "--name", "shipped", "--submit", "--address", ray_head, "--json",
                                       "--config", str(local / "exp.yaml"), "--workflow", str(local / "wf.yaml")])
     assert result.exit_code == 0, result.output
@@ -211,5 +212,5 @@ def test_submitted_job_reads_files_that_exist_only_on_the_submitting_side(ray_he
         time.sleep(2)
     logs = client.get_job_logs(job_id)
     assert client.get_job_status(job_id) == JobStatus.FAILED, logs[-3000:]
-    assert "--nodes 9 needs 9 CPUs" in logs, logs[-3000:]  # the shipped workflow was read
+    assert "--nodes 16 needs 16 CPUs" in logs, logs[-3000:]  # the shipped workflow was read
     assert (data / "train" / "manifest.json").exists(), logs[-3000:]  # the shipped config was read
