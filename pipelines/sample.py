@@ -208,10 +208,10 @@ def _timings(start: float, ready: float, done: float, count: int) -> dict[str, f
 
 
 def _bar(total: int, enabled: bool):
-    from tqdm import tqdm
+    """The progress line ``evaluate`` prints too (rate and ETA; in place on a terminal, plain lines otherwise)."""
+    from pipelines.console import Progress
 
-    return tqdm(total=total, unit="sample", desc="sample", disable=not enabled, dynamic_ncols=True,
-                smoothing=0.1)
+    return Progress("sample", total, "sample", enabled=enabled)
 
 
 def _identity(req: SampleRequest, fmt: str, meta: dict[str, Any], steps: int | None) -> dict[str, Any]:
@@ -295,7 +295,7 @@ def _write_locked(req: SampleRequest, folder: OutputFolder, fmt: str, meta: dict
         if state.manifest is not None:  # it says "complete"; it comes back once that is true again
             folder.remove(MANIFEST)
         bar = _bar(len(missing), progress)
-        bar.set_postfix_str(f"{info['workers']} worker(s) -> {where}", refresh=False)
+        bar.suffix = f" on {info['workers']} worker(s) -> {where}"
 
         def write(result: dict[str, Any]) -> None:
             names = write_unit(folder, fmt, result, info["levels"])
