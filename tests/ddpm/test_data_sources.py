@@ -15,6 +15,7 @@ from ddpm.data.shards import write_shards
 from ddpm.data.reader import load_split
 from ddpm.data.sources import Sample, Skip, cifar10, digits, image_folder, open_source
 from ddpm.data.storage import SourceError
+from tests.ddpm.helpers import make_cifar_archive
 
 
 def _samples(src):
@@ -85,22 +86,6 @@ def test_npy_and_npz_levels_and_bad_dtype(tmp_path):
     np.save(tmp_path / "f.npy", np.zeros((3, 5, 5), np.float32) + 0.5)
     with pytest.raises(SourceError, match="uint8"):
         open_source(str(tmp_path / "f.npy"))
-
-
-def make_cifar_archive(path, n_per_batch=4, seed=0):
-    """A tiny archive in the CIFAR-10 python format (protocol-2 pickles of b"data" and b"labels")."""
-    rng = np.random.default_rng(seed)
-    batches = {}
-    with tarfile.open(path, "w:gz") as tar:
-        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-            data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
-            labels = rng.integers(0, 10, n_per_batch).tolist()
-            batches[name] = (data, labels)
-            raw = pickle.dumps({b"batch_label": name.encode(), b"data": data, b"labels": labels}, protocol=2)
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-    return batches
 
 
 def test_cifar10_archive_round_trip(tmp_path):

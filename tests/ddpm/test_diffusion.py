@@ -8,32 +8,9 @@ import torch
 from ddpm.config import DiffusionConfig
 from ddpm.diffusion import Diffusion
 from ddpm.schedules import make_betas
+from tests.ddpm.helpers import GaussianOracle
 
 torch.set_num_threads(1)
-
-
-class GaussianOracle(torch.nn.Module):
-    """The optimal network for data x_0 ~ N(mu, s^2) per pixel, under the ORIGINAL schedule ``abar``.
-
-    eps*(x_t, t) = sqrt(1 - abar_t) (x_t - sqrt(abar_t) mu) / (abar_t s^2 + 1 - abar_t), and the x_0 and v
-    targets that go with it. With ``var_value`` set it also outputs C learned-range channels.
-    Records the timesteps it is called with.
-    """
-
-    def __init__(self, alphas_cumprod, mu=0.3, s=0.5, prediction="eps", var_value=None):
-        super().__init__()
-        self.abar, self.mu, self.s, self.prediction, self.var_value = alphas_cumprod, mu, s, prediction, var_value
-        self.calls: list[list[int]] = []
-
-    def forward(self, x_t, t):
-        self.calls.append(t.tolist())
-        a = self.abar.to(x_t)[t].view(-1, *([1] * (x_t.dim() - 1)))
-        eps = (1 - a).sqrt() * (x_t - a.sqrt() * self.mu) / (a * self.s**2 + 1 - a)
-        x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
-        out = {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[self.prediction]
-        if self.var_value is not None:
-            out = torch.cat([out, torch.full_like(out, self.var_value)], dim=1)
-        return out
 
 
 def zero_model(x_t, t):

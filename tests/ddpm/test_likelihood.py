@@ -17,7 +17,7 @@ from ddpm.diffusion import Diffusion
 from ddpm.likelihood import (LN2, bits_per_dim, bits_per_dim_estimate, calc_bpd_loop,
                              discretized_gaussian_log_likelihood, normal_kl)
 from ddpm.schedules import make_betas
-from tests.ddpm.test_diffusion import GaussianOracle
+from tests.ddpm.helpers import GaussianOracle
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,7 @@ from ddpm.noise import sample_seeds
 from ddpm.pipeline import DDPMPipeline
 from ddpm.samplers import generate
 from ddpm.schedules import make_betas
-from tests.ddpm.test_diffusion import GaussianOracle
+from tests.ddpm.helpers import GaussianOracle
 
 SHAPE = (1, 3, 3)
 

@@ -17,7 +17,7 @@ from ddpm.diffusion import Diffusion
 from ddpm.noise import NoiseSource, randn
 from ddpm.samplers import DDIMSampler, DDPMSampler, DPMSolverPPSampler, generate, run_loop, space_timesteps
 from ddpm.schedules import make_betas
-from tests.ddpm.test_diffusion import GaussianOracle
+from tests.ddpm.helpers import GaussianOracle
 
 torch.set_num_threads(1)
 

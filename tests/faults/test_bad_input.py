@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from tests.pipelines.test_train import TINY
+from tests.pipelines.helpers import TINY
 
 
 def cli(*args: str):
@@ -159,7 +159,7 @@ def test_shards_that_do_not_fit_the_model_fail_before_training(tmp_path, digits_
 
 # -- models and checkpoints ---------------------------------------------------------------------------
 def _checkpoint(path: Path, **changes) -> str:
-    from tests.pipelines.test_sample import make_checkpoint
+    from tests.pipelines.helpers import make_checkpoint
 
     make_checkpoint(str(path))
     if changes:  # rewrite the saved dict as a future or foreign version would have written it

@@ -16,7 +16,7 @@ import torch
 
 from ddpm.config import load_config
 from pipelines.loop import LoopContext, LoopData, NonFiniteLossError, train_loop
-from tests.pipelines.test_train import TINY
+from tests.pipelines.helpers import TINY
 
 
 def config(*extra: str):

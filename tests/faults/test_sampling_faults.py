@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pipelines import sample as S
-from tests.pipelines.test_sample import make_checkpoint, read_npz_folder
+from tests.pipelines.helpers import make_checkpoint, read_npz_folder
 
 N = 8
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from pipelines.errors import UsageError
-from tests.pipelines.test_train import TINY
+from tests.pipelines.helpers import TINY
 
 
 class _Exploit:
@@ -53,7 +53,7 @@ def test_malicious_registered_model_is_refused_and_its_code_never_runs(tmp_path)
 
     from pipelines import models, tracking
     from pipelines.settings import resolve
-    from tests.pipelines.test_sample import make_checkpoint
+    from tests.pipelines.helpers import make_checkpoint
 
     marker = tmp_path / "pwned"
     folder = tmp_path / "model" / "artifacts" / "ddpm_model"

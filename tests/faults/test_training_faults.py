@@ -21,7 +21,7 @@ import torch
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from tests.pipelines.test_train import TINY
+from tests.pipelines.helpers import TINY
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the registered checkpoints
 

@@ -57,7 +57,7 @@ def test_prepare_to_s3_with_endpoint_option(s3_prefix, s3_endpoint, monkeypatch)
 
 def test_prepare_cifar_archive_from_s3(tmp_path, s3_prefix):
     from ddpm.data.storage import open_fs
-    from tests.ddpm.test_data_sources import make_cifar_archive
+    from tests.ddpm.helpers import make_cifar_archive
 
     batches = make_cifar_archive(tmp_path / "cifar-10-python.tar.gz", n_per_batch=3)
     fs, root = open_fs(s3_prefix)
@@ -98,7 +98,7 @@ def test_prepare_into_a_folder_of_someone_elses_files_is_refused_untouched(tmp_p
 
 
 def test_prepare_removes_an_interrupted_runs_temporaries_and_an_earlier_larger_runs_shards(tmp_path):
-    from tests.pipelines.test_sample import dead_pid
+    from tests.pipelines.helpers import dead_pid
 
     out = tmp_path / "d"
     first = _json(_prepare(out, "--shard-size", "200"))

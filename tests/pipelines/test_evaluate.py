@@ -3,38 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from tests.pipelines.test_registry import _no_stale_registry_uri  # noqa: F401 (autouse fixture)
-from tests.pipelines.test_registry import register_tiny, save_tiny_checkpoint
+from tests.pipelines.helpers import FAST, register_tiny, save_tiny_checkpoint
 
-FAST = {"num": 16, "sampler": "ddim", "steps": 5, "bpd_images": 8}
-
-
-@pytest.fixture(scope="session")
-def digits_home_template(tmp_path_factory):
-    """Prepared digits shards and a trained feature net, made once and copied into each test's DDPM_HOME."""
-    from ddpm.features import load_digits_feature_net
-    from pipelines.data import prepare_command
-
-    root = tmp_path_factory.mktemp("digits-home")
-    for split in ("train", "test"):
-        prepare_command(source="digits", out=str(root / "data" / "digits" / split), split=split)
-    load_digits_feature_net(root / "cache")
-    return root
-
-
-@pytest.fixture
-def digits_home(digits_home_template):
-    home = Path(os.environ["DDPM_HOME"])
-    shutil.copytree(digits_home_template, home, dirs_exist_ok=True)
-    return home
 
 
 @pytest.mark.timeout(180)

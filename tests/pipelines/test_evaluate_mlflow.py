@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.pipelines.test_evaluate import FAST, digits_home, digits_home_template  # noqa: F401 (fixtures)
-from tests.pipelines.test_registry import _no_stale_registry_uri  # noqa: F401 (autouse fixture)
-from tests.pipelines.test_registry import register_tiny
+from tests.pipelines.helpers import FAST
+from tests.pipelines.helpers import register_tiny
 
 
 @pytest.mark.timeout(300)

@@ -10,7 +10,6 @@ import torch
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from tests.pipelines.test_registry import _no_stale_registry_uri  # noqa: F401 (autouse fixture)
 
 pytest.importorskip("diffusers", reason="diffusers is not installed (the `diffusers` extra; `make setup` has it)")
 

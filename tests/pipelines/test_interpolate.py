@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from pipelines.interpolate import read_image
-from tests.pipelines.test_sample import make_checkpoint
+from tests.pipelines.helpers import make_checkpoint
 
 
 @pytest.fixture(scope="module")

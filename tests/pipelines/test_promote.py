@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from tests.pipelines.test_evaluate import FAST, digits_home, digits_home_template  # noqa: F401 (fixtures)
-from tests.pipelines.test_registry import _no_stale_registry_uri, register_tiny  # noqa: F401 (fixture)
+from tests.pipelines.helpers import FAST
+from tests.pipelines.helpers import register_tiny
 
 KEY = "kid/data:abc/eta:0/features:digits-cnn-v3/num:16/sampler:ddim/steps:5/vs:test-360"
 

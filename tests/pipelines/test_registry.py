@@ -11,54 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.pipelines.helpers import register_tiny, save_tiny_checkpoint, tiny_config
 
-@pytest.fixture(autouse=True)
-def _no_stale_registry_uri(monkeypatch):
-    """mlflow.set_registry_uri also writes MLFLOW_REGISTRY_URI into os.environ, and
-    pipelines.settings.resolve() prefers that variable: drop the previous test's store."""
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-
-
-# A tiny U-Net and a short chain: the point is the plumbing, not the model.
-TINY = ["model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[4]",
-        "model.dropout=0.0", "diffusion.timesteps=50", "sample.batch_size=8"]
-
-
-def tiny_config():
-    from ddpm.config import ExperimentConfig
-
-    return ExperimentConfig.preset("digits").override(TINY)
-
-
-def save_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A randomly initialised tiny digits model saved as a training checkpoint (EMA = model)."""
-    from ddpm.checkpoint import save_checkpoint
-    from ddpm.ema import EMA
-    from ddpm.unet import UNet
-
-    torch.manual_seed(seed)
-    model = UNet(tiny_config().model)
-    with torch.no_grad():  # random, non-zero everywhere (the U-Net zero-initialises some outputs)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_checkpoint(str(path), {"config": tiny_config(), "model": model.state_dict(),
-                                "ema": EMA(model).state_dict(), "step": 7})
-    return path
-
-
-def register_tiny(tmp_path: Path, name: str = "tiny", seed: int = 0) -> tuple[str, str, Path]:
-    """Log a tiny checkpoint into a new run of the current tracking store; returns (run_id, version, ckpt)."""
-    from pipelines import registry, tracking
-    from pipelines.settings import resolve
-
-    settings = resolve()
-    tracking.configure(settings)
-    ckpt = save_tiny_checkpoint(tmp_path / f"ckpt-{seed}.pt", seed)
-    exp_id = tracking.experiment_id("tests", settings)
-    run_id, _ = tracking.start_or_resume_run(exp_id, f"{name}-{seed}")
-    version = registry.log_and_register(run_id, str(ckpt), name)
-    tracking.end_run(run_id)
-    return run_id, version, ckpt
 
 
 @pytest.mark.timeout(120)

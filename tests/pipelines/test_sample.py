@@ -6,7 +6,6 @@ import io
 import json
 import os
 import tarfile
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,55 +15,15 @@ from pipelines import sample as S
 from pipelines import sample_output as O
 from pipelines import sample_pool as P
 from pipelines.cli import app
-
-N = 6  # samples per test: enough for several units on two workers, cheap on two cores
-
-
-def make_checkpoint(path: str, seed: int = 0) -> str:
-    """A tiny random U-Net (8x8 grey, T=50) saved with its config and EMA weights; no training."""
-    import torch
-
-    from ddpm.checkpoint import save_checkpoint
-    from ddpm.config import DiffusionConfig, ExperimentConfig, UNetConfig
-    from ddpm.unet import UNet
-
-    cfg = ExperimentConfig.preset("digits")
-    cfg = replace(cfg, model=UNetConfig(image_size=8, in_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1,
-                                        attn_resolutions=(), dropout=0.0),
-                  diffusion=DiffusionConfig(timesteps=50))
-    torch.manual_seed(seed)
-    model = UNet(cfg.model)
-    with torch.no_grad():  # break the zero-initialised output layer so the network matters
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    sd = model.state_dict()
-    save_checkpoint(path, {"config": cfg, "model": sd,
-                           "ema": {"module": sd, "num_updates": 0, "decay": 0.999, "warmup": True}})
-    return path
-
+from tests.pipelines.helpers import N, dead_pid, make_checkpoint, read_npz_folder, request
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return make_checkpoint(str(tmp_path_factory.mktemp("model") / "checkpoint.pt"))
 
 
-def request(ckpt: str, **kw) -> S.SampleRequest:
-    return S.SampleRequest(**{"model": ckpt, "num": N, "sampler": "ddim", "steps": 4, "batch_size": 4, **kw})
-
-
 def cli(*args: str):
     return CliRunner().invoke(app, list(args))
-
-
-def read_npz_folder(folder) -> dict[int, np.ndarray]:
-    out: dict[int, np.ndarray] = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".npz"):
-            with np.load(os.path.join(folder, name)) as z:
-                for k, i in enumerate(z["indices"].tolist()):
-                    assert i not in out, f"index {i} twice"
-                    out[i] = z["x"][k]
-    return out
 
 
 def png_array(data: bytes) -> np.ndarray:
@@ -163,16 +122,6 @@ def test_a_foreign_temporary_is_refused_untouched(tmp_path, ckpt, no_sampling):
     assert result.exit_code == 3, result.output
     assert ".thesis.tex.tmp-4242-deadbeef" in result.output
     assert sorted(p.name for p in out.iterdir()) == [".thesis.tex.tmp-4242-deadbeef"]
-
-
-def dead_pid() -> int:
-    """The pid of a process that has exited (and been reaped): provably gone."""
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 
 from pipelines import sample as S
 from pipelines import sample_pool as P
-from tests.pipelines.test_sample import make_checkpoint, read_npz_folder, request
+from tests.pipelines.helpers import make_checkpoint, read_npz_folder, request
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipelines.test_registry import _no_stale_registry_uri  # noqa: F401 (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 

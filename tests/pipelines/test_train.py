@@ -5,34 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from pipelines.cli import app
+from tests.pipelines.helpers import mlflow_client, run_cli, train_args
 
-# A tiny U-Net and a few steps: the point is the distributed plumbing, not the model.
-TINY = ["model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[4]",
-        "diffusion.timesteps=100", "train.batch_size=16", "train.log_every=1", "train.eval_every=2",
-        "train.sample_every=4", "train.checkpoint_every=2", "train.warmup_steps=2"]
-
-
-def run_cli(*args: str):
-    result = CliRunner().invoke(app, list(args))
-    return result
-
-
-def train_args(tmp_path, *extra: str, nodes: int = 4, steps: int = 4, name: str = "t1",
-               storage: str | None = None) -> list[str]:
-    sets = [x for s in TINY for x in ("--set", s)]
-    return ["train", "--nodes", str(nodes), "--max-steps", str(steps), "--run-name", name,
-            "--storage", storage or str(tmp_path / "storage"), "--json", *sets, *extra]
-
-
-def mlflow_client():
-    from pipelines import tracking
-    from pipelines.settings import resolve
-
-    tracking.configure(resolve())
-    return tracking.client()
 
 
 @pytest.mark.slow

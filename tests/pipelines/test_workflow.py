@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from tests.pipelines.test_train import TINY, mlflow_client
+from tests.pipelines.helpers import TINY, mlflow_client
 
 WORKFLOW = """
 train: {nodes: 2}

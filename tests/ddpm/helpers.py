@@ -1,0 +1,51 @@
+"""Helpers shared by the library tests: a closed-form Gaussian denoiser, a CIFAR-style archive."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import torch
+
+
+class GaussianOracle(torch.nn.Module):
+    """The optimal network for data x_0 ~ N(mu, s^2) per pixel, under the ORIGINAL schedule ``abar``.
+
+    eps*(x_t, t) = sqrt(1 - abar_t) (x_t - sqrt(abar_t) mu) / (abar_t s^2 + 1 - abar_t), and the x_0 and v
+    targets that go with it. With ``var_value`` set it also outputs C learned-range channels.
+    Records the timesteps it is called with.
+    """
+
+    def __init__(self, alphas_cumprod, mu=0.3, s=0.5, prediction="eps", var_value=None):
+        super().__init__()
+        self.abar, self.mu, self.s, self.prediction, self.var_value = alphas_cumprod, mu, s, prediction, var_value
+        self.calls: list[list[int]] = []
+
+    def forward(self, x_t, t):
+        self.calls.append(t.tolist())
+        a = self.abar.to(x_t)[t].view(-1, *([1] * (x_t.dim() - 1)))
+        eps = (1 - a).sqrt() * (x_t - a.sqrt() * self.mu) / (a * self.s**2 + 1 - a)
+        x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        out = {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[self.prediction]
+        if self.var_value is not None:
+            out = torch.cat([out, torch.full_like(out, self.var_value)], dim=1)
+        return out
+
+
+def make_cifar_archive(path, n_per_batch=4, seed=0):
+    """A tiny archive in the CIFAR-10 python format (protocol-2 pickles of b"data" and b"labels")."""
+    rng = np.random.default_rng(seed)
+    batches = {}
+    with tarfile.open(path, "w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
+            labels = rng.integers(0, 10, n_per_batch).tolist()
+            batches[name] = (data, labels)
+            raw = pickle.dumps({b"batch_label": name.encode(), b"data": data, b"labels": labels}, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return batches
+
