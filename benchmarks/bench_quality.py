@@ -195,11 +195,18 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _duration(text: str) -> float:
     from ddpm.config import parse_duration
 
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--budget", type=parse_duration, default=600.0,
+    p.add_argument("--budget", type=_duration, default=600.0,
                    help="training wall time per model: 600, 90s, 10m, 1.5h (default 10m)")
     p.add_argument("--samples", type=int, default=500, help="samples per model and sampler")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the machine's cores)")
