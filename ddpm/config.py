@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -35,6 +36,21 @@ PRESETS = ("digits", "cifar10")
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names it and the valid choices."""
+
+
+DURATION_FORMS = "seconds (600, 90.5) or a number with s, m or h (90s, 10m, 1.5h)"
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)")
+_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds in ``text``: ``600``, ``90s``, ``10m``, ``1.5h``; a ``ValueError`` naming the forms
+    for anything else, zero included (a budget of nothing is a mistake, not a request)."""
+    match = _DURATION.fullmatch(str(text).strip().lower())
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)] if match else 0.0
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise ValueError(f"{text!r} is not a duration; valid: {DURATION_FORMS}")
+    return seconds
 
 
 def _choices(tp: Any) -> tuple[Any, ...] | None:
@@ -182,6 +198,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm at this value
     ema_decay: float = 0.9999
     max_steps: int = 800_000
+    max_time: float | None = None  # seconds of training; the run stops at max_steps or here, first reached
     grad_accum: int = 1  # micro-batches per optimizer step
     precision: Precision = "fp32"
     seed: int = 0
@@ -203,6 +220,8 @@ class TrainConfig:
         _require(self.grad_clip > 0, "train.grad_clip must be > 0")
         _require(0.0 <= self.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         _require(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        _require(self.max_time is None or (math.isfinite(self.max_time) and self.max_time > 0),
+                 f"train.max_time must be a number of seconds > 0, got {self.max_time}")
         _require(self.grad_accum >= 1, "train.grad_accum must be >= 1")
         for name in ("log_every", "eval_every", "sample_every", "checkpoint_every",
                      "keep_checkpoints", "max_nonfinite"):
@@ -445,6 +464,6 @@ def load_config(spec: str | None = "digits", overrides: list[str] | tuple[str, .
 
 
 __all__ = [
-    "ConfigError", "DataConfig", "DiffusionConfig", "ExperimentConfig", "PRESETS", "SampleConfig",
-    "TrainConfig", "UNetConfig", "load_config", "read_yaml_mapping", "replace",
+    "ConfigError", "DURATION_FORMS", "DataConfig", "DiffusionConfig", "ExperimentConfig", "PRESETS", "SampleConfig",
+    "TrainConfig", "UNetConfig", "load_config", "parse_duration", "read_yaml_mapping", "replace",
 ]

@@ -52,6 +52,16 @@ def _choice(*flags: str, values: tuple[str, ...], help: str) -> Any:
                         autocompletion=complete)
 
 
+def _duration(value: str) -> float:
+    """Seconds from ``600``, ``90s``, ``10m`` or ``1.5h``; anything else fails with exit 2 naming the forms."""
+    from ddpm.config import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 TRAIN_PRECISIONS: tuple[str, ...] = get_args(Precision)
 SAMPLE_PRECISIONS: tuple[str, ...] = get_args(get_type_hints(SampleConfig)["precision"])
@@ -185,6 +195,7 @@ def train(
     nodes: Nodes = 1,
     gpus_per_node: GpusPerNode = 0,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Override train.max_steps.")] = None,
+    max_time: Annotated[Optional[float], typer.Option("--max-time", parser=_duration, metavar="DURATION", help="Stop after this much training (600, 90s, 10m, 1.5h; sets train.max_time in seconds), or at --max-steps if that comes first; the last step checkpoints and registers as a finished run does.")] = None,
     precision: Annotated[Optional[str], _choice("--precision", values=TRAIN_PRECISIONS, help="Override train.precision.")] = None,
     experiment: Experiment = None,
     run_name: Annotated[Optional[str], typer.Option("--run-name", help="Run name; re-running the same name resumes it.")] = None,
@@ -196,7 +207,7 @@ def train(
 
     _dispatch(train_command, json_out, config=config, overrides=set_ or [],
               data=data, storage=storage, nodes=nodes, gpus_per_node=gpus_per_node, max_steps=max_steps,
-              precision=precision, experiment=experiment, run_name=run_name, address=address)
+              max_time=max_time, precision=precision, experiment=experiment, run_name=run_name, address=address)
 
 
 # -- tune -----------------------------------------------------------------------------------------

@@ -231,16 +231,24 @@ def measure_sampler(loaded: Any, ev: EvalData, sampler: str, steps: int | None, 
     Each result's key says what was compared with what: ``vs:test-<M>`` (the held-out split) or
     ``vs:train-<M>`` (copy rate), and a floor's ``real:train``/``real:test`` with its ``num``.
     """
-    import math
-
-    from ddpm.data.reader import to_float, to_uint8
-
     if eta and sampler != "ddim":
         raise UsageError(f"eta applies to the ddim sampler only, not {sampler!r}")
     steps = _steps_used(loaded, sampler, steps)
     start = time.perf_counter()
     x = generate_samples(loaded, sampler, steps, eta, num, nodes, address)
-    seconds = time.perf_counter() - start
+    return score_samples(x, time.perf_counter() - start, ev, sampler, steps, eta, settings)
+
+
+def score_samples(x: Any, seconds: float, ev: EvalData, sampler: str, steps: int, eta: float,
+                  settings: Any) -> dict[str, Any]:
+    """Score samples ``x`` (float ``[N x C x H x W]`` in [-1, 1]) made in ``seconds`` by one sampler
+    setting, as :func:`measure_sampler` does; for samples made elsewhere (``benchmarks/bench_quality.py``
+    scores a diffusers model's with it)."""
+    import math
+
+    from ddpm.data.reader import to_float, to_uint8
+
+    num = len(x)
     samples = to_float(to_uint8(x, ev.levels), ev.levels)  # on the data's own grey levels
     deps = {"sampler": sampler, "steps": steps, "eta": float(eta), "num": num}
     out: dict[str, Any] = {"sampler": sampler, "steps": steps, "eta": float(eta), "num": num,

@@ -9,6 +9,15 @@ One optimizer step (paper, algorithm 1):
   2. t ~ Uniform({0..T-1}), eps ~ N(0, I)
   3. gradient step on ||eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t)||^2
   4. clip the global gradient norm, Adam, learning-rate warm-up, EMA update.
+
+The run ends at ``train.max_steps`` or, when ``train.max_time`` is set, at the first step that ends
+past that many seconds of training (counted from the loop's start plus what the resumed checkpoint
+had trained), whichever comes first. Rank 0's clock decides and every rank follows it
+(:attr:`LoopContext.agree`), so all ranks stop after the same step. The last step does what a
+finished run's does: log, held-out bits/dim, sample grid, final checkpoint; ``ddpm.stop_reason``
+(``max_steps`` or ``max_time``) and ``ddpm.stop_step`` are set on the run. The learning-rate
+schedule is a linear warm-up then constant, so it needs no horizon: a time budget changes nothing
+about it (a decaying schedule would have to take its horizon from ``max_steps``).
 """
 
 from __future__ import annotations
@@ -46,6 +55,19 @@ class LoopContext:
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
     all_gather: Callable[[Any], list] = lambda obj: [obj]
     log: Callable[[str], None] = print
+    agree: Callable[[bool], bool] = lambda flag: flag  # rank 0's flag, on every rank
+
+
+def rank0_decides(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank of the default process group (a one-element broadcast)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    torch.distributed.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def _clock() -> float:
+    """The loop's clock (a function, so a test can make one rank's clock run ahead)."""
+    return time.perf_counter()
 
 
 @dataclass
@@ -169,6 +191,7 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
                          storage_options=data.storage_options)
 
     step, nonfinite_total, best_bpd = 0, 0, math.inf
+    trained_s = 0.0  # seconds of training before this attempt (a resumed checkpoint's)
     state = ctx.restore()
     if state is not None:
         model.load_state_dict(state["model"])
@@ -178,6 +201,7 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
         scaler.load_state_dict(state["scaler"])
         loader.load_state_dict(state["loader"])
         step, nonfinite_total = int(state["step"]), int(state.get("nonfinite_total", 0))
+        trained_s = float(state.get("train_s", 0.0))
         best_bpd = float(state.get("best_bpd", math.inf))
         rngs = state["rng"]
         _set_rng_state(rngs[ctx.rank] if ctx.rank < len(rngs) else rngs[0])
@@ -203,10 +227,19 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
     t_last, step_last = time.perf_counter(), step
-    t_start = t_last
+    t_start, clock_start = t_last, _clock()
     last_metrics: dict[str, float] = {}
     best_dirs: list[str] = []  # local copies of the best EMA weights, newest last
-    while step < tc.max_steps:
+
+    def out_of_time() -> bool:
+        if tc.max_time is None:
+            return False
+        return ctx.agree(trained_s + _clock() - clock_start >= tc.max_time)
+
+    stop_reason = "max_steps"
+    if step < tc.max_steps and out_of_time():  # resumed a run that had spent its budget
+        stop_reason = "max_time"
+    while step < tc.max_steps and stop_reason != "max_time":
         ddp_model.train()
         opt.zero_grad(set_to_none=True)
         for _ in range(tc.grad_accum):
@@ -238,18 +271,23 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
         step += 1
         loss_sum += loss.detach()
         loss_count += 1
+        if step < tc.max_steps and out_of_time():
+            stop_reason = "max_time"
+        final = step == tc.max_steps or stop_reason == "max_time"
 
         metrics: dict[str, float] = {}
-        if step % tc.log_every == 0 or step == tc.max_steps:
+        if step % tc.log_every == 0 or final:
             now = time.perf_counter()
             ips = (step - step_last) * tc.batch_size / max(now - t_last, 1e-9)
             metrics.update(loss=float(loss_sum) / max(loss_count, 1), grad_norm=float(grad_norm),
                            lr=sched.get_last_lr()[0], images_per_s=ips, nonfinite_total=nonfinite_total)
             eta = (tc.max_steps - step) * tc.batch_size / max(ips, 1e-9)
+            if tc.max_time is not None:
+                eta = min(eta, max(tc.max_time - trained_s - (_clock() - clock_start), 0.0))
             loss_sum.zero_()
             loss_count = 0
             t_last, step_last = now, step
-        if holdout is not None and (step % tc.eval_every == 0 or step == tc.max_steps):
+        if holdout is not None and (step % tc.eval_every == 0 or final):
             ema.module.eval()
             with torch.no_grad():
                 est, err = likelihood.bits_per_dim_estimate(diffusion, ema.module, holdout, levels=cfg.data.levels, seed=0)
@@ -265,7 +303,7 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
             ctx.log(f"[train] step {step}/{tc.max_steps} loss {metrics['loss']:.4f} "
                     f"{metrics['images_per_s']:.1f} img/s{held_out} ETA {eta:.0f}s")
         if ctx.rank == 0 and artifact_dir and tracker is not None and (
-                step % tc.sample_every == 0 or step == tc.max_steps):
+                step % tc.sample_every == 0 or final):
             path = os.path.join(artifact_dir, f"samples_step{step:07d}.png")
             sample_grid(ema.module, diffusion, cfg, path)
             tracker.log_image(path, "samples", step)
@@ -274,13 +312,13 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
         last_metrics.update(metrics)
 
         _maybe_inject_fault(ctx.rank, step)
-        if step == tc.max_steps:
+        if final:
             # DDP keeps replicas identical; check it, since a silent divergence would waste the run.
             sums = ctx.all_gather(float(sum(p.detach().double().sum() for p in model.parameters())))
             last_metrics["ranks_in_sync"] = float(all(v == sums[0] for v in sums))
             if tracker is not None:
                 tracker.log_metrics({"ranks_in_sync": last_metrics["ranks_in_sync"]}, step)
-        if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+        if step % tc.checkpoint_every == 0 or final:
             rngs = ctx.all_gather(_rng_state())
             ckpt = None
             if ctx.rank == 0:
@@ -289,9 +327,18 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
                     "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                     "loader": loader.state_dict(), "step": step, "rng": rngs,
                     "nonfinite_total": nonfinite_total, "best_bpd": best_bpd,
-                    "config": cfg.to_json(),
+                    "train_s": trained_s + _clock() - clock_start, "config": cfg.to_json(),
                 }
-            ctx.report({"step": step, **last_metrics}, ckpt)
+            extra = {"max_time_reached": float(stop_reason == "max_time")} if final else {}
+            ctx.report({"step": step, **last_metrics, **extra}, ckpt)
+    if ctx.rank == 0:
+        ctx.log(f"[train] stopped at step {step}: " + (
+            f"train.max_time={tc.max_time:g}s reached" if stop_reason == "max_time"
+            else f"train.max_steps={tc.max_steps} reached"))
+        if tracker is not None:
+            tracker.set_tag("ddpm.stop_reason", stop_reason)
+            tracker.set_tag("ddpm.stop_step", str(step))
     last_metrics["step"] = step
     last_metrics["wall_s"] = time.perf_counter() - t_start
+    last_metrics["max_time_reached"] = float(stop_reason == "max_time")
     return last_metrics

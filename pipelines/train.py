@@ -55,7 +55,7 @@ def _ray_context(tracking_uri: str | None):
     import ray.train.torch
     import torch
 
-    from pipelines.loop import LoopContext
+    from pipelines.loop import LoopContext, rank0_decides
 
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
@@ -76,7 +76,8 @@ def _ray_context(tracking_uri: str | None):
     if device.type == "cpu" and world == 1 and torch.backends.mps.is_available():
         device = torch.device("mps")  # Apple GPU: Ray does not schedule it, one worker can use it
     return LoopContext(rank=rank, world_size=world, device=device, restore=restore,
-                       report=report, wrap_model=wrap, all_gather=all_gather)
+                       report=report, wrap_model=wrap, all_gather=all_gather,
+                       agree=(lambda flag: rank0_decides(flag, device)) if world > 1 else (lambda flag: flag))
 
 
 def worker_main(loop_config: dict[str, Any]) -> None:
@@ -122,9 +123,9 @@ def worker_main(loop_config: dict[str, Any]) -> None:
 
 # -- driver side ----------------------------------------------------------------------------------
 def resolve_config(config: str, overrides: list[str], max_steps: int | None = None,
-                   precision: str | None = None) -> ExperimentConfig:
+                   precision: str | None = None, max_time: float | None = None) -> ExperimentConfig:
     """``--config`` and ``--set`` (strings, parsed once), then the typed command-line options."""
-    typed = {"train.max_steps": max_steps, "train.precision": precision}
+    typed = {"train.max_steps": max_steps, "train.precision": precision, "train.max_time": max_time}
     return load_config(config, overrides).with_values({k: v for k, v in typed.items() if v is not None})
 
 
@@ -249,7 +250,8 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
                   storage: str | None = None, nodes: int = 1, gpus_per_node: int = 0,
                   max_steps: int | None = None, precision: str | None = None, experiment: str | None = None,
                   run_name: str | None = None, address: str | None = None,
-                  parent_run_id: str | None = None, max_failures: int = 3) -> dict[str, Any]:
+                  parent_run_id: str | None = None, max_failures: int = 3,
+                  max_time: float | None = None) -> dict[str, Any]:
     """Train on Ray; returns the run id, final metrics, checkpoint and registered model version."""
     from ray.train.torch import TorchTrainer
 
@@ -261,7 +263,7 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     from pipelines.settings import shareable_uri
     from pipelines.storage import storage_options
 
-    cfg = resolve_config(config, overrides or [], max_steps, precision)
+    cfg = resolve_config(config, overrides or [], max_steps, precision, max_time)
     check_name(run_name or cfg.name, "--run-name" if run_name else "the config's name (the default --run-name)")
     run_name = run_name or cfg.name
     check_name(experiment or cfg.name, "--experiment" if experiment else "the config's name (the default --experiment)")
@@ -301,7 +303,9 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
                                   env=cluster.worker_env(placement)),
         )
         console.info(f"[train] {placement.workers} worker(s), {placement.strategy}, run '{run_name}' "
-                     f"({'resuming' if resumed else 'new'}) to step {cfg.train.max_steps}, MLflow run {run_id}")
+                     f"({'resuming' if resumed else 'new'}) to step {cfg.train.max_steps}"
+                     + (f" or {cfg.train.max_time:g} s of training" if cfg.train.max_time else "")
+                     + f", MLflow run {run_id}")
         try:
             result = trainer.fit()
         except Exception as e:
@@ -323,10 +327,14 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
         metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
         checkpoint_url = result.checkpoint.path
         model_uri = f"models:/{cfg.train.registered_model}/{version}"
+        stop_reason = "max_time" if metrics.get("max_time_reached") else "max_steps"
         return {
             "run_id": run_id, "resumed": resumed, "metrics": metrics, "checkpoint": checkpoint_url,
             "model_uri": model_uri, "registered_model": cfg.train.registered_model, "version": version,
-            "message": (f"trained '{run_name}' to step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}; "
+            "stop_reason": stop_reason,
+            "message": (f"trained '{run_name}' to step {metrics.get('step')}"
+                        f"{f' (the {cfg.train.max_time:g} s time budget)' if stop_reason == 'max_time' else ''}"
+                        f": loss {metrics.get('loss', float('nan')):.4f}; "
                         f"checkpoint {checkpoint_url}; registered {model_uri}; MLflow run {run_id}"),
         }
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ddpm
-from ddpm.config import ConfigError, read_yaml_mapping
+from ddpm.config import ConfigError, parse_duration, read_yaml_mapping
 from pipelines.errors import UsageError
 from pipelines.names import check_name
 from pipelines.settings import redact, shareable_uri
@@ -46,6 +46,7 @@ class TrainStep:
     nodes: int = 1
     gpus_per_node: int = 0
     max_steps: int | None = None  # None: the config's train.max_steps
+    max_time: float | str | None = None  # None: the config's train.max_time; 600, "90s", "10m", "1.5h"
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,13 @@ class WorkflowSpec:
             bad = sorted(set(section or {}) - set(valid))
             if bad:
                 raise UsageError(f"{path}: unknown key(s) {', '.join(bad)} in {name}; valid: {', '.join(valid)}")
-            built[name] = kind(**(section or {}))
+            section = dict(section or {})
+            if name == "train" and section.get("max_time") is not None:
+                try:
+                    section["max_time"] = parse_duration(section["max_time"])
+                except ValueError as e:
+                    raise UsageError(f"{path}: train.max_time: {e}") from None
+            built[name] = kind(**section)
         return cls(**built)
 
 
@@ -235,7 +242,7 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
             tuned = step("tune", {"config": cfg.to_dict(), "tune": dataclasses.asdict(spec.tune),
                                   "data": data["train_manifest"]}, tune)
             train_config, train_overrides = tuned["best_config_path"], []
-        train_cfg = resolve_config(train_config, train_overrides, spec.train.max_steps)
+        train_cfg = resolve_config(train_config, train_overrides, spec.train.max_steps, max_time=spec.train.max_time)
 
         # 3. train -> a registered model version
         def train() -> dict[str, Any]:
@@ -243,7 +250,8 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
 
             res = train_command(config=train_config, overrides=train_overrides, data=data["train_url"],
                                 storage=storage, nodes=spec.train.nodes, gpus_per_node=spec.train.gpus_per_node,
-                                max_steps=spec.train.max_steps, experiment=cfg.name, run_name=f"{name}-train",
+                                max_steps=spec.train.max_steps, max_time=spec.train.max_time,
+                                experiment=cfg.name, run_name=f"{name}-train",
                                 address=address, parent_run_id=parent_id)
             return {"run_id": res["run_id"], "model_uri": res["model_uri"], "version": res["version"],
                     "registered_model": res["registered_model"], "checkpoint": res["checkpoint"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -88,3 +89,45 @@ def test_ray_quick_and_table(tmp_path):
     assert r["plain"]["images_per_s"] > 0 and r["ray"]["images_per_s"] > 0 and r["ratio"] > 0
     text = run.main(["--table-only", "--out", str(tmp_path)])
     assert "Ray Train" in text and (tmp_path / "table.md").exists()
+
+
+def test_quality_compare_calls_a_winner_only_beyond_two_standard_errors():
+    from benchmarks.bench_quality import compare
+
+    ours = {"scores": {"kid": 0.10, "classifier_score": 8.0, "classes_covered": 10.0}, "seconds": 2.0,
+            "se": {"kid": 0.01, "classifier_score": 0.3, "classes_covered": None}}
+    theirs = {"scores": {"kid": 0.20, "classifier_score": 8.5, "classes_covered": 9.0}, "seconds": 4.0,
+              "se": {"kid": 0.02, "classifier_score": 0.4, "classes_covered": None}}
+    c = compare(ours, theirs)
+    assert c["kid"]["better"] == "ddpm-pipe" and abs(c["kid"]["z"] - -0.1 / math.hypot(0.01, 0.02)) < 1e-9
+    assert c["classifier_score"] == {"diff": -0.5, "z": -1.0, "better": "within noise"}  # 0.5 / 0.5
+    assert c["classes_covered"] == {"diff": 1.0, "z": None, "better": "ddpm-pipe"}  # no s.e.: as is
+    assert c["seconds_ratio"] == 0.5
+    theirs["scores"]["kid"] = 0.05  # lower kid is better: now the baseline wins
+    assert compare(ours, theirs)["kid"]["better"] == "diffusers"
+
+
+@pytest.mark.slow  # two trainings of seconds, 300 samples and their scores: minutes on 2 loaded cores
+@pytest.mark.timeout(900)
+def test_quality_quick(tmp_path):
+    from benchmarks import bench_quality
+
+    bench_quality.main(["--quick", "--json-out", str(tmp_path / "quality.json")])
+    r = _read(tmp_path / "quality.json")
+    _machine_ok(r["machine"])
+    assert r["benchmark"] == "quality" and r["quick"] and r["samples"] == 50 and r["budget_s"] == 3.0
+    ours, theirs = r["models"]["ddpm-pipe"], r["models"]["diffusers"]
+    assert ours["steps"] >= 1 and ours["stopped_by_time"] and ours["config"]["model"]["ch"] == 32  # the preset
+    assert theirs["steps"] >= 1 and theirs["params"] == 3_990_017  # issue 15's baseline: about 4.0M
+    assert [(row["model"], row["sampler"], row["steps"]) for row in r["results"]] == [
+        (m, s, n) for s, n in (("ddpm", 5), ("ddim", 3), ("dpmpp", 3)) for m in ("ddpm-pipe", "diffusers")]
+    for row in r["results"]:
+        assert row["num"] == 50 and row["seconds"] > 0
+        assert {"kid", "fd", "classifier_score", "classes_covered", "copy_rate"} <= set(row["scores"])
+        assert row["se"]["kid"] > 0
+    assert {"kid", "fd", "classifier_score"} <= set(r["floors"])
+    assert "test split (360 held-out digits)" in r["compared"] and "50 training images" in r["compared"]
+    assert set(r["vs_diffusers"]) == {"ddpm-5", "ddim-3", "dpmpp-3"}
+    for c in r["vs_diffusers"].values():
+        for name in ("kid", "fd", "classifier_score"):
+            assert (c[name]["better"] == "within noise") == (abs(c[name]["z"]) < 2)

@@ -38,3 +38,26 @@ def test_bad_keys_and_choices_list_the_valid_ones(changes, message):
 def test_override_needs_key_equals_value():
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         ExperimentConfig.preset("digits").override(["train.lr"])
+
+
+@pytest.mark.parametrize("text, seconds", [("600", 600.0), (600, 600.0), ("90s", 90.0), ("10m", 600.0),
+                                           ("1.5h", 5400.0), (" 2 M ", 120.0), (".5m", 30.0), (0.25, 0.25)])
+def test_parse_duration_reads_seconds_and_s_m_h(text, seconds):
+    from ddpm.config import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "10x", "m", "-5", "0", "0s", "1h30m", "ten minutes", "inf", "nan", "1e3"])
+def test_parse_duration_refuses_anything_else_naming_the_forms(text):
+    from ddpm.config import parse_duration
+
+    with pytest.raises(ValueError, match=r"is not a duration; valid: seconds .*\(90s, 10m, 1\.5h\)"):
+        parse_duration(text)
+
+
+def test_train_max_time_is_seconds_above_zero():
+    cfg = load_config("digits", ["train.max_time=90"])
+    assert cfg.train.max_time == 90.0 and load_config("digits").train.max_time is None
+    with pytest.raises(ConfigError, match=r"train.max_time must be a number of seconds > 0, got 0"):
+        load_config("digits", ["train.max_time=0"])

@@ -27,3 +27,147 @@ def test_sample_grid_caps_the_configs_steps_at_T(tmp_path):
         generate(model, diffusion, (1, 1, 8, 8), sampler="ddim", steps=50)
     path = sample_grid(model, diffusion, cfg, str(tmp_path / "grid.png"), n=4)
     assert (tmp_path / "grid.png").stat().st_size > 0 and path.endswith("grid.png")
+
+
+# -- train.max_time: a wall-clock budget ------------------------------------------------------------
+TINY_LOOP = ["model.ch=16", "model.ch_mult=[1]", "model.num_res_blocks=1", "model.attn_resolutions=[]",
+             "diffusion.timesteps=50", "train.batch_size=8", "train.log_every=1", "train.warmup_steps=1",
+             "train.eval_every=1000", "train.sample_every=1000", "train.checkpoint_every=1000"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from pipelines.data import prepare_command
+
+    out = tmp_path_factory.mktemp("digits") / "train"
+    prepare_command(source="digits", out=str(out), split="train", shard_size=600)
+    return str(out)
+
+
+class FakeTracker:
+    def __init__(self):
+        self.tags: dict[str, str] = {}
+
+    def log_metrics(self, metrics, step):
+        pass
+
+    def set_tag(self, key, value):
+        self.tags[key] = value
+
+
+@pytest.fixture
+def step_clock(monkeypatch):
+    """The loop's clock advances one second per training step (per loss computed), nothing else."""
+    import pipelines.loop as loop
+    from ddpm.diffusion import Diffusion
+
+    now = {"s": 0.0}
+    real = Diffusion.training_loss
+
+    def training_loss(self, *args, **kwargs):
+        now["s"] += 1.0
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Diffusion, "training_loss", training_loss)
+    monkeypatch.setattr(loop, "_clock", lambda: now["s"])
+    return now
+
+
+def _run(shards, *sets, restore=None):
+    from ddpm.config import load_config
+    from pipelines.loop import LoopContext, LoopData, train_loop
+
+    reports, logs, tracker = [], [], FakeTracker()
+    ctx = LoopContext(log=logs.append, report=lambda m, s: reports.append((m, s)), restore=lambda: restore)
+    final = train_loop(load_config("digits", [*TINY_LOOP, *sets]), LoopData(url=shards), ctx, tracker=tracker)
+    return final, reports, logs, tracker.tags
+
+
+@pytest.mark.timeout(120)
+def test_max_time_stops_at_the_first_step_past_the_budget_with_a_final_checkpoint(shards, step_clock):
+    final, reports, logs, tags = _run(shards, "train.max_steps=50", "train.max_time=3.5")
+    assert final["step"] == 4 and final["max_time_reached"] == 1.0  # steps end at 1, 2, 3, 4 s
+    (metrics, ckpt), = reports  # checkpoint_every=1000: the only checkpoint is the final one
+    assert metrics["step"] == 4 and metrics["max_time_reached"] == 1.0 and metrics["ranks_in_sync"] == 1.0
+    assert ckpt["step"] == 4 and ckpt["train_s"] == 4.0
+    assert tags == {"ddpm.stop_reason": "max_time", "ddpm.stop_step": "4"}
+    assert "[train] stopped at step 4: train.max_time=3.5s reached" in logs
+    assert any(line.startswith("[train] step 4/50 ") for line in logs)  # the final log line too
+
+    # Resumed with a larger budget, the checkpoint's 4 s count: 3 more steps reach 7 s.
+    final, reports, _, tags = _run(shards, "train.max_steps=50", "train.max_time=6.5", restore=ckpt)
+    assert final["step"] == 7 and [s["step"] for _, s in reports] == [7] and reports[0][1]["train_s"] == 7.0
+    # Resumed with the budget it already spent: no step, nothing reported, still stopped for time.
+    final, reports, _, tags = _run(shards, "train.max_steps=50", "train.max_time=3.5", restore=ckpt)
+    assert final["step"] == 4 and reports == [] and tags["ddpm.stop_reason"] == "max_time"
+
+
+@pytest.mark.timeout(120)
+def test_max_steps_first_wins_over_max_time(shards, step_clock):
+    final, reports, logs, tags = _run(shards, "train.max_steps=3", "train.max_time=3.5")
+    assert final["step"] == 3 and final["max_time_reached"] == 0.0
+    assert [m["step"] for m, _ in reports] == [3] and reports[0][0]["max_time_reached"] == 0.0
+    assert tags == {"ddpm.stop_reason": "max_steps", "ddpm.stop_step": "3"}
+    assert "[train] stopped at step 3: train.max_steps=3 reached" in logs
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_follows_rank_zeros_decision_not_its_own_clock(shards, step_clock):
+    # This rank's clock says the budget is spent after step 1; rank 0 says go on until step 3.
+    from ddpm.config import load_config
+    from pipelines.loop import LoopContext, LoopData, train_loop
+
+    asked: list[bool] = []
+
+    def agree(flag: bool) -> bool:
+        asked.append(flag)
+        return len(asked) == 4  # the check before the loop, then one after each step
+
+    ctx = LoopContext(rank=1, world_size=2, log=lambda s: None, agree=agree)
+    final = train_loop(load_config("digits", [*TINY_LOOP, "train.max_steps=50", "train.max_time=0.5"]),
+                       LoopData(url=shards), ctx)
+    assert final["step"] == 3 and final["max_time_reached"] == 1.0
+    assert asked == [False, True, True, True]  # before the loop (0 s), then after steps 1, 2, 3
+
+
+def _ddp_worker(rank: int, shards: str, init_file: str, out_dir: str) -> None:
+    """One of two gloo ranks training with DDP; rank 0's clock jumps a day after step 1 (its budget is spent)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    import pipelines.loop as loop
+    from ddpm.config import load_config
+    from pipelines.loop import LoopContext, LoopData, rank0_decides, train_loop
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))  # a disagreement fails, not hangs forever
+    if rank == 0:  # the loop's start and the check before step 1 read 0 s; every later read a day
+        reads = iter([0.0, 0.0])
+        loop._clock = lambda: next(reads, 86_400.0)
+    device = torch.device("cpu")
+
+    def all_gather(obj):
+        out = [None, None]
+        dist.all_gather_object(out, obj)
+        return out
+
+    ctx = LoopContext(rank=rank, world_size=2, log=lambda s: None, all_gather=all_gather,
+                      wrap_model=lambda m: torch.nn.parallel.DistributedDataParallel(m),
+                      agree=lambda flag: rank0_decides(flag, device))
+    cfg = load_config("digits", [*TINY_LOOP, "train.max_steps=3", "train.max_time=60"])
+    final = train_loop(cfg, LoopData(url=shards), ctx)
+    with open(f"{out_dir}/rank{rank}.txt", "w") as f:
+        f.write(f"{final['step']} {final['max_time_reached']} {final['ranks_in_sync']}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(240)
+def test_ddp_ranks_stop_together_at_rank_zeros_budget(shards, tmp_path):
+    # Rank 1's own clock would train to max_steps=3; rank 0's budget is spent. Both must stop
+    # after step 1 (the first check), in sync; without the broadcast rank 1 would wait in DDP.
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(shards, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["1 1.0 1.0"] * 2

@@ -92,6 +92,47 @@ def test_nodes_beyond_cluster_fail_fast(ray_cluster, tmp_path):
     assert "cannot be placed" in result.output and "4 node(s)" in result.output
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_max_time_stops_both_ranks_checkpoints_registers_and_says_why(ray_cluster, tmp_path):
+    result = run_cli(*train_args(tmp_path, "--max-time", "4s", nodes=2, steps=100_000, name="budget"))
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    step = out["metrics"]["step"]
+    assert 1 <= step < 100_000 and out["stop_reason"] == "max_time" and "(the 4 s time budget)" in out["message"]
+    assert out["metrics"]["max_time_reached"] == 1.0 and out["metrics"]["ranks_in_sync"] == 1.0
+    assert out["checkpoint"].rstrip("/").endswith(f"checkpoint_{step:08d}")  # the final checkpoint
+    run = mlflow_client().get_run(out["run_id"])
+    assert run.data.tags["ddpm.stop_reason"] == "max_time" and run.data.tags["ddpm.stop_step"] == str(step)
+    assert run.data.params["train.max_time"] == "4.0"
+    assert mlflow_client().get_model_version(out["registered_model"], out["version"]).run_id == out["run_id"]
+
+
+@pytest.mark.parametrize("value", ["10x", "0", "-1m", "soon"])
+def test_bad_max_time_exits_2_naming_the_option_and_the_forms(tmp_path, value):
+    result = run_cli("train", "--max-time", value, "--storage", str(tmp_path))
+    assert result.exit_code == 2
+    text = " ".join(result.output.replace("│", " ").split())  # the error box wraps lines
+    assert "Invalid value for '--max-time'" in text and f"{value!r} is not a duration" in text
+    assert "90s, 10m, 1.5h" in text
+
+
+def test_max_time_reaches_the_config_in_seconds(monkeypatch, tmp_path):
+    import pipelines.train as train
+
+    seen = {}
+
+    def fake_train_command(**kwargs):
+        seen["cfg"] = train.resolve_config(kwargs["config"], kwargs["overrides"], kwargs["max_steps"],
+                                           kwargs["precision"], kwargs["max_time"])
+        return {"message": "ok"}
+
+    monkeypatch.setattr(train, "train_command", fake_train_command)
+    result = run_cli("train", "--max-time", "1.5m", "--max-steps", "9")
+    assert result.exit_code == 0, result.output
+    assert seen["cfg"].train.max_time == 90.0 and seen["cfg"].train.max_steps == 9
+
+
 def test_bad_config_key_is_a_usage_error(tmp_path):
     result = run_cli("train", "--set", "train.nope=1", "--storage", str(tmp_path))
     assert result.exit_code == 2

@@ -71,6 +71,18 @@ def test_unknown_workflow_key_is_a_usage_error(tmp_path):
     assert "nodez" in result.output and "nodes" in result.output
 
 
+def test_workflow_train_max_time_takes_the_cli_forms(tmp_path):
+    from pipelines.workflow import WorkflowSpec
+
+    spec = tmp_path / "w.yaml"
+    spec.write_text("train: {max_time: 10m, max_steps: 50000}\n")
+    assert WorkflowSpec.load(str(spec)).train.max_time == 600.0
+    spec.write_text("train: {max_time: 10x}\n")
+    result = CliRunner().invoke(app, ["run", "--workflow", str(spec)])
+    assert result.exit_code == 2
+    assert "train.max_time: '10x' is not a duration" in result.output and "10m" in result.output
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """A separate local Ray head with the dashboard (Jobs API), started by `ray start --block`.
