@@ -78,6 +78,8 @@ def test_killed_worker_resumes_and_ends_bit_identical_to_an_uninterrupted_run(ra
     c = mlflow_client()
     assert [m.value for m in c.get_metric_history(killed["run_id"], "resumed_from_step")] == [2]
     assert killed["metrics"]["step"] == 4 and killed["metrics"]["ranks_in_sync"] == 1.0
+    steps = [m.step for m in c.get_metric_history(killed["run_id"], "loss")]
+    assert steps.count(1) == 1 and steps.count(2) == 1 and steps.count(4) == 1  # restarted at 2, not 0
 
     # The checkpoint holds RNG (per rank), optimizer, lr schedule, EMA and reader position, so the
     # redone steps 3-4 draw the same batches, t and noise: the weights agree bit for bit.

@@ -49,42 +49,6 @@ def test_train_four_nodes_spread_in_sync_and_tracked(ray_cluster, tmp_path):
     assert version.run_id == out["run_id"]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_rerun_of_finished_run_resumes_without_duplicate_runs(ray_cluster, tmp_path):
-    first = run_cli(*train_args(tmp_path, nodes=1, steps=2, name="again"))
-    assert first.exit_code == 0, first.output
-    second = run_cli(*train_args(tmp_path, nodes=1, steps=4, name="again"))
-    assert second.exit_code == 0, second.output
-    a = json.loads(first.stdout.strip().splitlines()[-1])
-    b = json.loads(second.stdout.strip().splitlines()[-1])
-    assert b["resumed"] and b["run_id"] == a["run_id"]
-    c = mlflow_client()
-    assert [m.value for m in c.get_metric_history(b["run_id"], "resumed_from_step")] == [2]
-    history = c.get_metric_history(b["run_id"], "loss")
-    assert sorted(m.step for m in history) == [1, 2, 3, 4]  # steps 1-2 were not trained twice
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, tmp_path, monkeypatch):
-    marker = tmp_path / "killed"
-    # Rank 1 dies after step 3; the last checkpoint is step 2, so the group restarts from step 2.
-    monkeypatch.setenv("DDPM_FAULT_EXIT", f"1:3:{marker}")
-    result = run_cli(*train_args(tmp_path, nodes=2, steps=4, name="killed"))
-    assert result.exit_code == 0, result.output
-    assert marker.exists()
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["metrics"]["step"] == 4 and out["metrics"]["ranks_in_sync"] == 1.0
-    c = mlflow_client()
-    # Every attempt of the rerun resumed from the step-2 checkpoint on S3. (Ray Train may restart a
-    # worker group on a loaded machine, FailureConfig allows it; each restart logs its own resume.)
-    resumes = [m.value for m in c.get_metric_history(out["run_id"], "resumed_from_step")]
-    assert resumes and set(resumes) == {2}, resumes
-    steps = [m.step for m in c.get_metric_history(out["run_id"], "loss")]
-    assert steps.count(1) == 1 and steps.count(2) == 1 and steps.count(4) == 1  # not from step 0
-
-
 def test_nodes_beyond_cluster_fail_fast(ray_cluster, tmp_path):
     # 8 nodes: the batch of 16 divides over them (that driver check comes first), the 4-node cluster cannot place them.
     result = run_cli(*train_args(tmp_path, nodes=8, steps=1, name="toobig"))
@@ -141,7 +105,8 @@ def test_bad_config_key_is_a_usage_error(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_checkpoints_go_to_s3_storage_and_resume_from_there(ray_cluster, tmp_path, s3_prefix):
+def test_checkpoints_go_to_s3_storage_and_a_rerun_resumes_the_same_run_from_there(ray_cluster, tmp_path,
+                                                                                   s3_prefix):
     import s3fs
 
     storage = f"{s3_prefix}/runs"
@@ -152,11 +117,18 @@ def test_checkpoints_go_to_s3_storage_and_resume_from_there(ray_cluster, tmp_pat
     assert fs.exists(f"{root}/s3run/checkpoint_00000002/checkpoint.pt")
     second = run_cli(*train_args(tmp_path, nodes=2, steps=4, name="s3run", storage=storage))
     assert second.exit_code == 0, second.output
+    a = json.loads(first.stdout.strip().splitlines()[-1])
     out = json.loads(second.stdout.strip().splitlines()[-1])
     assert out["resumed"] and out["metrics"]["step"] == 4
+    assert out["run_id"] == a["run_id"]  # the same MLflow run, not a second one
     assert fs.exists(f"{root}/s3run/checkpoint_00000004/checkpoint.pt")
     c = mlflow_client()
+    runs = c.search_runs([c.get_run(out["run_id"]).info.experiment_id],
+                         filter_string="tags.`ddpm.run_name` = 's3run'")
+    assert [r.info.run_id for r in runs] == [out["run_id"]]
     # Every attempt of the rerun resumed from the step-2 checkpoint on S3. (Ray Train may restart a
     # worker group on a loaded machine, FailureConfig allows it; each restart logs its own resume.)
     resumes = [m.value for m in c.get_metric_history(out["run_id"], "resumed_from_step")]
     assert resumes and set(resumes) == {2}, resumes
+    steps = [m.step for m in c.get_metric_history(out["run_id"], "loss")]
+    assert sorted(set(steps)) == [1, 2, 3, 4] and steps.count(1) == steps.count(2) == 1  # 1-2 not redone
