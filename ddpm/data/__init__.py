@@ -13,9 +13,12 @@ has one; the models are unconditional, as in the paper, so labels are only used 
 - :mod:`ddpm.data.manifest`: :func:`read_manifest`, :func:`resolve_split`.
 - :mod:`ddpm.data.reader`: :class:`ShardLoader` (per-rank training stream, pad-by-wrap-around
   coverage, resumable), :func:`load_split`, :func:`to_float`, :func:`to_uint8`.
+- :mod:`ddpm.data.wds`: :func:`as_webdataset`, the same shards as a standard ``webdataset`` pipeline of
+  ``(x, label)`` for users' own loops and tools (local or ``s3://``; no exact coverage, no resume).
 - :mod:`ddpm.data.storage`: fsspec opening, s3 endpoint from the environment, atomic writes.
 
-Names are imported lazily, so ``import ddpm.data`` pulls in neither PIL, fsspec nor scikit-learn.
+Names are imported lazily, so ``import ddpm.data`` pulls in neither PIL, fsspec, webdataset nor
+scikit-learn.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ _EXPORTS = {
     "load_split": "ddpm.data.reader",
     "to_float": "ddpm.data.reader",
     "to_uint8": "ddpm.data.reader",
+    "as_webdataset": "ddpm.data.wds",
 }
 
 __all__ = sorted(_EXPORTS)

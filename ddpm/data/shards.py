@@ -1,8 +1,9 @@
 """Writing WebDataset tar shards and their manifest.
 
-A shard ``{prefix}-{000000..}.tar`` holds, per sample, ``{key}.png`` (the uint8 image as it is: grey
-or RGB, no rescaling) and ``{key}.cls`` (the label as ASCII digits) where the source has a label.
-Tars are built deterministically (fixed mtime, owner and mode; PNG at a fixed compression level), so
+A shard ``{prefix}-{000000..}.tar`` holds, per sample, ``{key}.cls`` (the label as ASCII digits) where
+the source has a label and ``{key}.png`` (the uint8 image as it is: grey or RGB, no rescaling).
+Shards are written by ``webdataset.TarWriter`` (a sample's members in sorted order of their
+extensions), deterministically (fixed mtime, owner and mode; PNG at a fixed compression level), so
 the same data gives the same bytes and the same sha256.
 
 Guarantees:
@@ -21,8 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
-import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -56,15 +57,21 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def build_tar(members: list[tuple[str, bytes]]) -> bytes:
-    """A deterministic tar of ``(name, data)`` members."""
+    """A deterministic WebDataset tar of ``(name, data)`` members, written by ``webdataset.TarWriter``.
+
+    Consecutive members sharing a key (the name up to its first dot) form one sample, written with
+    its members in sorted order of their extensions (TarWriter's order). USTAR, mtime 0, mode 0444,
+    owner 0/0 with empty names: no bytes depend on when or by whom the tar was written.
+    """
+    import webdataset as wds
+
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
+    with wds.TarWriter(buf, user="", group="", mode=0o444, mtime=0, encoder=False) as tar:
+        for key, sample in itertools.groupby(members, key=lambda member: member[0].partition(".")[0]):
+            parts = {name.partition(".")[2]: data for name, data in sample}
+            if "" in parts:
+                raise ValueError(f"tar member {key!r} has no extension (WebDataset names are key.ext)")
+            tar.write({"__key__": key, **parts})
     return buf.getvalue()
 
 

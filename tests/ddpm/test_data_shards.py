@@ -55,6 +55,22 @@ def test_webdataset_can_read_the_shards(tmp_path):
     assert keys == [f"{i:07d}" for i in range(5)]
 
 
+def test_shards_are_what_webdataset_tarwriter_writes(tmp_path):
+    import webdataset as wds
+
+    samples = make_samples(3)
+    write(samples, tmp_path / "d", shard_size=3)
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, user="", group="", mtime=0, encoder=False) as sink:
+        for s in samples:
+            sink.write({"__key__": s.key, "png": shards_mod.encode_png(s.image), "cls": str(s.label).encode()})
+    assert (tmp_path / "d" / "train-000000.tar").read_bytes() == buf.getvalue()
+    with tarfile.open(tmp_path / "d" / "train-000000.tar") as tar:
+        assert tar.getnames()[:2] == ["0000000.cls", "0000000.png"]  # TarWriter's order: extensions sorted
+    with pytest.raises(ValueError, match="no extension"):
+        build_tar([("0000000", b"x")])
+
+
 def test_idempotent_rerun_skips_identical_shards(tmp_path):
     first = write(make_samples(9), tmp_path / "d")
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "d").iterdir()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from ddpm.data.manifest import read_manifest
-from ddpm.data.reader import ShardLoader, epoch_order, load_split
+from ddpm.data.reader import ShardLoader, epoch_order, load_split, to_float
 from ddpm.data.shards import write_shards
 from ddpm.data.sources import Sample
 from ddpm.data.storage import DataError, open_fs
@@ -92,3 +93,21 @@ def test_s3_errors_name_the_shard(s3_shards, s3_bucket):
         ShardLoader(s3_shards, BATCH)
     with pytest.raises(DataError, match="no manifest.json"):
         read_manifest(f"s3://{s3_bucket}/does-not-exist")
+
+
+def test_as_webdataset_reads_the_s3_shards(s3_shards, monkeypatch):
+    import webdataset as wds
+
+    from ddpm.data import as_webdataset
+
+    x, y, _ = load_split(s3_shards)
+    got = list(as_webdataset(s3_shards))  # the endpoint from AWS_ENDPOINT_URL, as the project's reader
+    assert torch.equal(torch.stack([xi for xi, _ in got]), to_float(x, 256))
+    assert [label for _, label in got] == y.tolist()
+
+    # explicit storage options travel to DataLoader workers (the environment no longer names the endpoint)
+    options = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    loader = wds.WebLoader(as_webdataset(s3_shards, options), batch_size=None, num_workers=2)
+    labels = Counter(label for _, label in loader)
+    assert labels == Counter(y.tolist())
