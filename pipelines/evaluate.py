@@ -233,7 +233,8 @@ def measure_sampler(loaded: Any, ev: EvalData, sampler: str, steps: int | None, 
     """
     import math
 
-    from ddpm.data.reader import to_float, to_uint8
+    from ddpm.data.reader import to_float
+    from ddpm.image import to_levels
 
     if eta and sampler != "ddim":
         raise UsageError(f"eta applies to the ddim sampler only, not {sampler!r}")
@@ -241,7 +242,7 @@ def measure_sampler(loaded: Any, ev: EvalData, sampler: str, steps: int | None, 
     start = time.perf_counter()
     x = generate_samples(loaded, sampler, steps, eta, num, nodes, address)
     seconds = time.perf_counter() - start
-    samples = to_float(to_uint8(x, ev.levels), ev.levels)  # on the data's own grey levels
+    samples = to_float(to_levels(x, ev.levels), ev.levels)  # on the data's own grey levels
     deps = {"sampler": sampler, "steps": steps, "eta": float(eta), "num": num}
     out: dict[str, Any] = {"sampler": sampler, "steps": steps, "eta": float(eta), "num": num,
                            "sec_per_sample": seconds / num, "samples": samples, "scores": {}, "floors": {},
