@@ -235,9 +235,12 @@ def measure_sampler(loaded: Any, ev: EvalData, sampler: str, steps: int | None, 
 
     from ddpm.data.reader import to_float
     from ddpm.image import to_levels
+    from ddpm.samplers import check_eta
 
-    if eta and sampler != "ddim":
-        raise UsageError(f"eta applies to the ddim sampler only, not {sampler!r}")
+    try:
+        check_eta(eta, sampler, name="--eta")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     steps = _steps_used(loaded, sampler, steps)
     start = time.perf_counter()
     x = generate_samples(loaded, sampler, steps, eta, num, nodes, address)
