@@ -199,7 +199,9 @@ def worker_env(model: str) -> dict[str, str]:
 
         uris = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri()}
         env = {k: v for k, v in uris.items() if shareable_uri(v)}
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "DDPM_HOME", "DDPM_TORCH_THREADS"):
+    from ddpm.data.storage import S3_ENDPOINT_VARS
+
+    for name in (*S3_ENDPOINT_VARS, "DDPM_HOME", "DDPM_TORCH_THREADS"):
         if os.environ.get(name):
             env[name] = os.environ[name]
     return env

@@ -259,7 +259,6 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     from pipelines.outputs import FolderLock
     from pipelines.registry import log_and_register
     from pipelines.settings import shareable_uri
-    from pipelines.storage import storage_options
 
     cfg = resolve_config(config, overrides or [], max_steps, precision)
     check_name(run_name or cfg.name, "--run-name" if run_name else "the config's name (the default --run-name)")
@@ -281,7 +280,7 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
                                                        parent_run_id=parent_run_id)
         tracking.log_params(run_id, {**cfg.to_dict(), "run": {"nodes": nodes, "gpus_per_node": gpus_per_node,
                                                               "data": data_url}})
-        tracking.log_dataset(run_id, data_url, "training", storage_options(data_url))
+        tracking.log_dataset(run_id, data_url, "training", storage_options_for(data_url))
 
         started = cluster.connect(settings.ray_address, min_cpus=nodes * max(gpus_per_node, 1))
         if started and gpus_per_node == 0 and nodes == 1 and _local_gpus() > 0:
@@ -291,7 +290,7 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
         # Rank 0 puts its progress lines (step, loss, images/s, bits/dim, ETA) here; a thread prints them.
         progress = console.ProgressChannel()
         loop_config = {"config": cfg.to_dict(), "data_url": data_url, "holdout_url": holdout_url,
-                       "storage_options": storage_options(data_url), "run_id": run_id,
+                       "storage_options": storage_options_for(data_url), "run_id": run_id,
                        "tracking_uri": shareable_uri(settings.tracking_uri), "progress": progress.queue}
         trainer = TorchTrainer(
             worker_main,

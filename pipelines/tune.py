@@ -257,7 +257,8 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
 
     from pipelines import cluster, console, search_space, sweep_table, tracking
     from pipelines.names import check_name
-    from pipelines.storage import ray_storage, storage_options
+    from ddpm.data.storage import storage_options_for
+    from pipelines.storage import ray_storage
     from pipelines.train import check_builds, check_data, resolve_config, resolve_data
 
     if scheduler not in ("asha", "none"):
@@ -282,7 +283,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     if not holdout_url:
         raise UsageError("tune compares trials on held-out bits/dim: set data.holdout_url or use a data "
                          "folder .../train with a .../test split beside it")
-    opts = storage_options(data_url)
+    opts = storage_options_for(data_url)
 
     tracking.configure(settings)
     exp_id = tracking.experiment_id(experiment or base.name, settings)
