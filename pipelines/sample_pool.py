@@ -97,7 +97,7 @@ def runs_in_process(req: SampleRequest) -> bool:
 
 
 class WorkerPool:
-    """``nodes * max(gpus_per_node, 1)`` :class:`SampleWorker` actors in one placement group, or one
+    """:func:`pipelines.cluster.workers_for` :class:`SampleWorker` actors in one placement group, or one
     :class:`SampleWorker` in this process (:func:`runs_in_process`)."""
 
     def __init__(self, req: SampleRequest, env: dict[str, str]) -> None:
@@ -117,7 +117,7 @@ class WorkerPool:
         from pipelines import cluster
 
         self._ray = ray
-        self.started = cluster.connect(req.address, min_cpus=req.nodes * max(req.gpus_per_node, 1))
+        self.started = cluster.connect(req.address, min_cpus=cluster.workers_for(req.nodes, req.gpus_per_node))
         try:
             placement = cluster.plan(req.nodes, req.gpus_per_node, started_locally=self.started)
             bundle = {"CPU": placement.cpus_per_worker, **({"GPU": 1} if placement.use_gpu else {})}

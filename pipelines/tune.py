@@ -85,9 +85,10 @@ def _worker_recording_placement(loop_config: dict) -> None:
     worker_main(loop_config)
 
 
-def _trial_distributed(params: dict, base: dict, data: dict, workers: int, storage: str,
+def _trial_distributed(params: dict, base: dict, data: dict, placement: Any, storage: str,
                        sweep: str, registry: str) -> None:
-    """Tune function trainable: a TorchTrainer of ``workers`` workers; rank 0's reports go to Tune.
+    """Tune function trainable: a TorchTrainer of ``placement`` (:func:`pipelines.cluster.trial_placement`,
+    chosen once by the driver); rank 0's reports go to Tune.
 
     Re-running the same trial (a resumed sweep) resumes the inner run from its own storage by name.
     """
@@ -100,8 +101,6 @@ def _trial_distributed(params: dict, base: dict, data: dict, workers: int, stora
 
     cfg = search_space.apply(ExperimentConfig.from_dict(base), params)
     trial_id = ray.tune.get_context().get_trial_id()
-    placement = cluster.Placement(workers=workers, use_gpu=False, strategy="SPREAD", cpus_per_worker=1.0,
-                                  threads_per_worker=1)
     rc = run_config(f"{sweep}-{trial_id}", storage, keep=1, max_failures=0, env=cluster.worker_env(placement))
     rc.callbacks = [TuneReportCallback()]
     loop_config = {"config": cfg.to_dict(), "data_url": data["url"], "holdout_url": data["holdout_url"],
@@ -302,8 +301,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     data_input = tracking.log_dataset(parent_run_id, data_url, "training", opts)
 
     started = cluster.connect(settings.ray_address, min_cpus=workers_per_trial)
-    if workers_per_trial > 1:
-        cluster.plan(workers_per_trial, 0, started_locally=started)  # fails at once if W cannot fit
+    placement = cluster.trial_placement(workers_per_trial, started) if workers_per_trial > 1 else None
     concurrent = concurrent or _default_concurrency(workers_per_trial)
     data_spec = {"url": data_url, "holdout_url": holdout_url, "storage_options": opts}
     registry, registry_name = None, None
@@ -316,7 +314,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
         # The trial process only drives the TorchTrainer; its workers reserve their own CPUs.
         trainable = tune.with_resources(
             tune.with_parameters(_trial_distributed, base=trial_base.to_dict(), data=data_spec,
-                                 workers=workers_per_trial, storage=settings.storage, sweep=sweep,
+                                 placement=placement, storage=settings.storage, sweep=sweep,
                                  registry=registry_name), {"CPU": 1})
     callback = _make_callback(exp_id, parent_run_id, sweep, trial_base, steps, registry_name, data_input)
     table = sweep_table.SweepTable(lambda params: search_space.apply(trial_base, params), steps)
