@@ -112,6 +112,26 @@ def _trial_distributed(params: dict, base: dict, data: dict, placement: Any, sto
 
 
 # -- driver side ----------------------------------------------------------------------------------
+def replace_restored_callbacks(tuner: Any, callbacks: list[Any]) -> None:
+    """Give a restored ``Tuner`` this run's callbacks instead of those the first run pickled into
+    ``tuner.pkl`` (which point at that run's MLflow parent run and table).
+
+    Ray has no public way to do this: ``Tuner.restore`` takes no ``run_config`` or ``callbacks`` and
+    ``Tuner`` exposes no run config (ray-project/ray#41364, open). So this reaches into the private
+    ``Tuner._local_tuner`` (a ``TunerInternal``; None under Ray Client, which tune does not use),
+    the one place that does; checked on Ray 2.60.0 (tests/pipelines/test_tune.py restores a real
+    ``tuner.pkl`` through it). If Ray changes it, this fails loudly instead of resuming with stale callbacks.
+    """
+    local = getattr(tuner, "_local_tuner", None)
+    if local is None or not hasattr(local, "get_run_config"):
+        import ray
+
+        raise RuntimeError(f"cannot set the callbacks of a restored Tuner on Ray {ray.__version__}: "
+                           "Tuner._local_tuner.get_run_config() is gone (checked on Ray 2.60.0); "
+                           "see pipelines/tune.py replace_restored_callbacks")
+    local.get_run_config().callbacks = list(callbacks)
+
+
 def _placement_registry(name: str):
     """A named actor mapping trial id -> placement group id of its TorchTrainer workers."""
     import ray
@@ -330,7 +350,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
         tuner = tune.Tuner.restore(sweep_path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
         # The restored run config carries the callback pickled by the first run; use this run's.
-        tuner._local_tuner.get_run_config().callbacks = [callback, sweep_table.make_callback(table)]
+        replace_restored_callbacks(tuner, [callback, sweep_table.make_callback(table)])
         console.info(f"[tune] resuming sweep '{sweep}' from {sweep_path}")
     else:
         sched = None
