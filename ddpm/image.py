@@ -1,4 +1,8 @@
-"""Turning model outputs in [-1, 1] into pixels, grids and PNG files."""
+"""Turning model outputs in [-1, 1] into pixels, grids and PNG files.
+
+The one place that maps [-1, 1] to integers (:func:`to_levels`, :func:`to_uint8`) and encodes PNG
+(:func:`png_bytes`); ``ddpm/data/reader.py``'s :func:`~ddpm.data.reader.to_float` is the way back.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,18 @@ import math
 import numpy as np
 import torch
 
+PNG_COMPRESS_LEVEL = 6  # zlib's default, named so the bytes (and any checksum of them) stay the same
+
+
+def to_levels(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """x in [-1, 1], any shape -> the index of the nearest of ``levels`` grey levels, uint8 in 0..levels-1.
+
+    The inverse of :func:`ddpm.data.reader.to_float` (``v / (levels - 1) * 2 - 1``); values outside
+    [-1, 1] are clamped first; halves round to even (``torch.round``).
+    """
+    x = x.detach().float().clamp(-1, 1)
+    return torch.round((x + 1) / 2 * (levels - 1)).to(torch.uint8)
+
 
 def to_uint8(x: torch.Tensor, levels: int = 256) -> np.ndarray:
     """Map x in [-1, 1], shape (N, C, H, W), to the nearest of ``levels`` grey levels, then to 0..255.
@@ -15,9 +31,8 @@ def to_uint8(x: torch.Tensor, levels: int = 256) -> np.ndarray:
     Returns uint8 (N, H, W, C). Quantising to the data's own levels (17 for digits) first shows what
     the model would write, not sub-level noise.
     """
-    x = x.detach().float().clamp(-1, 1).cpu()
-    q = torch.round((x + 1) / 2 * (levels - 1)) / (levels - 1)
-    return (q * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    q = to_levels(x, levels).float() / (levels - 1)
+    return (q * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def grid(x: torch.Tensor, levels: int = 256, nrow: int | None = None, pad: int = 1, scale: int = 1) -> np.ndarray:
@@ -36,14 +51,24 @@ def grid(x: torch.Tensor, levels: int = 256, nrow: int | None = None, pad: int =
     return out
 
 
-def png_bytes(array: np.ndarray) -> bytes:
-    """Encode a uint8 (H, W) or (H, W, C) array as PNG."""
+def png_bytes(array: np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    """Encode a uint8 (H, W) or (H, W, C) array (C = 1 or 3) as PNG, values unchanged.
+
+    ``text``: tEXt chunks to add (``{"Software": ...}`` marks a file as written by a command).
+    The compression level is fixed, so the same array always gives the same bytes.
+    """
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
+    Image.fromarray(array).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, pnginfo=info)
     return buf.getvalue()
 
 

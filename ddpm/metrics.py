@@ -399,10 +399,10 @@ INCEPTION_WEIGHTS_HINT = (
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """``[N x 3 x H x W]`` float in [-1, 1] (or uint8) -> uint8 in [0, 255]."""
-    if images.dtype == torch.uint8:
-        return images
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """``[N x 3 x H x W]`` float in [-1, 1] (or uint8) -> uint8 in [0, 255], same layout."""
+    from ddpm.image import to_levels
+
+    return images if images.dtype == torch.uint8 else to_levels(images, 256)
 
 
 def inception_fid(real: torch.Tensor, fake: torch.Tensor, weights_path: str | Path | None,

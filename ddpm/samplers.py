@@ -79,8 +79,7 @@ class DDIMSampler:
     """DDIM (Song, Meng and Ermon 2021); ``eta = 0`` is deterministic, ``eta = 1`` is DDPM-like."""
 
     def __init__(self, diffusion: Diffusion, steps: int = 50, eta: float = 0.0) -> None:
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        check_eta(eta, "ddim")
         self.diffusion, self.eta = diffusion, float(eta)
         self.timesteps = space_timesteps(diffusion.num_timesteps, steps)
 
@@ -182,14 +181,24 @@ def run_loop(sampler: DDPMSampler | DDIMSampler | DPMSolverPPSampler, model: Mod
     return (x, torch.stack(preds)) if progressive else x
 
 
+def check_eta(eta: float, sampler: str = "ddim", *, name: str = "eta") -> None:
+    """``ValueError`` unless ``eta`` (DDIM's noise scale, eq. 16) is valid for ``sampler``.
+
+    The one eta rule: ddim takes eta >= 0 (0 deterministic, 1 DDPM-like); every other sampler only
+    eta = 0. ``name`` is how the caller's user spells it (``--eta``); the message names the valid range.
+    """
+    if not eta >= 0:  # also NaN
+        raise ValueError(f"{name} must be in [0, inf) (0 deterministic, 1 DDPM-like), got {eta}")
+    if eta != 0 and sampler != "ddim":
+        raise ValueError(f"{name}={eta} only applies to the ddim sampler, not {sampler!r} "
+                         f"(valid: {name} = 0 for {sampler}, {name} >= 0 for ddim)")
+
+
 def check_sampler(sampler: str, eta: float = 0.0) -> None:
-    """``ValueError`` naming the valid samplers, or an ``eta`` given to a sampler other than ddim."""
+    """``ValueError`` naming the valid samplers, or an ``eta`` the sampler does not take (:func:`check_eta`)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    if eta != 0 and sampler != "ddim":
-        raise ValueError(f"eta={eta} only applies to the ddim sampler, not {sampler!r}")
+    check_eta(eta, sampler)
 
 
 def make_sampler(diffusion: Diffusion, sampler: str, steps: int | None = None,
@@ -220,5 +229,5 @@ def generate(model: Model, diffusion: Diffusion, shape: Sequence[int], sampler: 
                     clip_denoised=clip_denoised, progressive=progressive, progress=progress, device=device)
 
 
-__all__ = ["DDIMSampler", "DDPMSampler", "DEFAULT_STEPS", "DPMSolverPPSampler", "SAMPLERS", "check_sampler",
+__all__ = ["DDIMSampler", "DDPMSampler", "DEFAULT_STEPS", "DPMSolverPPSampler", "SAMPLERS", "check_eta", "check_sampler",
            "default_steps", "generate", "make_sampler", "run_loop", "space_timesteps"]

@@ -1,6 +1,8 @@
 """Connect to (or start) Ray and turn ``--nodes/--gpus-per-node`` into a placement that fits.
 
 A request the cluster cannot place fails at once with what the cluster has, instead of waiting.
+:func:`workers_for` is the one rule for how many workers a request makes; :func:`plan` the placement
+of a train or sample job, :func:`trial_placement` that of one tune trial's workers.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ class Placement:
     strategy: str  # STRICT_SPREAD (one worker per node), SPREAD or PACK
     cpus_per_worker: float
     threads_per_worker: int  # torch threads per worker so the cores are not oversubscribed
+
+
+def workers_for(nodes: int, gpus_per_node: int = 0) -> int:
+    """How many workers ``--nodes/--gpus-per-node`` make: one per node, times ``gpus_per_node`` when
+    there are GPUs (one GPU each)."""
+    return nodes * max(gpus_per_node, 1)
 
 
 def connect(address: str | None = None, min_cpus: int = 1) -> bool:
@@ -94,7 +102,7 @@ def plan(nodes: int, gpus_per_node: int = 0, started_locally: bool = False,
     - On a local instance that this command started (one node), the workers are packed there.
     """
     cap = capacity()
-    workers = nodes * max(gpus_per_node, 1)
+    workers = workers_for(nodes, gpus_per_node)
     have = f"the cluster has {cap['nodes']} node(s), CPUs per node {cap['cpus_per_node']}, GPUs per node {cap['gpus_per_node']}"
     if gpus_per_node > 0:
         fitting = [g for g in cap["gpus_per_node"] if g >= gpus_per_node]
@@ -116,6 +124,17 @@ def plan(nodes: int, gpus_per_node: int = 0, started_locally: bool = False,
     threads = max(1, cores // max(per_node, 1)) if (started_locally or cap["nodes"] == 1) else max(1, int(cpus_per_worker))
     return Placement(workers=workers, use_gpu=gpus_per_node > 0, strategy=strategy,
                      cpus_per_worker=cpus_per_worker, threads_per_worker=threads)
+
+
+def trial_placement(workers: int, started_locally: bool = False) -> Placement:
+    """The placement of one tune trial's ``workers`` TorchTrainer workers (CPU only).
+
+    Checked against the cluster as :func:`plan` checks a train job (fails at once if they cannot fit),
+    then SPREAD with one CPU and one torch thread each, not :func:`plan`'s STRICT_SPREAD or PACK:
+    concurrent trials share the cluster, and each trial's group must fit beside the others'.
+    """
+    plan(workers, 0, started_locally=started_locally)
+    return Placement(workers=workers, use_gpu=False, strategy="SPREAD", cpus_per_worker=1.0, threads_per_worker=1)
 
 
 def scaling_config(placement: Placement):

@@ -231,8 +231,12 @@ def measure_sampler(loaded: Any, ev: EvalData, sampler: str, steps: int | None, 
     Each result's key says what was compared with what: ``vs:test-<M>`` (the held-out split) or
     ``vs:train-<M>`` (copy rate), and a floor's ``real:train``/``real:test`` with its ``num``.
     """
-    if eta and sampler != "ddim":
-        raise UsageError(f"eta applies to the ddim sampler only, not {sampler!r}")
+    from ddpm.samplers import check_eta
+
+    try:
+        check_eta(eta, sampler, name="--eta")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     steps = _steps_used(loaded, sampler, steps)
     start = time.perf_counter()
     x = generate_samples(loaded, sampler, steps, eta, num, nodes, address)
@@ -246,10 +250,11 @@ def score_samples(x: Any, seconds: float, ev: EvalData, sampler: str, steps: int
     scores a diffusers model's with it)."""
     import math
 
-    from ddpm.data.reader import to_float, to_uint8
+    from ddpm.data.reader import to_float
+    from ddpm.image import to_levels
 
     num = len(x)
-    samples = to_float(to_uint8(x, ev.levels), ev.levels)  # on the data's own grey levels
+    samples = to_float(to_levels(x, ev.levels), ev.levels)  # on the data's own grey levels
     deps = {"sampler": sampler, "steps": steps, "eta": float(eta), "num": num}
     out: dict[str, Any] = {"sampler": sampler, "steps": steps, "eta": float(eta), "num": num,
                            "sec_per_sample": seconds / num, "samples": samples, "scores": {}, "floors": {},

@@ -22,15 +22,9 @@ SOFTWARE = "ddpm-pipe interpolate"  # the PNG text chunk that marks a strip as o
 
 def strip_png(array: np.ndarray) -> bytes:
     """A uint8 ``[H x W (x C)]`` strip as PNG bytes, marked as written by this command."""
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
+    from ddpm.image import png_bytes
 
-    info = PngInfo()
-    info.add_text("Software", SOFTWARE)
-    buf = io.BytesIO()
-    Image.fromarray(array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array).save(
-        buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
+    return png_bytes(array, text={"Software": SOFTWARE})
 
 
 def is_our_strip(data: bytes) -> bool:

@@ -37,6 +37,7 @@ import torch
 from ddpm import likelihood
 from ddpm.config import ConfigError, ExperimentConfig
 from ddpm.inference import compile_or_eager
+from pipelines import fault_injection
 
 
 class NonFiniteLossError(RuntimeError):
@@ -131,24 +132,6 @@ def sample_grid(model, diffusion, cfg: ExperimentConfig, path: str, n: int = 64,
     x = DDPMPipeline.from_config(model, cfg, diffusion)(n, seed)
     save_grid(x, path, levels=cfg.data.levels)
     return path
-
-
-def _maybe_inject_fault(rank: int, step: int) -> None:
-    """Test hook: ``DDPM_FAULT_EXIT=RANK:STEP:MARKER`` kills this worker process once at that step.
-
-    The marker file makes it fire once, so the restarted worker group trains on (tests/faults).
-    It waits ``DDPM_FAULT_EXIT_DELAY`` seconds first (default 5): Ray Train's controller collects
-    reported checkpoints every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s), and a checkpoint reported
-    less than that before a crash can be lost with it (then two intervals of work are lost).
-    """
-    spec = os.environ.get("DDPM_FAULT_EXIT")
-    if not spec:
-        return
-    r, s, marker = spec.split(":", 2)
-    if int(r) == rank and int(s) == step and not os.path.exists(marker):
-        open(marker, "w").close()
-        time.sleep(float(os.environ.get("DDPM_FAULT_EXIT_DELAY", "5")))
-        os._exit(1)
 
 
 def _log_best_model(ema_module: torch.nn.Module, cfg: ExperimentConfig, artifact_dir: str, tracker, step: int,
@@ -311,7 +294,7 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
             tracker.log_metrics(metrics, step)
         last_metrics.update(metrics)
 
-        _maybe_inject_fault(ctx.rank, step)
+        fault_injection.exit_if_planned(ctx.rank, step)  # test-only: off unless DDPM_FAULT_EXIT is set
         if final:
             # DDP keeps replicas identical; check it, since a silent divergence would waste the run.
             sums = ctx.all_gather(float(sum(p.detach().double().sum() for p in model.parameters())))

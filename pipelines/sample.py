@@ -85,10 +85,12 @@ class SampleRequest:
                 raise UsageError(f"{name} must be >= {low}, got {value}")
         if self.steps is not None and self.steps < 1:
             raise UsageError(f"--steps must be >= 1, got {self.steps}")
-        if self.eta < 0:
-            raise UsageError(f"--eta must be >= 0, got {self.eta}")
-        if self.eta != 0 and self.sampler != "ddim":
-            raise UsageError(f"--eta {self.eta} only applies to --sampler ddim, not {self.sampler}")
+        from ddpm.samplers import check_eta
+
+        try:
+            check_eta(self.eta, self.sampler, name="--eta")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         if self.num >= SEED_STRIDE:
             raise UsageError(f"--num must be below {SEED_STRIDE} (one seed per sample)")
 

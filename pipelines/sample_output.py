@@ -144,12 +144,9 @@ def check_same(folder: OutputFolder, record: dict[str, Any] | None, wanted: dict
 
 def _png(x: np.ndarray, levels: int) -> bytes:
     """One image ``[C x H x W]`` in [-1, 1] -> PNG bytes (quantised to the data's levels, 0..255)."""
-    import torch
+    from ddpm.image import png_bytes
 
-    from ddpm.data.shards import encode_png
-    from ddpm.image import to_uint8
-
-    return encode_png(to_uint8(torch.tensor(x[None]), levels)[0])
+    return png_bytes(_uint8(x[None], levels)[0])
 
 
 def _strip_png(preds: np.ndarray, levels: int) -> bytes:
@@ -162,6 +159,7 @@ def _strip_png(preds: np.ndarray, levels: int) -> bytes:
 
 
 def _uint8(x: np.ndarray, levels: int) -> np.ndarray:
+    """``[N x C x H x W]`` in [-1, 1] -> uint8 ``[N x H x W x C]`` (:func:`ddpm.image.to_uint8`)."""
     import torch
 
     from ddpm.image import to_uint8

@@ -97,7 +97,7 @@ def runs_in_process(req: SampleRequest) -> bool:
 
 
 class WorkerPool:
-    """``nodes * max(gpus_per_node, 1)`` :class:`SampleWorker` actors in one placement group, or one
+    """:func:`pipelines.cluster.workers_for` :class:`SampleWorker` actors in one placement group, or one
     :class:`SampleWorker` in this process (:func:`runs_in_process`)."""
 
     def __init__(self, req: SampleRequest, env: dict[str, str]) -> None:
@@ -117,7 +117,7 @@ class WorkerPool:
         from pipelines import cluster
 
         self._ray = ray
-        self.started = cluster.connect(req.address, min_cpus=req.nodes * max(req.gpus_per_node, 1))
+        self.started = cluster.connect(req.address, min_cpus=cluster.workers_for(req.nodes, req.gpus_per_node))
         try:
             placement = cluster.plan(req.nodes, req.gpus_per_node, started_locally=self.started)
             bundle = {"CPU": placement.cpus_per_worker, **({"GPU": 1} if placement.use_gpu else {})}
@@ -199,7 +199,9 @@ def worker_env(model: str) -> dict[str, str]:
 
         uris = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri()}
         env = {k: v for k, v in uris.items() if shareable_uri(v)}
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "DDPM_HOME", "DDPM_TORCH_THREADS"):
+    from ddpm.data.storage import S3_ENDPOINT_VARS
+
+    for name in (*S3_ENDPOINT_VARS, "DDPM_HOME", "DDPM_TORCH_THREADS"):
         if os.environ.get(name):
             env[name] = os.environ[name]
     return env

@@ -1,4 +1,5 @@
-"""fsspec and pyarrow file systems for the storage URLs users pass (local paths, file://, s3://).
+"""The Ray storage (``RunConfig(storage_path, storage_filesystem)``) for the URLs users pass (local
+paths, file://, s3://); fsspec options come from :func:`ddpm.data.storage.storage_options_for`.
 
 Credentials never travel inside an object: every process (the driver, each Ray worker) reads the
 usual ``AWS_*`` variables from its own environment. A local Ray instance started by a command
@@ -13,25 +14,17 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 
-def s3_endpoint() -> str | None:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def storage_options(url: str) -> dict:
-    """fsspec options for ``url``: the S3 endpoint when one is configured, else nothing."""
-    if url.startswith("s3://") and s3_endpoint():
-        return {"client_kwargs": {"endpoint_url": s3_endpoint()}}
-    return {}
-
-
 def ray_storage(url: str):
     """``(storage_path, storage_filesystem)`` for Ray's ``RunConfig``.
 
-    A local path becomes absolute; ``s3://`` with a custom endpoint gets a pyarrow S3 file system
-    (Ray would otherwise talk to AWS itself). It is built without keys: pyarrow pickles the keys it
-    is given (Ray pickles the file system to its workers and into ``tuner.pkl`` in the bucket), while
-    one built without them resolves them from the environment wherever it is unpickled.
+    A local path becomes absolute; ``s3://`` with a custom endpoint (:func:`ddpm.data.storage.s3_endpoint`)
+    gets a pyarrow S3 file system (Ray would otherwise talk to AWS itself). It is built without keys:
+    pyarrow pickles the keys it is given (Ray pickles the file system to its workers and into
+    ``tuner.pkl`` in the bucket), while one built without them resolves them from the environment
+    wherever it is unpickled.
     """
+    from ddpm.data.storage import s3_endpoint
+
     if url.startswith("s3://"):
         endpoint = s3_endpoint()
         if not endpoint:

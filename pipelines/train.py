@@ -261,14 +261,13 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     from pipelines.outputs import FolderLock
     from pipelines.registry import log_and_register
     from pipelines.settings import shareable_uri
-    from pipelines.storage import storage_options
 
     cfg = resolve_config(config, overrides or [], max_steps, precision, max_time)
     check_name(run_name or cfg.name, "--run-name" if run_name else "the config's name (the default --run-name)")
     run_name = run_name or cfg.name
     check_name(experiment or cfg.name, "--experiment" if experiment else "the config's name (the default --experiment)")
     check_name(cfg.train.registered_model, "train.registered_model")
-    check_builds(cfg, nodes * max(gpus_per_node, 1))
+    check_builds(cfg, cluster.workers_for(nodes, gpus_per_node))
     settings = resolve(storage, address)
     data_url, holdout_url = resolve_data(cfg, data, settings)
     check_data(data_url, cfg)
@@ -281,19 +280,19 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
         exp_id = tracking.experiment_id(experiment or cfg.name, settings)
         run_id, resumed = tracking.start_or_resume_run(exp_id, run_name, {tracking.KIND_TAG: "train"},
                                                        parent_run_id=parent_run_id)
-        tracking.log_params(run_id, {**cfg.to_dict(), "run": {"nodes": nodes, "gpus_per_node": gpus_per_node,
-                                                              "data": data_url}})
-        tracking.log_dataset(run_id, data_url, "training", storage_options(data_url))
-
-        started = cluster.connect(settings.ray_address, min_cpus=nodes * max(gpus_per_node, 1))
+        started = cluster.connect(settings.ray_address, min_cpus=cluster.workers_for(nodes, gpus_per_node))
         if started and gpus_per_node == 0 and nodes == 1 and _local_gpus() > 0:
             gpus_per_node = 1  # one machine with a GPU: use it
             console.info("[train] a CUDA GPU is present: training on it (--gpus-per-node 1)")
         placement = cluster.plan(nodes, gpus_per_node, started_locally=started)
+        # What is used, so logged after the placement: the GPU default above may change gpus_per_node.
+        tracking.log_params(run_id, {**cfg.to_dict(), "run": {"nodes": nodes, "gpus_per_node": gpus_per_node,
+                                                              "workers": placement.workers, "data": data_url}})
+        tracking.log_dataset(run_id, data_url, "training", storage_options_for(data_url))
         # Rank 0 puts its progress lines (step, loss, images/s, bits/dim, ETA) here; a thread prints them.
         progress = console.ProgressChannel()
         loop_config = {"config": cfg.to_dict(), "data_url": data_url, "holdout_url": holdout_url,
-                       "storage_options": storage_options(data_url), "run_id": run_id,
+                       "storage_options": storage_options_for(data_url), "run_id": run_id,
                        "tracking_uri": shareable_uri(settings.tracking_uri), "progress": progress.queue}
         trainer = TorchTrainer(
             worker_main,

@@ -85,9 +85,10 @@ def _worker_recording_placement(loop_config: dict) -> None:
     worker_main(loop_config)
 
 
-def _trial_distributed(params: dict, base: dict, data: dict, workers: int, storage: str,
+def _trial_distributed(params: dict, base: dict, data: dict, placement: Any, storage: str,
                        sweep: str, registry: str) -> None:
-    """Tune function trainable: a TorchTrainer of ``workers`` workers; rank 0's reports go to Tune.
+    """Tune function trainable: a TorchTrainer of ``placement`` (:func:`pipelines.cluster.trial_placement`,
+    chosen once by the driver); rank 0's reports go to Tune.
 
     Re-running the same trial (a resumed sweep) resumes the inner run from its own storage by name.
     """
@@ -100,8 +101,6 @@ def _trial_distributed(params: dict, base: dict, data: dict, workers: int, stora
 
     cfg = search_space.apply(ExperimentConfig.from_dict(base), params)
     trial_id = ray.tune.get_context().get_trial_id()
-    placement = cluster.Placement(workers=workers, use_gpu=False, strategy="SPREAD", cpus_per_worker=1.0,
-                                  threads_per_worker=1)
     rc = run_config(f"{sweep}-{trial_id}", storage, keep=1, max_failures=0, env=cluster.worker_env(placement))
     rc.callbacks = [TuneReportCallback()]
     loop_config = {"config": cfg.to_dict(), "data_url": data["url"], "holdout_url": data["holdout_url"],
@@ -113,6 +112,26 @@ def _trial_distributed(params: dict, base: dict, data: dict, workers: int, stora
 
 
 # -- driver side ----------------------------------------------------------------------------------
+def replace_restored_callbacks(tuner: Any, callbacks: list[Any]) -> None:
+    """Give a restored ``Tuner`` this run's callbacks instead of those the first run pickled into
+    ``tuner.pkl`` (which point at that run's MLflow parent run and table).
+
+    Ray has no public way to do this: ``Tuner.restore`` takes no ``run_config`` or ``callbacks`` and
+    ``Tuner`` exposes no run config (ray-project/ray#41364, open). So this reaches into the private
+    ``Tuner._local_tuner`` (a ``TunerInternal``; None under Ray Client, which tune does not use),
+    the one place that does; checked on Ray 2.60.0 (tests/pipelines/test_tune.py restores a real
+    ``tuner.pkl`` through it). If Ray changes it, this fails loudly instead of resuming with stale callbacks.
+    """
+    local = getattr(tuner, "_local_tuner", None)
+    if local is None or not hasattr(local, "get_run_config"):
+        import ray
+
+        raise RuntimeError(f"cannot set the callbacks of a restored Tuner on Ray {ray.__version__}: "
+                           "Tuner._local_tuner.get_run_config() is gone (checked on Ray 2.60.0); "
+                           "see pipelines/tune.py replace_restored_callbacks")
+    local.get_run_config().callbacks = list(callbacks)
+
+
 def _placement_registry(name: str):
     """A named actor mapping trial id -> placement group id of its TorchTrainer workers."""
     import ray
@@ -257,7 +276,8 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
 
     from pipelines import cluster, console, search_space, sweep_table, tracking
     from pipelines.names import check_name
-    from pipelines.storage import ray_storage, storage_options
+    from ddpm.data.storage import storage_options_for
+    from pipelines.storage import ray_storage
     from pipelines.train import check_builds, check_data, resolve_config, resolve_data
 
     if scheduler not in ("asha", "none"):
@@ -282,7 +302,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     if not holdout_url:
         raise UsageError("tune compares trials on held-out bits/dim: set data.holdout_url or use a data "
                          "folder .../train with a .../test split beside it")
-    opts = storage_options(data_url)
+    opts = storage_options_for(data_url)
 
     tracking.configure(settings)
     exp_id = tracking.experiment_id(experiment or base.name, settings)
@@ -301,8 +321,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     data_input = tracking.log_dataset(parent_run_id, data_url, "training", opts)
 
     started = cluster.connect(settings.ray_address, min_cpus=workers_per_trial)
-    if workers_per_trial > 1:
-        cluster.plan(workers_per_trial, 0, started_locally=started)  # fails at once if W cannot fit
+    placement = cluster.trial_placement(workers_per_trial, started) if workers_per_trial > 1 else None
     concurrent = concurrent or _default_concurrency(workers_per_trial)
     data_spec = {"url": data_url, "holdout_url": holdout_url, "storage_options": opts}
     registry, registry_name = None, None
@@ -315,7 +334,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
         # The trial process only drives the TorchTrainer; its workers reserve their own CPUs.
         trainable = tune.with_resources(
             tune.with_parameters(_trial_distributed, base=trial_base.to_dict(), data=data_spec,
-                                 workers=workers_per_trial, storage=settings.storage, sweep=sweep,
+                                 placement=placement, storage=settings.storage, sweep=sweep,
                                  registry=registry_name), {"CPU": 1})
     callback = _make_callback(exp_id, parent_run_id, sweep, trial_base, steps, registry_name, data_input)
     table = sweep_table.SweepTable(lambda params: search_space.apply(trial_base, params), steps)
@@ -331,7 +350,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
         tuner = tune.Tuner.restore(sweep_path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
         # The restored run config carries the callback pickled by the first run; use this run's.
-        tuner._local_tuner.get_run_config().callbacks = [callback, sweep_table.make_callback(table)]
+        replace_restored_callbacks(tuner, [callback, sweep_table.make_callback(table)])
         console.info(f"[tune] resuming sweep '{sweep}' from {sweep_path}")
     else:
         sched = None

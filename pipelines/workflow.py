@@ -410,8 +410,10 @@ def job_env() -> dict[str, str]:
     Credentials (``AWS_*`` keys, a tracking URI holding ``user:pass@``) stay out: a job's runtime env
     is shown by the Ray dashboard; the cluster's own environment holds them.
     """
+    from ddpm.data.storage import S3_ENDPOINT_VARS
+
     env = {k: v for k, v in os.environ.items() if k in ("DDPM_HOME", "MLFLOW_TRACKING_URI", "DDPM_STORAGE",
-                                                         "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
+                                                         *S3_ENDPOINT_VARS, "AWS_DEFAULT_REGION")}
     if "MLFLOW_TRACKING_URI" in env and shareable_uri(env["MLFLOW_TRACKING_URI"]) is None:
         del env["MLFLOW_TRACKING_URI"]
     return env

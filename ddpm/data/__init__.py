@@ -12,7 +12,8 @@ has one; the models are unconditional, as in the paper, so labels are only used 
 - :mod:`ddpm.data.shards`: :func:`write_shards` (atomic per shard, idempotent, manifest last).
 - :mod:`ddpm.data.manifest`: :func:`read_manifest`, :func:`resolve_split`.
 - :mod:`ddpm.data.reader`: :class:`ShardLoader` (per-rank training stream, pad-by-wrap-around
-  coverage, resumable), :func:`load_split`, :func:`to_float`, :func:`to_uint8`.
+  coverage, resumable), :func:`load_split`, :func:`to_float` (its inverse, to level indices, is
+  :func:`ddpm.image.to_levels`).
 - :mod:`ddpm.data.wds`: :func:`as_webdataset`, the same shards as a standard ``webdataset`` pipeline of
   ``(x, label)`` for users' own loops and tools (local or ``s3://``; no exact coverage, no resume).
 - :mod:`ddpm.data.storage`: fsspec opening, s3 endpoint from the environment, atomic writes.
@@ -42,7 +43,6 @@ _EXPORTS = {
     "ShardLoader": "ddpm.data.reader",
     "load_split": "ddpm.data.reader",
     "to_float": "ddpm.data.reader",
-    "to_uint8": "ddpm.data.reader",
     "as_webdataset": "ddpm.data.wds",
 }
 

@@ -54,11 +54,6 @@ def to_float(x: torch.Tensor, levels: int) -> torch.Tensor:
     return x.to(torch.float32) * (2.0 / (levels - 1)) - 1.0
 
 
-def to_uint8(x: torch.Tensor, levels: int) -> torch.Tensor:
-    """float in [-1, 1] -> the nearest of the uint8 values 0..levels-1 (the inverse of :func:`to_float`)."""
-    return ((x.float() + 1.0) * ((levels - 1) / 2.0)).round().clamp(0, levels - 1).to(torch.uint8)
-
-
 # -- one shard ----------------------------------------------------------------------------------
 class Shard:
     """A shard read into memory: its sample keys, PNG bytes and labels (-1 where absent)."""

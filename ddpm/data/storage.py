@@ -1,8 +1,9 @@
 """Opening shard folders on any fsspec storage, and writing objects so no reader sees half of one.
 
 ``s3://`` goes through s3fs. Its endpoint comes from ``endpoint_url`` if given, else from
-``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (read when :func:`storage_options_for` is called, never
-at import); credentials come from the usual AWS variables through botocore. Filesystem instances are
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (:func:`s3_endpoint`, the one place that reads them, when
+called, never at import); credentials come from the usual AWS variables through botocore, never from
+an options dict, so the dict :func:`storage_options_for` returns may travel (pickled) to Ray workers. Filesystem instances are
 not taken from fsspec's cache (``skip_instance_cache``): a cached s3fs instance keeps its endpoint,
 its listing cache and, after a fork, a dead event loop.
 """
@@ -16,6 +17,7 @@ import uuid
 from typing import Any
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")  # one path component, no "..", no "/"
+S3_ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # botocore's order: the S3-specific one first
 
 
 class DataError(ValueError):
@@ -33,11 +35,18 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
+def s3_endpoint(endpoint_url: str | None = None) -> str | None:
+    """The S3-compatible endpoint: ``endpoint_url`` if given, else the first of :data:`S3_ENDPOINT_VARS`
+    set in the environment now; None means AWS itself."""
+    return endpoint_url or next((os.environ[v] for v in S3_ENDPOINT_VARS if os.environ.get(v)), None)
+
+
 def storage_options_for(url: str, endpoint_url: str | None = None) -> dict[str, Any]:
-    """Storage options for ``url``: for s3, the endpoint from the argument or the environment."""
+    """The fsspec options for ``url``, the one builder: for s3, ``{"endpoint_url": ...}`` when an
+    endpoint is set (:func:`s3_endpoint`), else nothing. Never keys (see the module docstring)."""
     if not str(url).startswith(("s3://", "s3a://")):
         return {}
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint(endpoint_url)
     return {"endpoint_url": endpoint} if endpoint else {}
 
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.data.reader import ShardLoader, epoch_order, to_float, to_uint8
+from ddpm.data.reader import ShardLoader, epoch_order, to_float
 from ddpm.data.shards import write_shards
 from ddpm.data.sources import Sample
+from ddpm.image import to_levels
 
 
 def indexed_samples(n, width=4):
@@ -26,7 +27,7 @@ def indexed_samples(n, width=4):
 
 
 def pixel_index(x):
-    v = to_uint8(x, 256).long()
+    v = to_levels(x, 256).long()
     return (v[:, 0, 0, 0] + 256 * v[:, 0, 0, 1]).tolist()
 
 
@@ -132,8 +133,8 @@ def test_to_float_scaling():
     v = torch.arange(17, dtype=torch.uint8)
     x = to_float(v, 17)
     assert x[0] == -1 and x[-1] == 1 and torch.allclose(x[8], torch.tensor(0.0))
-    assert torch.equal(to_uint8(x, 17), v)
-    assert torch.equal(to_uint8(to_float(torch.arange(256, dtype=torch.uint8), 256), 256),
+    assert torch.equal(to_levels(x, 17), v)
+    assert torch.equal(to_levels(to_float(torch.arange(256, dtype=torch.uint8), 256), 256),
                        torch.arange(256, dtype=torch.uint8))
 
 

@@ -76,3 +76,10 @@ def test_ddpm_imports_no_ray_mlflow_typer_or_pipelines():
             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {forbidden!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_every_lazy_export_of_ddpm_data_resolves():
+    import ddpm.data
+
+    for name in ddpm.data.__all__:
+        assert getattr(ddpm.data, name) is not None, name

@@ -15,7 +15,8 @@ import torch
 
 from ddpm.diffusion import Diffusion
 from ddpm.noise import NoiseSource, randn
-from ddpm.samplers import DDIMSampler, DDPMSampler, DPMSolverPPSampler, generate, run_loop, space_timesteps
+from ddpm.samplers import (DDIMSampler, DDPMSampler, DPMSolverPPSampler, check_eta, check_sampler, generate, run_loop,
+                           space_timesteps)
 from ddpm.schedules import make_betas
 from tests.ddpm.helpers import GaussianOracle
 
@@ -256,3 +257,22 @@ def test_default_steps_prefer_the_config_and_never_exceed_T():
     assert default_steps("ddim", 30) == 30  # a small T caps the sampler's default
     assert default_steps("ddim", 1000, preferred=100) == 100
     assert default_steps("ddim", 30, preferred=100) == 30  # and a config's steps
+
+
+def test_one_eta_rule_names_the_valid_range(diffusion):
+    for sampler in ("ddpm", "ddim", "dpmpp"):
+        check_eta(0.0, sampler)
+    check_eta(0.5, "ddim")
+    check_eta(1.0, "ddim")
+    with pytest.raises(ValueError, match=r"eta must be in \[0, inf\).*got -0.5"):
+        check_eta(-0.5, "ddim")
+    with pytest.raises(ValueError, match=r"got nan"):
+        check_eta(float("nan"), "ddim")
+    with pytest.raises(ValueError, match=r"--eta=1.0 only applies to the ddim sampler, not 'dpmpp' "
+                                         r"\(valid: --eta = 0 for dpmpp, --eta >= 0 for ddim\)"):
+        check_eta(1.0, "dpmpp", name="--eta")
+    # the sampler objects and the sampler check use the same rule
+    with pytest.raises(ValueError, match=r"\[0, inf\)"):
+        DDIMSampler(diffusion, 10, eta=-1.0)
+    with pytest.raises(ValueError, match=r"\[0, inf\)"):
+        check_sampler("ddim", -1.0)

@@ -92,6 +92,14 @@ def test_compile_flag_reaches_the_worker_pool(tmp_path, ckpt, monkeypatch, flag,
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp"])
+def test_eta_the_sampler_does_not_take_fails_naming_the_valid_range(tmp_path, ckpt, no_sampling, sampler):
+    result = cli("sample", "--model", ckpt, "--out", str(tmp_path / "out"), "--sampler", sampler, "--eta", "0.5")
+    assert result.exit_code == 2, result.output
+    assert f"--eta = 0 for {sampler}, --eta >= 0 for ddim" in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("option,value,valid", [("--sampler", "euler", "ddpm, ddim, dpmpp"),
                                                 ("--format", "jpg", "png, webdataset, npz"),
                                                 ("--precision", "fp8", "fp32, bf16")])

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.pipelines.helpers import mlflow_client, run_cli, train_args
+from tests.pipelines.helpers import TINY, mlflow_client, run_cli, train_args
 
 
 
@@ -132,3 +132,36 @@ def test_checkpoints_go_to_s3_storage_and_a_rerun_resumes_the_same_run_from_ther
     assert resumes and set(resumes) == {2}, resumes
     steps = [m.step for m in c.get_metric_history(out["run_id"], "loss")]
     assert sorted(set(steps)) == [1, 2, 3, 4] and steps.count(1) == steps.count(2) == 1  # 1-2 not redone
+
+
+@pytest.mark.timeout(300)
+def test_logged_placement_is_the_one_used_when_a_local_gpu_is_taken(tmp_path, monkeypatch):
+    """One machine with a GPU: train switches to --gpus-per-node 1; the run's params say so (they
+    were logged before the switch, saying 0)."""
+    from pipelines import cluster, tracking, train
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    planned, logged = [], {}
+    real_log_params = tracking.log_params
+    monkeypatch.setattr(train, "_local_gpus", lambda: 1)
+    monkeypatch.setattr(cluster, "connect", lambda *a, **k: True)  # "started a local instance"
+    monkeypatch.setattr(cluster, "plan", lambda nodes, gpus, **k: planned.append((nodes, gpus)) or cluster.Placement(
+        workers=cluster.workers_for(nodes, gpus), use_gpu=gpus > 0, strategy="PACK", cpus_per_worker=1.0,
+        threads_per_worker=1))
+    monkeypatch.setattr(tracking, "log_params", lambda run_id, p: logged.update(p) or real_log_params(run_id, p))
+    monkeypatch.setattr(tracking, "log_dataset", stop)  # the next step after the params: no Ray needed
+    with pytest.raises(Stop):
+        train.train_command(overrides=TINY, storage=str(tmp_path / "storage"), nodes=1, max_steps=1, run_name="gpu")
+    assert planned == [(1, 1)]
+    assert logged["run"] == {"nodes": 1, "gpus_per_node": 1, "workers": 1, "data": logged["run"]["data"]}
+
+
+def test_workers_for_is_one_per_node_times_its_gpus():
+    from pipelines.cluster import workers_for
+
+    assert [workers_for(n, g) for n, g in ((1, 0), (4, 0), (1, 1), (2, 1), (2, 4))] == [1, 4, 1, 2, 8]

@@ -108,6 +108,38 @@ def test_batch_that_does_not_divide_over_the_workers_per_trial_fails_before_any_
     assert not (tmp_path / "ddpm-home" / "mlflow.db").exists()
 
 
+class _Marker:
+    """A picklable Tune callback stand-in (Tune pickles the run config's callbacks into tuner.pkl)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _noop_trainable(config):
+    pass
+
+
+def test_restored_tuner_gets_this_runs_callbacks_not_the_pickled_ones(tmp_path):
+    """The one use of Ray's private Tuner._local_tuner works on the installed Ray: a real tuner.pkl
+    (written by Tuner() without running) is restored and its pickled callback replaced."""
+    from ray import tune
+
+    from pipelines.tune import replace_restored_callbacks
+
+    tune.Tuner(_noop_trainable, run_config=tune.RunConfig(name="s", storage_path=str(tmp_path),
+                                                          callbacks=[_Marker("first run")]))
+    restored = tune.Tuner.restore(str(tmp_path / "s"), _noop_trainable)
+    replace_restored_callbacks(restored, [_Marker("this run")])
+    assert [c.name for c in restored._local_tuner.get_run_config().callbacks] == ["this run"]
+
+
+def test_restored_callbacks_fail_loudly_if_ray_hides_the_run_config():
+    from pipelines.tune import replace_restored_callbacks
+
+    with pytest.raises(RuntimeError, match="checked on Ray 2.60.0"):
+        replace_restored_callbacks(object(), [])
+
+
 # -- sweeps on the simulated 4-node cluster -------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(420)
