@@ -93,12 +93,11 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     tracker = None
     artifact_dir = None
     if ctx.rank == 0 and loop_config.get("run_id"):
-        import mlflow
-
         from pipelines.tracking import AsyncLogger
 
         if loop_config.get("tracking_uri"):  # else (it held credentials) this process's own MLFLOW_TRACKING_URI
-            mlflow.set_tracking_uri(loop_config["tracking_uri"])
+            os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]
+        # mlflow itself (seconds to import) is first imported by the logger's thread, not before step 1.
         tracker = AsyncLogger(loop_config["run_id"])
         artifact_dir = tempfile.mkdtemp(prefix="ddpm-artifacts-")
     # Where each rank runs and what it reads: logged once so placement and data shares can be checked.

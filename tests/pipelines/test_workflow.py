@@ -83,9 +83,10 @@ def test_workflow_train_max_time_takes_the_cli_forms(tmp_path):
     assert "train.max_time: '10x' is not a duration" in result.output and "10m" in result.output
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A separate local Ray head with the dashboard (Jobs API), started by `ray start --block`.
+@pytest.fixture(scope="module")
+def ray_head():
+    """A separate local Ray head with the dashboard (Jobs API), started by `ray start --block`, shared
+    by this module's two job-submission tests.
 
     Stopping the blocking `ray start` process stops that head's processes and nothing else.
     """
