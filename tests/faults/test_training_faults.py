@@ -21,6 +21,7 @@ import torch
 from typer.testing import CliRunner
 
 from pipelines.cli import app
+from tests.fixtures.ray_cluster import add_node
 from tests.pipelines.helpers import TINY
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the registered checkpoints
@@ -118,7 +119,7 @@ def test_node_removed_and_fresh_node_added_resumes_on_the_new_node(ray_cluster, 
     victim = next(iter(ray_cluster.worker_nodes))  # never the head: the driver and controller live there
     lost_id = victim.node_id
     ray_cluster.remove_node(victim, allow_graceful=False)
-    fresh = ray_cluster.add_node(num_cpus=2)
+    fresh = add_node(ray_cluster)  # with the S3 credentials the other nodes hold
     ray_cluster.wait_for_nodes()
     thread.join(timeout=420)
     assert not thread.is_alive(), "training did not finish after the node was replaced"
