@@ -1,7 +1,7 @@
 """Training faults on the shared simulated Ray cluster: a killed worker, a lost node, a killed driver.
 
 Each resumes from the last checkpoint Ray Train registered; at most one checkpoint interval of work
-is redone. Tiny configs (tests/pipelines/test_train.py's TINY): the point is the recovery, not the model.
+is redone. Tiny configs (tests/pipelines/helpers.py's TINY): the point is the recovery, not the model.
 """
 
 from __future__ import annotations
