@@ -28,7 +28,8 @@ two standard errors).
 ``--quick``: a few seconds of training, 50 samples, 5/3/3 sampler steps: a smoke test whose figures
 mean nothing.
 
-    python -m benchmarks.bench_quality [--budget 10m] [--samples 500] [--threads N] [--quick] [--json-out PATH]
+    python -m benchmarks.bench_quality [--budget 10m] [--samples 500] [--threads N] [--quick] [--save DIR]
+                                       [--json-out PATH]
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def train_ours(url: str, budget: float, seed: int = 0) -> tuple[SimpleNamespace,
             "params": sum(p.numel() for p in model.parameters()), "batch_size": cfg.train.batch_size,
             "stopped_by_time": bool(out["max_time_reached"]), "config": cfg.to_dict()}
     loaded = SimpleNamespace(model=model.eval(), config=cfg, diffusion=Diffusion.from_config(cfg.diffusion),
-                             uri=None)
+                             uri=None, state=last["state"])
     return loaded, info
 
 
@@ -212,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the machine's cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="seconds of training, 50 samples, few steps: a smoke test")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="keep both trained models: DIR/ddpm-pipe.pt (a checkpoint `ddpm-pipe evaluate --model` "
+                        "takes) and DIR/diffusers/ (UNet2DModel.save_pretrained)")
     p.add_argument("--json-out", default=None,
                    help="default bench-results/bench_quality.json (bench_quality-quick.json with --quick)")
     args = p.parse_args(argv)
@@ -238,6 +242,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"[bench_quality] ddpm-pipe: {ours_info['steps']} steps in {ours_info['train_s']} s", flush=True)
     unet, theirs_info = train_baseline(ev.train, args.budget, args.seed)
     print(f"[bench_quality] diffusers: {theirs_info['steps']} steps in {theirs_info['train_s']} s", flush=True)
+    if args.save:
+        from ddpm.checkpoint import save_checkpoint
+
+        os.makedirs(args.save, exist_ok=True)
+        save_checkpoint(os.path.join(args.save, "ddpm-pipe.pt"), loaded.state)
+        unet.save_pretrained(os.path.join(args.save, "diffusers"))
+        print(f"[bench_quality] saved both models in {args.save}", flush=True)
 
     batch = loaded.config.sample.batch_size
     rows, first = [], None

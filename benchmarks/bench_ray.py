@@ -3,7 +3,7 @@
 Both run ``pipelines.loop.train_loop`` on the ``digits`` preset for ``--steps`` steps from the same
 shards, with the same torch thread count (``DDPM_TORCH_THREADS``; Ray otherwise sets
 ``OMP_NUM_THREADS=1`` in its workers). The plain side uses the default :class:`LoopContext`; the Ray
-side is ``pipelines.train.worker_main`` inside a ``TorchTrainer`` with one worker and no MLflow run.
+side is ``pipelines.ray_train.worker_main`` inside a ``TorchTrainer`` with one worker and no MLflow run.
 Throughput is the loop's own images/s over the second half of the steps (steady state); the
 end-to-end time of the Ray side adds worker start-up, checkpoint reporting and shutdown. Runs
 alternate (plain, Ray, Ray, plain, ...) and the ratio is the median of per-pair ratios.
@@ -51,11 +51,11 @@ def _ray(cfg, url: str, storage: str, threads: int) -> dict[str, float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.train import worker_main
+    from pipelines.ray_train import worker_main
 
     start = time.perf_counter()
     trainer = TorchTrainer(
-        worker_main, train_loop_config={"config": cfg.to_dict(), "data_url": url},
+        worker_main, train_loop_config={"config": cfg, "data_url": url},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=f"bench-ray-{time.time_ns()}", storage_path=storage,
                              worker_runtime_env={"env_vars": {"DDPM_TORCH_THREADS": str(threads)}}))

@@ -2,6 +2,8 @@
 
 The one place that maps [-1, 1] to integers (:func:`to_levels`, :func:`to_uint8`) and encodes PNG
 (:func:`png_bytes`); ``ddpm/data/reader.py``'s :func:`~ddpm.data.reader.to_float` is the way back.
+torch is imported by the functions that take tensors, so the shard writer (``ddpm/data/shards.py``,
+numpy only) encodes its PNGs here without loading torch.
 """
 
 from __future__ import annotations
@@ -9,8 +11,12 @@ from __future__ import annotations
 import io
 import math
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 PNG_COMPRESS_LEVEL = 6  # zlib's default, named so the bytes (and any checksum of them) stay the same
 
@@ -21,6 +27,8 @@ def to_levels(x: torch.Tensor, levels: int) -> torch.Tensor:
     The inverse of :func:`ddpm.data.reader.to_float` (``v / (levels - 1) * 2 - 1``); values outside
     [-1, 1] are clamped first; halves round to even (``torch.round``).
     """
+    import torch
+
     x = x.detach().float().clamp(-1, 1)
     return torch.round((x + 1) / 2 * (levels - 1)).to(torch.uint8)
 
@@ -31,6 +39,8 @@ def to_uint8(x: torch.Tensor, levels: int = 256) -> np.ndarray:
     Returns uint8 (N, H, W, C). Quantising to the data's own levels (17 for digits) first shows what
     the model would write, not sub-level noise.
     """
+    import torch
+
     q = to_levels(x, levels).float() / (levels - 1)
     return (q * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 

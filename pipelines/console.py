@@ -81,7 +81,9 @@ class ProgressChannel:
 
     ``ray.util.queue.Queue`` is an actor (0 CPUs here, so it never takes a worker's place); its
     handle travels to the workers in the loop config, and :func:`remote_log` turns it into the
-    loop's ``log`` function. Works the same on a local instance and a remote cluster.
+    loop's ``log`` function. Works the same on a local instance and a remote cluster. Use it as a
+    context manager: the thread must stop (and the actor go) before Ray shuts down, also when
+    setting up the trainer fails.
     """
 
     def __init__(self, printer: Callable[[str], None] = info) -> None:
@@ -102,8 +104,14 @@ class ProgressChannel:
             except Empty:
                 if self._stop.is_set():
                     return
-            except Exception:  # the actor is gone (shutdown): nothing more will come
+            except BaseException:  # the actor or Ray itself is gone (shutdown): nothing more will come
                 return
+
+    def __enter__(self) -> "ProgressChannel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Print what is still queued, then stop the thread and the actor."""

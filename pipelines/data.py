@@ -1,4 +1,6 @@
-"""`ddpm-pipe data prepare`: a data source -> WebDataset shards + manifest on any fsspec URL.
+"""Training data on the driver: where the shards are (:func:`resolve_data`), whether they fit the model
+(:func:`check_data`), and `ddpm-pipe data prepare`: a data source -> WebDataset shards + manifest on any
+fsspec URL.
 
 The output folder follows the rule of every writing command (``pipelines/outputs.py``): it must be
 new, empty, or hold only this split's shards (``{split}-NNNNNN.tar``), its ``manifest.json`` (ours:
@@ -11,11 +13,91 @@ list (an earlier, larger run's).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import PipelineError, RefusedError, UsageError
 
+if TYPE_CHECKING:
+    from ddpm.config import ExperimentConfig
+    from pipelines.settings import Settings
 
+
+# -- where the training and held-out shards are, and whether they fit ----------------------------
+def resolve_data(cfg: ExperimentConfig, data: str | None, settings: Settings) -> tuple[str, str | None]:
+    """The training shard URL and the held-out split URL; prepares the embedded default if missing."""
+    url = data or cfg.data.url or settings.data_url(cfg.data.source, "train")
+    holdout = cfg.data.holdout_url or None
+    if not data and not cfg.data.url:
+        ensure_prepared(cfg.data.source, url, split="train")
+        holdout = holdout or settings.data_url(cfg.data.source, "test")
+        ensure_prepared(cfg.data.source, holdout, split="test")
+    elif holdout is None:
+        sibling = url.rstrip("/").rsplit("/", 1)[0] + "/test" if url.rstrip("/").endswith("/train") else None
+        holdout = sibling if sibling and manifest_exists(sibling) else None
+    return url, holdout
+
+
+def manifest_exists(url: str) -> bool:
+    from ddpm.data import read_manifest
+
+    try:
+        read_manifest(url)
+        return True
+    except Exception:
+        return False
+
+
+def check_data(url: str, cfg: ExperimentConfig) -> None:
+    """Fail before any run or worker starts when the shards are missing, empty, incomplete or do not
+    fit the model (a worker would find out only after Ray had restarted it ``max_failures`` times).
+    Local shards are also hashed against the manifest (cheap: a local read); shards in an object
+    store are hashed by the worker that reads them, whose error is not retried (pipelines/failures.py)."""
+    import hashlib
+
+    from ddpm.data import DataError, open_fs, read_manifest, storage_options_for
+    from ddpm.data.storage import is_local
+
+    options = storage_options_for(url)
+    try:
+        manifest = read_manifest(url, options)
+        fs, root = open_fs(url, options)
+        sizes = {p["name"].rstrip("/").rsplit("/", 1)[-1]: p.get("size") for p in fs.ls(root, detail=True)}
+    except (DataError, OSError) as e:
+        raise UsageError(f"data {url}: {e}") from e
+    want = [cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size]
+    if manifest["shape"] != want:
+        raise UsageError(f"data {url}: images are [C, H, W] = {manifest['shape']} but the model takes {want} "
+                         "(model.in_channels, model.image_size)")
+    if manifest["levels"] != cfg.data.levels:
+        raise UsageError(f"data {url}: {manifest['levels']} pixel levels but data.levels={cfg.data.levels}")
+    for entry in manifest["shards"]:
+        name, size = entry["name"], entry.get("size")
+        if name not in sizes:
+            raise UsageError(f"data {url}: shard {name} is listed in the manifest but missing")
+        if size is not None and sizes[name] != size:
+            raise UsageError(f"data {url}: shard {name} has {sizes[name]} bytes, the manifest says {size} "
+                             "(truncated or replaced)")
+        if is_local(fs):
+            digest = hashlib.sha256()
+            with open(f"{root}/{name}", "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            if digest.hexdigest() != entry["sha256"]:
+                raise UsageError(f"data {url}: shard {name} does not match its sha256 in the manifest "
+                                 "(changed or corrupt); prepare the data again")
+
+
+def ensure_prepared(source: str, url: str, split: str) -> None:
+    """Write the shards of ``source`` to ``url`` unless a manifest is already there."""
+    if not manifest_exists(url):
+        from pipelines.console import info
+
+        info(f"[data] preparing {source} ({split}) -> {url}")
+        prepare_command(source=source, out=url, split=split)
+
+
+
+# -- `ddpm-pipe data prepare` ---------------------------------------------------------------------
 def prepare_command(source: str = "digits", out: str | None = None, shard_size: int = 1000,
                     split: str = "train", endpoint_url: str | None = None) -> dict[str, Any]:
     """Write ``source``'s ``split`` as shards into ``out`` (default ``DDPM_HOME/data/<source>/<split>``).

@@ -121,7 +121,7 @@ def load_eval_data(cfg: Any, data: str | None, settings: Any) -> EvalData:
     from ddpm.data.manifest import resolve_split
     from ddpm.data.reader import load_split, to_float
     from ddpm.data.storage import DataError
-    from pipelines.train import ensure_prepared
+    from pipelines.data import ensure_prepared
 
     base = data or cfg.data.url
     try:

@@ -36,7 +36,7 @@ from typing import Any
 from ddpm.config import ExperimentConfig
 from pipelines.errors import RefusedError, UsageError
 from pipelines.settings import resolve
-from pipelines.train import CHECKPOINT_FILE
+from pipelines.ray_train import CHECKPOINT_FILE
 
 METRIC = "bpd"
 STORAGE_TAG = "ddpm.tune.storage"  # where the sweep's Tune state lives; a resume must find the same
@@ -51,7 +51,7 @@ def _tune_context():
     import torch
 
     from pipelines.loop import LoopContext
-    from pipelines.train import checkpoint_io
+    from pipelines.ray_train import checkpoint_io
 
     restore, report = checkpoint_io(ray.tune.report, ray.tune.get_checkpoint, ray.tune.Checkpoint)
 
@@ -59,13 +59,13 @@ def _tune_context():
     return LoopContext(device=device, restore=restore, report=report)
 
 
-def _trial_single(params: dict, base: dict, data: dict) -> None:
+def _trial_single(params: dict, base: ExperimentConfig, data: dict) -> None:
     """Tune function trainable: the training loop in this trial's process."""
     from pipelines import search_space
     from pipelines.loop import LoopData, train_loop
 
     os.environ.setdefault("DDPM_TORCH_THREADS", "1")  # one CPU per trial
-    cfg = search_space.apply(ExperimentConfig.from_dict(base), params)
+    cfg = search_space.apply(base, params)
     train_loop(cfg, LoopData(url=data["url"], holdout_url=data["holdout_url"],
                              storage_options=data["storage_options"]), _tune_context())
 
@@ -75,7 +75,7 @@ def _worker_recording_placement(loop_config: dict) -> None:
     import ray
     import ray.train
 
-    from pipelines.train import worker_main
+    from pipelines.ray_train import worker_main
 
     if ray.train.get_context().get_world_rank() == 0:
         pg = ray.util.get_current_placement_group()
@@ -85,7 +85,7 @@ def _worker_recording_placement(loop_config: dict) -> None:
     worker_main(loop_config)
 
 
-def _trial_distributed(params: dict, base: dict, data: dict, placement: Any, storage: str,
+def _trial_distributed(params: dict, base: ExperimentConfig, data: dict, placement: Any, storage: str,
                        sweep: str, registry: str) -> None:
     """Tune function trainable: a TorchTrainer of ``placement`` (:func:`pipelines.cluster.trial_placement`,
     chosen once by the driver); rank 0's reports go to Tune.
@@ -97,13 +97,13 @@ def _trial_distributed(params: dict, base: dict, data: dict, placement: Any, sto
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines import cluster, search_space
-    from pipelines.train import run_config
+    from pipelines.ray_train import run_config
 
-    cfg = search_space.apply(ExperimentConfig.from_dict(base), params)
+    cfg = search_space.apply(base, params)
     trial_id = ray.tune.get_context().get_trial_id()
     rc = run_config(f"{sweep}-{trial_id}", storage, keep=1, max_failures=0, env=cluster.worker_env(placement))
     rc.callbacks = [TuneReportCallback()]
-    loop_config = {"config": cfg.to_dict(), "data_url": data["url"], "holdout_url": data["holdout_url"],
+    loop_config = {"config": cfg, "data_url": data["url"], "holdout_url": data["holdout_url"],
                    "storage_options": data["storage_options"], "run_id": None, "tracking_uri": None,
                    "trial_id": trial_id, "registry": registry}
     trainer = TorchTrainer(_worker_recording_placement, train_loop_config=loop_config,
@@ -278,7 +278,8 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     from pipelines.names import check_name
     from ddpm.data.storage import storage_options_for
     from pipelines.storage import ray_storage
-    from pipelines.train import check_builds, check_data, resolve_config, resolve_data
+    from pipelines.data import check_data, resolve_data
+    from pipelines.train import check_builds, resolve_config
 
     if scheduler not in ("asha", "none"):
         raise UsageError(f"--scheduler {scheduler!r} is not valid; valid: asha, none")
@@ -327,13 +328,13 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     registry, registry_name = None, None
     if workers_per_trial == 1:
         trainable = tune.with_resources(
-            tune.with_parameters(_trial_single, base=trial_base.to_dict(), data=data_spec), {"CPU": 1})
+            tune.with_parameters(_trial_single, base=trial_base, data=data_spec), {"CPU": 1})
     else:
         registry_name = REGISTRY_PREFIX + sweep
         registry = _placement_registry(registry_name)
         # The trial process only drives the TorchTrainer; its workers reserve their own CPUs.
         trainable = tune.with_resources(
-            tune.with_parameters(_trial_distributed, base=trial_base.to_dict(), data=data_spec,
+            tune.with_parameters(_trial_distributed, base=trial_base, data=data_spec,
                                  placement=placement, storage=settings.storage, sweep=sweep,
                                  registry=registry_name), {"CPU": 1})
     callback = _make_callback(exp_id, parent_run_id, sweep, trial_base, steps, registry_name, data_input)

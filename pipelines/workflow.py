@@ -213,7 +213,7 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
 
     try:
         # 1. data: source -> shards (train and held-out test split)
-        from pipelines.train import ensure_prepared
+        from pipelines.data import ensure_prepared
 
         train_url = cfg.data.url or settings.data_url(cfg.data.source, "train")
         test_url = cfg.data.holdout_url or settings.data_url(cfg.data.source, "test")

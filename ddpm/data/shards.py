@@ -32,8 +32,8 @@ import numpy as np
 from ddpm.data.manifest import FORMAT, MANIFEST, VERSION, dumps
 from ddpm.data.sources import Sample, Skip, Source
 from ddpm.data.storage import DataError, SourceError, atomic_write, check_name, join, open_fs
+from ddpm.image import png_bytes
 
-PNG_COMPRESS_LEVEL = 6  # zlib level; fixed so the bytes (and checksums) are reproducible
 MAX_REPORTED_SKIPS = 20  # reasons kept in the manifest; the count is always exact
 
 
@@ -44,16 +44,6 @@ class WriteResult:
     shards_written: int = 0
     shards_unchanged: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 H x W x C (C = 1 or 3) -> PNG bytes, values unchanged."""
-    from PIL import Image
-
-    img = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image, mode="L" if image.shape[2] == 1 else "RGB")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buf.getvalue()
 
 
 def build_tar(members: list[tuple[str, bytes]]) -> bytes:
@@ -177,7 +167,7 @@ def write_shards(
             skipped.append((key, f"value {int(image.max())} >= levels={levels}"))
             continue
         lo, hi = min(lo, int(image.min())), max(hi, int(image.max()))
-        members.append((f"{key}.png", encode_png(image)))
+        members.append((f"{key}.png", png_bytes(image)))
         if label is None:
             no_label += 1
         else:

@@ -112,8 +112,13 @@ def test_quality_compare_calls_a_winner_only_beyond_two_standard_errors():
 def test_quality_quick(tmp_path):
     from benchmarks import bench_quality
 
-    bench_quality.main(["--quick", "--json-out", str(tmp_path / "quality.json")])
+    bench_quality.main(["--quick", "--json-out", str(tmp_path / "quality.json"), "--save", str(tmp_path / "models")])
     r = _read(tmp_path / "quality.json")
+    from ddpm.checkpoint import load_model
+
+    cfg, model, _ = load_model(str(tmp_path / "models" / "ddpm-pipe.pt"))  # what `evaluate --model` loads
+    assert cfg.name == "digits" and sum(p.numel() for p in model.parameters()) == r["models"]["ddpm-pipe"]["params"]
+    assert (tmp_path / "models" / "diffusers" / "config.json").exists()
     _machine_ok(r["machine"])
     assert r["benchmark"] == "quality" and r["quick"] and r["samples"] == 50 and r["budget_s"] == 3.0
     ours, theirs = r["models"]["ddpm-pipe"], r["models"]["diffusers"]

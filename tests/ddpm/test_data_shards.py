@@ -17,6 +17,7 @@ from ddpm.data.reader import ShardLoader, load_split
 from ddpm.data.shards import build_tar, write_shards
 from ddpm.data.sources import Sample, Skip
 from ddpm.data.storage import DataError
+from ddpm.image import png_bytes
 
 
 def make_samples(n, shape=(4, 4, 1), labels=True, seed=0):
@@ -63,7 +64,7 @@ def test_shards_are_what_webdataset_tarwriter_writes(tmp_path):
     buf = io.BytesIO()
     with wds.TarWriter(buf, user="", group="", mtime=0, encoder=False) as sink:
         for s in samples:
-            sink.write({"__key__": s.key, "png": shards_mod.encode_png(s.image), "cls": str(s.label).encode()})
+            sink.write({"__key__": s.key, "png": png_bytes(s.image), "cls": str(s.label).encode()})
     assert (tmp_path / "d" / "train-000000.tar").read_bytes() == buf.getvalue()
     with tarfile.open(tmp_path / "d" / "train-000000.tar") as tar:
         assert tar.getnames()[:2] == ["0000000.cls", "0000000.png"]  # TarWriter's order: extensions sorted
@@ -198,8 +199,8 @@ def test_count_mismatch_named(tmp_path):
 
 def test_wrong_sample_shape_named(tmp_path):
     write(make_samples(4), tmp_path / "d")
-    other = build_tar([("0000000.png", shards_mod.encode_png(np.zeros((5, 4, 1), np.uint8)))] +
-                      [(f"000000{i}.png", shards_mod.encode_png(np.zeros((4, 4, 1), np.uint8))) for i in (1, 2, 3)])
+    other = build_tar([("0000000.png", png_bytes(np.zeros((5, 4, 1), np.uint8)))] +
+                      [(f"000000{i}.png", png_bytes(np.zeros((4, 4, 1), np.uint8))) for i in (1, 2, 3)])
     _replace_shard(tmp_path / "d", "train-000000.tar", other)
     with pytest.raises(DataError, match=r"train-000000.tar: sample '0000000' is uint8 \(5, 4, 1\)"):
         load_split(str(tmp_path / "d"))
@@ -214,7 +215,7 @@ def test_path_traversal_refused(tmp_path):
     write(make_samples(4), tmp_path / "e")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        data = shards_mod.encode_png(np.zeros((4, 4, 1), np.uint8))
+        data = png_bytes(np.zeros((4, 4, 1), np.uint8))
         info = tarfile.TarInfo("../../etc/0000000.png")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))

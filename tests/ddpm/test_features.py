@@ -182,8 +182,10 @@ def test_a_perfect_memoriser_does_not_beat_the_floor_and_is_caught_by_the_copy_r
 
 
 # Pixel noise keeps the class mix (class_tv does not move beyond noise); blur merges classes.
+# Noise up to 1.2: at 0.6 recall fell only 0.05 against a standard error of 0.07 on one machine (a
+# k-NN score moves in steps of 1/180), so the strongest level must be clearly bad, not borderline.
 @pytest.mark.parametrize("corrupt,strengths,coarse", [
-    (_noisy, (0.15, 0.3, 0.6), ("precision", "recall")),
+    (_noisy, (0.3, 0.6, 1.2), ("precision", "recall")),
     (_blurred, (0.5, 0.8, 1.2), ("precision", "recall", "class_tv"))], ids=["noise", "blur"])
 def test_corrupted_images_score_worse_the_stronger_the_corruption(trained, split, halves, held_out, corrupt,
                                                                     strengths, coarse):

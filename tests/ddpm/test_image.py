@@ -54,13 +54,24 @@ def test_png_bytes_round_trip_and_reproducible(shape):
     assert np.array_equal(back, a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else a)
 
 
-def test_png_bytes_match_the_shard_writer():
-    """Until shards.py uses png_bytes too, its encoder must give the same bytes (sample webdataset = shards)."""
-    from ddpm.data.shards import encode_png
+def test_shard_writer_stores_png_bytes_and_needs_no_torch(tmp_path):
+    """The shards hold exactly ``png_bytes`` of each image (one encoder: sample webdataset = shards),
+    and writing them does not import torch (``ddpm.image`` loads it only for tensors)."""
+    import subprocess
+    import sys
+    import tarfile
 
-    for c in (1, 3):
-        a = np.random.default_rng(c).integers(0, 256, (6, 7, c), dtype=np.uint8)
-        assert png_bytes(a) == encode_png(a)
+    from ddpm.data.shards import write_shards
+    from ddpm.data.sources import Sample
+
+    images = [np.random.default_rng(c).integers(0, 17, (6, 7, 1), dtype=np.uint8) for c in range(3)]
+    write_shards([Sample(f"{i:07d}", a, i) for i, a in enumerate(images)], str(tmp_path / "d"),
+                 source="synthetic", split="train", levels=17)
+    with tarfile.open(tmp_path / "d" / "train-000000.tar") as tar:
+        stored = [tar.extractfile(f"{i:07d}.png").read() for i in range(3)]
+    assert stored == [png_bytes(a) for a in images]
+    code = "import sys, ddpm.data.shards, ddpm.image; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_png_bytes_text_chunk():

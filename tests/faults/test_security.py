@@ -148,7 +148,7 @@ class _Captured(Exception):
 def test_storage_file_system_and_train_run_config_pickle_without_keys(planted_keys, s3_prefix):
     from pipelines import cluster
     from pipelines.storage import ray_storage
-    from pipelines.train import run_config
+    from pipelines.ray_train import run_config
 
     path, fs = ray_storage(f"{s3_prefix}/runs")
     assert fs is not None and fs.type_name == "s3"  # the endpoint case: our own pyarrow file system
@@ -399,14 +399,14 @@ def test_workflow_summary_masks_the_tracking_uri_password(monkeypatch):
     The steps are stubbed: this checks the summary, not the steps."""
     import dataclasses
 
-    from pipelines import evaluate, promote, sample, settings, tracking, train, workflow
+    from pipelines import data, evaluate, promote, sample, settings, tracking, train, workflow
 
     real_resolve, real_configure = settings.resolve, tracking.configure
     monkeypatch.setattr(settings, "resolve", lambda *a, **k: dataclasses.replace(
         real_resolve(*a, **k), tracking_uri=CREDENTIALED_URI))
     monkeypatch.setattr(tracking, "configure", lambda _s: real_configure(real_resolve()))
     uri = "models:/ddpm-digits/1"
-    monkeypatch.setattr(train, "ensure_prepared", lambda *a, **k: None)
+    monkeypatch.setattr(data, "ensure_prepared", lambda *a, **k: None)
     monkeypatch.setattr(workflow, "_manifest_digest", lambda url: "d")
     monkeypatch.setattr(workflow, "_log_step", lambda *a, **k: None)
     monkeypatch.setattr(workflow, "_grid", lambda *a, **k: "grid.png")

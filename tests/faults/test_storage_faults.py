@@ -96,12 +96,13 @@ def test_transient_checkpoint_upload_and_commit_errors_are_retried(flaky):
 @pytest.mark.timeout(60)
 def test_transient_shard_read_errors_are_retried(tmp_path, flaky):
     from ddpm.data.reader import read_shard
-    from ddpm.data.shards import build_tar, encode_png
+    from ddpm.data.shards import build_tar
+    from ddpm.image import png_bytes
     import hashlib
     import numpy as np
 
     fs, folder, pauses = flaky
-    tar = build_tar([("0000000.png", encode_png(np.zeros((4, 4, 1), np.uint8)))])
+    tar = build_tar([("0000000.png", png_bytes(np.zeros((4, 4, 1), np.uint8)))])
     fs.pipe_file(f"{folder}/train-000000.tar", tar)
     FlakyFS.calls = {}
     FlakyFS.plan = {"cat_file": [ConnectionError("reset")]}

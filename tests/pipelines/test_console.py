@@ -153,3 +153,33 @@ def test_progress_prints_rate_and_eta_as_plain_lines_off_a_terminal_at_most_ever
     assert len(lines) == 2  # the first update, then the end (the interval holds back the rest)
     assert lines[0].startswith("[evaluate] 1/10 samples (10%)") and "samples/s ETA" in lines[0]
     assert lines[1].startswith("[evaluate] 10/10 samples (100%)") and "\r" not in stream.getvalue()
+
+
+@pytest.mark.timeout(120)
+def test_progress_channel_prints_worker_lines_and_stops_its_thread_and_actor_when_the_block_fails(ray_cluster):
+    """Lines a remote task puts arrive at the printer; leaving the block, even by an exception, ends
+    the pump thread and kills the queue actor (a thread left pumping raised once Ray shut down)."""
+    import time
+
+    import ray
+
+    from pipelines.console import ProgressChannel, remote_log
+
+    @ray.remote(num_cpus=0)
+    def report(queue):
+        log = remote_log(queue)
+        for i in range(3):
+            log(f"line {i}")
+
+    printed: list[str] = []
+    with pytest.raises(RuntimeError, match="setting up failed"):
+        with ProgressChannel(printer=printed.append) as channel:
+            ray.get(report.remote(channel.queue))
+            deadline = time.monotonic() + 30
+            while len(printed) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            raise RuntimeError("setting up failed")
+    assert printed == ["line 0", "line 1", "line 2"]
+    assert not channel._thread.is_alive()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(channel.queue.actor.qsize.remote(), timeout=30)

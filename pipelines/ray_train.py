@@ -1,0 +1,142 @@
+"""The Ray Train wiring of training: the per-worker entry point, its checkpoint I/O and the ``RunConfig``.
+
+Workers: :func:`worker_main` runs :func:`pipelines.loop.train_loop` with a :class:`LoopContext` built
+on Ray Train's API. ``train`` (pipelines/train.py) and ``tune``'s distributed trials
+(pipelines/tune.py) both launch it; ``tune``'s single-process trials share :func:`checkpoint_io`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from ddpm.config import ExperimentConfig
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def checkpoint_io(report_fn, get_checkpoint, checkpoint_cls, name_dirs: bool = False):
+    """``(restore, report)`` for a :class:`LoopContext` on top of Ray Train's or Ray Tune's API.
+
+    ``report(metrics, state)`` saves ``state`` (when given) as ``checkpoint.pt`` in a temporary folder
+    and hands it to Ray, which copies it to the run's storage; ``restore()`` loads the latest one.
+    """
+    from ddpm.checkpoint import load_checkpoint, save_checkpoint
+
+    def restore():
+        ckpt = get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
+
+    def report(metrics: dict, state: dict | None) -> None:
+        if state is None:
+            report_fn(metrics)
+            return
+        tmp = tempfile.mkdtemp(prefix="ddpm-ckpt-")
+        try:
+            save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), state)
+            extra = {"checkpoint_dir_name": f"checkpoint_{int(metrics['step']):08d}"} if name_dirs else {}
+            report_fn(metrics, checkpoint=checkpoint_cls.from_directory(tmp), **extra)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return restore, report
+
+
+def _ray_context(tracking_uri: str | None):
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from pipelines.loop import LoopContext, rank0_decides
+
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    restore, report = checkpoint_io(ray.train.report, ray.train.get_checkpoint, ray.train.Checkpoint,
+                                    name_dirs=True)
+
+    def wrap(model):
+        return ray.train.torch.prepare_model(model) if world > 1 else model
+
+    def all_gather(obj):
+        if world == 1:
+            return [obj]
+        out: list = [None] * world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    device = ray.train.torch.get_device()
+    if device.type == "cpu" and world == 1 and torch.backends.mps.is_available():
+        device = torch.device("mps")  # Apple GPU: Ray does not schedule it, one worker can use it
+    return LoopContext(rank=rank, world_size=world, device=device, restore=restore,
+                       report=report, wrap_model=wrap, all_gather=all_gather,
+                       agree=(lambda flag: rank0_decides(flag, device)) if world > 1 else (lambda flag: flag))
+
+
+def worker_main(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker entry point (``train_loop_per_worker``)."""
+    import ray
+
+    from pipelines.console import remote_log
+    from pipelines.loop import LoopData, train_loop
+
+    cfg: ExperimentConfig = loop_config["config"]  # typed: Ray pickles the dataclass itself
+    ctx = _ray_context(loop_config.get("tracking_uri"))
+    ctx.log = remote_log(loop_config.get("progress"))  # the driver prints these lines
+    tracker = None
+    artifact_dir = None
+    if ctx.rank == 0 and loop_config.get("run_id"):
+        from pipelines.tracking import AsyncLogger
+
+        if loop_config.get("tracking_uri"):  # else (it held credentials) this process's own MLFLOW_TRACKING_URI
+            os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]
+        # mlflow itself (seconds to import) is first imported by the logger's thread, not before step 1.
+        tracker = AsyncLogger(loop_config["run_id"])
+        artifact_dir = tempfile.mkdtemp(prefix="ddpm-artifacts-")
+    # Where each rank runs and what it reads: logged once so placement and data shares can be checked.
+    placement = ctx.all_gather({"rank": ctx.rank, "node_id": ray.get_runtime_context().get_node_id(),
+                                "pid": os.getpid()})
+    if tracker is not None:
+        tracker.set_tag("ddpm.placement", ",".join(f"{p['rank']}@{p['node_id'][:12]}" for p in placement))
+    data = LoopData(url=loop_config["data_url"], holdout_url=loop_config.get("holdout_url"),
+                    storage_options=loop_config.get("storage_options"))
+    try:
+        final = train_loop(cfg, data, ctx, tracker=tracker, artifact_dir=artifact_dir)
+        if tracker is not None:
+            tracker.log_metrics({"wall_s": final.get("wall_s", 0.0)}, int(final["step"]))
+    finally:
+        if tracker is not None:
+            stats = tracker.close(timeout=30)
+            if stats["dropped"]:
+                ctx.log(f"[train] MLflow: {stats['dropped']} logging item(s) dropped during a tracking outage")
+        if artifact_dir:
+            shutil.rmtree(artifact_dir, ignore_errors=True)
+
+
+def run_config(name: str, storage: str, keep: int, max_failures: int = 3, env: dict | None = None):
+    """Ray ``RunConfig``: checkpoints under storage/name, the last ``keep`` kept, restarts when a worker
+    is lost, but not on bad input (:class:`pipelines.failures.StopOnBadInput`)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    from pipelines.console import train_logging_config
+    from pipelines.failures import StopOnBadInput
+    from pipelines.storage import ray_storage
+
+    path, fs = ray_storage(storage)
+    return RunConfig(
+        name=name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute="step",
+                                           checkpoint_score_order="max"),
+        worker_runtime_env=env,
+        logging_config=train_logging_config(),
+        callbacks=[StopOnBadInput()],
+    )
+
+
