@@ -1,11 +1,16 @@
-"""Training curves of an MLflow run as PNGs: the loss and the held-out bits/dim against the step.
+"""Plots for the docs: a run's training curves, and sample quality against sampler steps.
 
     .venv/bin/python scripts/plots.py --run-id RUN_ID --out docs/img
     .venv/bin/python scripts/plots.py --run-name demo-train --experiment digits --out docs/img
+    .venv/bin/python scripts/plots.py --sampler-table eval.json --out docs/img
 
-Reads the run's metric history from the tracking store that `ddpm-pipe` uses (``MLFLOW_TRACKING_URI``,
-else ``DDPM_HOME``'s sqlite store) and writes ``loss.png`` and ``bpd.png`` (the estimate with its
-standard error as a band) into ``--out``. Needs matplotlib (not a dependency of the package).
+With a run: reads its metric history from the tracking store that `ddpm-pipe` uses
+(``MLFLOW_TRACKING_URI``, else ``DDPM_HOME``'s sqlite store) and writes ``loss.png`` and ``bpd.png``
+(the estimate with its standard error as a band) into ``--out``. With ``--sampler-table``: the
+sampler table of ``ddpm-pipe evaluate --table`` (its ``--json`` output, or the run's
+``evaluation/sampler_table.json`` artifact) -> ``sampler_quality.png``: KID and classifier score
+(± one standard error) against the number of steps, one line per sampler and eta, the real data's
+floor as a dashed line. Needs matplotlib (not a dependency of the package).
 """
 
 from __future__ import annotations
@@ -66,14 +71,64 @@ def plot(run_id: str, out: Path, client) -> list[Path]:
     return written
 
 
+SAMPLER_PANELS = (("kid", "KID against held-out digits (lower is better)"),
+                  ("classifier_score", "classifier score (higher is better)"))
+
+
+def sampler_rows(doc) -> list[dict]:
+    """The rows of a sampler table: ``evaluate --json`` output (its ``table``) or the artifact (a list)."""
+    rows = doc.get("table") if isinstance(doc, dict) else doc
+    if not rows:
+        raise SystemExit("no sampler table in that file: run `ddpm-pipe evaluate --table --json`")
+    return rows
+
+
+def plot_sampler_table(rows: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(SAMPLER_PANELS), figsize=(10, 3.4))
+    lines: dict[str, list[dict]] = {}
+    for r in rows:
+        label = r["sampler"] + (f" eta {r['eta']:g}" if r["sampler"] == "ddim" else "")
+        lines.setdefault(label, []).append(r)
+    for ax, (name, title) in zip(axes, SAMPLER_PANELS):
+        for label, rs in lines.items():
+            rs = sorted(rs, key=lambda r: r["steps"])
+            ax.errorbar([r["steps"] for r in rs], [r["scores"][name] for r in rs],
+                        yerr=[r["se"].get(name) or 0.0 for r in rs], marker="o", ms=3, capsize=2, label=label)
+        floor = rows[0]["floors"].get(name)
+        if floor is not None:
+            ax.axhline(floor, ls="--", color="grey", lw=1, label="real data (floor)")
+        ax.set(xscale="log", xlabel="sampling steps (network evaluations)", title=title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{rows[0]['num']} samples per setting", fontsize=9)
+    fig.tight_layout()
+    path = out / "sampler_quality.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-id")
     which.add_argument("--run-name")
+    which.add_argument("--sampler-table", metavar="JSON", help="`ddpm-pipe evaluate --table --json` output")
     p.add_argument("--experiment", default="digits", help="with --run-name")
     p.add_argument("--out", default="docs/img")
     args = p.parse_args(argv)
+    if args.sampler_table:
+        import json
+
+        path = plot_sampler_table(sampler_rows(json.loads(Path(args.sampler_table).read_text())), Path(args.out))
+        print(path)
+        return [path]
 
     from pipelines import tracking
     from pipelines.settings import resolve

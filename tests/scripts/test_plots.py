@@ -38,3 +38,24 @@ def test_curves_of_a_run_are_written_as_pngs(tmp_path):
     for p in written:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
     assert plots.history(c, run_id, "loss") == ([10, 20, 30], [0.1, 0.05, 1.0 / 30])
+
+
+@pytest.mark.timeout(120)
+def test_sampler_table_plot_from_evaluate_json(tmp_path):
+    """`evaluate --table --json` output (a dict with ``table``) and the artifact (the list) both plot."""
+    import json
+
+    def row(sampler, steps, eta, kid):
+        return {"sampler": sampler, "steps": steps, "eta": eta, "num": 500,
+                "scores": {"kid": kid, "classifier_score": 9 - kid}, "se": {"kid": 0.01, "classifier_score": 0.2},
+                "floors": {"kid": 0.0, "classifier_score": 9.3}}
+
+    rows = [row("ddpm", 1000, 0.0, 0.02)] + [row("ddim", n, e, 1 / n + e / 10) for n in (10, 50) for e in (0.0, 1.0)]
+    plots = load_script()
+    for i, doc in enumerate(({"model": "m", "table": rows}, rows)):
+        (tmp_path / f"t{i}.json").write_text(json.dumps(doc))
+        [path] = plots.main(["--sampler-table", str(tmp_path / f"t{i}.json"), "--out", str(tmp_path / f"img{i}")])
+        assert path.name == "sampler_quality.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "none.json").write_text(json.dumps({"model": "m"}))
+    with pytest.raises(SystemExit, match="no sampler table"):
+        plots.main(["--sampler-table", str(tmp_path / "none.json")])
