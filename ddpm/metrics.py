@@ -284,20 +284,27 @@ class Metric:
     description: str
 
 
-METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("fd", "lower", "Frechet distance in the feature network's space"),
-    Metric("kid", "lower", "kernel distance (unbiased MMD^2, cubic kernel) in the feature network's space"),
-    Metric("classifier_score", "higher", "exp E_x KL(p(y|x) || p(y)) of the feature classifier"),
-    Metric("class_tv", "lower", "total variation between the samples' and the reference's class histograms"),
-    Metric("classes_covered", "higher", "classes holding at least half their reference share of samples"),
-    Metric("fid", "lower", "Inception-v3 Frechet distance (natural images)"),
-    Metric("precision", "higher", "share of samples inside the real manifold (k-NN, k=3)"),
-    Metric("recall", "higher", "share of real images inside the sample manifold (k-NN, k=3)"),
-    Metric("bpd", "lower", "held-out bits per dimension (variational bound)"),
-    Metric("copy_rate", "lower", "share of samples nearer to training images than test images are"),
-    Metric("confidence", "higher", "mean max softmax probability of the feature classifier"),
-    Metric("sec_per_sample", "lower", "wall-clock seconds per generated sample"),
-)}
+# What each score measures, by the way it is better.
+LOWER_IS_BETTER = {
+    "fd": "Frechet distance in the feature network's space",
+    "kid": "kernel distance (unbiased MMD^2, cubic kernel) in the feature network's space",
+    "class_tv": "total variation between the samples' and the reference's class histograms",
+    "fid": "Inception-v3 Frechet distance (natural images)",
+    "bpd": "held-out bits per dimension (variational bound)",
+    "copy_rate": "share of samples nearer to training images than test images are",
+    "sec_per_sample": "wall-clock seconds per generated sample",
+}
+HIGHER_IS_BETTER = {
+    "classifier_score": "exp E_x KL(p(y|x) || p(y)) of the feature classifier",
+    "classes_covered": "classes holding at least half their reference share of samples",
+    "precision": "share of samples inside the real manifold (k-NN, k=3)",
+    "recall": "share of real images inside the sample manifold (k-NN, k=3)",
+    "confidence": "mean max softmax probability of the feature classifier",
+}
+METRICS: dict[str, Metric] = {
+    **{name: Metric(name, "lower", text) for name, text in LOWER_IS_BETTER.items()},
+    **{name: Metric(name, "higher", text) for name, text in HIGHER_IS_BETTER.items()},
+}
 
 METRIC_DIRECTIONS: dict[str, Direction] = {name: m.direction for name, m in METRICS.items()}
 

@@ -61,3 +61,15 @@ def test_train_max_time_is_seconds_above_zero():
     assert cfg.train.max_time == 90.0 and load_config("digits").train.max_time is None
     with pytest.raises(ConfigError, match=r"train.max_time must be a number of seconds > 0, got 0"):
         load_config("digits", ["train.max_time=0"])
+
+
+def test_cifar10_preset_is_the_papers_run():
+    """Golden values: the preset takes most of them from the dataclasses' defaults, so a changed
+    default must not silently change the paper's configuration (Ho et al. 2020, section 4 and B)."""
+    cfg = ExperimentConfig.preset("cifar10")
+    d, t, s = cfg.diffusion, cfg.train, cfg.sample
+    assert (d.schedule, d.timesteps, d.prediction, d.variance, d.loss) == ("linear", 1000, "eps", "fixed_large", "simple")
+    assert (t.batch_size, t.lr, t.warmup_steps, t.grad_clip, t.ema_decay, t.max_steps) == (128, 2e-4, 5000, 1.0, 0.9999, 800_000)
+    assert (s.sampler, s.steps) == ("ddpm", None) and t.registered_model == "ddpm-cifar10"
+    assert (cfg.data.source, cfg.data.levels, cfg.data.random_flip) == ("cifar10", 256, True)
+    assert (cfg.model.ch, cfg.model.ch_mult, cfg.model.attn_resolutions, cfg.model.dropout) == (128, (1, 2, 2, 2), (16,), 0.1)
