@@ -136,3 +136,27 @@ def test_quality_quick(tmp_path):
     for c in r["vs_diffusers"].values():
         for name in ("kid", "fd", "classifier_score"):
             assert (c[name]["better"] == "within noise") == (abs(c[name]["z"]) < 2)
+
+
+@pytest.mark.timeout(600)
+def test_samplers_table_rows_compare_with_the_first(tmp_path):
+    """A tiny random checkpoint, four rows of few steps: each row scored, compared with the first,
+    and the table in the form scripts/plots.py --sampler-table reads."""
+    from benchmarks import bench_samplers
+    from tests.pipelines.helpers import save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
+    r = bench_samplers.main(["--model", str(ckpt), "--num", "40", "--rows", "ddpm:4", "ddim:3", "ddim:3:1",
+                             "dpmpp:3", "--json-out", str(tmp_path / "samplers.json")])
+    assert r == _read(tmp_path / "samplers.json")
+    assert [(row["sampler"], row["steps"], row["eta"]) for row in r["table"]] == [
+        ("ddpm", 4, 0.0), ("ddim", 3, 0.0), ("ddim", 3, 1.0), ("dpmpp", 3, 0.0)]
+    assert r["reference"] == "ddpm-4" and r["table"][0]["vs_reference"] == {}
+    for row in r["table"][1:]:
+        assert row["num"] == 40 and row["seconds"] > 0 and {"kid", "classifier_score"} <= set(row["vs_reference"])
+        for c in row["vs_reference"].values():
+            assert c["verdict"] in ("better", "worse", "within noise")
+            if c["z"] is not None:
+                assert (c["verdict"] == "within noise") == (abs(c["z"]) < 2 or c["diff"] == 0)
+    with pytest.raises(SystemExit):
+        bench_samplers.main(["--model", str(ckpt), "--rows", "ddim"])
