@@ -24,9 +24,26 @@ from ddpm.noise import sample_seed
 from ddpm.samplers import check_sampler, default_steps, generate
 
 if TYPE_CHECKING:
-    from ddpm.config import ExperimentConfig
+    from ddpm.config import ExperimentConfig, SampleConfig
 
 BatchProgress = Callable[[int, int], Any]  # (samples done, samples in all)
+
+
+def sampling_settings(sample: SampleConfig, num_timesteps: int, sampler: Sampler | None = None,
+                      steps: int | None = None, eta: float | None = None) -> tuple[Sampler, int, float]:
+    """``(sampler, steps, eta)``: what is given, the rest from a model's ``sample`` config.
+
+    The config's ``steps`` and ``eta`` belong to the config's sampler: with another ``sampler`` the
+    defaults are that sampler's own (:func:`ddpm.samplers.default_steps`, capped at T; eta 0).
+    ``sample``, ``evaluate``, the workflow and the pyfunc model all resolve their defaults here.
+    """
+    sampler = sampler or sample.sampler
+    own = sampler == sample.sampler
+    if steps is None:
+        steps = default_steps(sampler, num_timesteps, sample.steps if own else None)
+    if eta is None:
+        eta = sample.eta if own else 0.0
+    return sampler, int(steps), float(eta)
 
 
 class DDPMPipeline:
@@ -66,14 +83,9 @@ class DDPMPipeline:
         The config's ``steps`` and ``eta`` belong to the config's sampler: with another ``sampler``
         the defaults are that sampler's own (steps capped at T, eta 0).
         """
-        s = cfg.sample
         diffusion = diffusion if diffusion is not None else Diffusion.from_config(cfg.diffusion)
-        sampler = sampler or s.sampler
-        own = sampler == s.sampler
-        if steps is None:
-            steps = default_steps(sampler, diffusion.num_timesteps, s.steps if own else None)
-        if eta is None:
-            eta = s.eta if own else 0.0
+        sampler, steps, eta = sampling_settings(cfg.sample, diffusion.num_timesteps, sampler, steps, eta)
+        s = cfg.sample
         m = cfg.model
         return cls(model, diffusion, (m.in_channels, m.image_size, m.image_size), sampler=sampler, steps=steps,
                    eta=eta, clip_denoised=s.clip_denoised, batch_size=batch_size or s.batch_size)
@@ -115,4 +127,4 @@ class DDPMPipeline:
                 f"T={self.diffusion.num_timesteps}, image_shape={self.image_shape}, batch_size={self.batch_size})")
 
 
-__all__ = ["DDPMPipeline"]
+__all__ = ["DDPMPipeline", "sampling_settings"]

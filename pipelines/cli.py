@@ -80,8 +80,9 @@ SampleGpusPerNode = Annotated[int, typer.Option("--gpus-per-node", min=0, help="
 Experiment = Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment name. Default: the config's name.")]
 Model = Annotated[str, typer.Option("--model", "-m", help="Model URI: runs:/ID/model, models:/NAME/VERSION, models:/NAME/latest, models:/NAME@ALIAS, models:/m-<logged model id>, or a checkpoint path/URL.")]
 Num = Annotated[int, typer.Option("--num", "-n", min=1, help="Number of samples.")]
-SamplerOpt = Annotated[str, _choice("--sampler", values=SAMPLERS, help="ddpm (ancestral; --steps below T respaces), ddim (--eta), dpmpp (DPM-Solver++ 2M).")]
-Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Sampling steps. Default: T for ddpm, 50 for ddim, 20 for dpmpp.")]
+SamplerOpt = Annotated[Optional[str], _choice("--sampler", values=SAMPLERS, help="ddpm (ancestral; --steps below T respaces), ddim (--eta), dpmpp (DPM-Solver++ 2M). Default: the model's own (its config's sample.sampler; the digits preset: ddim).")]
+Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Sampling steps. Default: the model's config's sample.steps for its own sampler (the digits preset: 25), else T for ddpm, 50 for ddim, 20 for dpmpp.")]
+Eta = Annotated[Optional[float], typer.Option("--eta", min=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like; 0 for the other samplers. Default: the model's config's sample.eta for its own sampler (the digits preset: 1), else 0.")]
 
 
 def _fail(message: str, code: int) -> None:
@@ -244,8 +245,9 @@ def evaluate(
     model: Model,
     data: Data = None,
     num: Num = 1000,
-    sampler: SamplerOpt = "ddim",
+    sampler: SamplerOpt = None,
     steps: Steps = None,
+    eta: Eta = None,
     nodes: Nodes = 1,
     table: Annotated[bool, typer.Option("--table", help="Also measure the sampler table (DDPM 1000; DDIM 10/20/50/100, eta 0 and 1).")] = False,
     address: Address = None,
@@ -255,7 +257,7 @@ def evaluate(
     from pipelines.evaluate import evaluate_command
 
     _dispatch(evaluate_command, json_out, model=model, data=data,
-              num=num, sampler=sampler, steps=steps, nodes=nodes, table=table, address=address)
+              num=num, sampler=sampler, steps=steps, eta=eta, nodes=nodes, table=table, address=address)
 
 
 @app.command()
@@ -282,9 +284,9 @@ def sample(
     model: Model,
     num: Num = 64,
     out: Annotated[Optional[str], typer.Option("--out", help="Output URL (local path or s3://). Default: DDPM_HOME/samples/<name>.")] = None,
-    sampler: SamplerOpt = "ddim",
+    sampler: SamplerOpt = None,
     steps: Steps = None,
-    eta: Annotated[float, typer.Option("--eta", min=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like.")] = 0.0,
+    eta: Eta = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per model call.")] = 256,
     nodes: Nodes = 1,
     gpus_per_node: SampleGpusPerNode = 0,

@@ -59,17 +59,21 @@ class EvalData:
     train_url: str | None
 
 
-def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampler: str = "ddim",
+def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampler: str | None = None,
                      steps: int | None = None, nodes: int = 1, table: bool = False,
-                     address: str | None = None, *, eta: float = 0.0, bpd_images: int = BPD_IMAGES,
+                     address: str | None = None, *, eta: float | None = None, bpd_images: int = BPD_IMAGES,
                      table_rows: tuple = TABLE_ROWS) -> dict[str, Any]:
-    """Evaluate ``model`` and log every keyed result; returns them with a readable ``message``."""
+    """Evaluate ``model`` and log every keyed result; returns them with a readable ``message``.
+
+    ``sampler``, ``steps`` and ``eta`` left None are the model's own (its config's ``sample`` section,
+    :func:`ddpm.pipeline.sampling_settings`)."""
+    from ddpm.pipeline import sampling_settings
     from ddpm.samplers import SAMPLERS
 
     from pipelines import models, tracking
     from pipelines.settings import resolve
 
-    if sampler not in SAMPLERS:
+    if sampler is not None and sampler not in SAMPLERS:
         raise UsageError(f"--sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
     if num <= K_NEAREST + 1:  # + 1: the jackknife leaves a group out and still needs k + 1 points
         raise UsageError(f"--num must be above {K_NEAREST + 1} (k-NN precision/recall with its standard "
@@ -78,6 +82,9 @@ def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampl
     tracking.configure(settings)
     loaded = models.load(model)
     cfg = loaded.config
+    if steps is not None:
+        _steps_used(loaded, sampler or cfg.sample.sampler, steps)  # in [1, T], before any work
+    sampler, steps, eta = sampling_settings(cfg.sample, loaded.diffusion.num_timesteps, sampler, steps, eta)
     ev = load_eval_data(cfg, data, settings)
 
     results: list[dict[str, Any]] = []
@@ -199,7 +206,7 @@ def generate_samples(loaded: Any, sampler: str, steps: int | None, eta: float, n
     pipe = DDPMPipeline.from_config(SamplingNet(loaded.model), loaded.config, loaded.diffusion,
                                     sampler=sampler, steps=steps, eta=eta)
     bar = Progress("evaluate", num, "sample")
-    bar.suffix = f" ({sampler}, {pipe.steps} steps)"
+    bar.suffix = f" ({sampler}, {pipe.steps} steps{f', eta {pipe.eta:g}' if pipe.eta else ''})"
     x = pipe(num, seed, progress=lambda done, _total: bar.update(done - bar.done))
     bar.close()
     return x

@@ -6,7 +6,7 @@ This file is logged as the model's code; ``ddpm`` travels beside it as ``code_pa
 
 ``predict`` takes a dict (or a one-row DataFrame) with ``num`` (required) and optionally
 ``seeds`` (one int per sample, or one int ``seed``: sample i then uses ``seed * 1_000_003 + i``),
-``sampler`` (ddpm|ddim|dpmpp, default the config's), ``steps``, ``eta``, ``batch_size``.
+``sampler`` (ddpm|ddim|dpmpp), ``steps`` and ``eta`` (each default the config's, ddpm.pipeline.sampling_settings), ``batch_size``.
 It returns uint8 images ``[num x H x W x C]`` on the data's grey levels. The logged signature
 (``pipelines.registry.signature``) declares these columns, so pyfunc hands ``predict`` a DataFrame.
 """
@@ -53,9 +53,10 @@ class DDPMPyfunc(PythonModel):
         sampler = str(_scalar(req.get("sampler") or self.config.sample.sampler))
         steps = _scalar(req.get("steps"))  # none: the config's steps for the config's sampler (capped at T)
         batch = _scalar(req.get("batch_size"))
+        eta = _scalar(req.get("eta"))  # none: the config's eta for the config's sampler, else 0
         pipe = DDPMPipeline.from_config(self.model, self.config, self.diffusion, sampler=sampler,
                                         steps=None if steps in (None, "") else int(steps),
-                                        eta=float(_scalar(req.get("eta", 0.0)) or 0.0),
+                                        eta=None if eta in (None, "") or eta != eta else float(eta),
                                         batch_size=None if batch in (None, "") else int(batch))
         return to_uint8(pipe.from_seeds(seeds), self.config.data.levels)
 

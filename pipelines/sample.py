@@ -59,13 +59,16 @@ FORMATS = ("png", "webdataset", "npz")
 # -- the request ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SampleRequest:
-    """What to sample; ``steps=None`` means the sampler's default (T for ddpm, 50 ddim, 20 dpmpp)."""
+    """What to sample. ``sampler``, ``steps`` and ``eta`` left None are the model's own (its config's
+    ``sample`` section; for another sampler than the config's, that sampler's defaults: T for ddpm,
+    50 ddim, 20 dpmpp, eta 0): the workers resolve them when they load the model
+    (:func:`ddpm.pipeline.sampling_settings`)."""
 
     model: str
     num: int
-    sampler: str = "ddim"
+    sampler: str | None = None
     steps: int | None = None
-    eta: float = 0.0
+    eta: float | None = None
     batch_size: int = 256
     nodes: int = 1
     gpus_per_node: int = 0
@@ -76,7 +79,8 @@ class SampleRequest:
     compile: bool = False  # torch.compile each worker's network (eager if it fails); speed only
 
     def validate(self) -> None:
-        _choice("--sampler", self.sampler, SAMPLERS)
+        if self.sampler is not None:
+            _choice("--sampler", self.sampler, SAMPLERS)
         _choice("--precision", self.precision, PRECISIONS)
         for name, value, low in (("--num", self.num, 1), ("--batch-size", self.batch_size, 1),
                                  ("--nodes", self.nodes, 1), ("--gpus-per-node", self.gpus_per_node, 0),
@@ -88,7 +92,10 @@ class SampleRequest:
         from ddpm.samplers import check_eta
 
         try:
-            check_eta(self.eta, self.sampler, name="--eta")
+            if self.eta is not None and self.eta < 0:
+                raise ValueError(f"--eta must be >= 0, got {self.eta}")
+            if self.eta is not None and self.sampler is not None:  # else the worker checks the model's sampler
+                check_eta(self.eta, self.sampler, name="--eta")
         except ValueError as e:
             raise UsageError(str(e)) from None
         if self.num >= SEED_STRIDE:
@@ -190,7 +197,7 @@ def sample_arrays(req: SampleRequest, progress: bool = True) -> SampleRun:
     return SampleRun(x=x, progressive=preds, info=info, timings=_timings(start, ready, done, req.num))
 
 
-def sample_to_tensor(model: str, num: int, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
+def sample_to_tensor(model: str, num: int, sampler: str | None = None, steps: int | None = None, eta: float | None = None,
                      batch_size: int = 256, nodes: int = 1, gpus_per_node: int = 0, seed: int = 0,
                      precision: str = "fp32", address: str | None = None, progress: bool = True):
     """``num`` samples ``[num x C x H x W]`` (float32 in [-1, 1]) through the same Ray job as ``sample``.
@@ -216,13 +223,19 @@ def _bar(total: int, enabled: bool):
     return Progress("sample", total, "sample", enabled=enabled)
 
 
-def _identity(req: SampleRequest, fmt: str, meta: dict[str, Any], steps: int | None) -> dict[str, Any]:
+def _identity(req: SampleRequest, fmt: str, meta: dict[str, Any], used: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a folder's samples depend on; ``used``: what the workers resolved (sampler, steps, eta),
+    without it only what was asked (a setting left to the model is unknown until a worker read it)."""
+    used = used or {}
     ident = {"model": req.model, "model_run_id": meta.get("run_id"), "model_name": meta.get("name"),
-             "model_version": meta.get("version"), "sampler": req.sampler, "steps": steps,
-             "eta": float(req.eta), "seed": int(req.seed), "format": fmt, "precision": req.precision,
-             "progressive": int(req.progressive)}
-    if steps is None:
-        del ident["steps"]  # unknown until a worker has read the model's T
+             "model_version": meta.get("version"), "sampler": used.get("sampler", req.sampler),
+             "steps": used.get("steps", req.steps), "eta": used.get("eta", req.eta), "seed": int(req.seed),
+             "format": fmt, "precision": req.precision, "progressive": int(req.progressive)}
+    for key in ("sampler", "steps", "eta"):
+        if ident[key] is None:
+            del ident[key]
+    if "eta" in ident:
+        ident["eta"] = float(ident["eta"])
     return ident
 
 
@@ -235,7 +248,8 @@ def _default_out(req: SampleRequest, meta: dict[str, Any]) -> str:
         base = f"run-{meta['run_id']}"
     else:
         base = re.sub(r"[^A-Za-z0-9_.-]+", "-", req.model.rstrip("/").rsplit("/", 1)[-1]).strip("-.") or "model"
-    return resolve().samples_url(f"{base}-{req.sampler}{req.steps or ''}-seed{req.seed}")
+    setting = f"{req.sampler or ''}{req.steps or ''}" + (f"-eta{req.eta:g}" if req.eta is not None else "")
+    return resolve().samples_url(f"{base}-{setting + '-' if setting else ''}seed{req.seed}")
 
 
 # -- the command ----------------------------------------------------------------------------------
@@ -269,7 +283,7 @@ def _write_locked(req: SampleRequest, folder: OutputFolder, fmt: str, meta: dict
 
     state = inspect_folder(folder, fmt)
     remove_stale_temporaries(folder.fs, folder.root, state.temporaries)
-    check_same(folder, state.record, _identity(req, fmt, meta, req.steps))
+    check_same(folder, state.record, _identity(req, fmt, meta))
     beyond = sorted(i for i in state.done if i >= req.num)
     if beyond:
         raise RefusedError(f"output {folder.url!r} already holds samples up to index {beyond[-1]}, beyond "
@@ -288,10 +302,10 @@ def _write_locked(req: SampleRequest, folder: OutputFolder, fmt: str, meta: dict
     try:
         ready = time.perf_counter()
         info = pool.info
-        record = {"kind": "ddpm-samples", **_identity(req, fmt, meta, info["steps"]),
+        record = {"kind": "ddpm-samples", **_identity(req, fmt, meta, info),
                   "seed_rule": f"sample i uses seed * {SEED_STRIDE} + i", "shape": info["shape"],
                   "levels": info["levels"], "T": info["T"]}
-        check_same(folder, state.record, _identity(req, fmt, meta, info["steps"]))
+        check_same(folder, state.record, _identity(req, fmt, meta, info))
         if state.record is None or "steps" not in state.record:
             folder.write(JOB_FILE, json.dumps(record, indent=2).encode())
         if state.manifest is not None:  # it says "complete"; it comes back once that is true again
@@ -323,7 +337,7 @@ def _write_locked(req: SampleRequest, folder: OutputFolder, fmt: str, meta: dict
                         f"samples in {where}")}
 
 
-def sample_command(model: str, num: int, out: str | None, sampler: str, steps: int | None, eta: float,
+def sample_command(model: str, num: int, out: str | None, sampler: str | None, steps: int | None, eta: float | None,
                    batch_size: int, nodes: int, gpus_per_node: int, seed: int, format: str, precision: str,
                    progressive: int, address: str | None, compile: bool = False) -> dict[str, Any]:
     """`ddpm-pipe sample`: see the module docstring."""

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 class SampleWorker:
     """One Ray actor: loads the model once, then samples units of indices (see the module docstring)."""
 
-    def __init__(self, uri: str, sampler: str, steps: int | None, eta: float, precision: str,
+    def __init__(self, uri: str, sampler: str | None, steps: int | None, eta: float | None, precision: str,
                  progressive: int, threads: int, env: dict[str, str], compile: bool = False) -> None:
         self._error: Exception | None = None
         try:
@@ -30,13 +30,13 @@ class SampleWorker:
         except Exception as e:  # raised from info(): an actor that dies in __init__ loses the cause
             self._error = e
 
-    def _setup(self, uri: str, sampler: str, steps: int | None, eta: float, precision: str,
+    def _setup(self, uri: str, sampler: str | None, steps: int | None, eta: float | None, precision: str,
                progressive: int, threads: int, env: dict[str, str], compile: bool) -> None:
         import torch
 
         from ddpm.inference import SamplingNet
-        from ddpm.pipeline import DDPMPipeline
-        from ddpm.samplers import default_steps
+        from ddpm.pipeline import DDPMPipeline, sampling_settings
+        from ddpm.samplers import check_eta
         from pipelines.models import load
 
         os.environ.update(env)  # the tracking store; never credentials (workers read their own)
@@ -51,14 +51,19 @@ class SampleWorker:
         cfg = loaded.config
         T = self.diffusion.num_timesteps
         self.progressive = progressive
-        steps = steps if steps is not None else default_steps(sampler, T)
-        if steps > T:
+        if steps is not None and steps > T:
             raise UsageError(f"--steps {steps} exceeds the model's T={T}")
+        # What is not given comes from the model's own sample config (ddpm.pipeline.sampling_settings).
+        sampler, steps, eta = sampling_settings(cfg.sample, T, sampler, steps, eta)
+        try:
+            check_eta(eta, sampler, name="--eta")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         # The driver sizes units to --batch-size, and a unit is sampled as one batch.
         self.pipe = DDPMPipeline.from_config(self.model, cfg, self.diffusion, sampler=sampler, steps=steps,
                                              eta=eta, batch_size=sys.maxsize)
         self.shape = self.pipe.image_shape
-        self._info = {"steps": self.pipe.steps, "T": T, "shape": list(self.shape), "levels": cfg.data.levels,
+        self._info = {"sampler": self.pipe.sampler, "steps": self.pipe.steps, "eta": self.pipe.eta, "T": T, "shape": list(self.shape), "levels": cfg.data.levels,
                       "clip_denoised": cfg.sample.clip_denoised, "load_s": time.perf_counter() - start,
                       "device": str(self.device)}
 

@@ -52,8 +52,9 @@ class TrainStep:
 @dataclass(frozen=True)
 class EvaluateStep:
     num: int = 500  # samples scored against the held-out split (KID, FD, precision/recall, ...)
-    sampler: str = "ddim"
-    steps: int | None = 50
+    sampler: str | None = None  # None: the model's own (its config's sample section), as steps and eta
+    steps: int | None = None
+    eta: float | None = None
     nodes: int = 1
 
 
@@ -67,8 +68,9 @@ class PromoteStep:
 @dataclass(frozen=True)
 class SampleStep:
     num: int = 64
-    sampler: str = "ddim"
-    steps: int | None = 50
+    sampler: str | None = None  # None: the model's own (its config's sample section), as steps and eta
+    steps: int | None = None
+    eta: float | None = None
     nodes: int = 1
     format: str = "png"
     seed: int = 0
@@ -266,7 +268,7 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
 
             e = spec.evaluate
             res = evaluate_command(model=trained["model_uri"], data=data["test_url"], num=e.num,
-                                   sampler=e.sampler, steps=e.steps, nodes=e.nodes, address=address)
+                                   sampler=e.sampler, steps=e.steps, eta=e.eta, nodes=e.nodes, address=address)
             floors = {f"{k}_floor": v for k, v in res["floors"].items()}
             errors = {f"{k}_se": v for k, v in res.get("se", {}).items()}
             errors.update({f"{k}_floor_se": v for k, v in res.get("floor_se", {}).items()})
@@ -302,7 +304,7 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
             s = spec.sample
             out_url = settings.samples_url(f"{name}-v{trained['version']}")
             res = sample_command(model=trained["model_uri"], num=s.num, out=out_url, sampler=s.sampler,
-                                 steps=s.steps, eta=0.0, batch_size=256, nodes=s.nodes, gpus_per_node=0,
+                                 steps=s.steps, eta=s.eta, batch_size=256, nodes=s.nodes, gpus_per_node=0,
                                  seed=s.seed, format=s.format, precision="fp32", progressive=0, address=address)
             grid = _grid(trained["model_uri"], settings, name, train_cfg)
             return {"out": res.get("out", out_url), "manifest": res.get("manifest"), "grid": grid,

@@ -73,3 +73,18 @@ def test_bad_choices_fail_listing_the_valid_ones(diffusion):
         DDPMPipeline(oracle, diffusion, SHAPE, sampler="ddpm", eta=1.0)
     with pytest.raises(ValueError, match="batch_size"):
         DDPMPipeline(oracle, diffusion, SHAPE, batch_size=0)
+
+
+def test_sampling_settings_take_what_is_given_and_the_rest_from_the_models_config():
+    """The config's steps and eta belong to its own sampler; another sampler gets its own defaults."""
+    from ddpm.config import ExperimentConfig, SampleConfig
+    from ddpm.pipeline import sampling_settings
+
+    digits = ExperimentConfig.preset("digits").sample  # the measured winner: DDIM-25 with eta 1
+    assert sampling_settings(digits, 1000) == ("ddim", 25, 1.0)
+    assert sampling_settings(digits, 1000, steps=50) == ("ddim", 50, 1.0)
+    assert sampling_settings(digits, 1000, eta=0.0) == ("ddim", 25, 0.0)
+    assert sampling_settings(digits, 1000, "dpmpp") == ("dpmpp", 20, 0.0)
+    assert sampling_settings(digits, 1000, "ddpm") == ("ddpm", 1000, 0.0)
+    assert sampling_settings(digits, 10) == ("ddim", 10, 1.0)  # the config's 25 capped at a small T
+    assert sampling_settings(SampleConfig(), 1000) == ("ddpm", 1000, 0.0)  # the paper's default
