@@ -32,7 +32,8 @@ def test_evaluate_logs_keyed_results_on_the_version_and_its_run(tmp_path, digits
                               "class_tv_floor", "classes_covered", "classes_covered_floor"}
     fd, deps = by_metric["fd"]
     # Every key says what was compared with what: the samples vs the 360 held-out test images.
-    assert deps == {"data": deps["data"], "eta": "0", "features": FEATURE_NET_VERSION, "num": "16",
+    # eta: the model's own for its own sampler (the digits preset: DDIM with eta 1), FAST gives none
+    assert deps == {"data": deps["data"], "eta": "1", "features": FEATURE_NET_VERSION, "num": "16",
                     "sampler": "ddim", "steps": "5", "vs": "test-360"}
     assert by_metric["bpd"][1]["num"] == "8" and by_metric["bpd"][1]["bound"] == "full"
     assert 0 < by_metric["bpd"][0]["value"] < 20
