@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from benchmarks import common
-from benchmarks.bench_quality import METRICS, NOISE_Z
+from benchmarks.bench_quality import METRICS, NOISE_Z, compare
 
 DEFAULT_ROWS = ("ddpm:1000", "ddpm:25", "ddpm:50", "ddim:10", "ddim:20", "ddim:25", "ddim:50", "ddim:20:1",
                 "ddim:25:1", "ddim:25:0.5", "dpmpp:10", "dpmpp:15", "dpmpp:20", "dpmpp:25")
@@ -38,24 +38,12 @@ def parse_row(text: str) -> tuple[str, int, float]:
 
 
 def against(row: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
-    """Per metric: row minus reference, in standard errors, and which is better beyond noise."""
-    import math
-
-    from ddpm.metrics import direction
-
-    out = {}
-    for name in METRICS:
-        if name not in row["scores"] or name not in ref["scores"]:
-            continue
-        a, b = row["scores"][name], ref["scores"][name]
-        se = math.hypot(row["se"].get(name) or 0.0, ref["se"].get(name) or 0.0)
-        z = (a - b) / se if se > 0 else None
-        if a == b or (z is not None and abs(z) < NOISE_Z):
-            verdict = "within noise"
-        else:
-            verdict = "better" if (a < b) == (direction(name) == "lower") else "worse"
-        out[name] = {"diff": a - b, "z": z, "verdict": verdict}
-    return out
+    """Per metric: row minus reference, in standard errors, and whether the row is better or worse
+    beyond noise (:func:`benchmarks.bench_quality.compare`, with the row in the first place)."""
+    verdicts = {"ddpm-pipe": "better", "diffusers": "worse", "within noise": "within noise"}
+    out = compare(row, ref)
+    out.pop("seconds_ratio", None)
+    return {name: {"diff": c["diff"], "z": c["z"], "verdict": verdicts[c["better"]]} for name, c in out.items()}
 
 
 def load(model: str) -> Any:
