@@ -39,9 +39,10 @@ def parse_row(text: str) -> tuple[str, int, float]:
 
 def against(row: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
     """Per metric: row minus reference, in standard errors, and whether the row is better or worse
-    beyond noise (:func:`benchmarks.bench_quality.compare`, with the row in the first place)."""
+    beyond noise (:func:`benchmarks.bench_quality.compare`, with the row in the first place; the copy
+    rate by its excess over the floor)."""
     verdicts = {"ddpm-pipe": "better", "diffusers": "worse", "within noise": "within noise"}
-    out = compare(row, ref)
+    out = compare(row, ref, ref.get("floors"))
     out.pop("seconds_ratio", None)
     return {name: {"diff": c["diff"], "z": c["z"], "verdict": verdicts[c["better"]]} for name, c in out.items()}
 

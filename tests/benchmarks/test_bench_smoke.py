@@ -107,6 +107,37 @@ def test_quality_compare_calls_a_winner_only_beyond_two_standard_errors():
     assert compare(ours, theirs)["kid"]["better"] == "diffusers"
 
 
+def test_quality_compare_counts_a_copy_rate_only_above_the_real_datas_own():
+    """Under the floor (held-out images' own copy rate) a lower copy rate is no better: blobs score 0."""
+    from benchmarks.bench_quality import compare
+
+    def row(copy_rate):
+        return {"scores": {"copy_rate": copy_rate}, "se": {"copy_rate": 0.005}, "seconds": 1.0}
+
+    floors = {"copy_rate": 0.05}
+    assert compare(row(0.03), row(0.0))["copy_rate"]["better"] == "diffusers"  # without floors: as is
+    c = compare(row(0.03), row(0.0), floors)["copy_rate"]
+    assert c == {"diff": 0.0, "z": 0.0, "better": "within noise"}  # both under the floor: level
+    c = compare(row(0.09), row(0.0), floors)["copy_rate"]  # ours copies: 0.04 above the floor
+    assert c["better"] == "diffusers" and abs(c["diff"] - 0.04) < 1e-12
+    c = compare(row(0.02), row(0.12), floors)["copy_rate"]
+    assert c["better"] == "ddpm-pipe" and abs(c["diff"] - -0.07) < 1e-12
+    assert compare(row(0.06), row(0.05), floors)["copy_rate"]["better"] == "within noise"  # 1.4 s.e.
+
+
+def test_quality_adds_the_models_own_sampler_setting_once():
+    from benchmarks.bench_quality import SAMPLERS, setting_name, with_default
+    from ddpm.config import ExperimentConfig
+
+    digits = ExperimentConfig.preset("digits")
+    assert with_default(SAMPLERS, digits) == (*SAMPLERS, ("ddim", 25, 1.0))  # the preset's default
+    assert with_default(SAMPLERS, digits, quick=True)[-1] == ("ddim", 3, 1.0)
+    plain = digits.with_values({"sample.sampler": "dpmpp", "sample.steps": None, "sample.eta": 0.0})
+    assert with_default(SAMPLERS, plain) == SAMPLERS  # dpmpp-20 is among them already
+    assert setting_name({"sampler": "ddim", "steps": 25, "eta": 1.0}) == "ddim-25-eta1"
+    assert setting_name({"sampler": "ddim", "steps": 50, "eta": 0.0}) == "ddim-50"
+
+
 @pytest.mark.slow  # two trainings of seconds, 300 samples and their scores: minutes on 2 loaded cores
 @pytest.mark.timeout(900)
 def test_quality_quick(tmp_path):
@@ -124,15 +155,16 @@ def test_quality_quick(tmp_path):
     ours, theirs = r["models"]["ddpm-pipe"], r["models"]["diffusers"]
     assert ours["steps"] >= 1 and ours["stopped_by_time"] and ours["config"]["model"]["ch"] == 32  # the preset
     assert theirs["steps"] >= 1 and theirs["params"] == 3_990_017  # issue 15's baseline: about 4.0M
-    assert [(row["model"], row["sampler"], row["steps"]) for row in r["results"]] == [
-        (m, s, n) for s, n in (("ddpm", 5), ("ddim", 3), ("dpmpp", 3)) for m in ("ddpm-pipe", "diffusers")]
+    assert [(row["model"], row["sampler"], row["steps"], row["eta"]) for row in r["results"]] == [
+        (m, s, n, e) for s, n, e in (("ddpm", 5, 0), ("ddim", 3, 0), ("dpmpp", 3, 0), ("ddim", 3, 1))
+        for m in ("ddpm-pipe", "diffusers")]  # issue 15's three, then the preset's own (DDIM eta 1)
     for row in r["results"]:
         assert row["num"] == 50 and row["seconds"] > 0
         assert {"kid", "fd", "classifier_score", "classes_covered", "copy_rate"} <= set(row["scores"])
         assert row["se"]["kid"] > 0
     assert {"kid", "fd", "classifier_score"} <= set(r["floors"])
     assert "test split (360 held-out digits)" in r["compared"] and "50 training images" in r["compared"]
-    assert set(r["vs_diffusers"]) == {"ddpm-5", "ddim-3", "dpmpp-3"}
+    assert set(r["vs_diffusers"]) == {"ddpm-5", "ddim-3", "dpmpp-3", "ddim-3-eta1"}
     for c in r["vs_diffusers"].values():
         for name in ("kid", "fd", "classifier_score"):
             assert (c[name]["better"] == "within noise") == (abs(c[name]["z"]) < 2)
