@@ -25,7 +25,8 @@ data's grey levels against the held-out test split (360 digits), each score with
 error, and the floor (as many training images in place of the samples). ``seconds`` is the wall time
 to make the samples. ``vs_diffusers`` gives, per sampler and metric, ddpm-pipe's value minus the
 baseline's, that difference in standard errors (``z``) and which is better (``within noise`` under
-two standard errors). The copy rate counts only above the real data's own (the floor): a model whose
+two standard errors); each row's ``vs_floor`` says per metric whether it is at the real data's floor
+within noise, or worse (or better) than it. The copy rate counts only above the real data's own (the floor): a model whose
 samples sit nearer to the training images than held-out digits do is copying, one that sits farther
 is not better for it (blobs score 0), so two models both under the floor are level.
 
@@ -68,15 +69,17 @@ BASELINE_TRAIN = {"lr": 2e-4, "batch_size": 128, "optimizer": "AdamW (torch defa
                   "scheduler": "DDPMScheduler linear, 1000 steps", "grad_clip": None}
 
 
-def train_ours(url: str, budget: float, seed: int = 0) -> tuple[SimpleNamespace, dict[str, Any]]:
-    """The digits preset for ``budget`` seconds of ``train_loop``; the EMA model, ready to sample."""
+def train_ours(url: str, budget: float, seed: int = 0,
+               changes: dict[str, Any] | None = None) -> tuple[SimpleNamespace, dict[str, Any]]:
+    """The digits preset (with ``changes``, ``with_values`` keys) for ``budget`` seconds of
+    ``train_loop``; the EMA model, ready to sample."""
     from ddpm.config import ExperimentConfig
     from ddpm.diffusion import Diffusion
     from ddpm.unet import UNet
     from pipelines.loop import LoopContext, LoopData, train_loop
 
     cfg = ExperimentConfig.preset("digits").with_values(
-        {"train.max_steps": 10**9, "train.max_time": budget, "train.seed": seed})
+        {**(changes or {}), "train.max_steps": 10**9, "train.max_time": budget, "train.seed": seed})
     last: dict[str, Any] = {}
     out = train_loop(cfg, LoopData(url=url), LoopContext(report=lambda m, s: last.update(state=s) if s else None,
                                                          log=lambda msg: None))
@@ -206,6 +209,27 @@ def compare(ours: dict[str, Any], theirs: dict[str, Any], floors: dict[str, floa
     return out
 
 
+def vs_floor(row: dict[str, Any], floors: dict[str, float], floor_se: dict[str, float | None]) -> dict[str, str]:
+    """Per metric, the row against the real data's own value: ``at the floor`` within
+    :data:`NOISE_Z` standard errors (both sides' combined), else ``worse`` or ``better`` than it. No
+    model can be ahead of another beyond noise on a score where both are at the floor."""
+    from ddpm.metrics import direction
+
+    out = {}
+    for name in METRICS:
+        if name not in row["scores"] or name not in floors:
+            continue
+        a, f = row["scores"][name], floors[name]
+        if name in FAULT_ABOVE_FLOOR:
+            a = max(a, f)  # under the floor is no better
+        se = math.hypot(row["se"].get(name) or 0.0, floor_se.get(name) or 0.0)
+        if a == f or (se > 0 and abs(a - f) < NOISE_Z * se):
+            out[name] = "at the floor"
+        else:
+            out[name] = "better" if (a < f) == (direction(name) == "lower") else "worse"
+    return out
+
+
 def table(result: dict[str, Any]) -> str:
     """The markdown table: one row per model and sampler (value ± standard error), then the floor."""
     names = [n for n in METRICS if any(n in r["scores"] for r in result["results"])]
@@ -307,6 +331,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "vs_diffusers": {setting_name(rows[i]): compare(rows[i], rows[i + 1], first["floors"])
                          for i in range(0, len(rows), 2)},
     }
+    for row in rows:
+        row["vs_floor"] = vs_floor(row, result["floors"], result["floor_se"])
     print(table(result))
     common.write_json(result, json_out)
     print(f"[bench_quality] wrote {json_out}")

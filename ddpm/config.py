@@ -153,10 +153,17 @@ class DiffusionConfig:
     # (beta~_t); Diffusion.from_config always passes this value, so configs never see that default.
     variance: Variance = "fixed_large"
     loss: LossType = "simple"  # L_simple, the paper's eq. 14
+    # Min-SNR-gamma weighting of the squared error (Hang et al. 2023): min(SNR_t, gamma) over the
+    # target's own SNR weight; None is the paper's unweighted L_simple. 5 is the paper's choice.
+    snr_gamma: float | None = None
 
     def __post_init__(self) -> None:
         _validate_choices(self)
         _require(self.timesteps >= 1, f"diffusion.timesteps (T) must be >= 1, got {self.timesteps}")
+        _require(self.snr_gamma is None or self.snr_gamma > 0,
+                 f"diffusion.snr_gamma must be > 0 or unset (unweighted L_simple), got {self.snr_gamma}")
+        _require(not (self.snr_gamma is not None and self.loss == "vb"),
+                 "diffusion.snr_gamma weights the squared error of loss=simple or hybrid; loss=vb has none")
         for name in ("beta_start", "beta_end"):
             v = getattr(self, name)
             _require(v is None or 0.0 < v < 1.0, f"diffusion.{name} must be in (0, 1), got {v}")

@@ -59,11 +59,15 @@ class Diffusion:
         loss: LossType = "simple",
         *,
         timestep_map: torch.Tensor | Sequence[int] | None = None,
+        snr_gamma: float | None = None,
     ) -> None:
         _check_choice("prediction", prediction, PREDICTIONS)
         _check_choice("variance", variance, VARIANCES)
         _check_choice("loss", loss, LOSSES)
+        if snr_gamma is not None and not snr_gamma > 0:
+            raise ValueError(f"snr_gamma must be > 0 or None (unweighted), got {snr_gamma}")
         self.prediction, self.variance, self.loss = prediction, variance, loss
+        self.snr_gamma = snr_gamma
 
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()  # float64 for accuracy
         if betas.dim() != 1 or len(betas) < 1:
@@ -101,7 +105,7 @@ class Diffusion:
     @classmethod
     def from_config(cls, cfg: DiffusionConfig) -> Diffusion:
         betas = make_betas(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end)
-        return cls(betas, prediction=cfg.prediction, variance=cfg.variance, loss=cfg.loss)
+        return cls(betas, prediction=cfg.prediction, variance=cfg.variance, loss=cfg.loss, snr_gamma=cfg.snr_gamma)
 
     @property
     def num_timesteps(self) -> int:
@@ -109,7 +113,8 @@ class Diffusion:
 
     def __repr__(self) -> str:
         return (f"Diffusion(T={self.num_timesteps}, prediction={self.prediction!r}, "
-                f"variance={self.variance!r}, loss={self.loss!r})")
+                f"variance={self.variance!r}, loss={self.loss!r}"
+                + (f", snr_gamma={self.snr_gamma}" if self.snr_gamma is not None else "") + ")")
 
     def respace(self, use_timesteps: Sequence[int] | torch.Tensor) -> Diffusion:
         """The process restricted to a subset of indices (improved-diffusion's ``SpacedDiffusion``).
@@ -124,7 +129,7 @@ class Diffusion:
         abar = self.alphas_cumprod[use]
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
         return Diffusion(1.0 - abar / abar_prev, self.prediction, self.variance, self.loss,
-                         timestep_map=self.timestep_map[use])
+                         timestep_map=self.timestep_map[use], snr_gamma=self.snr_gamma)
 
     # -- helpers -------------------------------------------------------------------------------
     def _extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -261,7 +266,8 @@ class Diffusion:
         ``vb``: T L_t in bits/dim, an unbiased estimate of L_vlb. ``hybrid``: L_simple + lambda L_vlb
         with lambda = 0.001 and the mean detached in the vb term, so it only trains the variance (IDDPM
         sec. 3.1); with a fixed variance that term has no gradient and is left out. ``levels`` sets the
-        decoder's bins at t = 0 (256 for 8-bit images).
+        decoder's bins at t = 0 (256 for 8-bit images). With ``snr_gamma`` the squared error is
+        weighted by :meth:`snr_weight` (min-SNR-gamma, Hang et al. 2023).
         """
         N = x_start.shape[0]
         if t is None:
@@ -279,12 +285,29 @@ class Diffusion:
 
         target = {"eps": noise, "x0": x_start, "v": self.get_v(x_start, noise, t)}[self.prediction]
         loss = mean_flat((target - model_output[:, :C]) ** 2)
+        if self.snr_gamma is not None:
+            loss = loss * self.snr_weight(t).to(loss.dtype)
         if self.loss == "hybrid" and self.variance == "learned_range":
             frozen = torch.cat([model_output[:, :C].detach(), model_output[:, C:]], dim=1)
             out = self.p_mean_variance_from_output(frozen, x_t, t, clip_denoised=False)
             # lambda * (T L_t): the vb term's L_vlb estimate (IDDPM eq. 16).
             loss = loss + _HYBRID_LAMBDA * self.num_timesteps * self.vb_term_bpd(out, x_start, x_t, t, levels)
         return loss
+
+    def snr_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma loss weights ``[N]`` (Hang et al. 2023, eq. 10 and sec. 3.4), float64.
+
+        With SNR_t = abar_t / (1 - abar_t), each target's squared error weighted by
+        min(SNR_t, gamma) / w_target: w = SNR_t for eps, 1 for x_0, SNR_t + 1 for v, so that every
+        parameterization gets the x_0-space weight min(SNR_t, gamma). ``snr_gamma`` None: all ones.
+        """
+        abar = self.alphas_cumprod[t.cpu()]
+        if self.snr_gamma is None:
+            return torch.ones_like(abar).to(t.device)
+        snr = abar / (1.0 - abar)
+        clipped = snr.clamp(max=self.snr_gamma)
+        w = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1.0)}[self.prediction]
+        return w.to(t.device)
 
     def vb_term_bpd(self, out: dict[str, torch.Tensor], x_start: torch.Tensor, x_t: torch.Tensor,
                     t: torch.Tensor, levels: int = 256) -> torch.Tensor:

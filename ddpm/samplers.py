@@ -181,15 +181,16 @@ def run_loop(sampler: DDPMSampler | DDIMSampler | DPMSolverPPSampler, model: Mod
     return (x, torch.stack(preds)) if progressive else x
 
 
-def check_eta(eta: float, sampler: str = "ddim", *, name: str = "eta") -> None:
+def check_eta(eta: float, sampler: str | None = "ddim", *, name: str = "eta") -> None:
     """``ValueError`` unless ``eta`` (DDIM's noise scale, eq. 16) is valid for ``sampler``.
 
     The one eta rule: ddim takes eta >= 0 (0 deterministic, 1 DDPM-like); every other sampler only
-    eta = 0. ``name`` is how the caller's user spells it (``--eta``); the message names the valid range.
+    eta = 0. ``sampler=None`` (not known yet: a model's own) checks the range alone. ``name`` is how
+    the caller's user spells it (``--eta``); the message names the valid range.
     """
     if not eta >= 0:  # also NaN
         raise ValueError(f"{name} must be in [0, inf) (0 deterministic, 1 DDPM-like), got {eta}")
-    if eta != 0 and sampler != "ddim":
+    if eta != 0 and sampler is not None and sampler != "ddim":
         raise ValueError(f"{name}={eta} only applies to the ddim sampler, not {sampler!r} "
                          f"(valid: {name} = 0 for {sampler}, {name} >= 0 for ddim)")
 

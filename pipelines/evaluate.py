@@ -82,9 +82,8 @@ def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampl
     tracking.configure(settings)
     loaded = models.load(model)
     cfg = loaded.config
-    if steps is not None:
-        _steps_used(loaded, sampler or cfg.sample.sampler, steps)  # in [1, T], before any work
     sampler, steps, eta = sampling_settings(cfg.sample, loaded.diffusion.num_timesteps, sampler, steps, eta)
+    steps = _steps_used(loaded, sampler, steps)  # in [1, T], before any work
     ev = load_eval_data(cfg, data, settings)
 
     results: list[dict[str, Any]] = []

@@ -92,9 +92,7 @@ class SampleRequest:
         from ddpm.samplers import check_eta
 
         try:
-            if self.eta is not None and self.eta < 0:
-                raise ValueError(f"--eta must be >= 0, got {self.eta}")
-            if self.eta is not None and self.sampler is not None:  # else the worker checks the model's sampler
+            if self.eta is not None:  # without --sampler the range alone: the worker checks the model's
                 check_eta(self.eta, self.sampler, name="--eta")
         except ValueError as e:
             raise UsageError(str(e)) from None

@@ -125,6 +125,20 @@ def test_quality_compare_counts_a_copy_rate_only_above_the_real_datas_own():
     assert compare(row(0.06), row(0.05), floors)["copy_rate"]["better"] == "within noise"  # 1.4 s.e.
 
 
+def test_quality_says_where_each_row_stands_against_the_real_datas_floor():
+    from benchmarks.bench_quality import vs_floor
+
+    floors = {"kid": 0.003, "classifier_score": 9.9, "copy_rate": 0.05, "classes_covered": 10.0}
+    floor_se = {"kid": 0.015, "classifier_score": 0.05, "copy_rate": 0.01, "classes_covered": None}
+    row = {"scores": {"kid": 0.02, "classifier_score": 9.3, "copy_rate": 0.0, "classes_covered": 10.0},
+           "se": {"kid": 0.02, "classifier_score": 0.09, "copy_rate": 0.001, "classes_covered": None}}
+    assert vs_floor(row, floors, floor_se) == {"kid": "at the floor", "classifier_score": "worse",
+                                               "classes_covered": "at the floor", "copy_rate": "at the floor"}
+    row["scores"].update(kid=0.2, copy_rate=0.2, classes_covered=3.0, classifier_score=10.5)
+    assert vs_floor(row, floors, floor_se) == {"kid": "worse", "classifier_score": "better",
+                                               "classes_covered": "worse", "copy_rate": "worse"}
+
+
 def test_quality_adds_the_models_own_sampler_setting_once():
     from benchmarks.bench_quality import SAMPLERS, setting_name, with_default
     from ddpm.config import ExperimentConfig
@@ -165,6 +179,9 @@ def test_quality_quick(tmp_path):
     assert {"kid", "fd", "classifier_score"} <= set(r["floors"])
     assert "test split (360 held-out digits)" in r["compared"] and "50 training images" in r["compared"]
     assert set(r["vs_diffusers"]) == {"ddpm-5", "ddim-3", "dpmpp-3", "ddim-3-eta1"}
+    for row in r["results"]:
+        assert set(row["vs_floor"]) >= {"kid", "fd", "classifier_score", "copy_rate"}
+        assert set(row["vs_floor"].values()) <= {"at the floor", "worse", "better"}
     for c in r["vs_diffusers"].values():
         for name in ("kid", "fd", "classifier_score"):
             assert (c[name]["better"] == "within noise") == (abs(c[name]["z"]) < 2)
@@ -192,3 +209,25 @@ def test_samplers_table_rows_compare_with_the_first(tmp_path):
                 assert (c["verdict"] == "within noise") == (abs(c["z"]) < 2 or c["diff"] == 0)
     with pytest.raises(SystemExit):
         bench_samplers.main(["--model", str(ckpt), "--rows", "ddim"])
+
+
+@pytest.mark.timeout(600)
+def test_recipes_quick_compares_each_recipe_with_the_first(tmp_path):
+    from benchmarks import bench_recipes
+
+    r = bench_recipes.main(["--quick", "--recipes", "preset", "min-snr-5", "--samplers", "ddim:25:1", "dpmpp:20",
+                            "--json-out", str(tmp_path / "recipes.json")])
+    assert r == _read(tmp_path / "recipes.json") and r["baseline"] == "preset"
+    assert r["models"]["min-snr-5"]["changes"] == {"diffusion.snr_gamma": 5.0}
+    assert all(m["steps"] >= 1 and m["stopped_by_time"] for m in r["models"].values())
+    assert [(row["recipe"], row["sampler"], row["steps"], row["eta"]) for row in r["rows"]] == [
+        ("preset", "ddim", 3, 1.0), ("preset", "dpmpp", 3, 0.0), ("min-snr-5", "ddim", 3, 1.0),
+        ("min-snr-5", "dpmpp", 3, 0.0)]  # --quick: 3 steps
+    assert r["rows"][0]["vs_first"] == {} and r["rows"][1]["vs_first"] == {}
+    for row in r["rows"][2:]:
+        assert row["num"] == 50 and {"kid", "classifier_score", "copy_rate"} <= set(row["vs_first"])
+        for c in row["vs_first"].values():
+            if c["z"] is not None:
+                assert (c["verdict"] == "within noise") == (abs(c["z"]) < 2 or c["diff"] == 0)
+    with pytest.raises(SystemExit):
+        bench_recipes.main(["--recipes", "no-such-recipe"])

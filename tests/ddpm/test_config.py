@@ -22,6 +22,8 @@ def test_override_strings_equal_typed_values():
     assert base.override(["train.lr=1e-4", "model.ch_mult=[1,2]", "diffusion.beta_end=null"]) == \
         base.with_values({"train.lr": 1e-4, "model.ch_mult": (1, 2), "diffusion.beta_end": None})
     assert load_config("digits", ["train.max_steps=9"]).train.max_steps == 9
+    snr = base.override(["diffusion.snr_gamma=5"]).diffusion.snr_gamma
+    assert snr == 5.0 and isinstance(snr, float) and base.diffusion.snr_gamma is None
 
 
 @pytest.mark.parametrize("changes,message", [

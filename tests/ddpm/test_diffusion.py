@@ -233,3 +233,41 @@ def test_training_loss_reproducible_with_generator(diffusion):
     l1 = diffusion.training_loss(oracle, x0, generator=torch.Generator().manual_seed(7))
     l2 = diffusion.training_loss(oracle, x0, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(l1, l2)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_min_snr_gamma_weights_the_squared_error_in_closed_form(prediction):
+    """Hang et al. 2023: every parameterization ends up with the x_0-space weight min(SNR_t, gamma);
+    eps's own weight is SNR_t and v's SNR_t + 1, so theirs are divided by it."""
+    betas = make_betas("linear", 1000)
+    plain = Diffusion(betas, prediction=prediction)
+    weighted = Diffusion(betas, prediction=prediction, snr_gamma=5.0)
+    t = torch.tensor([0, 50, 200, 400, 999])
+    abar = plain.alphas_cumprod[t]
+    snr = abar / (1 - abar)  # 9999 at t=0, about 0.5 at t=400 (linear schedule), 4e-5 at t=999
+    expected = {"eps": torch.minimum(snr, torch.tensor(5.0)) / snr, "x0": torch.minimum(snr, torch.tensor(5.0)),
+                "v": torch.minimum(snr, torch.tensor(5.0)) / (snr + 1)}[prediction]
+    torch.testing.assert_close(weighted.snr_weight(t), expected)
+    if prediction == "eps":  # above gamma the weight is gamma / SNR, below it 1
+        assert weighted.snr_weight(t)[0].item() == pytest.approx(5.0 / snr[0].item())
+        assert weighted.snr_weight(t)[-1].item() == 1.0
+    x0 = torch.rand(5, 1, 4, 4) * 2 - 1
+    noise = torch.randn(5, 1, 4, 4)
+    a = plain.training_loss(zero_model, x0, t=t, noise=noise)
+    b = weighted.training_loss(zero_model, x0, t=t, noise=noise)
+    torch.testing.assert_close(b, a * expected.float())
+    torch.testing.assert_close(plain.snr_weight(t), torch.ones(5, dtype=torch.float64))  # unset: unweighted
+
+
+def test_min_snr_gamma_from_config_survives_respacing_and_is_checked():
+    d = Diffusion.from_config(DiffusionConfig(snr_gamma=5.0))
+    assert d.snr_gamma == 5.0 and d.respace(range(0, 1000, 10)).snr_gamma == 5.0 and "snr_gamma=5.0" in repr(d)
+    assert Diffusion.from_config(DiffusionConfig()).snr_gamma is None  # the paper's L_simple
+    with pytest.raises(ValueError, match="snr_gamma must be > 0"):
+        Diffusion(make_betas("linear", 100), snr_gamma=0.0)
+    from ddpm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="snr_gamma must be > 0 or unset"):
+        DiffusionConfig(snr_gamma=-1.0)
+    with pytest.raises(ConfigError, match="loss=vb has none"):
+        DiffusionConfig(snr_gamma=5.0, loss="vb")

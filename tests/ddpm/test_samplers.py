@@ -268,6 +268,9 @@ def test_one_eta_rule_names_the_valid_range(diffusion):
         check_eta(-0.5, "ddim")
     with pytest.raises(ValueError, match=r"got nan"):
         check_eta(float("nan"), "ddim")
+    check_eta(1.0, None)  # the sampler not known yet (a model's own): the range alone
+    with pytest.raises(ValueError, match=r"--eta must be in \[0, inf\).*got -1"):
+        check_eta(-1.0, None, name="--eta")
     with pytest.raises(ValueError, match=r"--eta=1.0 only applies to the ddim sampler, not 'dpmpp' "
                                          r"\(valid: --eta = 0 for dpmpp, --eta >= 0 for ddim\)"):
         check_eta(1.0, "dpmpp", name="--eta")

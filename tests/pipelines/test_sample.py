@@ -100,6 +100,18 @@ def test_eta_the_sampler_does_not_take_fails_naming_the_valid_range(tmp_path, ck
 
 
 @pytest.mark.timeout(60)
+def test_a_negative_eta_fails_before_any_work_without_a_sampler(tmp_path, ckpt, no_sampling):
+    result = cli("sample", "--model", ckpt, "--out", str(tmp_path / "out"), "--eta", "-1")
+    assert result.exit_code == 2 and "--eta" in result.output and not (tmp_path / "out").exists()  # typer's bound
+    from pipelines.errors import UsageError
+    from pipelines.sample import SampleRequest
+
+    with pytest.raises(UsageError, match=r"--eta must be in \[0, inf\).*got -1"):  # the API's own check
+        SampleRequest(model=ckpt, num=2, eta=-1.0).validate()
+    SampleRequest(model=ckpt, num=2, eta=1.0).validate()  # the model's own sampler is checked by the worker
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("option,value,valid", [("--sampler", "euler", "ddpm, ddim, dpmpp"),
                                                 ("--format", "jpg", "png, webdataset, npz"),
                                                 ("--precision", "fp8", "fp32, bf16")])
