@@ -7,7 +7,7 @@ Each recipe is the ``digits`` preset with a few config values changed (``ddpm.co
 images with each sampler setting and are scored as ``ddpm-pipe evaluate`` scores
 (:func:`pipelines.evaluate.measure_sampler`: against the 360 held-out test digits, jackknife standard
 errors, floors from as many training images). Every row is compared with the first recipe (the
-preset itself) at the same sampler setting (:func:`benchmarks.bench_quality.compare`: ``better`` or
+preset itself) at the same sampler setting (:func:`benchmarks.bench_samplers.against`: ``better`` or
 ``worse`` at two standard errors or more, the copy rate by its excess over the floor).
 
 The samplers are the preset's default (DDIM-25, eta 1), DPM-Solver++-20 and DDIM-50 (eta 0);
@@ -16,7 +16,7 @@ The samplers are the preset's default (DDIM-25, eta 1), DPM-Solver++-20 and DDIM
     python -m benchmarks.bench_recipes [--budget 10m] [--samples 500] [--recipes NAME ...]
                                        [--samplers ddim:25:1 dpmpp:20 ...] [--quick] [--json-out PATH]
 
-``--quick``: 3 s of training, 50 samples, 3-step samplers, two recipes: a smoke test.
+``--quick``: 3 s of training per recipe, 50 samples, 3-step samplers: a smoke test.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import time
 from typing import Any
 
 from benchmarks import common
-from benchmarks.bench_quality import _duration, compare, setting_name, train_ours
-from benchmarks.bench_samplers import parse_row
+from benchmarks.bench_quality import _duration, setting_name, train_ours
+from benchmarks.bench_samplers import against, parse_row
 
 # name -> config values changed from the digits preset (issue 15's levers; the first is the baseline).
 RECIPES: dict[str, dict[str, Any]] = {
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "floors": r["floors"], "floor_se": r["floor_se"]}
                 base = next((b for b in rows if b["recipe"] == args.recipes[0]
                              and (b["sampler"], b["steps"], b["eta"]) == (sampler, steps, eta)), None)
-                row["vs_first"] = {} if base is None else verdicts(row, base)
+                row["vs_first"] = {} if base is None else against(row, base)
                 rows.append(row)
                 print(f"[bench_recipes] {name} {setting_name(row)}: kid {row['scores']['kid']:.4g} "
                       f"classifier_score {row['scores']['classifier_score']:.4g}" + summary(row), flush=True)
@@ -106,14 +106,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.write_json(result, json_out)
     print(f"[bench_recipes] wrote {json_out}")
     return result
-
-
-def verdicts(row: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    """Per metric: row minus baseline, in standard errors, ``better``/``worse``/``within noise``."""
-    names = {"ddpm-pipe": "better", "diffusers": "worse", "within noise": "within noise"}
-    out = compare(row, base, base["floors"])
-    out.pop("seconds_ratio", None)
-    return {n: {"diff": c["diff"], "z": c["z"], "verdict": names[c["better"]]} for n, c in out.items()}
 
 
 def summary(row: dict[str, Any]) -> str:
