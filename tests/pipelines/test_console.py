@@ -181,5 +181,9 @@ def test_progress_channel_prints_worker_lines_and_stops_its_thread_and_actor_whe
             raise RuntimeError("setting up failed")
     assert printed == ["line 0", "line 1", "line 2"]
     assert not channel._thread.is_alive()
+    # ray.kill is asynchronous: a call sent just after it may still be served, so wait for the death
+    deadline = time.monotonic() + 30
     with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(channel.queue.actor.qsize.remote(), timeout=30)
+        while time.monotonic() < deadline:
+            ray.get(channel.queue.actor.qsize.remote(), timeout=30)
+            time.sleep(0.2)

@@ -231,6 +231,9 @@ def test_stopped_trial_with_a_leaked_worker_group_gets_its_cpus_back(ray_cluster
     total = ray.cluster_resources()["CPU"]
     leaked = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="SPREAD")  # the trial's 2 workers
     ray.get(leaked.ready(), timeout=60)
+    deadline = time.monotonic() + 30  # the resource view lags the reservation by a report interval
+    while ray.available_resources().get("CPU", 0) > total - 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) <= total - 2
     ray.get(registry.put.remote("trial_0001", leaked.id.hex()))
 
