@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row["vs_first"] = {} if base is None else against(row, base)
                 rows.append(row)
                 print(f"[bench_recipes] {name} {setting_name(row)}: kid {row['scores']['kid']:.4g} "
-                      f"classifier_score {row['scores']['classifier_score']:.4g}" + summary(row), flush=True)
+                      f"classifier_score {row['scores']['classifier_score']:.4g} ({summary(row)})", flush=True)
     result = {"benchmark": "recipes", "budget_s": args.budget, "samples": args.samples, "quick": args.quick,
               "baseline": args.recipes[0], "machine": common.machine(threads), "load_before": load_before,
               "load_after": common.load(), "wall_s": round(time.perf_counter() - start, 1), "models": models,
@@ -109,9 +109,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def summary(row: dict[str, Any]) -> str:
+    """A row's verdicts against the baseline's row, for the table: "baseline" for the baseline's own
+    rows, "within noise" when no score differs by two standard errors or more."""
+    if not row["vs_first"]:
+        return "baseline"
     parts = [f"{v} on {', '.join(n for n, c in row['vs_first'].items() if c['verdict'] == v)}"
              for v in ("better", "worse") if any(c["verdict"] == v for c in row["vs_first"].values())]
-    return ("; " + "; ".join(parts)) if parts else ""
+    return "; ".join(parts) or "within noise"
 
 
 def table(result: dict[str, Any]) -> str:
@@ -122,7 +126,7 @@ def table(result: dict[str, Any]) -> str:
         cells = [f"{r['scores'][n]:.4g}" + (f" ± {r['se'][n]:.2g}" if r["se"].get(n) is not None else "")
                  for n in names]
         lines.append("| " + " | ".join([r["recipe"], str(result["models"][r["recipe"]]["steps"]), setting_name(r),
-                                        *cells, summary(r).lstrip("; ") or "-"]) + " |")
+                                        *cells, summary(r)]) + " |")
     lines.append("| real data (floor) | - | - | " + " | ".join(f"{result['floors'][n]:.4g}" for n in names)
                  + " | - |")
     return "\n".join(lines)

@@ -229,5 +229,13 @@ def test_recipes_quick_compares_each_recipe_with_the_first(tmp_path):
         for c in row["vs_first"].values():
             if c["z"] is not None:
                 assert (c["verdict"] == "within noise") == (abs(c["z"]) < 2 or c["diff"] == 0)
+    lines = bench_recipes.table(r).splitlines()
+    assert [line.rsplit("|", 2)[1].strip() for line in lines[2:4]] == ["baseline", "baseline"]
+    assert all(line.rsplit("|", 2)[1].strip() == bench_recipes.summary(row) != "baseline"
+               for line, row in zip(lines[4:6], r["rows"][2:]))
+    within = dict(r["rows"][2], vs_first={"kid": {"diff": 0.1, "z": 0.5, "verdict": "within noise"}})
+    worse = dict(r["rows"][2], vs_first={"kid": {"diff": 0.1, "z": 3.0, "verdict": "worse"},
+                                         "fd": {"diff": 5.0, "z": 2.5, "verdict": "worse"}})
+    assert bench_recipes.summary(within) == "within noise" and bench_recipes.summary(worse) == "worse on kid, fd"
     with pytest.raises(SystemExit):
         bench_recipes.main(["--recipes", "no-such-recipe"])
