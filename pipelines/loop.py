@@ -152,6 +152,85 @@ def _log_best_model(ema_module: torch.nn.Module, cfg: ExperimentConfig, artifact
         shutil.rmtree(best_dirs.pop(0), ignore_errors=True)
 
 
+_PART_KEYS = ("model", "ema", "optimizer", "scheduler", "scaler", "loader")  # a checkpoint's keys
+
+
+@dataclass
+class _Parts:
+    """Everything a checkpoint holds the state of besides the counters, under the checkpoint's keys."""
+
+    model: torch.nn.Module
+    ema: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    loader: Any
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name).state_dict() for name in _PART_KEYS}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in _PART_KEYS:
+            getattr(self, name).load_state_dict(state[name])
+
+
+def _restore_or_seed(state: dict | None, parts: _Parts, ctx: LoopContext, seed: int,
+                     tracker=None) -> tuple[int, int, float, float]:
+    """Load a checkpoint's state into ``parts`` and this rank's RNGs, or seed the RNGs for a new run.
+
+    Returns (step, non-finite steps so far, seconds trained, best held-out bits/dim), all zero (and
+    inf) for a new run.
+    """
+    if state is None:
+        # Each rank draws its own t and noise; the model init (build) is identical on every rank.
+        rank_seed = seed * 1000 + ctx.rank
+        torch.manual_seed(rank_seed)
+        np.random.seed(rank_seed)
+        random.seed(rank_seed)
+        return 0, 0, 0.0, math.inf
+    parts.load_state_dict(state)
+    step = int(state["step"])
+    rngs = state["rng"]
+    _set_rng_state(rngs[ctx.rank] if ctx.rank < len(rngs) else rngs[0])
+    ctx.log(f"[train] resumed from step {step}")
+    if tracker is not None and ctx.rank == 0:
+        tracker.log_metrics({"resumed_from_step": step}, step)
+    return (step, int(state.get("nonfinite_total", 0)), float(state.get("train_s", 0.0)),
+            float(state.get("best_bpd", math.inf)))
+
+
+def _optimizer_step(parts: _Parts, net: Callable, diffusion, batches, cfg: ExperimentConfig,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One optimizer step of algorithm 1 over ``train.grad_accum`` micro-batches.
+
+    Returns (the last micro-batch's loss, the global gradient norm before clipping, whether both were
+    finite). A non-finite step updates nothing (weights, schedule, EMA); the loss scaler still
+    updates, so fp16 lowers its scale.
+    """
+    tc = cfg.train
+    opt, scaler = parts.optimizer, parts.scaler
+    opt.zero_grad(set_to_none=True)
+    for _ in range(tc.grad_accum):
+        x = next(batches).to(device, non_blocking=True)
+        if tc.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(tc.precision, device):
+            loss = diffusion.training_loss(net, x, levels=cfg.data.levels).mean()
+        scaler.scale(loss / tc.grad_accum).backward()
+    scaler.unscale_(opt)
+    # Gradients are all-reduced, so every rank sees the same norm and takes the same branch.
+    grad_norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), tc.grad_clip)
+    if not bool(torch.isfinite(grad_norm) & torch.isfinite(loss.detach())):  # one host sync, not two
+        opt.zero_grad(set_to_none=True)
+        scaler.update()
+        return loss, grad_norm, False
+    scaler.step(opt)
+    scaler.update()
+    parts.scheduler.step()
+    parts.ema.update(parts.model)
+    return loss, grad_norm, True
+
+
 def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=None,
                artifact_dir: str | None = None) -> dict[str, float]:
     """Train until ``cfg.train.max_steps``; report metrics, and a checkpoint every interval."""
@@ -173,30 +252,9 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
                          seed=tc.seed, random_flip=cfg.data.random_flip, num_workers=cfg.data.num_workers,
                          storage_options=data.storage_options)
 
-    step, nonfinite_total, best_bpd = 0, 0, math.inf
-    trained_s = 0.0  # seconds of training before this attempt (a resumed checkpoint's)
-    state = ctx.restore()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        loader.load_state_dict(state["loader"])
-        step, nonfinite_total = int(state["step"]), int(state.get("nonfinite_total", 0))
-        trained_s = float(state.get("train_s", 0.0))
-        best_bpd = float(state.get("best_bpd", math.inf))
-        rngs = state["rng"]
-        _set_rng_state(rngs[ctx.rank] if ctx.rank < len(rngs) else rngs[0])
-        ctx.log(f"[train] resumed from step {step}")
-        if tracker is not None and ctx.rank == 0:
-            tracker.log_metrics({"resumed_from_step": step}, step)
-    else:
-        # Each rank draws its own t and noise; the model init above is identical on every rank.
-        seed = tc.seed * 1000 + ctx.rank
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        random.seed(seed)
+    parts = _Parts(model, ema, opt, sched, scaler, loader)
+    # trained_s: seconds of training before this attempt (a resumed checkpoint's)
+    step, nonfinite_total, trained_s, best_bpd = _restore_or_seed(ctx.restore(), parts, ctx, tc.seed, tracker)
 
     ddp_model = ctx.wrap_model(model)
     net = compile_or_eager(ddp_model, ctx.log, what="model") if tc.compile else ddp_model
@@ -224,22 +282,10 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
         stop_reason = "max_time"
     while step < tc.max_steps and stop_reason != "max_time":
         ddp_model.train()
-        opt.zero_grad(set_to_none=True)
-        for _ in range(tc.grad_accum):
-            x = next(batches).to(device, non_blocking=True)
-            if tc.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(tc.precision, device):
-                loss = diffusion.training_loss(net, x, levels=cfg.data.levels).mean()
-            scaler.scale(loss / tc.grad_accum).backward()
-        scaler.unscale_(opt)
-        # Gradients are all-reduced, so every rank sees the same norm and takes the same branch.
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        if not bool(torch.isfinite(grad_norm) & torch.isfinite(loss.detach())):  # one host sync, not two
+        loss, grad_norm, finite = _optimizer_step(parts, net, diffusion, batches, cfg, device)
+        if not finite:
             nonfinite_run += 1
             nonfinite_total += 1
-            opt.zero_grad(set_to_none=True)
-            scaler.update()
             ctx.log(f"[train] step {step}: non-finite loss/gradient skipped ({nonfinite_run} in a row)")
             if nonfinite_run >= tc.max_nonfinite:
                 raise NonFiniteLossError(
@@ -247,10 +293,6 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
                     f"{tc.max_nonfinite}); lower train.lr or use precision fp32")
             continue
         nonfinite_run = 0
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        ema.update(model)
         step += 1
         loss_sum += loss.detach()
         loss_count += 1
@@ -305,13 +347,9 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
             rngs = ctx.all_gather(_rng_state())
             ckpt = None
             if ctx.rank == 0:
-                ckpt = {
-                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                    "loader": loader.state_dict(), "step": step, "rng": rngs,
-                    "nonfinite_total": nonfinite_total, "best_bpd": best_bpd,
-                    "train_s": trained_s + _clock() - clock_start, "config": cfg.to_json(),
-                }
+                ckpt = {**parts.state_dict(), "step": step, "rng": rngs, "nonfinite_total": nonfinite_total,
+                        "best_bpd": best_bpd, "train_s": trained_s + _clock() - clock_start,
+                        "config": cfg.to_json()}
             extra = {"max_time_reached": float(stop_reason == "max_time")} if final else {}
             ctx.report({"step": step, **last_metrics, **extra}, ckpt)
     if ctx.rank == 0:
