@@ -40,6 +40,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "width-48": {"model.ch": 48},
     "cosine": {"diffusion.schedule": "cosine"},
     "lr-1e-3": {"train.lr": 1e-3},
+    "batch-128": {"train.batch_size": 128},
+    "depth-2": {"model.num_res_blocks": 2},
 }
 DEFAULT_RECIPES = ("preset", "v-prediction", "min-snr-5", "ema-0.999", "width-48")
 DEFAULT_SAMPLERS = ("ddim:25:1", "dpmpp:20", "ddim:50")
