@@ -28,7 +28,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import numpy as np
@@ -152,12 +152,10 @@ def _log_best_model(ema_module: torch.nn.Module, cfg: ExperimentConfig, artifact
         shutil.rmtree(best_dirs.pop(0), ignore_errors=True)
 
 
-_PART_KEYS = ("model", "ema", "optimizer", "scheduler", "scaler", "loader")  # a checkpoint's keys
-
-
 @dataclass
 class _Parts:
-    """Everything a checkpoint holds the state of besides the counters, under the checkpoint's keys."""
+    """Everything a checkpoint holds the state of besides the counters; the field names are the
+    checkpoint's keys."""
 
     model: torch.nn.Module
     ema: Any
@@ -167,11 +165,11 @@ class _Parts:
     loader: Any
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name).state_dict() for name in _PART_KEYS}
+        return {f.name: getattr(self, f.name).state_dict() for f in fields(self)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in _PART_KEYS:
-            getattr(self, name).load_state_dict(state[name])
+        for f in fields(self):
+            getattr(self, f.name).load_state_dict(state[f.name])
 
 
 def _restore_or_seed(state: dict | None, parts: _Parts, ctx: LoopContext, seed: int,
