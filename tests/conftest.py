@@ -6,6 +6,7 @@ loopback on first use and stopped at the end of the session.
 
 from __future__ import annotations
 
+import sys
 
 import pytest
 import torch
@@ -26,3 +27,36 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     yield
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")  # a test that never imported Ray cannot have started it
+    return ray is not None and ray.is_initialized()
+
+
+@pytest.fixture
+def local_ray():
+    """For a test that runs a command which starts a local Ray instance: ended after the test (one
+    that was running before, the shared cluster's connection, is left as it was)."""
+    before = _ray_running()
+    yield
+    if not before and _ray_running():
+        sys.modules["ray"].shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_ray(request):
+    """Fail the test that leaves Ray running where it found none, after ending that instance.
+
+    A command run in-process (``train``, ``tune``) starts a local Ray instance and leaves it up, as a
+    process that exits anyway may; in the test process that instance would outlive the test and
+    make the next test's ``ray.init`` (the ``ray_cluster`` fixture's) fail, so whether the suite
+    passed depended on the order of its tests. A test that needs Ray asks for ``ray_cluster`` (the
+    one shared cluster) or ``local_ray`` (its own instance, ended after it).
+    """
+    before = _ray_running() or "ray_cluster" in request.fixturenames
+    yield
+    if not before and _ray_running():
+        sys.modules["ray"].shutdown()
+        pytest.fail("this test left Ray running: ask for the ray_cluster fixture (the shared cluster) "
+                    "or local_ray (an instance ended after the test)", pytrace=False)

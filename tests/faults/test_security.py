@@ -181,12 +181,13 @@ def ray_storage_of(url: str):
 
 @pytest.mark.timeout(300)
 def test_train_hands_ray_nothing_holding_keys_or_a_tracking_password(planted_keys, s3_prefix, digits_shards,
-                                                                    monkeypatch):
+                                                                    monkeypatch, local_ray):
     """Everything ``train`` gives TorchTrainer (loop config, run config with its file system and
     worker env, scaling config) pickles without the planted AWS keys or the tracking URI's password.
 
     The settings resolve to a tracking URI holding ``alice:<password>@`` while MLflow itself writes
-    to the local store (no server needed to see what would travel).
+    to the local store (no server needed to see what would travel). ``cluster.connect`` is stubbed,
+    so the progress channel's queue actor starts a local Ray instance (``local_ray`` ends it).
     """
     import dataclasses
 
