@@ -53,7 +53,7 @@ SAMPLERS = (("ddpm", 1000, 0.0), ("ddim", 50, 0.0), ("dpmpp", 20, 0.0))  # (samp
 QUICK_SAMPLERS = (("ddpm", 5, 0.0), ("ddim", 3, 0.0), ("dpmpp", 3, 0.0))  # three; the preset's own is added
 NOISE_Z = 2.0  # a difference of fewer standard errors than this is noise
 METRICS = ("kid", "fd", "precision", "recall", "classifier_score", "confidence", "class_tv",
-           "classes_covered", "copy_rate")
+           "classes_covered", "copy_rate", "pixel_fd", "fine_spread")
 # Scores that are a fault only above the real data's own value: a copy rate under the floor (samples
 # farther from the training images than held-out images are) is no better for being lower.
 FAULT_ABOVE_FLOOR = ("copy_rate",)
@@ -182,51 +182,109 @@ def _row(model: str, r: dict[str, Any]) -> dict[str, Any]:
             "seconds": round(r["sec_per_sample"] * r["num"], 2), "scores": r["scores"], "se": r["se"]}
 
 
-def compare(ours: dict[str, Any], theirs: dict[str, Any], floors: dict[str, float] | None = None) -> dict[str, Any]:
+class Yardstick:
+    """Every score of ``evaluate`` for digits, as :class:`ddpm.metrics.Score` objects against the
+    held-out split: the feature network's (:class:`ddpm.features.DigitsYardstick`) and the pixel
+    scores (:class:`ddpm.pixel_scores.PixelYardstick`), built once so that two sample sets can be
+    compared on one reference (:func:`gaps`)."""
+
+    def __init__(self, ev: Any, settings: Any) -> None:
+        from ddpm.features import DigitsYardstick, load_digits_feature_net
+        from ddpm.pixel_scores import PixelYardstick
+        from pipelines.evaluate import K_NEAREST
+
+        net, _ = load_digits_feature_net(settings.home / "cache")
+        self.parts = (DigitsYardstick(net, ev.test, ev.train, k=K_NEAREST), PixelYardstick(ev.test, ev.train))
+
+    def scores(self, samples: Any) -> dict[str, Any]:
+        return {name: score for part in self.parts for name, score in part.scores(samples).items()}
+
+    def floor_scores(self, num: int) -> dict[str, Any]:
+        return {name: score for part in self.parts for name, score in part.floor_scores(num).items()}
+
+
+def gaps(a: dict[str, Any], b: dict[str, Any], paired: bool, floors: dict[str, float] | None = None,
+         ) -> dict[str, tuple[float, float]]:
+    """Per metric of :data:`METRICS`: ``a`` minus ``b`` (two :meth:`Yardstick.scores` against one
+    reference) on :func:`ddpm.metrics.badness`'s lower-is-better scale, and the jackknife standard
+    error of that difference (:func:`ddpm.metrics.score_difference`: the reference's noise, shared,
+    cancels). ``paired``: sample j of both sets comes from noise seed j. With ``floors``, a score of
+    :data:`FAULT_ABOVE_FLOOR` counts only its excess over the floor."""
+    from dataclasses import replace
+
+    from ddpm.metrics import badness, score_difference
+
+    out = {}
+    for name in METRICS:
+        if name not in a or name not in b:
+            continue
+        floor = floors.get(name) if floors and name in FAULT_ABOVE_FLOOR else None
+
+        def bad(*sets: Any, stat: Any = a[name].stat, name: str = name, floor: float | None = floor) -> float:
+            value = badness(name, stat(*sets))[0]
+            return max(value - floor, 0.0) if floor is not None else value
+
+        out[name] = score_difference(replace(a[name], stat=bad), replace(b[name], stat=bad), paired)
+    return out
+
+
+def compare(ours: dict[str, Any], theirs: dict[str, Any], floors: dict[str, float] | None = None,
+            paired: dict[str, tuple[float, float]] | None = None) -> dict[str, Any]:
     """Per metric: ours minus theirs, that difference in standard errors (``z``), and which is better:
     a model is ``better`` only when the difference is at least :data:`NOISE_Z` standard errors
     (``within noise`` otherwise); a score without a standard error (classes_covered) compares as is.
-    With ``floors``, a score of :data:`FAULT_ABOVE_FLOOR` compares by its excess over the floor
-    (``max(value - floor, 0)``; ``diff`` is the difference of the excesses)."""
-    from ddpm.metrics import direction
+    Values are compared on :func:`ddpm.metrics.badness`'s lower-is-better scale (a ratio best at 1
+    by ``|log|``), so ``diff`` and ``z`` are positive when ours is worse. ``mdd`` is the smallest
+    difference the comparison could have called (:data:`NOISE_Z` standard errors of the difference).
+    The standard error of the difference is that of ``paired`` (:func:`gaps`, which also gives the
+    difference) where given; else the two rows' own standard errors combined, which counts the
+    shared reference's noise twice. With ``floors``, a score of :data:`FAULT_ABOVE_FLOOR` compares by
+    its excess over the floor (``max(value - floor, 0)``; ``diff`` is the difference of the excesses)."""
+    from ddpm.metrics import badness
 
     out = {}
     for name in METRICS:
         if name not in ours["scores"] or name not in theirs["scores"]:
             continue
-        a, b = ours["scores"][name], theirs["scores"][name]
+        a, se_a = badness(name, ours["scores"][name], ours["se"].get(name))
+        b, se_b = badness(name, theirs["scores"][name], theirs["se"].get(name))
         if name in FAULT_ABOVE_FLOOR and floors and name in floors:
             a, b = max(a - floors[name], 0.0), max(b - floors[name], 0.0)
-        se = math.hypot(ours["se"].get(name) or 0.0, theirs["se"].get(name) or 0.0)
-        z = (a - b) / se if se > 0 else None
-        lower = direction(name) == "lower"
-        if a == b or (z is not None and abs(z) < NOISE_Z):
+        diff, se = a - b, math.hypot(se_a or 0.0, se_b or 0.0)
+        if paired and name in paired:
+            diff, se = paired[name]
+            se = se if math.isfinite(se) else 0.0
+        z = diff / se if se > 0 else None
+        if diff == 0 or (z is not None and abs(z) < NOISE_Z):
             better = "within noise"
         else:
-            better = "ddpm-pipe" if (a < b) == lower else "diffusers"
-        out[name] = {"diff": a - b, "z": z, "better": better}
-    out["seconds_ratio"] = round(ours["seconds"] / theirs["seconds"], 3) if theirs["seconds"] else None
+            better = "ddpm-pipe" if diff < 0 else "diffusers"
+        out[name] = {"diff": diff, "z": z, "mdd": NOISE_Z * se if se > 0 else None, "better": better}
+    seconds = ours.get("seconds"), theirs.get("seconds")  # none for a floor
+    out["seconds_ratio"] = round(seconds[0] / seconds[1], 3) if all(seconds) else None
     return out
 
 
 def vs_floor(row: dict[str, Any], floors: dict[str, float], floor_se: dict[str, float | None]) -> dict[str, str]:
     """Per metric, the row against the real data's own value: ``at the floor`` within
-    :data:`NOISE_Z` standard errors (both sides' combined), else ``worse`` or ``better`` than it. No
-    model can be ahead of another beyond noise on a score where both are at the floor."""
-    from ddpm.metrics import direction
+    :data:`NOISE_Z` standard errors (both sides' combined), else ``worse`` or ``better`` than it
+    (on :func:`ddpm.metrics.badness`'s scale). No model can be ahead of another beyond noise on a
+    score where both are at the floor."""
+    from ddpm.metrics import badness
 
     out = {}
     for name in METRICS:
         if name not in row["scores"] or name not in floors:
             continue
-        a, f = row["scores"][name], floors[name]
+        a, se_a = badness(name, row["scores"][name], row["se"].get(name))
+        f, se_f = badness(name, floors[name], floor_se.get(name))
         if name in FAULT_ABOVE_FLOOR:
             a = max(a, f)  # under the floor is no better
-        se = math.hypot(row["se"].get(name) or 0.0, floor_se.get(name) or 0.0)
+        se = math.hypot(se_a or 0.0, se_f or 0.0)
         if a == f or (se > 0 and abs(a - f) < NOISE_Z * se):
             out[name] = "at the floor"
         else:
-            out[name] = "better" if (a < f) == (direction(name) == "lower") else "worse"
+            out[name] = "better" if a < f else "worse"
     return out
 
 

@@ -1,16 +1,19 @@
 """Sample quality against sampler and steps, for one trained model: which few-step sampler keeps up
-with 1000-step ancestral sampling (issue 15's goal: at most 25 network evaluations, within noise of
-it on every metric).
+with 1000-step ancestral sampling (issue 23's goal: at most 25 network evaluations, within noise of
+it on every score, the pixel ones included).
 
-Every row samples ``--num`` images from the same model with the same seed and scores them as
-``ddpm-pipe evaluate`` does (``pipelines.evaluate.measure_sampler``: samples on the data's grey
-levels against the held-out test split, one jackknife standard error each, the floor from as many
-training images). Each row is compared with the first (the reference, 1000-step ancestral by
-default): per metric the difference, that difference in standard errors (``z``) and ``within
-noise`` under two. The JSON's ``table`` has the rows in the form ``scripts/plots.py
+Every row samples ``--num`` images (default 2000) from the same model with the same seed and scores
+them as ``ddpm-pipe evaluate`` does (``pipelines.evaluate.measure_sampler``: samples on the data's
+grey levels against the held-out test split, one jackknife standard error each, the floor from as
+many training images). Each row is compared with the first (the reference, 1000-step ancestral by
+default) by the paired jackknife (:func:`benchmarks.bench_quality.gaps`: sample j of both rows comes
+from seed j and both are scored against one held-out split, so the split's own noise cancels): per
+score the difference, that difference in standard errors (``z``), the smallest difference the
+comparison could call (``mdd``, two standard errors) and ``within noise`` under two; and with the
+real data's floor (``vs_floor``). The JSON's ``table`` has the rows in the form ``scripts/plots.py
 --sampler-table`` plots.
 
-    python -m benchmarks.bench_samplers --model CHECKPOINT_OR_URI [--num 500] [--rows ddpm:1000 dpmpp:20 ddim:25:1]
+    python -m benchmarks.bench_samplers --model CHECKPOINT_OR_URI [--num 2000] [--rows ddpm:1000 dpmpp:20 ddim:25:1]
                                         [--json-out bench-results/samplers.json]
 
 A row is ``sampler:steps`` or ``sampler:steps:eta`` (eta for ddim only).
@@ -24,7 +27,7 @@ import time
 from typing import Any
 
 from benchmarks import common
-from benchmarks.bench_quality import METRICS, NOISE_Z, compare
+from benchmarks.bench_quality import METRICS, NOISE_Z, Yardstick, compare, gaps
 
 DEFAULT_ROWS = ("ddpm:1000", "ddpm:25", "ddpm:50", "ddim:10", "ddim:20", "ddim:25", "ddim:50", "ddim:20:1",
                 "ddim:25:1", "ddim:25:0.5", "dpmpp:10", "dpmpp:15", "dpmpp:20", "dpmpp:25")
@@ -37,14 +40,18 @@ def parse_row(text: str) -> tuple[str, int, float]:
     return parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0
 
 
-def against(row: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
-    """Per metric: row minus reference, in standard errors, and whether the row is better or worse
-    beyond noise (:func:`benchmarks.bench_quality.compare`, with the row in the first place; the copy
-    rate by its excess over the floor)."""
+def against(row: dict[str, Any], ref: dict[str, Any], paired: dict[str, tuple[float, float]] | None = None
+            ) -> dict[str, Any]:
+    """Per metric: row minus reference (on :func:`ddpm.metrics.badness`'s lower-is-better scale), in
+    standard errors, the smallest difference the comparison could call (``mdd``), and whether the row
+    is better or worse beyond noise (:func:`benchmarks.bench_quality.compare`, with the row in the
+    first place; the copy rate by its excess over the floor). ``paired``: the differences and their
+    standard errors from :func:`benchmarks.bench_quality.gaps` (one reference, the same seeds)."""
     verdicts = {"ddpm-pipe": "better", "diffusers": "worse", "within noise": "within noise"}
-    out = compare(row, ref, ref.get("floors"))
+    out = compare(row, ref, ref.get("floors"), paired)
     out.pop("seconds_ratio", None)
-    return {name: {"diff": c["diff"], "z": c["z"], "verdict": verdicts[c["better"]]} for name, c in out.items()}
+    return {name: {"diff": c["diff"], "z": c["z"], "mdd": c["mdd"], "verdict": verdicts[c["better"]]}
+            for name, c in out.items()}
 
 
 def load(model: str) -> Any:
@@ -57,7 +64,7 @@ def load(model: str) -> Any:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="checkpoint path/URL or model URI")
-    p.add_argument("--num", type=int, default=500)
+    p.add_argument("--num", type=int, default=2000)
     p.add_argument("--rows", nargs="+", type=parse_row, default=[parse_row(r) for r in DEFAULT_ROWS])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json-out", default=os.path.join("bench-results", "samplers.json"))
@@ -71,23 +78,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = resolve()
     loaded = load(args.model)
     ev = load_eval_data(loaded.config, None, settings)
+    yardstick = Yardstick(ev, settings)
+    floor_scores = yardstick.floor_scores(args.num)
     load_before, rows, start = common.load(), [], time.perf_counter()
+    ref_scores: dict[str, Any] = {}
     for sampler, steps, eta in args.rows:
         r = measure_sampler(loaded, ev, sampler, steps, eta, args.num, 1, None, settings)
         row = {k: r[k] for k in ("sampler", "steps", "eta", "num", "sec_per_sample", "scores", "se", "floors",
                                  "floor_se")}
         row["seconds"] = round(r["sec_per_sample"] * r["num"], 2)
-        row["vs_reference"] = against(row, rows[0]) if rows else {}
+        scores = yardstick.scores(r["samples"])
+        # Every row drew sample j from seed j: paired with the reference row, one held-out split.
+        row["vs_reference"] = against(row, rows[0], gaps(scores, ref_scores, True, rows[0]["floors"])) if rows else {}
+        row["vs_floor"] = {name: c["verdict"] for name, c in against(
+            row, {"scores": row["floors"], "se": row["floor_se"], "floors": row["floors"]},
+            gaps(scores, floor_scores, False, row["floors"])).items()}
+        ref_scores = ref_scores or scores
         rows.append(row)
         worse = [n for n, c in row["vs_reference"].items() if c["verdict"] == "worse"]
         print(f"[bench_samplers] {sampler} {steps} eta {eta:g}: kid {row['scores']['kid']:.4g} "
-              f"classifier_score {row['scores']['classifier_score']:.4g} {row['seconds']:.1f} s"
+              f"classifier_score {row['scores']['classifier_score']:.4g} "
+              f"fine_spread {row['scores']['fine_spread']:.3g} {row['seconds']:.1f} s"
               + (f"; worse than the reference on {', '.join(worse)}" if worse else ""), flush=True)
     result = {"benchmark": "samplers", "model": args.model, "num": args.num, "reference": rows[0]["sampler"]
               + f"-{rows[0]['steps']}", "noise_z": NOISE_Z, "machine": common.machine(threads),
               "load_before": load_before, "load_after": common.load(), "wall_s": round(time.perf_counter() - start, 1),
               "compared": f"{args.num} samples per row against the test split ({len(ev.test)} held-out digits); "
-                          f"floor: {args.num} training images in place of the samples",
+                          f"floor: {args.num} training images in place of the samples; each row against the "
+                          "reference by the paired jackknife (sample j of both from seed j, one held-out split)",
               "table": rows}
     print(table(result))
     common.write_json(result, args.json_out)
@@ -96,18 +114,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
+    """One row per setting (value ± standard error), the scores it is worse on than the reference
+    and than the real data's floor; then the floor, and the smallest difference from the reference
+    each comparison could call (``mdd``, :data:`benchmarks.bench_quality.NOISE_Z` standard errors of
+    the paired difference; the median over the rows, on the lower-is-better scale)."""
     names = [n for n in METRICS if n in result["table"][0]["scores"]]
-    head = ["sampler", "steps", "eta", *names, "s", f"worse than {result['reference']}"]
+    head = ["sampler", "steps", "eta", *names, "s", f"worse than {result['reference']}", "worse than real data"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["table"]:
         cells = [f"{r['scores'][n]:.4g}" + (f" ± {r['se'][n]:.2g}" if r["se"].get(n) is not None else "")
                  for n in names]
         worse = [n for n, c in r["vs_reference"].items() if c["verdict"] == "worse"]
+        below = [n for n, v in r.get("vs_floor", {}).items() if v == "worse"]
         lines.append("| " + " | ".join([r["sampler"], str(r["steps"]), f"{r['eta']:g}", *cells,
-                                        f"{r['seconds']:.1f}", ", ".join(worse) or "-"]) + " |")
+                                        f"{r['seconds']:.1f}", ", ".join(worse) or "-", ", ".join(below) or "-"])
+                     + " |")
     floors = result["table"][0]["floors"]
     lines.append("| real data (floor) | - | - | " + " | ".join(f"{floors[n]:.4g}" if n in floors else "-"
-                                                           for n in names) + " | - | - |")
+                                                           for n in names) + " | - | - | - |")
+    mdd = {n: sorted(r["vs_reference"][n]["mdd"] for r in result["table"][1:]
+                     if n in r["vs_reference"] and r["vs_reference"][n].get("mdd") is not None) for n in names}
+    lines.append("| smallest detectable difference (median) | - | - | " + " | ".join(
+        f"{v[len(v) // 2]:.2g}" if v else "-" for v in mdd.values()) + " | - | - | - |")
     return "\n".join(lines)
 
 

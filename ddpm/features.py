@@ -15,10 +15,8 @@ the training split) has seen it. Pixels 0..16 map to [-1, 1] as ``x / 8 - 1``.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -202,36 +200,57 @@ COMPARED_WITH: dict[str, str | None] = {
 }
 
 
-@dataclass(frozen=True)
-class _Reference:
-    feats: torch.Tensor  # [M x D] reference (test split) features
-    labels: torch.Tensor  # [M] the classifier's labels of the reference images
-    scale: float  # root-mean-square reference feature: KID's kernel sees x / scale
-    train: torch.Tensor
-    test: torch.Tensor
+class DigitsYardstick:
+    """The feature scores of :data:`COMPARED_WITH` for any set of digit images, as
+    :class:`ddpm.metrics.Score` objects against one reference (the held-out ``real_test``).
+
+    Build it once per reference; :meth:`scores` of two sample sets can then be compared with
+    :func:`ddpm.metrics.score_difference` (the reference's noise shared).
+    """
+
+    def __init__(self, net: DigitsFeatureNet, real_test: torch.Tensor, real_train: torch.Tensor, k: int = 3,
+                 copy_quantile: float = 0.05) -> None:
+        self.net, self.k, self.copy_quantile = net, k, copy_quantile
+        self.test, self.train = (torch.as_tensor(t, dtype=torch.float32) for t in (real_test, real_train))
+        self.ref_feats = extract_features(net, self.test)  # [M x D]
+        self.ref_labels = class_probabilities(net, self.test).argmax(dim=1)  # [M], the classifier's labels
+        # KID's kernel sees x / scale, the reference's root-mean-square feature, so x . y / D is of order 1.
+        self.scale = max(self.ref_feats.double().pow(2).mean().sqrt().item(), 1e-12)
+
+    def scores(self, images: torch.Tensor, copies: torch.Tensor | None = None) -> dict[str, metrics.Score]:
+        """``{score: Score}`` of ``[N x 1 x 8 x 8]`` images, in :data:`COMPARED_WITH` order. ``copies``
+        (``[N]`` bool) replaces the images' own copy flags (the floor of the copy rate)."""
+        images = torch.as_tensor(images, dtype=torch.float32)
+        feats, probs = extract_features(self.net, images), class_probabilities(self.net, images)
+        labels = probs.argmax(dim=1)
+        if copies is None:
+            copies = metrics.copies(images, self.train, self.test, quantile=self.copy_quantile)
+        k, ref, scale = self.k, self.ref_feats, self.scale
+        return {
+            "fd": metrics.Score(metrics.frechet_distance_from_features, (feats,), (ref,)),
+            "kid": metrics.Score(metrics.kernel_distance, (feats / scale,), (ref / scale,)),
+            "precision": metrics.Score(lambda a, b: metrics.precision_recall(b, a, k=k)[0], (feats,), (ref,)),
+            "recall": metrics.Score(lambda a, b: metrics.precision_recall(b, a, k=k)[1], (feats,), (ref,)),
+            "classifier_score": metrics.Score(metrics.classifier_score, (probs,)),
+            "confidence": metrics.Score(_confidence, (probs,)),
+            "class_tv": metrics.Score(lambda a, b: metrics.class_tv(a, b, NUM_CLASSES), (labels,), (self.ref_labels,)),
+            "classes_covered": metrics.Score(lambda a, b: float(metrics.classes_covered(a, b, NUM_CLASSES)),
+                                             (labels,), (self.ref_labels,), standard_error=False),
+            "copy_rate": metrics.Score(_share, (copies,)),
+        }
+
+    def floor_scores(self, num: int, seed: int = 0) -> dict[str, metrics.Score]:
+        """The scores of ``min(num, len(real_train))`` training images (a seeded random subset) in place
+        of samples; the copy rate's is the reference's own (training images score 1.0)."""
+        n_floor = min(num, len(self.train))
+        pick = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))[:n_floor]
+        own = metrics.copies(self.test, self.train, self.test, quantile=self.copy_quantile)
+        return {**self.scores(self.train[pick], copies=torch.zeros(n_floor, dtype=torch.bool)),
+                "copy_rate": metrics.Score(_share, (own,))}
 
 
-def _scores(images: torch.Tensor, net: DigitsFeatureNet, ref: _Reference, k: int, quantile: float,
-            groups: int, seed: int) -> dict[str, tuple[float, float]]:
-    """``{score: (value, standard error)}`` of one image set, in :data:`COMPARED_WITH` order."""
-    feats, probs = extract_features(net, images), class_probabilities(net, images)
-    labels = probs.argmax(dim=1)
-
-    def jk(stat, *sets):
-        return metrics.jackknife(stat, *sets, groups=groups, seed=seed)
-
-    pr, pr_se = jk(lambda a, b: metrics.precision_recall(b, a, k=k), feats, ref.feats)
-    return {
-        "fd": jk(metrics.frechet_distance_from_features, feats, ref.feats),
-        "kid": jk(metrics.kernel_distance, feats / ref.scale, ref.feats / ref.scale),
-        "precision": (float(pr[0]), float(pr_se[0])),
-        "recall": (float(pr[1]), float(pr_se[1])),
-        "classifier_score": jk(metrics.classifier_score, probs),
-        "confidence": jk(lambda p: p.max(dim=1).values.double().mean().item(), probs),
-        "class_tv": jk(lambda a, b: metrics.class_tv(a, b, NUM_CLASSES), labels, ref.labels),
-        "classes_covered": (float(metrics.classes_covered(labels, ref.labels, NUM_CLASSES)), math.nan),
-        "copy_rate": jk(_share, metrics.copies(images, ref.train, ref.test, quantile=quantile)),
-    }
+def _confidence(probs: torch.Tensor) -> float:
+    return probs.max(dim=1).values.double().mean().item()
 
 
 def _share(hits: torch.Tensor) -> float:
@@ -266,30 +285,16 @@ def evaluate_samples(samples: torch.Tensor, real_test: torch.Tensor, real_train:
     """
     if net is None:
         net, _ = load_digits_feature_net(cache_dir)
-    samples, real_test, real_train = (torch.as_tensor(t, dtype=torch.float32)
-                                      for t in (samples, real_test, real_train))
-    ref_feats = extract_features(net, real_test)
-    ref = _Reference(feats=ref_feats, labels=class_probabilities(net, real_test).argmax(dim=1),
-                     scale=max(ref_feats.double().pow(2).mean().sqrt().item(), 1e-12),
-                     train=real_train, test=real_test)
-    n_floor = min(len(samples), len(real_train))
-    pick = torch.randperm(len(real_train), generator=torch.Generator().manual_seed(seed))[:n_floor]
-    scores = _scores(samples, net, ref, k, copy_quantile, groups, seed)
-    floors = _scores(real_train[pick], net, ref, k, copy_quantile, groups, seed)
-    floors["copy_rate"] = metrics.jackknife(
-        _share, metrics.copies(real_test, real_train, real_test, quantile=copy_quantile), groups=groups, seed=seed)
-    out: dict[str, float] = {}
-    for name, (value, se) in scores.items():
-        out.update({name: value, f"{name}_se": se})
-    for name, (value, se) in floors.items():
-        out.update({f"{name}_floor": value, f"{name}_floor_se": se})
-    out.update(num_samples=float(len(samples)), num_floor=float(n_floor), num_reference=float(len(real_test)),
-               num_train=float(len(real_train)))
+    yardstick = DigitsYardstick(net, real_test, real_train, k=k, copy_quantile=copy_quantile)
+    out = {**metrics.score_values(yardstick.scores(samples), groups, seed),
+           **metrics.score_values(yardstick.floor_scores(len(samples), seed), groups, seed, suffix="_floor")}
+    out.update(num_samples=float(len(samples)), num_floor=float(min(len(samples), len(yardstick.train))),
+               num_reference=float(len(yardstick.test)), num_train=float(len(yardstick.train)))
     return out
 
 
 __all__ = [
-    "COMPARED_WITH", "FEATURE_DIM", "FEATURE_NET_VERSION", "NUM_CLASSES", "DigitsFeatureNet",
+    "COMPARED_WITH", "FEATURE_DIM", "FEATURE_NET_VERSION", "NUM_CLASSES", "DigitsFeatureNet", "DigitsYardstick",
     "class_probabilities", "classifier_confidence", "default_cache_dir",
     "digits_split", "digits_split_indices", "evaluate_samples", "extract_features",
     "load_digits_feature_net", "train_digits_feature_net",

@@ -12,7 +12,9 @@ All metrics take features as ``[N x D]`` arrays (numpy or torch); images are fla
 - Classifier score (the Inception Score's form, Salimans et al. 2016, https://arxiv.org/abs/1606.03498)
   and class coverage from a classifier's predictions.
 - Copy rate: the share of samples nearer to a training image than real held-out images are.
-- :func:`jackknife`: the standard error of any of them (delete-a-group jackknife).
+- :func:`jackknife`: the standard error of any of them (delete-a-group jackknife); a :class:`Score`
+  holds one score's inputs, so :func:`score_difference` can give the standard error of the
+  difference of two sample sets' scores against one reference (its noise shared, so it cancels).
 - ``METRIC_DIRECTIONS``, :func:`better` and :func:`result_key`: every result is keyed by what it
   depends on, and two results are only compared when their keys are equal.
 - :func:`inception_fid`: Inception-v3 FID for natural images through torchmetrics, from a weights
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-Direction = Literal["lower", "higher"]
+Direction = Literal["lower", "higher", "one"]  # "one": a ratio to the real data's, 1 is best
 
 
 def _as_2d_float64(x: Any) -> torch.Tensor:
@@ -166,12 +169,16 @@ def _take(x: Any, index: np.ndarray) -> Any:
     return x[torch.from_numpy(index)] if isinstance(x, torch.Tensor) else np.asarray(x)[index]
 
 
-def jackknife(stat: Any, *sets: Any, groups: int = 10, seed: int = 0) -> tuple[Any, Any]:
+def jackknife(stat: Any, *sets: Any, groups: int = 10, seed: int = 0,
+              link: Sequence[int] | None = None) -> tuple[Any, Any]:
     """``stat(*sets)`` and its delete-a-group jackknife standard error.
 
     1. Each set (rows ``[N_s x ...]``) is split into the same number G = min(``groups``, smallest
        N_s) of random groups of near-equal size (seeded with ``seed``); the unit i is the i-th group
-       of every set, so G units are independent draws when the sets are.
+       of every set, so G units are independent draws when the sets are. ``link`` gives each set
+       an id: sets with one id hold rows of the same items (equal lengths: the features and class
+       probabilities of one image set, or two samplers' samples of the same seeds) and are split the
+       same way, row j of each in the same group. Default: each set split on its own.
     2. theta_i = ``stat`` on the sets without unit i.
     3. se = sqrt((G - 1) / G * sum_i (theta_i - mean theta)^2) (Efron and Stein 1981).
 
@@ -181,18 +188,87 @@ def jackknife(stat: Any, *sets: Any, groups: int = 10, seed: int = 0) -> tuple[A
     value = stat(*sets)
     vector = isinstance(value, tuple)
     sizes = [len(s) for s in sets]
+    link = list(range(len(sets))) if link is None else list(link)
+    if len(link) != len(sets):
+        raise ValueError(f"link has {len(link)} ids for {len(sets)} sets")
     g = min([groups, *sizes])
     if g < 2:
         se = np.full(len(value), np.nan) if vector else math.nan
     else:
         rng = np.random.default_rng(seed)
-        unit = [rng.permutation(n) % g for n in sizes]  # each row's unit: groups of near-equal size
+        split: dict[int, np.ndarray] = {}
+        for n, key in zip(sizes, link):
+            if key not in split:  # each row's unit: groups of near-equal size, one draw per id
+                split[key] = rng.permutation(n) % g
+            elif len(split[key]) != n:
+                raise ValueError(f"linked sets must have equal lengths, got {len(split[key])} and {n}")
+        unit = [split[key] for key in link]
         thetas = np.array([stat(*(_take(s, np.flatnonzero(u != i)) for s, u in zip(sets, unit)))
                            for i in range(g)], dtype=np.float64)
         se = np.sqrt((g - 1) / g * ((thetas - thetas.mean(axis=0)) ** 2).sum(axis=0))
     if vector:
         return np.asarray(value, dtype=np.float64), se
     return float(value), float(se)
+
+
+@dataclass(frozen=True)
+class Score:
+    """One score of one set of samples, as data: ``stat(*samples, *reference)``.
+
+    ``samples`` are per-sample arrays (row j of each is sample j: its features, its class
+    probabilities, ...), ``reference`` the arrays of the set it is compared with (rows one item each;
+    empty for a property of the samples alone). ``standard_error`` False: the score has none (a
+    count). Built by a yardstick (:class:`ddpm.features.DigitsYardstick`,
+    :class:`ddpm.pixel_scores.PixelYardstick`), read by :func:`score_value` and
+    :func:`score_difference`.
+    """
+
+    stat: Callable[..., float]
+    samples: tuple[Any, ...]
+    reference: tuple[Any, ...] = ()
+    standard_error: bool = True
+
+
+def score_value(score: Score, groups: int = 10, seed: int = 0) -> tuple[float, float]:
+    """(value, jackknife standard error) of ``score``, the samples grouped together, the reference
+    together (NaN without a standard error)."""
+    sets = (*score.samples, *score.reference)
+    if not score.standard_error:
+        return float(score.stat(*sets)), math.nan
+    link = [0] * len(score.samples) + [1] * len(score.reference)
+    return jackknife(score.stat, *sets, groups=groups, seed=seed, link=link)
+
+
+def score_values(scores: dict[str, Score], groups: int = 10, seed: int = 0,
+                 suffix: str = "") -> dict[str, float]:
+    """``{name<suffix>: value, name<suffix>_se: standard error}`` of each score."""
+    out: dict[str, float] = {}
+    for name, score in scores.items():
+        value, se = score_value(score, groups=groups, seed=seed)
+        out.update({f"{name}{suffix}": value, f"{name}{suffix}_se": se})
+    return out
+
+
+def score_difference(a: Score, b: Score, paired: bool, groups: int = 10, seed: int = 0) -> tuple[float, float]:
+    """``a`` minus ``b`` (the same score of two sample sets against one reference) and the
+    jackknife standard error of the difference.
+
+    The reference's own noise is common to both, so it largely cancels: the difference is known
+    far better than either score's standard error says. ``paired``: row j of ``a`` and of ``b`` come
+    from the same noise seed (two samplers on one model), so they are left out together. ``a``'s
+    ``stat`` and ``reference`` are used for both.
+    """
+    na, nb = len(a.samples), len(b.samples)
+
+    def diff(*sets: Any) -> float:
+        ref = sets[na + nb:]
+        return float(a.stat(*sets[:na], *ref)) - float(a.stat(*sets[na:na + nb], *ref))
+
+    sets = (*a.samples, *b.samples, *a.reference)
+    if not a.standard_error:
+        return diff(*sets), math.nan
+    link = [0] * na + [0 if paired else 2] * nb + [1] * len(a.reference)
+    return jackknife(diff, *sets, groups=groups, seed=seed, link=link)
 
 
 # -- nearest neighbours ------------------------------------------------------------------------
@@ -293,6 +369,7 @@ LOWER_IS_BETTER = {
     "bpd": "held-out bits per dimension (variational bound)",
     "copy_rate": "share of samples nearer to training images than test images are",
     "sec_per_sample": "wall-clock seconds per generated sample",
+    "pixel_fd": "Frechet distance in the whitened PCA space of the training images' pixels",
 }
 HIGHER_IS_BETTER = {
     "classifier_score": "exp E_x KL(p(y|x) || p(y)) of the feature classifier",
@@ -301,9 +378,14 @@ HIGHER_IS_BETTER = {
     "recall": "share of real images inside the sample manifold (k-NN, k=3)",
     "confidence": "mean max softmax probability of the feature classifier",
 }
+# Ratios to the real data's value: 1 is best, and 1/r is as far from it as r (compared in log terms).
+BEST_AT_ONE = {
+    "fine_spread": "samples' over held-out images' variance along the finer pixel-PCA components (geometric mean)",
+}
 METRICS: dict[str, Metric] = {
     **{name: Metric(name, "lower", text) for name, text in LOWER_IS_BETTER.items()},
     **{name: Metric(name, "higher", text) for name, text in HIGHER_IS_BETTER.items()},
+    **{name: Metric(name, "one", text) for name, text in BEST_AT_ONE.items()},
 }
 
 METRIC_DIRECTIONS: dict[str, Direction] = {name: m.direction for name, m in METRICS.items()}
@@ -333,15 +415,32 @@ def metric_name(key: str) -> str:
 
 
 def direction(metric: str) -> Direction:
-    """'lower' or 'higher' is better for a metric name or result key (a standard error: lower)."""
+    """'lower', 'higher' or 'one' (nearest 1) is better for a metric name or result key (a standard
+    error: lower)."""
     name = metric_name(metric)
     if name not in METRIC_DIRECTIONS:
         raise ValueError(f"unknown metric {name!r}; valid: {', '.join(sorted(METRIC_DIRECTIONS))}")
     return "lower" if _is_se(metric.split("/", 1)[0]) else METRIC_DIRECTIONS[name]
 
 
+def badness(metric: str, value: float, se: float | None = None) -> tuple[float, float | None]:
+    """``value`` (and its standard error ``se``) on a lower-is-better scale for ``metric``: itself
+    for 'lower', its negative for 'higher', ``|log value|`` for 'one' (se / value by the delta
+    method). Comparisons of any two results go through this one rule."""
+    kind = direction(metric)
+    if kind == "lower":
+        return float(value), se
+    if kind == "higher":
+        return -float(value), se
+    value = float(value)
+    if not value > 0:  # a ratio of variances; 0 or less (or NaN) is as bad as it gets
+        return (math.inf if value <= 0 else math.nan), None
+    return abs(math.log(value)), (None if se is None else se / value)
+
+
 def better(metric: str, a: float, b: float, min_delta: float = 0.0) -> bool:
-    """True when ``a`` beats ``b`` on ``metric`` by strictly more than ``min_delta``.
+    """True when ``a`` beats ``b`` on ``metric`` by strictly more than ``min_delta`` (on the
+    :func:`badness` scale: for a 'one' metric, ``|log a|`` against ``|log b|``).
 
     ``metric`` is a name or a result key. A NaN on either side is never better.
     """
@@ -350,8 +449,10 @@ def better(metric: str, a: float, b: float, min_delta: float = 0.0) -> bool:
     a, b = float(a), float(b)
     if math.isnan(a) or math.isnan(b):
         return False
-    gain = (b - a) if direction(metric) == "lower" else (a - b)
-    return gain > min_delta
+    (bad_a, _), (bad_b, _) = badness(metric, a), badness(metric, b)
+    if math.isnan(bad_a) or math.isnan(bad_b) or bad_a == bad_b:
+        return False
+    return bad_b - bad_a > min_delta
 
 
 _KEY_PART = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -435,8 +536,9 @@ def inception_fid(real: torch.Tensor, fake: torch.Tensor, weights_path: str | Pa
 
 
 __all__ = [
-    "INCEPTION_WEIGHTS_HINT", "METRICS", "METRIC_DIRECTIONS", "Metric", "better", "class_histogram",
-    "class_tv", "classes_covered", "classifier_score", "copies", "copy_rate", "direction", "feature_stats",
+    "BEST_AT_ONE", "INCEPTION_WEIGHTS_HINT", "METRICS", "METRIC_DIRECTIONS", "Metric", "Score", "badness",
+    "better", "class_histogram", "class_tv", "classes_covered", "classifier_score", "copies", "copy_rate", "direction", "feature_stats",
     "frechet_distance", "frechet_distance_from_features", "inception_fid", "jackknife", "kernel_distance",
-    "metric_name", "parse_result_key", "polynomial_kernel", "precision_recall", "result_key",
+    "metric_name", "parse_result_key", "polynomial_kernel", "precision_recall", "result_key", "score_difference",
+    "score_value", "score_values",
 ]

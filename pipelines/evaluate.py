@@ -13,7 +13,10 @@ What is measured (every result keyed by what it depends on, see ``ddpm.metrics.r
   ``confidence`` of the samples; ``copy_rate`` against the training split. Each with its standard
   error (``<metric>_se``) and ``<metric>_floor``: the same comparison for the same number of
   training images in place of the samples (copy rate: the test split's own);
-  natural images: ``fid`` (Inception-v3) when ``DDPM_INCEPTION_WEIGHTS`` names the weights file.
+  natural images: ``fid`` (Inception-v3) when ``DDPM_INCEPTION_WEIGHTS`` names the weights file;
+  any data with a training split (``ddpm.pixel_scores``): ``pixel_fd`` (Frechet distance in the
+  whitened PCA space of the training pixels) and ``fine_spread`` (the samples' variance along the
+  finer components over the test split's; 1 is real spread), keyed ``features:pixel-pca-v1-<K>``.
   Keys: ``<metric>/data:<hash>/eta:<eta>/features:<net version>/num:<num>/sampler:<s>/steps:<n>/vs:test-<M>``
   (``vs`` names the set compared with; none for a score of the samples alone); floors:
   ``<metric>_floor/data:<hash>/features:<net version>/num:<n>/real:train/vs:test-<M>``.
@@ -275,12 +278,13 @@ def score_samples(x: Any, seconds: float, ev: EvalData, sampler: str, steps: int
         value, se = scores[name], finite(scores.get(f"{name}_se"))
         vs = {"vs": c["vs"]} if c["vs"] else {}
         out["scores"][name], out["se"][name] = value, se
-        results.append(_result(name, value, se, data=ev.hash, features=out["features"], **deps, **vs))
+        space = c.get("features", out["features"])  # pixel scores name their PCA space
+        results.append(_result(name, value, se, data=ev.hash, features=space, **deps, **vs))
         if f"{name}_floor" in scores:
             floor, floor_se = scores[f"{name}_floor"], finite(scores.get(f"{name}_floor_se"))
             f = out["floor_compared"][name]
             out["floors"][name], out["floor_se"][name] = floor, floor_se
-            results.append(_result(f"{name}_floor", floor, floor_se, data=ev.hash, features=out["features"],
+            results.append(_result(f"{name}_floor", floor, floor_se, data=ev.hash, features=space,
                                    num=f["num"], real=f["real"], **vs))
     out["results"] = results
     return out
@@ -305,8 +309,26 @@ def _compared(scores: dict[str, float], what: dict[str, str | None], n_samples: 
 
 
 def _quality(samples: Any, ev: EvalData, settings: Any, out: dict[str, Any]) -> dict[str, float]:
-    """Scores, standard errors and floors in the right feature space for the data; fills ``out``'s
+    """Scores, standard errors and floors: the pixel-space scores for any data with a training split
+    (``ddpm.pixel_scores``), then those of the data's feature space; fills ``out``'s
     ``compared``/``floor_compared`` and notes what was skipped and why."""
+    if ev.train is None:
+        return _feature_quality(samples, ev, settings, out)
+    from ddpm import pixel_scores
+
+    pixel = pixel_scores.evaluate_pixels(samples, ev.test, ev.train)
+    n_floor = min(len(samples), len(ev.train))
+    compared, floors = _compared(pixel, pixel_scores.COMPARED_WITH, len(samples), len(ev.test), len(ev.train),
+                                 n_floor)
+    for c in compared.values():
+        c["features"] = f"{pixel_scores.FEATURES}-{int(pixel['pca_components'])}"
+    scores = _feature_quality(samples, ev, settings, out)
+    out["compared"], out["floor_compared"] = {**compared, **out["compared"]}, {**floors, **out["floor_compared"]}
+    return {**pixel, **scores}
+
+
+def _feature_quality(samples: Any, ev: EvalData, settings: Any, out: dict[str, Any]) -> dict[str, float]:
+    """Scores in the data's feature space: the digits network's, or Inception-v3 FID for RGB."""
     if samples.shape[1:] == (1, 8, 8) and ev.source == "digits":
         from ddpm import features
 

@@ -100,8 +100,9 @@ def test_quality_compare_calls_a_winner_only_beyond_two_standard_errors():
               "se": {"kid": 0.02, "classifier_score": 0.4, "classes_covered": None}}
     c = compare(ours, theirs)
     assert c["kid"]["better"] == "ddpm-pipe" and abs(c["kid"]["z"] - -0.1 / math.hypot(0.01, 0.02)) < 1e-9
-    assert c["classifier_score"] == {"diff": -0.5, "z": -1.0, "better": "within noise"}  # 0.5 / 0.5
-    assert c["classes_covered"] == {"diff": 1.0, "z": None, "better": "ddpm-pipe"}  # no s.e.: as is
+    # On the lower-is-better scale (ddpm.metrics.badness): ours 0.5 worse, one standard error of 0.5.
+    assert c["classifier_score"] == {"diff": 0.5, "z": 1.0, "mdd": 1.0, "better": "within noise"}
+    assert c["classes_covered"] == {"diff": -1.0, "z": None, "mdd": None, "better": "ddpm-pipe"}  # no s.e.: as is
     assert c["seconds_ratio"] == 0.5
     theirs["scores"]["kid"] = 0.05  # lower kid is better: now the baseline wins
     assert compare(ours, theirs)["kid"]["better"] == "diffusers"
@@ -117,7 +118,7 @@ def test_quality_compare_counts_a_copy_rate_only_above_the_real_datas_own():
     floors = {"copy_rate": 0.05}
     assert compare(row(0.03), row(0.0))["copy_rate"]["better"] == "diffusers"  # without floors: as is
     c = compare(row(0.03), row(0.0), floors)["copy_rate"]
-    assert c == {"diff": 0.0, "z": 0.0, "better": "within noise"}  # both under the floor: level
+    assert c == {"diff": 0.0, "z": 0.0, "mdd": 2 * math.hypot(0.005, 0.005), "better": "within noise"}  # level
     c = compare(row(0.09), row(0.0), floors)["copy_rate"]  # ours copies: 0.04 above the floor
     assert c["better"] == "diffusers" and abs(c["diff"] - 0.04) < 1e-12
     c = compare(row(0.02), row(0.12), floors)["copy_rate"]

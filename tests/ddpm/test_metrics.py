@@ -232,6 +232,46 @@ def test_jackknife_standard_error_of_kid_matches_its_spread_over_draws():
     assert np.mean(ses) == pytest.approx(np.std(values), rel=0.35)
 
 
+def test_linked_sets_are_left_out_together():
+    x = torch.arange(20.0)
+    seen = []
+
+    def stat(a, b):
+        seen.append((a.tolist(), b.tolist()))
+        return float(a.sum() - b.sum())
+
+    metrics.jackknife(stat, x, x.clone(), groups=5, link=[0, 0])
+    assert all(a == b for a, b in seen[1:])  # row j of both sets in the same group: always equal
+    with pytest.raises(ValueError, match="equal lengths"):
+        metrics.jackknife(stat, x, x[:10], link=[0, 0])
+
+
+def _fd_score(a, ref):
+    return metrics.Score(metrics.frechet_distance_from_features, (a,), (ref,))
+
+
+def test_a_paired_difference_cancels_the_shared_reference_noise_and_matches_its_spread_over_draws():
+    """Two samplers of one model (sample j of each from the same noise) scored against one small
+    reference: the difference's jackknife standard error matches the spread of the difference over
+    independent draws, and is far below the two scores' own standard errors combined."""
+    g = torch.Generator().manual_seed(12)
+    diffs, ses, separate = [], [], []
+    for _ in range(80):
+        z = torch.randn(300, 3, generator=g, dtype=torch.float64)
+        a, b = z, z * torch.tensor([1.0, 1.0, 0.9], dtype=torch.float64)  # b: 10% less spread on one axis
+        ref = torch.randn(60, 3, generator=g, dtype=torch.float64)
+        d, se = metrics.score_difference(_fd_score(a, ref), _fd_score(b, ref), paired=True)
+        assert d == pytest.approx(metrics.frechet_distance_from_features(a, ref)
+                                  - metrics.frechet_distance_from_features(b, ref))
+        diffs.append(d)
+        ses.append(se)
+        separate.append(math.hypot(metrics.score_value(_fd_score(a, ref))[1], metrics.score_value(_fd_score(b, ref))[1]))
+    assert np.mean(ses) == pytest.approx(np.std(diffs), rel=0.35)
+    assert np.mean(ses) < 0.25 * np.mean(separate)
+    same = _fd_score(torch.randn(50, 2, generator=g), torch.randn(30, 2, generator=g))
+    assert metrics.score_difference(same, same, paired=True) == (0.0, 0.0)
+
+
 def test_jackknife_of_a_tuple_gives_arrays():
     g = torch.Generator().manual_seed(11)
     real, fake = torch.randn(50, 3, generator=g), torch.randn(40, 3, generator=g)
