@@ -25,7 +25,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from ddpm.schedules import beta_range
 
 Schedule = Literal["linear", "cosine", "quadratic", "sigmoid"]
-Prediction = Literal["eps", "x0", "v"]
+Prediction = Literal["eps", "x0", "v", "edm"]
+TimestepSampling = Literal["uniform", "lognormal"]
 Variance = Literal["fixed_small", "fixed_large", "learned_range"]
 LossType = Literal["simple", "vb", "hybrid"]
 Sampler = Literal["ddpm", "ddim", "dpmpp"]
@@ -156,6 +157,10 @@ class DiffusionConfig:
     # Min-SNR-gamma weighting of the squared error (Hang et al. 2023): min(SNR_t, gamma) over the
     # target's own SNR weight; None is the paper's unweighted L_simple. 5 is the paper's choice.
     snr_gamma: float | None = None
+    # prediction=edm: EDM's preconditioning (Karras et al. 2022, Table 1) around the data's std.
+    sigma_data: float = 0.5  # EDM's value for images in [-1, 1]
+    # Training timesteps: uniform (the paper's) or EDM's log-normal noise levels, ln sigma ~ N(-1.2, 1.2^2).
+    timestep_sampling: TimestepSampling = "uniform"
 
     def __post_init__(self) -> None:
         _validate_choices(self)
@@ -164,6 +169,12 @@ class DiffusionConfig:
                  f"diffusion.snr_gamma must be > 0 or unset (unweighted L_simple), got {self.snr_gamma}")
         _require(not (self.snr_gamma is not None and self.loss == "vb"),
                  "diffusion.snr_gamma weights the squared error of loss=simple or hybrid; loss=vb has none")
+        _require(self.sigma_data > 0, f"diffusion.sigma_data must be > 0, got {self.sigma_data}")
+        _require(not (self.prediction == "edm" and self.snr_gamma is not None),
+                 "diffusion.prediction=edm has its own loss weighting (EDM's lambda); leave snr_gamma unset")
+        _require(not (self.timestep_sampling == "lognormal" and self.loss != "simple"),
+                 "diffusion.timestep_sampling=lognormal reweights L_simple's timesteps; loss=vb and hybrid "
+                 "need uniform timesteps for their bound")
         for name in ("beta_start", "beta_end"):
             v = getattr(self, name)
             _require(v is None or 0.0 < v < 1.0, f"diffusion.{name} must be in (0, 1), got {v}")

@@ -4,7 +4,8 @@ The network is an argument, never an attribute: ``model(x_t, t)`` takes ``x_t`` 
 ``[N x C x H x W]`` and ``t`` an int64 tensor ``[N]`` of original training timesteps, and returns
 ``[N x C x H x W]`` (or ``[N x 2C x H x W]`` with ``variance="learned_range"``).
 
-Equation numbers: (Ho) Ho et al. 2020; (IDDPM) Nichol & Dhariwal 2021; (v) Salimans & Ho 2022.
+Equation numbers: (Ho) Ho et al. 2020; (IDDPM) Nichol & Dhariwal 2021; (v) Salimans & Ho 2022;
+(EDM) Karras et al. 2022.
 Sampling loops live in :mod:`ddpm.samplers` and :mod:`ddpm.pipeline`, the whole bound in bits/dim in
 :mod:`ddpm.likelihood`; each imports this module, never the reverse.
 """
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 
-from ddpm.config import LossType, Prediction, Variance
+from ddpm.config import LossType, Prediction, TimestepSampling, Variance
 from ddpm.losses import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from ddpm.noise import randn
 from ddpm.schedules import make_betas
@@ -30,6 +31,8 @@ Progress = Callable[[int, int], Any]
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)
 VARIANCES: tuple[str, ...] = get_args(Variance)
 LOSSES: tuple[str, ...] = get_args(LossType)
+TIMESTEP_SAMPLINGS: tuple[str, ...] = get_args(TimestepSampling)
+EDM_P_MEAN, EDM_P_STD = -1.2, 1.2  # EDM sec. 5, Table 1: training noise levels ln sigma ~ N(P_mean, P_std^2)
 
 _HYBRID_LAMBDA = 0.001  # IDDPM sec. 3.1: L_hybrid = L_simple + lambda L_vlb
 
@@ -60,14 +63,19 @@ class Diffusion:
         *,
         timestep_map: torch.Tensor | Sequence[int] | None = None,
         snr_gamma: float | None = None,
+        sigma_data: float = 0.5,
+        timestep_sampling: TimestepSampling = "uniform",
     ) -> None:
         _check_choice("prediction", prediction, PREDICTIONS)
         _check_choice("variance", variance, VARIANCES)
         _check_choice("loss", loss, LOSSES)
+        _check_choice("timestep_sampling", timestep_sampling, TIMESTEP_SAMPLINGS)
         if snr_gamma is not None and not snr_gamma > 0:
             raise ValueError(f"snr_gamma must be > 0 or None (unweighted), got {snr_gamma}")
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
         self.prediction, self.variance, self.loss = prediction, variance, loss
-        self.snr_gamma = snr_gamma
+        self.snr_gamma, self.sigma_data, self.timestep_sampling = snr_gamma, float(sigma_data), timestep_sampling
 
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()  # float64 for accuracy
         if betas.dim() != 1 or len(betas) < 1:
@@ -100,12 +108,19 @@ class Diffusion:
         # sigma_t^2 = beta_t ("fixed_large", Ho sec. 3.2); at t = 0 beta~_1 as Ho's code and IDDPM,
         # which only matters for the decoder p(x_0 | x_1).
         self.large_variance = torch.cat([first, betas[1:]])
+        # EDM's preconditioning (EDM Table 1) in the VP process: x_t / sqrt(abar_t) = x_0 + sigma_t eps
+        # with sigma_t^2 = (1 - abar_t) / abar_t, and D(x) = c_skip x + c_out F(c_in x) predicts x_0.
+        sigma2, sd2 = (1.0 - self.alphas_cumprod) / self.alphas_cumprod, self.sigma_data**2
+        self.edm_c_skip = sd2 / (sigma2 + sd2)
+        self.edm_c_out = sigma2.sqrt() * self.sigma_data / (sigma2 + sd2).sqrt()
+        self.edm_c_in_vp = 1.0 / (self.alphas_cumprod * (sigma2 + sd2)).sqrt()  # c_in / sqrt(abar): on x_t
         self._cast_cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, cfg: DiffusionConfig) -> Diffusion:
         betas = make_betas(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end)
-        return cls(betas, prediction=cfg.prediction, variance=cfg.variance, loss=cfg.loss, snr_gamma=cfg.snr_gamma)
+        return cls(betas, prediction=cfg.prediction, variance=cfg.variance, loss=cfg.loss, snr_gamma=cfg.snr_gamma,
+                   sigma_data=cfg.sigma_data, timestep_sampling=cfg.timestep_sampling)
 
     @property
     def num_timesteps(self) -> int:
@@ -114,7 +129,10 @@ class Diffusion:
     def __repr__(self) -> str:
         return (f"Diffusion(T={self.num_timesteps}, prediction={self.prediction!r}, "
                 f"variance={self.variance!r}, loss={self.loss!r}"
-                + (f", snr_gamma={self.snr_gamma}" if self.snr_gamma is not None else "") + ")")
+                + (f", snr_gamma={self.snr_gamma}" if self.snr_gamma is not None else "")
+                + (f", sigma_data={self.sigma_data}" if self.prediction == "edm" else "")
+                + (f", timestep_sampling={self.timestep_sampling!r}" if self.timestep_sampling != "uniform" else "")
+                + ")")
 
     def respace(self, use_timesteps: Sequence[int] | torch.Tensor) -> Diffusion:
         """The process restricted to a subset of indices (improved-diffusion's ``SpacedDiffusion``).
@@ -129,7 +147,8 @@ class Diffusion:
         abar = self.alphas_cumprod[use]
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
         return Diffusion(1.0 - abar / abar_prev, self.prediction, self.variance, self.loss,
-                         timestep_map=self.timestep_map[use], snr_gamma=self.snr_gamma)
+                         timestep_map=self.timestep_map[use], snr_gamma=self.snr_gamma, sigma_data=self.sigma_data,
+                         timestep_sampling=self.timestep_sampling)
 
     # -- helpers -------------------------------------------------------------------------------
     def _extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -156,6 +175,31 @@ class Diffusion:
         if m is None:
             m = self._cast_cache[key] = self.timestep_map.to(t.device)
         return m[t]
+
+    def model_output(self, model: Model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's output at indices ``t``: ``model(x_t, original t)``, or for ``prediction="edm"``
+        ``model(c_in x_t / sqrt(abar_t), original t)`` (EDM Table 1: the input scaled to unit variance)."""
+        if self.prediction == "edm":
+            x_t = self._extract("edm_c_in_vp", t, x_t) * x_t
+        return model(x_t, self.model_timesteps(t))
+
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None,
+                         device: torch.device | str | None = None) -> torch.Tensor:
+        """``[n]`` training indices: uniform over {0..T-1} (Ho, Algorithm 1), or with
+        ``timestep_sampling="lognormal"`` EDM's noise levels ln sigma ~ N(-1.2, 1.2^2) (EDM Table 1),
+        each taken to the index whose sigma_t is nearest in log terms (clamped to [sigma_0, sigma_T-1])."""
+        dev = generator.device if generator is not None else device
+        if self.timestep_sampling == "uniform":
+            return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=dev)
+        log_sigma = EDM_P_MEAN + EDM_P_STD * torch.randn(n, generator=generator, device=dev, dtype=torch.float64)
+        levels = self._log_sigmas()
+        right = torch.searchsorted(levels, log_sigma.cpu()).clamp(1, len(levels) - 1)
+        nearer_left = (log_sigma.cpu() - levels[right - 1]) < (levels[right] - log_sigma.cpu())
+        return (right - nearer_left.long()).to(dev)
+
+    def _log_sigmas(self) -> torch.Tensor:
+        """``[T]`` ln sigma_t = ln sqrt((1 - abar_t) / abar_t), increasing in t."""
+        return 0.5 * (torch.log1p(-self.alphas_cumprod) - self.alphas_cumprod.log())
 
     # -- forward process -----------------------------------------------------------------------
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -212,7 +256,7 @@ class Diffusion:
         Returns ``mean``, ``variance``, ``log_variance``, ``pred_xstart`` and ``eps`` (the noise
         implied by the possibly clipped ``pred_xstart``), each ``[N x C x H x W]``.
         """
-        return self.p_mean_variance_from_output(model(x_t, self.model_timesteps(t)), x_t, t, clip_denoised)
+        return self.p_mean_variance_from_output(self.model_output(model, x_t, t), x_t, t, clip_denoised)
 
     def p_mean_variance_from_output(
         self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True
@@ -238,8 +282,11 @@ class Diffusion:
             pred_xstart = self.predict_xstart_from_eps(x_t, t, model_output)
         elif self.prediction == "x0":
             pred_xstart = model_output
-        else:
+        elif self.prediction == "v":
             pred_xstart = self.predict_xstart_from_v(x_t, t, model_output)
+        else:  # edm: D = c_skip x_t / sqrt(abar_t) + c_out F (EDM eq. 7)
+            pred_xstart = (self._extract("edm_c_skip", t, x_t) * self._extract("sqrt_recip_alphas_cumprod", t, x_t)
+                           * x_t + self._extract("edm_c_out", t, x_t) * model_output)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
         # 3. mu_theta(x_t, t) = mu~_t(x_t, x_0 = pred_xstart) (Ho, eq. 7; for eps this is eq. 11).
@@ -271,19 +318,22 @@ class Diffusion:
         """
         N = x_start.shape[0]
         if t is None:
-            dev = generator.device if generator is not None else x_start.device
-            t = torch.randint(0, self.num_timesteps, (N,), generator=generator, device=dev).to(x_start.device)
+            t = self.sample_timesteps(N, generator, x_start.device).to(x_start.device)
         if noise is None:
             noise = randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
         x_t = self.q_sample(x_start, t, noise)
-        model_output = model(x_t, self.model_timesteps(t))
+        model_output = self.model_output(model, x_t, t)
         C = self._check_output(model_output, x_start)
 
         if self.loss == "vb":
             out = self.p_mean_variance_from_output(model_output, x_t, t, clip_denoised=False)
             return self.vb_term_bpd(out, x_start, x_t, t, levels) * self.num_timesteps
 
-        target = {"eps": noise, "x0": x_start, "v": self.get_v(x_start, noise, t)}[self.prediction]
+        target = {"eps": noise, "x0": x_start, "v": self.get_v(x_start, noise, t)}.get(self.prediction)
+        if target is None:  # edm: F's target (x_0 - c_skip x_t / sqrt(abar_t)) / c_out, EDM eq. 8 with
+            # its lambda(sigma) = 1 / c_out^2, so the squared error in F is unweighted.
+            target = ((x_start - self._extract("edm_c_skip", t, x_t) * self._extract("sqrt_recip_alphas_cumprod", t, x_t)
+                       * x_t) / self._extract("edm_c_out", t, x_t))
         loss = mean_flat((target - model_output[:, :C]) ** 2)
         if self.snr_gamma is not None:
             loss = loss * self.snr_weight(t).to(loss.dtype)
@@ -323,4 +373,4 @@ class Diffusion:
         return torch.where(t == 0, nll, kl)
 
 
-__all__ = ["Diffusion", "LOSSES", "PREDICTIONS", "VARIANCES", "mean_flat"]
+__all__ = ["Diffusion", "LOSSES", "PREDICTIONS", "TIMESTEP_SAMPLINGS", "VARIANCES", "mean_flat"]

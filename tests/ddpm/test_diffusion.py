@@ -271,3 +271,106 @@ def test_min_snr_gamma_from_config_survives_respacing_and_is_checked():
         DiffusionConfig(snr_gamma=-1.0)
     with pytest.raises(ConfigError, match="loss=vb has none"):
         DiffusionConfig(snr_gamma=5.0, loss="vb")
+
+
+# -- EDM preconditioning and noise levels (Karras et al. 2022) ----------------------------------
+
+
+class EDMOracle(GaussianOracle):
+    """The optimal F of ``prediction="edm"`` for Gaussian data: it takes EDM's scaled input
+    c_in x_t / sqrt(abar_t), undoes the scaling, and returns (x_0* - c_skip x_t / sqrt(abar_t)) / c_out."""
+
+    def __init__(self, alphas_cumprod, sigma_data=0.5, **kwargs):
+        super().__init__(alphas_cumprod, prediction="x0", **kwargs)
+        self.sigma_data = sigma_data
+
+    def forward(self, x_in, t):
+        a = self.abar.to(x_in)[t].view(-1, *([1] * (x_in.dim() - 1)))
+        sigma2, sd2 = (1 - a) / a, self.sigma_data**2
+        x_t = x_in * (a * (sigma2 + sd2)).sqrt()
+        x0 = super().forward(x_t, t)
+        return (x0 - sd2 / (sigma2 + sd2) * x_t / a.sqrt()) / (sigma2.sqrt() * self.sigma_data / (sigma2 + sd2).sqrt())
+
+
+def test_edm_preconditioning_closed_form(diffusion):
+    d = Diffusion(diffusion.betas, prediction="edm", variance="fixed_large", sigma_data=0.5)
+    abar = diffusion.alphas_cumprod
+    sigma2 = (1 - abar) / abar
+    # EDM Table 1 with sigma_data = 0.5: c_skip = 0.25 / (sigma^2 + 0.25), c_out = 0.5 sigma / sqrt(sigma^2 + 0.25).
+    torch.testing.assert_close(d.edm_c_skip, 0.25 / (sigma2 + 0.25))
+    torch.testing.assert_close(d.edm_c_out, 0.5 * sigma2.sqrt() / (sigma2 + 0.25).sqrt())
+    # The network's input c_in x_t / sqrt(abar) has unit variance when x_0 has std sigma_data.
+    x0 = 0.5 * torch.randn(200_000, dtype=torch.float64)
+    t = torch.full((200_000,), 600)
+    x_t = d.q_sample(x0.view(-1, 1, 1, 1), t).flatten()
+    assert (d.edm_c_in_vp[600] * x_t).std().item() == pytest.approx(1.0, rel=0.01)
+
+
+def test_edm_training_target_is_what_sampling_reads_back(diffusion):
+    """F = the training target, fed back as the network's output, gives pred_xstart = x_0 exactly."""
+    d = Diffusion(diffusion.betas, prediction="edm", variance="fixed_large")
+    g = torch.Generator().manual_seed(5)
+    x0, noise = torch.randn(4, 1, 2, 2, generator=g, dtype=torch.float64), torch.randn(4, 1, 2, 2, generator=g,
+                                                                                          dtype=torch.float64)
+    t = torch.tensor([0, 10, 500, 999])
+    x_t = d.q_sample(x0, t, noise)
+    captured = {}
+
+    def model(x_in, t_model):
+        captured["out"] = torch.zeros_like(x_in)
+        return captured["out"]
+
+    loss = d.training_loss(model, x0, t=t, noise=noise)  # with F = 0 the loss is the target's square
+    c = lambda name: d._extract(name, t, x_t)  # noqa: E731
+    target = (x0 - c("edm_c_skip") * c("sqrt_recip_alphas_cumprod") * x_t) / c("edm_c_out")
+    torch.testing.assert_close(loss, target.pow(2).mean(dim=(1, 2, 3)))
+    out = d.p_mean_variance_from_output(target, x_t, t, clip_denoised=False)
+    torch.testing.assert_close(out["pred_xstart"], x0)
+
+
+def test_edm_oracle_agrees_with_the_eps_oracle_and_beats_zero(diffusion):
+    x = torch.randn(4, 2, 2, 2, dtype=torch.float64)
+    t = torch.tensor([0, 5, 500, 999])
+    ref = Diffusion(diffusion.betas, variance="fixed_large").p_mean_variance(
+        GaussianOracle(diffusion.alphas_cumprod), x, t, False)
+    d = Diffusion(diffusion.betas, prediction="edm", variance="fixed_large")
+    out = d.p_mean_variance(EDMOracle(diffusion.alphas_cumprod), x, t, False)
+    for key in ("mean", "pred_xstart", "eps"):
+        torch.testing.assert_close(out[key], ref[key])
+    x0 = 0.3 + 0.5 * torch.randn(256, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    loss = d.training_loss(EDMOracle(diffusion.alphas_cumprod), x0, generator=torch.Generator().manual_seed(4))
+    zero = d.training_loss(zero_model, x0, generator=torch.Generator().manual_seed(4))
+    # With the data's std equal to sigma_data, EDM's weighting makes the optimal F's expected loss
+    # lambda(sigma) x the posterior variance = 1 at every noise level; F = 0 also pays for the mean 0.3.
+    assert loss.mean().item() == pytest.approx(1.0, abs=0.1) and loss.mean() < zero.mean()
+
+
+def test_lognormal_timesteps_follow_edms_noise_levels(diffusion):
+    d = Diffusion(diffusion.betas, timestep_sampling="lognormal")
+    t = d.sample_timesteps(100_000, torch.Generator().manual_seed(6))
+    assert t.dtype == torch.long and 0 <= t.min() and t.max() < 1000
+    log_sigma = 0.5 * (torch.log1p(-diffusion.alphas_cumprod) - diffusion.alphas_cumprod.log())[t]
+    assert log_sigma.median().item() == pytest.approx(-1.2, abs=0.03)  # EDM's P_mean
+    q25, q75 = log_sigma.quantile(torch.tensor([0.25, 0.75], dtype=torch.float64)).tolist()
+    assert (q75 - q25) / 1.349 == pytest.approx(1.2, rel=0.03)  # EDM's P_std, from the quartiles
+    uniform = Diffusion(diffusion.betas).sample_timesteps(100_000, torch.Generator().manual_seed(6))
+    assert abs(uniform.double().mean().item() - 499.5) < 3
+
+
+def test_edm_settings_survive_config_and_respacing_and_are_checked():
+    from ddpm.config import ConfigError
+
+    d = Diffusion.from_config(DiffusionConfig(prediction="edm", sigma_data=0.7, timestep_sampling="lognormal"))
+    r = d.respace(range(0, 1000, 10))
+    assert (r.prediction, r.sigma_data, r.timestep_sampling) == ("edm", 0.7, "lognormal")
+    assert "sigma_data=0.7" in repr(d) and "lognormal" in repr(d)
+    with pytest.raises(ConfigError, match="sigma_data must be > 0"):
+        DiffusionConfig(sigma_data=0.0)
+    with pytest.raises(ConfigError, match="leave snr_gamma unset"):
+        DiffusionConfig(prediction="edm", snr_gamma=5.0)
+    with pytest.raises(ConfigError, match="need uniform timesteps"):
+        DiffusionConfig(timestep_sampling="lognormal", loss="hybrid", variance="learned_range")
+    with pytest.raises(ConfigError, match="valid: uniform, lognormal"):
+        DiffusionConfig(timestep_sampling="edm")
+    with pytest.raises(ValueError, match="valid: uniform, lognormal"):
+        Diffusion(make_betas("linear", 100), timestep_sampling="beta")
