@@ -69,17 +69,19 @@ BASELINE_TRAIN = {"lr": 2e-4, "batch_size": 128, "optimizer": "AdamW (torch defa
                   "scheduler": "DDPMScheduler linear, 1000 steps", "grad_clip": None}
 
 
-def train_ours(url: str, budget: float, seed: int = 0,
-               changes: dict[str, Any] | None = None) -> tuple[SimpleNamespace, dict[str, Any]]:
+def train_ours(url: str, budget: float, seed: int = 0, changes: dict[str, Any] | None = None,
+               steps: int | None = None) -> tuple[SimpleNamespace, dict[str, Any]]:
     """The digits preset (with ``changes``, ``with_values`` keys) for ``budget`` seconds of
-    ``train_loop``; the EMA model, ready to sample."""
+    ``train_loop``, or ``steps`` steps when given (what a budget buys depends on the machine's
+    load; a step count does not); the EMA model, ready to sample."""
     from ddpm.config import ExperimentConfig
     from ddpm.diffusion import Diffusion
     from ddpm.unet import UNet
     from pipelines.loop import LoopContext, LoopData, train_loop
 
-    cfg = ExperimentConfig.preset("digits").with_values(
-        {**(changes or {}), "train.max_steps": 10**9, "train.max_time": budget, "train.seed": seed})
+    limit = {"train.max_steps": steps, "train.max_time": None} if steps else {
+        "train.max_steps": 10**9, "train.max_time": budget}
+    cfg = ExperimentConfig.preset("digits").with_values({**(changes or {}), **limit, "train.seed": seed})
     last: dict[str, Any] = {}
     out = train_loop(cfg, LoopData(url=url), LoopContext(report=lambda m, s: last.update(state=s) if s else None,
                                                          log=lambda msg: None))

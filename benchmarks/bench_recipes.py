@@ -2,18 +2,20 @@
 
 Each recipe is the ``digits`` preset with a few config values changed (``ddpm.config`` keys, as
 ``--set`` takes them). In one process, one after the other, each trains for the same wall-clock
-``--budget`` (default 10 minutes) exactly as ``bench_quality`` trains ddpm-pipe
-(:func:`benchmarks.bench_quality.train_ours`, seed 0), then its EMA weights make ``--samples`` (500)
+``--budget`` (default 10 minutes; or ``--steps`` steps) exactly as ``bench_quality`` trains ddpm-pipe
+(:func:`benchmarks.bench_quality.train_ours`, seed 0), then its EMA weights make ``--samples`` (2000)
 images with each sampler setting and are scored as ``ddpm-pipe evaluate`` scores
 (:func:`pipelines.evaluate.measure_sampler`: against the 360 held-out test digits, jackknife standard
 errors, floors from as many training images). Every row is compared with the first recipe (the
-preset itself) at the same sampler setting (:func:`benchmarks.bench_samplers.against`: ``better`` or
-``worse`` at two standard errors or more, the copy rate by its excess over the floor).
+preset itself) at the same sampler setting by the paired jackknife
+(:func:`benchmarks.bench_quality.gaps`: sample j of both from seed j, one held-out split; then
+:func:`benchmarks.bench_samplers.against`: ``better`` or ``worse`` at two standard errors of the
+difference or more, the copy rate by its excess over the floor), and with the real data's floor.
 
 The samplers are the preset's default (DDIM-25, eta 1), DPM-Solver++-20 and DDIM-50 (eta 0);
 1000-step ancestral sampling is left out (164 s per model) unless ``--samplers ddpm:1000`` asks.
 
-    python -m benchmarks.bench_recipes [--budget 10m] [--samples 500] [--recipes NAME ...]
+    python -m benchmarks.bench_recipes [--budget 10m | --steps 6500] [--samples 2000] [--recipes NAME ...]
                                        [--samplers ddim:25:1 dpmpp:20 ...] [--quick] [--json-out PATH]
 
 ``--quick``: 3 s of training per recipe, 50 samples, 3-step samplers: a smoke test.
@@ -28,7 +30,7 @@ import time
 from typing import Any
 
 from benchmarks import common
-from benchmarks.bench_quality import _duration, setting_name, train_ours
+from benchmarks.bench_quality import METRICS, Yardstick, _duration, gaps, setting_name, train_ours
 from benchmarks.bench_samplers import against, parse_row
 
 # name -> config values changed from the digits preset (issue 15's levers; the first is the baseline).
@@ -42,6 +44,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "lr-1e-3": {"train.lr": 1e-3},
     "batch-128": {"train.batch_size": 128},
     "depth-2": {"model.num_res_blocks": 2},
+    # Issue 23's few-step levers: learned variances with the hybrid loss (Nichol and Dhariwal 2021),
+    # read by the ancestral sampler (DDIM ignores the variance); EDM's preconditioning and log-normal
+    # noise levels (Karras et al. 2022) around the digits' own std (0.75 in [-1, 1]).
+    "learned-hybrid": {"model.learn_sigma": True, "diffusion.variance": "learned_range", "diffusion.loss": "hybrid"},
+    "edm": {"diffusion.prediction": "edm", "diffusion.sigma_data": 0.75, "diffusion.timestep_sampling": "lognormal"},
 }
 DEFAULT_RECIPES = ("preset", "v-prediction", "min-snr-5", "ema-0.999", "width-48")
 DEFAULT_SAMPLERS = ("ddim:25:1", "dpmpp:20", "ddim:50")
@@ -50,7 +57,10 @@ DEFAULT_SAMPLERS = ("ddim:25:1", "dpmpp:20", "ddim:50")
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--budget", type=_duration, default=600.0, help="training wall time per recipe (default 10m)")
-    p.add_argument("--samples", type=int, default=500)
+    p.add_argument("--steps", type=int, default=None,
+                   help="train each recipe this many steps instead of --budget (a loaded machine buys fewer "
+                        "steps with a budget; 6500 steps of the preset take about 10 minutes on 2 quiet cores)")
+    p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES), choices=list(RECIPES),
                    help="the first is the baseline the others are compared with")
     p.add_argument("--samplers", nargs="+", type=parse_row, default=[parse_row(r) for r in DEFAULT_SAMPLERS])
@@ -59,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json-out", default=None, help="default bench-results/recipes.json (recipes-quick.json)")
     args = p.parse_args(argv)
     if args.quick:
-        args.budget, args.samples = min(args.budget, 3.0), 50
+        args.budget, args.samples, args.steps = min(args.budget, 3.0), 50, None
         args.samplers = [(s, 3, e) for s, _, e in args.samplers]
     json_out = args.json_out or os.path.join("bench-results", f"recipes{'-quick' if args.quick else ''}.json")
 
@@ -78,31 +88,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data = os.path.join(tmp, "digits")
         for split in ("train", "test"):
             prepare_command(source="digits", out=os.path.join(data, split), split=split)
-        ev = None
+        ev, yardstick, floor_scores = None, None, {}
+        base_scores: dict[tuple[str, int, float], dict[str, Any]] = {}
         for name in args.recipes:
-            loaded, info = train_ours(os.path.join(data, "train"), args.budget, 0, RECIPES[name])
+            loaded, info = train_ours(os.path.join(data, "train"), args.budget, 0, RECIPES[name], args.steps)
             info = {k: v for k, v in info.items() if k != "config"}
             models[name] = {"changes": RECIPES[name], **info}
             print(f"[bench_recipes] {name}: {info['steps']} steps in {info['train_s']} s, loss {info['loss']}",
                   flush=True)
-            ev = ev or load_eval_data(loaded.config, data, settings)
+            if ev is None:
+                ev = load_eval_data(loaded.config, data, settings)
+                yardstick = Yardstick(ev, settings)
+                floor_scores = yardstick.floor_scores(args.samples)
             for sampler, steps, eta in args.samplers:
                 r = measure_sampler(loaded, ev, sampler, steps, eta, args.samples, 1, None, settings)
                 row = {"recipe": name, "sampler": sampler, "steps": steps, "eta": eta, "num": r["num"],
                        "seconds": round(r["sec_per_sample"] * r["num"], 2), "scores": r["scores"], "se": r["se"],
                        "floors": r["floors"], "floor_se": r["floor_se"]}
+                scores = yardstick.scores(r["samples"])
                 base = next((b for b in rows if b["recipe"] == args.recipes[0]
                              and (b["sampler"], b["steps"], b["eta"]) == (sampler, steps, eta)), None)
-                row["vs_first"] = {} if base is None else against(row, base)
+                # Sample j of every recipe comes from seed j: paired with the baseline's, one held-out split.
+                row["vs_first"] = {} if base is None else against(
+                    row, base, gaps(scores, base_scores[(sampler, steps, eta)], True, row["floors"]))
+                row["vs_floor"] = {n: c["verdict"] for n, c in against(
+                    row, {"scores": row["floors"], "se": row["floor_se"], "floors": row["floors"]},
+                    gaps(scores, floor_scores, False, row["floors"])).items()}
+                base_scores.setdefault((sampler, steps, eta), scores)
                 rows.append(row)
                 print(f"[bench_recipes] {name} {setting_name(row)}: kid {row['scores']['kid']:.4g} "
-                      f"classifier_score {row['scores']['classifier_score']:.4g} ({summary(row)})", flush=True)
-    result = {"benchmark": "recipes", "budget_s": args.budget, "samples": args.samples, "quick": args.quick,
+                      f"classifier_score {row['scores']['classifier_score']:.4g} "
+                      f"fine_spread {row['scores']['fine_spread']:.3g} ({summary(row)})", flush=True)
+    result = {"benchmark": "recipes", "budget_s": None if args.steps else args.budget, "train_steps": args.steps,
+              "samples": args.samples, "quick": args.quick,
               "baseline": args.recipes[0], "machine": common.machine(threads), "load_before": load_before,
               "load_after": common.load(), "wall_s": round(time.perf_counter() - start, 1), "models": models,
               "compared": f"{args.samples} samples per row against the test split ({len(ev.test)} held-out "
                           f"digits); floor: {args.samples} training images in place of the samples; each row "
-                          f"against the {args.recipes[0]!r} row of the same sampler",
+                          f"against the {args.recipes[0]!r} row of the same sampler by the paired jackknife "
+                          "(sample j of both from seed j, one held-out split)",
               "floors": rows[0]["floors"], "floor_se": rows[0]["floor_se"], "rows": rows}
     print(table(result))
     common.write_json(result, json_out)
@@ -121,7 +145,7 @@ def summary(row: dict[str, Any]) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    names = ("kid", "fd", "precision", "recall", "classifier_score", "confidence", "copy_rate")
+    names = [n for n in METRICS if n in result["floors"]]
     head = ["recipe", "steps trained", "sampler", *names, f"vs {result['baseline']}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:

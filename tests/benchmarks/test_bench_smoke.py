@@ -225,8 +225,10 @@ def test_recipes_quick_compares_each_recipe_with_the_first(tmp_path):
         ("preset", "ddim", 3, 1.0), ("preset", "dpmpp", 3, 0.0), ("min-snr-5", "ddim", 3, 1.0),
         ("min-snr-5", "dpmpp", 3, 0.0)]  # --quick: 3 steps
     assert r["rows"][0]["vs_first"] == {} and r["rows"][1]["vs_first"] == {}
+    for row in r["rows"]:  # every row against the real data's floor, the pixel scores included
+        assert {"kid", "pixel_fd", "fine_spread"} <= set(row["vs_floor"])
     for row in r["rows"][2:]:
-        assert row["num"] == 50 and {"kid", "classifier_score", "copy_rate"} <= set(row["vs_first"])
+        assert row["num"] == 50 and {"kid", "classifier_score", "copy_rate", "fine_spread"} <= set(row["vs_first"])
         for c in row["vs_first"].values():
             if c["z"] is not None:
                 assert (c["verdict"] == "within noise") == (abs(c["z"]) < 2 or c["diff"] == 0)
@@ -240,3 +242,14 @@ def test_recipes_quick_compares_each_recipe_with_the_first(tmp_path):
     assert bench_recipes.summary(within) == "within noise" and bench_recipes.summary(worse) == "worse on kid, fd"
     with pytest.raises(SystemExit):
         bench_recipes.main(["--recipes", "no-such-recipe"])
+
+
+def test_train_ours_takes_a_step_count_instead_of_a_budget(tmp_path):
+    from benchmarks.bench_quality import train_ours
+    from pipelines.data import prepare_command
+
+    prepare_command(source="digits", out=str(tmp_path / "train"), split="train")
+    _, info = train_ours(str(tmp_path / "train"), budget=0.001, steps=3,
+                         changes={"diffusion.prediction": "edm", "diffusion.timestep_sampling": "lognormal"})
+    assert info["steps"] == 3 and not info["stopped_by_time"]  # the budget of 1 ms did not stop it
+    assert info["config"]["diffusion"]["prediction"] == "edm"
