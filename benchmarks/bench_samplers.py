@@ -28,6 +28,7 @@ from typing import Any
 
 from benchmarks import common
 from benchmarks.bench_quality import METRICS, NOISE_Z, Yardstick, compare, gaps
+from ddpm.pixel_scores import variance_ratios
 
 DEFAULT_ROWS = ("ddpm:1000", "ddpm:25", "ddpm:50", "ddim:10", "ddim:20", "ddim:25", "ddim:50", "ddim:20:1",
                 "ddim:25:1", "ddim:25:0.5", "dpmpp:10", "dpmpp:15", "dpmpp:20", "dpmpp:25")
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loaded = load(args.model)
     ev = load_eval_data(loaded.config, None, settings)
     yardstick = Yardstick(ev, settings)
+    pixels = yardstick.parts[-1]
     floor_scores = yardstick.floor_scores(args.num)
     load_before, rows, start = common.load(), [], time.perf_counter()
     ref_scores: dict[str, Any] = {}
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  "floor_se")}
         row["seconds"] = round(r["sec_per_sample"] * r["num"], 2)
         scores = yardstick.scores(r["samples"])
+        # The variance ratio along each pixel-PCA component, coarse to fine (fine_spread: the finer half's).
+        row["component_ratios"] = [round(v, 4) for v in variance_ratios(r["samples"], ev.test, pixels.basis).tolist()]
         # Every row drew sample j from seed j: paired with the reference row, one held-out split.
         row["vs_reference"] = against(row, rows[0], gaps(scores, ref_scores, True, rows[0]["floors"])) if rows else {}
         row["vs_floor"] = {name: c["verdict"] for name, c in against(

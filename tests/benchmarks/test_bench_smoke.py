@@ -202,8 +202,12 @@ def test_samplers_table_rows_compare_with_the_first(tmp_path):
     assert [(row["sampler"], row["steps"], row["eta"]) for row in r["table"]] == [
         ("ddpm", 4, 0.0), ("ddim", 3, 0.0), ("ddim", 3, 1.0), ("dpmpp", 3, 0.0)]
     assert r["reference"] == "ddpm-4" and r["table"][0]["vs_reference"] == {}
+    for row in r["table"]:  # the variance ratio along each of the digits' 21 pixel-PCA components
+        assert len(row["component_ratios"]) == 21 and all(v > 0 for v in row["component_ratios"])
+        assert {"kid", "pixel_fd", "fine_spread"} <= set(row["vs_floor"])
     for row in r["table"][1:]:
         assert row["num"] == 40 and row["seconds"] > 0 and {"kid", "classifier_score"} <= set(row["vs_reference"])
+        assert row["vs_reference"]["fine_spread"]["mdd"] > 0  # the paired comparison's smallest detectable gap
         for c in row["vs_reference"].values():
             assert c["verdict"] in ("better", "worse", "within noise")
             if c["z"] is not None:
