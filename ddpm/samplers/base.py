@@ -28,8 +28,8 @@ from ddpm.samplers.timesteps import space_timesteps
 # Model calls per sample when none are asked for (ddpm: T), and each sampler's timestep spacing when
 # none is asked for (linspace where not listed); the constructors' defaults read these tables. The
 # new samplers' values: their std on the Gaussian oracle, data N(0.1, 0.3^2), exact (test_samplers.py):
-# unipc 0.2997, dpmpp-3m 0.3021, dpmpp-2m-sde 0.3066; edm 0.346 at EDM's own 35 calls (CIFAR-10's
-# NFE), 0.3008 only at 401.
+# unipc 0.2997, dpmpp-3m 0.3021, dpmpp-2m-sde 0.3066 for the data's 0.3; edm 0.347 at EDM's own 35
+# calls (its CIFAR-10 NFE), 0.3017 only at 401 (benchmarks/bench_oracle.py has them all).
 DEFAULT_STEPS = {"ddim": 50, "dpmpp": 20, "dpmpp-3m": 20, "unipc": 20, "dpmpp-2m-sde": 25, "edm": 35}
 DEFAULT_SPACING: dict[str, Spacing] = {"dpmpp-3m": "logsnr", "unipc": "logsnr", "dpmpp-2m-sde": "logsnr",
                                        "edm": "karras"}

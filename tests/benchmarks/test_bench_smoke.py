@@ -239,3 +239,14 @@ def test_recipes_quick_compares_each_recipe_with_the_first(tmp_path):
     assert bench_recipes.summary(within) == "within noise" and bench_recipes.summary(worse) == "worse on kid, fd"
     with pytest.raises(SystemExit):
         bench_recipes.main(["--recipes", "no-such-recipe"])
+
+
+def test_oracle_quick(tmp_path):
+    from benchmarks import bench_oracle
+
+    r = bench_oracle.main(["--quick", "--json-out", str(tmp_path / "oracle.json")])
+    assert r == _read(tmp_path / "oracle.json")
+    assert len(r["results"]) == 4 * len(bench_oracle.ROWS) * 2  # spacings x rows x calls (3, 5)
+    assert all(row["calls"] in (3, 5) and row["num"] == 200 for row in r["results"])
+    analytic = [row for row in r["results"] if row["row"] == "ddpm analytic" and row["spacing"] == "linspace"]
+    assert all(abs(row["exact_std"] - 0.3) < 0.001 for row in analytic)  # exact for Gaussian data
