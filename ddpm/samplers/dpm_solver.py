@@ -39,6 +39,8 @@ class DPMSolverPPSampler(LogSNRGrid):
     50% too large with it, 10% too small without). Holds the previous prediction: use one sampler per loop.
     """
 
+    first_order_into_last = True  # D = x0 on the step into the last timestep (see above)
+
     def __init__(self, diffusion: Diffusion, steps: int = DEFAULT_STEPS["dpmpp"], spacing: Spacing = "linspace") -> None:
         super().__init__(diffusion, steps, spacing)
         self._prev: torch.Tensor | None = None  # the data prediction at timesteps[i-1]
@@ -52,16 +54,19 @@ class DPMSolverPPSampler(LogSNRGrid):
         # 1. h_i = lambda_{t_i} - lambda_{t_{i-1}} towards the next timestep in the list.
         h = self.lam[i + 1] - self.lam[i]
         # 2. D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1}, r_i = h_{i-1} / h_i; first order
-        #    (D = x0) on the first step and on the step into the last timestep.
-        if self._prev is None or i + 2 == len(self.timesteps):
+        #    (D = x0) on the first step and (first_order_into_last) on the step into the last timestep.
+        if self._prev is None or (self.first_order_into_last and i + 2 == len(self.timesteps)):
             D = x0
         else:
             r = (self.lam[i] - self.lam[i - 1]) / h
             D = (1 + 0.5 / r) * x0 - (0.5 / r) * self._prev
-        # 3. x_{t_i} = (sigma_{t_i}/sigma_{t_{i-1}}) x - alpha_{t_i} (e^{-h_i} - 1) D_i.
-        x = self.first_order(x, i, D)
+        x = self.update(x, i, h, D, noise)
         self._prev = x0
         return x, x0
+
+    def update(self, x: torch.Tensor, i: int, h: float, D: torch.Tensor, noise: NoiseSource) -> torch.Tensor:
+        # 3. x_{t_i} = (sigma_{t_i}/sigma_{t_{i-1}}) x - alpha_{t_i} (e^{-h_i} - 1) D_i.
+        return self.first_order(x, i, D)
 
 
 class DPMSolverPP3MSampler(LogSNRGrid):
@@ -114,41 +119,28 @@ class DPMSolverPP3MSampler(LogSNRGrid):
         return x, x0
 
 
-class SDEDPMSolverPPSampler(LogSNRGrid):
+class SDEDPMSolverPPSampler(DPMSolverPPSampler):
     """SDE-DPM-Solver++ 2M (Lu et al. 2022, sec. 5 and appendix; diffusers' ``sde-dpmsolver++``,
     ``solver_type="midpoint"``): the exact solution of the linear part of the reverse SDE in lambda
-    plus a second-order multistep D; fresh noise every step, drawn from the NoiseSource.
+    plus 2M's multistep D; fresh noise every step, drawn from the NoiseSource.
 
     x_t = (sigma_t / sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) D + sigma_t sqrt(1 - e^{-2h}) z,
-    D = (1 + 1/(2 r)) x0_s - 1/(2 r) x0_{s'} (first order on the first step only, as diffusers). The
-    last call is returned as is. The same samples as diffusers' scheduler given the same noise.
+    D = (1 + 1/(2 r)) x0_s - 1/(2 r) x0_{s'} (D0 + D1/2 of the midpoint form; first order on the
+    first step only, as diffusers). The last call is returned as is. The same samples as diffusers'
+    scheduler given the same noise.
     """
+
+    first_order_into_last = False
 
     def __init__(self, diffusion: Diffusion, steps: int = DEFAULT_STEPS["dpmpp-2m-sde"],
                  spacing: Spacing = DEFAULT_SPACING["dpmpp-2m-sde"]) -> None:
         super().__init__(diffusion, steps, spacing)
-        self._prev: torch.Tensor | None = None
 
-    def step(self, model: Model, x: torch.Tensor, i: int, noise: NoiseSource,
-             clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        x0 = self.predict_xstart(model, x, i, clip_denoised)
-        if i + 1 == len(self.timesteps):
-            self._prev = None
-            return x0, x0
-        h = self.lam[i + 1] - self.lam[i]
-        # 1. D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}, r = h_{i-1}/h: D0 + D1/2 of the midpoint form
-        #    (D = x0_i on the first step).
-        if self._prev is None:
-            D = x0
-        else:
-            r = (self.lam[i] - self.lam[i - 1]) / h
-            D = (1 + 0.5 / r) * x0 - (0.5 / r) * self._prev
-        # 2. x_t = (sigma_t/sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) D + sigma_t sqrt(1 - e^{-2h}) z.
+    def update(self, x: torch.Tensor, i: int, h: float, D: torch.Tensor, noise: NoiseSource) -> torch.Tensor:
+        # 3. x_t = (sigma_t/sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) D + sigma_t sqrt(1 - e^{-2h}) z.
         one_minus = -math.expm1(-2 * h)  # 1 - e^{-2h}
-        x = ((self.sigma[i + 1] / self.sigma[i]) * math.exp(-h) * x + self.alpha[i + 1] * one_minus * D
-             + self.sigma[i + 1] * math.sqrt(one_minus) * noise.next())
-        self._prev = x0
-        return x, x0
+        return ((self.sigma[i + 1] / self.sigma[i]) * math.exp(-h) * x + self.alpha[i + 1] * one_minus * D
+                + self.sigma[i + 1] * math.sqrt(one_minus) * noise.next())
 
 
 __all__ = ["DPMSolverPP3MSampler", "DPMSolverPPSampler", "SDEDPMSolverPPSampler"]
