@@ -7,7 +7,8 @@ exact mean and std (``tests.ddpm.helpers.exact_moments``) and those of ``--num``
 to about 1/sqrt(2 num): 0.5% at 20,000), without clipping. ``ddpm`` rows use the config's default
 variance (fixed_large), fixed_small, and Analytic-DPM's optimal one with the closed-form Gamma_t.
 
-    python -m benchmarks.bench_oracle [--num 20000] [--calls 10 15 20 25] [--json-out bench-results/oracle_samplers.json]
+    python -m benchmarks.bench_oracle [--num 20000] [--calls 10 15 20 25]
+                                      [--json-out bench-results/oracle_samplers.json]
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from benchmarks import common
 
 MU, S = 0.1, 0.3
 # (row name, sampler, diffusion variance, eta, Analytic-DPM variance)
-ROWS = (("ddpm fixed_large", "ddpm", "fixed_large", 0.0, False), ("ddpm fixed_small", "ddpm", "fixed_small", 0.0, False),
+ROWS = (("ddpm fixed_large", "ddpm", "fixed_large", 0.0, False),
+        ("ddpm fixed_small", "ddpm", "fixed_small", 0.0, False),
         ("ddpm analytic", "ddpm", "fixed_large", 0.0, True), ("ddim eta 0", "ddim", "fixed_large", 0.0, False),
         ("ddim eta 1", "ddim", "fixed_large", 1.0, False), ("dpmpp", "dpmpp", "fixed_large", 0.0, False),
         ("dpmpp-3m", "dpmpp-3m", "fixed_large", 0.0, False), ("unipc", "unipc", "fixed_large", 0.0, False),
@@ -58,8 +60,8 @@ def table(results: list[dict[str, Any]], spacing: str, calls: list[int]) -> str:
     lines = [f"| {spacing} | " + " | ".join(f"{c} calls" for c in calls) + " |", "|---" * (len(calls) + 1) + "|"]
     for name in dict.fromkeys(r["row"] for r in rows):
         cells = {r["calls"]: r for r in rows if r["row"] == name}
-        lines.append(f"| {name} | " + " | ".join(
-            f"{cells[c]['exact_mean']:.4f} / {cells[c]['exact_std']:.4f} ({cells[c]['std']:.3f})" for c in calls) + " |")
+        cell = "{exact_mean:.4f} / {exact_std:.4f} ({std:.3f})"
+        lines.append(f"| {name} | " + " | ".join(cell.format(**cells[c]) for c in calls) + " |")
     return "\n".join(lines)
 
 

@@ -41,7 +41,8 @@ class DPMSolverPPSampler(LogSNRGrid):
 
     first_order_into_last = True  # D = x0 on the step into the last timestep (see above)
 
-    def __init__(self, diffusion: Diffusion, steps: int = DEFAULT_STEPS["dpmpp"], spacing: Spacing = "linspace") -> None:
+    def __init__(self, diffusion: Diffusion, steps: int = DEFAULT_STEPS["dpmpp"],
+                 spacing: Spacing = "linspace") -> None:
         super().__init__(diffusion, steps, spacing)
         self._prev: torch.Tensor | None = None  # the data prediction at timesteps[i-1]
 
@@ -92,29 +93,27 @@ class DPMSolverPP3MSampler(LogSNRGrid):
             return x0, x0
         # diffusers' lower_order_final: below 15 calls, second order into the last timestep.
         order = min(3, len(self._prev) + 1, n - i if n < 15 else 3)
-        lam = self.lam
-        # 1. h = lambda_{i+1} - lambda_i; r0 = h_{i-1}/h, r1 = h_{i-2}/h (the earlier step sizes).
+        lam, alpha_t = self.lam, self.alpha[i + 1]
+        # 1. h = lambda_{i+1} - lambda_i; the earlier steps as fractions of it: r0 = h_{i-1}/h, r1 = h_{i-2}/h.
         h = lam[i + 1] - lam[i]
         phi1 = math.expm1(-h)  # e^{-h} - 1
-        x = (self.sigma[i + 1] / self.sigma[i]) * x - self.alpha[i + 1] * phi1 * x0
-        if order >= 2:
+        # 2. First order (DDIM): x_t = (sigma_t/sigma_s) x - alpha_t (e^{-h} - 1) x0_i.
+        x = self.first_order(x, i, x0)
+        if order == 2:
+            # 3. 2M (midpoint): - alpha_t (e^{-h} - 1) D1_0 / 2 with D1_0 = (x0_i - x0_{i-1}) / r0.
             r0 = (lam[i] - lam[i - 1]) / h
-            # 2. First divided difference D1_0 = (x0_i - x0_{i-1}) / r0 (DPM-Solver, eq. 3.x; 2M's D).
-            d10 = (x0 - self._prev[0]) / r0
-            D1, D2 = d10, None
-            if order == 3:
-                r1 = (lam[i - 1] - lam[i - 2]) / h
-                d11 = (self._prev[0] - self._prev[1]) / r1
-                # 3. D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1)/(r0 + r1): Taylor terms
-                #    of x0 in lambda to second order (DPM-Solver++ appendix, multistep 3rd order).
-                D1 = d10 + (r0 / (r0 + r1)) * (d10 - d11)
-                D2 = (d10 - d11) / (r0 + r1)
-            # 4. x_t += alpha_t ((e^{-h} - 1)/h + 1) D1 - alpha_t ((e^{-h} - 1 + h)/h^2 - 1/2) D2.
-            if order == 2:  # 2M's midpoint form, as DPMSolverPPSampler
-                x = x - 0.5 * self.alpha[i + 1] * phi1 * D1
-            else:
-                x = (x + self.alpha[i + 1] * (phi1 / h + 1) * D1
-                     - self.alpha[i + 1] * ((phi1 + h) / h**2 - 0.5) * D2)
+            x = x - 0.5 * alpha_t * phi1 * (x0 - self._prev[0]) / r0
+        elif order == 3:
+            # 4. 3M: divided differences D1_0 = (x0_i - x0_{i-1})/r0, D1_1 = (x0_{i-1} - x0_{i-2})/r1 give
+            #    the first and second lambda-derivative terms D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1) and
+            #    D2 = (D1_0 - D1_1)/(r0 + r1) of x0 in the exponential integrator
+            #    x_t = (sigma_t/sigma_s) x_s + sigma_t int e^lambda x0(lambda) dlambda, so that
+            #    x_t += alpha_t ((e^{-h} - 1)/h + 1) D1 - alpha_t ((e^{-h} - 1 + h)/h^2 - 1/2) D2.
+            r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
+            d10, d11 = (x0 - self._prev[0]) / r0, (self._prev[0] - self._prev[1]) / r1
+            D1 = d10 + (r0 / (r0 + r1)) * (d10 - d11)
+            D2 = (d10 - d11) / (r0 + r1)
+            x = x + alpha_t * (phi1 / h + 1) * D1 - alpha_t * ((phi1 + h) / h**2 - 0.5) * D2
         self._prev = [x0, *self._prev[:1]]
         return x, x0
 

@@ -29,7 +29,7 @@ class EDMSampler:
 
     The noise levels t_0 > ... > t_{K-1} are K = steps // 2 + 1 timesteps of ``spacing`` (``karras``:
     their eq. 5 with rho = 7 from sigma_{T-1} down to sigma_0), and t_K is clean data. For each level:
-    churn to sigma^ = (1 + gamma) sigma (rounded to a timestep) with gamma = min(S_churn / K, sqrt 2 - 1)
+    churn to sigma_hat = (1 + gamma) sigma (rounded to a timestep), gamma = min(S_churn / K, sqrt 2 - 1)
     for sigma in [S_min, S_max], an Euler step to the next level, and Heun's correction there. A Heun
     step costs 2 calls; the step into clean data is Euler (1 call), so K levels make 2K - 1 calls:
     with an even ``steps`` the first, highest-noise step is Euler too (the ODE is nearly linear there),
@@ -52,7 +52,7 @@ class EDMSampler:
         hats = nearest_timesteps(torch.tensor([s * (1 + g) for s, g in zip(sigma, gamma)]), abar)
         self.s_noise = float(s_noise)
         self._level = levels + [None]  # t_{K} = clean data
-        self._hat = [max(h, t) for h, t in zip(hats, levels)]  # sigma^ >= sigma
+        self._hat = [max(h, t) for h, t in zip(hats, levels)]  # sigma_hat >= sigma
         # Calls in order: (timestep, level j, Heun's correction?)
         self._calls: list[tuple[int, int, bool]] = []
         for j in range(K):
@@ -77,17 +77,17 @@ class EDMSampler:
         s_hat = self._sigma(self._hat[j])
         if not heun:
             s = self._sigma(self._level[j])
-            # 1. x~ = x_t / sqrt(abar_t); churn: x~^ = x~ + sqrt(sigma^2 - sigma^2) S_noise z  (Alg. 2, lines 4-6).
+            # 1. x~ = x_t / sqrt(abar_t); churn: x~^ = x~ + sqrt(sigma_hat^2 - sigma^2) S_noise z  (Alg. 2, lines 4-6).
             x_hat = x / self._scale(self._level[j])
             if s_hat > s:
                 x_hat = x_hat + math.sqrt(s_hat**2 - s**2) * self.s_noise * noise.next()
-            # 2. D = x_0(x~^ sqrt(abar), t^); d = (x~^ - D)/sigma^; Euler: x~' = x~^ + (sigma' - sigma^) d  (lines 7-8).
+            # 2. D = D(x~^; sigma_hat); d = (x~^ - D)/sigma_hat; Euler: x~' = x~^ + (sigma' - sigma_hat) d  (lines 7-8).
             D = self._denoise(model, x_hat, self._hat[j], clip_denoised)
             d = (x_hat - D) / s_hat
             self._euler = (x_hat, d)
             x_next = x_hat + (s_next - s_hat) * d if t_next is not None else D  # sigma' = 0: x~' = D
         else:
-            # 3. Heun: d' = (x~' - D(x~'; sigma'))/sigma'; x~' = x~^ + (sigma' - sigma^)(d + d')/2  (lines 9-11).
+            # 3. Heun: d' = (x~' - D(x~'; sigma'))/sigma'; x~' = x~^ + (sigma' - sigma_hat)(d + d')/2  (lines 9-11).
             x_hat, d = self._euler
             x_t = x / self._scale(t_next)
             D = self._denoise(model, x_t, t_next, clip_denoised)

@@ -64,8 +64,8 @@ class UniPCSampler(LogSNRGrid):
         hh = -h
         h_phi_1 = math.expm1(hh)
         B_h = h_phi_1
-        # 3. R_p rows r^{j-1} and g_p / B(h): b_j = j! phi_{j+1}(hh) / B(h), phi by its recursion
-        #    phi_{k+1} = (phi_k - 1/k!) / hh (Theorem 3.1's linear system).
+        # 3. R_p rows r^{j-1} and g_p / B(h): b_j = j! hh phi_{j+1}(hh) / B(h), phi by its recursion
+        #    phi_{k+1}(z) = (phi_k(z) - 1/k!) / z (Theorem 3.1's linear system).
         R, b = [], []
         h_phi_k, factorial = h_phi_1 / hh - 1, 1
         for j in range(1, order + 1):
