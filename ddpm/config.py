@@ -29,7 +29,8 @@ Prediction = Literal["eps", "x0", "v", "edm"]
 TimestepSampling = Literal["uniform", "lognormal"]
 Variance = Literal["fixed_small", "fixed_large", "learned_range"]
 LossType = Literal["simple", "vb", "hybrid"]
-Sampler = Literal["ddpm", "ddim", "dpmpp"]
+Sampler = Literal["ddpm", "ddim", "dpmpp", "dpmpp-3m", "unipc", "dpmpp-2m-sde", "edm"]
+Spacing = Literal["linspace", "leading", "trailing", "karras", "logsnr"]  # where a sampler puts its timesteps
 Precision = Literal["fp32", "bf16", "fp16"]
 
 PRESETS = ("digits", "cifar10")

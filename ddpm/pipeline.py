@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ddpm.config import Sampler
+from ddpm.config import Sampler, Spacing
 from ddpm.diffusion import Diffusion, Model
 from ddpm.noise import sample_seed
-from ddpm.samplers import check_sampler, default_steps, generate
+from ddpm.samplers import default_spacing, default_steps, generate, make_sampler
 
 if TYPE_CHECKING:
     from ddpm.config import ExperimentConfig, SampleConfig
@@ -52,23 +52,30 @@ class DDPMPipeline:
     :param model: the denoiser ``model(x_t [N x C x H x W], t [N]) -> [N x C' x H x W]`` (often a
         :class:`ddpm.inference.SamplingNet`).
     :param image_shape: ``(C, H, W)`` of one sample.
-    :param sampler: ``ddpm`` (ancestral; fewer steps respace), ``ddim`` or ``dpmpp``.
+    :param sampler: one of :data:`ddpm.samplers.SAMPLERS` (``ddpm``: ancestral, fewer steps respace).
     :param steps: model calls per sample; ``None`` is the sampler's default capped at T
         (:func:`ddpm.samplers.default_steps`). More than T is a ``ValueError``.
     :param eta: DDIM's noise scale; must be 0 for the other samplers.
+    :param spacing: where the model is called (:mod:`ddpm.samplers.timesteps`); ``None`` is the
+        sampler's own (:func:`ddpm.samplers.default_spacing`).
+    :param ms_eps: Gamma_t ``[T]`` for ``ddpm`` with Analytic-DPM's variance
+        (:func:`ddpm.samplers.estimate_ms_eps`); ``None``: the process's own variance.
     :param batch_size: samples per network call.
     """
 
     def __init__(self, model: Model, diffusion: Diffusion, image_shape: Sequence[int], *,
                  sampler: Sampler = "ddim", steps: int | None = None, eta: float = 0.0,
+                 spacing: Spacing | None = None, ms_eps: torch.Tensor | Sequence[float] | None = None,
                  clip_denoised: bool = True, batch_size: int = 64) -> None:
         T = diffusion.num_timesteps
-        check_sampler(sampler, eta)
         self.steps = default_steps(sampler, T) if steps is None else int(steps)
         if not 1 <= self.steps <= T:
             raise ValueError(f"steps must be in [1, T={T}], got {self.steps}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.spacing = spacing or default_spacing(sampler)
+        self.ms_eps = None if ms_eps is None else torch.as_tensor(ms_eps, dtype=torch.float64)
+        make_sampler(diffusion, sampler, self.steps, eta, self.spacing, self.ms_eps)  # every check, once
         self.model, self.diffusion = model, diffusion
         self.image_shape = tuple(int(s) for s in image_shape)
         self.sampler, self.eta = sampler, float(eta)
@@ -77,18 +84,21 @@ class DDPMPipeline:
     @classmethod
     def from_config(cls, model: Model, cfg: ExperimentConfig, diffusion: Diffusion | None = None, *,
                     sampler: Sampler | None = None, steps: int | None = None, eta: float | None = None,
+                    spacing: Spacing | None = None, ms_eps: torch.Tensor | Sequence[float] | None = None,
                     batch_size: int | None = None) -> DDPMPipeline:
         """A pipeline with ``cfg.sample``'s settings for whatever is not given.
 
         The config's ``steps`` and ``eta`` belong to the config's sampler: with another ``sampler``
-        the defaults are that sampler's own (steps capped at T, eta 0).
+        the defaults are that sampler's own (steps capped at T, eta 0). ``spacing`` and ``ms_eps``
+        as :class:`DDPMPipeline`.
         """
         diffusion = diffusion if diffusion is not None else Diffusion.from_config(cfg.diffusion)
         sampler, steps, eta = sampling_settings(cfg.sample, diffusion.num_timesteps, sampler, steps, eta)
         s = cfg.sample
         m = cfg.model
         return cls(model, diffusion, (m.in_channels, m.image_size, m.image_size), sampler=sampler, steps=steps,
-                   eta=eta, clip_denoised=s.clip_denoised, batch_size=batch_size or s.batch_size)
+                   eta=eta, spacing=spacing, ms_eps=ms_eps, clip_denoised=s.clip_denoised,
+                   batch_size=batch_size or s.batch_size)
 
     def __call__(self, num: int, seed: int = 0, *, start: int = 0, progress: BatchProgress | None = None,
                  progressive: int = 0) -> Any:
@@ -112,7 +122,7 @@ class DDPMPipeline:
                 chunk = seeds[i:i + self.batch_size]
                 out = generate(self.model, self.diffusion, (len(chunk), *self.image_shape), self.sampler,
                                steps=self.steps, eta=self.eta, seeds=chunk, clip_denoised=self.clip_denoised,
-                               progressive=progressive)
+                               progressive=progressive, spacing=self.spacing, ms_eps=self.ms_eps)
                 x, p = out if progressive else (out, None)
                 xs.append(x.float())
                 if p is not None:
@@ -123,7 +133,7 @@ class DDPMPipeline:
         return (x, torch.cat(preds, dim=1)) if progressive else x
 
     def __repr__(self) -> str:
-        return (f"DDPMPipeline(sampler={self.sampler!r}, steps={self.steps}, eta={self.eta}, "
+        return (f"DDPMPipeline(sampler={self.sampler!r}, steps={self.steps}, eta={self.eta}, spacing={self.spacing!r}, "
                 f"T={self.diffusion.num_timesteps}, image_shape={self.image_shape}, batch_size={self.batch_size})")
 
 

@@ -257,3 +257,14 @@ def test_train_ours_takes_a_step_count_instead_of_a_budget(tmp_path):
                          changes={"diffusion.prediction": "edm", "diffusion.timestep_sampling": "lognormal"})
     assert info["steps"] == 3 and not info["stopped_by_time"]  # the budget of 1 ms did not stop it
     assert info["config"]["diffusion"]["prediction"] == "edm"
+
+
+def test_oracle_quick(tmp_path):
+    from benchmarks import bench_oracle
+
+    r = bench_oracle.main(["--quick", "--json-out", str(tmp_path / "oracle.json")])
+    assert r == _read(tmp_path / "oracle.json")
+    assert len(r["results"]) == 4 * len(bench_oracle.ROWS) * 2  # spacings x rows x calls (3, 5)
+    assert all(row["calls"] in (3, 5) and row["num"] == 200 for row in r["results"])
+    analytic = [row for row in r["results"] if row["row"] == "ddpm analytic" and row["spacing"] == "linspace"]
+    assert all(abs(row["exact_std"] - 0.3) < 0.001 for row in analytic)  # exact for Gaussian data

@@ -34,6 +34,48 @@ class GaussianOracle(torch.nn.Module):
         return out
 
 
+def gaussian_ms_eps(alphas_cumprod, s):
+    """Gamma_t = E ||eps*(x_t, t)||^2 / d for data N(mu, s^2): (1 - abar_t) / (abar_t s^2 + 1 - abar_t), float64 [T].
+
+    eps* = sqrt(1 - a) (x_t - sqrt(a) mu) / (a s^2 + 1 - a) and Var[x_t] = a s^2 + 1 - a (any mu).
+    """
+    a = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    return (1 - a) / (a * s**2 + 1 - a)
+
+
+class ProbeNoise:
+    """A stand-in :class:`ddpm.noise.NoiseSource` whose k-th draw (x_T is draw 0) is the indicator of
+    column k + 1 of a float64 ``[1 x cols x 1 x 1]`` tensor; column 0 never gets any."""
+
+    def __init__(self, cols):
+        self.cols, self.draws = cols, 0
+
+    def next(self):
+        self.draws += 1
+        if self.draws >= self.cols:
+            raise RuntimeError(f"more than {self.cols - 1} draws: give exact_moments more cols")
+        z = torch.zeros(1, self.cols, 1, 1, dtype=torch.float64)
+        z[0, self.draws] = 1.0
+        return z
+
+
+def exact_moments(sampler, oracle, cols=256):
+    """(mean, std) of ``sampler``'s samples with the Gaussian ``oracle``, exactly (no clipping).
+
+    Every step is affine in x and the step's noise, so one output pixel is B + A x_T + sum_k c_k z_k
+    with independent standard normals: run the sampler's own steps once on probe columns (column 0:
+    all draws zero, gives B; column k: draw k - 1 one, gives B + its coefficient), so that
+    mean = B and std = sqrt(A^2 + sum_k c_k^2).
+    """
+    noise = ProbeNoise(cols)
+    x = noise.next()
+    with torch.no_grad():
+        for i in range(len(sampler.timesteps)):
+            x, _ = sampler.step(oracle, x, i, noise, False)
+    x = x.flatten()[:noise.draws + 1]
+    return x[0].item(), (x[1:] - x[0]).pow(2).sum().sqrt().item()
+
+
 def make_cifar_archive(path, n_per_batch=4, seed=0):
     """A tiny archive in the CIFAR-10 python format (protocol-2 pickles of b"data" and b"labels")."""
     rng = np.random.default_rng(seed)

@@ -13,7 +13,7 @@ from ddpm.noise import sample_seeds
 from ddpm.pipeline import DDPMPipeline
 from ddpm.samplers import generate
 from ddpm.schedules import make_betas
-from tests.ddpm.helpers import GaussianOracle
+from tests.ddpm.helpers import GaussianOracle, gaussian_ms_eps
 
 SHAPE = (1, 3, 3)
 
@@ -23,7 +23,8 @@ def diffusion():
     return Diffusion(make_betas("linear", 40), variance="fixed_large")
 
 
-@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", 8, 0.0), ("ddim", 6, 0.5), ("dpmpp", 5, 0.0)])
+@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", 8, 0.0), ("ddim", 6, 0.5), ("dpmpp", 5, 0.0),
+                                               ("unipc", 7, 0.0), ("dpmpp-2m-sde", 6, 0.0), ("edm", 7, 0.0)])
 def test_batches_do_not_change_samples_and_match_generate(diffusion, sampler, steps, eta):
     oracle = GaussianOracle(diffusion.alphas_cumprod)
     whole = DDPMPipeline(oracle, diffusion, SHAPE, sampler=sampler, steps=steps, eta=eta, batch_size=7)(7, seed=3)
@@ -37,6 +38,27 @@ def test_batches_do_not_change_samples_and_match_generate(diffusion, sampler, st
     torch.testing.assert_close(tail, whole[4:], rtol=0, atol=1e-6)
     other = DDPMPipeline(oracle, diffusion, SHAPE, sampler=sampler, steps=steps, eta=eta)(7, seed=4)
     assert (other - whole).abs().max() > 1e-3
+
+
+def test_spacing_and_analytic_variance_reach_the_sampler(diffusion):
+    oracle = GaussianOracle(diffusion.alphas_cumprod)
+    pipe = DDPMPipeline(oracle, diffusion, SHAPE, sampler="unipc", steps=6, spacing="trailing")
+    assert pipe.spacing == "trailing" and "spacing='trailing'" in repr(pipe)
+    ref = generate(oracle, diffusion, (4, *SHAPE), "unipc", steps=6, spacing="trailing", seeds=sample_seeds(0, 0, 4))
+    torch.testing.assert_close(pipe(4), ref, rtol=0, atol=1e-6)
+    assert DDPMPipeline(oracle, diffusion, SHAPE, sampler="unipc").spacing == "logsnr"  # the sampler's own
+    ms_eps = gaussian_ms_eps(diffusion.alphas_cumprod, 0.5)
+    analytic = DDPMPipeline(oracle, diffusion, SHAPE, sampler="ddpm", steps=5, ms_eps=ms_eps)
+    ref = generate(oracle, diffusion, (3, *SHAPE), "ddpm", steps=5, ms_eps=ms_eps, seeds=sample_seeds(0, 0, 3))
+    torch.testing.assert_close(analytic(3), ref, rtol=0, atol=1e-6)
+    plain = DDPMPipeline(oracle, diffusion, SHAPE, sampler="ddpm", steps=5)(3)
+    assert (plain - ref).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="valid: linspace, leading, trailing"):
+        DDPMPipeline(oracle, diffusion, SHAPE, sampler="ddim", spacing="uniform")
+    with pytest.raises(ValueError, match="only applies to the ddpm sampler"):
+        DDPMPipeline(oracle, diffusion, SHAPE, sampler="ddim", ms_eps=ms_eps)
+    cfg = replace(ExperimentConfig.preset("digits"), diffusion=DiffusionConfig(timesteps=40))
+    assert DDPMPipeline.from_config(oracle, cfg, sampler="dpmpp", spacing="logsnr").spacing == "logsnr"
 
 
 def test_progress_counts_samples_and_progressive_keeps_predictions(diffusion):
