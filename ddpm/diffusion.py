@@ -20,7 +20,7 @@ import torch
 from ddpm.config import LossType, Prediction, TimestepSampling, Variance
 from ddpm.losses import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from ddpm.noise import randn
-from ddpm.schedules import make_betas
+from ddpm.schedules import log_sigmas, make_betas
 
 if TYPE_CHECKING:
     from ddpm.config import DiffusionConfig
@@ -192,14 +192,10 @@ class Diffusion:
         if self.timestep_sampling == "uniform":
             return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=dev)
         log_sigma = EDM_P_MEAN + EDM_P_STD * torch.randn(n, generator=generator, device=dev, dtype=torch.float64)
-        levels = self._log_sigmas()
+        levels = log_sigmas(self.alphas_cumprod)
         right = torch.searchsorted(levels, log_sigma.cpu()).clamp(1, len(levels) - 1)
         nearer_left = (log_sigma.cpu() - levels[right - 1]) < (levels[right] - log_sigma.cpu())
         return (right - nearer_left.long()).to(dev)
-
-    def _log_sigmas(self) -> torch.Tensor:
-        """``[T]`` ln sigma_t = ln sqrt((1 - abar_t) / abar_t), increasing in t."""
-        return 0.5 * (torch.log1p(-self.alphas_cumprod) - self.alphas_cumprod.log())
 
     # -- forward process -----------------------------------------------------------------------
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:

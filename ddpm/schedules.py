@@ -88,6 +88,15 @@ def make_betas(
     return betas
 
 
+def log_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """log sigma_t = log sqrt((1 - abar_t) / abar_t), float64 ``[T]``, increasing in t: the noise level
+    of x_t / sqrt(abar_t) = x_0 + sigma_t eps (Karras et al. 2022's sigma for a VP schedule)."""
+    import torch  # here, not at the top: the config imports this module without torch
+
+    abar = torch.as_tensor(alphas_cumprod).to(torch.float64)
+    return 0.5 * (torch.log1p(-abar) - abar.log())
+
+
 def _endpoints(T: int, beta_start: float | None, beta_end: float | None) -> tuple[float, float]:
     """The range of linear/quadratic/sigmoid: as given, else the paper's scaled by 1000 / T."""
     scale = _PAPER_T / T
@@ -109,4 +118,4 @@ def _cosine_list(T: int) -> list[float]:
     return [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), _COSINE_MAX_BETA) for i in range(T)]
 
 
-__all__ = ["SCHEDULES", "beta_range", "make_betas"]
+__all__ = ["SCHEDULES", "beta_range", "log_sigmas", "make_betas"]

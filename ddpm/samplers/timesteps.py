@@ -30,15 +30,10 @@ import numpy as np
 import torch
 
 from ddpm.config import Spacing
+from ddpm.schedules import log_sigmas
 
 SPACINGS: tuple[str, ...] = get_args(Spacing)
 KARRAS_RHO = 7.0  # EDM eq. 5: rho = 7 (their sec. 3, "Discretization")
-
-
-def log_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """log sigma_t = log sqrt((1 - abar_t) / abar_t), float64 ``[T]``, increasing in t."""
-    abar = alphas_cumprod.to(torch.float64)
-    return 0.5 * (torch.log1p(-abar) - abar.log())
 
 
 def nearest_timesteps(sigmas: torch.Tensor, alphas_cumprod: torch.Tensor) -> list[int]:
