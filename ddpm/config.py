@@ -252,8 +252,9 @@ class SampleConfig:
     """Defaults for sampling and evaluation."""
 
     sampler: Sampler = "ddpm"
-    steps: int | None = None  # None: T for ddpm, 50 for ddim, 20 for dpmpp
+    steps: int | None = None  # None: the sampler's own (ddpm.samplers.DEFAULT_STEPS; T for ddpm)
     eta: float = 0.0  # DDIM: 0 deterministic, 1 DDPM-like
+    spacing: Spacing | None = None  # None: the sampler's own (ddpm.samplers.DEFAULT_SPACING)
     clip_denoised: bool = True  # clip predicted x_0 to [-1, 1]
     batch_size: int = 256
     num: int = 64

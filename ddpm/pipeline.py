@@ -88,13 +88,15 @@ class DDPMPipeline:
                     batch_size: int | None = None) -> DDPMPipeline:
         """A pipeline with ``cfg.sample``'s settings for whatever is not given.
 
-        The config's ``steps`` and ``eta`` belong to the config's sampler: with another ``sampler``
-        the defaults are that sampler's own (steps capped at T, eta 0). ``spacing`` and ``ms_eps``
-        as :class:`DDPMPipeline`.
+        The config's ``steps``, ``eta`` and ``spacing`` belong to the config's sampler: with another
+        ``sampler`` the defaults are that sampler's own (steps capped at T, eta 0, its spacing).
+        ``ms_eps`` as :class:`DDPMPipeline`.
         """
         diffusion = diffusion if diffusion is not None else Diffusion.from_config(cfg.diffusion)
+        own = sampler is None or sampler == cfg.sample.sampler
         sampler, steps, eta = sampling_settings(cfg.sample, diffusion.num_timesteps, sampler, steps, eta)
         s = cfg.sample
+        spacing = spacing or (s.spacing if own else None)
         m = cfg.model
         return cls(model, diffusion, (m.in_channels, m.image_size, m.image_size), sampler=sampler, steps=steps,
                    eta=eta, spacing=spacing, ms_eps=ms_eps, clip_denoised=s.clip_denoised,

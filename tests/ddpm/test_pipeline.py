@@ -83,6 +83,11 @@ def test_from_config_uses_the_configs_steps_for_its_sampler_only():
     assert (other.steps, other.eta) == (20, 0.0)
     ddpm = DDPMPipeline.from_config(model, cfg, sampler="ddpm")
     assert ddpm.steps == 30  # T, the ancestral sampler's default
+    spaced = replace(cfg, sample=replace(cfg.sample, spacing="trailing"))
+    assert DDPMPipeline.from_config(model, spaced).spacing == "trailing"  # the config's, for its sampler
+    assert DDPMPipeline.from_config(model, spaced, sampler="ddim").spacing == "trailing"  # the same sampler
+    assert DDPMPipeline.from_config(model, spaced, sampler="dpmpp").spacing == "linspace"  # dpmpp's own
+    assert DDPMPipeline.from_config(model, spaced, spacing="leading").spacing == "leading"  # as given
 
 
 def test_bad_choices_fail_listing_the_valid_ones(diffusion):
