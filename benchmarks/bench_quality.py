@@ -175,8 +175,14 @@ def with_default(samplers, config, quick: bool = False) -> tuple[tuple[str, int,
 
 
 def setting_name(row: dict[str, Any]) -> str:
-    """``ddim-50``; ``ddim-25-eta1`` when eta is not 0."""
-    return f"{row['sampler']}-{row['steps']}" + (f"-eta{row['eta']:g}" if row.get("eta") else "")
+    """``ddim-50``; ``ddim-25-eta1`` when eta is not 0; ``dpmpp-20@linspace`` when the spacing is not
+    the sampler's own."""
+    from ddpm.samplers import default_spacing
+
+    spacing = row.get("spacing")
+    own = default_spacing(row["sampler"].removesuffix("-analytic"))
+    return (f"{row['sampler']}-{row['steps']}" + (f"-eta{row['eta']:g}" if row.get("eta") else "")
+            + (f"@{spacing}" if spacing and spacing != own else ""))
 
 
 def _row(model: str, r: dict[str, Any]) -> dict[str, Any]:

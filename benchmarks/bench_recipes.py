@@ -31,7 +31,7 @@ from typing import Any
 
 from benchmarks import common
 from benchmarks.bench_quality import METRICS, Yardstick, _duration, gaps, setting_name, train_ours
-from benchmarks.bench_samplers import against, parse_row
+from benchmarks.bench_samplers import against, parse_row, sample_row
 
 # name -> config values changed from the digits preset (issue 15's levers; the first is the baseline).
 RECIPES: dict[str, dict[str, Any]] = {
@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.quick:
         args.budget, args.samples, args.steps = min(args.budget, 3.0), 50, None
-        args.samplers = [(s, 3, e) for s, _, e in args.samplers]
+        args.samplers = [row._replace(steps=3) for row in args.samplers]
     json_out = args.json_out or os.path.join("bench-results", f"recipes{'-quick' if args.quick else ''}.json")
 
     from pipelines.data import prepare_command
-    from pipelines.evaluate import load_eval_data, measure_sampler
+    from pipelines.evaluate import load_eval_data
     from pipelines.settings import resolve
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for split in ("train", "test"):
             prepare_command(source="digits", out=os.path.join(data, split), split=split)
         ev, yardstick, floor_scores = None, None, {}
-        base_scores: dict[tuple[str, int, float], dict[str, Any]] = {}
+        base: dict[Any, tuple[dict[str, Any], dict[str, Any]]] = {}
         for name in args.recipes:
             loaded, info = train_ours(os.path.join(data, "train"), args.budget, 0, RECIPES[name], args.steps)
             info = {k: v for k, v in info.items() if k != "config"}
@@ -100,21 +100,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ev = load_eval_data(loaded.config, data, settings)
                 yardstick = Yardstick(ev, settings)
                 floor_scores = yardstick.floor_scores(args.samples)
-            for sampler, steps, eta in args.samplers:
-                r = measure_sampler(loaded, ev, sampler, steps, eta, args.samples, 1, None, settings)
-                row = {"recipe": name, "sampler": sampler, "steps": steps, "eta": eta, "num": r["num"],
-                       "seconds": round(r["sec_per_sample"] * r["num"], 2), "scores": r["scores"], "se": r["se"],
-                       "floors": r["floors"], "floor_se": r["floor_se"]}
+            ms_eps: dict[int, float] = {}  # one model's Analytic-DPM Gamma_t
+            for spec in args.samplers:
+                r = sample_row(loaded, ev, spec, args.samples, settings, ms_eps)
+                row = {"recipe": name, "sampler": r["sampler"], "steps": r["steps"], "eta": r["eta"],
+                       "spacing": r["spacing"], "num": r["num"], "seconds": round(r["sec_per_sample"] * r["num"], 2),
+                       "scores": r["scores"], "se": r["se"], "floors": r["floors"], "floor_se": r["floor_se"]}
                 scores = yardstick.scores(r["samples"])
-                base = next((b for b in rows if b["recipe"] == args.recipes[0]
-                             and (b["sampler"], b["steps"], b["eta"]) == (sampler, steps, eta)), None)
                 # Sample j of every recipe comes from seed j: paired with the baseline's, one held-out split.
-                row["vs_first"] = {} if base is None else against(
-                    row, base, gaps(scores, base_scores[(sampler, steps, eta)], True, row["floors"]))
+                row["vs_first"] = {} if spec not in base else against(
+                    row, base[spec][0], gaps(scores, base[spec][1], True, row["floors"]))
                 row["vs_floor"] = {n: c["verdict"] for n, c in against(
                     row, {"scores": row["floors"], "se": row["floor_se"], "floors": row["floors"]},
                     gaps(scores, floor_scores, False, row["floors"])).items()}
-                base_scores.setdefault((sampler, steps, eta), scores)
+                base.setdefault(spec, (row, scores))  # the first recipe's row of this sampler setting
                 rows.append(row)
                 print(f"[bench_recipes] {name} {setting_name(row)}: kid {row['scores']['kid']:.4g} "
                       f"classifier_score {row['scores']['classifier_score']:.4g} "

@@ -16,7 +16,9 @@ real data's floor (``vs_floor``). The JSON's ``table`` has the rows in the form 
     python -m benchmarks.bench_samplers --model CHECKPOINT_OR_URI [--num 2000] [--rows ddpm:1000 dpmpp:20 ddim:25:1]
                                         [--json-out bench-results/samplers.json]
 
-A row is ``sampler:steps`` or ``sampler:steps:eta`` (eta for ddim only).
+A row is ``sampler:steps`` or ``sampler:steps:eta`` (eta for ddim only), optionally ``@spacing``
+(``linspace``, ``trailing``, ``logsnr``, ...; default the sampler's own); ``ddpm-analytic`` is the
+ancestral sampler with Analytic-DPM's optimal variance, its Gamma_t estimated on the training split.
 """
 
 from __future__ import annotations
@@ -24,21 +26,70 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from benchmarks import common
 from benchmarks.bench_quality import METRICS, NOISE_Z, Yardstick, compare, gaps
 from ddpm.pixel_scores import variance_ratios
 
-DEFAULT_ROWS = ("ddpm:1000", "ddpm:25", "ddpm:50", "ddim:10", "ddim:20", "ddim:25", "ddim:50", "ddim:20:1",
-                "ddim:25:1", "ddim:25:0.5", "dpmpp:10", "dpmpp:15", "dpmpp:20", "dpmpp:25")
+# The reference, then every sampler at 10, 15, 20 and 25 model calls on its own spacing (issue 23),
+# the DDIM settings of the last default, and the spacings that matter at few calls.
+DEFAULT_ROWS = ("ddpm:1000",
+                *(f"{s}:{n}" for s in ("unipc", "dpmpp-3m", "dpmpp", "dpmpp-2m-sde", "edm", "ddpm-analytic", "ddim")
+                  for n in (10, 15, 20, 25)),
+                *(f"ddim:{n}:1" for n in (10, 15, 20, 25)),
+                "ddpm:25@trailing", "ddpm:25", "dpmpp:20@linspace", "ddim:25:1@logsnr", "unipc:20@karras")
+# A pseudo-sampler of this benchmark: ancestral sampling with Analytic-DPM's optimal reverse
+# variance (Bao et al. 2022), its Gamma_t estimated on the training split (ddpm.samplers.estimate_ms_eps).
+ANALYTIC = "ddpm-analytic"
 
 
-def parse_row(text: str) -> tuple[str, int, float]:
-    parts = text.split(":")
+class Row(NamedTuple):
+    sampler: str
+    steps: int
+    eta: float = 0.0
+    spacing: str | None = None  # None: the sampler's own
+
+
+def parse_row(text: str) -> Row:
+    """``sampler:steps``, ``sampler:steps:eta`` (ddim), each optionally ``@spacing``."""
+    body, _, spacing = text.partition("@")
+    parts = body.split(":")
     if len(parts) not in (2, 3) or not parts[1].isdigit():
-        raise argparse.ArgumentTypeError(f"row {text!r} must be sampler:steps or sampler:steps:eta (ddim)")
-    return parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0
+        raise argparse.ArgumentTypeError(f"row {text!r} must be sampler:steps or sampler:steps:eta (ddim), "
+                                         "optionally @spacing")
+    return Row(parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0, spacing or None)
+
+
+def sample_row(loaded: Any, ev: Any, row: Row, num: int, settings: Any, ms_eps: dict[str, Any]) -> dict[str, Any]:
+    """``num`` samples of ``row`` (sample i from seed i, as ``evaluate``), scored as ``evaluate`` scores
+    (:func:`pipelines.evaluate.score_samples`); the result says the spacing used. ``ms_eps`` caches
+    Analytic-DPM's Gamma_t (one estimate at every timestep any row calls)."""
+    import torch
+
+    from ddpm.inference import SamplingNet
+    from ddpm.pipeline import DDPMPipeline
+    from ddpm.samplers import estimate_ms_eps, make_sampler
+    from pipelines.evaluate import score_samples
+
+    sampler = "ddpm" if row.sampler == ANALYTIC else row.sampler
+    gamma = None
+    if row.sampler == ANALYTIC:
+        steps = make_sampler(loaded.diffusion, "ddpm", row.steps, spacing=row.spacing).timesteps
+        missing = [t for t in steps if t not in ms_eps]
+        if missing:
+            g = torch.Generator().manual_seed(0)
+            est = estimate_ms_eps(loaded.model, loaded.diffusion, ev.train, missing, generator=g)
+            ms_eps.update({t: est[t].item() for t in missing})
+        gamma = torch.full((loaded.diffusion.num_timesteps,), float("nan"), dtype=torch.float64)
+        gamma[steps] = torch.tensor([ms_eps[t] for t in steps], dtype=torch.float64)
+    pipe = DDPMPipeline.from_config(SamplingNet(loaded.model), loaded.config, loaded.diffusion, sampler=sampler,
+                                    steps=row.steps, eta=row.eta, spacing=row.spacing, ms_eps=gamma)
+    start = time.perf_counter()
+    x = pipe(num, 0)
+    r = score_samples(x, time.perf_counter() - start, ev, row.sampler, pipe.steps, pipe.eta, settings)
+    r["spacing"] = pipe.spacing
+    return r
 
 
 def against(row: dict[str, Any], ref: dict[str, Any], paired: dict[str, tuple[float, float]] | None = None
@@ -71,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json-out", default=os.path.join("bench-results", "samplers.json"))
     args = p.parse_args(argv)
 
-    from pipelines.evaluate import load_eval_data, measure_sampler
+    from pipelines.evaluate import load_eval_data
     from pipelines.settings import resolve
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -84,10 +135,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     floor_scores = yardstick.floor_scores(args.num)
     load_before, rows, start = common.load(), [], time.perf_counter()
     ref_scores: dict[str, Any] = {}
-    for sampler, steps, eta in args.rows:
-        r = measure_sampler(loaded, ev, sampler, steps, eta, args.num, 1, None, settings)
-        row = {k: r[k] for k in ("sampler", "steps", "eta", "num", "sec_per_sample", "scores", "se", "floors",
-                                 "floor_se")}
+    ms_eps: dict[int, float] = {}
+    for spec in args.rows:
+        r = sample_row(loaded, ev, spec, args.num, settings, ms_eps)
+        row = {k: r[k] for k in ("sampler", "steps", "eta", "spacing", "num", "sec_per_sample", "scores", "se",
+                                 "floors", "floor_se")}
         row["seconds"] = round(r["sec_per_sample"] * r["num"], 2)
         scores = yardstick.scores(r["samples"])
         # The variance ratio along each pixel-PCA component, coarse to fine (fine_spread: the finer half's).
@@ -100,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ref_scores = ref_scores or scores
         rows.append(row)
         worse = [n for n, c in row["vs_reference"].items() if c["verdict"] == "worse"]
-        print(f"[bench_samplers] {sampler} {steps} eta {eta:g}: kid {row['scores']['kid']:.4g} "
+        print(f"[bench_samplers] {row['sampler']} {row['steps']} eta {row['eta']:g} {row['spacing']}: kid {row['scores']['kid']:.4g} "
               f"classifier_score {row['scores']['classifier_score']:.4g} "
               f"fine_spread {row['scores']['fine_spread']:.3g} {row['seconds']:.1f} s"
               + (f"; worse than the reference on {', '.join(worse)}" if worse else ""), flush=True)
@@ -123,22 +175,22 @@ def table(result: dict[str, Any]) -> str:
     each comparison could call (``mdd``, :data:`benchmarks.bench_quality.NOISE_Z` standard errors of
     the paired difference; the median over the rows, on the lower-is-better scale)."""
     names = [n for n in METRICS if n in result["table"][0]["scores"]]
-    head = ["sampler", "steps", "eta", *names, "s", f"worse than {result['reference']}", "worse than real data"]
+    head = ["sampler", "steps", "eta", "spacing", *names, "s", f"worse than {result['reference']}", "worse than real data"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["table"]:
         cells = [f"{r['scores'][n]:.4g}" + (f" ± {r['se'][n]:.2g}" if r["se"].get(n) is not None else "")
                  for n in names]
         worse = [n for n, c in r["vs_reference"].items() if c["verdict"] == "worse"]
         below = [n for n, v in r.get("vs_floor", {}).items() if v == "worse"]
-        lines.append("| " + " | ".join([r["sampler"], str(r["steps"]), f"{r['eta']:g}", *cells,
+        lines.append("| " + " | ".join([r["sampler"], str(r["steps"]), f"{r['eta']:g}", r.get("spacing", "-"), *cells,
                                         f"{r['seconds']:.1f}", ", ".join(worse) or "-", ", ".join(below) or "-"])
                      + " |")
     floors = result["table"][0]["floors"]
-    lines.append("| real data (floor) | - | - | " + " | ".join(f"{floors[n]:.4g}" if n in floors else "-"
+    lines.append("| real data (floor) | - | - | - | " + " | ".join(f"{floors[n]:.4g}" if n in floors else "-"
                                                            for n in names) + " | - | - | - |")
     mdd = {n: sorted(r["vs_reference"][n]["mdd"] for r in result["table"][1:]
                      if n in r["vs_reference"] and r["vs_reference"][n].get("mdd") is not None) for n in names}
-    lines.append("| smallest detectable difference (median) | - | - | " + " | ".join(
+    lines.append("| smallest detectable difference (median) | - | - | - | " + " | ".join(
         f"{v[len(v) // 2]:.2g}" if v else "-" for v in mdd.values()) + " | - | - | - |")
     return "\n".join(lines)
 

@@ -151,6 +151,8 @@ def test_quality_adds_the_models_own_sampler_setting_once():
     assert with_default(SAMPLERS, plain) == SAMPLERS  # dpmpp-20 is among them already
     assert setting_name({"sampler": "ddim", "steps": 25, "eta": 1.0}) == "ddim-25-eta1"
     assert setting_name({"sampler": "ddim", "steps": 50, "eta": 0.0}) == "ddim-50"
+    assert setting_name({"sampler": "unipc", "steps": 20, "eta": 0.0, "spacing": "logsnr"}) == "unipc-20"  # its own
+    assert setting_name({"sampler": "dpmpp", "steps": 20, "eta": 0.0, "spacing": "logsnr"}) == "dpmpp-20@logsnr"
 
 
 @pytest.mark.slow  # two trainings of seconds, 300 samples and their scores: minutes on 2 loaded cores
@@ -197,10 +199,12 @@ def test_samplers_table_rows_compare_with_the_first(tmp_path):
 
     ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
     r = bench_samplers.main(["--model", str(ckpt), "--num", "40", "--rows", "ddpm:4", "ddim:3", "ddim:3:1",
-                             "dpmpp:3", "--json-out", str(tmp_path / "samplers.json")])
+                             "dpmpp:3", "unipc:3@trailing", "ddpm-analytic:3", "--json-out",
+                             str(tmp_path / "samplers.json")])
     assert r == _read(tmp_path / "samplers.json")
-    assert [(row["sampler"], row["steps"], row["eta"]) for row in r["table"]] == [
-        ("ddpm", 4, 0.0), ("ddim", 3, 0.0), ("ddim", 3, 1.0), ("dpmpp", 3, 0.0)]
+    assert [(row["sampler"], row["steps"], row["eta"], row["spacing"]) for row in r["table"]] == [
+        ("ddpm", 4, 0.0, "linspace"), ("ddim", 3, 0.0, "linspace"), ("ddim", 3, 1.0, "linspace"),
+        ("dpmpp", 3, 0.0, "linspace"), ("unipc", 3, 0.0, "trailing"), ("ddpm-analytic", 3, 0.0, "linspace")]
     assert r["reference"] == "ddpm-4" and r["table"][0]["vs_reference"] == {}
     for row in r["table"]:  # the variance ratio along each of the digits' 21 pixel-PCA components
         assert len(row["component_ratios"]) == 21 and all(v > 0 for v in row["component_ratios"])
