@@ -25,6 +25,8 @@ _EXPORTS = {
     "make_betas": "ddpm.schedules",
     "SamplingNet": "ddpm.inference",
     "DDPMPipeline": "ddpm.pipeline",
+    "ClassifierFreeGuidance": "ddpm.guidance",
+    "balanced_labels": "ddpm.guidance",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -93,6 +93,9 @@ class UNetConfig:
     num_heads: int = 1
     learn_sigma: bool = False  # output 2*in_channels (Improved DDPM's learned_range variance)
     resblock_updown: bool = False  # the paper uses conv/avg-pool resampling, not resblocks
+    # Class-conditional on this many classes, plus a learned "null" class (index num_classes) for
+    # classifier-free guidance (Ho & Salimans 2021); 0 is the paper's unconditional model.
+    num_classes: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -102,6 +105,8 @@ class UNetConfig:
         _require(self.ch >= 1, f"model.ch must be >= 1, got {self.ch}")
         _require(len(self.ch_mult) >= 1, "model.ch_mult must list at least one level")
         _require(self.num_res_blocks >= 1, "model.num_res_blocks must be >= 1")
+        _require(self.num_classes >= 0,
+                 f"model.num_classes must be >= 0 (0: unconditional, K: K classes), got {self.num_classes}")
         _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         factor = 2 ** (len(self.ch_mult) - 1)
         _require(
@@ -230,6 +235,9 @@ class TrainConfig:
     registered_model: str = "ddpm"  # registry name the final model is registered under
     channels_last: bool = False  # NHWC activations and weights (oneDNN/cuDNN's native conv layout)
     compile: bool = False  # torch.compile the model's forward; falls back to eager if it fails
+    # Share of training labels replaced by the null class, so one network learns the conditional and
+    # the unconditional model (Ho & Salimans 2021, Algorithm 1: p_uncond 0.1); unused when unconditional.
+    label_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         _validate_choices(self)
@@ -242,6 +250,9 @@ class TrainConfig:
         _require(self.max_time is None or (math.isfinite(self.max_time) and self.max_time > 0),
                  f"train.max_time must be a number of seconds > 0, got {self.max_time}")
         _require(self.grad_accum >= 1, "train.grad_accum must be >= 1")
+        _require(0.0 <= self.label_dropout < 1.0,
+                 f"train.label_dropout must be in [0, 1) (the share of labels trained as the null class), "
+                 f"got {self.label_dropout}")
         for name in ("log_every", "eval_every", "sample_every", "checkpoint_every",
                      "keep_checkpoints", "max_nonfinite"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1")
@@ -259,11 +270,16 @@ class SampleConfig:
     batch_size: int = 256
     num: int = 64
     precision: Literal["fp32", "bf16"] = "fp32"
+    # Classifier-free guidance weight w: eps_uncond + w (eps_cond - eps_uncond); 1 is plain
+    # conditional sampling, 0 unconditional (class-conditional models only).
+    guidance: float = 1.0
 
     def __post_init__(self) -> None:
         _validate_choices(self)
         _require(self.steps is None or self.steps >= 1, f"sample.steps must be >= 1, got {self.steps}")
         _require(self.eta >= 0.0, f"sample.eta must be >= 0, got {self.eta}")
+        _require(self.guidance >= 0.0 and math.isfinite(self.guidance),
+                 f"sample.guidance must be in [0, inf) (0 unconditional, 1 conditional), got {self.guidance}")
         _require(self.batch_size >= 1, "sample.batch_size must be >= 1")
         _require(self.num >= 1, "sample.num must be >= 1")
 
@@ -282,6 +298,9 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         _require(self.model.learn_sigma == (self.diffusion.variance == "learned_range"),
                  "model.learn_sigma must be true exactly when diffusion.variance=learned_range")
+        _require(self.model.num_classes > 0 or self.sample.guidance == 1.0,
+                 f"sample.guidance={self.sample.guidance} needs a class-conditional model (model.num_classes > 0); "
+                 "an unconditional model takes only 1")
 
     # -- presets -----------------------------------------------------------------------------
     @classmethod

@@ -8,6 +8,13 @@ and the ``UNetMidBlock2D``. Anything else is refused with the offending option n
 The state dict converts by renaming, plus concatenating ``to_q/to_k/to_v`` into our fused ``qkv``.
 Both the current attention names (``to_q``, ``to_out.0``) and the legacy ones of older hub
 checkpoints (``query``, ``proj_attn``) are understood.
+
+A class-conditional model (``num_class_embeds = K``, ``class_embed_type`` None: an ``nn.Embedding``
+added to the timestep embedding, as ours) converts to ``model.num_classes = K``. diffusers has no
+null class (its forward requires ``class_labels``); the converted model's null class K gets a zero
+embedding, so it computes the diffusers network with no class embedding added (diffusers' own forward
+with ``class_embedding`` removed). Classes 0..K-1 are exact; guidance (w != 1) is only meaningful if
+the model was trained to be unconditional that way, which diffusers' training scripts do not do.
 """
 
 from __future__ import annotations
@@ -45,8 +52,7 @@ _REQUIRED = {
     "norm_num_groups": 32,
     "resnet_time_scale_shift": "default",
     "add_attention": True,
-    "class_embed_type": None,
-    "num_class_embeds": None,
+    "class_embed_type": None,  # None with num_class_embeds: an nn.Embedding; "timestep"/"identity" are other maps
 }
 _WHY = {
     "downsample_padding": "the paper pads right/bottom before its stride-2 conv (TF 'SAME')",
@@ -56,7 +62,7 @@ _WHY = {
 # Options read below, or harmless for inference.
 _KNOWN = {"sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block",
           "down_block_types", "up_block_types", "attention_head_dim", "norm_eps", "dropout",
-          "time_embedding_dim", "attn_norm_num_groups", "num_train_timesteps"}
+          "time_embedding_dim", "attn_norm_num_groups", "num_train_timesteps", "num_class_embeds"}
 
 
 def _fail(key: str, value: Any, expected: Any) -> DiffusersConversionError:
@@ -121,6 +127,9 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], dropout: float | None = N
             raise _fail("attention_head_dim", head_dim, "a head count equal in every attention block")
         num_heads = heads.pop()
 
+    num_classes = int(cfg.get("num_class_embeds") or 0)
+    if num_classes < 0:
+        raise _fail("num_class_embeds", cfg["num_class_embeds"], "a number of classes >= 1, or None")
     in_ch = int(cfg["in_channels"])
     out_ch = int(cfg.get("out_channels", in_ch))
     if out_ch not in (in_ch, 2 * in_ch):
@@ -129,7 +138,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], dropout: float | None = N
         image_size=size, in_channels=in_ch, ch=ch, ch_mult=tuple(c // ch for c in channels),
         num_res_blocks=int(cfg.get("layers_per_block", 2)), attn_resolutions=attn_resolutions,
         dropout=float(cfg.get("dropout", 0.0)) if dropout is None else dropout,
-        num_heads=num_heads, learn_sigma=out_ch == 2 * in_ch, resblock_updown=False,
+        num_heads=num_heads, learn_sigma=out_ch == 2 * in_ch, resblock_updown=False, num_classes=num_classes,
     )
 
 
@@ -137,6 +146,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], dropout: float | None = N
 _RENAMES = [
     (r"^time_embedding\.linear_1\.", "time_embed.0."),
     (r"^time_embedding\.linear_2\.", "time_embed.2."),
+    (r"^class_embedding\.weight$", "class_embed.weight"),
     (r"^conv_norm_out\.", "norm_out."),
     (r"^(conv_in|conv_out)\.", r"\1."),
     (r"^mid_block\.resnets\.0\.", "mid.res1."),
@@ -190,6 +200,9 @@ def convert_state_dict(diffusers_sd: Mapping[str, torch.Tensor]) -> dict[str, to
         if any(p is None for p in parts):
             raise DiffusersConversionError(f"{key}: diffusers state dict lacks one of q, k, v")
         out[key] = torch.cat(parts, dim=0)  # Linear weights [C x C] -> [3C x C]; biases [C] -> [3C]
+    if "class_embed.weight" in out:  # [K x 4ch] + the null class's row: zero, no class embedding
+        classes = out["class_embed.weight"]
+        out["class_embed.weight"] = torch.cat([classes, classes.new_zeros(1, classes.shape[1])])
     return out
 
 

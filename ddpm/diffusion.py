@@ -176,12 +176,16 @@ class Diffusion:
             m = self._cast_cache[key] = self.timestep_map.to(t.device)
         return m[t]
 
-    def model_output(self, model: Model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def model_output(self, model: Model, x_t: torch.Tensor, t: torch.Tensor,
+                     labels: torch.Tensor | None = None) -> torch.Tensor:
         """The network's output at indices ``t``: ``model(x_t, original t)``, or for ``prediction="edm"``
-        ``model(c_in x_t / sqrt(abar_t), original t)`` (EDM Table 1: the input scaled to unit variance)."""
+        ``model(c_in x_t / sqrt(abar_t), original t)`` (EDM Table 1: the input scaled to unit variance).
+        With ``labels`` ``[N]`` (a class-conditional network) they are its third argument."""
         if self.prediction == "edm":
             x_t = self._extract("edm_c_in_vp", t, x_t) * x_t
-        return model(x_t, self.model_timesteps(t))
+        if labels is None:
+            return model(x_t, self.model_timesteps(t))
+        return model(x_t, self.model_timesteps(t), labels)
 
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None,
                          device: torch.device | str | None = None) -> torch.Tensor:
@@ -301,6 +305,7 @@ class Diffusion:
         generator: torch.Generator | None = None,
         *,
         levels: int = 256,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-example loss ``[N]`` for data ``x_start`` ``[N x C x H x W]`` in [-1, 1].
 
@@ -310,7 +315,9 @@ class Diffusion:
         with lambda = 0.001 and the mean detached in the vb term, so it only trains the variance (IDDPM
         sec. 3.1); with a fixed variance that term has no gradient and is left out. ``levels`` sets the
         decoder's bins at t = 0 (256 for 8-bit images). With ``snr_gamma`` the squared error is
-        weighted by :meth:`snr_weight` (min-SNR-gamma, Hang et al. 2023).
+        weighted by :meth:`snr_weight` (min-SNR-gamma, Hang et al. 2023). ``labels`` ``[N]``: the
+        class of each example for a class-conditional network, the null class where dropped
+        (:func:`ddpm.guidance.drop_labels`); ``None`` calls ``model(x_t, t)`` as for any other.
         """
         N = x_start.shape[0]
         if t is None:
@@ -318,7 +325,7 @@ class Diffusion:
         if noise is None:
             noise = randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
         x_t = self.q_sample(x_start, t, noise)
-        model_output = self.model_output(model, x_t, t)
+        model_output = self.model_output(model, x_t, t, labels)
         C = self._check_output(model_output, x_start)
 
         if self.loss == "vb":

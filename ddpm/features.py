@@ -257,6 +257,42 @@ def _share(hits: torch.Tensor) -> float:
     return hits.double().mean().item()
 
 
+def conditional_accuracy_score(net: DigitsFeatureNet, samples: torch.Tensor, labels: torch.Tensor | Any,
+                               batch_size: int = 512) -> metrics.Score:
+    """The share of ``[N x 1 x 8 x 8]`` samples that the classifier puts in the class each was asked
+    for (``labels`` ``[N]``), as a :class:`ddpm.metrics.Score` (one hit per sample, so
+    :func:`ddpm.metrics.score_difference` can pair two guidance weights' samples by seed)."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if labels.shape != (len(samples),):
+        raise ValueError(f"got {tuple(labels.shape)} labels for {len(samples)} samples; give one per sample")
+    hits = class_probabilities(net, samples, batch_size).argmax(dim=1) == labels
+    return metrics.Score(_share, (hits,))
+
+
+def conditional_accuracy(net: DigitsFeatureNet, samples: torch.Tensor, labels: torch.Tensor | Any,
+                         num_classes: int = NUM_CLASSES, groups: int = 10, seed: int = 0) -> dict[str, float]:
+    """Conditional accuracy of a class-conditional model: the feature classifier's accuracy on
+    samples asked for each class, overall and per class, with jackknife standard errors.
+
+    :param samples: ``[N x 1 x 8 x 8]`` in [-1, 1], sample j asked for class ``labels[j]``
+        (:func:`ddpm.guidance.balanced_labels` gives every class an even share). Real held-out
+        digits with their true labels give the ceiling (the classifier's own test accuracy).
+    :return: ``cond_accuracy`` and ``cond_accuracy_se`` over all samples; for each class c,
+        ``cond_accuracy_class{c}``, its ``_se`` and ``num_class{c}`` (NaN accuracy for a class no
+        sample asked for).
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    score = conditional_accuracy_score(net, samples, labels)
+    (hits,) = score.samples
+    out = metrics.score_values({"cond_accuracy": score}, groups, seed)
+    for c in range(num_classes):
+        mine = labels == c
+        value, se = metrics.score_value(metrics.Score(_share, (hits[mine],)), groups, seed)
+        out.update({f"cond_accuracy_class{c}": value, f"cond_accuracy_class{c}_se": se,
+                    f"num_class{c}": float(mine.sum())})
+    return out
+
+
 def evaluate_samples(samples: torch.Tensor, real_test: torch.Tensor, real_train: torch.Tensor,
                      net: DigitsFeatureNet | None = None, k: int = 3, copy_quantile: float = 0.05,
                      cache_dir: str | Path | None = None, groups: int = 10, seed: int = 0) -> dict[str, float]:
@@ -295,7 +331,8 @@ def evaluate_samples(samples: torch.Tensor, real_test: torch.Tensor, real_train:
 
 __all__ = [
     "COMPARED_WITH", "FEATURE_DIM", "FEATURE_NET_VERSION", "NUM_CLASSES", "DigitsFeatureNet", "DigitsYardstick",
-    "class_probabilities", "classifier_confidence", "default_cache_dir",
+    "class_probabilities", "classifier_confidence", "conditional_accuracy", "conditional_accuracy_score",
+    "default_cache_dir",
     "digits_split", "digits_split_indices", "evaluate_samples", "extract_features",
     "load_digits_feature_net", "train_digits_feature_net",
 ]

@@ -72,10 +72,13 @@ class SamplingNet(nn.Module):
             backend = compile if isinstance(compile, str) else "inductor"
             self._compiled = compile_or_eager(self.model, log, backend=backend, what="sampling network")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """:param x: [N x C x H x W] float32 x_t. :param t: [N] timesteps. :return: float32, contiguous."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """:param x: [N x C x H x W] float32 x_t. :param t: [N] timesteps. :param y: [N] class labels
+        (a class-conditional network only). :return: float32, contiguous."""
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        out = (self._compiled or self.model)(x.to(dtype=self.dtype, memory_format=fmt), t)
+        net = self._compiled or self.model
+        x = x.to(dtype=self.dtype, memory_format=fmt)
+        out = net(x, t) if y is None else net(x, t, y)
         return out.to(dtype=torch.float32, memory_format=torch.contiguous_format)
 
 

@@ -377,6 +377,7 @@ HIGHER_IS_BETTER = {
     "precision": "share of samples inside the real manifold (k-NN, k=3)",
     "recall": "share of real images inside the sample manifold (k-NN, k=3)",
     "confidence": "mean max softmax probability of the feature classifier",
+    "cond_accuracy": "share of class-conditional samples the feature classifier puts in the class asked for",
 }
 # Ratios to the real data's value: 1 is best, and 1/r is as far from it as r (compared in log terms).
 BEST_AT_ONE = {

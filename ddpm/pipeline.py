@@ -9,6 +9,12 @@ builds a :class:`DDPMPipeline` and calls it, so sample i of a seed is the same i
 
 Sample i draws all its noise from ``ddpm.noise.sample_seed(seed, i)``, whatever the batch size.
 One batch with explicit seeds or a shared generator is :func:`ddpm.samplers.generate`.
+
+A class-conditional model (``model.num_classes = K``) takes one label per sample, which travels with
+its seed through the batching, and a guidance weight (:mod:`ddpm.guidance`)::
+
+    pipe = DDPMPipeline.from_config(SamplingNet(model), cfg, guidance=2.0)
+    x0 = pipe(num=500, seed=0, class_labels=balanced_labels(500, K))
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 
 from ddpm.config import Sampler, Spacing
 from ddpm.diffusion import Diffusion, Model
+from ddpm.guidance import ClassifierFreeGuidance, check_class_labels, check_guidance
 from ddpm.noise import sample_seed
 from ddpm.samplers import default_spacing, default_steps, generate, make_sampler
 
@@ -61,12 +68,17 @@ class DDPMPipeline:
     :param ms_eps: Gamma_t ``[T]`` for ``ddpm`` with Analytic-DPM's variance
         (:func:`ddpm.samplers.estimate_ms_eps`); ``None``: the process's own variance.
     :param batch_size: samples per network call.
+    :param num_classes: the model's ``model.num_classes`` (0: unconditional); a class-conditional
+        ``model`` is called ``model(x_t, t, y)``.
+    :param guidance: classifier-free guidance weight w >= 0 for samples given a class (1: plain
+        conditional, one network pass; other w: one pass of twice the rows). 1 for an unconditional model.
     """
 
     def __init__(self, model: Model, diffusion: Diffusion, image_shape: Sequence[int], *,
                  sampler: Sampler = "ddim", steps: int | None = None, eta: float = 0.0,
                  spacing: Spacing | None = None, ms_eps: torch.Tensor | Sequence[float] | None = None,
-                 clip_denoised: bool = True, batch_size: int = 64) -> None:
+                 clip_denoised: bool = True, batch_size: int = 64, num_classes: int = 0,
+                 guidance: float = 1.0) -> None:
         T = diffusion.num_timesteps
         self.steps = default_steps(sampler, T) if steps is None else int(steps)
         if not 1 <= self.steps <= T:
@@ -80,13 +92,15 @@ class DDPMPipeline:
         self.image_shape = tuple(int(s) for s in image_shape)
         self.sampler, self.eta = sampler, float(eta)
         self.clip_denoised, self.batch_size = clip_denoised, int(batch_size)
+        self.num_classes, self.guidance = int(num_classes), check_guidance(guidance, num_classes)
 
     @classmethod
     def from_config(cls, model: Model, cfg: ExperimentConfig, diffusion: Diffusion | None = None, *,
                     sampler: Sampler | None = None, steps: int | None = None, eta: float | None = None,
                     spacing: Spacing | None = None, ms_eps: torch.Tensor | Sequence[float] | None = None,
-                    batch_size: int | None = None) -> DDPMPipeline:
-        """A pipeline with ``cfg.sample``'s settings for whatever is not given.
+                    batch_size: int | None = None, guidance: float | None = None) -> DDPMPipeline:
+        """A pipeline with ``cfg.sample``'s settings for whatever is not given (``cfg.model.num_classes``
+        for the classes, ``cfg.sample.guidance`` for the guidance weight).
 
         The config's ``steps``, ``eta`` and ``spacing`` belong to the config's sampler: with another
         ``sampler`` the defaults are that sampler's own (steps capped at T, eta 0, its spacing).
@@ -100,29 +114,40 @@ class DDPMPipeline:
         m = cfg.model
         return cls(model, diffusion, (m.in_channels, m.image_size, m.image_size), sampler=sampler, steps=steps,
                    eta=eta, spacing=spacing, ms_eps=ms_eps, clip_denoised=s.clip_denoised,
-                   batch_size=batch_size or s.batch_size)
+                   batch_size=batch_size or s.batch_size, num_classes=m.num_classes,
+                   guidance=s.guidance if guidance is None else guidance)
 
     def __call__(self, num: int, seed: int = 0, *, start: int = 0, progress: BatchProgress | None = None,
-                 progressive: int = 0) -> Any:
+                 progressive: int = 0, class_labels: torch.Tensor | Sequence[int] | None = None) -> Any:
         """Samples ``start .. start+num-1`` of ``seed``: float32 ``[num x C x H x W]`` in [-1, 1].
 
         With ``progressive = K``, also the predicted x_0 at K steps, ``[K x num x C x H x W]``.
+        ``class_labels``: ``num`` labels in [0, num_classes) of a class-conditional model, label j
+        for sample ``start + j`` (:func:`ddpm.guidance.balanced_labels` gives an even share); None
+        samples its null class (unconditional).
         """
         if num < 0:
             raise ValueError(f"num must be >= 0, got {num}")
         return self.from_seeds([sample_seed(seed, i) for i in range(start, start + num)],
-                               progress=progress, progressive=progressive)
+                               progress=progress, progressive=progressive, class_labels=class_labels)
 
     def from_seeds(self, seeds: Sequence[int], *, progress: BatchProgress | None = None,
-                   progressive: int = 0) -> Any:
-        """One sample per noise seed, in batches of ``batch_size``; see :meth:`__call__`."""
+                   progressive: int = 0, class_labels: torch.Tensor | Sequence[int] | None = None) -> Any:
+        """One sample per noise seed (and per class label, if given), in batches of ``batch_size``;
+        sample j depends on ``(seeds[j], class_labels[j])`` alone. See :meth:`__call__`."""
         seeds = [int(s) for s in seeds]
+        labels = None
+        if class_labels is not None:
+            labels = check_class_labels(class_labels, self.num_classes)
+            if len(labels) != len(seeds):
+                raise ValueError(f"got {len(labels)} class labels for {len(seeds)} samples; give one per sample")
         xs: list[torch.Tensor] = []
         preds: list[torch.Tensor] = []
         with torch.no_grad():
             for i in range(0, len(seeds), self.batch_size):
                 chunk = seeds[i:i + self.batch_size]
-                out = generate(self.model, self.diffusion, (len(chunk), *self.image_shape), self.sampler,
+                net = self._network(None if labels is None else labels[i:i + self.batch_size], len(chunk))
+                out = generate(net, self.diffusion, (len(chunk), *self.image_shape), self.sampler,
                                steps=self.steps, eta=self.eta, seeds=chunk, clip_denoised=self.clip_denoised,
                                progressive=progressive, spacing=self.spacing, ms_eps=self.ms_eps)
                 x, p = out if progressive else (out, None)
@@ -134,9 +159,20 @@ class DDPMPipeline:
         x = torch.cat(xs) if xs else torch.empty(0, *self.image_shape)
         return (x, torch.cat(preds, dim=1)) if progressive else x
 
+    def _network(self, labels: torch.Tensor | None, n: int) -> Model:
+        """What the sampler calls for a batch of ``n`` samples with these labels: the model itself
+        when unconditional, else the guided model (the null class, unguided, where no labels)."""
+        if not self.num_classes:
+            return self.model
+        if labels is None:
+            return ClassifierFreeGuidance(self.model, torch.full((n,), self.num_classes), 1.0, self.num_classes)
+        return ClassifierFreeGuidance(self.model, labels, self.guidance, self.num_classes)
+
     def __repr__(self) -> str:
+        cond = f", num_classes={self.num_classes}, guidance={self.guidance}" if self.num_classes else ""
         return (f"DDPMPipeline(sampler={self.sampler!r}, steps={self.steps}, eta={self.eta}, spacing={self.spacing!r}, "
-                f"T={self.diffusion.num_timesteps}, image_shape={self.image_shape}, batch_size={self.batch_size})")
+                f"T={self.diffusion.num_timesteps}, image_shape={self.image_shape}, batch_size={self.batch_size}"
+                f"{cond})")
 
 
 __all__ = ["DDPMPipeline", "sampling_settings"]

@@ -8,6 +8,7 @@ State-dict layout (``up`` is indexed in execution order, lowest resolution first
 ``UNet2DModel``, so a checkpoint of that model converts by renaming; see ``convert_diffusers.py``)::
 
     time_embed.{0,2}                      Linear(ch, 4ch), SiLU, Linear(4ch, 4ch)
+    class_embed                           Embedding(num_classes + 1, 4ch), only when num_classes > 0
     conv_in
     down.{level}.res.{j}                  ResBlock: norm1 conv1 temb_proj norm2 conv2 [shortcut]
     down.{level}.attn.{j}                 AttentionBlock: norm qkv proj_out (only at attn_resolutions)
@@ -18,7 +19,10 @@ State-dict layout (``up`` is indexed in execution order, lowest resolution first
     norm_out, conv_out
 
 The network knows nothing about betas: it maps (x_t, t) to an output of ``config.out_channels``
-channels and is always called with the original training timestep ``t``.
+channels and is always called with the original training timestep ``t``. A class-conditional model
+(``config.num_classes = K > 0``) also takes labels y in [0, K], K being the "null" class of
+classifier-free guidance (Ho & Salimans 2021); its learned embedding is added to the timestep
+embedding, as in improved-diffusion (``class_cond``) and diffusers (``num_class_embeds``).
 """
 
 from __future__ import annotations
@@ -170,7 +174,7 @@ class MiddleBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t) (or x_0 / v, depending on the diffusion's parameterization).
+    """eps_theta(x_t, t[, y]) (or x_0 / v, depending on the diffusion's parameterization).
 
     :param config: the architecture; ``UNetConfig.cifar10()`` is the paper's 35.7M model.
     """
@@ -196,6 +200,8 @@ class UNet(nn.Module):
             return [AttentionBlock(channels, config.num_heads) for _ in range(n)]
 
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        if config.num_classes:  # absent when unconditional: the paper's state dict is unchanged
+            self.class_embed = nn.Embedding(config.num_classes + 1, emb_ch)  # the last row: the null class
         self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
 
         skip_channels = [ch]  # channels of every tensor the down path hands to the up path
@@ -233,7 +239,8 @@ class UNet(nn.Module):
     def reset_parameters(self) -> None:
         """The TF code's init: Xavier-uniform weights, zero biases, and zero for the last layer of
         every residual branch (conv2, attention proj_out) and for conv_out, so each block starts
-        as the identity and the network starts at 0."""
+        as the identity and the network starts at 0. Class embeddings are N(0, 1) (torch's default, as
+        improved-diffusion and diffusers leave them)."""
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(m.weight)
@@ -244,10 +251,15 @@ class UNet(nn.Module):
             elif isinstance(m, AttentionBlock):
                 nn.init.zeros_(m.proj_out.weight)
         nn.init.zeros_(self.conv_out.weight)
+        if self.config.num_classes:
+            nn.init.normal_(self.class_embed.weight)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """:param x: [N x C x H x W] noisy images x_t (channels_last works and is kept).
         :param t: [N] original training timesteps (int64; floats are accepted), or a scalar.
+        :param y: [N] int64 class labels in [0, num_classes], ``num_classes`` being the null class;
+            ``None`` is the null class. Only for a class-conditional model. Their range is checked
+            where they enter (:func:`ddpm.guidance.check_class_labels`), not here (no host sync).
         :return: [N x out_channels x H x W].
         """
         cfg = self.config
@@ -261,6 +273,11 @@ class UNet(nn.Module):
             raise ValueError(f"UNet expects t of shape ({x.shape[0]},) to match x, got {tuple(t.shape)}")
 
         emb = self.time_embed(timestep_embedding(t, cfg.ch).to(self.conv_in.weight.dtype))
+        if cfg.num_classes:
+            emb = emb + self.class_embed(self._labels(y, x.shape[0], x.device))
+        elif y is not None:
+            raise ValueError("class labels given to an unconditional model (model.num_classes=0); "
+                             "train with model.num_classes=K to condition on K classes")
         emb = F.silu(emb)  # every ResBlock applies SiLU before its projection: do it once
 
         h = self.conv_in(x)
@@ -286,6 +303,16 @@ class UNet(nn.Module):
                 h = level.upsample(h, emb)
 
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _labels(self, y: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+        """``y`` as [n] int64 on ``device``; ``None``: the null class for every row."""
+        if y is None:
+            return torch.full((n,), self.config.num_classes, dtype=torch.long, device=device)
+        y = torch.as_tensor(y, device=device)
+        if y.shape != (n,) or y.is_floating_point() or y.is_complex():
+            raise ValueError(f"UNet expects class labels y of shape ({n},) and an integer dtype to match x, "
+                             f"got {tuple(y.shape)} {y.dtype}")
+        return y
 
 
 def count_parameters(model: nn.Module) -> int:

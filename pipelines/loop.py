@@ -36,6 +36,7 @@ import torch
 
 from ddpm import likelihood
 from ddpm.config import ConfigError, ExperimentConfig
+from ddpm.guidance import training_batch
 from ddpm.inference import compile_or_eager
 from pipelines import fault_injection
 
@@ -209,11 +210,13 @@ def _optimizer_step(parts: _Parts, net: Callable, diffusion, batches, cfg: Exper
     opt, scaler = parts.optimizer, parts.scaler
     opt.zero_grad(set_to_none=True)
     for _ in range(tc.grad_accum):
-        x = next(batches).to(device, non_blocking=True)
+        x, labels = training_batch(next(batches), cfg.model.num_classes, tc.label_dropout)  # labels None: unconditional
+        x = x.to(device, non_blocking=True)
+        labels = None if labels is None else labels.to(device, non_blocking=True)
         if tc.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(tc.precision, device):
-            loss = diffusion.training_loss(net, x, levels=cfg.data.levels).mean()
+            loss = diffusion.training_loss(net, x, levels=cfg.data.levels, labels=labels).mean()
         scaler.scale(loss / tc.grad_accum).backward()
     scaler.unscale_(opt)
     # Gradients are all-reduced, so every rank sees the same norm and takes the same branch.
@@ -232,7 +235,7 @@ def _optimizer_step(parts: _Parts, net: Callable, diffusion, batches, cfg: Exper
 def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=None,
                artifact_dir: str | None = None) -> dict[str, float]:
     """Train until ``cfg.train.max_steps``; report metrics, and a checkpoint every interval."""
-    from ddpm.data import ShardLoader, load_split, to_float
+    from ddpm.data import ShardLoader, check_labels, load_split, to_float
 
     tc = cfg.train
     device = ctx.device
@@ -248,7 +251,8 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
     loader = ShardLoader(data.url, batch_size=micro_batch, rank=ctx.rank, world_size=ctx.world_size,
                          seed=tc.seed, random_flip=cfg.data.random_flip, num_workers=cfg.data.num_workers,
-                         storage_options=data.storage_options)
+                         storage_options=data.storage_options, return_labels=cfg.model.num_classes > 0)
+    check_labels(loader.manifest, cfg.model.num_classes, data.url)  # a conditional model needs labelled data
 
     parts = _Parts(model, ema, opt, sched, scaler, loader)
     # trained_s: seconds of training before this attempt (a resumed checkpoint's)

@@ -6,11 +6,12 @@ Shards live in one folder per split on any fsspec storage (local path, ``file://
     {url}/manifest.json                                   # written last; the only list readers use
 
 Images are stored as they are (uint8 PNG, grey or RGB, no resizing) with their label where the source
-has one; the models are unconditional, as in the paper, so labels are only used by metrics.
+has one; the paper's unconditional models ignore them, class-conditional ones (``model.num_classes``)
+train on them (:func:`check_labels` says whether a split can).
 
 - :mod:`ddpm.data.sources`: ``digits``, image folders, ``.npy``/``.npz`` arrays, the CIFAR-10 archive.
 - :mod:`ddpm.data.shards`: :func:`write_shards` (atomic per shard, idempotent, manifest last).
-- :mod:`ddpm.data.manifest`: :func:`read_manifest`, :func:`resolve_split`.
+- :mod:`ddpm.data.manifest`: :func:`read_manifest`, :func:`resolve_split`, :func:`check_labels`.
 - :mod:`ddpm.data.reader`: :class:`ShardLoader` (per-rank training stream, pad-by-wrap-around
   coverage, resumable), :func:`load_split`, :func:`to_float` (its inverse, to level indices, is
   :func:`ddpm.image.to_levels`).
@@ -40,6 +41,7 @@ _EXPORTS = {
     "WriteResult": "ddpm.data.shards",
     "read_manifest": "ddpm.data.manifest",
     "resolve_split": "ddpm.data.manifest",
+    "check_labels": "ddpm.data.manifest",
     "ShardLoader": "ddpm.data.reader",
     "load_split": "ddpm.data.reader",
     "to_float": "ddpm.data.reader",

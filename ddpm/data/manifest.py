@@ -71,6 +71,28 @@ def validate(manifest: Any, where: str) -> dict[str, Any]:
     return manifest
 
 
+def check_labels(manifest: dict[str, Any], num_classes: int, where: str | None = None) -> None:
+    """Check that a split can train a model with ``num_classes`` classes (0: unconditional, no check).
+
+    A class-conditional model needs every image's label (the manifest's ``labels``) and, where the
+    manifest names its classes, no more of them than the model has.
+
+    :param where: how errors name the split's location (its URL); the manifest's source by default.
+    :raises DataError: naming the split and what is missing.
+    """
+    if not num_classes:
+        return
+    split, where = manifest.get("split", "?"), where or manifest.get("source", "the data")
+    if not manifest.get("labels"):
+        raise DataError(f"{where}: the {split!r} split has no labels (not every image has a .cls), but a "
+                        f"class-conditional model (model.num_classes={num_classes}) trains on them; prepare "
+                        "labelled data or set model.num_classes=0")
+    classes = manifest.get("classes")
+    if classes and len(classes) > num_classes:
+        raise DataError(f"{where}: the {split!r} split has {len(classes)} classes but model.num_classes="
+                        f"{num_classes} (labels must lie in [0, {num_classes})); set model.num_classes={len(classes)}")
+
+
 def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read and validate ``{url}/manifest.json``."""
     fs, root = open_fs(url, storage_options)

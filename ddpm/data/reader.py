@@ -1,8 +1,9 @@
 """Reading shards: :class:`ShardLoader` for training, :func:`load_split` for held-out evaluation.
 
 Images are decoded from PNG to uint8 and mapped to float32 in [-1, 1] by :func:`to_float`
-(``x = v / (levels - 1) * 2 - 1``; the paper's scaling for 8-bit data, ``levels = 256``). Labels are
-not returned: the models are unconditional, as in the paper.
+(``x = v / (levels - 1) * 2 - 1``; the paper's scaling for 8-bit data, ``levels = 256``). Labels (the
+``.cls`` of each image, -1 where absent) come with the images when asked for (``return_labels``: a
+class-conditional model); the paper's unconditional model takes images alone.
 
 Order and coverage (one epoch of :class:`ShardLoader`, N samples, W ranks, batch B per rank)::
 
@@ -154,12 +155,12 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, url: str, manifest: dict[str, Any], storage_options: dict[str, Any], *, batch_size: int,
                  rank: int, world_size: int, seed: int, random_flip: bool, shuffle_window: int, verify: bool,
-                 return_index: bool):
+                 return_index: bool, return_labels: bool = False):
         super().__init__()
         self.url, self.manifest, self.storage_options = url, manifest, storage_options
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.random_flip, self.shuffle_window, self.verify = random_flip, shuffle_window, verify
-        self.return_index = return_index
+        self.return_index, self.return_labels = return_index, return_labels
         self.counts = [e["num_samples"] for e in manifest["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)[:-1]])  # global index of each shard's first sample
         n = sum(self.counts)
@@ -196,7 +197,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                                            self.batch_size, self.shuffle_window))
         return self._plan[1]
 
-    def batch(self, t: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, t: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
         epoch, b = divmod(t, self.batches_per_epoch)
         rows = self.plan(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
         shape, levels = self.manifest["shape"], self.manifest["levels"]
@@ -205,9 +206,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.random_flip:
             flip = np.random.default_rng([self.seed, epoch, self.rank, b, 1]).random(len(rows)) < 0.5
             x[torch.from_numpy(flip)] = x[torch.from_numpy(flip)].flip(-1)
+        parts = [x]
+        if self.return_labels:
+            parts.append(torch.tensor([self._shard(int(s)).labels[int(p)] for s, p in rows], dtype=torch.int64))
         if self.return_index:
-            return x, torch.from_numpy(self.offsets[rows[:, 0]] + rows[:, 1])
-        return x
+            parts.append(torch.from_numpy(self.offsets[rows[:, 0]] + rows[:, 1]))
+        return parts[0] if len(parts) == 1 else tuple(parts)
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -222,8 +226,10 @@ class ShardLoader:
     """An endless, resumable, rank- and worker-aware stream of training batches.
 
     Build one per training rank (``rank`` of ``world_size``; ``batch_size`` is per rank). Iterating
-    yields float32 tensors [B x C x H x W] in [-1, 1] forever, epoch after epoch (with
-    ``return_index``: also the samples' indices in manifest order, for tests). See the module
+    yields float32 tensors [B x C x H x W] in [-1, 1] forever, epoch after epoch; with
+    ``return_labels`` also their int64 labels [B] (-1 where absent: see
+    :func:`ddpm.data.manifest.check_labels`), then with ``return_index`` the samples' indices in
+    manifest order (for tests), as one tuple. See the module
     docstring for the order and the coverage rule. Each ``iter()`` starts where the last batch
     delivered left off (or where :meth:`load_state_dict` put it).
 
@@ -238,6 +244,7 @@ class ShardLoader:
     def __init__(self, url: str, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  num_workers: int = 0, random_flip: bool = False, storage_options: dict[str, Any] | None = None,
                  shuffle_window: int = 8192, verify: bool = True, return_index: bool = False,
+                 return_labels: bool = False,
                  pin_memory: bool = False, prefetch_factor: int | None = None,
                  multiprocessing_context: str | None = None, split: str | None = None):
         from ddpm.data.manifest import resolve_split
@@ -257,7 +264,8 @@ class ShardLoader:
         self.prefetch_factor, self.multiprocessing_context = prefetch_factor, multiprocessing_context
         self.stream = ShardStream(self.url, self.manifest, options, batch_size=batch_size, rank=rank,
                                   world_size=world_size, seed=seed, random_flip=random_flip,
-                                  shuffle_window=shuffle_window, verify=verify, return_index=return_index)
+                                  shuffle_window=shuffle_window, verify=verify, return_index=return_index,
+                                  return_labels=return_labels)
         self._t = 0  # batches delivered by this rank, over all epochs
 
     # -- what the manifest says ----------------------------------------------------------------

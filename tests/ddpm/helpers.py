@@ -76,6 +76,27 @@ def exact_moments(sampler, oracle, cols=256):
     return x[0].item(), (x[1:] - x[0]).pow(2).sum().sqrt().item()
 
 
+class ClassGaussianOracle(GaussianOracle):
+    """A class-conditional optimal network: class c's data is N(mus[c], s^2) per pixel, and the null
+    class (label K = len(mus)) is N(mean(mus), s^2) (a Gaussian stand-in for the classes' mixture).
+
+    ``forward(x_t, t, y=None)``; ``y`` None is the null class. eps* is affine in mu, so guidance with
+    weight w gives exactly the oracle of N(mu_null + w (mus[c] - mu_null), s^2). ``calls`` records
+    the timesteps of each call (so its length is the rows of that call).
+    """
+
+    def __init__(self, alphas_cumprod, mus, s=0.5, prediction="eps", var_value=None):
+        super().__init__(alphas_cumprod, 0.0, s, prediction, var_value)
+        self.num_classes = len(mus)
+        self.mus = torch.tensor([*mus, sum(mus) / len(mus)], dtype=torch.float64)  # the last: the null class
+
+    def forward(self, x_t, t, y=None):
+        if y is None:
+            y = torch.full((x_t.shape[0],), self.num_classes)
+        self.mu = self.mus.to(x_t)[y.to(x_t.device)].view(-1, *([1] * (x_t.dim() - 1)))
+        return super().forward(x_t, t)
+
+
 def make_cifar_archive(path, n_per_batch=4, seed=0):
     """A tiny archive in the CIFAR-10 python format (protocol-2 pickles of b"data" and b"labels")."""
     rng = np.random.default_rng(seed)

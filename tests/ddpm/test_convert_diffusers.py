@@ -61,6 +61,28 @@ def test_converted_model_matches_diffusers(overrides):
         assert (ours(x.to(memory_format=torch.channels_last), t) - want).abs().max() < 1e-4
 
 
+def test_class_conditional_model_matches_diffusers_and_its_null_class_is_no_class_embedding():
+    """num_class_embeds=K -> model.num_classes=K: class c is diffusers' class_labels=c exactly; the
+    null class K is diffusers' network with its class embedding removed (diffusers has no null class)."""
+    theirs = _diffusers_model(_small(num_class_embeds=10))
+    with torch.no_grad():
+        theirs.class_embedding.weight.normal_()  # N(0, 1), as both inits leave it: labels then matter
+    config = unet_config_from_diffusers(dict(theirs.config))
+    assert config.num_classes == 10
+    ours = UNet(config).eval()
+    ours.load_state_dict(convert_state_dict(theirs.state_dict()))
+    assert count_parameters(ours) == count_parameters(theirs) + ours.class_embed.weight.shape[1]  # the null row
+    assert ours.class_embed.weight[10].abs().max() == 0
+    x, t, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 731, 999]), torch.tensor([3, 0, 9])
+    with torch.no_grad():
+        want = theirs(x, t, class_labels=y).sample
+        err = (ours(x, t, y) - want).abs().max()
+        assert err < 1e-5
+        assert (ours(x, t, y.flip(0)) - want).abs().max() > 100 * err + 1e-4  # the labels matter
+        theirs.class_embedding = None  # diffusers' forward then adds no class embedding
+        assert (ours(x, t) - theirs(x, t).sample).abs().max() < 1e-4  # y=None: the null class
+
+
 def test_legacy_attention_names_convert():
     theirs = _diffusers_model(_small())
     legacy = {}
@@ -98,7 +120,8 @@ def test_load_diffusers_unet_from_a_saved_folder(tmp_path):
      "down_block_types"),
     ({"up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]}, "up_block_types"),
     ({"_class_name": "UNet2DConditionModel"}, "_class_name"),
-    ({"num_class_embeds": 10}, "num_class_embeds"),
+    ({"num_class_embeds": 10, "class_embed_type": "timestep"}, "class_embed_type"),
+    ({"num_class_embeds": 10, "class_embed_type": "identity"}, "class_embed_type"),
     ({"block_out_channels": [32, 48, 64, 64]}, "block_out_channels"),
     ({"cross_attention_dim": 768}, "unsupported diffusers option.*cross_attention_dim"),
 ])
@@ -108,5 +131,5 @@ def test_other_architectures_are_refused(overrides, match):
 
 
 def test_unmapped_keys_are_refused():
-    with pytest.raises(DiffusersConversionError, match="no counterpart.*class_embedding"):
-        convert_state_dict({"class_embedding.weight": torch.zeros(1)})
+    with pytest.raises(DiffusersConversionError, match="no counterpart.*class_embedding.linear_1"):
+        convert_state_dict({"class_embedding.linear_1.weight": torch.zeros(1)})  # a "timestep" class embedding

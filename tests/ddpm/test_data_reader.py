@@ -143,3 +143,30 @@ def test_loader_finds_the_split_below_a_dataset_folder(tmp_path):
                  levels=256)
     loader = ShardLoader(str(tmp_path / "ds"), 3, split="train")
     assert loader.url == f"{tmp_path}/ds/train" and loader.batches_per_epoch == 2
+
+
+def test_labels_come_with_their_images_when_asked(tmp_path):
+    samples = [Sample(s.key, s.image, i % 3) for i, s in enumerate(indexed_samples(20))]
+    url = str(tmp_path / "labelled")
+    write_shards(samples, url, shard_size=6, source="t", split="train", levels=256, classes=["a", "b", "c"])
+    x, labels, index = take(ShardLoader(url, 4, return_labels=True, return_index=True), 1)[0]
+    assert labels.dtype == torch.int64 and labels.tolist() == [i % 3 for i in index.tolist()]
+    assert pixel_index(x) == index.tolist()
+    assert torch.equal(next(iter(ShardLoader(url, 4, return_labels=True)))[1], labels)  # (x, labels)
+
+
+def test_check_labels_names_the_split_that_cannot_train_a_conditional_model(tmp_path, shards):
+    from ddpm.data.manifest import check_labels, read_manifest
+    from ddpm.data.storage import DataError
+
+    unlabelled = read_manifest(shards(10, 5))
+    check_labels(unlabelled, 0)  # an unconditional model needs none
+    with pytest.raises(DataError, match=r"at/here: the 'train' split has no labels.*model.num_classes=10"):
+        check_labels(unlabelled, 10, "at/here")
+    samples = [Sample(s.key, s.image, i % 3) for i, s in enumerate(indexed_samples(9))]
+    url = str(tmp_path / "three")
+    write_shards(samples, url, shard_size=9, source="t", split="train", levels=256, classes=["a", "b", "c"])
+    check_labels(read_manifest(url), 3)
+    check_labels(read_manifest(url), 10)
+    with pytest.raises(DataError, match=r"'train' split has 3 classes but model.num_classes=2 .*\[0, 2\)"):
+        check_labels(read_manifest(url), 2)

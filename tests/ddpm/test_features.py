@@ -87,6 +87,29 @@ def test_classifier_confidence(trained, split):
     assert features.classifier_confidence(net, noise) < features.classifier_confidence(net, x_test)
 
 
+def test_conditional_accuracy_of_real_digits_is_the_classifiers_test_accuracy(trained, split):
+    """Held-out digits "asked for" their true class score the classifier's own test accuracy (the
+    ceiling a conditional model is compared with); asked for the next class, almost none are right."""
+    net, info = trained
+    x_test, y_test = split[2], split[3]
+    out = features.conditional_accuracy(net, x_test, y_test)
+    assert out["cond_accuracy"] == pytest.approx(info["test_accuracy"], abs=1e-12)
+    n, p = len(y_test), out["cond_accuracy"]
+    assert 0.5 * math.sqrt(p * (1 - p) / n) < out["cond_accuracy_se"] < 2 * math.sqrt(p * (1 - p) / n) + 1e-9
+    predicted = features.class_probabilities(net, x_test).argmax(dim=1)
+    for c in range(10):
+        mine = y_test == c
+        assert out[f"num_class{c}"] == mine.sum().item()
+        assert out[f"cond_accuracy_class{c}"] == pytest.approx((predicted[mine] == c).double().mean().item())
+    wrong = features.conditional_accuracy(net, x_test, (y_test + 1) % 10)
+    assert wrong["cond_accuracy"] < 0.1
+    only_three = features.conditional_accuracy(net, x_test[y_test == 3], y_test[y_test == 3])
+    assert math.isnan(only_three["cond_accuracy_class0"]) and only_three["num_class0"] == 0
+    assert metrics.direction("cond_accuracy") == "higher"
+    with pytest.raises(ValueError, match="one per sample"):
+        features.conditional_accuracy(net, x_test, y_test[:5])
+
+
 def test_evaluate_samples_real_images_sit_at_the_floor(trained, split, halves):
     net, _ = trained
     x_train = split[0]
