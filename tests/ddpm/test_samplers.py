@@ -449,6 +449,16 @@ def test_edm_calls_heun_pairs_and_euler_ends(diffusion):
     assert churned.timesteps != EDMSampler(diffusion, 11, s_churn=0.0).timesteps
 
 
+class Draws:
+    """A NoiseSource that hands out given tensors in order."""
+
+    def __init__(self, draws):
+        self.draws = iter(draws)
+
+    def next(self):
+        return next(self.draws)
+
+
 @pytest.mark.parametrize("steps", [6, 10, 20, 25])
 def test_new_solvers_match_diffusers(diffusion, steps):
     """Same timesteps (trailing), same noise: UniPC-3 bh2, DPM-Solver++ 3M and SDE-DPM-Solver++ 2M give
@@ -466,10 +476,9 @@ def test_new_solvers_match_diffusers(diffusion, steps):
                  solver_order=2, algorithm_type="sde-dpmsolver++", **config))]
     for cls, scheduler in cases:
         scheduler.set_timesteps(steps)
-        noise = iter(draws)
-        ours, x = cls(diffusion, steps, "trailing"), x_T.clone()
+        ours, x, noise = cls(diffusion, steps, "trailing"), x_T.clone(), Draws(draws)
         for i in range(steps):
-            x, _ = ours.step(oracle, x, i, type("Draws", (), {"next": lambda self: next(noise)})(), False)
+            x, _ = ours.step(oracle, x, i, noise, False)
         theirs, noise = x_T.clone(), iter(draws)
         assert scheduler.timesteps.tolist() == ours.timesteps
         for t in scheduler.timesteps:
