@@ -15,7 +15,7 @@ difference or more, the copy rate by its excess over the floor), and with the re
 The samplers are the preset's default (DDIM-25, eta 1), DPM-Solver++-20 and DDIM-50 (eta 0);
 1000-step ancestral sampling is left out (164 s per model) unless ``--samplers ddpm:1000`` asks.
 
-    python -m benchmarks.bench_recipes [--budget 10m | --steps 6500] [--samples 2000] [--recipes NAME ...]
+    python -m benchmarks.bench_recipes [--budget 10m | --steps 6500] [--samples 2000] [--recipes NAME ...] [--save DIR]
                                        [--samplers ddim:25:1 dpmpp:20 ...] [--quick] [--json-out PATH]
 
 ``--quick``: 3 s of training per recipe, 50 samples, 3-step samplers: a smoke test.
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--samplers", nargs="+", type=parse_row, default=[parse_row(r) for r in DEFAULT_SAMPLERS])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="seconds of training, 50 samples, 3 steps: a smoke test")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="keep each recipe's model as DIR/<recipe>.pt (a checkpoint `ddpm-pipe evaluate --model` and "
+                        "benchmarks.bench_samplers take)")
     p.add_argument("--json-out", default=None, help="default bench-results/recipes.json (recipes-quick.json)")
     args = p.parse_args(argv)
     if args.quick:
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     json_out = args.json_out or os.path.join("bench-results", f"recipes{'-quick' if args.quick else ''}.json")
 
     from pipelines.data import prepare_command
+    from ddpm.checkpoint import save_checkpoint
     from pipelines.evaluate import load_eval_data
     from pipelines.settings import resolve
 
@@ -94,6 +98,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             loaded, info = train_ours(os.path.join(data, "train"), args.budget, 0, RECIPES[name], args.steps)
             info = {k: v for k, v in info.items() if k != "config"}
             models[name] = {"changes": RECIPES[name], **info}
+            if args.save:
+                os.makedirs(args.save, exist_ok=True)
+                save_checkpoint(os.path.join(args.save, f"{name}.pt"), loaded.state)
             print(f"[bench_recipes] {name}: {info['steps']} steps in {info['train_s']} s, loss {info['loss']}",
                   flush=True)
             if ev is None:

@@ -225,8 +225,12 @@ def test_recipes_quick_compares_each_recipe_with_the_first(tmp_path):
     from benchmarks import bench_recipes
 
     r = bench_recipes.main(["--quick", "--recipes", "preset", "min-snr-5", "--samplers", "ddim:25:1", "dpmpp:20",
-                            "--json-out", str(tmp_path / "recipes.json")])
+                            "--json-out", str(tmp_path / "recipes.json"), "--save", str(tmp_path / "models")])
     assert r == _read(tmp_path / "recipes.json") and r["baseline"] == "preset"
+    from ddpm.checkpoint import load_model
+
+    cfg, _, _ = load_model(str(tmp_path / "models" / "min-snr-5.pt"))  # what `evaluate --model` loads
+    assert cfg.diffusion.snr_gamma == 5.0 and (tmp_path / "models" / "preset.pt").exists()
     assert r["models"]["min-snr-5"]["changes"] == {"diffusion.snr_gamma": 5.0}
     assert all(m["steps"] >= 1 and m["stopped_by_time"] for m in r["models"].values())
     assert [(row["recipe"], row["sampler"], row["steps"], row["eta"]) for row in r["rows"]] == [
