@@ -1,6 +1,6 @@
 """The digits preset in fp32 and bf16: training images/s, final loss and sample quality, side by side.
 
-Both precisions train the ``digits`` preset from the same seed with ``pipelines.loop.train_loop`` in a
+Both precisions train the ``digits`` preset from the same seed with ``pipelines.train.loop.train_loop`` in a
 plain process for ``--steps`` steps; the loss is the loop's mean over the last quarter of the steps.
 Sample quality: the EMA model's ``--samples`` DDIM-50 samples against the real digits, as the Frechet
 distance between Gaussians fitted to the pixels (``ddpm.metrics``; lower is better). bf16 passes when
@@ -34,7 +34,7 @@ def _run(url: str, steps: int, precision: str, seed: int, samples: int, quick: b
     from ddpm.metrics import frechet_distance_from_features
     from ddpm.samplers import generate
     from ddpm.unet import UNet
-    from pipelines.loop import LoopContext, LoopData, train_loop
+    from pipelines.train.loop import LoopContext, LoopData, train_loop
 
     cfg = _cfg(steps, precision, seed, quick)
     final: dict[str, Any] = {}
@@ -77,7 +77,7 @@ def time_to_quality(url: str, precision: str, check_every: int, max_steps: int, 
     from ddpm.features import digits_split, extract_features, load_digits_feature_net
     from ddpm.samplers import generate
     from ddpm.unet import UNet
-    from pipelines.loop import LoopContext, LoopData, train_loop
+    from pipelines.train.loop import LoopContext, LoopData, train_loop
 
     net, _ = load_digits_feature_net()
     train_x, _, test_x, _ = digits_split()

@@ -5,7 +5,7 @@ Each recipe is the ``digits`` preset with a few config values changed (``ddpm.co
 ``--budget`` (default 10 minutes) exactly as ``bench_quality`` trains ddpm-pipe
 (:func:`benchmarks.bench_quality.train_ours`, seed 0), then its EMA weights make ``--samples`` (500)
 images with each sampler setting and are scored as ``ddpm-pipe evaluate`` scores
-(:func:`pipelines.evaluate.measure_sampler`: against the 360 held-out test digits, jackknife standard
+(:func:`pipelines.registry.evaluate.measure_sampler`: against the 360 held-out test digits, jackknife standard
 errors, floors from as many training images). Every row is compared with the first recipe (the
 preset itself) at the same sampler setting (:func:`benchmarks.bench_samplers.against`: ``better`` or
 ``worse`` at two standard errors or more, the copy rate by its excess over the floor).
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.samplers = [(s, 3, e) for s, _, e in args.samplers]
     json_out = args.json_out or os.path.join("bench-results", f"recipes{'-quick' if args.quick else ''}.json")
 
-    from pipelines.data import prepare_command
-    from pipelines.evaluate import load_eval_data, measure_sampler
+    from pipelines.storage.data import prepare_command
+    from pipelines.registry.evaluate import load_eval_data, measure_sampler
     from pipelines.settings import resolve
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

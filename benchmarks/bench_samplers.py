@@ -3,7 +3,7 @@ with 1000-step ancestral sampling (issue 15's goal: at most 25 network evaluatio
 it on every metric).
 
 Every row samples ``--num`` images from the same model with the same seed and scores them as
-``ddpm-pipe evaluate`` does (``pipelines.evaluate.measure_sampler``: samples on the data's grey
+``ddpm-pipe evaluate`` does (``pipelines.registry.evaluate.measure_sampler``: samples on the data's grey
 levels against the held-out test split, one jackknife standard error each, the floor from as many
 training images). Each row is compared with the first (the reference, 1000-step ancestral by
 default): per metric the difference, that difference in standard errors (``z``) and ``within
@@ -49,7 +49,7 @@ def against(row: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
 
 def load(model: str) -> Any:
     """A checkpoint path (``bench_quality --save``'s ``ddpm-pipe.pt``) or any model URI ``evaluate`` takes."""
-    from pipelines.models import load as load_model
+    from pipelines.registry.models import load as load_model
 
     return load_model(model)
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json-out", default=os.path.join("bench-results", "samplers.json"))
     args = p.parse_args(argv)
 
-    from pipelines.evaluate import load_eval_data, measure_sampler
+    from pipelines.registry.evaluate import load_eval_data, measure_sampler
     from pipelines.settings import resolve
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

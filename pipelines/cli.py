@@ -65,7 +65,7 @@ def _duration(value: str) -> float:
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 TRAIN_PRECISIONS: tuple[str, ...] = get_args(Precision)
 SAMPLE_PRECISIONS: tuple[str, ...] = get_args(get_type_hints(SampleConfig)["precision"])
-FORMATS = ("png", "webdataset", "npz")  # pipelines.sample.FORMATS
+FORMATS = ("png", "webdataset", "npz")  # pipelines.sample.command.FORMATS
 
 # -- shared option types (one vocabulary for every command) -------------------------------------
 Json = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON result on stdout.")]
@@ -180,7 +180,7 @@ def data_prepare(
     json_out: Json = False,
 ) -> None:
     """Convert a data source to WebDataset tar shards plus a manifest."""
-    from pipelines.data import prepare_command
+    from pipelines.storage.data import prepare_command
 
     _dispatch(prepare_command, json_out, source=source, out=out,
               shard_size=shard_size, split=split, endpoint_url=endpoint_url)
@@ -204,7 +204,7 @@ def train(
     json_out: Json = False,
 ) -> None:
     """Train a DDPM with Ray Train (DDP), tracked in MLflow."""
-    from pipelines.train import train_command
+    from pipelines.train.command import train_command
 
     _dispatch(train_command, json_out, config=config, overrides=set_ or [],
               data=data, storage=storage, nodes=nodes, gpus_per_node=gpus_per_node, max_steps=max_steps,
@@ -231,7 +231,7 @@ def tune(
     json_out: Json = False,
 ) -> None:
     """Sweep T, the beta range, the schedule and the learning rate with Ray Tune."""
-    from pipelines.tune import tune_command
+    from pipelines.tune.command import tune_command
 
     _dispatch(tune_command, json_out, trials=trials, config=config,
               overrides=set_ or [], space=space, data=data, max_steps=max_steps, scheduler=scheduler,
@@ -254,7 +254,7 @@ def evaluate(
     json_out: Json = False,
 ) -> None:
     """Measure bits/dim, and KID, FD, precision/recall, classifier score, class coverage and copy rate against held-out images, each with its floor; log them to MLflow."""
-    from pipelines.evaluate import evaluate_command
+    from pipelines.registry.evaluate import evaluate_command
 
     _dispatch(evaluate_command, json_out, model=model, data=data,
               num=num, sampler=sampler, steps=steps, eta=eta, nodes=nodes, table=table, address=address)
@@ -272,7 +272,7 @@ def promote(
     json_out: Json = False,
 ) -> None:
     """Move an alias to a version only if its evaluation beats the current holder's."""
-    from pipelines.promote import promote_command
+    from pipelines.registry.promote import promote_command
 
     _dispatch(promote_command, json_out, name=name, version=version,
               alias=alias, metric=metric, min_delta=min_delta, force=force, reason=reason)
@@ -299,7 +299,7 @@ def sample(
     json_out: Json = False,
 ) -> None:
     """Generate samples on the Ray cluster, resumably, to any fsspec URL."""
-    from pipelines.sample import sample_command
+    from pipelines.sample.command import sample_command
 
     _dispatch(sample_command, json_out, model=model, num=num, out=out,
               sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, nodes=nodes,
@@ -319,7 +319,7 @@ def interpolate(
     json_out: Json = False,
 ) -> None:
     """Interpolate two images in x_t space and denoise (the paper's section 4.3)."""
-    from pipelines.interpolate import interpolate_command
+    from pipelines.sample.interpolate import interpolate_command
 
     _dispatch(interpolate_command, json_out, model=model, a=a,
               b=b, t=t, lambdas=lambdas, out=out, seed=seed)
@@ -332,7 +332,7 @@ def import_diffusers(
     json_out: Json = False,
 ) -> None:
     """Register a diffusers UNet2DModel of the paper's architecture as a model version."""
-    from pipelines.import_diffusers import import_command
+    from pipelines.registry.import_diffusers import import_command
 
     _dispatch(import_command, json_out, path=path, name=name)
 

@@ -156,7 +156,7 @@ def _outputs_exist(step: str, outputs: dict[str, Any]) -> bool:
         if step == "tune":
             return Path(outputs["best_config_path"]).exists()
         if step in ("train", "evaluate", "promote"):
-            from pipelines import models
+            from pipelines.registry import models
 
             models.describe(outputs["model_uri"])
             return True
@@ -174,7 +174,7 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
                 name: str | None = None, storage: str | None = None, address: str | None = None,
                 submit: bool = False) -> dict[str, Any]:
     """Run (or resume) the workflow; with ``submit``, send it to a Ray cluster as a Ray Job."""
-    from pipelines.train import resolve_config
+    from pipelines.train.command import resolve_config
 
     overrides = list(overrides or [])
     cfg = resolve_config(config, overrides)
@@ -215,7 +215,7 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
 
     try:
         # 1. data: source -> shards (train and held-out test split)
-        from pipelines.data import ensure_prepared
+        from pipelines.storage.data import ensure_prepared
 
         train_url = cfg.data.url or settings.data_url(cfg.data.source, "train")
         test_url = cfg.data.holdout_url or settings.data_url(cfg.data.source, "test")
@@ -232,7 +232,7 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
         train_config, train_overrides = config, overrides
         if spec.tune.enabled:
             def tune() -> dict[str, Any]:
-                from pipelines.tune import tune_command
+                from pipelines.tune.command import tune_command
 
                 res = tune_command(trials=spec.tune.trials, config=config, overrides=overrides,
                                    data=data["train_url"], max_steps=spec.tune.max_steps,
@@ -248,7 +248,7 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
 
         # 3. train -> a registered model version
         def train() -> dict[str, Any]:
-            from pipelines.train import train_command
+            from pipelines.train.command import train_command
 
             res = train_command(config=train_config, overrides=train_overrides, data=data["train_url"],
                                 storage=storage, nodes=spec.train.nodes, gpus_per_node=spec.train.gpus_per_node,
@@ -264,7 +264,7 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
 
         # 4. evaluate the new version (metrics become version tags promotion compares)
         def evaluate() -> dict[str, Any]:
-            from pipelines.evaluate import evaluate_command
+            from pipelines.registry.evaluate import evaluate_command
 
             e = spec.evaluate
             res = evaluate_command(model=trained["model_uri"], data=data["test_url"], num=e.num,
@@ -284,7 +284,7 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
         # 5. promote if better (a refusal is an outcome, not a failure)
         def promote() -> dict[str, Any]:
             from pipelines.errors import RefusedError
-            from pipelines.promote import promote_command
+            from pipelines.registry.promote import promote_command
 
             p = spec.promote
             try:
@@ -299,7 +299,7 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
 
         # 6. batch-sample the new version
         def sample() -> dict[str, Any]:
-            from pipelines.sample import sample_command
+            from pipelines.sample.command import sample_command
 
             s = spec.sample
             out_url = settings.samples_url(f"{name}-v{trained['version']}")
@@ -356,8 +356,8 @@ def _score_lines(evaluated: dict[str, Any]) -> list[str]:
 
 def _grid(model_uri: str, settings, name: str, cfg) -> str:
     """A 64-image grid of the model's samples next to the batch output, for a quick look."""
-    from pipelines import models
-    from pipelines.loop import sample_grid
+    from pipelines.registry import models
+    from pipelines.train.loop import sample_grid
 
     loaded = models.load(model_uri)
     path = settings.home / "samples" / f"{name}-grid.png"

@@ -1,4 +1,4 @@
-"""Faults inside the training loop, run in-process (``pipelines.loop.train_loop`` with a plain
+"""Faults inside the training loop, run in-process (``pipelines.train.loop.train_loop`` with a plain
 :class:`LoopContext`, no Ray): non-finite losses, a checkpoint write killed halfway, and the MLflow
 server going down and coming back mid-run."""
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ddpm.config import load_config
-from pipelines.loop import LoopContext, LoopData, NonFiniteLossError, train_loop
+from pipelines.train.loop import LoopContext, LoopData, NonFiniteLossError, train_loop
 from tests.pipelines.helpers import TINY
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipelines import sample as S
+from pipelines.sample import command as S
 from tests.pipelines.helpers import make_checkpoint, read_npz_folder
 
 N = 8

@@ -51,7 +51,8 @@ def test_malicious_registered_model_is_refused_and_its_code_never_runs(tmp_path)
     safetensors and JSON only, so it is refused and nothing runs."""
     import mlflow
 
-    from pipelines import models, tracking
+    from pipelines import tracking
+    from pipelines.registry import models
     from pipelines.settings import resolve
     from tests.pipelines.helpers import make_checkpoint
 
@@ -147,8 +148,8 @@ class _Captured(Exception):
 
 def test_storage_file_system_and_train_run_config_pickle_without_keys(planted_keys, s3_prefix):
     from pipelines import cluster
-    from pipelines.storage import ray_storage
-    from pipelines.ray_train import run_config
+    from pipelines.storage.ray_storage import ray_storage
+    from pipelines.train.ray_train import run_config
 
     path, fs = ray_storage(f"{s3_prefix}/runs")
     assert fs is not None and fs.type_name == "s3"  # the endpoint case: our own pyarrow file system
@@ -174,7 +175,7 @@ def test_file_system_built_without_keys_reads_them_from_the_environment(s3_endpo
 
 
 def ray_storage_of(url: str):
-    from pipelines.storage import ray_storage
+    from pipelines.storage.ray_storage import ray_storage
 
     return ray_storage(url)
 
@@ -192,8 +193,9 @@ def test_train_hands_ray_nothing_holding_keys_or_a_tracking_password(planted_key
 
     import ray.train.torch
 
-    from pipelines import cluster, settings, tracking, train
-    from pipelines.train import train_command
+    from pipelines import cluster, settings, tracking
+    from pipelines.train import command as train
+    from pipelines.train.command import train_command
 
     def resolve_with_password(*args, **kwargs):
         real = settings.resolve(*args, **kwargs)
@@ -229,7 +231,7 @@ def test_tune_hands_ray_nothing_holding_keys(planted_keys, s3_prefix, digits_sha
     from ray import tune
 
     from pipelines import cluster
-    from pipelines.tune import tune_command
+    from pipelines.tune.command import tune_command
 
     captured: dict = {}
     real_can_restore = tune.Tuner.can_restore
@@ -291,7 +293,7 @@ def test_sweep_state_found_under_another_storage_than_recorded_is_refused(tmp_pa
     prefix holds Tune state (written by whoever can write there) is not resumed."""
     from pipelines import tracking
     from pipelines.settings import resolve
-    from pipelines.tune import STORAGE_TAG
+    from pipelines.tune.command import STORAGE_TAG
 
     tracking.configure(resolve())
     exp_id = tracking.experiment_id("digits")
@@ -383,7 +385,7 @@ def test_submitted_job_env_holds_no_credentials_and_the_output_masks_the_address
 def test_sampling_actors_env_holds_no_tracking_password(monkeypatch):
     import mlflow
 
-    from pipelines.sample_pool import worker_env
+    from pipelines.sample.pool import worker_env
 
     mlflow.set_tracking_uri(CREDENTIALED_URI)
     mlflow.set_registry_uri(CREDENTIALED_URI)
@@ -399,7 +401,11 @@ def test_workflow_summary_masks_the_tracking_uri_password(monkeypatch):
     The steps are stubbed: this checks the summary, not the steps."""
     import dataclasses
 
-    from pipelines import data, evaluate, promote, sample, settings, tracking, train, workflow
+    from pipelines import settings, tracking, workflow
+    from pipelines.storage import data
+    from pipelines.registry import evaluate, promote
+    from pipelines.sample import command as sample
+    from pipelines.train import command as train
 
     real_resolve, real_configure = settings.resolve, tracking.configure
     monkeypatch.setattr(settings, "resolve", lambda *a, **k: dataclasses.replace(
@@ -430,7 +436,7 @@ def test_a_sweep_whose_run_records_this_storage_may_be_resumed(tmp_path):
     from pipelines import tracking
     from pipelines.errors import RefusedError
     from pipelines.settings import resolve
-    from pipelines.tune import STORAGE_TAG, check_resumable
+    from pipelines.tune.command import STORAGE_TAG, check_resumable
 
     tracking.configure(resolve())
     exp_id = tracking.experiment_id("digits")

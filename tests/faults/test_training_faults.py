@@ -101,7 +101,7 @@ def test_node_removed_and_fresh_node_added_resumes_on_the_new_node(ray_cluster, 
     node joins. The shared cluster has 4 nodes again afterwards."""
     import ray
 
-    from pipelines.train import train_command
+    from pipelines.train.command import train_command
 
     steps = 10
     outcome: dict = {}
@@ -185,7 +185,7 @@ def test_bad_shard_found_by_a_worker_stops_the_run_after_one_attempt(ray_cluster
     used to restart the worker group max_failures=3 times, each attempt failing the same way."""
     import shutil
 
-    from pipelines import train as T
+    from pipelines.train import command as T
 
     data = Path(shutil.copytree(digits_shards, tmp_path / "data"))
     for shard in data.glob("train-*.tar"):  # every shard: whatever a rank reads first fails

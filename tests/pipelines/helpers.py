@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.sample import SampleRequest
+from pipelines.sample.command import SampleRequest
 
 N = 6  # samples per sample test: enough for several units on two workers, cheap on two cores
 
@@ -118,7 +118,8 @@ def save_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
 
 def register_tiny(tmp_path: Path, name: str = "tiny", seed: int = 0) -> tuple[str, str, Path]:
     """Log a tiny checkpoint into a new run of the current tracking store; returns (run_id, version, ckpt)."""
-    from pipelines import registry, tracking
+    from pipelines import tracking
+    from pipelines.registry import register as registry
     from pipelines.settings import resolve
 
     settings = resolve()

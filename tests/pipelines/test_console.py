@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.sweep_table import SweepTable, ranked
+from pipelines.tune.sweep_table import SweepTable, ranked
 
 CLI = str(Path(sys.executable).with_name("ddpm-pipe"))
 TINY = ["--set", "model.ch=8", "--set", "model.ch_mult=[1,2]", "--set", "model.attn_resolutions=[]",

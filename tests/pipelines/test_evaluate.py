@@ -17,7 +17,7 @@ def test_evaluate_logs_keyed_results_on_the_version_and_its_run(tmp_path, digits
     from ddpm.features import FEATURE_NET_VERSION
     from ddpm.metrics import METRIC_DIRECTIONS, parse_result_key
     from pipelines import tracking
-    from pipelines.evaluate import EVAL_TAG, LAST_TAG, evaluate_command
+    from pipelines.registry.evaluate import EVAL_TAG, LAST_TAG, evaluate_command
 
     run_id, version, _ = register_tiny(tmp_path)
     out = evaluate_command(f"models:/tiny/{version}", **FAST)
@@ -90,8 +90,8 @@ def test_cli_evaluates_a_checkpoint_into_its_own_run_with_the_sampler_table(tmp_
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_nodes_sample_through_the_batch_job_and_match_one_process(ray_cluster, tmp_path):
-    from pipelines import models
-    from pipelines.evaluate import generate_samples
+    from pipelines.registry import models
+    from pipelines.registry.evaluate import generate_samples
 
     loaded = models.load(str(save_tiny_checkpoint(tmp_path / "tiny.pt")))
     one = generate_samples(loaded, "ddim", 5, 0.0, 6, nodes=1, address=None)
@@ -109,7 +109,7 @@ def test_default_steps_are_capped_at_a_small_T_and_explicit_ones_checked():
     from types import SimpleNamespace
 
     from pipelines.errors import UsageError
-    from pipelines.evaluate import _steps_used
+    from pipelines.registry.evaluate import _steps_used
 
     loaded = SimpleNamespace(diffusion=SimpleNamespace(num_timesteps=30))  # e.g. a tuned T=30 model
     assert _steps_used(loaded, "ddim", None) == 30  # not DDIM's default 50

@@ -11,8 +11,9 @@ from tests.pipelines.helpers import register_tiny
 
 @pytest.mark.timeout(300)
 def test_evaluation_of_a_version_shows_on_its_model_page(tmp_path, digits_home):
-    from pipelines import models, tracking
-    from pipelines.evaluate import EVAL_TAG, evaluate_command
+    from pipelines import tracking
+    from pipelines.registry import models
+    from pipelines.registry.evaluate import EVAL_TAG, evaluate_command
 
     run_id, version, _ = register_tiny(tmp_path)
     out = evaluate_command(f"models:/tiny/{version}", **FAST)

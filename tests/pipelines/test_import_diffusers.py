@@ -34,7 +34,7 @@ def paper_unet(seed: int = 0):
 
 @pytest.mark.timeout(180)
 def test_imported_model_matches_diffusers(tmp_path):
-    from pipelines import models
+    from pipelines.registry import models
 
     unet = paper_unet()
     unet.save_pretrained(tmp_path / "unet")

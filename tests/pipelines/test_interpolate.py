@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.interpolate import read_image
+from pipelines.sample.interpolate import read_image
 from tests.pipelines.helpers import make_checkpoint
 
 

@@ -37,7 +37,7 @@ def _bare_versions(name: str, n: int):
 
 @pytest.mark.timeout(600)
 def test_promotion_against_a_real_tracking_server(mlflow_server, monkeypatch, tmp_path, digits_home):
-    from pipelines.evaluate import evaluate_command
+    from pipelines.registry.evaluate import evaluate_command
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     c = _client()

@@ -66,7 +66,7 @@ def test_pyfunc_loads_in_a_fresh_process_and_samples(tmp_path):
 @pytest.mark.timeout(120)
 def test_runs_and_models_uris_load_the_checkpoints_ema_weights(tmp_path):
     from ddpm.checkpoint import load_model
-    from pipelines import models
+    from pipelines.registry import models
 
     run_id, version, ckpt = register_tiny(tmp_path)
     _, reference, _ = load_model(str(ckpt), weights="ema")
@@ -85,7 +85,7 @@ def test_runs_and_models_uris_load_the_checkpoints_ema_weights(tmp_path):
 def test_logged_model_has_a_signature_an_example_and_predict_accepts_it(tmp_path, recwarn):
     import mlflow
 
-    from pipelines.registry import input_example
+    from pipelines.registry.register import input_example
 
     run_id, version, _ = register_tiny(tmp_path)
     assert not [w for w in recwarn.list if "type hints" in str(w.message)]  # MLflow's predict hint warning
@@ -113,8 +113,9 @@ def test_logged_model_has_a_signature_an_example_and_predict_accepts_it(tmp_path
 
 @pytest.mark.timeout(240)
 def test_version_description_and_model_params_say_what_it_was_trained_on(tmp_path):
-    from pipelines import models, registry, tracking
-    from pipelines.data import prepare_command
+    from pipelines import tracking
+    from pipelines.registry import models, register as registry
+    from pipelines.storage.data import prepare_command
     from pipelines.settings import resolve
 
     settings = resolve()
@@ -137,7 +138,8 @@ def test_version_description_and_model_params_say_what_it_was_trained_on(tmp_pat
 
 @pytest.mark.timeout(240)
 def test_evaluation_shows_as_model_metrics_short_tags_a_description_and_a_table(tmp_path):
-    from pipelines import models, registry, tracking
+    from pipelines import tracking
+    from pipelines.registry import models, register as registry
 
     run_id, version, _ = register_tiny(tmp_path)
     c = tracking.client()
@@ -175,7 +177,8 @@ def test_evaluation_shows_as_model_metrics_short_tags_a_description_and_a_table(
 @pytest.mark.timeout(240)
 def test_every_model_uri_form_mlflow_accepts_loads(tmp_path):
     from ddpm.checkpoint import load_model
-    from pipelines import models, tracking
+    from pipelines import tracking
+    from pipelines.registry import models
     from pipelines.errors import UsageError
 
     run_1, _, _ = register_tiny(tmp_path, seed=0)

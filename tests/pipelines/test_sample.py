@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipelines import sample as S
-from pipelines import sample_output as O
-from pipelines import sample_pool as P
+from pipelines.sample import command as S
+from pipelines.sample import output as O
+from pipelines.sample import pool as P
 from pipelines.cli import app
 from tests.pipelines.helpers import N, dead_pid, make_checkpoint, read_npz_folder, request
 
@@ -104,7 +104,7 @@ def test_a_negative_eta_fails_before_any_work_without_a_sampler(tmp_path, ckpt, 
     result = cli("sample", "--model", ckpt, "--out", str(tmp_path / "out"), "--eta", "-1")
     assert result.exit_code == 2 and "--eta" in result.output and not (tmp_path / "out").exists()  # typer's bound
     from pipelines.errors import UsageError
-    from pipelines.sample import SampleRequest
+    from pipelines.sample.command import SampleRequest
 
     with pytest.raises(UsageError, match=r"--eta must be in \[0, inf\).*got -1"):  # the API's own check
         SampleRequest(model=ckpt, num=2, eta=-1.0).validate()
@@ -379,7 +379,8 @@ def test_s3_bucket_that_does_not_exist_is_unwritable(s3_endpoint, ckpt, no_sampl
 @pytest.mark.timeout(300)
 def test_registered_model_is_sampled_by_workers_and_its_version_recorded(ray_cluster, tmp_path, ckpt):
     from ddpm.checkpoint import load_model
-    from pipelines import registry, tracking
+    from pipelines import tracking
+    from pipelines.registry import register as registry
     from pipelines.settings import resolve
 
     settings = resolve()

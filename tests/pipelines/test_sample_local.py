@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines import sample as S
-from pipelines import sample_pool as P
+from pipelines.sample import command as S
+from pipelines.sample import pool as P
 from tests.pipelines.helpers import make_checkpoint, read_npz_folder, request
 
 

@@ -22,7 +22,7 @@ def _client():
 
 @pytest.fixture(scope="module")
 def digits_train(tmp_path_factory) -> Path:
-    from pipelines.data import prepare_command
+    from pipelines.storage.data import prepare_command
 
     out = tmp_path_factory.mktemp("digits") / "train"
     prepare_command(source="digits", out=str(out), split="train", shard_size=600)

@@ -82,7 +82,7 @@ def test_bad_max_time_exits_2_naming_the_option_and_the_forms(tmp_path, value):
 
 
 def test_max_time_reaches_the_config_in_seconds(monkeypatch, tmp_path):
-    import pipelines.train as train
+    import pipelines.train.command as train
 
     seen = {}
 
@@ -138,7 +138,8 @@ def test_checkpoints_go_to_s3_storage_and_a_rerun_resumes_the_same_run_from_ther
 def test_logged_placement_is_the_one_used_when_a_local_gpu_is_taken(tmp_path, monkeypatch):
     """One machine with a GPU: train switches to --gpus-per-node 1; the run's params say so (they
     were logged before the switch, saying 0)."""
-    from pipelines import cluster, tracking, train
+    from pipelines import cluster, tracking
+    from pipelines.train import command as train
 
     class Stop(Exception):
         pass

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ddpm.config import ConfigError, load_config
-from pipelines import search_space
+from pipelines.tune import search_space
 from pipelines.cli import app
 
 # Sized for two cores: every report runs the held-out bpd estimate (256 images x 16 timesteps), so the
@@ -124,7 +124,7 @@ def test_restored_tuner_gets_this_runs_callbacks_not_the_pickled_ones(tmp_path):
     (written by Tuner() without running) is restored and its pickled callback replaced."""
     from ray import tune
 
-    from pipelines.tune import replace_restored_callbacks
+    from pipelines.tune.command import replace_restored_callbacks
 
     tune.Tuner(_noop_trainable, run_config=tune.RunConfig(name="s", storage_path=str(tmp_path),
                                                           callbacks=[_Marker("first run")]))
@@ -134,7 +134,7 @@ def test_restored_tuner_gets_this_runs_callbacks_not_the_pickled_ones(tmp_path):
 
 
 def test_restored_callbacks_fail_loudly_if_ray_hides_the_run_config():
-    from pipelines.tune import replace_restored_callbacks
+    from pipelines.tune.command import replace_restored_callbacks
 
     with pytest.raises(RuntimeError, match="checked on Ray 2.60.0"):
         replace_restored_callbacks(object(), [])
@@ -219,7 +219,8 @@ def test_stopped_trial_with_a_leaked_worker_group_gets_its_cpus_back(ray_cluster
     from ray.util.placement_group import placement_group, placement_group_table
 
     from ddpm.config import load_config
-    from pipelines import tracking, tune
+    from pipelines import tracking
+    from pipelines.tune import command as tune
     from pipelines.settings import resolve
 
     settings = resolve()

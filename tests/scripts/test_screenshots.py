@@ -29,7 +29,8 @@ def tracked_run(tmp_path: Path) -> tuple[str, str, str]:
     from ddpm.data.shards import write_shards
     from ddpm.data.sources import Sample
     from ddpm.image import save_grid
-    from pipelines import registry, tracking
+    from pipelines import tracking
+    from pipelines.registry import register as registry
     from pipelines.settings import resolve
     from tests.pipelines.test_registry import save_tiny_checkpoint
 

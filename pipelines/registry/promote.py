@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipelines.errors import RefusedError, UsageError
-from pipelines.evaluate import EVAL_TAG, LAST_TAG
+from pipelines.registry.evaluate import EVAL_TAG, LAST_TAG
 
 
 def promote_command(name: str, version: str | None = None, alias: str = "champion", metric: str = "kid",

@@ -1,5 +1,5 @@
 """`ddpm-pipe sample`'s output folder: what it holds and whether it is ours (resume), the file formats
-(png, npz, webdataset chunks; layout in ``pipelines/sample.py``) and the manifest written last.
+(png, npz, webdataset chunks; layout in ``pipelines/sample/command.py``) and the manifest written last.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class OutputFolder:
         return f"{self.root}/{name}"
 
     def names(self) -> list[str]:
-        from pipelines.outputs import listing
+        from pipelines.storage.outputs import listing
 
         return listing(self.fs, self.root, self.url)
 
@@ -49,7 +49,7 @@ class OutputFolder:
         """Write and delete a probe object, so a bad URL fails before any sampling; a local folder
         made for the probe is removed again (nothing is left until the job has checked everything)."""
         from ddpm.data.storage import is_local
-        from pipelines.outputs import missing_folders, remove_if_empty
+        from pipelines.storage.outputs import missing_folders, remove_if_empty
 
         probe = self.path(f".ddpm-probe-{uuid.uuid4().hex[:8]}")
         made = missing_folders(self.root) if is_local(self.fs) else []
@@ -64,8 +64,8 @@ class OutputFolder:
             remove_if_empty(made)
 
     def lock(self):
-        """The folder's one-writer lock (``with folder.lock():``; :class:`pipelines.outputs.FolderLock`)."""
-        from pipelines.outputs import FolderLock
+        """The folder's one-writer lock (``with folder.lock():``; :class:`pipelines.storage.outputs.FolderLock`)."""
+        from pipelines.storage.outputs import FolderLock
 
         return FolderLock(self.fs, self.root, self.url, "sample")
 
@@ -102,10 +102,10 @@ def _is_ours(name: str) -> bool:
 def inspect_folder(folder: OutputFolder, fmt: str) -> FolderState:
     """Indices present, and the settings record; refuse a folder holding anything that is not ours.
 
-    Reads only: ownership is decided before anything is touched (``pipelines.outputs``); the caller
+    Reads only: ownership is decided before anything is touched (``pipelines.storage.outputs``); the caller
     removes dead jobs' temporaries once it holds the folder's lock.
     """
-    from pipelines.outputs import TEMP, refuse_foreign
+    from pipelines.storage.outputs import TEMP, refuse_foreign
 
     names = folder.names()
     temporaries = refuse_foreign(folder.url, names, _is_ours, "samples of this tool")

@@ -37,7 +37,7 @@ import torch
 from ddpm import likelihood
 from ddpm.config import ConfigError, ExperimentConfig
 from ddpm.inference import compile_or_eager
-from pipelines import fault_injection
+from pipelines.train import fault_injection
 
 
 class NonFiniteLossError(RuntimeError):

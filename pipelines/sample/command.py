@@ -1,10 +1,10 @@
 """`ddpm-pipe sample`: N samples of a model URI on the Ray cluster, resumably, to any fsspec URL.
 
-This file holds the request and the command; the workers are ``pipelines/sample_pool.py``, the output
-folder (ownership, resume, encoders, manifest) ``pipelines/sample_output.py``.
+This file holds the request and the command; the workers are ``pipelines/sample/pool.py``, the output
+folder (ownership, resume, encoders, manifest) ``pipelines/sample/output.py``.
 
 How the work is spread: a pool of Ray actors, not tasks and not Ray Data.
-- Each actor loads the model once (``pipelines.models.load``: EMA weights) and then serves work
+- Each actor loads the model once (``pipelines.registry.models.load``: EMA weights) and then serves work
   units of sample indices; a task per unit would load the model again for every unit.
 - The driver hands the next unit to whichever actor finishes first (``ray.wait``), so a slow node
   holds back nothing, and it knows exactly which indices are done: that is what makes resuming and
@@ -49,9 +49,9 @@ import numpy as np
 from ddpm.config import Sampler, SampleConfig
 from ddpm.noise import SEED_STRIDE, sample_seed
 from pipelines.errors import RefusedError, UsageError
-from pipelines.sample_output import (JOB_FILE, MANIFEST, OutputFolder, check_same, inspect_folder, write_manifest,
+from pipelines.sample.output import (JOB_FILE, MANIFEST, OutputFolder, check_same, inspect_folder, write_manifest,
                                      write_unit)
-from pipelines.sample_pool import WorkerPool, unit_size, units_of, worker_env
+from pipelines.sample.pool import WorkerPool, unit_size, units_of, worker_env
 
 SAMPLERS: tuple[str, ...] = get_args(Sampler)  # named once, in ddpm.config
 PRECISIONS: tuple[str, ...] = get_args(get_type_hints(SampleConfig)["precision"])
@@ -117,7 +117,7 @@ class SampleRun:
 
 def check_model(model: str) -> dict[str, Any]:
     """Check the model URI exists (no download) after pointing MLflow at the resolved store."""
-    from pipelines import models
+    from pipelines.registry import models
 
     if model.startswith(("runs:/", "models:/")):
         from pipelines import tracking
@@ -136,7 +136,7 @@ def model_timesteps(uri: str) -> int | None:
         if uri.startswith(("runs:/", "models:/")):
             import mlflow
 
-            from pipelines.registry import MODEL_ARTIFACT, WEIGHTS_ARTIFACT
+            from pipelines.registry.register import MODEL_ARTIFACT, WEIGHTS_ARTIFACT
 
             base = uri.rstrip("/")
             if uri.startswith("runs:/") and base.count("/") < 2:
@@ -277,7 +277,7 @@ def write_samples(req: SampleRequest, out: str | None, fmt: str = "png", progres
 def _write_locked(req: SampleRequest, folder: OutputFolder, fmt: str, meta: dict[str, Any], start: float,
                   progress: bool, on_written: Callable[[list[str]], None] | None) -> dict[str, Any]:
     """:func:`write_samples` once this job holds the folder's lock."""
-    from pipelines.outputs import remove_stale_temporaries
+    from pipelines.storage.outputs import remove_stale_temporaries
 
     state = inspect_folder(folder, fmt)
     remove_stale_temporaries(folder.fs, folder.root, state.temporaries)

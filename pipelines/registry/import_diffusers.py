@@ -3,7 +3,7 @@
 The network converts through ``ddpm.convert_diffusers`` (the paper's architecture only). The rest of
 the config is the paper's CIFAR-10 setting: linear betas 1e-4..0.02 over T = 1000 steps, epsilon
 prediction, sigma_t^2 = beta_t, 256 grey levels (the ``cifar10`` preset), with the converted
-network in place of the preset's. The version is logged by ``pipelines.registry`` in a run of the
+network in place of the preset's. The version is logged by ``pipelines.registry.register`` in a run of the
 ``import-diffusers`` experiment that records the source folder.
 """
 
@@ -36,7 +36,7 @@ def import_command(path: str, name: str) -> dict[str, Any]:
     from ddpm.unet import UNet
     from pipelines import tracking
     from pipelines.names import check_name
-    from pipelines.registry import MODEL_ARTIFACT, log_model
+    from pipelines.registry.register import MODEL_ARTIFACT, log_model
     from pipelines.settings import resolve
 
     check_name(name, "--name")

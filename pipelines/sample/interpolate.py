@@ -4,7 +4,7 @@ section 4.3) and writes the strip; the math lives in the library.
 One strip is written: source a, the ``lambdas`` decoded mixes, source b. Runs in the driver process:
 ``lambdas`` images are one small batch, not worth a cluster. The PNG carries the text chunk
 ``Software: ddpm-pipe interpolate``; an existing ``--out`` is replaced only when it carries it too
-(anything else is someone's file: exit 3, untouched; ``pipelines/outputs.py``).
+(anything else is someone's file: exit 3, untouched; ``pipelines/storage/outputs.py``).
 """
 
 from __future__ import annotations
@@ -82,9 +82,9 @@ def interpolate_command(model: str, a: str, b: str, t: int, lambdas: int, out: s
     from ddpm.data.storage import atomic_write, open_fs, storage_options_for
     from ddpm.image import grid
     from ddpm.interpolate import interpolate
-    from pipelines import models
-    from pipelines.outputs import refuse_foreign_file
-    from pipelines.sample import check_model
+    from pipelines.registry import models
+    from pipelines.storage.outputs import refuse_foreign_file
+    from pipelines.sample.command import check_model
 
     if lambdas < 2:
         raise UsageError(f"--lambdas must be >= 2, got {lambdas}")

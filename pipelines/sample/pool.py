@@ -1,5 +1,5 @@
 """`ddpm-pipe sample`'s workers: one :class:`SampleWorker` per Ray actor (or in this process), and the
-:class:`WorkerPool` that hands them units of sample indices (why actors: ``pipelines/sample.py``).
+:class:`WorkerPool` that hands them units of sample indices (why actors: ``pipelines/sample/command.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ddpm.noise import sample_seed
 from pipelines.errors import PipelineError, UsageError, first_line
 
 if TYPE_CHECKING:
-    from pipelines.sample import SampleRequest
+    from pipelines.sample.command import SampleRequest
 
 
 class SampleWorker:
@@ -37,7 +37,7 @@ class SampleWorker:
         from ddpm.inference import SamplingNet
         from ddpm.pipeline import DDPMPipeline, sampling_settings
         from ddpm.samplers import check_eta
-        from pipelines.models import load
+        from pipelines.registry.models import load
 
         os.environ.update(env)  # the tracking store; never credentials (workers read their own)
         torch.set_num_threads(int(os.environ.get("DDPM_TORCH_THREADS") or 0) or max(1, threads))

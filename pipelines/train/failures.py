@@ -18,7 +18,7 @@ import ray.train
 def _not_retried() -> tuple[type[BaseException], ...]:
     from ddpm.config import ConfigError
     from ddpm.data.storage import DataError
-    from pipelines.loop import NonFiniteLossError
+    from pipelines.train.loop import NonFiniteLossError
 
     return ConfigError, DataError, NonFiniteLossError
 
@@ -69,7 +69,7 @@ class StopOnBadInput(ray.train.UserCallback):
     """
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, BaseException]) -> None:
-        from pipelines.loop import NonFiniteLossError
+        from pipelines.train.loop import NonFiniteLossError
 
         for rank, exc in sorted(worker_exceptions.items()):
             cause = deterministic_cause(exc)

@@ -8,7 +8,7 @@ This file is logged as the model's code; ``ddpm`` travels beside it as ``code_pa
 ``seeds`` (one int per sample, or one int ``seed``: sample i then uses ``seed * 1_000_003 + i``),
 ``sampler`` (ddpm|ddim|dpmpp), ``steps`` and ``eta`` (each default the config's, ddpm.pipeline.sampling_settings), ``batch_size``.
 It returns uint8 images ``[num x H x W x C]`` on the data's grey levels. The logged signature
-(``pipelines.registry.signature``) declares these columns, so pyfunc hands ``predict`` a DataFrame.
+(``pipelines.registry.register.signature``) declares these columns, so pyfunc hands ``predict`` a DataFrame.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """`ddpm-pipe train`: the driver side of a training run.
 
 Resolve config, data and storage -> MLflow run (resumed by name) -> ``TorchTrainer`` with one worker
-per node (times GPUs per node) running :func:`pipelines.ray_train.worker_main` -> the final checkpoint
-becomes a registered model version. Data resolution and checks live in pipelines/data.py, the Ray
-Train wiring (worker entry point, checkpoint I/O, ``RunConfig``) in pipelines/ray_train.py.
+per node (times GPUs per node) running :func:`pipelines.train.ray_train.worker_main` -> the final checkpoint
+becomes a registered model version. Data resolution and checks live in pipelines/storage/data.py, the Ray
+Train wiring (worker entry point, checkpoint I/O, ``RunConfig``) in pipelines/train/ray_train.py.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import os
 from typing import Any
 
 from ddpm.config import ExperimentConfig, load_config
-from pipelines.data import check_data, resolve_data
+from pipelines.storage.data import check_data, resolve_data
 from pipelines.errors import PipelineError, UsageError
-from pipelines.ray_train import CHECKPOINT_FILE, run_config, worker_main
+from pipelines.train.ray_train import CHECKPOINT_FILE, run_config, worker_main
 from pipelines.settings import resolve
 
 
@@ -57,8 +57,8 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     from ddpm.data.storage import open_fs, storage_options_for
     from pipelines import cluster, console, tracking
     from pipelines.names import check_name
-    from pipelines.outputs import FolderLock
-    from pipelines.registry import log_and_register
+    from pipelines.storage.outputs import FolderLock
+    from pipelines.registry.register import log_and_register
     from pipelines.settings import shareable_uri
 
     cfg = resolve_config(config, overrides or [], max_steps, precision, max_time)
@@ -71,7 +71,7 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     data_url, holdout_url = resolve_data(cfg, data, settings)
     check_data(data_url, cfg)
 
-    # One writer per run name: its checkpoints live in storage/<run-name> (pipelines/outputs.py).
+    # One writer per run name: its checkpoints live in storage/<run-name> (pipelines/storage/outputs.py).
     run_url = f"{settings.storage.rstrip('/')}/{run_name}"
     fs, root = open_fs(run_url, storage_options_for(run_url))
     with FolderLock(fs, root, run_url, "train"):
@@ -109,7 +109,7 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
             try:
                 result = trainer.fit()
             except Exception as e:
-                from pipelines.failures import worker_input_error
+                from pipelines.train.failures import worker_input_error
 
                 bad = worker_input_error(e)
                 if bad is not None:  # bad input found by a worker: one attempt, exit 2

@@ -1,8 +1,8 @@
 """The Ray Train wiring of training: the per-worker entry point, its checkpoint I/O and the ``RunConfig``.
 
-Workers: :func:`worker_main` runs :func:`pipelines.loop.train_loop` with a :class:`LoopContext` built
-on Ray Train's API. ``train`` (pipelines/train.py) and ``tune``'s distributed trials
-(pipelines/tune.py) both launch it; ``tune``'s single-process trials share :func:`checkpoint_io`.
+Workers: :func:`worker_main` runs :func:`pipelines.train.loop.train_loop` with a :class:`LoopContext` built
+on Ray Train's API. ``train`` (pipelines/train/command.py) and ``tune``'s distributed trials
+(pipelines/tune/command.py) both launch it; ``tune``'s single-process trials share :func:`checkpoint_io`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _ray_context(tracking_uri: str | None):
     import ray.train.torch
     import torch
 
-    from pipelines.loop import LoopContext, rank0_decides
+    from pipelines.train.loop import LoopContext, rank0_decides
 
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
@@ -82,7 +82,7 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     import ray
 
     from pipelines.console import remote_log
-    from pipelines.loop import LoopData, train_loop
+    from pipelines.train.loop import LoopData, train_loop
 
     cfg: ExperimentConfig = loop_config["config"]  # typed: Ray pickles the dataclass itself
     ctx = _ray_context(loop_config.get("tracking_uri"))
@@ -119,12 +119,12 @@ def worker_main(loop_config: dict[str, Any]) -> None:
 
 def run_config(name: str, storage: str, keep: int, max_failures: int = 3, env: dict | None = None):
     """Ray ``RunConfig``: checkpoints under storage/name, the last ``keep`` kept, restarts when a worker
-    is lost, but not on bad input (:class:`pipelines.failures.StopOnBadInput`)."""
+    is lost, but not on bad input (:class:`pipelines.train.failures.StopOnBadInput`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     from pipelines.console import train_logging_config
-    from pipelines.failures import StopOnBadInput
-    from pipelines.storage import ray_storage
+    from pipelines.train.failures import StopOnBadInput
+    from pipelines.storage.ray_storage import ray_storage
 
     path, fs = ray_storage(storage)
     return RunConfig(

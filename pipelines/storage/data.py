@@ -2,7 +2,7 @@
 (:func:`check_data`), and `ddpm-pipe data prepare`: a data source -> WebDataset shards + manifest on any
 fsspec URL.
 
-The output folder follows the rule of every writing command (``pipelines/outputs.py``): it must be
+The output folder follows the rule of every writing command (``pipelines/storage/outputs.py``): it must be
 new, empty, or hold only this split's shards (``{split}-NNNNNN.tar``), its ``manifest.json`` (ours:
 format ``ddpm-pipe/webdataset``) and their temporaries; anything else is refused (exit 3),
 untouched. One job writes it at a time. After a successful run, what earlier runs left there is
@@ -51,7 +51,7 @@ def check_data(url: str, cfg: ExperimentConfig) -> None:
     """Fail before any run or worker starts when the shards are missing, empty, incomplete or do not
     fit the model (a worker would find out only after Ray had restarted it ``max_failures`` times).
     Local shards are also hashed against the manifest (cheap: a local read); shards in an object
-    store are hashed by the worker that reads them, whose error is not retried (pipelines/failures.py)."""
+    store are hashed by the worker that reads them, whose error is not retried (pipelines/train/failures.py)."""
     import hashlib
 
     from ddpm.data import DataError, open_fs, read_manifest, storage_options_for
@@ -108,7 +108,7 @@ def prepare_command(source: str = "digits", out: str | None = None, shard_size: 
     from ddpm.data.shards import write_shards
     from ddpm.data.sources import open_source
     from ddpm.data.storage import DataError, SourceError, open_fs, storage_options_for
-    from pipelines.outputs import FolderLock
+    from pipelines.storage.outputs import FolderLock
     from pipelines.settings import resolve, redact
 
     if shard_size < 1:
@@ -161,7 +161,7 @@ def _check_ours(fs: Any, root: str, url: str, shard_name: re.Pattern) -> None:
     import json
 
     from ddpm.data.manifest import FORMAT, MANIFEST
-    from pipelines.outputs import listing, refuse_foreign
+    from pipelines.storage.outputs import listing, refuse_foreign
 
     names = listing(fs, root, url)
     refuse_foreign(url, names, lambda n: n == MANIFEST or bool(shard_name.match(n)), "shards of this split")
@@ -178,7 +178,7 @@ def _check_ours(fs: Any, root: str, url: str, shard_name: re.Pattern) -> None:
 def _clean_leftovers(fs: Any, root: str, url: str, shard_name: re.Pattern, manifest: dict[str, Any]) -> list[str]:
     """After a successful run: remove shards the manifest does not list and dead runs' temporaries."""
     from ddpm.data.manifest import MANIFEST
-    from pipelines.outputs import TEMP, listing, remove_stale_temporaries
+    from pipelines.storage.outputs import TEMP, listing, remove_stale_temporaries
 
     listed = {s["name"] for s in manifest["shards"]}
     names = listing(fs, root, url)

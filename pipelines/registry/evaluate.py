@@ -70,7 +70,8 @@ def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampl
     from ddpm.pipeline import sampling_settings
     from ddpm.samplers import SAMPLERS
 
-    from pipelines import models, tracking
+    from pipelines import tracking
+    from pipelines.registry import models
     from pipelines.settings import resolve
 
     if sampler is not None and sampler not in SAMPLERS:
@@ -127,7 +128,7 @@ def load_eval_data(cfg: Any, data: str | None, settings: Any) -> EvalData:
     from ddpm.data.manifest import resolve_split
     from ddpm.data.reader import load_split, to_float
     from ddpm.data.storage import DataError
-    from pipelines.data import ensure_prepared
+    from pipelines.storage.data import ensure_prepared
 
     base = data or cfg.data.url
     try:
@@ -213,7 +214,7 @@ def generate_samples(loaded: Any, sampler: str, steps: int | None, eta: float, n
 
 def _generate_on_cluster(loaded, sampler, steps, eta, num, nodes, address, seed):
     """Sample through the batch-sampling job (`ddpm-pipe sample`'s Ray actors): same seeds, same images."""
-    from pipelines.sample import sample_to_tensor
+    from pipelines.sample.command import sample_to_tensor
 
     return sample_to_tensor(model=loaded.uri, num=num, sampler=sampler, steps=steps, eta=eta, seed=seed, nodes=nodes,
               batch_size=loaded.config.sample.batch_size, address=address, progress=False)
@@ -413,7 +414,8 @@ def log_results(loaded: Any, uri: str, results: list[dict[str, Any]], main: dict
     from mlflow.entities import Metric
 
     from ddpm.image import save_grid
-    from pipelines import registry, tracking
+    from pipelines import tracking
+    from pipelines.registry import register as registry
 
     c = tracking.client()
     run_id = loaded.run_id

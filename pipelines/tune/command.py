@@ -9,7 +9,7 @@ Trials compare on ``bpd``: the held-out bits/dim estimate of :func:`ddpm.likelih
 (the same images, timesteps and noise in every trial), which, unlike L_simple, does not depend on T
 or the schedule. ASHA stops trials early on it.
 
-A trial runs :func:`pipelines.loop.train_loop`:
+A trial runs :func:`pipelines.train.loop.train_loop`:
 - ``--workers-per-trial 1``: in the trial's own process (:func:`_trial_single`), reporting through
   ``ray.tune.report`` and resuming from ``ray.tune.get_checkpoint``.
 - ``--workers-per-trial W > 1``: the trial launches a ``TorchTrainer`` (:func:`_trial_distributed`),
@@ -36,7 +36,7 @@ from typing import Any
 from ddpm.config import ExperimentConfig
 from pipelines.errors import RefusedError, UsageError
 from pipelines.settings import resolve
-from pipelines.ray_train import CHECKPOINT_FILE
+from pipelines.train.ray_train import CHECKPOINT_FILE
 
 METRIC = "bpd"
 STORAGE_TAG = "ddpm.tune.storage"  # where the sweep's Tune state lives; a resume must find the same
@@ -50,8 +50,8 @@ def _tune_context():
     import ray.tune
     import torch
 
-    from pipelines.loop import LoopContext
-    from pipelines.ray_train import checkpoint_io
+    from pipelines.train.loop import LoopContext
+    from pipelines.train.ray_train import checkpoint_io
 
     restore, report = checkpoint_io(ray.tune.report, ray.tune.get_checkpoint, ray.tune.Checkpoint)
 
@@ -61,8 +61,8 @@ def _tune_context():
 
 def _trial_single(params: dict, base: ExperimentConfig, data: dict) -> None:
     """Tune function trainable: the training loop in this trial's process."""
-    from pipelines import search_space
-    from pipelines.loop import LoopData, train_loop
+    from pipelines.tune import search_space
+    from pipelines.train.loop import LoopData, train_loop
 
     os.environ.setdefault("DDPM_TORCH_THREADS", "1")  # one CPU per trial
     cfg = search_space.apply(base, params)
@@ -75,7 +75,7 @@ def _worker_recording_placement(loop_config: dict) -> None:
     import ray
     import ray.train
 
-    from pipelines.ray_train import worker_main
+    from pipelines.train.ray_train import worker_main
 
     if ray.train.get_context().get_world_rank() == 0:
         pg = ray.util.get_current_placement_group()
@@ -96,8 +96,9 @@ def _trial_distributed(params: dict, base: ExperimentConfig, data: dict, placeme
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines import cluster, search_space
-    from pipelines.ray_train import run_config
+    from pipelines import cluster
+    from pipelines.tune import search_space
+    from pipelines.train.ray_train import run_config
 
     cfg = search_space.apply(base, params)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -128,7 +129,7 @@ def replace_restored_callbacks(tuner: Any, callbacks: list[Any]) -> None:
 
         raise RuntimeError(f"cannot set the callbacks of a restored Tuner on Ray {ray.__version__}: "
                            "Tuner._local_tuner.get_run_config() is gone (checked on Ray 2.60.0); "
-                           "see pipelines/tune.py replace_restored_callbacks")
+                           "see pipelines/tune/command.py replace_restored_callbacks")
     local.get_run_config().callbacks = list(callbacks)
 
 
@@ -167,7 +168,8 @@ def _make_callback(exp_id: str, parent_run_id: str, sweep: str, base: Experiment
                    registry: str | None = None, data_input: Any = None):
     from ray.tune import Callback
 
-    from pipelines import search_space, tracking
+    from pipelines import tracking
+    from pipelines.tune import search_space
 
     class SweepCallback(Callback):
         """Nested MLflow runs for trials, and the reaper of stopped trials' worker placement groups."""
@@ -242,7 +244,7 @@ def _full_bound(result, cfg: ExperimentConfig, holdout_url: str, storage_options
     from ddpm.checkpoint import load_checkpoint
     from ddpm.data import load_split, to_float
     from ddpm.likelihood import bits_per_dim
-    from pipelines.loop import build
+    from pipelines.train.loop import build
 
     path = None
     if result.checkpoint is not None:
@@ -274,12 +276,13 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     import ray
     from ray import tune
 
-    from pipelines import cluster, console, search_space, sweep_table, tracking
+    from pipelines import cluster, console, tracking
+    from pipelines.tune import search_space, sweep_table
     from pipelines.names import check_name
     from ddpm.data.storage import storage_options_for
-    from pipelines.storage import ray_storage
-    from pipelines.data import check_data, resolve_data
-    from pipelines.train import check_builds, resolve_config
+    from pipelines.storage.ray_storage import ray_storage
+    from pipelines.storage.data import check_data, resolve_data
+    from pipelines.train.command import check_builds, resolve_config
 
     if scheduler not in ("asha", "none"):
         raise UsageError(f"--scheduler {scheduler!r} is not valid; valid: asha, none")
@@ -419,7 +422,8 @@ def _finish(grid, base: ExperimentConfig, sweep: str, parent_run_id: str, resume
             holdout_url: str, opts: dict, full_bound_images: int, settings, wall_s: float,
             reaped: int) -> dict[str, Any]:
     """Summarise the trials, compute the best one's full bound, write and log the best config."""
-    from pipelines import search_space, sweep_table, tracking
+    from pipelines import tracking
+    from pipelines.tune import search_space, sweep_table
 
     rows = []
     for r in grid:

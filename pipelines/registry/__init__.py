@@ -1,0 +1,1 @@
+"""Models in MLflow: logging and registering (`register`, `mlflow_model`), resolving a model URI (`models`), `evaluate`, `promote` and `import-diffusers`."""
