@@ -78,7 +78,7 @@ class DDPMSampler:
 class DDIMSampler:
     """DDIM (Song, Meng and Ermon 2021); ``eta = 0`` is deterministic, ``eta = 1`` is DDPM-like."""
 
-    def __init__(self, diffusion: Diffusion, steps: int = 50, eta: float = 0.0) -> None:
+    def __init__(self, diffusion: Diffusion, steps: int = DEFAULT_STEPS["ddim"], eta: float = 0.0) -> None:
         check_eta(eta, "ddim")
         self.diffusion, self.eta = diffusion, float(eta)
         self.timesteps = space_timesteps(diffusion.num_timesteps, steps)
@@ -115,7 +115,7 @@ class DPMSolverPPSampler:
     large with it, 10% too small without). Holds the previous prediction: use one sampler per loop.
     """
 
-    def __init__(self, diffusion: Diffusion, steps: int = 20) -> None:
+    def __init__(self, diffusion: Diffusion, steps: int = DEFAULT_STEPS["dpmpp"]) -> None:
         self.diffusion = diffusion
         self.timesteps = space_timesteps(diffusion.num_timesteps, steps)
         abar = diffusion.alphas_cumprod[self.timesteps]

@@ -9,19 +9,24 @@ network in place of the preset's. The version is logged by ``pipelines.registry.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
+from ddpm.config import DiffusionConfig, ExperimentConfig, UNetConfig
+from ddpm.convert_diffusers import DiffusersConversionError, load_diffusers_unet
+from ddpm.unet import UNet
+from pipelines import tracking
 from pipelines.errors import UsageError
+from pipelines.names import check_name
+from pipelines.registry.models import MODEL_ARTIFACT
+from pipelines.registry.register import log_model
+from pipelines.settings import resolve
 
 EXPERIMENT = "import-diffusers"
 
 
-def diffusers_config(unet_config: Any, name: str) -> Any:
+def diffusers_config(unet_config: UNetConfig, name: str) -> ExperimentConfig:
     """The ``ExperimentConfig`` of an imported network: the ``cifar10`` preset around it."""
-    from dataclasses import replace
-
-    from ddpm.config import DiffusionConfig, ExperimentConfig
-
     base = ExperimentConfig.preset("cifar10")
     return replace(base, name=name, model=unet_config,
                    diffusion=DiffusionConfig(schedule="linear", timesteps=1000, prediction="eps",
@@ -32,13 +37,6 @@ def diffusers_config(unet_config: Any, name: str) -> Any:
 
 def import_command(path: str, name: str) -> dict[str, Any]:
     """Convert the diffusers model at ``path`` and register it as a new version of ``name``."""
-    from ddpm.convert_diffusers import DiffusersConversionError, load_diffusers_unet
-    from ddpm.unet import UNet
-    from pipelines import tracking
-    from pipelines.names import check_name
-    from pipelines.registry.register import MODEL_ARTIFACT, log_model
-    from pipelines.settings import resolve
-
     check_name(name, "--name")
     try:
         unet_config, state_dict = load_diffusers_unet(path)

@@ -4,25 +4,51 @@ Accepted: every model URI MLflow accepts, read with MLflow's own parser -- ``run
 ``models:/NAME/VERSION``, ``models:/NAME/latest``, ``models:/NAME@ALIAS``, ``models:/NAME/STAGE``
 (deprecated stages), ``models:/m-<id>`` (a logged model's id) -- each naming the weights and config
 artifacts of the pyfunc logged by training; or a checkpoint path/URL (``.../checkpoint.pt``, local
-or ``s3://``).
+or ``s3://``) or an exported weights folder.
+
+MLflow (about 3 s to import) is imported only for an MLflow URI, in :func:`_mlflow`: sampling a
+checkpoint file runs without it (``sample``'s in-process job, docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
+import fsspec
+import torch
+
+from ddpm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, import_weights, load_checkpoint, load_model
+from ddpm.config import ConfigError, ExperimentConfig
+from ddpm.data.storage import is_local
+from ddpm.diffusion import Diffusion
 from pipelines.errors import UsageError
+from pipelines.settings import resolve
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from mlflow.entities import Run
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.tracking import MlflowClient
+
+    from ddpm.unet import UNet
+
+MODEL_ARTIFACT = "model"  # the model's name within its run: runs:/RUN_ID/model
+WEIGHTS_ARTIFACT = "ddpm_model"  # the pyfunc artifact key (and folder) of the exported weights
+URI_FORMS = ("runs:/ID/model, models:/NAME/VERSION, models:/NAME/latest, models:/NAME@ALIAS, "
+             "models:/m-<logged model id>, or a checkpoint path/URL")
 
 
 @dataclass
 class LoadedModel:
     uri: str
-    config: Any  # ddpm.config.ExperimentConfig
-    model: Any  # ddpm.unet.UNet with EMA weights, eval mode
-    diffusion: Any  # ddpm.diffusion.Diffusion
+    config: ExperimentConfig
+    model: UNet  # EMA weights, eval mode
+    diffusion: Diffusion
     run_id: str | None = None
     name: str | None = None  # registered model name
     version: str | None = None
@@ -30,12 +56,20 @@ class LoadedModel:
     info: dict = field(default_factory=dict)
 
 
-def _is_mlflow_uri(uri: str) -> bool:
+def is_mlflow_uri(uri: str) -> bool:
     return uri.startswith(("runs:/", "models:/"))
 
 
-URI_FORMS = ("runs:/ID/model, models:/NAME/VERSION, models:/NAME/latest, models:/NAME@ALIAS, "
-             "models:/m-<logged model id>, or a checkpoint path/URL")
+def _mlflow() -> tuple[ModuleType, MlflowClient]:
+    """``(mlflow, client)`` pointed at the resolved store: the one import of MLflow here (see the
+    module docstring)."""
+    import mlflow
+    import mlflow.store.artifact.utils.models  # noqa: F401  (get_model_name_and_version, in describe)
+
+    from pipelines import tracking
+
+    tracking.configure(resolve())
+    return mlflow, tracking.client()
 
 
 def describe(uri: str) -> dict[str, str | None]:
@@ -43,37 +77,30 @@ def describe(uri: str) -> dict[str, str | None]:
 
     Checks that it exists; downloads nothing. ``latest`` and aliases resolve to a version number.
     """
-    if not _is_mlflow_uri(uri):
-        import fsspec
-
+    if not is_mlflow_uri(uri):
         fs, path = fsspec.core.url_to_fs(uri)
         if not fs.exists(path):
             raise UsageError(f"model {uri!r} does not exist (expected {URI_FORMS})")
         return {"run_id": None, "name": None, "version": None, "model_id": None}
-    from mlflow.exceptions import MlflowException
-    from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-    from pipelines import tracking
-
-    c = tracking.client()
+    mlflow, c = _mlflow()
     try:
         if uri.startswith("runs:/"):
             run_id, _, path = uri[len("runs:/"):].partition("/")
             run = c.get_run(run_id)
             return {"run_id": run_id, "name": None, "version": None,
-                    "model_id": _logged_model_of_run(c, run, path.strip("/") or "model")}
-        resolved = get_model_name_and_version(c, uri)  # (model_id,) or (name, version)
+                    "model_id": _logged_model_of_run(c, run, path.strip("/") or MODEL_ARTIFACT)}
+        resolved = mlflow.store.artifact.utils.models.get_model_name_and_version(c, uri)  # (id,) or (name, version)
         if len(resolved) == 1:
             logged = c.get_logged_model(resolved[0])
             return {"run_id": logged.source_run_id, "name": None, "version": None, "model_id": logged.model_id}
         mv = c.get_model_version(*resolved)
         return {"run_id": mv.run_id, "name": mv.name, "version": str(mv.version), "model_id": model_id_of(mv)}
-    except MlflowException as e:
+    except mlflow.exceptions.MlflowException as e:
         raise UsageError(f"model {uri!r} does not exist in the MLflow store or is not a model URI "
                          f"({URI_FORMS}): {str(e).splitlines()[0]}") from e
 
 
-def model_id_of(version: Any) -> str | None:
+def model_id_of(version: ModelVersion) -> str | None:
     """The logged model (m-...) a registered version points at: its ``model_id``, which some stores
     leave empty, else the ``models:/m-...`` source it was registered from."""
     if getattr(version, "model_id", None):
@@ -82,7 +109,7 @@ def model_id_of(version: Any) -> str | None:
     return source[len("models:/"):] if source.startswith("models:/m-") and "/" not in source[8:] else None
 
 
-def _logged_model_of_run(c: Any, run: Any, name: str) -> str | None:
+def _logged_model_of_run(c: MlflowClient, run: Run, name: str) -> str | None:
     """The id of the logged model ``name`` that ``run`` produced (None for a model logged as plain files)."""
     found = c.search_logged_models([run.info.experiment_id],
                                    filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'",
@@ -90,29 +117,57 @@ def _logged_model_of_run(c: Any, run: Any, name: str) -> str | None:
     return found[0].model_id if found else None
 
 
+def _pinned(uri: str, meta: dict[str, str | None]) -> str:
+    """The MLflow URI of exactly the model :func:`describe` found: a version registered meanwhile (or an
+    alias moved) is not mixed in."""
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri[len("runs:/"):].partition("/")
+        return f"runs:/{run_id}/{path.strip('/') or MODEL_ARTIFACT}"
+    if meta["version"] is not None:
+        return f"models:/{meta['name']}/{meta['version']}"
+    return uri
+
+
+def read_config(uri: str) -> ExperimentConfig:
+    """The config of the model behind ``uri``, without its weights: a logged model's ``config.json``
+    (one small download), an exported folder's, or a checkpoint's (a local file memory-mapped, a
+    remote one read whole). Drivers resolve sampling settings from it before any worker starts.
+
+    :raises UsageError: (exit 2) there is no model there, or its config cannot be read.
+    """
+    try:
+        if is_mlflow_uri(uri):
+            mlflow, _ = _mlflow()
+            pinned = _pinned(uri, describe(uri))
+            with tempfile.TemporaryDirectory() as tmp:
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{pinned}/artifacts/{WEIGHTS_ARTIFACT}/{CONFIG_FILE}", dst_path=tmp)
+                with open(local) as f:
+                    return ExperimentConfig.from_dict(json.load(f)["config"])
+        fs, path = fsspec.core.url_to_fs(uri)
+        if fs.isdir(path):
+            return ExperimentConfig.from_dict(json.loads(fs.cat_file(f"{path.rstrip('/')}/{CONFIG_FILE}"))["config"])
+        if not is_local(fs):
+            return load_checkpoint(uri)["config"]
+        config = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+        return ExperimentConfig.from_dict(json.loads(config) if isinstance(config, str) else config)
+    except UsageError:
+        raise
+    except (CheckpointError, ConfigError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UsageError(f"model {uri!r}: its config cannot be read ({type(e).__name__}: {e})") from e
+
+
 def load(uri: str) -> LoadedModel:
     """Load the EMA model behind ``uri`` for sampling (eval mode, CPU)."""
-    from ddpm.diffusion import Diffusion
-
     meta = describe(uri)
-    if not _is_mlflow_uri(uri):
-        from ddpm.checkpoint import CheckpointError, load_model
-
+    if not is_mlflow_uri(uri):
         try:
             cfg, model, diffusion = load_model(uri)
         except CheckpointError as e:  # unsafe, corrupt or incompatible: the user's input, exit 2
             raise UsageError(f"model {uri!r} cannot be loaded: {e}") from e
         return LoadedModel(uri=uri, config=cfg, model=model, diffusion=diffusion)
-    import mlflow
-
-    from ddpm.checkpoint import CheckpointError, import_weights
-
-    model_uri = uri  # pinned to what describe() resolved: a version registered meanwhile is not mixed in
-    if uri.startswith("runs:/"):
-        run_id, _, path = uri[len("runs:/"):].partition("/")
-        model_uri = f"runs:/{run_id}/{path.strip('/') or 'model'}"
-    elif meta["version"] is not None:
-        model_uri = f"models:/{meta['name']}/{meta['version']}"
+    mlflow, _ = _mlflow()
+    model_uri = _pinned(uri, meta)
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
         folder = _weights_folder(local)
@@ -131,8 +186,6 @@ def load(uri: str) -> LoadedModel:
 
 def _weights_folder(local: str) -> str | None:
     """The folder under a downloaded pyfunc model that holds ``model.safetensors``."""
-    from ddpm.checkpoint import WEIGHTS_FILE
-
     for root, _dirs, files in os.walk(local):
         if WEIGHTS_FILE in files:
             return root

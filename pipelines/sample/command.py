@@ -1,7 +1,12 @@
 """`ddpm-pipe sample`: N samples of a model URI on the Ray cluster, resumably, to any fsspec URL.
 
-This file holds the request and the command; the workers are ``pipelines/sample/pool.py``, the output
-folder (ownership, resume, encoders, manifest) ``pipelines/sample/output.py``.
+This file holds the command; the request is ``pipelines/sample/request.py``, the workers
+``pipelines/sample/pool.py``, the output folder (ownership, resume, encoders, manifest)
+``pipelines/sample/output.py``.
+
+The driver reads the model's config (not its weights, :func:`pipelines.registry.models.read_config`)
+and settles the sampler, steps and eta once (:meth:`SampleRequest.resolved`); the workers get
+those values and build their :class:`ddpm.pipeline.DDPMPipeline` from them.
 
 How the work is spread: a pool of Ray actors, not tasks and not Ray Data.
 - Each actor loads the model once (``pipelines.registry.models.load``: EMA weights) and then serves work
@@ -42,139 +47,54 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, get_args, get_type_hints
+from typing import Any
 
 import numpy as np
+import torch
 
-from ddpm.config import Sampler, SampleConfig
+from ddpm.config import ExperimentConfig
 from ddpm.noise import SEED_STRIDE, sample_seed
-from pipelines.errors import RefusedError, UsageError
-from pipelines.sample.output import (JOB_FILE, MANIFEST, OutputFolder, check_same, inspect_folder, write_manifest,
-                                     write_unit)
+from pipelines.console import Progress
+from pipelines.errors import RefusedError
+from pipelines.registry import models
+from pipelines.sample.output import (JOB_FILE, MANIFEST, FolderState, OutputFolder, check_same, inspect_folder,
+                                     write_manifest, write_unit)
 from pipelines.sample.pool import WorkerPool, unit_size, units_of, worker_env
-
-SAMPLERS: tuple[str, ...] = get_args(Sampler)  # named once, in ddpm.config
-PRECISIONS: tuple[str, ...] = get_args(get_type_hints(SampleConfig)["precision"])
-FORMATS = ("png", "webdataset", "npz")
-# -- the request ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SampleRequest:
-    """What to sample. ``sampler``, ``steps`` and ``eta`` left None are the model's own (its config's
-    ``sample`` section; for another sampler than the config's, that sampler's defaults: T for ddpm,
-    50 ddim, 20 dpmpp, eta 0): the workers resolve them when they load the model
-    (:func:`ddpm.pipeline.sampling_settings`)."""
-
-    model: str
-    num: int
-    sampler: str | None = None
-    steps: int | None = None
-    eta: float | None = None
-    batch_size: int = 256
-    nodes: int = 1
-    gpus_per_node: int = 0
-    seed: int = 0
-    precision: str = "fp32"
-    progressive: int = 0
-    address: str | None = None
-    compile: bool = False  # torch.compile each worker's network (eager if it fails); speed only
-
-    def validate(self) -> None:
-        if self.sampler is not None:
-            _choice("--sampler", self.sampler, SAMPLERS)
-        _choice("--precision", self.precision, PRECISIONS)
-        for name, value, low in (("--num", self.num, 1), ("--batch-size", self.batch_size, 1),
-                                 ("--nodes", self.nodes, 1), ("--gpus-per-node", self.gpus_per_node, 0),
-                                 ("--progressive", self.progressive, 0)):
-            if value < low:
-                raise UsageError(f"{name} must be >= {low}, got {value}")
-        if self.steps is not None and self.steps < 1:
-            raise UsageError(f"--steps must be >= 1, got {self.steps}")
-        from ddpm.samplers import check_eta
-
-        try:
-            if self.eta is not None:  # without --sampler the range alone: the worker checks the model's
-                check_eta(self.eta, self.sampler, name="--eta")
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        if self.num >= SEED_STRIDE:
-            raise UsageError(f"--num must be below {SEED_STRIDE} (one seed per sample)")
-
-
-def _choice(option: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise UsageError(f"{option} {value!r} is not valid; valid: {', '.join(valid)}")
+from pipelines.sample.request import SampleRequest, check_format
+from pipelines.settings import resolve
+from pipelines.storage.outputs import remove_stale_temporaries
 
 
 @dataclass
 class SampleRun:
     """What :func:`sample_arrays` returns: x_0 ``[N x C x H x W]`` in [-1, 1] and the timings."""
 
-    x: Any  # torch.Tensor
-    progressive: Any  # torch.Tensor [N x K x C x H x W] or None
+    x: torch.Tensor
+    progressive: torch.Tensor | None  # [N x K x C x H x W] with req.progressive = K
     info: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def check_model(model: str) -> dict[str, Any]:
-    """Check the model URI exists (no download) after pointing MLflow at the resolved store."""
-    from pipelines.registry import models
-
-    if model.startswith(("runs:/", "models:/")):
-        from pipelines import tracking
-        from pipelines.settings import resolve
-
-        tracking.configure(resolve())
-    return models.describe(model)
-
-
-def model_timesteps(uri: str) -> int | None:
-    """The model's T, read on the driver without its weights (a registered model's ``config.json``;
-    a local checkpoint memory-mapped), or None where that is not cheap: then the workers check."""
-    import tempfile
-
-    try:
-        if uri.startswith(("runs:/", "models:/")):
-            import mlflow
-
-            from pipelines.registry.register import MODEL_ARTIFACT, WEIGHTS_ARTIFACT
-
-            base = uri.rstrip("/")
-            if uri.startswith("runs:/") and base.count("/") < 2:
-                base = f"{base}/{MODEL_ARTIFACT}"
-            with tempfile.TemporaryDirectory() as tmp:
-                local = mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"{base}/artifacts/{WEIGHTS_ARTIFACT}/config.json", dst_path=tmp)
-                with open(local) as f:
-                    config = json.load(f)["config"]
-        else:
-            from ddpm.data.storage import is_local, open_fs
-
-            fs, path = open_fs(uri)
-            if not is_local(fs):
-                return None
-            import torch
-
-            config = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
-            config = json.loads(config) if isinstance(config, str) else config
-        return int(config["diffusion"]["timesteps"])
-    except Exception:  # whatever goes wrong here, the workers load the model and report it
-        return None
+def settle(req: SampleRequest) -> tuple[SampleRequest, ExperimentConfig, dict[str, str | None]]:
+    """Check ``req`` and the model, then fill in the model's own settings: ``(resolved request, the
+    model's config, what the model URI names)``; nothing is sampled or written."""
+    req.validate()
+    meta = models.describe(req.model)
+    config = models.read_config(req.model)
+    return req.resolved(config), config, meta
 
 
 # -- in memory (for `evaluate`) --------------------------------------------------------------------
 def sample_arrays(req: SampleRequest, progress: bool = True) -> SampleRun:
     """Sample ``req.num`` images on the cluster and return them to the driver (nothing written)."""
-    import torch
-
-    req.validate()
-    meta = check_model(req.model)
+    req, _config, meta = settle(req)
     start = time.perf_counter()
     pool = WorkerPool(req, worker_env(req.model))
     try:
         ready = time.perf_counter()
         xs: dict[int, np.ndarray] = {}
         ps: dict[int, np.ndarray] = {}
-        bar = _bar(req.num, progress)
+        bar = Progress("sample", req.num, "sample", enabled=progress)
 
         def keep(result: dict[str, Any]) -> None:
             for k, i in enumerate(result["indices"]):
@@ -195,9 +115,10 @@ def sample_arrays(req: SampleRequest, progress: bool = True) -> SampleRun:
     return SampleRun(x=x, progressive=preds, info=info, timings=_timings(start, ready, done, req.num))
 
 
-def sample_to_tensor(model: str, num: int, sampler: str | None = None, steps: int | None = None, eta: float | None = None,
-                     batch_size: int = 256, nodes: int = 1, gpus_per_node: int = 0, seed: int = 0,
-                     precision: str = "fp32", address: str | None = None, progress: bool = True):
+def sample_to_tensor(model: str, num: int, sampler: str | None = None, steps: int | None = None,
+                     eta: float | None = None, batch_size: int = 256, nodes: int = 1, gpus_per_node: int = 0,
+                     seed: int = 0, precision: str = "fp32", address: str | None = None,
+                     progress: bool = True) -> torch.Tensor:
     """``num`` samples ``[num x C x H x W]`` (float32 in [-1, 1]) through the same Ray job as ``sample``.
 
     Sample i is the same as ``ddpm-pipe sample --seed SEED`` writes as index i.
@@ -214,32 +135,16 @@ def _timings(start: float, ready: float, done: float, count: int) -> dict[str, f
             "total_s": round(done - start, 3), "samples_per_s": round(count / sample_s, 3) if count else 0.0}
 
 
-def _bar(total: int, enabled: bool):
-    """The progress line ``evaluate`` prints too (rate and ETA; in place on a terminal, plain lines otherwise)."""
-    from pipelines.console import Progress
-
-    return Progress("sample", total, "sample", enabled=enabled)
-
-
-def _identity(req: SampleRequest, fmt: str, meta: dict[str, Any], used: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a folder's samples depend on; ``used``: what the workers resolved (sampler, steps, eta),
-    without it only what was asked (a setting left to the model is unknown until a worker read it)."""
-    used = used or {}
-    ident = {"model": req.model, "model_run_id": meta.get("run_id"), "model_name": meta.get("name"),
-             "model_version": meta.get("version"), "sampler": used.get("sampler", req.sampler),
-             "steps": used.get("steps", req.steps), "eta": used.get("eta", req.eta), "seed": int(req.seed),
-             "format": fmt, "precision": req.precision, "progressive": int(req.progressive)}
-    for key in ("sampler", "steps", "eta"):
-        if ident[key] is None:
-            del ident[key]
-    if "eta" in ident:
-        ident["eta"] = float(ident["eta"])
-    return ident
+def _identity(req: SampleRequest, fmt: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """What a folder's samples depend on (``req`` resolved: its sampler, steps and eta are the used ones)."""
+    return {"model": req.model, "model_run_id": meta.get("run_id"), "model_name": meta.get("name"),
+            "model_version": meta.get("version"), "sampler": req.sampler, "steps": req.steps,
+            "eta": float(req.eta), "seed": int(req.seed), "format": fmt, "precision": req.precision,
+            "progressive": int(req.progressive)}
 
 
 def _default_out(req: SampleRequest, meta: dict[str, Any]) -> str:
-    from pipelines.settings import resolve
-
+    """``DDPM_HOME/samples/<model>-<what was asked>-seed<seed>`` (``req`` as asked, not resolved)."""
     if meta.get("name"):
         base = f"{meta['name']}-v{meta['version']}"
     elif meta.get("run_id"):
@@ -255,84 +160,85 @@ def write_samples(req: SampleRequest, out: str | None, fmt: str = "png", progres
                   on_written: Callable[[list[str]], None] | None = None) -> dict[str, Any]:
     """Sample the indices of ``range(req.num)`` missing from ``out`` and write them; manifest last.
 
-    Everything is checked before any sampling: the options, that the model exists, that ``out`` is
-    writable and holds nothing but this job's samples. ``on_written(names)`` is called after each
-    unit's files are written (a hook for progress reporting and tests).
+    Everything is checked before any sampling: the options, that the model exists and the sampling
+    setting fits it, that ``out`` is writable and holds nothing but this job's samples.
+    ``on_written(names)`` is called after each unit's files are written (a hook for progress
+    reporting and tests).
     """
     start = time.perf_counter()
-    req.validate()
-    _choice("--format", fmt, FORMATS)
-    meta = check_model(req.model)
-    T = model_timesteps(req.model) if req.steps is not None else None
-    if T is not None and req.steps > T:  # before any folder exists or worker starts
-        raise UsageError(f"--steps {req.steps} exceeds the model's T={T}")
-    out = out or _default_out(req, meta)
-    folder = OutputFolder(out)
+    check_format(fmt)
+    asked = req
+    req, config, meta = settle(req)
+    folder = OutputFolder(out or _default_out(asked, meta))
     folder.check_writable()
     inspect_folder(folder, fmt)  # refuses a folder that is not ours before the lock touches it
     with folder.lock():
-        return _write_locked(req, folder, fmt, meta, start, progress, on_written)
+        state = inspect_folder(folder, fmt)
+        remove_stale_temporaries(folder.fs, folder.root, state.temporaries)
+        record = {"kind": "ddpm-samples", **_identity(req, fmt, meta),
+                  "seed_rule": f"sample i uses seed * {SEED_STRIDE} + i",
+                  "shape": [config.model.in_channels, config.model.image_size, config.model.image_size],
+                  "levels": config.data.levels, "T": config.diffusion.timesteps}
+        check_same(folder, state.record, _identity(req, fmt, meta))
+        missing = _missing(folder, state, req.num)
+        if not missing and state.record is not None and "steps" in state.record:
+            return _complete(folder, state, req.num, fmt)
+        return _write_missing(req, folder, fmt, state, record, missing, start, progress, on_written)
 
 
-def _write_locked(req: SampleRequest, folder: OutputFolder, fmt: str, meta: dict[str, Any], start: float,
-                  progress: bool, on_written: Callable[[list[str]], None] | None) -> dict[str, Any]:
-    """:func:`write_samples` once this job holds the folder's lock."""
-    from pipelines.storage.outputs import remove_stale_temporaries
-
-    state = inspect_folder(folder, fmt)
-    remove_stale_temporaries(folder.fs, folder.root, state.temporaries)
-    check_same(folder, state.record, _identity(req, fmt, meta))
-    beyond = sorted(i for i in state.done if i >= req.num)
+def _missing(folder: OutputFolder, state: FolderState, num: int) -> list[int]:
+    """The indices below ``num`` not in the folder; refuse one that holds samples beyond ``num``."""
+    beyond = sorted(i for i in state.done if i >= num)
     if beyond:
         raise RefusedError(f"output {folder.url!r} already holds samples up to index {beyond[-1]}, beyond "
-                           f"--num {req.num}; use --num {beyond[-1] + 1} or another --out")
-    missing = [i for i in range(req.num) if i not in state.done]
-    where = folder.url
+                           f"--num {num}; use --num {beyond[-1] + 1} or another --out")
+    return [i for i in range(num) if i not in state.done]
 
-    if not missing and state.record is not None and "steps" in state.record:
-        if state.manifest is None or state.manifest.get("count") != req.num:
-            write_manifest(folder, {**state.record, "count": req.num}, {"samples_written": 0})
-        return {"out": where, "count": req.num, "written": 0, "format": fmt, "resumed": True,
-                "manifest": f"{where}/{MANIFEST}",
-                "message": f"{req.num} samples already complete in {where} (nothing to do)"}
 
+def _complete(folder: OutputFolder, state: FolderState, num: int, fmt: str) -> dict[str, Any]:
+    """Nothing is missing: (re)write the manifest if it does not say so, sample nothing."""
+    if state.manifest is None or state.manifest.get("count") != num:
+        write_manifest(folder, {**state.record, "count": num}, {"samples_written": 0})
+    return {"out": folder.url, "count": num, "written": 0, "format": fmt, "resumed": True,
+            "manifest": f"{folder.url}/{MANIFEST}",
+            "message": f"{num} samples already complete in {folder.url} (nothing to do)"}
+
+
+def _write_missing(req: SampleRequest, folder: OutputFolder, fmt: str, state: FolderState, record: dict[str, Any],
+                   missing: list[int], start: float, progress: bool,
+                   on_written: Callable[[list[str]], None] | None) -> dict[str, Any]:
+    """Start the workers, record the job's settings, write the ``missing`` indices, manifest last."""
     pool = WorkerPool(req, worker_env(req.model))
     try:
         ready = time.perf_counter()
         info = pool.info
-        record = {"kind": "ddpm-samples", **_identity(req, fmt, meta, info),
-                  "seed_rule": f"sample i uses seed * {SEED_STRIDE} + i", "shape": info["shape"],
-                  "levels": info["levels"], "T": info["T"]}
-        check_same(folder, state.record, _identity(req, fmt, meta, info))
         if state.record is None or "steps" not in state.record:
             folder.write(JOB_FILE, json.dumps(record, indent=2).encode())
         if state.manifest is not None:  # it says "complete"; it comes back once that is true again
             folder.remove(MANIFEST)
-        bar = _bar(len(missing), progress)
-        bar.suffix = f" on {info['workers']} worker(s) -> {where}"
+        bar = Progress("sample", len(missing), "sample", enabled=progress)
+        bar.suffix = f" on {info['workers']} worker(s) -> {folder.url}"
 
         def write(result: dict[str, Any]) -> None:
-            names = write_unit(folder, fmt, result, info["levels"])
+            names = write_unit(folder, fmt, result, record["levels"])
             bar.update(len(result["indices"]))
             if on_written is not None:
                 on_written(names)
 
-        units = units_of(missing, unit_size(len(missing), info["workers"], req.batch_size))
-        pool.run(units, req.seed, write)
+        pool.run(units_of(missing, unit_size(len(missing), info["workers"], req.batch_size)), req.seed, write)
         bar.close()
     finally:
         pool.close()
-    done = time.perf_counter()
-    timings = {**_timings(start, ready, done, len(missing)), "load_s": round(info["load_s"], 3),
+    timings = {**_timings(start, ready, time.perf_counter(), len(missing)), "load_s": round(info["load_s"], 3),
                "samples_written": len(missing)}
     manifest = write_manifest(folder, {**record, "count": req.num, "workers": info["workers"],
                                         "nodes_used": info["nodes_used"], "batch_size": req.batch_size}, timings)
-    return {"out": where, "count": req.num, "written": len(missing), "format": fmt,
-            "resumed": bool(state.done), "manifest": f"{where}/{MANIFEST}", "timings": timings,
-            "workers": info["workers"], "steps": info["steps"], "model_version": manifest.get("model_version"),
+    return {"out": folder.url, "count": req.num, "written": len(missing), "format": fmt,
+            "resumed": bool(state.done), "manifest": f"{folder.url}/{MANIFEST}", "timings": timings,
+            "workers": info["workers"], "steps": req.steps, "model_version": manifest.get("model_version"),
             "message": (f"wrote {len(missing)} sample(s) ({req.num} in all, {fmt}) at "
                         f"{timings['samples_per_s']:.2f} samples/s on {info['workers']} worker(s); "
-                        f"samples in {where}")}
+                        f"samples in {folder.url}")}
 
 
 def sample_command(model: str, num: int, out: str | None, sampler: str | None, steps: int | None, eta: float | None,
@@ -345,5 +251,5 @@ def sample_command(model: str, num: int, out: str | None, sampler: str | None, s
     return write_samples(req, out, fmt=format)
 
 
-__all__ = ["FORMATS", "PRECISIONS", "SAMPLERS", "SampleRequest", "SampleRun", "sample_arrays", "sample_command",
-           "sample_seed", "sample_to_tensor", "write_samples"]
+__all__ = ["SampleRequest", "SampleRun", "sample_arrays", "sample_command", "sample_seed", "sample_to_tensor",
+           "settle", "write_samples"]

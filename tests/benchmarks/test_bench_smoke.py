@@ -192,7 +192,7 @@ def test_samplers_table_rows_compare_with_the_first(tmp_path):
     """A tiny random checkpoint, four rows of few steps: each row scored, compared with the first,
     and the table in the form scripts/plots.py --sampler-table reads."""
     from benchmarks import bench_samplers
-    from tests.pipelines.helpers import save_tiny_checkpoint
+    from tests.support import save_tiny_checkpoint
 
     ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
     r = bench_samplers.main(["--model", str(ckpt), "--num", "40", "--rows", "ddpm:4", "ddim:3", "ddim:3:1",

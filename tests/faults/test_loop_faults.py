@@ -16,7 +16,7 @@ import torch
 
 from ddpm.config import load_config
 from pipelines.train.loop import LoopContext, LoopData, NonFiniteLossError, train_loop
-from tests.pipelines.helpers import TINY
+from tests.support import TINY
 
 
 def config(*extra: str):
@@ -134,7 +134,7 @@ def test_mlflow_server_down_mid_run_training_goes_on_and_the_gap_is_accounted(di
                                                                               monkeypatch):
     from pipelines import tracking
     from pipelines.settings import resolve
-    from pipelines.tracking import AsyncLogger
+    from pipelines.train.async_logger import AsyncLogger
     from tests.fixtures.mlflow_server import _free_port
 
     port = _free_port()

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from pipelines.cli import app
 from pipelines.errors import UsageError
-from tests.pipelines.helpers import TINY
+from tests.support import TINY, cli_json, run_cli
 
 
 class _Exploit:
@@ -38,8 +36,8 @@ def test_malicious_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
         from PIL import Image
 
         Image.new("L", (8, 8)).save(tmp_path / name)
-    result = CliRunner().invoke(app, ["interpolate", "--model", str(evil), "--a", str(tmp_path / "a.png"),
-                                      "--b", str(tmp_path / "b.png"), "--out", str(tmp_path / "mix.png")])
+    result = run_cli("interpolate", "--model", str(evil), "--a", str(tmp_path / "a.png"),
+                                      "--b", str(tmp_path / "b.png"), "--out", str(tmp_path / "mix.png"))
     assert result.exit_code == 2, result.output
     assert "refused: not a weights-only checkpoint" in result.output
     assert not marker.exists()
@@ -54,7 +52,7 @@ def test_malicious_registered_model_is_refused_and_its_code_never_runs(tmp_path)
     from pipelines import tracking
     from pipelines.registry import models
     from pipelines.settings import resolve
-    from tests.pipelines.helpers import make_checkpoint
+    from tests.support import TINY_NET, save_tiny_checkpoint
 
     marker = tmp_path / "pwned"
     folder = tmp_path / "model" / "artifacts" / "ddpm_model"
@@ -62,7 +60,7 @@ def test_malicious_registered_model_is_refused_and_its_code_never_runs(tmp_path)
     (folder / "model.safetensors").write_bytes(pickle.dumps(_Exploit(marker)))
     from ddpm.checkpoint import load_checkpoint
 
-    cfg = load_checkpoint(make_checkpoint(str(tmp_path / "c.pt")))["config"]
+    cfg = load_checkpoint(str(save_tiny_checkpoint(tmp_path / "c.pt", overrides=TINY_NET)))["config"]
     (folder / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "format_version": 1}))
     (tmp_path / "model" / "python_model.pkl").write_bytes(pickle.dumps(_Exploit(marker)))
 
@@ -97,12 +95,12 @@ def test_planted_credentials_never_reach_mlflow_checkpoints_manifests_or_samples
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
     sets = [x for s in TINY for x in ("--set", s)]
-    result = CliRunner().invoke(app, ["train", "--nodes", "1", "--max-steps", "2", "--run-name", "secret",
-                                      "--storage", str(tmp_path / "storage"), "--json", *sets])
+    result = run_cli("train", "--nodes", "1", "--max-steps", "2", "--run-name", "secret",
+                                      "--storage", str(tmp_path / "storage"), "--json", *sets)
     assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    sampled = CliRunner().invoke(app, ["sample", "--model", out["model_uri"], "--num", "2", "--steps", "2",
-                                       "--out", str(tmp_path / "samples"), "--format", "npz"])
+    out = cli_json(result)
+    sampled = run_cli("sample", "--model", out["model_uri"], "--num", "2", "--steps", "2",
+                                       "--out", str(tmp_path / "samples"), "--format", "npz")
     assert sampled.exit_code == 0, sampled.output
 
     tracking.configure(resolve())
@@ -266,8 +264,8 @@ def _plant_tuner_state(storage: Path, sweep: str, marker: Path) -> None:
 
 def _tune(storage: Path, data: Path, *extra: str):
     sets = [x for s in [*TINY, f"data.holdout_url={data}"] for x in ("--set", s)]
-    return CliRunner().invoke(app, ["tune", "--trials", "1", "--max-steps", "2", "--data", str(data),
-                                    "--storage", str(storage), *sets, *extra])
+    return run_cli("tune", "--trials", "1", "--max-steps", "2", "--data", str(data),
+                                    "--storage", str(storage), *sets, *extra)
 
 
 @pytest.mark.timeout(120)
@@ -335,8 +333,8 @@ def test_redact_masks_credentials_inside_any_url():
 
 @pytest.mark.timeout(120)
 def test_cli_error_never_prints_a_url_password():
-    result = CliRunner().invoke(app, ["run", "--submit", "--address",
-                                      f"http://alice:{PLANTED_PASSWORD}@127.0.0.1:1"])
+    result = run_cli("run", "--submit", "--address",
+                                      f"http://alice:{PLANTED_PASSWORD}@127.0.0.1:1")
     assert result.exit_code == 2, result.output
     assert "cannot reach the Ray Jobs API at http://***@127.0.0.1:1" in result.output
     assert PLANTED_PASSWORD not in result.output
@@ -368,8 +366,8 @@ def fake_jobs(monkeypatch):
 
 def test_submitted_job_env_holds_no_credentials_and_the_output_masks_the_address(fake_jobs, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", CREDENTIALED_URI)
-    result = CliRunner().invoke(app, ["run", "--submit", "--json", "--address",
-                                      f"http://alice:{PLANTED_PASSWORD}@127.0.0.1:8265"])
+    result = run_cli("run", "--submit", "--json", "--address",
+                                      f"http://alice:{PLANTED_PASSWORD}@127.0.0.1:8265")
     assert result.exit_code == 0, result.output
     assert PLANTED_PASSWORD not in result.output and "http://***@127.0.0.1:8265" in result.output
     env = fake_jobs[0]["runtime_env"]["env_vars"]
@@ -378,7 +376,7 @@ def test_submitted_job_env_holds_no_credentials_and_the_output_masks_the_address
     assert_no_secret("the job's runtime env", fake_jobs[0])
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")  # nothing secret: it travels
-    assert CliRunner().invoke(app, ["run", "--submit", "--address", "http://127.0.0.1:8265"]).exit_code == 0
+    assert run_cli("run", "--submit", "--address", "http://127.0.0.1:8265").exit_code == 0
     assert fake_jobs[1]["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
 
 
@@ -408,7 +406,7 @@ def test_workflow_summary_masks_the_tracking_uri_password(monkeypatch):
     from pipelines.train import command as train
 
     real_resolve, real_configure = settings.resolve, tracking.configure
-    monkeypatch.setattr(settings, "resolve", lambda *a, **k: dataclasses.replace(
+    monkeypatch.setattr(workflow, "resolve", lambda *a, **k: dataclasses.replace(
         real_resolve(*a, **k), tracking_uri=CREDENTIALED_URI))
     monkeypatch.setattr(tracking, "configure", lambda _s: real_configure(real_resolve()))
     uri = "models:/ddpm-digits/1"
@@ -423,7 +421,7 @@ def test_workflow_summary_masks_the_tracking_uri_password(monkeypatch):
         "bpd": 1.0, "scores": {"fd": 1.0}, "floors": {"fd": 0.5}, "sec_per_sample": 0.1})
     monkeypatch.setattr(promote, "promote_command", lambda **k: {"message": "promoted"})
     monkeypatch.setattr(sample, "sample_command", lambda **k: {"out": "out", "manifest": "m"})
-    result = CliRunner().invoke(app, ["run", "--name", "summary"])
+    result = run_cli("run", "--name", "summary")
     assert result.exit_code == 0, result.output
     assert "MLflow store     : http://***@mlflow.example:5000" in result.output
     assert PLANTED_PASSWORD not in result.output

@@ -6,7 +6,6 @@ is redone. Tiny configs (tests/pipelines/helpers.py's TINY): the point is the re
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -18,11 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from pipelines.cli import app
 from tests.fixtures.ray_cluster import add_node
-from tests.pipelines.helpers import TINY
+from tests.support import TINY, cli_json, run_cli
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the registered checkpoints
 
@@ -34,9 +31,9 @@ def sets(*extra: str) -> list[str]:
 def train(tmp_path: Path, name: str, nodes: int, steps: int, *extra: str) -> dict:
     args = ["train", "--nodes", str(nodes), "--max-steps", str(steps), "--run-name", name,
             "--storage", str(tmp_path / "storage"), "--json", *sets(*extra)]
-    result = CliRunner().invoke(app, args)
+    result = run_cli(*args)
     assert result.exit_code == 0, result.output
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return cli_json(result)
 
 
 def final_state(out: dict) -> dict:
@@ -163,7 +160,7 @@ def test_killed_driver_rerun_resumes_the_same_run_and_ignores_a_partial_checkpoi
 
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=420)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
-    out = json.loads(second.stdout.strip().splitlines()[-1])
+    out = cli_json(second)
     assert out["resumed"] and out["metrics"]["step"] == 10
     assert not out["checkpoint"].rstrip("/").endswith("checkpoint_00000099")
 
@@ -204,7 +201,7 @@ def test_bad_shard_found_by_a_worker_stops_the_run_after_one_attempt(ray_cluster
     monkeypatch.setattr(T, "worker_main", counted)
     args = ["train", "--nodes", "2", "--max-steps", "2", "--run-name", "badshard", "--data", str(data),
             "--storage", str(tmp_path / "storage"), *sets()]
-    result = CliRunner().invoke(app, args)
+    result = run_cli(*args)
     assert result.exit_code == 2, result.output
     assert re.search(r"train-00000[0-2]\.tar: sha256 does not match the manifest", result.output), result.output
     assert "not retried" in result.output

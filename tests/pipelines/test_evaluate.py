@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
-from typer.testing import CliRunner
 
-from pipelines.cli import app
-from tests.pipelines.helpers import FAST, register_tiny, save_tiny_checkpoint
+from tests.support import FAST, cli_json, register_tiny, run_cli, save_tiny_checkpoint
 
 
 
@@ -65,10 +62,10 @@ def test_cli_evaluates_a_checkpoint_into_its_own_run_with_the_sampler_table(tmp_
     from pipelines import tracking
 
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt.pt")
-    result = CliRunner().invoke(app, ["evaluate", "--model", str(ckpt), "--num", "8", "--steps", "3",
-                                      "--table", "--json"])
+    result = run_cli("evaluate", "--model", str(ckpt), "--num", "8", "--steps", "3",
+                                      "--table", "--json")
     assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = cli_json(result)
     assert out["versions"] == []
     # T = 50: DDPM at 50 steps; DDIM at 10, 20, 50 (100 is capped at T) with eta 0 and 1.
     assert [(r["sampler"], r["steps"], r["eta"]) for r in out["table"]] == [
@@ -101,19 +98,20 @@ def test_two_nodes_sample_through_the_batch_job_and_match_one_process(ray_cluste
 
 
 def test_bad_sampler_is_a_usage_error(tmp_path):
-    result = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "none.pt"), "--sampler", "euler"])
+    result = run_cli("evaluate", "--model", str(tmp_path / "none.pt"), "--sampler", "euler")
     assert result.exit_code == 2 and "ddpm, ddim, dpmpp" in result.output
 
 
 def test_default_steps_are_capped_at_a_small_T_and_explicit_ones_checked():
-    from types import SimpleNamespace
-
+    """evaluate settles its setting once, with resolve_settings (the sample job's rule too)."""
+    from ddpm.config import ExperimentConfig
     from pipelines.errors import UsageError
-    from pipelines.registry.evaluate import _steps_used
+    from pipelines.sample.request import resolve_settings
 
-    loaded = SimpleNamespace(diffusion=SimpleNamespace(num_timesteps=30))  # e.g. a tuned T=30 model
-    assert _steps_used(loaded, "ddim", None) == 30  # not DDIM's default 50
-    assert _steps_used(loaded, "dpmpp", None) == 20 and _steps_used(loaded, "ddpm", None) == 30
-    assert _steps_used(loaded, "ddim", 10) == 10
+    cfg = ExperimentConfig.preset("digits").with_values(  # e.g. a tuned T=30 model, the paper's own sampler
+        {"diffusion.timesteps": 30, "sample.sampler": "ddpm", "sample.steps": None, "sample.eta": 0.0})
+    assert resolve_settings(cfg, "ddim", None, None)[1] == 30  # not DDIM's default 50
+    assert resolve_settings(cfg, "dpmpp", None, None)[1] == 20 and resolve_settings(cfg, "ddpm", None, None)[1] == 30
+    assert resolve_settings(cfg, "ddim", 10, None)[1] == 10
     with pytest.raises(UsageError, match="T=30"):
-        _steps_used(loaded, "ddim", 31)
+        resolve_settings(cfg, "ddim", 31, None)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.pipelines.helpers import FAST
-from tests.pipelines.helpers import register_tiny
+from tests.support import FAST
+from tests.support import register_tiny
 
 
 @pytest.mark.timeout(300)

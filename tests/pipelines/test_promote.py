@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
-from typer.testing import CliRunner
 
-from pipelines.cli import app
-from tests.pipelines.helpers import FAST
-from tests.pipelines.helpers import register_tiny
+from tests.support import FAST, cli_json, run_cli
+from tests.support import register_tiny
 
 KEY = "kid/data:abc/eta:0/features:digits-cnn-v3/num:16/sampler:ddim/steps:5/vs:test-360"
 
 
 def promote(*args: str):
-    return CliRunner().invoke(app, ["promote", "--json", *args])
+    return run_cli("promote", "--json", *args)
 
 
 def _client():
@@ -78,7 +75,7 @@ def test_promotion_against_a_real_tracking_server(mlflow_server, monkeypatch, tm
     # --force overrides and records why.
     forced = promote("--name", "gated", "--version", worse, "--force", "--reason", "rollback drill")
     assert forced.exit_code == 0, forced.output
-    assert json.loads(forced.stdout.strip().splitlines()[-1])["decision"] == "forced"
+    assert cli_json(forced)["decision"] == "forced"
     tags = c.get_model_version("gated", worse).tags
     assert tags["ddpm.promote.champion.decision"] == "forced"
     assert tags["ddpm.promote.champion.reason"] == "rollback drill"

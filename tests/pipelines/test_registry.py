@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.pipelines.helpers import register_tiny, save_tiny_checkpoint, tiny_config
+from tests.support import cli_json, register_tiny, save_tiny_checkpoint, tiny_config
 
 
 
@@ -56,7 +56,7 @@ def test_pyfunc_loads_in_a_fresh_process_and_samples(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = cli_json(proc)
     assert out["shape"] == [3, 8, 8, 1] and out["dtype"] == "uint8"
     assert out["same"]  # sample i depends on its seed alone, not on its batch
     assert out["max"] <= 255 and out["ddpm_shape"] == [2, 8, 8, 1]

@@ -110,10 +110,11 @@ def test_sample_grids_are_stepped_mlflow_images(tmp_path):
     from PIL import Image
 
     from pipelines import tracking
+    from pipelines.train.async_logger import AsyncLogger
 
     c = _client()
     run_id, _ = tracking.start_or_resume_run(tracking.experiment_id("images"), "i1")
-    logger = tracking.AsyncLogger(run_id)
+    logger = AsyncLogger(run_id)
     for step in (10, 20):
         path = tmp_path / f"samples_step{step:07d}.png"
         Image.new("L", (18, 18), color=step).save(path)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from tests.pipelines.helpers import TINY, mlflow_client, run_cli, train_args
-
+from tests.support import TINY, cli_json, mlflow_client, run_cli, train_args, wait_until
 
 
 @pytest.mark.slow
@@ -15,7 +19,7 @@ from tests.pipelines.helpers import TINY, mlflow_client, run_cli, train_args
 def test_train_four_nodes_spread_in_sync_and_tracked(ray_cluster, tmp_path):
     result = run_cli(*train_args(tmp_path))
     assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = cli_json(result)
     assert out["metrics"]["step"] == 4
     assert out["metrics"]["ranks_in_sync"] == 1.0
 
@@ -61,7 +65,7 @@ def test_nodes_beyond_cluster_fail_fast(ray_cluster, tmp_path):
 def test_max_time_stops_both_ranks_checkpoints_registers_and_says_why(ray_cluster, tmp_path):
     result = run_cli(*train_args(tmp_path, "--max-time", "4s", nodes=2, steps=100_000, name="budget"))
     assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = cli_json(result)
     step = out["metrics"]["step"]
     assert 1 <= step < 100_000 and out["stop_reason"] == "max_time" and "(the 4 s time budget)" in out["message"]
     assert out["metrics"]["max_time_reached"] == 1.0 and out["metrics"]["ranks_in_sync"] == 1.0
@@ -97,6 +101,53 @@ def test_max_time_reaches_the_config_in_seconds(monkeypatch, tmp_path):
     assert seen["cfg"].train.max_time == 90.0 and seen["cfg"].train.max_steps == 9
 
 
+def test_a_time_budget_with_no_step_count_is_the_limit(monkeypatch):
+    """``--max-time`` alone lifts the preset's step count (the digits preset stopped a 10-minute budget
+    at its 3,000 steps after 5 minutes); a step count given with it still applies."""
+    import pipelines.train.command as train
+    from pipelines.train.loop import NO_STEP_LIMIT
+
+    assert train.resolve_config("digits", [], max_time=600.0).train.max_steps == NO_STEP_LIMIT
+    assert train.resolve_config("digits", [], max_steps=9, max_time=600.0).train.max_steps == 9
+    assert train.resolve_config("digits", ["train.max_steps=50"], max_time=600.0).train.max_steps == 50
+    assert train.resolve_config("digits", []).train.max_steps == 3000  # no budget: the preset's count
+    seen = {}
+    monkeypatch.setattr(train, "train_command", lambda **kw: seen.update(cfg=train.resolve_config(
+        kw["config"], kw["overrides"], kw["max_steps"], kw["precision"], kw["max_time"])) or {"message": "ok"})
+    assert run_cli("train", "--max-time", "10m").exit_code == 0
+    assert seen["cfg"].train.max_time == 600.0 and seen["cfg"].train.max_steps == NO_STEP_LIMIT
+    assert train._limit(seen["cfg"]) == "600 s of training"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ctrl_c_during_train_exits_130_saying_where_and_how_to_resume(tmp_path):
+    """SIGINT (Ctrl-C) to a running `ddpm-pipe train`: exit 130, the step reached and the command that
+    resumes it on stderr, nothing on stdout, and the MLflow run ended as KILLED."""
+    sets = [x for s in [*TINY, "train.checkpoint_every=1"] for x in ("--set", s)]
+    cli = str(Path(sys.executable).with_name("ddpm-pipe"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.Popen([cli, "train", "--nodes", "1", "--max-steps", "100000", "--run-name", "stopped",
+                             "--storage", str(tmp_path / "storage"), *sets], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    try:
+        wait_until(lambda: lines.append(proc.stderr.readline()) or "[train] step 2" in lines[-1], 400,
+                   "a progress line of step 2", interval=0, alive=lambda: proc.poll() is None)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, "".join(lines) + err
+    said = re.search(r"interrupted at step (\d+); re-run with --run-name stopped to resume", err)
+    assert said and int(said[1]) >= 2, err[-2000:]
+    assert out == ""
+    c = mlflow_client()
+    run = c.search_runs([e.experiment_id for e in c.search_experiments()], "tags.`ddpm.run_name` = 'stopped'")[0]
+    assert run.info.status == "KILLED"
+
+
 def test_bad_config_key_is_a_usage_error(tmp_path):
     result = run_cli("train", "--set", "train.nope=1", "--storage", str(tmp_path))
     assert result.exit_code == 2
@@ -117,8 +168,8 @@ def test_checkpoints_go_to_s3_storage_and_a_rerun_resumes_the_same_run_from_ther
     assert fs.exists(f"{root}/s3run/checkpoint_00000002/checkpoint.pt")
     second = run_cli(*train_args(tmp_path, nodes=2, steps=4, name="s3run", storage=storage))
     assert second.exit_code == 0, second.output
-    a = json.loads(first.stdout.strip().splitlines()[-1])
-    out = json.loads(second.stdout.strip().splitlines()[-1])
+    a = cli_json(first)
+    out = cli_json(second)
     assert out["resumed"] and out["metrics"]["step"] == 4
     assert out["run_id"] == a["run_id"]  # the same MLflow run, not a second one
     assert fs.exists(f"{root}/s3run/checkpoint_00000004/checkpoint.pt")

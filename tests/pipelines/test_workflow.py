@@ -7,10 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from pipelines.cli import app
-from tests.pipelines.helpers import TINY, mlflow_client
+from tests.support import TINY, cli_json, mlflow_client, run_cli
 
 WORKFLOW = """
 train: {nodes: 2}
@@ -30,9 +28,9 @@ def run_args(tmp_path, name: str, *extra: str, workflow: str = WORKFLOW) -> list
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_workflow_runs_every_step_then_resumes(ray_cluster, tmp_path):
-    first = CliRunner().invoke(app, run_args(tmp_path, "wf"))
+    first = run_cli(*run_args(tmp_path, "wf"))
     assert first.exit_code == 0, first.output
-    out = json.loads(first.stdout.strip().splitlines()[-1])
+    out = cli_json(first)
     assert out["ran"] == ["prepare", "train", "evaluate", "promote", "sample"]
     steps = out["steps"]
     assert steps["train"]["model_uri"].startswith("models:/ddpm-digits/")
@@ -51,22 +49,22 @@ def test_workflow_runs_every_step_then_resumes(ray_cluster, tmp_path):
     version = c.get_model_version("ddpm-digits", steps["train"]["version"])
     assert any(k.startswith("eval.") or "fd" in k for k in version.tags), version.tags
 
-    second = CliRunner().invoke(app, run_args(tmp_path, "wf"))
+    second = run_cli(*run_args(tmp_path, "wf"))
     assert second.exit_code == 0, second.output
-    again = json.loads(second.stdout.strip().splitlines()[-1])
+    again = cli_json(second)
     assert again["ran"] == [] and again["skipped"] == ["prepare", "train", "evaluate", "promote", "sample"]
     assert again["parent_run_id"] == out["parent_run_id"]
 
     # A changed input (the sample count) reruns that step only.
-    third = CliRunner().invoke(app, run_args(tmp_path, "wf", workflow=WORKFLOW.replace("num: 8", "num: 9")))
+    third = run_cli(*run_args(tmp_path, "wf", workflow=WORKFLOW.replace("num: 8", "num: 9")))
     assert third.exit_code == 0, third.output
-    assert json.loads(third.stdout.strip().splitlines()[-1])["ran"] == ["sample"]
+    assert cli_json(third)["ran"] == ["sample"]
 
 
 def test_unknown_workflow_key_is_a_usage_error(tmp_path):
     spec = tmp_path / "w.yaml"
     spec.write_text("train: {nodez: 2}\n")
-    result = CliRunner().invoke(app, ["run", "--workflow", str(spec)])
+    result = run_cli("run", "--workflow", str(spec))
     assert result.exit_code == 2
     assert "nodez" in result.output and "nodes" in result.output
 
@@ -78,7 +76,7 @@ def test_workflow_train_max_time_takes_the_cli_forms(tmp_path):
     spec.write_text("train: {max_time: 10m, max_steps: 50000}\n")
     assert WorkflowSpec.load(str(spec)).train.max_time == 600.0
     spec.write_text("train: {max_time: 10x}\n")
-    result = CliRunner().invoke(app, ["run", "--workflow", str(spec)])
+    result = run_cli("run", "--workflow", str(spec))
     assert result.exit_code == 2
     assert "train.max_time: '10x' is not a duration" in result.output and "10m" in result.output
 
@@ -145,9 +143,9 @@ def test_workflow_submitted_as_ray_job(ray_head, tmp_path, monkeypatch):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     monkeypatch.setenv("DDPM_HOME", str(tmp_path / "job-home"))
-    result = CliRunner().invoke(app, run_args(tmp_path, "job", "--submit", "--address", ray_head))
+    result = run_cli(*run_args(tmp_path, "job", "--submit", "--address", ray_head))
     assert result.exit_code == 0, result.output
-    job_id = json.loads(result.stdout.strip().splitlines()[-1])["job_id"]
+    job_id = cli_json(result)["job_id"]
     client = JobSubmissionClient(ray_head)
     deadline = time.time() + 800
     while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
@@ -180,8 +178,8 @@ def test_submit_ships_the_local_config_and_workflow_files_as_the_jobs_working_di
     local.mkdir()
     (local / "exp.yaml").write_text("base: digits\nname: shipped\n")
     (local / "wf.yaml").write_text(WORKFLOW)
-    result = CliRunner().invoke(app, ["run", "--submit", "--address", "http://127.0.0.1:8265", "--json",
-                                      "--config", str(local / "exp.yaml"), "--workflow", str(local / "wf.yaml")])
+    result = run_cli("run", "--submit", "--address", "http://127.0.0.1:8265", "--json",
+                                      "--config", str(local / "exp.yaml"), "--workflow", str(local / "wf.yaml"))
     assert result.exit_code == 0, result.output
     job = submitted[0]
     assert job["files"] == {"config.yaml": "base: digits\nname: shipped\n", "workflow.yaml": WORKFLOW}
@@ -189,7 +187,7 @@ def test_submit_ships_the_local_config_and_workflow_files_as_the_jobs_working_di
     assert str(local) not in job["entrypoint"]
     assert not Path(job["folder"]).exists()  # uploaded by submit_job, then removed
 
-    preset = CliRunner().invoke(app, ["run", "--submit", "--address", "http://127.0.0.1:8265"])
+    preset = run_cli("run", "--submit", "--address", "http://127.0.0.1:8265")
     assert preset.exit_code == 0, preset.output
     assert "--config digits" in submitted[1]["entrypoint"] and submitted[1]["files"] == {}
 
@@ -211,11 +209,11 @@ def test_submitted_job_reads_files_that_exist_only_on_the_submitting_side(ray_he
     data = tmp_path / "shipped-data"
     (local / "exp.yaml").write_text(f"base: digits\ndata: {{url: {data / 'train'}, holdout_url: {data / 'test'}}}\n")
     (local / "wf.yaml").write_text("train: {nodes: 16}\n")
-    result = CliRunner().invoke(app, ["run", "--name", "shipped", "--submit", "--address", ray_head, "--json",
-                                      "--config", str(local / "exp.yaml"), "--workflow", str(local / "wf.yaml")])
+    result = run_cli("run", "--name", "shipped", "--submit", "--address", ray_head, "--json",
+                                      "--config", str(local / "exp.yaml"), "--workflow", str(local / "wf.yaml"))
     assert result.exit_code == 0, result.output
     shutil.rmtree(local)  # the job can only read its shipped copies
-    job_id = json.loads(result.stdout.strip().splitlines()[-1])["job_id"]
+    job_id = cli_json(result)["job_id"]
     client = JobSubmissionClient(ray_head)
     assert str(local) not in client.get_job_info(job_id).entrypoint
     deadline = time.time() + 300

@@ -32,7 +32,8 @@ def tracked_run(tmp_path: Path) -> tuple[str, str, str]:
     from pipelines import tracking
     from pipelines.registry import register as registry
     from pipelines.settings import resolve
-    from tests.pipelines.test_registry import save_tiny_checkpoint
+    from pipelines.train.async_logger import AsyncLogger
+    from tests.support import save_tiny_checkpoint
 
     settings = resolve()
     tracking.configure(settings)
@@ -44,7 +45,7 @@ def tracked_run(tmp_path: Path) -> tuple[str, str, str]:
     run_id, _ = tracking.start_or_resume_run(exp_id, "screens", {tracking.KIND_TAG: "train"})
     tracking.log_params(run_id, {"train": {"max_steps": len(STEPS)}, "run": {"data": data}})
     tracking.log_dataset(run_id, data, "training")
-    logger = tracking.AsyncLogger(run_id)
+    logger = AsyncLogger(run_id)
     for step in STEPS:
         logger.log_metrics({"loss": 1.0 / step, "bpd": 6.0 - step / 4}, step)
     grid = save_grid(torch.from_numpy(digits[:16, None]).float() / 8 - 1, str(tmp_path / "samples.png"), levels=17)
