@@ -213,7 +213,7 @@ def _check_type(where: str, value: object, tp: object) -> None:
                 and not (option is int and isinstance(value, bool)):
             return
     names = [" or ".join(map(repr, typing.get_args(o))) if typing.get_origin(o) is typing.Literal
-             else getattr(o, "__name__", str(o)) for o in options]
+             else "None" if o is type(None) else getattr(o, "__name__", str(o)) for o in options]
     raise UsageError(f"{where}: {value!r} is not {' or '.join(names)}")
 
 

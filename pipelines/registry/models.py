@@ -25,7 +25,7 @@ from ddpm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, import_w
 from ddpm.config import ConfigError, ExperimentConfig
 from ddpm.data.storage import is_local
 from ddpm.diffusion import Diffusion
-from pipelines.errors import UsageError
+from pipelines.errors import PipelineError, UsageError, first_line
 from pipelines.settings import resolve
 
 if TYPE_CHECKING:
@@ -41,6 +41,10 @@ MODEL_ARTIFACT = "model"  # the model's name within its run: runs:/RUN_ID/model
 WEIGHTS_ARTIFACT = "ddpm_model"  # the pyfunc artifact key (and folder) of the exported weights
 URI_FORMS = ("runs:/ID/model, models:/NAME/VERSION, models:/NAME/latest, models:/NAME@ALIAS, "
              "models:/m-<logged model id>, or a checkpoint path/URL")
+# MLflow error codes that mean the store could not answer (not "no such model"): an outage is exit 1,
+# and no caller may take it for the model being gone (the workflow would retrain).
+STORE_ERRORS = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED",
+                "IO_ERROR", "ABORTED")
 
 
 @dataclass
@@ -76,6 +80,9 @@ def describe(uri: str) -> dict[str, str | None]:
     """Run id, registered name and version, and logged model id behind a model URI.
 
     Checks that it exists; downloads nothing. ``latest`` and aliases resolve to a version number.
+
+    :raises UsageError: (exit 2) there is no such model (the store says so), or it is not a model URI.
+    :raises PipelineError: (exit 1) the MLflow store could not be asked (:data:`STORE_ERRORS`).
     """
     if not is_mlflow_uri(uri):
         fs, path = fsspec.core.url_to_fs(uri)
@@ -96,6 +103,8 @@ def describe(uri: str) -> dict[str, str | None]:
         mv = c.get_model_version(*resolved)
         return {"run_id": mv.run_id, "name": mv.name, "version": str(mv.version), "model_id": model_id_of(mv)}
     except mlflow.exceptions.MlflowException as e:
+        if e.error_code in STORE_ERRORS:
+            raise PipelineError(f"the MLflow store could not say whether model {uri!r} exists: {first_line(e)}") from e
         raise UsageError(f"model {uri!r} does not exist in the MLflow store or is not a model URI "
                          f"({URI_FORMS}): {str(e).splitlines()[0]}") from e
 

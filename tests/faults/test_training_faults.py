@@ -12,14 +12,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.fixtures.ray_cluster import add_node
-from tests.support import TINY, cli_json, run_cli
+from tests.support import TINY, cli_json, mlflow_client, wait_until, run_cli
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the registered checkpoints
 
@@ -42,25 +41,12 @@ def final_state(out: dict) -> dict:
     return load_checkpoint(os.path.join(out["checkpoint"], "checkpoint.pt"))
 
 
-def mlflow_client():
-    from pipelines import tracking
-    from pipelines.settings import resolve
-
-    tracking.configure(resolve())
-    return tracking.client()
-
-
 def wait_for_checkpoint(run_dir: Path, step: int, timeout: float, alive=lambda: True) -> None:
-    """Until Ray Train has registered the checkpoint of ``step`` (its snapshot names it)."""
-    name = f"checkpoint_{step:08d}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        snap = run_dir / SNAPSHOT
-        if snap.exists() and name in snap.read_text(errors="replace"):
-            return
-        assert alive(), "training ended before the fault could be injected"
-        time.sleep(0.2)
-    raise AssertionError(f"no {name} registered in {run_dir} after {timeout:.0f}s")
+    """Until Ray Train has registered the checkpoint of ``step`` (its snapshot names it); fails if
+    training ends first (before the fault could be injected)."""
+    name, snap = f"checkpoint_{step:08d}", run_dir / SNAPSHOT
+    wait_until(lambda: snap.exists() and name in snap.read_text(errors="replace"), timeout,
+               f"{name} registered in {run_dir}", alive=alive)
 
 
 @pytest.mark.slow

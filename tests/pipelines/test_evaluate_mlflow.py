@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import FAST
-from tests.support import register_tiny
+from tests.support import FAST, register_tiny
 
 
 @pytest.mark.timeout(300)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-
 import pytest
 
-from tests.support import FAST, cli_json, run_cli
-from tests.support import register_tiny
+from tests.support import FAST, cli_json, mlflow_client, register_tiny, run_cli
 
 KEY = "kid/data:abc/eta:0/features:digits-cnn-v3/num:16/sampler:ddim/steps:5/vs:test-360"
 
@@ -15,17 +13,11 @@ def promote(*args: str):
     return run_cli("promote", "--json", *args)
 
 
-def _client():
-    from pipelines import tracking
-    from pipelines.settings import resolve
-
-    tracking.configure(resolve())
-    return tracking.client()
 
 
 def _bare_versions(name: str, n: int):
     """Registered versions without artifacts: promote reads only their tags."""
-    c = _client()
+    c = mlflow_client()
     c.create_registered_model(name)
     for _ in range(n):
         c.create_model_version(name, source="s3://ddpm-tests/nowhere")
@@ -37,7 +29,7 @@ def test_promotion_against_a_real_tracking_server(mlflow_server, monkeypatch, tm
     from pipelines.registry.evaluate import evaluate_command
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    c = _client()
+    c = mlflow_client()
     assert c.tracking_uri == mlflow_server
     fd = {}  # the default promotion metric's values: KID against the held-out split
     for seed in (0, 1):
