@@ -50,6 +50,7 @@ from pipelines.sample.request import SampleRequest, check_format, resolve_settin
 from pipelines.settings import Settings, redact, resolve, shareable_uri
 from pipelines.storage import data
 from pipelines.train import command as train
+from pipelines.train.async_logger import CURVES, metric_name
 from pipelines.train.loop import sample_grid
 from pipelines.tune import command as tune
 
@@ -389,13 +390,15 @@ def _evaluate_inputs(run: _Run) -> dict[str, Any]:
 def _evaluate(run: _Run) -> dict[str, Any]:
     e, model = run.spec.evaluate, run.outputs["train"]["model_uri"]
     res = evaluate.evaluate_command(model=model, data=run.outputs["prepare"]["test_url"], num=e.num,
-                                    sampler=e.sampler, steps=e.steps, eta=e.eta, nodes=e.nodes, address=run.address)
+                                    sampler=e.sampler, steps=e.steps, eta=e.eta, nodes=e.nodes, address=run.address,
+                                    parent_run_id=run.parent_id, run_name=f"{run.name}-evaluate")
     floors = {f"{k}_floor": v for k, v in res["floors"].items()}
     errors = {f"{k}_se": v for k, v in res.get("se", {}).items()}
     errors.update({f"{k}_floor_se": v for k, v in res.get("floor_se", {}).items()})
     scores = {k: v for k, v in {**res["scores"], **floors, **errors}.items() if isinstance(v, (int, float))}
-    return {"model_uri": model, "bpd": res["bpd"], "scores": scores, "compared": res.get("compared", {}),
-            "floor_compared": res.get("floor_compared", {}), "sec_per_sample": res["sec_per_sample"]}
+    return {"model_uri": model, "run_id": res.get("run_id"), "bpd": res["bpd"], "scores": scores,
+            "compared": res.get("compared", {}), "floor_compared": res.get("floor_compared", {}),
+            "sec_per_sample": res["sec_per_sample"]}
 
 
 def _promote_inputs(run: _Run) -> dict[str, Any]:
@@ -524,9 +527,17 @@ def _grid(model_uri: str, settings: Settings, name: str) -> str:
 
 
 def _log_step(exp_id: str, parent_id: str, name: str, label: str, key: str, out: dict[str, Any]) -> None:
-    """A nested MLflow run per step, holding its input digest and outputs."""
-    if label == "train":  # the training run itself is the nested run
+    """A nested MLflow run per step, holding its input digest and outputs.
+
+    The train and evaluate steps' own runs are their nested runs; the training curves
+    (:data:`pipelines.train.async_logger.CURVES`) are copied to the workflow's run as well, so the
+    experiment's chart view, which shows the workflow's run and keeps its steps folded under it,
+    opens on them.
+    """
+    if label in ("train", "evaluate") and out.get("run_id"):
         tracking.client().set_tag(out["run_id"], "ddpm.step_inputs", key)
+        if label == "train":
+            _copy_curves(out["run_id"], parent_id)
         return
     run_id, _ = tracking.start_or_resume_run(exp_id, f"{name}-{label}", {tracking.KIND_TAG: f"workflow.{label}",
                                                                           "ddpm.step_inputs": key},
@@ -538,6 +549,15 @@ def _log_step(exp_id: str, parent_id: str, name: str, label: str, key: str, out:
         now = int(time.time() * 1000)
         tracking.client().log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in numeric.items()])
     tracking.end_run(run_id)
+
+
+def _copy_curves(source_run_id: str, run_id: str) -> None:
+    """The training curves' metric histories of ``source_run_id``, step by step, into ``run_id``."""
+    c = tracking.client()
+    points = [m for name in CURVES for m in c.get_metric_history(source_run_id, metric_name(name))]
+    metrics = [Metric(m.key, m.value, m.timestamp, m.step) for m in points]
+    for i in range(0, len(metrics), 1000):
+        c.log_batch(run_id, metrics=metrics[i:i + 1000])
 
 
 def ship_files(config: str, workflow: str | None) -> tuple[str, str, str | None]:

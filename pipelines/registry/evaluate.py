@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
+from mlflow.tracking import MlflowClient
 
 from ddpm import features
 from ddpm.config import ExperimentConfig
@@ -48,7 +49,7 @@ from ddpm.data.storage import DataError
 from ddpm.image import save_grid, to_levels
 from ddpm.inference import SamplingNet
 from ddpm.likelihood import bits_per_dim
-from ddpm.metrics import INCEPTION_WEIGHTS_HINT, direction, inception_fid, result_key
+from ddpm.metrics import INCEPTION_WEIGHTS_HINT, direction, inception_fid, parse_result_key, result_key
 from ddpm.pipeline import DDPMPipeline
 from pipelines import console, tracking
 from pipelines.errors import PipelineError, UsageError
@@ -81,11 +82,13 @@ class EvalData:
 def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampler: str | None = None,
                      steps: int | None = None, nodes: int = 1, table: bool = False,
                      address: str | None = None, *, eta: float | None = None, bpd_images: int = BPD_IMAGES,
-                     table_rows: tuple = TABLE_ROWS) -> dict[str, Any]:
+                     table_rows: tuple = TABLE_ROWS, parent_run_id: str | None = None,
+                     run_name: str | None = None) -> dict[str, Any]:
     """Evaluate ``model`` and log every keyed result; returns them with a readable ``message``.
 
     ``sampler``, ``steps`` and ``eta`` left None are the model's own (its config's ``sample`` section),
-    settled once here (:func:`pipelines.sample.request.resolve_settings`)."""
+    settled once here (:func:`pipelines.sample.request.resolve_settings`). The results go to a run of
+    their own, ``run_name`` under ``parent_run_id`` when given (the workflow's), see :func:`log_results`."""
     check_num(num)
     settings = resolve(address=address)
     tracking.configure(settings)
@@ -108,7 +111,8 @@ def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampl
             rows.append(row)
             results.extend(r for r in row["results"] if r["key"] not in {x["key"] for x in results})
 
-    target = log_results(loaded, model, results, main, rows, settings, data_url=ev.test_url)
+    target = log_results(loaded, model, results, main, rows, settings, data_url=ev.test_url,
+                         parent_run_id=parent_run_id, run_name=run_name)
     message = _message(model, bpd, main, rows, target)
     return {"message": message, "model": model, "results": results, "bpd": bpd["value"],
             "scores": main["scores"], "floors": main.get("floors", {}), "se": main.get("se", {}),
@@ -363,51 +367,61 @@ def _versions_of(uri: str, meta: dict[str, Any]) -> list[tuple[str, str]]:
     return []
 
 
-def log_results(loaded: LoadedModel, uri: str, results: list[dict[str, Any]], main: dict[str, Any],
-                rows: list[dict[str, Any]], settings: Settings, data_url: str | None = None) -> dict[str, Any]:
-    """Log metrics and artifacts to the model's run (or a new evaluation run) and tag its versions.
+def metric_names(results: list[dict[str, Any]], primary: list[dict[str, Any]]) -> dict[str, str]:
+    """``{result key: metric name in the evaluation run}`` for every result and standard error: the
+    setting asked for by its metric's name (``bpd``, ``kid``, ``kid_se``, ``fd_floor``); a sampler
+    table row's under its setting (``ddim-10-eta0/kid``: a chart section per setting)."""
+    asked = {r["key"] for r in primary} | {r["se_key"] for r in primary if "se_key" in r}
+    names = {}
+    for r in results:
+        for key, metric in ((r["key"], r["metric"]), (r.get("se_key"), f"{r['metric']}_se")):
+            if key is None:
+                continue
+            deps = parse_result_key(key)[1]
+            setting = f"{deps['sampler']}-{deps['steps']}-eta{deps['eta']}/" if "sampler" in deps else "table/"
+            names[key] = metric if key in asked else setting + metric
+    return names
 
-    Each version gets ``ddpm.eval.<key>`` = value for every result, and ``ddpm.eval_last.<metric>``
-    = the key of the setting asked for (bits/dim and the main sampler; not the table's rows).
-    ``data_url`` (the held-out split) is logged as the run's evaluation dataset; what the UI shows
-    (model metrics, short tags, the description, a results table) is ``register.record_evaluation``.
+
+def _evaluation_run(loaded: LoadedModel, uri: str, settings: Settings, parent_run_id: str | None,
+                    run_name: str | None) -> str:
+    """The evaluation's own run, beside the model's training run (its experiment, under its workflow
+    when it has one) or in the config's experiment for a checkpoint; resumed by name."""
+    c = tracking.client()
+    if loaded.run_id:
+        trained = c.get_run(loaded.run_id)
+        exp_id, parent = trained.info.experiment_id, parent_run_id or trained.data.tags.get("mlflow.parentRunId")
+        label = f"{loaded.name}-v{loaded.version}" if loaded.name else f"run-{loaded.run_id[:12]}"
+    else:
+        exp_id, parent = tracking.experiment_id(loaded.config.name, settings), parent_run_id
+        label = hashlib.sha256(uri.encode()).hexdigest()[:10]
+    tags = {tracking.KIND_TAG: "evaluate", "ddpm.model_uri": uri,
+            **({"ddpm.model_version": f"{loaded.name}/{loaded.version}"} if loaded.name else {}),
+            **({"ddpm.model_run_id": loaded.run_id} if loaded.run_id else {})}
+    run_id, _ = tracking.start_or_resume_run(exp_id, run_name or f"evaluate-{label}", tags, parent_run_id=parent)
+    return run_id
+
+
+def log_results(loaded: LoadedModel, uri: str, results: list[dict[str, Any]], main: dict[str, Any],
+                rows: list[dict[str, Any]], settings: Settings, data_url: str | None = None,
+                parent_run_id: str | None = None, run_name: str | None = None) -> dict[str, Any]:
+    """Log the evaluation to a run of its own (:func:`_evaluation_run`) and tag the model's versions.
+
+    The run's metrics have short names (:func:`metric_names`); each one's full result key (what it
+    depends on) is the run's tag ``ddpm.key.<name>``, and every result is in the run's
+    ``evaluation/results-<stamp>.md`` table. The setting asked for is linked to the logged model
+    (its model page) and to the held-out split, logged as the run's evaluation dataset. Each version
+    gets ``ddpm.eval.<key>`` = value for every result, and ``ddpm.eval_last.<metric>`` = the key of
+    the setting asked for (what `ddpm-pipe promote` reads); its short tags and description are
+    ``register.record_evaluation``'s.
     """
     primary = results[:1] + main["results"]
     c = tracking.client()
-    run_id = loaded.run_id
-    created = False
-    if run_id is None:
-        exp_id = tracking.experiment_id(loaded.config.name, settings)
-        name = "evaluate-" + hashlib.sha256(uri.encode()).hexdigest()[:10]
-        run_id, _ = tracking.start_or_resume_run(exp_id, name, {tracking.KIND_TAG: "evaluate",
-                                                                "ddpm.model_uri": uri})
-        created = True
-    now = int(time.time() * 1000)
-    metrics = [Metric(r["key"], r["value"], now, 0) for r in results]
-    metrics += [Metric(r["se_key"], r["se"], now, 0) for r in results if "se_key" in r]
+    run_id = _evaluation_run(loaded, uri, settings, parent_run_id, run_name)
     try:
-        for i in range(0, len(metrics), 500):
-            c.log_batch(run_id, metrics=metrics[i:i + 500])
-        if main.get("feature_net"):
-            c.log_batch(run_id, metrics=[Metric(f"feature_net_test_accuracy/features:{main['features']}",
-                                                main["feature_net"]["test_accuracy"], now, 0)])
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        with tempfile.TemporaryDirectory() as tmp:
-            doc = {"model": uri, "time": stamp, "results": results, "notes": main.get("notes", []),
-                   "feature_net": main.get("feature_net"), "table": [_row_summary(r) for r in rows]}
-            report = Path(tmp) / f"evaluation-{stamp}.json"
-            report.write_text(json.dumps(doc, indent=1, default=str))
-            c.log_artifact(run_id, str(report), "evaluation")
-            grid = Path(tmp) / f"samples-{main['sampler']}-{main['steps']}-{stamp}.png"
-            save_grid(main["samples"][:64], str(grid), levels=loaded.config.data.levels)
-            c.log_artifact(run_id, str(grid), "evaluation")
-            if rows:
-                (Path(tmp) / "sampler_table.json").write_text(
-                    json.dumps([_row_summary(r) for r in rows], indent=1))
-                (Path(tmp) / "sampler_table.md").write_text(table_markdown(rows) + "\n")
-                c.log_artifact(run_id, str(Path(tmp) / "sampler_table.json"), "evaluation")
-                c.log_artifact(run_id, str(Path(tmp) / "sampler_table.md"), "evaluation")
         versions = _versions_of(uri, {"run_id": loaded.run_id, "name": loaded.name, "version": loaded.version})
+        stamp = _log_metrics(c, run_id, loaded, results, primary, main, data_url)
+        _log_artifacts(c, run_id, uri, loaded, results, main, rows, stamp)
         for name, version in versions:
             for r in results:
                 c.set_model_version_tag(name, version, EVAL_TAG + r["key"], repr(r["value"]))
@@ -416,15 +430,50 @@ def log_results(loaded: LoadedModel, uri: str, results: list[dict[str, Any]], ma
             for r in primary:  # the setting asked for, not the table's rows
                 c.set_model_version_tag(name, version, LAST_TAG + r["metric"], r["key"])
             c.set_model_version_tag(name, version, "ddpm.eval_time", stamp)
-        dataset = tracking.log_dataset(run_id, data_url, "evaluation") if data_url else None
-        register.record_evaluation(c, run_id, loaded.model_id, versions, primary, results, stamp, dataset)
+        register.record_evaluation(c, run_id, versions, primary, results, stamp)
     except Exception as e:
-        if created:
-            tracking.end_run(run_id, "FAILED")
+        tracking.end_run(run_id, "FAILED")
         raise PipelineError(f"logging the evaluation to MLflow failed: {type(e).__name__}: {e}") from e
-    if created:
-        tracking.end_run(run_id)
+    tracking.end_run(run_id)
     return {"run_id": run_id, "versions": [f"models:/{n}/{v}" for n, v in versions]}
+
+
+def _log_metrics(c: MlflowClient, run_id: str, loaded: LoadedModel, results: list[dict[str, Any]],
+                 primary: list[dict[str, Any]], main: dict[str, Any], data_url: str | None) -> str:
+    """The results as short-named metrics, their keys as tags; returns the evaluation's time stamp."""
+    names = metric_names(results, primary)
+    values = {r["key"]: r["value"] for r in results} | {r["se_key"]: r["se"] for r in results if "se_key" in r}
+    if main.get("feature_net"):
+        key = f"feature_net_test_accuracy/features:{main['features']}"
+        names[key], values[key] = "feature_net_test_accuracy", main["feature_net"]["test_accuracy"]
+    dataset = tracking.log_dataset(run_id, data_url, "evaluation") if data_url else None
+    linked = {"model_id": loaded.model_id} if loaded.model_id else {}
+    if linked and dataset is not None:
+        linked.update(dataset_name=dataset.name, dataset_digest=dataset.digest)
+    asked = {r["key"] for r in primary}
+    now = int(time.time() * 1000)
+    metrics = [Metric(names[k], v, now, 0, **(linked if k in asked else {})) for k, v in values.items()]
+    tags = [RunTag(f"ddpm.key.{names[k]}", k) for k in values]
+    for i in range(0, max(len(metrics), len(tags)), 100):  # MLflow takes at most 100 tags per batch
+        c.log_batch(run_id, metrics=metrics[i:i + 100], tags=tags[i:i + 100])
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def _log_artifacts(c: MlflowClient, run_id: str, uri: str, loaded: LoadedModel, results: list[dict[str, Any]],
+                   main: dict[str, Any], rows: list[dict[str, Any]], stamp: str) -> None:
+    """The full report (JSON), the main setting's sample grid and, with ``--table``, the sampler table."""
+    with tempfile.TemporaryDirectory() as tmp:
+        doc = {"model": uri, "time": stamp, "results": results, "notes": main.get("notes", []),
+               "feature_net": main.get("feature_net"), "table": [_row_summary(r) for r in rows]}
+        files = [Path(tmp) / f"evaluation-{stamp}.json", Path(tmp) / f"samples-{main['sampler']}-{main['steps']}-{stamp}.png"]
+        files[0].write_text(json.dumps(doc, indent=1, default=str))
+        save_grid(main["samples"][:64], str(files[1]), levels=loaded.config.data.levels)
+        if rows:
+            files += [Path(tmp) / "sampler_table.json", Path(tmp) / "sampler_table.md"]
+            files[2].write_text(json.dumps([_row_summary(r) for r in rows], indent=1))
+            files[3].write_text(table_markdown(rows) + "\n")
+        for f in files:
+            c.log_artifact(run_id, str(f), "evaluation")
 
 
 def _message(uri: str, bpd: dict[str, Any], main: dict[str, Any], rows: list[dict[str, Any]],

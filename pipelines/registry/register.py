@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ import mlflow
 import numpy
 import safetensors
 import torch
-from mlflow.entities import Dataset, Metric
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import DataType
@@ -135,23 +133,15 @@ def _source_uri(source_json: str) -> str:
     return str(source.get("uri") or source.get("url") or source)
 
 
-def record_evaluation(c: MlflowClient, run_id: str, model_id: str | None, versions: list[tuple[str, str]],
-                      primary: list[dict[str, Any]], results: list[dict[str, Any]], stamp: str,
-                      dataset: Dataset | None = None) -> None:
-    """What MLflow's UI shows of an evaluation, beside the full-key ``ddpm.eval.*`` version tags
-    that `ddpm-pipe promote` reads.
+def record_evaluation(c: MlflowClient, run_id: str, versions: list[tuple[str, str]],
+                      primary: list[dict[str, Any]], results: list[dict[str, Any]], stamp: str) -> None:
+    """What the registry shows of an evaluation made in run ``run_id``, beside the full-key
+    ``ddpm.eval.*`` version tags that `ddpm-pipe promote` reads.
 
     ``primary`` are the results of the setting asked for (each ``{"key", "metric", "value"}``; any
-    metric names). They become metrics ``eval/<metric>`` of the run linked to the logged model
-    ``model_id`` (its model page) and to the evaluation ``dataset`` when given, version tags
-    ``eval.<metric>`` = value, and the headline of each version's description. Every result goes
-    into the table ``evaluation/results-<stamp>.md`` of run ``run_id``.
+    metric names): version tags ``eval.<metric>`` = value and the headline of each version's
+    description. Every result goes into the table ``evaluation/results-<stamp>.md`` of the run.
     """
-    now = int(time.time() * 1000)
-    linked = {"dataset_name": dataset.name, "dataset_digest": dataset.digest} if dataset is not None else {}
-    if model_id:
-        c.log_batch(run_id, metrics=[Metric(f"eval/{r['metric']}", r["value"], now, 0, model_id=model_id, **linked)
-                                     for r in primary])
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / f"results-{stamp}.md"
         table.write_text(results_markdown(results, stamp))

@@ -4,6 +4,11 @@ background thread, so that training never stalls on tracking.
 This module imports no MLflow: its thread does, when it sends the first item (see
 :meth:`AsyncLogger._send`); a training worker starts its first step without waiting for MLflow's
 import (seconds). Everything else about runs is ``pipelines/tracking.py``.
+
+The run's charts open on the loss, the held-out bits/dim and the sample grid: MLflow's UI shows a
+chart section per metric-name prefix, sorted by name and before the unprefixed ones, so those
+three are named into the section ``training`` and every other metric into ``training details``
+(:func:`metric_name`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,14 @@ from PIL import Image
 from pipelines.settings import redact
 
 log = logging.getLogger(__name__)
+
+CURVES = ("loss", "bpd")  # with the sample grid, what a training run's charts open on
+
+
+def metric_name(name: str) -> str:
+    """The MLflow name of a training metric or image (``loss`` -> ``training/loss``,
+    ``grad_norm`` -> ``training details/grad_norm``, ``samples`` -> ``training/samples``)."""
+    return f"training/{name}" if name in (*CURVES, "samples") else f"training details/{name}"
 
 
 class AsyncLogger:
@@ -54,7 +67,8 @@ class AsyncLogger:
             self._q.put_nowait(item)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._put(("metrics", {k: float(v) for k, v in metrics.items()}, step, int(time.time() * 1000)))
+        """``metrics`` at ``step``, each under its chart section (:func:`metric_name`)."""
+        self._put(("metrics", {metric_name(k): float(v) for k, v in metrics.items()}, step, int(time.time() * 1000)))
 
     def set_tag(self, key: str, value: str) -> None:
         self._put(("tag", key, redact(str(value))))
@@ -63,10 +77,11 @@ class AsyncLogger:
         self._put(("artifact", str(local_path), artifact_path))
 
     def log_image(self, local_path: str | Path, key: str, step: int) -> None:
-        """A PNG as MLflow image ``key`` at ``step`` (the UI's image chart, one slider over steps),
-        and the file itself under the artifact folder ``key/``."""
+        """A PNG as MLflow image ``key`` at ``step`` (the UI's image chart, one slider over steps,
+        under the key's chart section, :func:`metric_name`), and the file itself under the artifact
+        folder ``key/``."""
         self._put(("artifact", str(local_path), key))
-        self._put(("image", str(local_path), key, int(step)))
+        self._put(("image", str(local_path), metric_name(key), int(step)))
 
     def close(self, timeout: float = 30.0) -> dict[str, Any]:
         """Flush what can be flushed within ``timeout`` seconds; return delivery counts."""

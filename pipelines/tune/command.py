@@ -53,6 +53,7 @@ from pipelines.names import check_name
 from pipelines.settings import Settings, resolve
 from pipelines.storage.data import check_data, resolve_data
 from pipelines.storage.ray_storage import ray_storage
+from pipelines.train.async_logger import metric_name
 from pipelines.train.command import check_builds, resolve_config
 from pipelines.train.loop import build
 from pipelines.train.ray_train import CHECKPOINT_FILE
@@ -140,9 +141,9 @@ class SweepCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step = int(result.get("step", 0))
         ts = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), ts, step) for k, v in result.items()
+        metrics = [Metric(metric_name(k), float(v), ts, step) for k, v in result.items()
                    if k in ("loss", "bpd", "bpd_stderr", "grad_norm", "lr", "images_per_s")
-                   and isinstance(v, (int, float))]
+                   and isinstance(v, (int, float))]  # named as a training run's, so the two chart alike
         tracking.client().log_batch(self._run(trial), metrics=metrics)
 
     def _end(self, trial: tune.experiment.Trial, status: str) -> None:

@@ -137,7 +137,7 @@ def test_mlflow_server_down_mid_run_training_goes_on_and_the_gap_is_accounted(di
         assert times["steps_3_to_6"] < 10  # training did not wait for the dead server
         assert time.monotonic() - start - outage_s < 60  # nor for its retries afterwards
 
-        steps = {m.step for m in tracking.client().get_metric_history(run_id, "loss")}
+        steps = {m.step for m in tracking.client().get_metric_history(run_id, "training/loss")}
         assert {1, 2, 8} <= steps  # before and after the outage
         # Every step's metrics were delivered late (buffered) or are counted as dropped: the gap is known.
         assert len(set(range(1, 9)) - steps) <= stats["dropped"], (steps, stats)

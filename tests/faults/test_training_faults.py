@@ -60,9 +60,9 @@ def test_killed_worker_resumes_and_ends_bit_identical_to_an_uninterrupted_run(ra
     killed = train(tmp_path, "killed", 2, 4)
     assert marker.exists()
     c = mlflow_client()
-    assert [m.value for m in c.get_metric_history(killed["run_id"], "resumed_from_step")] == [2]
+    assert [m.value for m in c.get_metric_history(killed["run_id"], "training details/resumed_from_step")] == [2]
     assert killed["metrics"]["step"] == 4 and killed["metrics"]["ranks_in_sync"] == 1.0
-    steps = [m.step for m in c.get_metric_history(killed["run_id"], "loss")]
+    steps = [m.step for m in c.get_metric_history(killed["run_id"], "training/loss")]
     assert steps.count(1) == 1 and steps.count(2) == 1 and steps.count(4) == 1  # restarted at 2, not 0
 
     # The checkpoint holds RNG (per rank), optimizer, lr schedule, EMA and reader position, so the
@@ -111,7 +111,7 @@ def test_node_removed_and_fresh_node_added_resumes_on_the_new_node(ray_cluster, 
     assert out["metrics"]["step"] == steps and out["metrics"]["ranks_in_sync"] == 1.0
 
     c = mlflow_client()
-    resumed = [m.value for m in c.get_metric_history(out["run_id"], "resumed_from_step")]
+    resumed = [m.value for m in c.get_metric_history(out["run_id"], "training details/resumed_from_step")]
     assert len(resumed) == 1 and resumed[0] >= 2  # lost at most one checkpoint interval
     nodes = {p.split("@")[1] for p in c.get_run(out["run_id"]).data.tags["ddpm.placement"].split(",")}
     assert len(nodes) == 4 and fresh.node_id[:12] in nodes and lost_id[:12] not in nodes
@@ -155,7 +155,7 @@ def test_killed_driver_rerun_resumes_the_same_run_and_ignores_a_partial_checkpoi
                          filter_string="tags.`ddpm.run_name` = 'driver'")
     assert [r.info.run_id for r in runs] == [out["run_id"]]  # one run, not two
     assert runs[0].info.status == "FINISHED"
-    resumed = [m.value for m in c.get_metric_history(out["run_id"], "resumed_from_step")]
+    resumed = [m.value for m in c.get_metric_history(out["run_id"], "training details/resumed_from_step")]
     assert len(resumed) == 1 and 2 <= resumed[0] < 10, resumed
 
 

@@ -46,15 +46,22 @@ def test_evaluate_logs_keyed_results_on_the_version_and_its_run(tmp_path, digits
     assert out["compared"]["copy_rate"] == "copy_rate vs the training split (1437)"
 
     c = tracking.client()
-    assert out["run_id"] == run_id  # models:/ logs on the version's own run
-    logged = c.get_run(run_id).data.metrics
-    assert logged[fd["key"]] == pytest.approx(fd["value"])
+    # The evaluation has a run of its own, beside the training run: short metric names, keys in tags.
+    assert out["run_id"] != run_id
+    run = c.get_run(out["run_id"])
+    assert run.info.experiment_id == c.get_run(run_id).info.experiment_id and run.info.status == "FINISHED"
+    assert run.data.tags["ddpm.kind"] == "evaluate" and run.data.tags["ddpm.model_version"] == f"tiny/{version}"
+    assert run.data.tags["ddpm.model_run_id"] == run_id
+    logged = run.data.metrics
+    assert logged["fd"] == pytest.approx(fd["value"]) and run.data.tags["ddpm.key.fd"] == fd["key"]
+    assert logged["kid_se"] == pytest.approx(kid["se"]) and run.data.tags["ddpm.key.kid_se"] == kid["se_key"]
+    assert all(run.data.tags[f"ddpm.key.{name}"] for name in logged) and not [k for k in logged if ":" in k]
+    assert not c.get_run(run_id).data.metrics  # the training run holds no evaluation results
     tags = c.get_model_version("tiny", version).tags
     assert float(tags[EVAL_TAG + fd["key"]]) == pytest.approx(fd["value"])
     assert tags[LAST_TAG + "fd"] == fd["key"]
     assert float(tags[EVAL_TAG + kid["se_key"]]) == pytest.approx(kid["se"])
-    assert logged[kid["se_key"]] == pytest.approx(kid["se"])
-    assert any(a.path.startswith("evaluation/evaluation-") for a in c.list_artifacts(run_id, "evaluation"))
+    assert any(a.path.startswith("evaluation/evaluation-") for a in c.list_artifacts(out["run_id"], "evaluation"))
 
 
 @pytest.mark.timeout(240)
@@ -76,7 +83,9 @@ def test_cli_evaluates_a_checkpoint_into_its_own_run_with_the_sampler_table(tmp_
     run = c.get_run(out["run_id"])
     assert run.data.tags["ddpm.kind"] == "evaluate" and run.data.tags["ddpm.model_uri"] == str(ckpt)
     assert run.info.status == "FINISHED"
-    assert "bpd/bound:full/data:" in "".join(run.data.metrics)
+    assert run.data.tags["ddpm.key.bpd"].startswith("bpd/bound:full/data:") and "bpd" in run.data.metrics
+    assert "ddim-10-eta0/kid" in run.data.metrics and "ddpm-50-eta0/kid" in run.data.metrics  # the table rows
+    assert run.data.tags["ddpm.key.ddim-10-eta0/kid"].startswith("kid/data:")
     names = {a.path for a in c.list_artifacts(out["run_id"], "evaluation")}
     assert {"evaluation/sampler_table.md", "evaluation/sampler_table.json"} <= names
     assert "| real data (floor) |" in out["message"]

@@ -119,7 +119,7 @@ def test_sample_grids_are_stepped_mlflow_images(tmp_path):
     images = [a.path for a in c.list_artifacts(run_id, "images")]
     full = sorted(p for p in images if p.endswith(".png"))
     assert [p.split("+step+")[1].split("+")[0] for p in full] == ["10", "20"], images
-    assert all(p.startswith("images/samples+step+") for p in full)
+    assert all(p.startswith("images/training~samples+step+") for p in full)  # image "training/samples"
     assert {a.path for a in c.list_artifacts(run_id, "samples")} == {
         "samples/samples_step0000010.png", "samples/samples_step0000020.png"}  # the files, as before
     assert c.get_run(run_id).data.tags["mlflow.loggedImages"] == "True"

@@ -29,18 +29,20 @@ def test_train_four_nodes_spread_in_sync_and_tracked(ray_cluster, tmp_path):
     assert len(placement) == 4
     assert len({p.split("@")[1] for p in placement}) == 4, placement  # 4 distinct nodes
     assert run.data.params["train.batch_size"] == "16"
-    assert "loss" in run.data.metrics and "bpd" in run.data.metrics
+    # The run's charts open on the loss, bits/dim and the sample grid (section "training"), the rest below.
+    assert {"training/loss", "training/bpd", "training details/grad_norm"} <= set(run.data.metrics)
+    assert not [k for k in run.data.metrics if not k.startswith(("training/", "training details/"))]
     # Provenance: the data as an MLflow dataset, the code's commit, the grids as stepped images.
     assert [(i.dataset.name, [t.value for t in i.tags]) for i in run.inputs.dataset_inputs] == [
         ("digits-train", ["training"])]
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
-    assert any(a.path.startswith("images/samples+step+4+") for a in c.list_artifacts(out["run_id"], "images"))
-    history = c.get_metric_history(out["run_id"], "loss")
+    assert any(a.path.startswith("images/training~samples+step+4+") for a in c.list_artifacts(out["run_id"], "images"))
+    history = c.get_metric_history(out["run_id"], "training/loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     artifacts = {a.path for a in c.list_artifacts(out["run_id"])}
     assert "checkpoint" in artifacts and "samples" in artifacts and "best_model" in artifacts
     # The best copy: the EMA weights at the lowest held-out bits/dim, loadable like a logged model.
-    bpd = {m.step: m.value for m in c.get_metric_history(out["run_id"], "bpd")}
+    bpd = {m.step: m.value for m in c.get_metric_history(out["run_id"], "training/bpd")}
     best_step = min(bpd, key=bpd.get)
     assert run.data.tags["ddpm.best_model"] == f"step={best_step} bpd={bpd[best_step]:.4f}"
     assert {a.path for a in c.list_artifacts(out["run_id"], "best_model")} == {
@@ -179,9 +181,9 @@ def test_checkpoints_go_to_s3_storage_and_a_rerun_resumes_the_same_run_from_ther
     assert [r.info.run_id for r in runs] == [out["run_id"]]
     # Every attempt of the rerun resumed from the step-2 checkpoint on S3. (Ray Train may restart a
     # worker group on a loaded machine, FailureConfig allows it; each restart logs its own resume.)
-    resumes = [m.value for m in c.get_metric_history(out["run_id"], "resumed_from_step")]
+    resumes = [m.value for m in c.get_metric_history(out["run_id"], "training details/resumed_from_step")]
     assert resumes and set(resumes) == {2}, resumes
-    steps = [m.step for m in c.get_metric_history(out["run_id"], "loss")]
+    steps = [m.step for m in c.get_metric_history(out["run_id"], "training/loss")]
     assert sorted(set(steps)) == [1, 2, 3, 4] and steps.count(1) == steps.count(2) == 1  # 1-2 not redone
 
 

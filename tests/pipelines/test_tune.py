@@ -143,7 +143,8 @@ def test_tune_sweep_nested_runs_best_config_trains_and_resumes(ray_cluster, tmp_
     assert len(runs) == 4
     assert all(r.info.status == "FINISHED" for r in runs)
     best = [r for r in runs if r.data.params.get("tune.trial_id") == out["best_trial"]]
-    assert len(best) == 1 and "bpd" in best[0].data.metrics and "bpd_stderr" in best[0].data.metrics
+    assert len(best) == 1 and "training/bpd" in best[0].data.metrics
+    assert "training details/bpd_stderr" in best[0].data.metrics
     print(f"4-trial sweep: endings {out['endings']}, {time.perf_counter() - t0:.0f}s")
 
     best_path = out["best_config_path"]

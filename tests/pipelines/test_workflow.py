@@ -45,7 +45,11 @@ def test_workflow_runs_every_step_then_resumes(ray_cluster, tmp_path):
     children = c.search_runs([parent.info.experiment_id],
                              filter_string=f"tags.`mlflow.parentRunId` = '{out['parent_run_id']}'")
     kinds = {r.data.tags.get("ddpm.kind") for r in children}
-    assert {"train", "workflow.prepare", "workflow.evaluate", "workflow.promote", "workflow.sample"} <= kinds
+    # The train and evaluate steps' own runs are nested under the workflow's run, which shows the curves.
+    assert {"train", "evaluate", "workflow.prepare", "workflow.promote", "workflow.sample"} <= kinds
+    assert {"training/loss", "training/bpd"} <= set(parent.data.metrics)
+    (evaluated,) = [r for r in children if r.data.tags.get("ddpm.kind") == "evaluate"]
+    assert evaluated.info.run_id == steps["evaluate"]["run_id"] and "kid" in evaluated.data.metrics
     version = c.get_model_version("ddpm-digits", steps["train"]["version"])
     assert any(k.startswith("eval.") or "fd" in k for k in version.tags), version.tags
 
