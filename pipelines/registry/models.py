@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from mlflow.entities import Run
     from mlflow.entities.model_registry import ModelVersion
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from ddpm.unet import UNet
@@ -41,10 +42,10 @@ MODEL_ARTIFACT = "model"  # the model's name within its run: runs:/RUN_ID/model
 WEIGHTS_ARTIFACT = "ddpm_model"  # the pyfunc artifact key (and folder) of the exported weights
 URI_FORMS = ("runs:/ID/model, models:/NAME/VERSION, models:/NAME/latest, models:/NAME@ALIAS, "
              "models:/m-<logged model id>, or a checkpoint path/URL")
-# MLflow error codes that mean the store could not answer (not "no such model"): an outage is exit 1,
-# and no caller may take it for the model being gone (the workflow would retrain).
-STORE_ERRORS = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED",
-                "IO_ERROR", "ABORTED")
+# The MLflow store's answers that a model is not there (or the URI names none); any other error of a
+# store that was asked means it could not answer: an outage, exit 1, which no caller may take for
+# the model being gone (the workflow would train again).
+NOT_THERE = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND", "BAD_REQUEST")
 
 
 @dataclass
@@ -82,7 +83,7 @@ def describe(uri: str) -> dict[str, str | None]:
     Checks that it exists; downloads nothing. ``latest`` and aliases resolve to a version number.
 
     :raises UsageError: (exit 2) there is no such model (the store says so), or it is not a model URI.
-    :raises PipelineError: (exit 1) the MLflow store could not be asked (:data:`STORE_ERRORS`).
+    :raises PipelineError: (exit 1) the MLflow store could not answer (:func:`_store_failed`).
     """
     if not is_mlflow_uri(uri):
         fs, path = fsspec.core.url_to_fs(uri)
@@ -103,10 +104,22 @@ def describe(uri: str) -> dict[str, str | None]:
         mv = c.get_model_version(*resolved)
         return {"run_id": mv.run_id, "name": mv.name, "version": str(mv.version), "model_id": model_id_of(mv)}
     except mlflow.exceptions.MlflowException as e:
-        if e.error_code in STORE_ERRORS:
+        if _store_failed(e):
             raise PipelineError(f"the MLflow store could not say whether model {uri!r} exists: {first_line(e)}") from e
         raise UsageError(f"model {uri!r} does not exist in the MLflow store or is not a model URI "
                          f"({URI_FORMS}): {str(e).splitlines()[0]}") from e
+
+
+def _store_failed(e: MlflowException) -> bool:
+    """Whether MLflow could not answer (an HTTP request that failed, a server error), as against an
+    answer that the model is not there (:data:`NOT_THERE`) or a URI MLflow's parser refuses (raised
+    before any request, as a plain ``MlflowException``)."""
+    if e.error_code in NOT_THERE:
+        return False
+    from mlflow.exceptions import RestException  # (MLflow is imported already: _mlflow)
+
+    return isinstance(e, RestException) or str(e).startswith("API request to") or e.error_code in (
+        "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "IO_ERROR", "ABORTED")
 
 
 def model_id_of(version: ModelVersion) -> str | None:

@@ -40,6 +40,7 @@ class ProgressChannel:
             except Empty:
                 if self._stop.is_set():
                     return
+                continue
             except BaseException:  # the actor or Ray itself is gone (shutdown): nothing more will come
                 return
             if m := _STEP.match(line):

@@ -182,11 +182,16 @@ def test_outputs_that_cannot_be_checked_stop_the_run_instead_of_redoing_the_step
     assert not workflow._outputs_exist("prepare", {"train_url": "/nowhere/train", "train_manifest": "d"})
 
 
-@pytest.mark.parametrize("code,error", [("RESOURCE_DOES_NOT_EXIST", "UsageError"),
-                                        ("INVALID_PARAMETER_VALUE", "UsageError"),
-                                        ("INTERNAL_ERROR", "PipelineError"),
-                                        ("TEMPORARILY_UNAVAILABLE", "PipelineError")])
-def test_describe_tells_no_such_model_from_a_store_that_cannot_answer(monkeypatch, code, error):
+@pytest.mark.parametrize("thrown,error", [
+    (("no run abc", "RESOURCE_DOES_NOT_EXIST"), "UsageError"),
+    (("no such alias", "INVALID_PARAMETER_VALUE"), "UsageError"),
+    (("Not a proper models:/ URI: models:/tiny/1/2", "INTERNAL_ERROR"), "UsageError"),  # MLflow's URI parser
+    (("API request to http://mlflow:5000/api failed with exception ConnectionError", "INTERNAL_ERROR"),
+     "PipelineError"),
+    (("busy", "TEMPORARILY_UNAVAILABLE"), "PipelineError"),
+    ({"error_code": "INTERNAL_ERROR", "message": "database is locked"}, "PipelineError"),  # the server's own
+])
+def test_describe_tells_no_such_model_from_a_store_that_cannot_answer(monkeypatch, thrown, error):
     import mlflow
     from mlflow.protos import databricks_pb2
 
@@ -195,7 +200,10 @@ def test_describe_tells_no_such_model_from_a_store_that_cannot_answer(monkeypatc
 
     class Client:
         def get_run(self, run_id):
-            raise mlflow.exceptions.MlflowException("asked", error_code=getattr(databricks_pb2, code))
+            if isinstance(thrown, dict):
+                raise mlflow.exceptions.RestException(thrown)
+            message, code = thrown
+            raise mlflow.exceptions.MlflowException(message, error_code=getattr(databricks_pb2, code))
 
     monkeypatch.setattr(models, "_mlflow", lambda: (mlflow, Client()))
     with pytest.raises(getattr(errors, error)) as raised:
