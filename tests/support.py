@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -27,6 +25,8 @@ from ddpm.checkpoint import save_checkpoint
 from ddpm.config import ExperimentConfig, UNetConfig
 from ddpm.ema import EMA
 from ddpm.unet import UNet
+# scripts/screenshots.py starts the same kind of server: one port picker and health probe for both
+from scripts.screenshots import free_port, healthy
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -54,22 +54,6 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str = "the cond
         assert alive(), f"gone before {what}"
         assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
         time.sleep(interval)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def healthy(url: str) -> bool:
-    """Whether an MLflow server answers ``/health`` at ``url``."""
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def start_mlflow_server(root: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
