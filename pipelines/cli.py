@@ -15,6 +15,7 @@ MLflow and torch) when it runs, so ``ddpm-pipe --help`` loads none of them
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -111,11 +112,14 @@ def _dispatch(func: Callable[..., dict[str, Any] | None], json_out: bool, **kwar
     """Call a ``*_command`` function with the parsed options, report its result or error.
 
     Each command imports its function inside its own body (so ``ddpm-pipe --help`` stays fast and
-    loads no Ray or MLflow) and passes it here by reference.
+    loads no Ray or MLflow) and passes it here by reference. While it runs, whatever writes to
+    ``sys.stdout`` (Ray's driver prints the raylet's warnings there) goes to stderr: stdout is the
+    result's alone.
     """
     _state["json"] = json_out
     try:
-        result = func(**kwargs) or {}
+        with contextlib.redirect_stdout(sys.stderr):
+            result = func(**kwargs) or {}
     except typer.Exit:
         raise
     except ConfigError as e:

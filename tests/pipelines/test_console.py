@@ -98,6 +98,25 @@ def test_json_errors_version_and_choices(cli_env, tmp_path):
     assert "Noise seed" in out
 
 
+def test_what_a_library_prints_while_a_command_runs_goes_to_stderr(monkeypatch):
+    """Ray's driver prints the raylet's warnings ("(raylet) A worker died ...") to stdout; stdout is
+    the result's alone, so a command's own run has stdout sent to stderr."""
+    import pipelines.train.command as train
+    from tests.support import run_cli
+
+    def noisy(**kwargs):
+        print("(raylet) A worker died or was killed while executing a task")
+        return {"message": "trained", "step": 3}
+
+    monkeypatch.setattr(train, "train_command", noisy)
+    result = run_cli("train", "--json")
+    assert result.exit_code == 0, result.output
+    assert cli_json(result) == {"message": "trained", "step": 3}
+    assert "(raylet) A worker died" in result.stderr
+    plain = run_cli("train")
+    assert plain.stdout == "trained\n" and "(raylet)" in plain.stderr
+
+
 # -- the sweep table ----------------------------------------------------------------------------------
 class FakeDiffusion:
     def __init__(self, T, schedule, beta_start, beta_end):
