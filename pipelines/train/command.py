@@ -9,6 +9,7 @@ Train wiring (worker entry point, checkpoint I/O, ``RunConfig``) in pipelines/tr
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import ray.train.torch
@@ -127,7 +128,7 @@ def _fit(cfg: ExperimentConfig, settings: Settings, placement: Placement, run_na
                                   env=cluster.worker_env(placement)),
         )
         try:
-            result = trainer.fit()
+            result = _fit_in_a_thread(trainer)
         except KeyboardInterrupt:
             tracking.end_run(run_id, "KILLED")
             step = "its start" if progress.last_step is None else f"step {progress.last_step}"
@@ -141,6 +142,27 @@ def _fit(cfg: ExperimentConfig, settings: Settings, placement: Placement, run_na
     if result.checkpoint is None:
         raise tracking.fail_run(run_id, "training ended without a checkpoint")
     return result
+
+
+def _fit_in_a_thread(trainer: ray.train.torch.TorchTrainer) -> Result:
+    """``trainer.fit()`` in a thread of its own, so that Ctrl-C reaches this one, the main thread, as
+    ``KeyboardInterrupt``: on the main thread Ray Train installs its own SIGINT handler, which aborts
+    the run and ends the process with exit 1 and no word (Ray 2.60)."""
+    outcome: dict[str, Result | BaseException] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # handed to the main thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="ddpm-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _register(cfg: ExperimentConfig, result: Result, run_name: str, run_id: str, resumed: bool) -> dict[str, Any]:
