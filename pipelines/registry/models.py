@@ -104,21 +104,19 @@ def describe(uri: str) -> dict[str, str | None]:
         mv = c.get_model_version(*resolved)
         return {"run_id": mv.run_id, "name": mv.name, "version": str(mv.version), "model_id": model_id_of(mv)}
     except mlflow.exceptions.MlflowException as e:
-        if _store_failed(e):
+        if _store_failed(e, from_server=isinstance(e, mlflow.exceptions.RestException)):
             raise PipelineError(f"the MLflow store could not say whether model {uri!r} exists: {first_line(e)}") from e
         raise UsageError(f"model {uri!r} does not exist in the MLflow store or is not a model URI "
                          f"({URI_FORMS}): {str(e).splitlines()[0]}") from e
 
 
-def _store_failed(e: MlflowException) -> bool:
-    """Whether MLflow could not answer (an HTTP request that failed, a server error), as against an
-    answer that the model is not there (:data:`NOT_THERE`) or a URI MLflow's parser refuses (raised
-    before any request, as a plain ``MlflowException``)."""
+def _store_failed(e: MlflowException, from_server: bool) -> bool:
+    """Whether MLflow could not answer (an HTTP request that failed; a server error, ``from_server``:
+    a ``RestException``), as against an answer that the model is not there (:data:`NOT_THERE`) or a
+    URI MLflow's parser refuses (raised before any request, as a plain ``MlflowException``)."""
     if e.error_code in NOT_THERE:
         return False
-    from mlflow.exceptions import RestException  # (MLflow is imported already: _mlflow)
-
-    return isinstance(e, RestException) or str(e).startswith("API request to") or e.error_code in (
+    return from_server or str(e).startswith("API request to") or e.error_code in (
         "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "IO_ERROR", "ABORTED")
 
 
