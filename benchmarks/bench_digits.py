@@ -1,6 +1,6 @@
 """The digits preset in fp32 and bf16: training images/s, final loss and sample quality, side by side.
 
-Both precisions train the ``digits`` preset from the same seed with ``pipelines.loop.train_loop`` in a
+Both precisions train the ``digits`` preset from the same seed with ``pipelines.train.loop.train_loop`` in a
 plain process for ``--steps`` steps; the loss is the loop's mean over the last quarter of the steps.
 Sample quality: the EMA model's ``--samples`` DDIM-50 samples against the real digits, as the Frechet
 distance between Gaussians fitted to the pixels (``ddpm.metrics``; lower is better). bf16 passes when
@@ -28,13 +28,10 @@ from benchmarks import common
 
 
 def _run(url: str, steps: int, precision: str, seed: int, samples: int, quick: bool, real) -> dict[str, float]:
-    import torch
 
-    from ddpm.diffusion import Diffusion
     from ddpm.metrics import frechet_distance_from_features
-    from ddpm.samplers import generate
     from ddpm.unet import UNet
-    from pipelines.loop import LoopContext, LoopData, train_loop
+    from pipelines.train.loop import LoopContext, LoopData, train_loop
 
     cfg = _cfg(steps, precision, seed, quick)
     final: dict[str, Any] = {}
@@ -42,11 +39,18 @@ def _run(url: str, steps: int, precision: str, seed: int, samples: int, quick: b
                                                          log=lambda msg: None))
     model = UNet(cfg.model).eval()
     model.load_state_dict(final["ema"]["module"])
-    x = generate(model, Diffusion.from_config(cfg.diffusion), (samples, 1, 8, 8), "ddim", steps=50,
-                 generator=torch.Generator().manual_seed(seed))
+    x = _ddim50(model, cfg, samples, seed)
     fd = frechet_distance_from_features(x.flatten(1).double(), real[: max(samples, 2)].flatten(1).double())
     return {"loss": round(out["loss"], 4), "images_per_s": round(out["images_per_s"], 1),
             "pixel_frechet": round(float(fd), 3)}
+
+
+def _ddim50(model, cfg, samples: int, seed: int):
+    """``samples`` DDIM-50 (eta 0) samples, sample i from ``ddpm.noise.sample_seed(seed, i)``
+    (:class:`ddpm.pipeline.DDPMPipeline`'s seeds: the same images whatever the batch)."""
+    from ddpm.pipeline import DDPMPipeline
+
+    return DDPMPipeline.from_config(model, cfg, sampler="ddim", steps=50, eta=0.0)(samples, seed)
 
 
 class _Reached(Exception):
@@ -73,11 +77,9 @@ def time_to_quality(url: str, precision: str, check_every: int, max_steps: int, 
     import torch
 
     from ddpm import metrics
-    from ddpm.diffusion import Diffusion
     from ddpm.features import digits_split, extract_features, load_digits_feature_net
-    from ddpm.samplers import generate
     from ddpm.unet import UNet
-    from pipelines.loop import LoopContext, LoopData, train_loop
+    from pipelines.train.loop import LoopContext, LoopData, train_loop
 
     net, _ = load_digits_feature_net()
     train_x, _, test_x, _ = digits_split()
@@ -85,7 +87,6 @@ def time_to_quality(url: str, precision: str, check_every: int, max_steps: int, 
     floor_x = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:samples]]
     floor = float(metrics.frechet_distance_from_features(extract_features(net, floor_x), ref))
     cfg = _cfg(max_steps, precision, seed, quick, checkpoint_every=check_every)
-    diffusion = Diffusion.from_config(cfg.diffusion)
     checks: list[dict[str, float]] = []
     start, scoring = time.perf_counter(), 0.0
 
@@ -96,7 +97,7 @@ def time_to_quality(url: str, precision: str, check_every: int, max_steps: int, 
         t0 = time.perf_counter()
         model = UNet(cfg.model).eval()
         model.load_state_dict(state["ema"]["module"])
-        x = generate(model, diffusion, (samples, 1, 8, 8), "ddim", steps=50, generator=torch.Generator().manual_seed(seed))
+        x = _ddim50(model, cfg, samples, seed)
         fd = float(metrics.frechet_distance_from_features(extract_features(net, x), ref))
         checks.append({"step": m["step"], "train_s": round(t0 - start - scoring, 1), "fd": round(fd, 2)})
         scoring += time.perf_counter() - t0

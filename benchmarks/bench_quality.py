@@ -4,7 +4,7 @@ In one process, one after the other, each model trains for the same wall-clock `
 (default 10 minutes) on the digits training split (1437 images, 8x8, 17 grey levels scaled to
 [-1, 1], as ``ddpm-pipe data prepare`` and the training loop read them):
 
-- ``ddpm-pipe``: the ``digits`` preset as ``ddpm-pipe train`` runs it (``pipelines.loop.train_loop``
+- ``ddpm-pipe``: the ``digits`` preset as ``ddpm-pipe train`` runs it (``pipelines.train.loop.train_loop``
   in this process, ``train.max_time`` = the budget, ``train.max_steps`` out of reach); no held-out
   bits/dim or sample grids during training (the baseline has none either).
 - ``diffusers``: the baseline of issue 15, a plain training script: ``UNet2DModel`` with block
@@ -16,11 +16,11 @@ In one process, one after the other, each model trains for the same wall-clock `
 
 Each model's EMA weights then make ``--samples`` (500) images with every sampler: issue 15's three
 (1000-step ancestral, DDIM-50 with eta 0, DPM-Solver++(2M)-20), then the preset's own default (its
-``sample`` config: DDIM-25 with eta 1 for ``digits``), the same setting for both. ddpm-pipe through ``pipelines.evaluate.measure_sampler`` (its
+``sample`` config: DDIM-25 with eta 1 for ``digits``), the same setting for both. ddpm-pipe through ``pipelines.registry.evaluate.measure_sampler`` (its
 ``DDPMPipeline``, as ``ddpm-pipe evaluate`` samples); the baseline with diffusers' ``DDPMScheduler``,
 ``DDIMScheduler`` (``eta`` passed to its ``step``) and ``DPMSolverMultistepScheduler``, in batches of the
 same size. Both are scored by
-``pipelines.evaluate.score_samples``, the code ``ddpm-pipe evaluate`` scores with: samples on the
+``pipelines.registry.evaluate.score_samples``, the code ``ddpm-pipe evaluate`` scores with: samples on the
 data's grey levels against the held-out test split (360 digits), each score with its jackknife standard
 error, and the floor (as many training images in place of the samples). ``seconds`` is the wall time
 to make the samples. ``vs_diffusers`` gives, per sampler and metric, ddpm-pipe's value minus the
@@ -77,7 +77,7 @@ def train_ours(url: str, budget: float, seed: int = 0, changes: dict[str, Any] |
     from ddpm.config import ExperimentConfig
     from ddpm.diffusion import Diffusion
     from ddpm.unet import UNet
-    from pipelines.loop import LoopContext, LoopData, train_loop
+    from pipelines.train.loop import LoopContext, LoopData, train_loop
 
     limit = {"train.max_steps": steps, "train.max_time": None} if steps else {
         "train.max_steps": 10**9, "train.max_time": budget}
@@ -199,7 +199,7 @@ class Yardstick:
     def __init__(self, ev: Any, settings: Any) -> None:
         from ddpm.features import DigitsYardstick, load_digits_feature_net
         from ddpm.pixel_scores import PixelYardstick
-        from pipelines.evaluate import K_NEAREST
+        from pipelines.registry.evaluate import K_NEAREST
 
         net, _ = load_digits_feature_net(settings.home / "cache")
         self.parts = (DigitsYardstick(net, ev.test, ev.train, k=K_NEAREST), PixelYardstick(ev.test, ev.train))
@@ -344,8 +344,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.budget, args.samples, samplers = min(args.budget, 3.0), 50, QUICK_SAMPLERS
     json_out = args.json_out or os.path.join("bench-results", f"bench_quality{'-quick' if args.quick else ''}.json")
 
-    from pipelines.data import prepare_command
-    from pipelines.evaluate import load_eval_data, measure_sampler, score_samples
+    from pipelines.storage.data import prepare_command
+    from pipelines.registry.evaluate import load_eval_data, measure_sampler, score_samples
     from pipelines.settings import resolve
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -1,9 +1,9 @@
 """Ray overhead: the training loop under 1-worker Ray Train against the same loop in a plain process.
 
-Both run ``pipelines.loop.train_loop`` on the ``digits`` preset for ``--steps`` steps from the same
+Both run ``pipelines.train.loop.train_loop`` on the ``digits`` preset for ``--steps`` steps from the same
 shards, with the same torch thread count (``DDPM_TORCH_THREADS``; Ray otherwise sets
 ``OMP_NUM_THREADS=1`` in its workers). The plain side uses the default :class:`LoopContext`; the Ray
-side is ``pipelines.ray_train.worker_main`` inside a ``TorchTrainer`` with one worker and no MLflow run.
+side is ``pipelines.train.ray_train.worker_main`` inside a ``TorchTrainer`` with one worker and no MLflow run.
 Throughput is the loop's own images/s over the second half of the steps (steady state); the
 end-to-end time of the Ray side adds worker start-up, checkpoint reporting and shutdown. Runs
 alternate (plain, Ray, Ray, plain, ...) and the ratio is the median of per-pair ratios.
@@ -40,7 +40,7 @@ def _config(steps: int, quick: bool):
 
 
 def _plain(cfg, url: str) -> dict[str, float]:
-    from pipelines.loop import LoopContext, LoopData, train_loop
+    from pipelines.train.loop import LoopContext, LoopData, train_loop
 
     start = time.perf_counter()
     out = train_loop(cfg, LoopData(url=url), LoopContext(log=lambda msg: None))
@@ -51,7 +51,7 @@ def _ray(cfg, url: str, storage: str, threads: int) -> dict[str, float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.ray_train import worker_main
+    from pipelines.train.ray_train import worker_main
 
     start = time.perf_counter()
     trainer = TorchTrainer(

@@ -5,7 +5,7 @@ Each recipe is the ``digits`` preset with a few config values changed (``ddpm.co
 ``--budget`` (default 10 minutes; or ``--steps`` steps) exactly as ``bench_quality`` trains ddpm-pipe
 (:func:`benchmarks.bench_quality.train_ours`, seed 0), then its EMA weights make ``--samples`` (2000)
 images with each sampler setting and are scored as ``ddpm-pipe evaluate`` scores
-(:func:`pipelines.evaluate.measure_sampler`: against the 360 held-out test digits, jackknife standard
+(:func:`benchmarks.bench_samplers.sample_row`, as :func:`pipelines.registry.evaluate.measure_sampler`: against the 360 held-out test digits, jackknife standard
 errors, floors from as many training images). Every row is compared with the first recipe (the
 preset itself) at the same sampler setting by the paired jackknife
 (:func:`benchmarks.bench_quality.gaps`: sample j of both from seed j, one held-out split; then
@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.samplers = [row._replace(steps=3) for row in args.samplers]
     json_out = args.json_out or os.path.join("bench-results", f"recipes{'-quick' if args.quick else ''}.json")
 
-    from pipelines.data import prepare_command
     from ddpm.checkpoint import save_checkpoint
-    from pipelines.evaluate import load_eval_data
+    from pipelines.registry.evaluate import load_eval_data
+    from pipelines.storage.data import prepare_command
     from pipelines.settings import resolve
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

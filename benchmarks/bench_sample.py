@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
     import torch
 
-    from pipelines.sample import SampleRequest, sample_arrays
+    from pipelines.sample.command import SampleRequest, sample_arrays
 
     cores = os.cpu_count() or 1
     if args.threads:

@@ -3,7 +3,7 @@ with 1000-step ancestral sampling (issue 23's goal: at most 25 network evaluatio
 it on every score, the pixel ones included).
 
 Every row samples ``--num`` images (default 2000) from the same model with the same seed and scores
-them as ``ddpm-pipe evaluate`` does (``pipelines.evaluate.measure_sampler``: samples on the data's
+them as ``ddpm-pipe evaluate`` does (``pipelines.registry.evaluate.score_samples``: samples on the data's
 grey levels against the held-out test split, one jackknife standard error each, the floor from as
 many training images). Each row is compared with the first (the reference, 1000-step ancestral by
 default) by the paired jackknife (:func:`benchmarks.bench_quality.gaps`: sample j of both rows comes
@@ -63,14 +63,14 @@ def parse_row(text: str) -> Row:
 
 def sample_row(loaded: Any, ev: Any, row: Row, num: int, settings: Any, ms_eps: dict[str, Any]) -> dict[str, Any]:
     """``num`` samples of ``row`` (sample i from seed i, as ``evaluate``), scored as ``evaluate`` scores
-    (:func:`pipelines.evaluate.score_samples`); the result says the spacing used. ``ms_eps`` caches
+    (:func:`pipelines.registry.evaluate.score_samples`); the result says the spacing used. ``ms_eps`` caches
     Analytic-DPM's Gamma_t (one estimate at every timestep any row calls)."""
     import torch
 
     from ddpm.inference import SamplingNet
     from ddpm.pipeline import DDPMPipeline
     from ddpm.samplers import estimate_ms_eps, make_sampler
-    from pipelines.evaluate import score_samples
+    from pipelines.registry.evaluate import score_samples
 
     sampler = "ddpm" if row.sampler == ANALYTIC else row.sampler
     gamma = None
@@ -108,7 +108,7 @@ def against(row: dict[str, Any], ref: dict[str, Any], paired: dict[str, tuple[fl
 
 def load(model: str) -> Any:
     """A checkpoint path (``bench_quality --save``'s ``ddpm-pipe.pt``) or any model URI ``evaluate`` takes."""
-    from pipelines.models import load as load_model
+    from pipelines.registry.models import load as load_model
 
     return load_model(model)
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json-out", default=os.path.join("bench-results", "samplers.json"))
     args = p.parse_args(argv)
 
-    from pipelines.evaluate import load_eval_data
+    from pipelines.registry.evaluate import load_eval_data
     from pipelines.settings import resolve
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

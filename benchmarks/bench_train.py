@@ -1,6 +1,6 @@
 """Training-step throughput of our CIFAR-10 U-Net against diffusers' UNet2DModel of the same architecture.
 
-One training step is what ``pipelines.loop`` does per batch: x_t from ``Diffusion.training_loss``
+One training step is what ``pipelines.train.loop`` does per batch: x_t from ``Diffusion.training_loss``
 (uniform t, Gaussian eps), forward, L_simple, backward, global-norm clip, Adam (ours: fused, as the
 loop builds it; diffusers: torch's default foreach; ``--same-optimizer``: foreach for both). Both models
 run the same step on the same batch in one process, alternating (ABBA), ``--steps`` timed steps per
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         m.train()
         if layout[name]:
             m.to(memory_format=torch.channels_last)
-    # Ours: the optimizer pipelines.loop.build makes (fused Adam); diffusers: torch's default (foreach),
+    # Ours: the optimizer pipelines.train.loop.build makes (fused Adam); diffusers: torch's default (foreach),
     # as in diffusers' train_unconditional example. --same-optimizer gives every model foreach Adam.
     def adam(name, m):
         fused = name.startswith("ours") and not args.same_optimizer
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"benchmark": "train_step", "model": "quick" if args.quick else "cifar10 U-Net (35.7M)",
               "machine": common.machine(threads), "load_before": load_before, "steps_per_repeat": args.steps, "clock": args.clock,
               "repeats": args.repeats, "optimizer": "foreach Adam for all" if args.same_optimizer else
-              "ours: fused Adam (as pipelines.loop); diffusers: foreach Adam", "gflop_per_image_fwd_bwd": round(flops_per_image / 1e9, 2),
+              "ours: fused Adam (as pipelines.train.loop); diffusers: foreach Adam", "gflop_per_image_fwd_bwd": round(flops_per_image / 1e9, 2),
               "matmul_peak": peaks, "results": rows}
     if profiles:
         result["profile"] = profiles

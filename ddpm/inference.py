@@ -7,7 +7,7 @@ the noise) stays in float32: :class:`SamplingNet` takes and returns float32 ``[N
 
 Channels-last and cast-once bf16 weights are what ``benchmarks.bench_forward`` compares (figures in
 docs/PERFORMANCE.md, not here, where they would go stale). bf16 weights are sound for inference
-only: training keeps fp32 master weights (``pipelines/loop.py``).
+only: training keeps fp32 master weights (``pipelines/train/loop.py``).
 """
 
 from __future__ import annotations

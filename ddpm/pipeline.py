@@ -28,7 +28,7 @@ from ddpm.config import Sampler, Spacing
 from ddpm.diffusion import Diffusion, Model
 from ddpm.guidance import ClassifierFreeGuidance, check_class_labels, check_guidance
 from ddpm.noise import sample_seed
-from ddpm.samplers import default_spacing, default_steps, generate, make_sampler
+from ddpm.samplers import check_eta, check_sampler, default_spacing, default_steps, generate, make_sampler
 
 if TYPE_CHECKING:
     from ddpm.config import ExperimentConfig, SampleConfig
@@ -37,12 +37,14 @@ BatchProgress = Callable[[int, int], Any]  # (samples done, samples in all)
 
 
 def sampling_settings(sample: SampleConfig, num_timesteps: int, sampler: Sampler | None = None,
-                      steps: int | None = None, eta: float | None = None) -> tuple[Sampler, int, float]:
-    """``(sampler, steps, eta)``: what is given, the rest from a model's ``sample`` config.
+                      steps: int | None = None, eta: float | None = None, *,
+                      prefix: str = "") -> tuple[Sampler, int, float]:
+    """``(sampler, steps, eta)``: what is given, the rest from a model's ``sample`` config, checked.
 
     The config's ``steps`` and ``eta`` belong to the config's sampler: with another ``sampler`` the
     defaults are that sampler's own (:func:`ddpm.samplers.default_steps`, capped at T; eta 0).
-    ``sample``, ``evaluate``, the workflow and the pyfunc model all resolve their defaults here.
+    ``sample``, ``evaluate``, the workflow and the pyfunc model all resolve their defaults here; the
+    result is checked by :meth:`DDPMPipeline.check_settings` (``prefix``: see there).
     """
     sampler = sampler or sample.sampler
     own = sampler == sample.sampler
@@ -50,6 +52,7 @@ def sampling_settings(sample: SampleConfig, num_timesteps: int, sampler: Sampler
         steps = default_steps(sampler, num_timesteps, sample.steps if own else None)
     if eta is None:
         eta = sample.eta if own else 0.0
+    DDPMPipeline.check_settings(sampler, steps, eta, num_timesteps, prefix=prefix)
     return sampler, int(steps), float(eta)
 
 
@@ -81,18 +84,31 @@ class DDPMPipeline:
                  guidance: float = 1.0) -> None:
         T = diffusion.num_timesteps
         self.steps = default_steps(sampler, T) if steps is None else int(steps)
-        if not 1 <= self.steps <= T:
-            raise ValueError(f"steps must be in [1, T={T}], got {self.steps}")
+        self.check_settings(sampler, self.steps, eta, T)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.spacing = spacing or default_spacing(sampler)
         self.ms_eps = None if ms_eps is None else torch.as_tensor(ms_eps, dtype=torch.float64)
-        make_sampler(diffusion, sampler, self.steps, eta, self.spacing, self.ms_eps)  # every check, once
+        make_sampler(diffusion, sampler, self.steps, eta, self.spacing, self.ms_eps)  # the spacing's and ms_eps's checks
         self.model, self.diffusion = model, diffusion
         self.image_shape = tuple(int(s) for s in image_shape)
         self.sampler, self.eta = sampler, float(eta)
         self.clip_denoised, self.batch_size = clip_denoised, int(batch_size)
         self.num_classes, self.guidance = int(num_classes), check_guidance(guidance, num_classes)
+
+    @staticmethod
+    def check_settings(sampler: str, steps: int, eta: float, num_timesteps: int, *, prefix: str = "") -> None:
+        """The one check of a sampling setting: a known sampler, an ``eta`` it takes
+        (:func:`ddpm.samplers.check_eta`) and ``1 <= steps <= T``; ``ValueError`` naming the valid ones.
+
+        ``prefix`` is how the caller's user spells the options (``"--"``: ``--steps``, ``--eta``). The
+        constructor and :func:`sampling_settings` call it, so a driver can check a setting before any
+        worker builds the pipeline.
+        """
+        check_sampler(sampler)
+        check_eta(eta, sampler, name=f"{prefix}eta")
+        if not 1 <= steps <= num_timesteps:
+            raise ValueError(f"{prefix}steps must be in [1, T={num_timesteps}], got {steps}")
 
     @classmethod
     def from_config(cls, model: Model, cfg: ExperimentConfig, diffusion: Diffusion | None = None, *,

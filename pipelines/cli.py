@@ -4,13 +4,18 @@ Every command returns a dict; ``--json`` prints it as one JSON line on stdout, o
 ``message`` is printed. A failure with ``--json`` prints ``{"error": ..., "exit_code": ...}`` on
 stdout too. Exit codes: 0 success, 1 failure, 2 bad usage, 3 refused.
 Progress and phase lines go to stderr; Ray's and MLflow's own logs only with ``--verbose``
-(``pipelines/console.py``). Option choices come from the config's ``Literal`` types, so ``--help``
-lists them and shell completion (``--install-completion``) offers them.
-Implementations live in ``pipelines.<module>.<name>_command`` and are imported only when run.
+(``pipelines/console.py``). Option choices come from the one list of each (the config's ``Literal``
+types, ``pipelines.sample.FORMATS``, ``pipelines.tune.SCHEDULERS``), so ``--help`` lists them and
+shell completion (``--install-completion``) offers them.
+
+This is the command boundary: each command imports its ``*_command`` function (and with it Ray,
+MLflow and torch) when it runs, so ``ddpm-pipe --help`` loads none of them
+(``tests/pipelines/test_layering.py``). Everything imported above it is light.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -18,9 +23,15 @@ from collections.abc import Callable
 from typing import Annotated, Any, Optional, get_args, get_type_hints
 
 import typer
+from typer._click import exceptions as click_exceptions
 
-from ddpm.config import Precision, Sampler, SampleConfig
+import ddpm
+from ddpm.config import ConfigError, Precision, Sampler, SampleConfig, load_config, parse_duration
+from pipelines import console
 from pipelines.errors import PipelineError
+from pipelines.sample import FORMATS
+from pipelines.settings import redact
+from pipelines.tune import SCHEDULERS, SEARCHES
 
 app = typer.Typer(
     name="ddpm-pipe",
@@ -36,7 +47,7 @@ app.add_typer(config_app, name="config")
 _state = {"debug": False, "json": False}
 
 
-def _choice(*flags: str, values: tuple[str, ...], help: str) -> Any:
+def _choice(*flags: str, values: tuple[str, ...], help: str) -> typer.models.OptionInfo:
     """An option whose value must be one of ``values``: listed in --help, offered by completion,
     and a wrong value fails with exit 2 naming the valid ones."""
 
@@ -54,18 +65,14 @@ def _choice(*flags: str, values: tuple[str, ...], help: str) -> Any:
 
 def _duration(value: str) -> float:
     """Seconds from ``600``, ``90s``, ``10m`` or ``1.5h``; anything else fails with exit 2 naming the forms."""
-    from ddpm.config import parse_duration
-
     try:
         return parse_duration(value)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
 
 
-SAMPLERS: tuple[str, ...] = get_args(Sampler)
 TRAIN_PRECISIONS: tuple[str, ...] = get_args(Precision)
 SAMPLE_PRECISIONS: tuple[str, ...] = get_args(get_type_hints(SampleConfig)["precision"])
-FORMATS = ("png", "webdataset", "npz")  # pipelines.sample.FORMATS
 
 # -- shared option types (one vocabulary for every command) -------------------------------------
 Json = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON result on stdout.")]
@@ -80,14 +87,12 @@ SampleGpusPerNode = Annotated[int, typer.Option("--gpus-per-node", min=0, help="
 Experiment = Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment name. Default: the config's name.")]
 Model = Annotated[str, typer.Option("--model", "-m", help="Model URI: runs:/ID/model, models:/NAME/VERSION, models:/NAME/latest, models:/NAME@ALIAS, models:/m-<logged model id>, or a checkpoint path/URL.")]
 Num = Annotated[int, typer.Option("--num", "-n", min=1, help="Number of samples.")]
-SamplerOpt = Annotated[Optional[str], _choice("--sampler", values=SAMPLERS, help="ddpm (ancestral; --steps below T respaces), ddim (--eta), dpmpp (DPM-Solver++ 2M). Default: the model's own (its config's sample.sampler; the digits preset: ddim).")]
-Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Sampling steps. Default: the model's config's sample.steps for its own sampler (the digits preset: 25), else T for ddpm, 50 for ddim, 20 for dpmpp.")]
-Eta = Annotated[Optional[float], typer.Option("--eta", min=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like; 0 for the other samplers. Default: the model's config's sample.eta for its own sampler (the digits preset: 1), else 0.")]
+SamplerOpt = Annotated[Optional[str], _choice("--sampler", values=get_args(Sampler), help="The sampler (ddpm.samplers; ddpm is the paper's ancestral one, --steps below T respaces it). Default: the model's own (its config's sample.sampler).")]
+Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Sampling steps, at most the model's T. Default: the model's config's sample.steps for its own sampler, else that sampler's default (ddpm.samplers.DEFAULT_STEPS; T for ddpm).")]
+Eta = Annotated[Optional[float], typer.Option("--eta", min=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like; 0 for the other samplers. Default: the model's config's sample.eta for its own sampler, else 0.")]
 
 
 def _fail(message: str, code: int) -> None:
-    from pipelines.settings import redact
-
     message = redact(message)
     typer.echo(f"error: {message}", err=True)
     if _state["json"]:
@@ -96,8 +101,7 @@ def _fail(message: str, code: int) -> None:
 
 
 def _emit(result: dict[str, Any], json_out: bool) -> None:
-    from pipelines.settings import redact  # credentials inside URLs never reach the console
-
+    """The result on stdout (credentials inside URLs masked): one JSON line, or its ``message``."""
     if json_out:
         typer.echo(redact(json.dumps(result, default=str, sort_keys=True)))
     elif result.get("message"):
@@ -108,13 +112,14 @@ def _dispatch(func: Callable[..., dict[str, Any] | None], json_out: bool, **kwar
     """Call a ``*_command`` function with the parsed options, report its result or error.
 
     Each command imports its function inside its own body (so ``ddpm-pipe --help`` stays fast and
-    loads no Ray or MLflow) and passes it here by reference.
+    loads no Ray or MLflow) and passes it here by reference. While it runs, whatever writes to
+    ``sys.stdout`` (Ray's driver prints the raylet's warnings there) goes to stderr: stdout is the
+    result's alone.
     """
-    from ddpm.config import ConfigError
-
     _state["json"] = json_out
     try:
-        result = func(**kwargs) or {}
+        with contextlib.redirect_stdout(sys.stderr):
+            result = func(**kwargs) or {}
     except typer.Exit:
         raise
     except ConfigError as e:
@@ -137,8 +142,6 @@ def _dispatch(func: Callable[..., dict[str, Any] | None], json_out: bool, **kwar
 
 def _show_version(value: bool) -> None:
     if value:
-        import ddpm
-
         typer.echo(f"ddpm-pipe {ddpm.__version__}")
         raise typer.Exit()
 
@@ -149,8 +152,6 @@ def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show Ray's and MLflow's own logs (worker output, Ray Train's checkpoint lines, MLflow's messages).")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
-    from pipelines import console
-
     _state["debug"] = debug or os.environ.get("DDPM_DEBUG", "") not in ("", "0")
     console.configure(verbose or console.verbose())
 
@@ -159,8 +160,6 @@ def _root(
 @config_app.command("show")
 def config_show(config: Config = "digits", set_: Set = None, json_out: Json = False) -> None:
     """Print the resolved config as YAML (or JSON with --json)."""
-    from ddpm.config import ConfigError, load_config
-
     _state["json"] = json_out
     try:
         cfg = load_config(config, set_ or [])
@@ -180,7 +179,7 @@ def data_prepare(
     json_out: Json = False,
 ) -> None:
     """Convert a data source to WebDataset tar shards plus a manifest."""
-    from pipelines.data import prepare_command
+    from pipelines.storage.data import prepare_command
 
     _dispatch(prepare_command, json_out, source=source, out=out,
               shard_size=shard_size, split=split, endpoint_url=endpoint_url)
@@ -196,7 +195,7 @@ def train(
     nodes: Nodes = 1,
     gpus_per_node: GpusPerNode = 0,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Override train.max_steps.")] = None,
-    max_time: Annotated[Optional[float], typer.Option("--max-time", parser=_duration, metavar="DURATION", help="Stop after this much training (600, 90s, 10m, 1.5h; sets train.max_time in seconds), or at --max-steps if that comes first; the last step checkpoints and registers as a finished run does.")] = None,
+    max_time: Annotated[Optional[float], typer.Option("--max-time", parser=_duration, metavar="DURATION", help="Stop after this much training (600, 90s, 10m, 1.5h; sets train.max_time in seconds); with no step count (--max-steps or --set train.max_steps) the time is the limit, else whichever comes first. The last step checkpoints and registers as a finished run does.")] = None,
     precision: Annotated[Optional[str], _choice("--precision", values=TRAIN_PRECISIONS, help="Override train.precision.")] = None,
     experiment: Experiment = None,
     run_name: Annotated[Optional[str], typer.Option("--run-name", help="Run name; re-running the same name resumes it.")] = None,
@@ -204,7 +203,7 @@ def train(
     json_out: Json = False,
 ) -> None:
     """Train a DDPM with Ray Train (DDP), tracked in MLflow."""
-    from pipelines.train import train_command
+    from pipelines.train.command import train_command
 
     _dispatch(train_command, json_out, config=config, overrides=set_ or [],
               data=data, storage=storage, nodes=nodes, gpus_per_node=gpus_per_node, max_steps=max_steps,
@@ -220,8 +219,8 @@ def tune(
     space: Annotated[Optional[str], typer.Option("--space", help="YAML search space replacing or extending the default.")] = None,
     data: Data = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Training steps per trial.")] = None,
-    scheduler: Annotated[str, _choice("--scheduler", values=("asha", "none"), help="asha stops poor trials early on held-out bits/dim.")] = "asha",
-    search: Annotated[str, _choice("--search", values=("random", "optuna"), help="How trials are drawn from the space.")] = "random",
+    scheduler: Annotated[str, _choice("--scheduler", values=SCHEDULERS, help="asha stops poor trials early on held-out bits/dim.")] = "asha",
+    search: Annotated[str, _choice("--search", values=SEARCHES, help="How trials are drawn from the space.")] = "random",
     concurrent: Annotated[Optional[int], typer.Option("--concurrent", min=1, help="Trials at once. Default: what the cluster's CPUs allow.")] = None,
     workers_per_trial: Annotated[int, typer.Option("--workers-per-trial", min=1, help="Training workers per trial (above 1 wraps a TorchTrainer).")] = 1,
     storage: Storage = None,
@@ -231,7 +230,7 @@ def tune(
     json_out: Json = False,
 ) -> None:
     """Sweep T, the beta range, the schedule and the learning rate with Ray Tune."""
-    from pipelines.tune import tune_command
+    from pipelines.tune.command import tune_command
 
     _dispatch(tune_command, json_out, trials=trials, config=config,
               overrides=set_ or [], space=space, data=data, max_steps=max_steps, scheduler=scheduler,
@@ -254,7 +253,7 @@ def evaluate(
     json_out: Json = False,
 ) -> None:
     """Measure bits/dim, and KID, FD, precision/recall, classifier score, class coverage and copy rate against held-out images, each with its floor; log them to MLflow."""
-    from pipelines.evaluate import evaluate_command
+    from pipelines.registry.evaluate import evaluate_command
 
     _dispatch(evaluate_command, json_out, model=model, data=data,
               num=num, sampler=sampler, steps=steps, eta=eta, nodes=nodes, table=table, address=address)
@@ -272,7 +271,7 @@ def promote(
     json_out: Json = False,
 ) -> None:
     """Move an alias to a version only if its evaluation beats the current holder's."""
-    from pipelines.promote import promote_command
+    from pipelines.registry.promote import promote_command
 
     _dispatch(promote_command, json_out, name=name, version=version,
               alias=alias, metric=metric, min_delta=min_delta, force=force, reason=reason)
@@ -299,7 +298,7 @@ def sample(
     json_out: Json = False,
 ) -> None:
     """Generate samples on the Ray cluster, resumably, to any fsspec URL."""
-    from pipelines.sample import sample_command
+    from pipelines.sample.command import sample_command
 
     _dispatch(sample_command, json_out, model=model, num=num, out=out,
               sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, nodes=nodes,
@@ -319,7 +318,7 @@ def interpolate(
     json_out: Json = False,
 ) -> None:
     """Interpolate two images in x_t space and denoise (the paper's section 4.3)."""
-    from pipelines.interpolate import interpolate_command
+    from pipelines.sample.interpolate import interpolate_command
 
     _dispatch(interpolate_command, json_out, model=model, a=a,
               b=b, t=t, lambdas=lambdas, out=out, seed=seed)
@@ -332,7 +331,7 @@ def import_diffusers(
     json_out: Json = False,
 ) -> None:
     """Register a diffusers UNet2DModel of the paper's architecture as a model version."""
-    from pipelines.import_diffusers import import_command
+    from pipelines.registry.import_diffusers import import_command
 
     _dispatch(import_command, json_out, path=path, name=name)
 
@@ -361,8 +360,6 @@ def main() -> None:
     if "--json" not in sys.argv[1:]:
         app(prog_name="ddpm-pipe")
         return
-    from typer._click import exceptions as click_exceptions
-
     try:
         code = app(prog_name="ddpm-pipe", standalone_mode=False)
     except click_exceptions.ClickException as e:

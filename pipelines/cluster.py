@@ -11,6 +11,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import ray
+from ray.train import ScalingConfig
+
+from pipelines import console
 from pipelines.errors import UsageError
 
 
@@ -41,10 +45,6 @@ def connect(address: str | None = None, min_cpus: int = 1) -> bool:
     What Ray prints is set by the console mode (``pipelines.console``). Returns True when this
     call started a local instance.
     """
-    import ray
-
-    from pipelines import console
-
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -72,7 +72,8 @@ def connect(address: str | None = None, min_cpus: int = 1) -> bool:
     return True
 
 
-def _dashboard(context: Any) -> str:
+def _dashboard(context: object) -> str:
+    """The dashboard URL of what ``ray.init`` returned (a ``RayContext``), or why there is none."""
     url = getattr(context, "dashboard_url", None)
     if not url:
         return "not running (see dashboard.log in /tmp/ray/session_latest/logs)"
@@ -81,8 +82,6 @@ def _dashboard(context: Any) -> str:
 
 def capacity() -> dict[str, Any]:
     """What the connected cluster has: alive nodes and their CPUs/GPUs."""
-    import ray
-
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     return {
         "nodes": len(nodes),
@@ -137,10 +136,8 @@ def trial_placement(workers: int, started_locally: bool = False) -> Placement:
     return Placement(workers=workers, use_gpu=False, strategy="SPREAD", cpus_per_worker=1.0, threads_per_worker=1)
 
 
-def scaling_config(placement: Placement):
+def scaling_config(placement: Placement) -> ScalingConfig:
     """The Ray Train ``ScalingConfig`` for a placement."""
-    from ray.train import ScalingConfig
-
     return ScalingConfig(
         num_workers=placement.workers,
         use_gpu=placement.use_gpu,

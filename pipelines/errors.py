@@ -1,4 +1,4 @@
-"""Errors the command line turns into exit codes: 1 failure, 2 bad usage, 3 refused."""
+"""Errors the command line turns into exit codes: 1 failure, 2 bad usage, 3 refused, 130 interrupted."""
 
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ class RefusedError(PipelineError):
     """A gate said no: a promotion that does not beat the holder, an output that is not ours (exit 3)."""
 
     exit_code = 3
+
+
+class Interrupted(PipelineError):
+    """The user stopped a command (Ctrl-C); the message says where and how to resume (exit code 130)."""
+
+    exit_code = 130
 
 
 def first_line(e: BaseException) -> str:

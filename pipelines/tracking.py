@@ -1,7 +1,7 @@
-"""The one place that talks to MLflow: runs, nested runs, async metric logging, artifacts, registry.
+"""The one place that talks to MLflow about runs: experiments, runs and nested runs, params, datasets.
 
-Training must never stall on tracking: metrics go through :class:`AsyncLogger`, a background thread
-with bounded retries and a bounded buffer; what cannot be delivered is counted and reported.
+A training worker logs through :class:`pipelines.train.async_logger.AsyncLogger` instead (a
+background thread with bounded retries and buffer, so training never stalls on tracking).
 
 Every run carries what ``mlflow.start_run`` would set (``mlflow.user``, ``mlflow.source.name``,
 ``mlflow.source.type``, ``mlflow.source.git.commit``; the commit is that of the ``pipelines``
@@ -12,19 +12,30 @@ Data goes in as an MLflow dataset built from the shards' manifest (:func:`log_da
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
 import os
-import queue
-import threading
-import time
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import numpy as np
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Dataset, DatasetInput, InputTag, Param, Run
+from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.types.schema import Schema, TensorSpec
+from mlflow.utils import git_utils
+from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT,
+                                      MLFLOW_GIT_REPO_URL, MLFLOW_SOURCE_NAME)
+
+from ddpm.data.manifest import read_manifest
 from pipelines.errors import PipelineError, UsageError
 from pipelines.settings import Settings, redact
-
-log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "ddpm.run_name"
 KIND_TAG = "ddpm.kind"
@@ -35,8 +46,6 @@ GIT_COMMIT_ENV = "DDPM_GIT_COMMIT"  # the image's commit, passed at build time (
 
 def configure(settings: Settings) -> None:
     """Point MLflow at the resolved store and bound its HTTP retries (its default retries for minutes)."""
-    import mlflow
-
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -45,9 +54,7 @@ def configure(settings: Settings) -> None:
     mlflow.set_registry_uri(settings.registry_uri)
 
 
-def client():
-    from mlflow.tracking import MlflowClient
-
+def client() -> MlflowClient:
     return MlflowClient()
 
 
@@ -92,13 +99,6 @@ def provenance_tags() -> dict[str, str]:
     those of the ``pipelines`` source tree (an editable install or a checkout), else
     ``DDPM_GIT_COMMIT``; none is set when neither is known.
     """
-    import sys
-
-    from mlflow.tracking.context.registry import resolve_tags
-    from mlflow.utils import git_utils
-    from mlflow.utils.mlflow_tags import (MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL,
-                                          MLFLOW_SOURCE_NAME)
-
     tags = {k: v for k, v in resolve_tags().items() if k.startswith("mlflow.")}
     argv = [Path(sys.argv[0]).name, *sys.argv[1:2]] if sys.argv and sys.argv[0] else []
     command = " ".join(a for a in argv if a and not a.startswith("-"))
@@ -115,7 +115,7 @@ def provenance_tags() -> dict[str, str]:
     return tags
 
 
-def find_run(exp_id: str, run_name: str, parent_run_id: str | None = None):
+def find_run(exp_id: str, run_name: str, parent_run_id: str | None = None) -> Run | None:
     """The newest run of this experiment whose ddpm.run_name tag equals ``run_name``, or None."""
     flt = f"tags.`{RUN_NAME_TAG}` = {quote(run_name)}"
     if parent_run_id:
@@ -163,8 +163,6 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
     """Log params once; on a resumed run the already logged ones are left alone."""
-    from mlflow.entities import Param
-
     c = client()
     have = c.get_run(run_id).data.params
     new = [Param(k, v[:6000]) for k, v in flatten(params).items() if k not in have]
@@ -177,29 +175,17 @@ DATA_CONTEXTS = ("training", "validation", "evaluation")  # mlflow.data.context 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
     """12 hex digits of the manifest's sha256: the ``data:<hash>`` part of evaluation keys."""
-    import hashlib
-
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def dataset(url: str, manifest: dict[str, Any]):
+def dataset(url: str, manifest: dict[str, Any]) -> Dataset:
     """The shards at ``url`` as an ``mlflow.data`` dataset entity: source ``url``, the manifest's
     digest, name ``<source>-<split>``, an image schema, and the manifest's counts as its profile."""
-    import warnings
-
-    import numpy as np
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import Dataset as DatasetEntity
-    from mlflow.types.schema import Schema, TensorSpec
-
     with warnings.catch_warnings():  # MLflow registers its local source twice and warns about it
         warnings.simplefilter("ignore")
         try:
             source = resolve_dataset_source(url)
         except Exception:  # a scheme MLflow has no source type for (memory://, ...)
-            from mlflow.data.code_dataset_source import CodeDatasetSource
-
             source = CodeDatasetSource(tags={"uri": url})
     c, h, w = manifest["shape"]
     # The images as one tensor (MLflow schemas do not mix tensors and columns: labels are profiled).
@@ -207,116 +193,20 @@ def dataset(url: str, manifest: dict[str, Any]):
     meta = MetaDataset(source, f"{manifest['source']}-{manifest['split']}", manifest_digest(manifest), schema)
     profile = {key: manifest.get(key) for key in ("num_samples", "shape", "levels", "split", "source", "labels")}
     profile.update(shards=len(manifest["shards"]), bytes=sum(int(s.get("size") or 0) for s in manifest["shards"]))
-    return DatasetEntity(**meta.to_dict(), profile=json.dumps(profile))  # MetaDataset itself has no profile
+    return Dataset(**meta.to_dict(), profile=json.dumps(profile))  # MetaDataset itself has no profile
 
 
-def log_dataset(run_id: str, data: Any, context: str, storage_options: dict[str, Any] | None = None):
+def log_dataset(run_id: str, data: str | Dataset, context: str,
+                storage_options: dict[str, Any] | None = None) -> Dataset:
     """Log ``data`` as the run's input in ``context`` (``mlflow.data.context``: training, evaluation).
 
     ``data`` is a shards URL (its manifest is read) or the entity a previous call returned; that
     entity is returned (plain data: Ray may pickle it; its ``name`` and ``digest`` label metrics).
     MLflow keeps one input per dataset (name and digest) and run: a resumed run does not log it twice.
     """
-    from mlflow.entities import DatasetInput, InputTag
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
     if context not in DATA_CONTEXTS:
         raise ValueError(f"context {context!r} is not one of {DATA_CONTEXTS}")
     if isinstance(data, str):
-        from ddpm.data.manifest import read_manifest
-
         data = dataset(data, read_manifest(data, storage_options))
     client().log_inputs(run_id, datasets=[DatasetInput(data, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
     return data
-
-
-class AsyncLogger:
-    """Log metrics, tags and artifacts from a background thread.
-
-    Each item is retried ``retries`` times with exponential backoff; items that still fail are
-    dropped and counted (``dropped``), so a tracking outage costs a gap in the curves, never the run.
-    The buffer holds at most ``max_buffer`` items; beyond that the oldest metric is dropped.
-    """
-
-    def __init__(self, run_id: str, retries: int = 3, backoff: float = 0.5, max_buffer: int = 10_000):
-        self.run_id = run_id
-        self.retries = retries
-        self.backoff = backoff
-        self.sent = 0
-        self.dropped = 0
-        self.errors: list[str] = []
-        self._q: queue.Queue = queue.Queue(maxsize=max_buffer)
-        self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
-        self._thread.start()
-
-    # -- producer side (training thread): never blocks ---------------------------------------
-    def _put(self, item: tuple) -> None:
-        try:
-            self._q.put_nowait(item)
-        except queue.Full:
-            try:
-                self._q.get_nowait()
-                self.dropped += 1
-            except queue.Empty:
-                pass
-            self._q.put_nowait(item)
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._put(("metrics", {k: float(v) for k, v in metrics.items()}, step, int(time.time() * 1000)))
-
-    def set_tag(self, key: str, value: str) -> None:
-        self._put(("tag", key, redact(str(value))))
-
-    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self._put(("artifact", str(local_path), artifact_path))
-
-    def log_image(self, local_path: str | Path, key: str, step: int) -> None:
-        """A PNG as MLflow image ``key`` at ``step`` (the UI's image chart, one slider over steps),
-        and the file itself under the artifact folder ``key/``."""
-        self._put(("artifact", str(local_path), key))
-        self._put(("image", str(local_path), key, int(step)))
-
-    def close(self, timeout: float = 30.0) -> dict[str, Any]:
-        """Flush what can be flushed within ``timeout`` seconds; return delivery counts."""
-        self._put(("stop",))
-        self._thread.join(timeout)
-        pending = self._q.qsize()
-        self.dropped += pending
-        return {"sent": self.sent, "dropped": self.dropped, "errors": self.errors[-5:]}
-
-    # -- consumer side ------------------------------------------------------------------------
-    def _send(self, item: tuple) -> None:
-        from mlflow.entities import Metric
-
-        c = client()
-        kind = item[0]
-        if kind == "metrics":
-            _, metrics, step, ts = item
-            c.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
-        elif kind == "tag":
-            c.set_tag(self.run_id, item[1], item[2])
-        elif kind == "artifact":
-            c.log_artifact(self.run_id, item[1], item[2])
-        elif kind == "image":
-            from PIL import Image
-
-            with Image.open(item[1]) as image:
-                c.log_image(self.run_id, image.copy(), key=item[2], step=item[3], synchronous=True)
-
-    def _work(self) -> None:
-        while True:
-            item = self._q.get()
-            if item[0] == "stop":
-                return
-            for attempt in range(self.retries + 1):
-                try:
-                    self._send(item)
-                    self.sent += 1
-                    break
-                except Exception as e:  # tracking outage: retry, then drop and count
-                    if attempt == self.retries:
-                        self.dropped += 1
-                        self.errors.append(redact(f"{type(e).__name__}: {e}")[:300])
-                        log.warning("MLflow logging failed, dropped one %s item: %s", item[0], redact(str(e)))
-                    else:
-                        time.sleep(self.backoff * 2**attempt)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CI check of the library-alone install: a bare venv gets torch and `pip install .` (no extras), then
-# imports ddpm, saves a tiny checkpoint, loads it and samples from it, with Ray, MLflow and Typer
-# absent; the ddpm-pipe entry point says which extra it needs. Usage: scripts/check_library_install.sh
+# imports ddpm, saves a tiny checkpoint, loads it and samples from it through ddpm.DDPMPipeline (the
+# API the README shows), with Ray, MLflow and Typer absent; the ddpm-pipe entry point says which
+# extra it needs. Usage: scripts/check_library_install.sh
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv=$(mktemp -d)/venv
@@ -17,7 +18,6 @@ import torch
 import ddpm
 from ddpm.checkpoint import load_model, save_checkpoint
 from ddpm.config import ExperimentConfig
-from ddpm.samplers import generate
 
 absent = [m for m in ("ray", "mlflow", "typer") if importlib.util.find_spec(m) is not None]
 assert not absent, f"the library install pulled in {absent}"
@@ -29,8 +29,10 @@ model = ddpm.UNet(cfg.model)
 with tempfile.TemporaryDirectory() as tmp:
     save_checkpoint(f"{tmp}/c.pt", {"config": cfg, "model": model.state_dict(), "step": 0})
     cfg, model, diffusion = load_model(f"{tmp}/c.pt", weights="model")
-x = generate(model, diffusion, (4, 1, 8, 8), sampler="ddim", steps=5, seeds=[0, 1, 2, 3])
+pipe = ddpm.DDPMPipeline(ddpm.SamplingNet(model), diffusion, (1, 8, 8), sampler="ddim", steps=5, batch_size=2)
+x = pipe(num=4, seed=0)  # sample i from (seed, i), whatever the batch size
 assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all() and x.abs().max() <= 1
+assert torch.equal(x[2:], pipe(num=2, seed=0, start=2))
 print("library alone: ddpm", ddpm.__version__, "sampled", tuple(x.shape), "without ray/mlflow/typer")
 PYEOF
 set +e

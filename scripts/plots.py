@@ -20,9 +20,20 @@ import sys
 from pathlib import Path
 
 
+# A training metric's MLflow names: a run's charts open on "training/loss", "training/bpd" and the
+# sample grid, the rest under "training details/" (pipelines/train/async_logger.py); runs logged
+# before that used the bare name.
+NAMES = {"loss": ("training/loss", "loss"), "bpd": ("training/bpd", "bpd"),
+         "bpd_stderr": ("training details/bpd_stderr", "bpd_stderr")}
+
+
 def history(client, run_id: str, key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of one metric, in step order."""
-    points = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+    """(steps, values) of one metric, in step order (``key``: ``loss``, ``bpd`` or ``bpd_stderr``,
+    under whichever of its names the run has)."""
+    for name in NAMES.get(key, (key,)):
+        points = sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
+        if points:
+            break
     return [m.step for m in points], [m.value for m in points]
 
 

@@ -99,6 +99,50 @@ class _Writer:
         return {"name": name, "num_samples": count, "sha256": digest, "size": len(data)}
 
 
+@dataclass
+class _Accepted:
+    """What the samples written so far have in common, and what was skipped."""
+
+    levels: int
+    shape: tuple[int, ...] | None = None
+    lo: int = 255
+    hi: int = 0
+    has_label: int = 0
+    no_label: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def members(self, item: Sample | Skip) -> list[tuple[str, bytes]]:
+        """The tar members of one sample (its PNG, and its label), or none when it is skipped (why:
+        :attr:`skipped`). All images must share the first one's shape and lie in ``[0, levels)``."""
+        if isinstance(item, Skip):
+            self.skipped.append((item.key, item.reason))
+            return []
+        key, image, label = item
+        check_name(key, "sample key")
+        if "." in key:
+            raise DataError(f"sample key {key!r} contains a dot (WebDataset splits keys at the first dot)")
+        image = np.asarray(image)
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
+            self.skipped.append((key, f"image {image.shape} {image.dtype}; expected uint8 H x W x 1 or 3"))
+            return []
+        if self.shape is None:
+            self.shape = image.shape
+        elif image.shape != self.shape:
+            self.skipped.append((key, f"shape {image.shape} differs from the first sample's {self.shape}"))
+            return []
+        if int(image.max()) >= self.levels:
+            self.skipped.append((key, f"value {int(image.max())} >= levels={self.levels}"))
+            return []
+        self.lo, self.hi = min(self.lo, int(image.min())), max(self.hi, int(image.max()))
+        if label is None:
+            self.no_label += 1
+            return [(f"{key}.png", png_bytes(image))]
+        self.has_label += 1
+        return [(f"{key}.png", png_bytes(image)), (f"{key}.cls", str(int(label)).encode())]
+
+
 def write_shards(
     samples: Source | Iterable[Sample | Skip],
     url: str,
@@ -136,43 +180,17 @@ def write_shards(
 
     fs, root = open_fs(url, storage_options)  # no makedirs: on s3 it would create a missing bucket
     writer = _Writer(fs, root, prefix)
+    accepted = _Accepted(levels)
     shards: list[dict[str, Any]] = []
-    skipped: list[tuple[str, str]] = []
     members: list[tuple[str, bytes]] = []
-    count, has_label, no_label = 0, 0, 0
-    shape: tuple[int, ...] | None = None
-    lo, hi = 255, 0
+    count = 0
     bar = tqdm(total=total, desc=f"shards -> {url}", unit="img", disable=None if progress is None else not progress)
     for item in samples:
         bar.update(1)
-        if isinstance(item, Skip):
-            skipped.append((item.key, item.reason))
+        new = accepted.members(item)
+        if not new:
             continue
-        key, image, label = item
-        check_name(key, "sample key")
-        if "." in key:
-            raise DataError(f"sample key {key!r} contains a dot (WebDataset splits keys at the first dot)")
-        image = np.asarray(image)
-        if image.ndim == 2:
-            image = image[:, :, None]
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
-            skipped.append((key, f"image {image.shape} {image.dtype}; expected uint8 H x W x 1 or 3"))
-            continue
-        if shape is None:
-            shape = image.shape
-        elif image.shape != shape:
-            skipped.append((key, f"shape {image.shape} differs from the first sample's {shape}"))
-            continue
-        if int(image.max()) >= levels:
-            skipped.append((key, f"value {int(image.max())} >= levels={levels}"))
-            continue
-        lo, hi = min(lo, int(image.min())), max(hi, int(image.max()))
-        members.append((f"{key}.png", png_bytes(image)))
-        if label is None:
-            no_label += 1
-        else:
-            has_label += 1
-            members.append((f"{key}.cls", str(int(label)).encode()))
+        members += new
         count += 1
         if count == shard_size:
             shards.append(writer.flush(len(shards), members, count))
@@ -181,11 +199,24 @@ def write_shards(
         shards.append(writer.flush(len(shards), members, count))
     bar.close()
     if not shards:
+        skipped = accepted.skipped
         reason = f"; first skip: {skipped[0][1]}" if skipped else ""
         raise SourceError(f"source {source!r} ({split}) gave no usable samples ({len(skipped)} skipped{reason})")
+    data = dumps(_manifest(source, split, levels, classes, accepted, shards))
+    try:
+        same = fs.cat_file(writer.manifest_path) == data
+    except FileNotFoundError:
+        same = False
+    if not same:
+        atomic_write(fs, writer.manifest_path, data)
+    return WriteResult(url, json.loads(data), writer.written, writer.unchanged, accepted.skipped)
 
-    height, width, channels = shape
-    manifest = {
+
+def _manifest(source: str, split: str, levels: int, classes: list[str] | None, accepted: _Accepted,
+              shards: list[dict[str, Any]]) -> dict[str, Any]:
+    height, width, channels = accepted.shape
+    labelled = accepted.no_label == 0
+    return {
         "format": FORMAT,
         "version": VERSION,
         "source": source,
@@ -195,17 +226,10 @@ def write_shards(
         "dtype": "uint8",
         "levels": levels,
         "value_range": [0, levels - 1],
-        "observed_range": [lo, hi],
-        "labels": no_label == 0,
-        "classes": classes if no_label == 0 else None,
-        "skipped": {"count": len(skipped), "first": [list(s) for s in skipped[:MAX_REPORTED_SKIPS]]},
+        "observed_range": [accepted.lo, accepted.hi],
+        "labels": labelled,
+        "classes": classes if labelled else None,
+        "skipped": {"count": len(accepted.skipped),
+                    "first": [list(s) for s in accepted.skipped[:MAX_REPORTED_SKIPS]]},
         "shards": shards,
     }
-    data = dumps(manifest)
-    try:
-        same = fs.cat_file(writer.manifest_path) == data
-    except FileNotFoundError:
-        same = False
-    if not same:
-        atomic_write(fs, writer.manifest_path, data)
-    return WriteResult(url, json.loads(data), writer.written, writer.unchanged, skipped)

@@ -195,7 +195,7 @@ def test_samplers_table_rows_compare_with_the_first(tmp_path):
     """A tiny random checkpoint, four rows of few steps: each row scored, compared with the first,
     and the table in the form scripts/plots.py --sampler-table reads."""
     from benchmarks import bench_samplers
-    from tests.pipelines.helpers import save_tiny_checkpoint
+    from tests.support import save_tiny_checkpoint
 
     ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
     r = bench_samplers.main(["--model", str(ckpt), "--num", "40", "--rows", "ddpm:4", "ddim:3", "ddim:3:1",
@@ -258,7 +258,7 @@ def test_recipes_quick_compares_each_recipe_with_the_first(tmp_path):
 
 def test_train_ours_takes_a_step_count_instead_of_a_budget(tmp_path):
     from benchmarks.bench_quality import train_ours
-    from pipelines.data import prepare_command
+    from pipelines.storage.data import prepare_command
 
     prepare_command(source="digits", out=str(tmp_path / "train"), split="train")
     _, info = train_ours(str(tmp_path / "train"), budget=0.001, steps=3,

@@ -14,12 +14,13 @@ import torch
 import ddpm
 from ddpm.checkpoint import (FORMAT_VERSION, CheckpointError, export_weights, import_weights,
                              load_checkpoint, load_model, save_checkpoint)
-from ddpm.config import ExperimentConfig, UNetConfig
+from ddpm.config import ExperimentConfig
+from ddpm.diffusion import Diffusion
 from ddpm.ema import EMA
 from ddpm.unet import UNet
+from tests.support import perturbed, tiny_unet_config
 
-TINY = UNetConfig(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-                  attn_resolutions=(4,), dropout=0.0)
+TINY = tiny_unet_config(32, attention=True)
 
 
 @pytest.fixture
@@ -33,9 +34,7 @@ def _trained_state(config: ExperimentConfig) -> tuple[UNet, EMA, dict]:
     ema = EMA(model, decay=0.9)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model(torch.randn(2, 1, 8, 8), torch.tensor([1, 2])).square().mean().backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p))
+    perturbed(model, scale=1.0)
     opt.step()
     ema.update(model)
     state = {"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
@@ -148,12 +147,11 @@ def test_config_that_does_not_build_is_a_clear_error(tmp_path, config):
 
 
 def test_load_model_uses_ema_weights_in_eval_mode(tmp_path, config):
-    pytest.importorskip("ddpm.diffusion")
     model, ema, state = _trained_state(config)
     url = str(tmp_path / "c.pt")
     save_checkpoint(url, state)
     cfg, loaded, diffusion = load_model(url)
-    assert cfg == config and not loaded.training
+    assert cfg == config and not loaded.training and isinstance(diffusion, Diffusion)
     for k, v in ema.module.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v)
     assert not torch.equal(loaded.state_dict()["conv_in.weight"], model.state_dict()["conv_in.weight"])

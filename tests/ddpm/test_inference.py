@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
-from ddpm.config import UNetConfig
 from ddpm.diffusion import Diffusion
 from ddpm.inference import SamplingNet, sampling_dtype
 from ddpm.samplers import generate
 from ddpm.schedules import make_betas
 from ddpm.unet import UNet
+from tests.support import perturbed, tiny_unet_config
 
 torch.set_num_threads(1)
 
@@ -20,12 +20,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
-    model = UNet(UNetConfig(image_size=8, in_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-                            attn_resolutions=(4,), dropout=0.0)).eval()
-    with torch.no_grad():  # non-zero residual branches, so the comparison is not trivially x
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    # Non-zero residual branches, so the comparison is not trivially x.
+    return perturbed(UNet(tiny_unet_config(16, attention=True)).eval())
 
 
 def _x_t():

@@ -5,21 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddpm.config import UNetConfig
 from ddpm.diffusion import Diffusion
 from ddpm.interpolate import interpolate
 from ddpm.schedules import make_betas
 from ddpm.unet import UNet
+from tests.support import perturbed, tiny_unet_config
 
 
 @pytest.fixture(scope="module")
 def model_and_diffusion():
     torch.manual_seed(0)
-    model = UNet(UNetConfig(image_size=8, in_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1,
-                            attn_resolutions=(), dropout=0.0)).eval()
-    with torch.no_grad():  # break the zero-initialised output layer so the network matters
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturbed(UNet(tiny_unet_config()).eval())  # the zero-initialised output layer broken
     return model, Diffusion(make_betas("linear", 50), variance="fixed_large")
 
 

@@ -10,9 +10,9 @@ import torch
 
 from ddpm.config import UNetConfig
 from ddpm.unet import UNet, count_parameters, timestep_embedding
+from tests.support import tiny_unet_config
 
-TINY = UNetConfig(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-                  attn_resolutions=(4,), dropout=0.0)
+TINY = tiny_unet_config(32, attention=True)
 
 
 def test_cifar10_preset_has_the_papers_parameter_count():

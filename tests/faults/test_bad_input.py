@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from pipelines.cli import app
-from tests.pipelines.helpers import TINY
+from tests.support import TINY, run_cli
 
 
 def cli(*args: str):
-    return CliRunner().invoke(app, list(args))
+    return run_cli(*list(args))
 
 
 def train(tmp_path: Path, *extra: str):
@@ -159,9 +157,9 @@ def test_shards_that_do_not_fit_the_model_fail_before_training(tmp_path, digits_
 
 # -- models and checkpoints ---------------------------------------------------------------------------
 def _checkpoint(path: Path, **changes) -> str:
-    from tests.pipelines.helpers import make_checkpoint
+    from tests.support import TINY_NET, save_tiny_checkpoint
 
-    make_checkpoint(str(path))
+    save_tiny_checkpoint(path, overrides=TINY_NET)
     if changes:  # rewrite the saved dict as a future or foreign version would have written it
         state = torch.load(path, weights_only=True)
         state.update(changes)

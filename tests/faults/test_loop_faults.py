@@ -1,22 +1,20 @@
-"""Faults inside the training loop, run in-process (``pipelines.loop.train_loop`` with a plain
+"""Faults inside the training loop, run in-process (``pipelines.train.loop.train_loop`` with a plain
 :class:`LoopContext`, no Ray): non-finite losses, a checkpoint write killed halfway, and the MLflow
 server going down and coming back mid-run."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from ddpm.config import load_config
-from pipelines.loop import LoopContext, LoopData, NonFiniteLossError, train_loop
-from tests.pipelines.helpers import TINY
+from pipelines.train.loop import LoopContext, LoopData, NonFiniteLossError, train_loop
+from tests.support import TINY, start_mlflow_server, stop_process_group, wait_until
 
 
 def config(*extra: str):
@@ -104,43 +102,16 @@ def test_checkpoint_write_killed_halfway_leaves_the_previous_one_whole(tmp_path)
 
 
 # -- the MLflow server down for part of a run ---------------------------------------------------------
-def _start_mlflow(root: Path, port: int) -> subprocess.Popen:
-    from tests.fixtures.mlflow_server import _START_TIMEOUT, _healthy
-
-    uri = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", (root / "artifacts").as_uri(), "--serve-artifacts"]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root, env=env,
-                            start_new_session=True)
-    deadline = time.monotonic() + _START_TIMEOUT
-    while not _healthy(uri):
-        assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-        time.sleep(0.3)
-    return proc
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(10)
-
-
 @pytest.mark.timeout(180)
 def test_mlflow_server_down_mid_run_training_goes_on_and_the_gap_is_accounted(digits_shards, tmp_path,
                                                                               monkeypatch):
     from pipelines import tracking
     from pipelines.settings import resolve
-    from pipelines.tracking import AsyncLogger
-    from tests.fixtures.mlflow_server import _free_port
+    from pipelines.train.async_logger import AsyncLogger
 
-    port = _free_port()
-    server = _start_mlflow(tmp_path, port)
+    server, uri = start_mlflow_server(tmp_path)
     try:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         tracking.configure(resolve())  # bounds MLflow's own HTTP retries (minutes by default)
         run_id, _ = tracking.start_or_resume_run(tracking.experiment_id("outage"), "outage")
         tracker = AsyncLogger(run_id)
@@ -149,14 +120,12 @@ def test_mlflow_server_down_mid_run_training_goes_on_and_the_gap_is_accounted(di
         def report(metrics: dict, state: dict | None) -> None:  # called every checkpoint (2 steps)
             nonlocal server
             if metrics["step"] == 2:
-                deadline = time.monotonic() + 20  # steps 1-2 delivered, then the server dies
-                while tracker.sent < 2 and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                _kill(server)  # the tracking server dies mid-run
+                wait_until(lambda: tracker.sent >= 2, 20, "steps 1-2 delivered", interval=0.1)
+                stop_process_group(server, signal.SIGKILL)  # then the tracking server dies mid-run
                 times["down"] = time.monotonic()
             elif metrics["step"] == 6:
                 times["steps_3_to_6"] = time.monotonic() - times["down"]
-                server = _start_mlflow(tmp_path, port)  # and comes back
+                server, _ = start_mlflow_server(tmp_path, int(uri.rsplit(":", 1)[1]))  # and comes back
                 times["up"] = time.monotonic()
 
         start = time.monotonic()
@@ -168,9 +137,9 @@ def test_mlflow_server_down_mid_run_training_goes_on_and_the_gap_is_accounted(di
         assert times["steps_3_to_6"] < 10  # training did not wait for the dead server
         assert time.monotonic() - start - outage_s < 60  # nor for its retries afterwards
 
-        steps = {m.step for m in tracking.client().get_metric_history(run_id, "loss")}
+        steps = {m.step for m in tracking.client().get_metric_history(run_id, "training/loss")}
         assert {1, 2, 8} <= steps  # before and after the outage
         # Every step's metrics were delivered late (buffered) or are counted as dropped: the gap is known.
         assert len(set(range(1, 9)) - steps) <= stats["dropped"], (steps, stats)
     finally:
-        _kill(server)
+        stop_process_group(server, signal.SIGKILL)

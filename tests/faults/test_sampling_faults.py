@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from pipelines import sample as S
-from tests.pipelines.helpers import make_checkpoint, read_npz_folder
+from pipelines.sample import command as S
+from tests.support import TINY_NET, read_npz_folder, save_tiny_checkpoint
 
 N = 8
 
@@ -34,7 +34,7 @@ def test_killed_sampling_worker_is_restarted_and_every_index_is_written_once(ray
             ray.kill(pools[0].actors[0], no_restart=False)
         written.extend(names)
 
-    ckpt = make_checkpoint(str(tmp_path / "checkpoint.pt"))
+    ckpt = str(save_tiny_checkpoint(tmp_path / "checkpoint.pt", overrides=TINY_NET))
     out = tmp_path / "out"
     req = S.SampleRequest(model=ckpt, num=N, sampler="ddim", steps=4, batch_size=2, nodes=2)
     result = S.write_samples(req, str(out), fmt="npz", progress=False, on_written=kill_a_worker_once)

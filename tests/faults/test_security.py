@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from pipelines.cli import app
 from pipelines.errors import UsageError
-from tests.pipelines.helpers import TINY
+from tests.support import TINY, cli_json, run_cli
 
 
 class _Exploit:
@@ -38,8 +36,8 @@ def test_malicious_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
         from PIL import Image
 
         Image.new("L", (8, 8)).save(tmp_path / name)
-    result = CliRunner().invoke(app, ["interpolate", "--model", str(evil), "--a", str(tmp_path / "a.png"),
-                                      "--b", str(tmp_path / "b.png"), "--out", str(tmp_path / "mix.png")])
+    result = run_cli("interpolate", "--model", str(evil), "--a", str(tmp_path / "a.png"),
+                                      "--b", str(tmp_path / "b.png"), "--out", str(tmp_path / "mix.png"))
     assert result.exit_code == 2, result.output
     assert "refused: not a weights-only checkpoint" in result.output
     assert not marker.exists()
@@ -51,9 +49,10 @@ def test_malicious_registered_model_is_refused_and_its_code_never_runs(tmp_path)
     safetensors and JSON only, so it is refused and nothing runs."""
     import mlflow
 
-    from pipelines import models, tracking
+    from pipelines import tracking
+    from pipelines.registry import models
     from pipelines.settings import resolve
-    from tests.pipelines.helpers import make_checkpoint
+    from tests.support import TINY_NET, save_tiny_checkpoint
 
     marker = tmp_path / "pwned"
     folder = tmp_path / "model" / "artifacts" / "ddpm_model"
@@ -61,7 +60,7 @@ def test_malicious_registered_model_is_refused_and_its_code_never_runs(tmp_path)
     (folder / "model.safetensors").write_bytes(pickle.dumps(_Exploit(marker)))
     from ddpm.checkpoint import load_checkpoint
 
-    cfg = load_checkpoint(make_checkpoint(str(tmp_path / "c.pt")))["config"]
+    cfg = load_checkpoint(str(save_tiny_checkpoint(tmp_path / "c.pt", overrides=TINY_NET)))["config"]
     (folder / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "format_version": 1}))
     (tmp_path / "model" / "python_model.pkl").write_bytes(pickle.dumps(_Exploit(marker)))
 
@@ -96,12 +95,12 @@ def test_planted_credentials_never_reach_mlflow_checkpoints_manifests_or_samples
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
     sets = [x for s in TINY for x in ("--set", s)]
-    result = CliRunner().invoke(app, ["train", "--nodes", "1", "--max-steps", "2", "--run-name", "secret",
-                                      "--storage", str(tmp_path / "storage"), "--json", *sets])
+    result = run_cli("train", "--nodes", "1", "--max-steps", "2", "--run-name", "secret",
+                                      "--storage", str(tmp_path / "storage"), "--json", *sets)
     assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    sampled = CliRunner().invoke(app, ["sample", "--model", out["model_uri"], "--num", "2", "--steps", "2",
-                                       "--out", str(tmp_path / "samples"), "--format", "npz"])
+    out = cli_json(result)
+    sampled = run_cli("sample", "--model", out["model_uri"], "--num", "2", "--steps", "2",
+                                       "--out", str(tmp_path / "samples"), "--format", "npz")
     assert sampled.exit_code == 0, sampled.output
 
     tracking.configure(resolve())
@@ -147,8 +146,8 @@ class _Captured(Exception):
 
 def test_storage_file_system_and_train_run_config_pickle_without_keys(planted_keys, s3_prefix):
     from pipelines import cluster
-    from pipelines.storage import ray_storage
-    from pipelines.ray_train import run_config
+    from pipelines.storage.ray_storage import ray_storage
+    from pipelines.train.ray_train import run_config
 
     path, fs = ray_storage(f"{s3_prefix}/runs")
     assert fs is not None and fs.type_name == "s3"  # the endpoint case: our own pyarrow file system
@@ -174,7 +173,7 @@ def test_file_system_built_without_keys_reads_them_from_the_environment(s3_endpo
 
 
 def ray_storage_of(url: str):
-    from pipelines.storage import ray_storage
+    from pipelines.storage.ray_storage import ray_storage
 
     return ray_storage(url)
 
@@ -193,8 +192,9 @@ def test_train_hands_ray_nothing_holding_keys_or_a_tracking_password(planted_key
 
     import ray.train.torch
 
-    from pipelines import cluster, settings, tracking, train
-    from pipelines.train import train_command
+    from pipelines import cluster, settings, tracking
+    from pipelines.train import command as train
+    from pipelines.train.command import train_command
 
     def resolve_with_password(*args, **kwargs):
         real = settings.resolve(*args, **kwargs)
@@ -230,7 +230,7 @@ def test_tune_hands_ray_nothing_holding_keys(planted_keys, s3_prefix, digits_sha
     from ray import tune
 
     from pipelines import cluster
-    from pipelines.tune import tune_command
+    from pipelines.tune.command import tune_command
 
     captured: dict = {}
     real_can_restore = tune.Tuner.can_restore
@@ -265,8 +265,8 @@ def _plant_tuner_state(storage: Path, sweep: str, marker: Path) -> None:
 
 def _tune(storage: Path, data: Path, *extra: str):
     sets = [x for s in [*TINY, f"data.holdout_url={data}"] for x in ("--set", s)]
-    return CliRunner().invoke(app, ["tune", "--trials", "1", "--max-steps", "2", "--data", str(data),
-                                    "--storage", str(storage), *sets, *extra])
+    return run_cli("tune", "--trials", "1", "--max-steps", "2", "--data", str(data),
+                                    "--storage", str(storage), *sets, *extra)
 
 
 @pytest.mark.timeout(120)
@@ -292,7 +292,7 @@ def test_sweep_state_found_under_another_storage_than_recorded_is_refused(tmp_pa
     prefix holds Tune state (written by whoever can write there) is not resumed."""
     from pipelines import tracking
     from pipelines.settings import resolve
-    from pipelines.tune import STORAGE_TAG
+    from pipelines.tune.command import STORAGE_TAG
 
     tracking.configure(resolve())
     exp_id = tracking.experiment_id("digits")
@@ -334,8 +334,8 @@ def test_redact_masks_credentials_inside_any_url():
 
 @pytest.mark.timeout(120)
 def test_cli_error_never_prints_a_url_password():
-    result = CliRunner().invoke(app, ["run", "--submit", "--address",
-                                      f"http://alice:{PLANTED_PASSWORD}@127.0.0.1:1"])
+    result = run_cli("run", "--submit", "--address",
+                                      f"http://alice:{PLANTED_PASSWORD}@127.0.0.1:1")
     assert result.exit_code == 2, result.output
     assert "cannot reach the Ray Jobs API at http://***@127.0.0.1:1" in result.output
     assert PLANTED_PASSWORD not in result.output
@@ -367,8 +367,8 @@ def fake_jobs(monkeypatch):
 
 def test_submitted_job_env_holds_no_credentials_and_the_output_masks_the_address(fake_jobs, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", CREDENTIALED_URI)
-    result = CliRunner().invoke(app, ["run", "--submit", "--json", "--address",
-                                      f"http://alice:{PLANTED_PASSWORD}@127.0.0.1:8265"])
+    result = run_cli("run", "--submit", "--json", "--address",
+                                      f"http://alice:{PLANTED_PASSWORD}@127.0.0.1:8265")
     assert result.exit_code == 0, result.output
     assert PLANTED_PASSWORD not in result.output and "http://***@127.0.0.1:8265" in result.output
     env = fake_jobs[0]["runtime_env"]["env_vars"]
@@ -377,14 +377,14 @@ def test_submitted_job_env_holds_no_credentials_and_the_output_masks_the_address
     assert_no_secret("the job's runtime env", fake_jobs[0])
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")  # nothing secret: it travels
-    assert CliRunner().invoke(app, ["run", "--submit", "--address", "http://127.0.0.1:8265"]).exit_code == 0
+    assert run_cli("run", "--submit", "--address", "http://127.0.0.1:8265").exit_code == 0
     assert fake_jobs[1]["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
 
 
 def test_sampling_actors_env_holds_no_tracking_password(monkeypatch):
     import mlflow
 
-    from pipelines.sample_pool import worker_env
+    from pipelines.sample.pool import worker_env
 
     mlflow.set_tracking_uri(CREDENTIALED_URI)
     mlflow.set_registry_uri(CREDENTIALED_URI)
@@ -400,10 +400,14 @@ def test_workflow_summary_masks_the_tracking_uri_password(monkeypatch):
     The steps are stubbed: this checks the summary, not the steps."""
     import dataclasses
 
-    from pipelines import data, evaluate, promote, sample, settings, tracking, train, workflow
+    from pipelines import settings, tracking, workflow
+    from pipelines.storage import data
+    from pipelines.registry import evaluate, promote
+    from pipelines.sample import command as sample
+    from pipelines.train import command as train
 
     real_resolve, real_configure = settings.resolve, tracking.configure
-    monkeypatch.setattr(settings, "resolve", lambda *a, **k: dataclasses.replace(
+    monkeypatch.setattr(workflow, "resolve", lambda *a, **k: dataclasses.replace(
         real_resolve(*a, **k), tracking_uri=CREDENTIALED_URI))
     monkeypatch.setattr(tracking, "configure", lambda _s: real_configure(real_resolve()))
     uri = "models:/ddpm-digits/1"
@@ -418,7 +422,7 @@ def test_workflow_summary_masks_the_tracking_uri_password(monkeypatch):
         "bpd": 1.0, "scores": {"fd": 1.0}, "floors": {"fd": 0.5}, "sec_per_sample": 0.1})
     monkeypatch.setattr(promote, "promote_command", lambda **k: {"message": "promoted"})
     monkeypatch.setattr(sample, "sample_command", lambda **k: {"out": "out", "manifest": "m"})
-    result = CliRunner().invoke(app, ["run", "--name", "summary"])
+    result = run_cli("run", "--name", "summary")
     assert result.exit_code == 0, result.output
     assert "MLflow store     : http://***@mlflow.example:5000" in result.output
     assert PLANTED_PASSWORD not in result.output
@@ -431,7 +435,7 @@ def test_a_sweep_whose_run_records_this_storage_may_be_resumed(tmp_path):
     from pipelines import tracking
     from pipelines.errors import RefusedError
     from pipelines.settings import resolve
-    from pipelines.tune import STORAGE_TAG, check_resumable
+    from pipelines.tune.command import STORAGE_TAG, check_resumable
 
     tracking.configure(resolve())
     exp_id = tracking.experiment_id("digits")

@@ -6,23 +6,19 @@ is redone. Tiny configs (tests/pipelines/helpers.py's TINY): the point is the re
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from pipelines.cli import app
 from tests.fixtures.ray_cluster import add_node
-from tests.pipelines.helpers import TINY
+from tests.support import TINY, cli_json, mlflow_client, wait_until, run_cli
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the registered checkpoints
 
@@ -34,9 +30,9 @@ def sets(*extra: str) -> list[str]:
 def train(tmp_path: Path, name: str, nodes: int, steps: int, *extra: str) -> dict:
     args = ["train", "--nodes", str(nodes), "--max-steps", str(steps), "--run-name", name,
             "--storage", str(tmp_path / "storage"), "--json", *sets(*extra)]
-    result = CliRunner().invoke(app, args)
+    result = run_cli(*args)
     assert result.exit_code == 0, result.output
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return cli_json(result)
 
 
 def final_state(out: dict) -> dict:
@@ -45,25 +41,12 @@ def final_state(out: dict) -> dict:
     return load_checkpoint(os.path.join(out["checkpoint"], "checkpoint.pt"))
 
 
-def mlflow_client():
-    from pipelines import tracking
-    from pipelines.settings import resolve
-
-    tracking.configure(resolve())
-    return tracking.client()
-
-
 def wait_for_checkpoint(run_dir: Path, step: int, timeout: float, alive=lambda: True) -> None:
-    """Until Ray Train has registered the checkpoint of ``step`` (its snapshot names it)."""
-    name = f"checkpoint_{step:08d}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        snap = run_dir / SNAPSHOT
-        if snap.exists() and name in snap.read_text(errors="replace"):
-            return
-        assert alive(), "training ended before the fault could be injected"
-        time.sleep(0.2)
-    raise AssertionError(f"no {name} registered in {run_dir} after {timeout:.0f}s")
+    """Until Ray Train has registered the checkpoint of ``step`` (its snapshot names it); fails if
+    training ends first (before the fault could be injected)."""
+    name, snap = f"checkpoint_{step:08d}", run_dir / SNAPSHOT
+    wait_until(lambda: snap.exists() and name in snap.read_text(errors="replace"), timeout,
+               f"{name} registered in {run_dir}", alive=alive)
 
 
 @pytest.mark.slow
@@ -77,9 +60,9 @@ def test_killed_worker_resumes_and_ends_bit_identical_to_an_uninterrupted_run(ra
     killed = train(tmp_path, "killed", 2, 4)
     assert marker.exists()
     c = mlflow_client()
-    assert [m.value for m in c.get_metric_history(killed["run_id"], "resumed_from_step")] == [2]
+    assert [m.value for m in c.get_metric_history(killed["run_id"], "training details/resumed_from_step")] == [2]
     assert killed["metrics"]["step"] == 4 and killed["metrics"]["ranks_in_sync"] == 1.0
-    steps = [m.step for m in c.get_metric_history(killed["run_id"], "loss")]
+    steps = [m.step for m in c.get_metric_history(killed["run_id"], "training/loss")]
     assert steps.count(1) == 1 and steps.count(2) == 1 and steps.count(4) == 1  # restarted at 2, not 0
 
     # The checkpoint holds RNG (per rank), optimizer, lr schedule, EMA and reader position, so the
@@ -101,7 +84,7 @@ def test_node_removed_and_fresh_node_added_resumes_on_the_new_node(ray_cluster, 
     node joins. The shared cluster has 4 nodes again afterwards."""
     import ray
 
-    from pipelines.train import train_command
+    from pipelines.train.command import train_command
 
     steps = 10
     outcome: dict = {}
@@ -128,7 +111,7 @@ def test_node_removed_and_fresh_node_added_resumes_on_the_new_node(ray_cluster, 
     assert out["metrics"]["step"] == steps and out["metrics"]["ranks_in_sync"] == 1.0
 
     c = mlflow_client()
-    resumed = [m.value for m in c.get_metric_history(out["run_id"], "resumed_from_step")]
+    resumed = [m.value for m in c.get_metric_history(out["run_id"], "training details/resumed_from_step")]
     assert len(resumed) == 1 and resumed[0] >= 2  # lost at most one checkpoint interval
     nodes = {p.split("@")[1] for p in c.get_run(out["run_id"]).data.tags["ddpm.placement"].split(",")}
     assert len(nodes) == 4 and fresh.node_id[:12] in nodes and lost_id[:12] not in nodes
@@ -163,7 +146,7 @@ def test_killed_driver_rerun_resumes_the_same_run_and_ignores_a_partial_checkpoi
 
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=420)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
-    out = json.loads(second.stdout.strip().splitlines()[-1])
+    out = cli_json(second)
     assert out["resumed"] and out["metrics"]["step"] == 10
     assert not out["checkpoint"].rstrip("/").endswith("checkpoint_00000099")
 
@@ -172,7 +155,7 @@ def test_killed_driver_rerun_resumes_the_same_run_and_ignores_a_partial_checkpoi
                          filter_string="tags.`ddpm.run_name` = 'driver'")
     assert [r.info.run_id for r in runs] == [out["run_id"]]  # one run, not two
     assert runs[0].info.status == "FINISHED"
-    resumed = [m.value for m in c.get_metric_history(out["run_id"], "resumed_from_step")]
+    resumed = [m.value for m in c.get_metric_history(out["run_id"], "training details/resumed_from_step")]
     assert len(resumed) == 1 and 2 <= resumed[0] < 10, resumed
 
 
@@ -185,7 +168,7 @@ def test_bad_shard_found_by_a_worker_stops_the_run_after_one_attempt(ray_cluster
     used to restart the worker group max_failures=3 times, each attempt failing the same way."""
     import shutil
 
-    from pipelines import train as T
+    from pipelines.train import command as T
 
     data = Path(shutil.copytree(digits_shards, tmp_path / "data"))
     for shard in data.glob("train-*.tar"):  # every shard: whatever a rank reads first fails
@@ -204,7 +187,7 @@ def test_bad_shard_found_by_a_worker_stops_the_run_after_one_attempt(ray_cluster
     monkeypatch.setattr(T, "worker_main", counted)
     args = ["train", "--nodes", "2", "--max-steps", "2", "--run-name", "badshard", "--data", str(data),
             "--storage", str(tmp_path / "storage"), *sets()]
-    result = CliRunner().invoke(app, args)
+    result = run_cli(*args)
     assert result.exit_code == 2, result.output
     assert re.search(r"train-00000[0-2]\.tar: sha256 does not match the manifest", result.output), result.output
     assert "not retried" in result.output

@@ -13,7 +13,7 @@ import pytest
 def digits_home_template(tmp_path_factory):
     """Prepared digits shards and a trained feature net, made once and copied into each test's DDPM_HOME."""
     from ddpm.features import load_digits_feature_net
-    from pipelines.data import prepare_command
+    from pipelines.storage.data import prepare_command
 
     root = tmp_path_factory.mktemp("digits-home")
     for split in ("train", "test"):

@@ -2,13 +2,13 @@
 JSON errors, --version, choices listed in --help, the live sweep table.
 
 The end-to-end tests run the real `ddpm-pipe` executable in a subprocess (as a user would) on a
-local Ray instance, with a tiny model and a few steps; stdout and stderr are read together.
+local Ray instance, with a tiny model and a few steps; stdout and stderr are read apart: progress
+and Ray's own lines belong on stderr, stdout holds the result alone.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
@@ -16,22 +16,22 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.sweep_table import SweepTable, ranked
+from pipelines.tune.sweep_table import SweepTable, ranked
+from tests.support import cli_json, tiny_overrides, wait_until
 
 CLI = str(Path(sys.executable).with_name("ddpm-pipe"))
-TINY = ["--set", "model.ch=8", "--set", "model.ch_mult=[1,2]", "--set", "model.attn_resolutions=[]",
-        "--set", "diffusion.timesteps=50", "--set", "train.log_every=2", "--set", "train.eval_every=2",
-        "--set", "train.checkpoint_every=2", "--set", "train.sample_every=4", "--set", "sample.steps=2",
-        "--set", "train.warmup_steps=1", "--set", "train.batch_size=16"]
+TINY = [x for s in [*tiny_overrides(), "train.log_every=2", "train.eval_every=2", "train.checkpoint_every=2",
+                    "train.sample_every=4", "sample.steps=2", "train.warmup_steps=1", "train.batch_size=16"]
+        for x in ("--set", s)]
 NOISE = ("Traceback", "WARNING", "Warning:", "(PlacementGroupCleaner", "(TrainController", "(RayTrainWorker",
-         "(_trial_single", "Checkpoint successfully created", "Reporting training result",
+         "(trial_single", "Checkpoint successfully created", "Reporting training result",
          "Created version", "Successfully registered")
 
 
-def run(args: list[str], env: dict[str, str], timeout: int = 900) -> tuple[int, str]:
-    proc = subprocess.run([CLI, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
-    return proc.returncode, proc.stdout
+def run(args: list[str], env: dict[str, str], timeout: int = 900) -> tuple[int, str, str]:
+    """``(exit code, stdout, stderr)`` of ``ddpm-pipe ARGS``."""
+    proc = subprocess.run([CLI, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def assert_quiet(output: str) -> None:
@@ -50,52 +50,71 @@ def cli_env(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_train_sample_tune_are_quiet_and_show_progress_and_verbose_shows_rays_lines(cli_env, tmp_path):
-    code, out = run(["train", "--max-steps", "4", *TINY, "--run-name", "quiet", "--json"], cli_env)
-    assert code == 0, out
-    assert_quiet(out)
-    assert "[ray] local instance" in out and "dashboard http://" in out
-    assert "[train] step 2/4 loss" in out and "img/s held-out" in out and "[train] step 4/4" in out
-    result = json.loads(out.strip().splitlines()[-1])  # --json: the last line is the result
+    code, out, err = run(["train", "--max-steps", "4", *TINY, "--run-name", "quiet", "--json"], cli_env)
+    assert code == 0, out + err
+    assert_quiet(out + err)
+    assert "[ray] local instance" in err and "dashboard http://" in err
+    assert "[train] step 2/4 loss" in err and "img/s held-out" in err and "[train] step 4/4" in err
+    result = cli_json(out)  # --json: stdout is the result, one line, and nothing else
     assert result["metrics"]["step"] == 4
 
     checkpoint = f"{result['checkpoint']}/checkpoint.pt"
-    code, out = run(["sample", "--model", checkpoint, "--num", "6", "--steps", "2", "--out",
-                     str(tmp_path / "samples")], cli_env)
-    assert code == 0, out
-    assert_quiet(out)
-    assert "6/6" in out and "wrote 6 sample(s)" in out
+    code, out, err = run(["sample", "--model", checkpoint, "--num", "6", "--steps", "2", "--out",
+                          str(tmp_path / "samples")], cli_env)
+    assert code == 0, out + err
+    assert_quiet(out + err)
+    assert "6/6" in err and out.startswith("wrote 6 sample(s)") and len(out.splitlines()) == 1
 
-    code, out = run(["tune", "--trials", "2", "--max-steps", "4", "--scheduler", "none", *TINY,
-                     "--name", "quiet-sweep"], cli_env)
-    assert code == 0, out
-    assert_quiet(out)
-    assert "[tune] trial" in out and "best so far: trial" in out  # the live table
-    assert "1. " in out and "2. " in out  # the final ranked table
+    code, out, err = run(["tune", "--trials", "2", "--max-steps", "4", "--scheduler", "none", *TINY,
+                          "--name", "quiet-sweep"], cli_env)
+    assert code == 0, out + err
+    assert_quiet(out + err)
+    assert "[tune] trial" in err and "best so far: trial" in err  # the live table
+    assert "1. " in out and "2. " in out and "[tune]" not in out  # the final ranked table, in the result
 
-    code, out = run(["--verbose", "train", "--max-steps", "2", *TINY, "--run-name", "loud"], cli_env)
-    assert code == 0, out
-    assert "(RayTrainWorker" in out or "(TrainController" in out, out
+    code, out, err = run(["--verbose", "train", "--max-steps", "2", *TINY, "--run-name", "loud"], cli_env)
+    assert code == 0, out + err
+    assert "(RayTrainWorker" in out + err or "(TrainController" in out + err, out + err
 
 
 @pytest.mark.timeout(120)
 def test_json_errors_version_and_choices(cli_env, tmp_path):
-    code, out = run(["sample", "--model", str(tmp_path / "missing.pt"), "--json"], cli_env)
+    code, out, err = run(["sample", "--model", str(tmp_path / "missing.pt"), "--json"], cli_env)
     assert code == 2
-    error = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
-    assert error["exit_code"] == 2 and "does not exist" in error["error"]
+    error = cli_json(out)  # the error object alone on stdout; the readable line on stderr
+    assert error["exit_code"] == 2 and "does not exist" in error["error"] and "error: " in err
 
-    code, out = run(["sample", "--model", "x", "--format", "jpg", "--json"], cli_env)
+    code, out, err = run(["sample", "--model", "x", "--format", "jpg", "--json"], cli_env)
     assert code == 2
-    error = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    error = cli_json(out)
     assert error["exit_code"] == 2 and "png, webdataset, npz" in error["error"]
 
-    code, out = run(["--version"], cli_env)
-    assert code == 0 and out.startswith("ddpm-pipe ")
+    code, out, _ = run(["--version"], cli_env)
+    assert code == 0 and out.startswith("ddpm-pipe ") and len(out.splitlines()) == 1
 
-    code, out = run(["sample", "--help"], {**cli_env, "COLUMNS": "200"})
+    code, out, _ = run(["sample", "--help"], {**cli_env, "COLUMNS": "200"})
     assert "[ddpm|ddim|dpmpp]" in out and "[png|webdataset|npz]" in out and "0 samples on CPU" in out
-    code, out = run(["interpolate", "--help"], {**cli_env, "COLUMNS": "200"})
+    code, out, _ = run(["interpolate", "--help"], {**cli_env, "COLUMNS": "200"})
     assert "Noise seed" in out
+
+
+def test_what_a_library_prints_while_a_command_runs_goes_to_stderr(monkeypatch):
+    """Ray's driver prints the raylet's warnings ("(raylet) A worker died ...") to stdout; stdout is
+    the result's alone, so a command's own run has stdout sent to stderr."""
+    import pipelines.train.command as train
+    from tests.support import run_cli
+
+    def noisy(**kwargs):
+        print("(raylet) A worker died or was killed while executing a task")
+        return {"message": "trained", "step": 3}
+
+    monkeypatch.setattr(train, "train_command", noisy)
+    result = run_cli("train", "--json")
+    assert result.exit_code == 0, result.output
+    assert cli_json(result) == {"message": "trained", "step": 3}
+    assert "(raylet) A worker died" in result.stderr
+    plain = run_cli("train")
+    assert plain.stdout == "trained\n" and "(raylet)" in plain.stderr
 
 
 # -- the sweep table ----------------------------------------------------------------------------------
@@ -159,11 +178,10 @@ def test_progress_prints_rate_and_eta_as_plain_lines_off_a_terminal_at_most_ever
 def test_progress_channel_prints_worker_lines_and_stops_its_thread_and_actor_when_the_block_fails(ray_cluster):
     """Lines a remote task puts arrive at the printer; leaving the block, even by an exception, ends
     the pump thread and kills the queue actor (a thread left pumping raised once Ray shut down)."""
-    import time
 
     import ray
 
-    from pipelines.console import ProgressChannel, remote_log
+    from pipelines.train.progress import ProgressChannel, remote_log
 
     @ray.remote(num_cpus=0)
     def report(queue):
@@ -175,15 +193,10 @@ def test_progress_channel_prints_worker_lines_and_stops_its_thread_and_actor_whe
     with pytest.raises(RuntimeError, match="setting up failed"):
         with ProgressChannel(printer=printed.append) as channel:
             ray.get(report.remote(channel.queue))
-            deadline = time.monotonic() + 30
-            while len(printed) < 3 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(lambda: len(printed) >= 3, 30, "three printed lines", interval=0.05)
             raise RuntimeError("setting up failed")
     assert printed == ["line 0", "line 1", "line 2"]
     assert not channel._thread.is_alive()
     # ray.kill is asynchronous: a call sent just after it may still be served, so wait for the death
-    deadline = time.monotonic() + 30
     with pytest.raises(ray.exceptions.RayActorError):
-        while time.monotonic() < deadline:
-            ray.get(channel.queue.actor.qsize.remote(), timeout=30)
-            time.sleep(0.2)
+        wait_until(lambda: ray.get(channel.queue.actor.qsize.remote(), timeout=30) < 0, 30, "the queue actor's death")

@@ -5,25 +5,23 @@ from __future__ import annotations
 import json
 import os
 
-from typer.testing import CliRunner
 
 from ddpm.data.reader import ShardLoader, load_split
-from pipelines.cli import app
+from tests.support import cli_json, run_cli
 
-runner = CliRunner()
 
 
 def _json(result):
     assert result.exit_code == 0, result.output
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return cli_json(result)
 
 
 def test_prepare_digits_json_and_rerun(tmp_path):
     out = str(tmp_path / "digits" / "train")
-    r = _json(runner.invoke(app, ["data", "prepare", "--source", "digits", "--out", out, "--shard-size", "500", "--json"]))
+    r = _json(run_cli("data", "prepare", "--source", "digits", "--out", out, "--shard-size", "500", "--json"))
     assert r["num_samples"] == 1437 and r["num_shards"] == 3 and r["shape"] == [1, 8, 8] and r["levels"] == 17
     assert r["shards_written"] == 3 and r["skipped"] == 0 and r["manifest"] == f"{out}/manifest.json"
-    again = _json(runner.invoke(app, ["data", "prepare", "--source", "digits", "--out", out, "--shard-size", "500", "--json"]))
+    again = _json(run_cli("data", "prepare", "--source", "digits", "--out", out, "--shard-size", "500", "--json"))
     assert (again["shards_written"], again["shards_unchanged"]) == (0, 3)
     loader = ShardLoader(out, 64)
     x = next(iter(loader))
@@ -31,7 +29,7 @@ def test_prepare_digits_json_and_rerun(tmp_path):
 
 
 def test_prepare_default_out_and_message(tmp_path):
-    r = runner.invoke(app, ["data", "prepare", "--source", "digits", "--split", "test"])
+    r = run_cli("data", "prepare", "--source", "digits", "--split", "test")
     assert r.exit_code == 0, r.output
     assert "360 test samples of digits" in r.stdout
     x, y, m = load_split(str(tmp_path / "ddpm-home" / "data" / "digits"), split="test")  # DDPM_HOME/data/<source>/<split>
@@ -39,17 +37,17 @@ def test_prepare_default_out_and_message(tmp_path):
 
 
 def test_prepare_bad_source_is_usage_error(tmp_path):
-    r = runner.invoke(app, ["data", "prepare", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    r = run_cli("data", "prepare", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert r.exit_code == 2 and "not found" in r.output
-    r = runner.invoke(app, ["data", "prepare", "--source", "digits", "--split", "valid", "--out", str(tmp_path / "o")])
+    r = run_cli("data", "prepare", "--source", "digits", "--split", "valid", "--out", str(tmp_path / "o"))
     assert r.exit_code == 2 and "valid: train, test" in r.output
 
 
 def test_prepare_to_s3_with_endpoint_option(s3_prefix, s3_endpoint, monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # the option alone must be enough
     out = f"{s3_prefix}/digits/test"
-    r = _json(runner.invoke(app, ["data", "prepare", "--source", "digits", "--split", "test", "--out", out,
-                                  "--shard-size", "200", "--endpoint-url", s3_endpoint, "--json"]))
+    r = _json(run_cli("data", "prepare", "--source", "digits", "--split", "test", "--out", out,
+                                  "--shard-size", "200", "--endpoint-url", s3_endpoint, "--json"))
     assert r["num_samples"] == 360 and r["num_shards"] == 2
     x, _, m = load_split(out, {"endpoint_url": s3_endpoint})
     assert x.shape == (360, 1, 8, 8) and int(x.max()) == 16
@@ -62,7 +60,7 @@ def test_prepare_cifar_archive_from_s3(tmp_path, s3_prefix):
     batches = make_cifar_archive(tmp_path / "cifar-10-python.tar.gz", n_per_batch=3)
     fs, root = open_fs(s3_prefix)
     fs.put_file(str(tmp_path / "cifar-10-python.tar.gz"), f"{root}/cifar-10-python.tar.gz")
-    r = _json(runner.invoke(app, ["data", "prepare", "--source", f"{s3_prefix}/cifar-10-python.tar.gz", "--json"]))
+    r = _json(run_cli("data", "prepare", "--source", f"{s3_prefix}/cifar-10-python.tar.gz", "--json"))
     assert r["source"] == "cifar10" and r["num_samples"] == 15 and r["shape"] == [3, 32, 32] and r["levels"] == 256
     x, y, _ = load_split(r["url"])
     assert y.tolist() == sum((batches[f"data_batch_{i}"][1] for i in range(1, 6)), [])
@@ -70,7 +68,7 @@ def test_prepare_cifar_archive_from_s3(tmp_path, s3_prefix):
 
 
 def _prepare(out, *extra):
-    return runner.invoke(app, ["data", "prepare", "--source", "digits", "--out", str(out), "--json", *extra])
+    return run_cli("data", "prepare", "--source", "digits", "--out", str(out), "--json", *extra)
 
 
 def test_prepare_into_a_folder_of_someone_elses_files_is_refused_untouched(tmp_path):
@@ -98,7 +96,7 @@ def test_prepare_into_a_folder_of_someone_elses_files_is_refused_untouched(tmp_p
 
 
 def test_prepare_removes_an_interrupted_runs_temporaries_and_an_earlier_larger_runs_shards(tmp_path):
-    from tests.pipelines.helpers import dead_pid
+    from tests.support import dead_pid
 
     out = tmp_path / "d"
     first = _json(_prepare(out, "--shard-size", "200"))

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
-from typer.testing import CliRunner
 
-from pipelines.cli import app
-from tests.pipelines.helpers import FAST, register_tiny, save_tiny_checkpoint
+from tests.support import FAST, cli_json, register_tiny, run_cli, save_tiny_checkpoint
 
 
 
@@ -17,7 +14,7 @@ def test_evaluate_logs_keyed_results_on_the_version_and_its_run(tmp_path, digits
     from ddpm.features import FEATURE_NET_VERSION
     from ddpm.metrics import METRIC_DIRECTIONS, parse_result_key
     from pipelines import tracking
-    from pipelines.evaluate import EVAL_TAG, LAST_TAG, evaluate_command
+    from pipelines.registry.evaluate import EVAL_TAG, LAST_TAG, evaluate_command
 
     run_id, version, _ = register_tiny(tmp_path)
     out = evaluate_command(f"models:/tiny/{version}", **FAST)
@@ -49,15 +46,22 @@ def test_evaluate_logs_keyed_results_on_the_version_and_its_run(tmp_path, digits
     assert out["compared"]["copy_rate"] == "copy_rate vs the training split (1437)"
 
     c = tracking.client()
-    assert out["run_id"] == run_id  # models:/ logs on the version's own run
-    logged = c.get_run(run_id).data.metrics
-    assert logged[fd["key"]] == pytest.approx(fd["value"])
+    # The evaluation has a run of its own, beside the training run: short metric names, keys in tags.
+    assert out["run_id"] != run_id
+    run = c.get_run(out["run_id"])
+    assert run.info.experiment_id == c.get_run(run_id).info.experiment_id and run.info.status == "FINISHED"
+    assert run.data.tags["ddpm.kind"] == "evaluate" and run.data.tags["ddpm.model_version"] == f"tiny/{version}"
+    assert run.data.tags["ddpm.model_run_id"] == run_id
+    logged = run.data.metrics
+    assert logged["fd"] == pytest.approx(fd["value"]) and run.data.tags["ddpm.key.fd"] == fd["key"]
+    assert logged["kid_se"] == pytest.approx(kid["se"]) and run.data.tags["ddpm.key.kid_se"] == kid["se_key"]
+    assert all(run.data.tags[f"ddpm.key.{name}"] for name in logged) and not [k for k in logged if ":" in k]
+    assert not c.get_run(run_id).data.metrics  # the training run holds no evaluation results
     tags = c.get_model_version("tiny", version).tags
     assert float(tags[EVAL_TAG + fd["key"]]) == pytest.approx(fd["value"])
     assert tags[LAST_TAG + "fd"] == fd["key"]
     assert float(tags[EVAL_TAG + kid["se_key"]]) == pytest.approx(kid["se"])
-    assert logged[kid["se_key"]] == pytest.approx(kid["se"])
-    assert any(a.path.startswith("evaluation/evaluation-") for a in c.list_artifacts(run_id, "evaluation"))
+    assert any(a.path.startswith("evaluation/evaluation-") for a in c.list_artifacts(out["run_id"], "evaluation"))
 
 
 @pytest.mark.timeout(240)
@@ -65,10 +69,10 @@ def test_cli_evaluates_a_checkpoint_into_its_own_run_with_the_sampler_table(tmp_
     from pipelines import tracking
 
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt.pt")
-    result = CliRunner().invoke(app, ["evaluate", "--model", str(ckpt), "--num", "8", "--steps", "3",
-                                      "--table", "--json"])
+    result = run_cli("evaluate", "--model", str(ckpt), "--num", "8", "--steps", "3",
+                                      "--table", "--json")
     assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = cli_json(result)
     assert out["versions"] == []
     # T = 50: DDPM at 50 steps; DDIM at 10, 20, 50 (100 is capped at T) with eta 0 and 1.
     assert [(r["sampler"], r["steps"], r["eta"]) for r in out["table"]] == [
@@ -79,7 +83,9 @@ def test_cli_evaluates_a_checkpoint_into_its_own_run_with_the_sampler_table(tmp_
     run = c.get_run(out["run_id"])
     assert run.data.tags["ddpm.kind"] == "evaluate" and run.data.tags["ddpm.model_uri"] == str(ckpt)
     assert run.info.status == "FINISHED"
-    assert "bpd/bound:full/data:" in "".join(run.data.metrics)
+    assert run.data.tags["ddpm.key.bpd"].startswith("bpd/bound:full/data:") and "bpd" in run.data.metrics
+    assert "ddim-10-eta0/kid" in run.data.metrics and "ddpm-50-eta0/kid" in run.data.metrics  # the table rows
+    assert run.data.tags["ddpm.key.ddim-10-eta0/kid"].startswith("kid/data:")
     names = {a.path for a in c.list_artifacts(out["run_id"], "evaluation")}
     assert {"evaluation/sampler_table.md", "evaluation/sampler_table.json"} <= names
     assert "| real data (floor) |" in out["message"]
@@ -90,8 +96,8 @@ def test_cli_evaluates_a_checkpoint_into_its_own_run_with_the_sampler_table(tmp_
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_nodes_sample_through_the_batch_job_and_match_one_process(ray_cluster, tmp_path):
-    from pipelines import models
-    from pipelines.evaluate import generate_samples
+    from pipelines.registry import models
+    from pipelines.registry.evaluate import generate_samples
 
     loaded = models.load(str(save_tiny_checkpoint(tmp_path / "tiny.pt")))
     one = generate_samples(loaded, "ddim", 5, 0.0, 6, nodes=1, address=None)
@@ -101,19 +107,20 @@ def test_two_nodes_sample_through_the_batch_job_and_match_one_process(ray_cluste
 
 
 def test_bad_sampler_is_a_usage_error(tmp_path):
-    result = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "none.pt"), "--sampler", "euler"])
+    result = run_cli("evaluate", "--model", str(tmp_path / "none.pt"), "--sampler", "euler")
     assert result.exit_code == 2 and "ddpm, ddim, dpmpp" in result.output
 
 
 def test_default_steps_are_capped_at_a_small_T_and_explicit_ones_checked():
-    from types import SimpleNamespace
-
+    """evaluate settles its setting once, with resolve_settings (the sample job's rule too)."""
+    from ddpm.config import ExperimentConfig
     from pipelines.errors import UsageError
-    from pipelines.evaluate import _steps_used
+    from pipelines.sample.request import resolve_settings
 
-    loaded = SimpleNamespace(diffusion=SimpleNamespace(num_timesteps=30))  # e.g. a tuned T=30 model
-    assert _steps_used(loaded, "ddim", None) == 30  # not DDIM's default 50
-    assert _steps_used(loaded, "dpmpp", None) == 20 and _steps_used(loaded, "ddpm", None) == 30
-    assert _steps_used(loaded, "ddim", 10) == 10
+    cfg = ExperimentConfig.preset("digits").with_values(  # e.g. a tuned T=30 model, the paper's own sampler
+        {"diffusion.timesteps": 30, "sample.sampler": "ddpm", "sample.steps": None, "sample.eta": 0.0})
+    assert resolve_settings(cfg, "ddim", None, None)[1] == 30  # not DDIM's default 50
+    assert resolve_settings(cfg, "dpmpp", None, None)[1] == 20 and resolve_settings(cfg, "ddpm", None, None)[1] == 30
+    assert resolve_settings(cfg, "ddim", 10, None)[1] == 10
     with pytest.raises(UsageError, match="T=30"):
-        _steps_used(loaded, "ddim", 31)
+        resolve_settings(cfg, "ddim", 31, None)

@@ -1,4 +1,4 @@
-"""pipelines/failures.py: bad input found by a worker ends the run; a lost worker is retried.
+"""pipelines/train/failures.py: bad input found by a worker ends the run; a lost worker is retried.
 
 No cluster: the callback is fed the exceptions Ray Train's controller hands it (its own wrapper
 types), and Ray's default failure policy is asked what it does with the result. The whole path on
@@ -20,8 +20,8 @@ from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError  # noq
 
 from ddpm.config import ConfigError  # noqa: E402
 from ddpm.data.storage import DataError  # noqa: E402
-from pipelines.failures import StopOnBadInput, WorkerInputError, worker_input_error  # noqa: E402
-from pipelines.loop import NonFiniteLossError  # noqa: E402
+from pipelines.train.failures import StopOnBadInput, WorkerInputError, worker_input_error  # noqa: E402
+from pipelines.train.loop import NonFiniteLossError  # noqa: E402
 
 
 def wrapped(e: BaseException):

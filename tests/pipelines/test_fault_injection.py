@@ -1,10 +1,10 @@
-"""pipelines.fault_injection: the test-only worker kill fires once, at the planned rank and step."""
+"""pipelines.train.fault_injection: the test-only worker kill fires once, at the planned rank and step."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipelines import fault_injection
+from pipelines.train import fault_injection
 
 
 class Exited(Exception):

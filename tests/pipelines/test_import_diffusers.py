@@ -7,9 +7,8 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from pipelines.cli import app
+from tests.support import cli_json, perturbed, run_cli
 
 pytest.importorskip("diffusers", reason="diffusers is not installed (the `diffusers` extra; `make setup` has it)")
 
@@ -26,22 +25,19 @@ def paper_unet(seed: int = 0):
         act_fn="silu", norm_num_groups=32, time_embedding_type="positional", resnet_time_scale_shift="default",
         dropout=0.0,
     )
-    with torch.no_grad():  # every weight random and non-zero, so a mis-mapped one shows
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return unet.eval()
+    return perturbed(unet).eval()  # every weight random and non-zero, so a mis-mapped one shows
 
 
 @pytest.mark.timeout(180)
 def test_imported_model_matches_diffusers(tmp_path):
-    from pipelines import models
+    from pipelines.registry import models
 
     unet = paper_unet()
     unet.save_pretrained(tmp_path / "unet")
-    result = CliRunner().invoke(app, ["import-diffusers", "--path", str(tmp_path / "unet"), "--name", "hub",
-                                      "--json"])
+    result = run_cli("import-diffusers", "--path", str(tmp_path / "unet"), "--name", "hub",
+                                      "--json")
     assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = cli_json(result)
     assert out["model_uri"] == "models:/hub/1"
 
     loaded = models.load(out["model_uri"])
@@ -63,5 +59,5 @@ def test_not_the_papers_architecture_is_a_usage_error(tmp_path):
     cfg = json.loads(cfg_path.read_text())
     cfg["flip_sin_to_cos"] = True
     cfg_path.write_text(json.dumps(cfg))
-    result = CliRunner().invoke(app, ["import-diffusers", "--path", str(tmp_path / "unet"), "--name", "x"])
+    result = run_cli("import-diffusers", "--path", str(tmp_path / "unet"), "--name", "x")
     assert result.exit_code == 2 and "flip_sin_to_cos" in result.output

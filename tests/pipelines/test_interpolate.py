@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from pipelines.cli import app
-from pipelines.interpolate import read_image
-from tests.pipelines.helpers import make_checkpoint
+from pipelines.sample.interpolate import read_image
+from tests.support import TINY_NET, cli_json, run_cli, save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return make_checkpoint(str(tmp_path_factory.mktemp("model") / "checkpoint.pt"))
+    return str(save_tiny_checkpoint(tmp_path_factory.mktemp("model") / "checkpoint.pt", overrides=TINY_NET))
 
 
 @pytest.fixture
@@ -30,7 +27,7 @@ def images(tmp_path):
 
 
 def cli(*args: str):
-    return CliRunner().invoke(app, list(args))
+    return run_cli(*list(args))
 
 
 @pytest.mark.timeout(60)
@@ -52,7 +49,7 @@ def test_command_writes_one_strip(tmp_path, ckpt, images):
     result = cli("interpolate", "--model", ckpt, "--a", images[0], "--b", images[1], "--t", "30",
                  "--lambdas", "4", "--out", str(out), "--json")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = cli_json(result)
     assert summary["lambdas"] == pytest.approx([0, 1 / 3, 2 / 3, 1])
     strip = np.asarray(Image.open(out))
     scale = 32 // 8  # 8-pixel images are scaled up to be readable

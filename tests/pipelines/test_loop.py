@@ -8,7 +8,7 @@ import torch
 from ddpm.config import ExperimentConfig
 from ddpm.diffusion import Diffusion
 from ddpm.unet import UNet
-from pipelines.loop import sample_grid
+from pipelines.train.loop import sample_grid
 
 
 @pytest.mark.timeout(120)
@@ -37,7 +37,7 @@ TINY_LOOP = ["model.ch=16", "model.ch_mult=[1]", "model.num_res_blocks=1", "mode
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from pipelines.data import prepare_command
+    from pipelines.storage.data import prepare_command
 
     out = tmp_path_factory.mktemp("digits") / "train"
     prepare_command(source="digits", out=str(out), split="train", shard_size=600)
@@ -58,7 +58,7 @@ class FakeTracker:
 @pytest.fixture
 def step_clock(monkeypatch):
     """The loop's clock advances one second per training step (per loss computed), nothing else."""
-    import pipelines.loop as loop
+    import pipelines.train.loop as loop
     from ddpm.diffusion import Diffusion
 
     now = {"s": 0.0}
@@ -75,7 +75,7 @@ def step_clock(monkeypatch):
 
 def _run(shards, *sets, restore=None):
     from ddpm.config import load_config
-    from pipelines.loop import LoopContext, LoopData, train_loop
+    from pipelines.train.loop import LoopContext, LoopData, train_loop
 
     reports, logs, tracker = [], [], FakeTracker()
     ctx = LoopContext(log=logs.append, report=lambda m, s: reports.append((m, s)), restore=lambda: restore)
@@ -115,7 +115,7 @@ def test_max_steps_first_wins_over_max_time(shards, step_clock):
 def test_a_rank_follows_rank_zeros_decision_not_its_own_clock(shards, step_clock):
     # This rank's clock says the budget is spent after step 1; rank 0 says go on until step 3.
     from ddpm.config import load_config
-    from pipelines.loop import LoopContext, LoopData, train_loop
+    from pipelines.train.loop import LoopContext, LoopData, train_loop
 
     asked: list[bool] = []
 
@@ -136,9 +136,9 @@ def _ddp_worker(rank: int, shards: str, init_file: str, out_dir: str) -> None:
 
     import torch.distributed as dist
 
-    import pipelines.loop as loop
+    import pipelines.train.loop as loop
     from ddpm.config import load_config
-    from pipelines.loop import LoopContext, LoopData, rank0_decides, train_loop
+    from pipelines.train.loop import LoopContext, LoopData, rank0_decides, train_loop
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,

@@ -4,9 +4,8 @@ before anything is written, and MLflow filters that quote their values (issue 17
 from __future__ import annotations
 
 import pytest
-from typer.testing import CliRunner
 
-from pipelines.cli import app
+from tests.support import run_cli
 from pipelines.errors import UsageError
 from pipelines.names import ALLOWED, check_name
 
@@ -40,7 +39,7 @@ def test_every_command_refuses_a_bad_name_with_exit_2_and_writes_nothing(tmp_pat
     home = tmp_path / "home" / "ddpm"
     monkeypatch.setenv("DDPM_HOME", str(home))
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, args)
+    result = run_cli(*args)
     assert result.exit_code == 2, result.output
     assert f"error: {option} " in result.output and "is not a valid name: use letters, digits" in result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "home" / "x").exists()  # ../../x, ../x

@@ -1,4 +1,4 @@
-"""pipelines/outputs.py: whose files a folder holds, one writer per folder, which leftovers may go."""
+"""pipelines/storage/outputs.py: whose files a folder holds, one writer per folder, which leftovers may go."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pipelines import outputs as O
+from pipelines.storage import outputs as O
 from pipelines.errors import RefusedError
 
 

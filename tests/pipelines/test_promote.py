@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from typer.testing import CliRunner
 
-from pipelines.cli import app
-from tests.pipelines.helpers import FAST
-from tests.pipelines.helpers import register_tiny
+from tests.support import FAST, cli_json, mlflow_client, register_tiny, run_cli
 
 KEY = "kid/data:abc/eta:0/features:digits-cnn-v3/num:16/sampler:ddim/steps:5/vs:test-360"
 
 
 def promote(*args: str):
-    return CliRunner().invoke(app, ["promote", "--json", *args])
+    return run_cli("promote", "--json", *args)
 
 
-def _client():
-    from pipelines import tracking
-    from pipelines.settings import resolve
-
-    tracking.configure(resolve())
-    return tracking.client()
 
 
 def _bare_versions(name: str, n: int):
     """Registered versions without artifacts: promote reads only their tags."""
-    c = _client()
+    c = mlflow_client()
     c.create_registered_model(name)
     for _ in range(n):
         c.create_model_version(name, source="s3://ddpm-tests/nowhere")
@@ -37,10 +26,10 @@ def _bare_versions(name: str, n: int):
 
 @pytest.mark.timeout(600)
 def test_promotion_against_a_real_tracking_server(mlflow_server, monkeypatch, tmp_path, digits_home):
-    from pipelines.evaluate import evaluate_command
+    from pipelines.registry.evaluate import evaluate_command
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    c = _client()
+    c = mlflow_client()
     assert c.tracking_uri == mlflow_server
     fd = {}  # the default promotion metric's values: KID against the held-out split
     for seed in (0, 1):
@@ -78,7 +67,7 @@ def test_promotion_against_a_real_tracking_server(mlflow_server, monkeypatch, tm
     # --force overrides and records why.
     forced = promote("--name", "gated", "--version", worse, "--force", "--reason", "rollback drill")
     assert forced.exit_code == 0, forced.output
-    assert json.loads(forced.stdout.strip().splitlines()[-1])["decision"] == "forced"
+    assert cli_json(forced)["decision"] == "forced"
     tags = c.get_model_version("gated", worse).tags
     assert tags["ddpm.promote.champion.decision"] == "forced"
     assert tags["ddpm.promote.champion.reason"] == "rollback drill"

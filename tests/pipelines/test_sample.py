@@ -9,21 +9,20 @@ import tarfile
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from pipelines import sample as S
-from pipelines import sample_output as O
-from pipelines import sample_pool as P
-from pipelines.cli import app
-from tests.pipelines.helpers import N, dead_pid, make_checkpoint, read_npz_folder, request
+from pipelines.sample import command as S
+from pipelines.sample import output as O
+from pipelines.sample import pool as P
+from pipelines.registry.models import read_config
+from tests.support import N, TINY_NET, cli_json, dead_pid, read_npz_folder, request, run_cli, save_tiny_checkpoint
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return make_checkpoint(str(tmp_path_factory.mktemp("model") / "checkpoint.pt"))
+    return str(save_tiny_checkpoint(tmp_path_factory.mktemp("model") / "checkpoint.pt", overrides=TINY_NET))
 
 
 def cli(*args: str):
-    return CliRunner().invoke(app, list(args))
+    return run_cli(*list(args))
 
 
 def png_array(data: bytes) -> np.ndarray:
@@ -104,11 +103,14 @@ def test_a_negative_eta_fails_before_any_work_without_a_sampler(tmp_path, ckpt, 
     result = cli("sample", "--model", ckpt, "--out", str(tmp_path / "out"), "--eta", "-1")
     assert result.exit_code == 2 and "--eta" in result.output and not (tmp_path / "out").exists()  # typer's bound
     from pipelines.errors import UsageError
-    from pipelines.sample import SampleRequest
+    from pipelines.sample.command import SampleRequest
 
+    config = read_config(ckpt)  # the driver settles the setting against the model's config, once
     with pytest.raises(UsageError, match=r"--eta must be in \[0, inf\).*got -1"):  # the API's own check
-        SampleRequest(model=ckpt, num=2, eta=-1.0).validate()
-    SampleRequest(model=ckpt, num=2, eta=1.0).validate()  # the model's own sampler is checked by the worker
+        SampleRequest(model=ckpt, num=2, eta=-1.0).resolved(config)
+    assert SampleRequest(model=ckpt, num=2, eta=1.0).resolved(config).sampler == "ddim"  # the model's own
+    with pytest.raises(UsageError, match=r"--eta = 0 for ddpm, --eta >= 0 for ddim"):
+        SampleRequest(model=ckpt, num=2, sampler="ddpm", eta=1.0).resolved(config)
 
 
 @pytest.mark.timeout(60)
@@ -158,7 +160,7 @@ def live_pid():
 def _started_folder(out, ckpt: str) -> None:
     """A folder a `sample --model ckpt` job (default settings) has started: its job file and one sample."""
     out.mkdir()
-    ident = S._identity(S.SampleRequest(model=ckpt, num=1), "png", {}, None)
+    ident = S._identity(S.SampleRequest(model=ckpt, num=1).resolved(read_config(ckpt)), "png", {})
     (out / O.JOB_FILE).write_text(json.dumps({"kind": "ddpm-samples", **ident}))
     (out / "00000000.png").write_bytes(b"png")
 
@@ -210,14 +212,16 @@ def test_stale_lock_and_temporaries_of_a_dead_job_are_cleaned_live_ones_kept(tmp
 def test_steps_beyond_T_fail_before_any_folder_or_worker(tmp_path, ckpt, no_sampling):
     result = cli("sample", "--model", ckpt, "--num", "2", "--steps", "51", "--out", str(tmp_path / "out"))
     assert result.exit_code == 2, result.output
-    assert "--steps 51 exceeds the model's T=50" in result.output
+    assert "--steps must be in [1, T=50], got 51" in result.output
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.timeout(60)
 def test_a_job_that_fails_after_its_checks_leaves_no_empty_folder(tmp_path, ckpt, monkeypatch):
+    from pipelines.errors import UsageError
+
     def pool(req, env):
-        raise S.UsageError("a worker could not load the model")
+        raise UsageError("a worker could not load the model")
 
     monkeypatch.setattr(S, "WorkerPool", pool)
     result = cli("sample", "--model", ckpt, "--num", "2", "--out", str(tmp_path / "new" / "out"))
@@ -295,7 +299,7 @@ def test_interrupted_run_resumes_with_nothing_missing_and_no_duplicates(ray_clus
     result = cli("sample", "--model", ckpt, "--num", str(N), "--out", str(out), "--sampler", "ddim",
                  "--steps", "4", "--batch-size", "3", "--nodes", "1", "--format", fmt, "--json")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = cli_json(result)
     assert summary["resumed"] and 0 < summary["written"] < N
     assert str(out) in summary["message"]
 
@@ -379,7 +383,8 @@ def test_s3_bucket_that_does_not_exist_is_unwritable(s3_endpoint, ckpt, no_sampl
 @pytest.mark.timeout(300)
 def test_registered_model_is_sampled_by_workers_and_its_version_recorded(ray_cluster, tmp_path, ckpt):
     from ddpm.checkpoint import load_model
-    from pipelines import registry, tracking
+    from pipelines import tracking
+    from pipelines.registry import register as registry
     from pipelines.settings import resolve
 
     settings = resolve()

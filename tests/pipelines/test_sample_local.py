@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines import sample as S
-from pipelines import sample_pool as P
-from tests.pipelines.helpers import make_checkpoint, read_npz_folder, request
+from pipelines.sample import command as S
+from pipelines.sample import pool as P
+from tests.support import TINY_NET, read_npz_folder, request, save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return make_checkpoint(str(tmp_path_factory.mktemp("model") / "checkpoint.pt"))
+    return str(save_tiny_checkpoint(tmp_path_factory.mktemp("model") / "checkpoint.pt", overrides=TINY_NET))
 
 
 @pytest.mark.timeout(60)

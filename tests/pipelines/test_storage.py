@@ -1,4 +1,4 @@
-"""pipelines.storage: Ray's storage takes its S3 endpoint from the same function as fsspec's options;
+"""pipelines.storage.ray_storage: Ray's storage takes its S3 endpoint from the same function as fsspec's options;
 the processes a command starts get the same endpoint variables."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ddpm.data.storage import S3_ENDPOINT_VARS
-from pipelines.storage import ray_storage
+from pipelines.storage.ray_storage import ray_storage
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_s3_endpoint_variable_first_as_for_fsspec(no_endpoint):
 
 
 def test_started_processes_get_every_endpoint_variable(no_endpoint):
-    from pipelines.sample_pool import worker_env
+    from pipelines.sample.pool import worker_env
     from pipelines.workflow import job_env
 
     for name in S3_ENDPOINT_VARS:

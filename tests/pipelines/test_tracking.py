@@ -8,21 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import mlflow_client
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _client():
-    from pipelines import tracking
-    from pipelines.settings import resolve
-
-    tracking.configure(resolve())
-    return tracking.client()
 
 
 @pytest.fixture(scope="module")
 def digits_train(tmp_path_factory) -> Path:
-    from pipelines.data import prepare_command
+    from pipelines.storage.data import prepare_command
 
     out = tmp_path_factory.mktemp("digits") / "train"
     prepare_command(source="digits", out=str(out), split="train", shard_size=600)
@@ -33,7 +28,7 @@ def digits_train(tmp_path_factory) -> Path:
 def test_runs_carry_user_source_and_the_projects_git_commit(monkeypatch):
     from pipelines import tracking
 
-    c = _client()
+    c = mlflow_client()
     monkeypatch.setattr("sys.argv", ["/somewhere/.venv/bin/ddpm-pipe", "train", "--max-steps", "5"])
     run_id, _ = tracking.start_or_resume_run(tracking.experiment_id("prov"), "p1", {tracking.KIND_TAG: "train"})
     tags = c.get_run(run_id).data.tags
@@ -59,7 +54,7 @@ def test_outside_a_checkout_the_commit_comes_from_the_image(monkeypatch):
 def test_experiments_open_as_model_training_in_the_ui():
     from pipelines import tracking
 
-    c = _client()
+    c = mlflow_client()
     new = tracking.experiment_id("kind-new")
     assert c.get_experiment(new).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     old = c.create_experiment("kind-old")  # made before the tag existed: tagged on next use
@@ -74,7 +69,7 @@ def test_experiments_open_as_model_training_in_the_ui():
 def test_training_data_is_an_mlflow_dataset_with_the_manifests_digest_and_counts(digits_train):
     from pipelines import tracking
 
-    c = _client()
+    c = mlflow_client()
     run_id, _ = tracking.start_or_resume_run(tracking.experiment_id("data"), "d1")
     manifest = json.loads((digits_train / "manifest.json").read_text())
     first = tracking.log_dataset(run_id, str(digits_train), "training")
@@ -110,10 +105,11 @@ def test_sample_grids_are_stepped_mlflow_images(tmp_path):
     from PIL import Image
 
     from pipelines import tracking
+    from pipelines.train.async_logger import AsyncLogger
 
-    c = _client()
+    c = mlflow_client()
     run_id, _ = tracking.start_or_resume_run(tracking.experiment_id("images"), "i1")
-    logger = tracking.AsyncLogger(run_id)
+    logger = AsyncLogger(run_id)
     for step in (10, 20):
         path = tmp_path / f"samples_step{step:07d}.png"
         Image.new("L", (18, 18), color=step).save(path)
@@ -123,7 +119,7 @@ def test_sample_grids_are_stepped_mlflow_images(tmp_path):
     images = [a.path for a in c.list_artifacts(run_id, "images")]
     full = sorted(p for p in images if p.endswith(".png"))
     assert [p.split("+step+")[1].split("+")[0] for p in full] == ["10", "20"], images
-    assert all(p.startswith("images/samples+step+") for p in full)
+    assert all(p.startswith("images/training~samples+step+") for p in full)  # image "training/samples"
     assert {a.path for a in c.list_artifacts(run_id, "samples")} == {
         "samples/samples_step0000010.png", "samples/samples_step0000020.png"}  # the files, as before
     assert c.get_run(run_id).data.tags["mlflow.loggedImages"] == "True"

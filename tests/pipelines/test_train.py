@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from tests.pipelines.helpers import TINY, mlflow_client, run_cli, train_args
-
+from tests.support import TINY, cli_json, mlflow_client, run_cli, train_args, wait_until
 
 
 @pytest.mark.slow
@@ -15,7 +19,7 @@ from tests.pipelines.helpers import TINY, mlflow_client, run_cli, train_args
 def test_train_four_nodes_spread_in_sync_and_tracked(ray_cluster, tmp_path):
     result = run_cli(*train_args(tmp_path))
     assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = cli_json(result)
     assert out["metrics"]["step"] == 4
     assert out["metrics"]["ranks_in_sync"] == 1.0
 
@@ -25,18 +29,20 @@ def test_train_four_nodes_spread_in_sync_and_tracked(ray_cluster, tmp_path):
     assert len(placement) == 4
     assert len({p.split("@")[1] for p in placement}) == 4, placement  # 4 distinct nodes
     assert run.data.params["train.batch_size"] == "16"
-    assert "loss" in run.data.metrics and "bpd" in run.data.metrics
+    # The run's charts open on the loss, bits/dim and the sample grid (section "training"), the rest below.
+    assert {"training/loss", "training/bpd", "training details/grad_norm"} <= set(run.data.metrics)
+    assert not [k for k in run.data.metrics if not k.startswith(("training/", "training details/"))]
     # Provenance: the data as an MLflow dataset, the code's commit, the grids as stepped images.
     assert [(i.dataset.name, [t.value for t in i.tags]) for i in run.inputs.dataset_inputs] == [
         ("digits-train", ["training"])]
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
-    assert any(a.path.startswith("images/samples+step+4+") for a in c.list_artifacts(out["run_id"], "images"))
-    history = c.get_metric_history(out["run_id"], "loss")
+    assert any(a.path.startswith("images/training~samples+step+4+") for a in c.list_artifacts(out["run_id"], "images"))
+    history = c.get_metric_history(out["run_id"], "training/loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     artifacts = {a.path for a in c.list_artifacts(out["run_id"])}
     assert "checkpoint" in artifacts and "samples" in artifacts and "best_model" in artifacts
     # The best copy: the EMA weights at the lowest held-out bits/dim, loadable like a logged model.
-    bpd = {m.step: m.value for m in c.get_metric_history(out["run_id"], "bpd")}
+    bpd = {m.step: m.value for m in c.get_metric_history(out["run_id"], "training/bpd")}
     best_step = min(bpd, key=bpd.get)
     assert run.data.tags["ddpm.best_model"] == f"step={best_step} bpd={bpd[best_step]:.4f}"
     assert {a.path for a in c.list_artifacts(out["run_id"], "best_model")} == {
@@ -61,7 +67,7 @@ def test_nodes_beyond_cluster_fail_fast(ray_cluster, tmp_path):
 def test_max_time_stops_both_ranks_checkpoints_registers_and_says_why(ray_cluster, tmp_path):
     result = run_cli(*train_args(tmp_path, "--max-time", "4s", nodes=2, steps=100_000, name="budget"))
     assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = cli_json(result)
     step = out["metrics"]["step"]
     assert 1 <= step < 100_000 and out["stop_reason"] == "max_time" and "(the 4 s time budget)" in out["message"]
     assert out["metrics"]["max_time_reached"] == 1.0 and out["metrics"]["ranks_in_sync"] == 1.0
@@ -82,7 +88,7 @@ def test_bad_max_time_exits_2_naming_the_option_and_the_forms(tmp_path, value):
 
 
 def test_max_time_reaches_the_config_in_seconds(monkeypatch, tmp_path):
-    import pipelines.train as train
+    import pipelines.train.command as train
 
     seen = {}
 
@@ -95,6 +101,53 @@ def test_max_time_reaches_the_config_in_seconds(monkeypatch, tmp_path):
     result = run_cli("train", "--max-time", "1.5m", "--max-steps", "9")
     assert result.exit_code == 0, result.output
     assert seen["cfg"].train.max_time == 90.0 and seen["cfg"].train.max_steps == 9
+
+
+def test_a_time_budget_with_no_step_count_is_the_limit(monkeypatch):
+    """``--max-time`` alone lifts the preset's step count (the digits preset stopped a 10-minute budget
+    at its 3,000 steps after 5 minutes); a step count given with it still applies."""
+    import pipelines.train.command as train
+    from pipelines.train.loop import NO_STEP_LIMIT
+
+    assert train.resolve_config("digits", [], max_time=600.0).train.max_steps == NO_STEP_LIMIT
+    assert train.resolve_config("digits", [], max_steps=9, max_time=600.0).train.max_steps == 9
+    assert train.resolve_config("digits", ["train.max_steps=50"], max_time=600.0).train.max_steps == 50
+    assert train.resolve_config("digits", []).train.max_steps == 3000  # no budget: the preset's count
+    seen = {}
+    monkeypatch.setattr(train, "train_command", lambda **kw: seen.update(cfg=train.resolve_config(
+        kw["config"], kw["overrides"], kw["max_steps"], kw["precision"], kw["max_time"])) or {"message": "ok"})
+    assert run_cli("train", "--max-time", "10m").exit_code == 0
+    assert seen["cfg"].train.max_time == 600.0 and seen["cfg"].train.max_steps == NO_STEP_LIMIT
+    assert train._limit(seen["cfg"]) == "600 s of training"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ctrl_c_during_train_exits_130_saying_where_and_how_to_resume(tmp_path):
+    """SIGINT (Ctrl-C) to a running `ddpm-pipe train`: exit 130, the step reached and the command that
+    resumes it on stderr, nothing on stdout, and the MLflow run ended as KILLED."""
+    sets = [x for s in [*TINY, "train.checkpoint_every=1"] for x in ("--set", s)]
+    cli = str(Path(sys.executable).with_name("ddpm-pipe"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.Popen([cli, "train", "--nodes", "1", "--max-steps", "100000", "--run-name", "stopped",
+                             "--storage", str(tmp_path / "storage"), *sets], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    try:
+        wait_until(lambda: lines.append(proc.stderr.readline()) or "[train] step 2" in lines[-1], 400,
+                   "a progress line of step 2", interval=0, alive=lambda: proc.poll() is None)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, "".join(lines) + err
+    said = re.search(r"interrupted at step (\d+); re-run with --run-name stopped to resume", err)
+    assert said and int(said[1]) >= 2, err[-2000:]
+    assert out == ""
+    c = mlflow_client()
+    run = c.search_runs([e.experiment_id for e in c.search_experiments()], "tags.`ddpm.run_name` = 'stopped'")[0]
+    assert run.info.status == "KILLED"
 
 
 def test_bad_config_key_is_a_usage_error(tmp_path):
@@ -117,8 +170,8 @@ def test_checkpoints_go_to_s3_storage_and_a_rerun_resumes_the_same_run_from_ther
     assert fs.exists(f"{root}/s3run/checkpoint_00000002/checkpoint.pt")
     second = run_cli(*train_args(tmp_path, nodes=2, steps=4, name="s3run", storage=storage))
     assert second.exit_code == 0, second.output
-    a = json.loads(first.stdout.strip().splitlines()[-1])
-    out = json.loads(second.stdout.strip().splitlines()[-1])
+    a = cli_json(first)
+    out = cli_json(second)
     assert out["resumed"] and out["metrics"]["step"] == 4
     assert out["run_id"] == a["run_id"]  # the same MLflow run, not a second one
     assert fs.exists(f"{root}/s3run/checkpoint_00000004/checkpoint.pt")
@@ -128,9 +181,9 @@ def test_checkpoints_go_to_s3_storage_and_a_rerun_resumes_the_same_run_from_ther
     assert [r.info.run_id for r in runs] == [out["run_id"]]
     # Every attempt of the rerun resumed from the step-2 checkpoint on S3. (Ray Train may restart a
     # worker group on a loaded machine, FailureConfig allows it; each restart logs its own resume.)
-    resumes = [m.value for m in c.get_metric_history(out["run_id"], "resumed_from_step")]
+    resumes = [m.value for m in c.get_metric_history(out["run_id"], "training details/resumed_from_step")]
     assert resumes and set(resumes) == {2}, resumes
-    steps = [m.step for m in c.get_metric_history(out["run_id"], "loss")]
+    steps = [m.step for m in c.get_metric_history(out["run_id"], "training/loss")]
     assert sorted(set(steps)) == [1, 2, 3, 4] and steps.count(1) == steps.count(2) == 1  # 1-2 not redone
 
 
@@ -138,7 +191,8 @@ def test_checkpoints_go_to_s3_storage_and_a_rerun_resumes_the_same_run_from_ther
 def test_logged_placement_is_the_one_used_when_a_local_gpu_is_taken(tmp_path, monkeypatch):
     """One machine with a GPU: train switches to --gpus-per-node 1; the run's params say so (they
     were logged before the switch, saying 0)."""
-    from pipelines import cluster, tracking, train
+    from pipelines import cluster, tracking
+    from pipelines.train import command as train
 
     class Stop(Exception):
         pass

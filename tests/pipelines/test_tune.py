@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
-from typer.testing import CliRunner
 
 from ddpm.config import ConfigError, load_config
-from pipelines import search_space
-from pipelines.cli import app
+from pipelines.tune import search_space
+from tests.support import cli_json, mlflow_client, run_cli, tiny_overrides, wait_until
 
 # Sized for two cores: every report runs the held-out bpd estimate (256 images x 16 timesteps), so the
 # model's width sets most of a trial's compute; ch=16 is 4x cheaper than the preset's 32 and still
 # has every block type (two levels, a residual block each, attention at 4x4).
 # sample.steps=10: the best config's training run ends with a DDIM grid; 10 steps keep it cheap.
-TINY = ["model.ch=16", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[4]",
-        "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=1", "train.warmup_steps=2",
-        "sample.steps=10"]
+TINY = [*tiny_overrides(16, attention=True), "train.batch_size=8", "train.log_every=1",
+        "train.checkpoint_every=1", "train.warmup_steps=2", "sample.steps=10"]  # each trial's T: the space's
 # T bounded so that the best trial's full bound (T model calls on 64 images, once per sweep run) stays
 # quick on two cores; a log-randint over 10..40 still gives trials different Ts.
 SMALL_T = "diffusion.timesteps: {type: randint, lower: 10, upper: 40, log: true}\n"
-
-
-def run_cli(*args: str):
-    return CliRunner().invoke(app, list(args))
 
 
 def tune_args(tmp_path, *extra: str, trials: int, steps: int, name: str) -> list[str]:
@@ -36,16 +29,8 @@ def tune_args(tmp_path, *extra: str, trials: int, steps: int, name: str) -> list
             "--storage", str(tmp_path / "storage"), "--json", *sets, *extra]
 
 
-def last_json(result) -> dict:
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def children(parent_run_id: str):
-    from pipelines import tracking
-    from pipelines.settings import resolve
-
-    tracking.configure(resolve())
-    c = tracking.client()
+    c = mlflow_client()
     parent = c.get_run(parent_run_id)
     return c.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
 
@@ -124,7 +109,7 @@ def test_restored_tuner_gets_this_runs_callbacks_not_the_pickled_ones(tmp_path):
     (written by Tuner() without running) is restored and its pickled callback replaced."""
     from ray import tune
 
-    from pipelines.tune import replace_restored_callbacks
+    from pipelines.tune.command import replace_restored_callbacks
 
     tune.Tuner(_noop_trainable, run_config=tune.RunConfig(name="s", storage_path=str(tmp_path),
                                                           callbacks=[_Marker("first run")]))
@@ -134,7 +119,7 @@ def test_restored_tuner_gets_this_runs_callbacks_not_the_pickled_ones(tmp_path):
 
 
 def test_restored_callbacks_fail_loudly_if_ray_hides_the_run_config():
-    from pipelines.tune import replace_restored_callbacks
+    from pipelines.tune.command import replace_restored_callbacks
 
     with pytest.raises(RuntimeError, match="checked on Ray 2.60.0"):
         replace_restored_callbacks(object(), [])
@@ -149,7 +134,7 @@ def test_tune_sweep_nested_runs_best_config_trains_and_resumes(ray_cluster, tmp_
     t0 = time.perf_counter()
     result = run_cli(*tune_args(tmp_path, trials=4, steps=2, name="sweep4"))
     assert result.exit_code == 0, result.output
-    out = last_json(result)
+    out = cli_json(result)
     assert len(out["trials"]) == 4
     assert all(t["ending"] in ("completed", "stopped early") for t in out["trials"]), out["trials"]
     assert out["endings"]["completed"] >= 1
@@ -158,7 +143,8 @@ def test_tune_sweep_nested_runs_best_config_trains_and_resumes(ray_cluster, tmp_
     assert len(runs) == 4
     assert all(r.info.status == "FINISHED" for r in runs)
     best = [r for r in runs if r.data.params.get("tune.trial_id") == out["best_trial"]]
-    assert len(best) == 1 and "bpd" in best[0].data.metrics and "bpd_stderr" in best[0].data.metrics
+    assert len(best) == 1 and "training/bpd" in best[0].data.metrics
+    assert "training details/bpd_stderr" in best[0].data.metrics
     print(f"4-trial sweep: endings {out['endings']}, {time.perf_counter() - t0:.0f}s")
 
     best_path = out["best_config_path"]
@@ -167,11 +153,11 @@ def test_tune_sweep_nested_runs_best_config_trains_and_resumes(ray_cluster, tmp_
     trained = run_cli("train", "--config", best_path, "--max-steps", "2", "--nodes", "1", "--run-name", "best",
                       "--storage", str(tmp_path / "storage"), "--json")
     assert trained.exit_code == 0, trained.output
-    assert last_json(trained)["metrics"]["step"] == 2
+    assert cli_json(trained)["metrics"]["step"] == 2
 
     again = run_cli(*tune_args(tmp_path, trials=4, steps=2, name="sweep4"))
     assert again.exit_code == 0, again.output
-    out2 = last_json(again)
+    out2 = cli_json(again)
     assert out2["resumed"] and out2["parent_run_id"] == out["parent_run_id"]
     assert len(children(out["parent_run_id"])) == 4  # resuming adds no runs
 
@@ -195,16 +181,14 @@ def test_two_workers_per_trial_with_asha_does_not_stall(ray_cluster, tmp_path):
     finally:
         remove_placement_group(hold)
     assert result.exit_code == 0, result.output
-    out = last_json(result)
+    out = cli_json(result)
     assert len(out["trials"]) == 3
     assert all(t["ending"] in ("completed", "stopped early") for t in out["trials"]), out["trials"]
     assert len(children(out["parent_run_id"])) == 3
     print(f"workers-per-trial 2: endings {out['endings']}, placement groups reaped {out['placement_groups_reaped']}, "
           f"{out['wall_s']:.0f}s")
     # Every worker CPU comes back: no stopped trial keeps its placement group (ray issue 54305).
-    deadline = time.monotonic() + 60
-    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
-        time.sleep(1)
+    wait_until(lambda: ray.available_resources().get("CPU", 0) >= total, 60, "every worker CPU back", interval=1)
     assert ray.available_resources().get("CPU", 0) == total
 
 
@@ -219,7 +203,8 @@ def test_stopped_trial_with_a_leaked_worker_group_gets_its_cpus_back(ray_cluster
     from ray.util.placement_group import placement_group, placement_group_table
 
     from ddpm.config import load_config
-    from pipelines import tracking, tune
+    from pipelines import tracking
+    from pipelines.tune import command as tune
     from pipelines.settings import resolve
 
     settings = resolve()
@@ -231,21 +216,19 @@ def test_stopped_trial_with_a_leaked_worker_group_gets_its_cpus_back(ray_cluster
     total = ray.cluster_resources()["CPU"]
     leaked = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="SPREAD")  # the trial's 2 workers
     ray.get(leaked.ready(), timeout=60)
-    deadline = time.monotonic() + 30  # the resource view lags the reservation by a report interval
-    while ray.available_resources().get("CPU", 0) > total - 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    # The resource view lags the reservation by a report interval.
+    wait_until(lambda: ray.available_resources().get("CPU", 0) <= total - 2, 30, "the leaked group's CPUs held")
     assert ray.available_resources().get("CPU", 0) <= total - 2
     ray.get(registry.put.remote("trial_0001", leaked.id.hex()))
 
-    callback = tune._make_callback(exp_id, parent, "reaper", load_config("digits"), max_steps=8, registry=name)
+    callback = tune.SweepCallback(exp_id, parent, "reaper", load_config("digits"), max_steps=8, registry=name)
     stopped = SimpleNamespace(trial_id="trial_0001", config={}, last_result={"step": 2})  # stopped at a rung
     callback.on_trial_complete(0, [], stopped)
 
     assert callback.reaped == 1
     assert placement_group_table(leaked)["state"] == "REMOVED"
-    deadline = time.monotonic() + 30
-    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_until(lambda: ray.available_resources().get("CPU", 0) >= total, 30, "the reaped group's CPUs back",
+               interval=0.5)
     assert ray.available_resources().get("CPU", 0) == total
     run = tracking.client().get_run(callback.runs["trial_0001"])
     assert run.data.tags["ddpm.tune.ending"] == "stopped early"

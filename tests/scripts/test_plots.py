@@ -37,7 +37,12 @@ def test_curves_of_a_run_are_written_as_pngs(tmp_path):
     assert [p.name for p in written] == ["loss.png", "bpd.png"]
     for p in written:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
-    assert plots.history(c, run_id, "loss") == ([10, 20, 30], [0.1, 0.05, 1.0 / 30])
+    assert plots.history(c, run_id, "loss") == ([10, 20, 30], [0.1, 0.05, 1.0 / 30])  # a run of before
+    named = c.create_run(exp, run_name="curves-named").info.run_id  # a run as the training loop names it now
+    c.log_batch(named, metrics=[Metric("training/loss", 2.0 / s, 0, s) for s in (10, 20)]
+                + [Metric("training/bpd", 4.0, 0, 10), Metric("training details/bpd_stderr", 0.2, 0, 10)])
+    assert plots.history(c, named, "loss") == ([10, 20], [0.2, 0.1])
+    assert plots.history(c, named, "bpd_stderr") == ([10], [0.2])
 
 
 @pytest.mark.timeout(120)

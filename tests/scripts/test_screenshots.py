@@ -29,9 +29,11 @@ def tracked_run(tmp_path: Path) -> tuple[str, str, str]:
     from ddpm.data.shards import write_shards
     from ddpm.data.sources import Sample
     from ddpm.image import save_grid
-    from pipelines import registry, tracking
+    from pipelines import tracking
+    from pipelines.registry import register as registry
     from pipelines.settings import resolve
-    from tests.pipelines.test_registry import save_tiny_checkpoint
+    from pipelines.train.async_logger import AsyncLogger
+    from tests.support import save_tiny_checkpoint
 
     settings = resolve()
     tracking.configure(settings)
@@ -43,7 +45,7 @@ def tracked_run(tmp_path: Path) -> tuple[str, str, str]:
     run_id, _ = tracking.start_or_resume_run(exp_id, "screens", {tracking.KIND_TAG: "train"})
     tracking.log_params(run_id, {"train": {"max_steps": len(STEPS)}, "run": {"data": data}})
     tracking.log_dataset(run_id, data, "training")
-    logger = tracking.AsyncLogger(run_id)
+    logger = AsyncLogger(run_id)
     for step in STEPS:
         logger.log_metrics({"loss": 1.0 / step, "bpd": 6.0 - step / 4}, step)
     grid = save_grid(torch.from_numpy(digits[:16, None]).float() / 8 - 1, str(tmp_path / "samples.png"), levels=17)
@@ -74,11 +76,11 @@ def test_the_run_page_shows_the_metrics_and_the_sample_grid(tmp_path):
 
     run_page = (out / "mlflow-run.html").read_text()
     assert "screens" in run_page  # the run's name: the page rendered the run, not an error or a spinner
-    for metric in ("loss", "bpd"):
+    for metric in ("training/loss", "training/bpd"):
         assert re.search(rf">\s*{metric}\s*<", run_page), f"metric {metric!r} not on the run page"
     assert "digits-train" in run_page  # the dataset logged with log_input
     charts = (out / "mlflow-run-charts.html").read_text()
-    assert re.search(r"<img[^>]+src=\"[^\"]*images%2Fsamples%2Bstep%2B4", charts) or \
-        re.search(r"<img[^>]+src=\"[^\"]*images/samples\+step\+4", charts), "the sample grid is not rendered"
+    assert re.search(r"<img[^>]+src=\"[^\"]*images(%2F|/)training~samples(%2B|\+)step(%2B|\+)4", charts), \
+        "the sample grid is not rendered"
     version_page = (out / "mlflow-model-version.html").read_text()
     assert f"Version {version}" in version_page and "screens" in version_page

@@ -1,8 +1,8 @@
 """The Ray Train wiring of training: the per-worker entry point, its checkpoint I/O and the ``RunConfig``.
 
-Workers: :func:`worker_main` runs :func:`pipelines.loop.train_loop` with a :class:`LoopContext` built
-on Ray Train's API. ``train`` (pipelines/train.py) and ``tune``'s distributed trials
-(pipelines/tune.py) both launch it; ``tune``'s single-process trials share :func:`checkpoint_io`.
+Workers: :func:`worker_main` runs :func:`pipelines.train.loop.train_loop` with a :class:`LoopContext` built
+on Ray Train's API. ``train`` (pipelines/train/command.py) and ``tune``'s distributed trials
+(pipelines/tune/command.py) both launch it; ``tune``'s single-process trials share :func:`checkpoint_io`.
 """
 
 from __future__ import annotations
@@ -10,22 +10,37 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+
+from ddpm.checkpoint import load_checkpoint, save_checkpoint
 from ddpm.config import ExperimentConfig
+from pipelines import console
+from pipelines.storage.ray_storage import ray_storage
+from pipelines.train.async_logger import AsyncLogger
+from pipelines.train.failures import StopOnBadInput
+from pipelines.train.loop import LoopContext, LoopData, rank0_decides, train_loop
+from pipelines.train.progress import remote_log
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def checkpoint_io(report_fn, get_checkpoint, checkpoint_cls, name_dirs: bool = False):
+def checkpoint_io(report_fn: Callable[..., None], get_checkpoint: Callable[[], ray.train.Checkpoint | None],
+                  checkpoint_cls: type[ray.train.Checkpoint], name_dirs: bool = False
+                  ) -> tuple[Callable[[], dict | None], Callable[[dict, dict | None], None]]:
     """``(restore, report)`` for a :class:`LoopContext` on top of Ray Train's or Ray Tune's API.
 
     ``report(metrics, state)`` saves ``state`` (when given) as ``checkpoint.pt`` in a temporary folder
     and hands it to Ray, which copies it to the run's storage; ``restore()`` loads the latest one.
     """
-    from ddpm.checkpoint import load_checkpoint, save_checkpoint
 
-    def restore():
+    def restore() -> dict | None:
         ckpt = get_checkpoint()
         if ckpt is None:
             return None
@@ -47,22 +62,17 @@ def checkpoint_io(report_fn, get_checkpoint, checkpoint_cls, name_dirs: bool = F
     return restore, report
 
 
-def _ray_context(tracking_uri: str | None):
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from pipelines.loop import LoopContext, rank0_decides
-
+def _ray_context() -> LoopContext:
+    """A :class:`LoopContext` on Ray Train's API: this worker's rank, device, checkpoints and DDP."""
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     restore, report = checkpoint_io(ray.train.report, ray.train.get_checkpoint, ray.train.Checkpoint,
                                     name_dirs=True)
 
-    def wrap(model):
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model) if world > 1 else model
 
-    def all_gather(obj):
+    def all_gather(obj: object) -> list:
         if world == 1:
             return [obj]
         out: list = [None] * world
@@ -79,19 +89,12 @@ def _ray_context(tracking_uri: str | None):
 
 def worker_main(loop_config: dict[str, Any]) -> None:
     """Ray Train worker entry point (``train_loop_per_worker``)."""
-    import ray
-
-    from pipelines.console import remote_log
-    from pipelines.loop import LoopData, train_loop
-
     cfg: ExperimentConfig = loop_config["config"]  # typed: Ray pickles the dataclass itself
-    ctx = _ray_context(loop_config.get("tracking_uri"))
+    ctx = _ray_context()
     ctx.log = remote_log(loop_config.get("progress"))  # the driver prints these lines
     tracker = None
     artifact_dir = None
     if ctx.rank == 0 and loop_config.get("run_id"):
-        from pipelines.tracking import AsyncLogger
-
         if loop_config.get("tracking_uri"):  # else (it held credentials) this process's own MLFLOW_TRACKING_URI
             os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]
         # mlflow itself (seconds to import) is first imported by the logger's thread, not before step 1.
@@ -117,15 +120,10 @@ def worker_main(loop_config: dict[str, Any]) -> None:
             shutil.rmtree(artifact_dir, ignore_errors=True)
 
 
-def run_config(name: str, storage: str, keep: int, max_failures: int = 3, env: dict | None = None):
+def run_config(name: str, storage: str, keep: int, max_failures: int = 3, env: dict | None = None) -> RunConfig:
     """Ray ``RunConfig``: checkpoints under storage/name, the last ``keep`` kept, restarts when a worker
-    is lost, but not on bad input (:class:`pipelines.failures.StopOnBadInput`)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-
-    from pipelines.console import train_logging_config
-    from pipelines.failures import StopOnBadInput
-    from pipelines.storage import ray_storage
-
+    is lost, but not on bad input (:class:`pipelines.train.failures.StopOnBadInput`); Ray Train's own
+    per-checkpoint log lines only with ``--verbose``."""
     path, fs = ray_storage(storage)
     return RunConfig(
         name=name,
@@ -135,7 +133,7 @@ def run_config(name: str, storage: str, keep: int, max_failures: int = 3, env: d
         checkpoint_config=CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute="step",
                                            checkpoint_score_order="max"),
         worker_runtime_env=env,
-        logging_config=train_logging_config(),
+        logging_config=LoggingConfig(log_level="INFO" if console.verbose() else "WARNING"),
         callbacks=[StopOnBadInput()],
     )
 

@@ -2,7 +2,7 @@
 
 On a terminal the table is redrawn in place; otherwise it is printed as plain lines, at most every
 ``every_s`` seconds and whenever a trial ends. It is fed by a Tune ``Callback`` on the driver
-(:func:`make_callback`), which sees every trial's start, results and end.
+(:class:`TableCallback`), which sees every trial's start, results and end.
 """
 
 from __future__ import annotations
@@ -10,12 +10,17 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import IO, Any
+
+from ray.tune import Callback
+
+from ddpm.config import ExperimentConfig
 
 COLUMNS = ("trial", "state", "T", "schedule", "beta range", "lr", "step", "bpd")
 
 
-def describe(cfg: Any) -> dict[str, str]:
+def describe(cfg: ExperimentConfig) -> dict[str, str]:
     """The swept settings of a trial's config, as table cells."""
     d = cfg.diffusion
     beta = "-" if d.beta_start is None or d.beta_end is None else f"{d.beta_start:.2g}..{d.beta_end:.2g}"
@@ -29,14 +34,15 @@ def render(rows: list[dict[str, str]]) -> list[str]:
     return [line({c: c for c in COLUMNS})] + [line(r) for r in rows]
 
 
-def _bpd(value: Any) -> str:
+def _bpd(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
 
 
 class SweepTable:
     """The trials' state, kept from Tune's callback events; :meth:`show` prints it."""
 
-    def __init__(self, config_of: Callable[[dict], Any], max_steps: int, stream=None, every_s: float = 10.0):
+    def __init__(self, config_of: Callable[[dict], ExperimentConfig], max_steps: int, stream: IO[str] | None = None,
+                 every_s: float = 10.0) -> None:
         self.config_of, self.max_steps = config_of, max_steps
         # None: sys.stderr, looked up when shown. Tune pickles the run config and so this table (with
         # its callback) into tuner.pkl, and an open stream does not pickle.
@@ -69,7 +75,7 @@ class SweepTable:
         return render(list(self.trials.values())) + [best]
 
     @property
-    def stream(self):
+    def stream(self) -> IO[str]:
         return self._stream if self._stream is not None else sys.stderr
 
     @property
@@ -89,33 +95,32 @@ class SweepTable:
             print("\n".join(f"[tune] {x}" for x in self.lines()), file=self.stream, flush=True)
 
 
-def make_callback(table: SweepTable):
+class TableCallback(Callback):
     """A Tune ``Callback`` that keeps ``table`` up to date and shows it."""
-    from ray.tune import Callback
 
-    class TableCallback(Callback):
-        def on_trial_start(self, iteration, trials, trial, **info):
-            table.update(trial.trial_id, "RUNNING", trial.config)
-            table.show()
+    def __init__(self, table: SweepTable) -> None:
+        self.table = table
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            table.update(trial.trial_id, "RUNNING", trial.config, result)
-            table.show()
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.table.update(trial.trial_id, "RUNNING", trial.config)
+        self.table.show()
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            step = int((trial.last_result or {}).get("step", 0))
-            table.update(trial.trial_id, "DONE" if step >= table.max_steps else "STOPPED", trial.config,
-                         trial.last_result)
-            table.show(force=True)
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.table.update(trial.trial_id, "RUNNING", trial.config, result)
+        self.table.show()
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            table.update(trial.trial_id, "FAILED", trial.config, trial.last_result)
-            table.show(force=True)
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        step = int((trial.last_result or {}).get("step", 0))
+        self.table.update(trial.trial_id, "DONE" if step >= self.table.max_steps else "STOPPED", trial.config,
+                          trial.last_result)
+        self.table.show(force=True)
 
-    return TableCallback()
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.table.update(trial.trial_id, "FAILED", trial.config, trial.last_result)
+        self.table.show(force=True)
 
 
-def ranked(rows: list[dict[str, Any]], config_of: Callable[[dict], Any]) -> list[str]:
+def ranked(rows: list[dict[str, Any]], config_of: Callable[[dict], ExperimentConfig]) -> list[str]:
     """The final table: the trials ranked by held-out bits/dim (failed ones last)."""
     def key(r):
         bpd = r.get("bpd")

@@ -22,23 +22,39 @@ about it (a decaying schedule would have to take its horizon from ``max_steps``)
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ddpm import likelihood
+from ddpm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, export_weights
 from ddpm.config import ConfigError, ExperimentConfig
+from ddpm.data import check_labels
+from ddpm.data.reader import ShardLoader, load_split, to_float
+from ddpm.diffusion import Diffusion
+from ddpm.ema import EMA
 from ddpm.guidance import training_batch
+from ddpm.image import save_grid
 from ddpm.inference import compile_or_eager
-from pipelines import fault_injection
+from ddpm.pipeline import DDPMPipeline
+from ddpm.unet import UNet
+from pipelines.train import fault_injection
+
+if TYPE_CHECKING:
+    from pipelines.train.async_logger import AsyncLogger
+
+
+NO_STEP_LIMIT = 10**12  # train.max_steps when a time budget alone is the limit (`train --max-time`, no step count)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,7 +71,7 @@ class LoopContext:
     restore: Callable[[], dict | None] = lambda: None
     report: Callable[[dict, dict | None], None] = lambda metrics, state: None
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
-    all_gather: Callable[[Any], list] = lambda obj: [obj]
+    all_gather: Callable[[object], list] = lambda obj: [obj]
     log: Callable[[str], None] = print
     agree: Callable[[bool], bool] = lambda flag: flag  # rank 0's flag, on every rank
 
@@ -82,7 +98,7 @@ class LoopData:
     holdout_size: int = 256  # held-out images used for the bits/dim estimate
 
 
-def _autocast(precision: str, device: torch.device):
+def _autocast(precision: str, device: torch.device) -> AbstractContextManager:
     if precision == "fp32":
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -95,19 +111,14 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    import ast
-
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", np.asarray(state["numpy"]).astype(np.uint32), state["numpy_pos"], 0, 0.0))
     random.setstate(ast.literal_eval(state["python"]))
 
 
-def build(cfg: ExperimentConfig, device: torch.device):
+def build(cfg: ExperimentConfig, device: torch.device
+          ) -> tuple[UNet, EMA, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, Diffusion]:
     """Model, EMA, optimizer, warm-up schedule and diffusion for a config (same init on every rank)."""
-    from ddpm.diffusion import Diffusion
-    from ddpm.ema import EMA
-    from ddpm.unet import UNet
-
     torch.manual_seed(cfg.train.seed)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.preserve_format
     model = UNet(cfg.model).to(device, memory_format=memory_format)  # before the EMA copies it
@@ -120,29 +131,25 @@ def build(cfg: ExperimentConfig, device: torch.device):
     return model, ema, opt, sched, Diffusion.from_config(cfg.diffusion)
 
 
-def sample_grid(model, diffusion, cfg: ExperimentConfig, path: str, n: int = 64, seed: int = 0) -> str:
+def sample_grid(model: torch.nn.Module, diffusion: Diffusion, cfg: ExperimentConfig, path: str, n: int = 64,
+                seed: int = 0) -> str:
     """Sample ``n`` images with the config's fast sampler and save them as one PNG grid.
 
     ``sample.steps`` is capped at T (:meth:`ddpm.pipeline.DDPMPipeline.from_config`): a sweep over T (``ddpm-pipe
     tune``) may pick a T below the preset's step count, and the grid must not end such a run.
     """
-    from ddpm.image import save_grid
-    from ddpm.pipeline import DDPMPipeline
-
     model.eval()
     x = DDPMPipeline.from_config(model, cfg, diffusion)(n, seed)
     save_grid(x, path, levels=cfg.data.levels)
     return path
 
 
-def _log_best_model(ema_module: torch.nn.Module, cfg: ExperimentConfig, artifact_dir: str, tracker, step: int,
-                    bpd: float, best_dirs: list[str]) -> None:
+def _log_best_model(ema_module: torch.nn.Module, cfg: ExperimentConfig, artifact_dir: str, tracker: AsyncLogger,
+                    step: int, bpd: float, best_dirs: list[str]) -> None:
     """Log the EMA weights with the lowest held-out bits/dim so far as the run's ``best_model/``
     artifact (``model.safetensors`` + ``config.json``, as ``ddpm-pipe`` logs models); the last
     K checkpoints may all be past it. Each improvement writes a fresh folder, because the tracker
     uploads asynchronously; only the two newest are kept on local disk."""
-    from ddpm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, export_weights
-
     folder = os.path.join(artifact_dir, f"best_step{step:07d}")
     export_weights(ema_module, folder, cfg)
     for name in (WEIGHTS_FILE, CONFIG_FILE):
@@ -159,11 +166,11 @@ class _Parts:
     checkpoint's keys."""
 
     model: torch.nn.Module
-    ema: Any
+    ema: EMA
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    loader: Any
+    loader: ShardLoader
 
     def state_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name).state_dict() for f in fields(self)}
@@ -174,7 +181,7 @@ class _Parts:
 
 
 def _restore_or_seed(state: dict | None, parts: _Parts, ctx: LoopContext, seed: int,
-                     tracker=None) -> tuple[int, int, float, float]:
+                     tracker: AsyncLogger | None = None) -> tuple[int, int, float, float]:
     """Load a checkpoint's state into ``parts`` and this rank's RNGs, or seed the RNGs for a new run.
 
     Returns (step, non-finite steps so far, seconds trained, best held-out bits/dim), all zero (and
@@ -198,8 +205,8 @@ def _restore_or_seed(state: dict | None, parts: _Parts, ctx: LoopContext, seed: 
             float(state.get("best_bpd", math.inf)))
 
 
-def _optimizer_step(parts: _Parts, net: Callable, diffusion, batches, cfg: ExperimentConfig,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _optimizer_step(parts: _Parts, net: Callable, diffusion: Diffusion, batches: Iterator[torch.Tensor],
+                    cfg: ExperimentConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One optimizer step of algorithm 1 over ``train.grad_accum`` micro-batches.
 
     Returns (the last micro-batch's loss, the global gradient norm before clipping, whether both were
@@ -232,13 +239,31 @@ def _optimizer_step(parts: _Parts, net: Callable, diffusion, batches, cfg: Exper
     return loss, grad_norm, True
 
 
-def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=None,
-               artifact_dir: str | None = None) -> dict[str, float]:
-    """Train until ``cfg.train.max_steps``; report metrics, and a checkpoint every interval."""
-    from ddpm.data import ShardLoader, check_labels, load_split, to_float
+@dataclass
+class _Counters:
+    """What the loop counts besides the checkpointed parts; a checkpoint holds these too."""
 
+    step: int
+    nonfinite_total: int
+    trained_s: float  # seconds of training before this attempt (a resumed checkpoint's)
+    best_bpd: float
+    loss_sum: torch.Tensor  # since the last log line, on the device (no host sync per step)
+    loss_count: int = 0
+    nonfinite_run: int = 0
+    clock_start: float = 0.0  # _clock() when this attempt started: for the time budget and wall_s
+    t_last: float = 0.0  # time.perf_counter() at the last log line: for the images/s of each interval
+    step_last: int = 0
+
+    def trained(self) -> float:
+        """Seconds of training so far, this attempt and the ones before it."""
+        return self.trained_s + _clock() - self.clock_start
+
+
+def _prepare(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker: AsyncLogger | None
+             ) -> tuple[_Parts, Diffusion, torch.nn.Module, Callable, torch.Tensor | None, _Counters]:
+    """Threads, the parts (restored or seeded), the wrapped and maybe compiled network, rank 0's
+    held-out images: ``(parts, diffusion, ddp_model, net, holdout, counters)``."""
     tc = cfg.train
-    device = ctx.device
     threads = int(os.environ.get("DDPM_TORCH_THREADS", "0"))
     if threads > 0:
         torch.set_num_threads(threads)
@@ -246,122 +271,149 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker=
         raise ConfigError(f"train.batch_size={tc.batch_size} must divide by workers x grad_accum "
                          f"= {ctx.world_size} x {tc.grad_accum}")
     micro_batch = tc.batch_size // (ctx.world_size * tc.grad_accum)
-
-    model, ema, opt, sched, diffusion = build(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+    model, ema, opt, sched, diffusion = build(cfg, ctx.device)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=tc.precision == "fp16")
     loader = ShardLoader(data.url, batch_size=micro_batch, rank=ctx.rank, world_size=ctx.world_size,
                          seed=tc.seed, random_flip=cfg.data.random_flip, num_workers=cfg.data.num_workers,
                          storage_options=data.storage_options, return_labels=cfg.model.num_classes > 0)
     check_labels(loader.manifest, cfg.model.num_classes, data.url)  # a conditional model needs labelled data
-
     parts = _Parts(model, ema, opt, sched, scaler, loader)
-    # trained_s: seconds of training before this attempt (a resumed checkpoint's)
     step, nonfinite_total, trained_s, best_bpd = _restore_or_seed(ctx.restore(), parts, ctx, tc.seed, tracker)
-
     ddp_model = ctx.wrap_model(model)
     net = compile_or_eager(ddp_model, ctx.log, what="model") if tc.compile else ddp_model
     holdout = None
     if ctx.rank == 0 and data.holdout_url:
         images, _labels, _manifest = load_split(data.holdout_url, storage_options=data.storage_options)
-        holdout = to_float(images[: data.holdout_size], cfg.data.levels).to(device)
+        holdout = to_float(images[: data.holdout_size], cfg.data.levels).to(ctx.device)
+    counters = _Counters(step=step, nonfinite_total=nonfinite_total, trained_s=trained_s, best_bpd=best_bpd,
+                         loss_sum=torch.zeros((), device=ctx.device), clock_start=_clock(),
+                         t_last=time.perf_counter(), step_last=step)
+    return parts, diffusion, ddp_model, net, holdout, counters
 
-    batches = iter(loader)
-    nonfinite_run = 0
-    loss_sum = torch.zeros((), device=device)
-    loss_count = 0
-    t_last, step_last = time.perf_counter(), step  # for the images/s of each progress interval
-    clock_start = _clock()  # for the time budget and wall_s
+
+def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker: AsyncLogger | None = None,
+               artifact_dir: str | None = None) -> dict[str, float]:
+    """Train until ``cfg.train.max_steps`` (or the time budget); report metrics, and a checkpoint
+    every interval. Each step is :func:`_optimizer_step`, then :func:`_after_step`."""
+    tc = cfg.train
+    parts, diffusion, ddp_model, net, holdout, n = _prepare(cfg, data, ctx, tracker)
+    batches = iter(parts.loader)
     last_metrics: dict[str, float] = {}
     best_dirs: list[str] = []  # local copies of the best EMA weights, newest last
 
     def out_of_time() -> bool:
-        if tc.max_time is None:
-            return False
-        return ctx.agree(trained_s + _clock() - clock_start >= tc.max_time)
+        return tc.max_time is not None and ctx.agree(n.trained() >= tc.max_time)
 
     stop_reason = "max_steps"
-    if step < tc.max_steps and out_of_time():  # resumed a run that had spent its budget
+    if n.step < tc.max_steps and out_of_time():  # resumed a run that had spent its budget
         stop_reason = "max_time"
-    while step < tc.max_steps and stop_reason != "max_time":
+    while n.step < tc.max_steps and stop_reason != "max_time":
         ddp_model.train()
-        loss, grad_norm, finite = _optimizer_step(parts, net, diffusion, batches, cfg, device)
+        loss, grad_norm, finite = _optimizer_step(parts, net, diffusion, batches, cfg, ctx.device)
         if not finite:
-            nonfinite_run += 1
-            nonfinite_total += 1
-            ctx.log(f"[train] step {step}: non-finite loss/gradient skipped ({nonfinite_run} in a row)")
-            if nonfinite_run >= tc.max_nonfinite:
+            n.nonfinite_run += 1
+            n.nonfinite_total += 1
+            ctx.log(f"[train] step {n.step}: non-finite loss/gradient skipped ({n.nonfinite_run} in a row)")
+            if n.nonfinite_run >= tc.max_nonfinite:
                 raise NonFiniteLossError(
-                    f"{nonfinite_run} non-finite losses in a row at step {step} (train.max_nonfinite="
+                    f"{n.nonfinite_run} non-finite losses in a row at step {n.step} (train.max_nonfinite="
                     f"{tc.max_nonfinite}); lower train.lr or use precision fp32")
             continue
-        nonfinite_run = 0
-        step += 1
-        loss_sum += loss.detach()
-        loss_count += 1
-        if step < tc.max_steps and out_of_time():
+        n.nonfinite_run = 0
+        n.step += 1
+        n.loss_sum += loss.detach()
+        n.loss_count += 1
+        if n.step < tc.max_steps and out_of_time():
             stop_reason = "max_time"
-        final = step == tc.max_steps or stop_reason == "max_time"
-
-        metrics: dict[str, float] = {}
-        if step % tc.log_every == 0 or final:
-            now = time.perf_counter()
-            ips = (step - step_last) * tc.batch_size / max(now - t_last, 1e-9)
-            metrics.update(loss=float(loss_sum) / max(loss_count, 1), grad_norm=float(grad_norm),
-                           lr=sched.get_last_lr()[0], images_per_s=ips, nonfinite_total=nonfinite_total)
-            eta = (tc.max_steps - step) * tc.batch_size / max(ips, 1e-9)
-            if tc.max_time is not None:
-                eta = min(eta, max(tc.max_time - trained_s - (_clock() - clock_start), 0.0))
-            loss_sum.zero_()
-            loss_count = 0
-            t_last, step_last = now, step
-        if holdout is not None and (step % tc.eval_every == 0 or final):
-            ema.module.eval()
-            with torch.no_grad():
-                est, err = likelihood.bits_per_dim_estimate(diffusion, ema.module, holdout, levels=cfg.data.levels, seed=0)
-            metrics["bpd"] = float(est.mean())
-            metrics["bpd_stderr"] = float(err.pow(2).sum().sqrt() / len(err))
-            if metrics["bpd"] < best_bpd:
-                best_bpd = metrics["bpd"]
-                metrics["best_bpd"] = best_bpd
-                if artifact_dir and tracker is not None:
-                    _log_best_model(ema.module, cfg, artifact_dir, tracker, step, best_bpd, best_dirs)
-        if ctx.rank == 0 and "loss" in metrics:  # one line per log interval, with bits/dim when measured
-            held_out = f" held-out {metrics['bpd']:.3f} bits/dim" if "bpd" in metrics else ""
-            ctx.log(f"[train] step {step}/{tc.max_steps} loss {metrics['loss']:.4f} "
-                    f"{metrics['images_per_s']:.1f} img/s{held_out} ETA {eta:.0f}s")
-        if ctx.rank == 0 and artifact_dir and tracker is not None and (
-                step % tc.sample_every == 0 or final):
-            path = os.path.join(artifact_dir, f"samples_step{step:07d}.png")
-            sample_grid(ema.module, diffusion, cfg, path)
-            tracker.log_image(path, "samples", step)
-        if metrics and tracker is not None and ctx.rank == 0:
-            tracker.log_metrics(metrics, step)
+        final = n.step == tc.max_steps or stop_reason == "max_time"
+        metrics = _measure(cfg, parts, diffusion, holdout, n, grad_norm, final, artifact_dir, tracker, best_dirs)
+        _after_step(cfg, parts, diffusion, ctx, n, metrics, final, artifact_dir, tracker)
         last_metrics.update(metrics)
-
-        fault_injection.exit_if_planned(ctx.rank, step)  # test-only: off unless DDPM_FAULT_EXIT is set
+        fault_injection.exit_if_planned(ctx.rank, n.step)  # test-only: off unless DDPM_FAULT_EXIT is set
         if final:
             # DDP keeps replicas identical; check it, since a silent divergence would waste the run.
-            sums = ctx.all_gather(float(sum(p.detach().double().sum() for p in model.parameters())))
+            sums = ctx.all_gather(float(sum(p.detach().double().sum() for p in parts.model.parameters())))
             last_metrics["ranks_in_sync"] = float(all(v == sums[0] for v in sums))
             if tracker is not None:
-                tracker.log_metrics({"ranks_in_sync": last_metrics["ranks_in_sync"]}, step)
-        if step % tc.checkpoint_every == 0 or final:
+                tracker.log_metrics({"ranks_in_sync": last_metrics["ranks_in_sync"]}, n.step)
+        if n.step % tc.checkpoint_every == 0 or final:
             rngs = ctx.all_gather(_rng_state())
             ckpt = None
             if ctx.rank == 0:
-                ckpt = {**parts.state_dict(), "step": step, "rng": rngs, "nonfinite_total": nonfinite_total,
-                        "best_bpd": best_bpd, "train_s": trained_s + _clock() - clock_start,
-                        "config": cfg.to_json()}
+                ckpt = {**parts.state_dict(), "step": n.step, "rng": rngs, "nonfinite_total": n.nonfinite_total,
+                        "best_bpd": n.best_bpd, "train_s": n.trained(), "config": cfg.to_json()}
             extra = {"max_time_reached": float(stop_reason == "max_time")} if final else {}
-            ctx.report({"step": step, **last_metrics, **extra}, ckpt)
-    if ctx.rank == 0:
-        ctx.log(f"[train] stopped at step {step}: " + (
-            f"train.max_time={tc.max_time:g}s reached" if stop_reason == "max_time"
-            else f"train.max_steps={tc.max_steps} reached"))
-        if tracker is not None:
-            tracker.set_tag("ddpm.stop_reason", stop_reason)
-            tracker.set_tag("ddpm.stop_step", str(step))
-    last_metrics["step"] = step
-    last_metrics["wall_s"] = _clock() - clock_start
-    last_metrics["max_time_reached"] = float(stop_reason == "max_time")
-    return last_metrics
+            ctx.report({"step": n.step, **last_metrics, **extra}, ckpt)
+    _stopped(cfg, ctx, n.step, stop_reason, tracker)
+    return {**last_metrics, "step": n.step, "wall_s": _clock() - n.clock_start,
+            "max_time_reached": float(stop_reason == "max_time")}
+
+
+def _measure(cfg: ExperimentConfig, parts: _Parts, diffusion: Diffusion, holdout: torch.Tensor | None,
+             n: _Counters, grad_norm: torch.Tensor, final: bool, artifact_dir: str | None,
+             tracker: AsyncLogger | None, best_dirs: list[str]) -> dict[str, float]:
+    """This step's metrics: the log interval's (loss, gradient norm, learning rate, images/s and
+    ``eta_s``) every ``log_every`` steps, the held-out bits/dim every ``eval_every``, and the final
+    step's both; a new best bits/dim logs the EMA weights as ``best_model/``."""
+    tc = cfg.train
+    metrics: dict[str, float] = {}
+    if n.step % tc.log_every == 0 or final:
+        now = time.perf_counter()
+        ips = (n.step - n.step_last) * tc.batch_size / max(now - n.t_last, 1e-9)
+        metrics.update(loss=float(n.loss_sum) / max(n.loss_count, 1), grad_norm=float(grad_norm),
+                       lr=parts.scheduler.get_last_lr()[0], images_per_s=ips, nonfinite_total=n.nonfinite_total)
+        eta = (tc.max_steps - n.step) * tc.batch_size / max(ips, 1e-9)
+        if tc.max_time is not None:
+            eta = min(eta, max(tc.max_time - n.trained(), 0.0))
+        metrics["eta_s"] = eta
+        n.loss_sum.zero_()
+        n.loss_count = 0
+        n.t_last, n.step_last = now, n.step
+    if holdout is not None and (n.step % tc.eval_every == 0 or final):
+        ema = parts.ema.module
+        ema.eval()
+        with torch.no_grad():
+            est, err = likelihood.bits_per_dim_estimate(diffusion, ema, holdout, levels=cfg.data.levels, seed=0)
+        metrics["bpd"] = float(est.mean())
+        metrics["bpd_stderr"] = float(err.pow(2).sum().sqrt() / len(err))
+        if metrics["bpd"] < n.best_bpd:
+            n.best_bpd = metrics["best_bpd"] = metrics["bpd"]
+            if artifact_dir and tracker is not None:
+                _log_best_model(ema, cfg, artifact_dir, tracker, n.step, n.best_bpd, best_dirs)
+    return metrics
+
+
+def _after_step(cfg: ExperimentConfig, parts: _Parts, diffusion: Diffusion, ctx: LoopContext, n: _Counters,
+                metrics: dict[str, float], final: bool, artifact_dir: str | None,
+                tracker: AsyncLogger | None) -> None:
+    """Rank 0's share of a step: the progress line, the sample grid every ``sample_every`` steps
+    (and the last), the metrics to MLflow. ``metrics["eta_s"]`` is for the line only."""
+    tc = cfg.train
+    eta = metrics.pop("eta_s", None)
+    if ctx.rank != 0:
+        return
+    if "loss" in metrics:  # one line per log interval, with bits/dim when measured
+        held_out = f" held-out {metrics['bpd']:.3f} bits/dim" if "bpd" in metrics else ""
+        of = f"/{tc.max_steps}" if tc.max_steps < NO_STEP_LIMIT else ""
+        ctx.log(f"[train] step {n.step}{of} loss {metrics['loss']:.4f} "
+                f"{metrics['images_per_s']:.1f} img/s{held_out} ETA {eta:.0f}s")
+    if artifact_dir and tracker is not None and (n.step % tc.sample_every == 0 or final):
+        path = os.path.join(artifact_dir, f"samples_step{n.step:07d}.png")
+        sample_grid(parts.ema.module, diffusion, cfg, path)
+        tracker.log_image(path, "samples", n.step)
+    if metrics and tracker is not None:
+        tracker.log_metrics(metrics, n.step)
+
+
+def _stopped(cfg: ExperimentConfig, ctx: LoopContext, step: int, stop_reason: str,
+             tracker: AsyncLogger | None) -> None:
+    """Rank 0 says why the run stopped, on the console and as the run's tags."""
+    if ctx.rank != 0:
+        return
+    tc = cfg.train
+    ctx.log(f"[train] stopped at step {step}: " + (
+        f"train.max_time={tc.max_time:g}s reached" if stop_reason == "max_time"
+        else f"train.max_steps={tc.max_steps} reached"))
+    if tracker is not None:
+        tracker.set_tag("ddpm.stop_reason", stop_reason)
+        tracker.set_tag("ddpm.stop_step", str(step))

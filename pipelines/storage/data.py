@@ -2,7 +2,7 @@
 (:func:`check_data`), and `ddpm-pipe data prepare`: a data source -> WebDataset shards + manifest on any
 fsspec URL.
 
-The output folder follows the rule of every writing command (``pipelines/outputs.py``): it must be
+The output folder follows the rule of every writing command (``pipelines/storage/outputs.py``): it must be
 new, empty, or hold only this split's shards (``{split}-NNNNNN.tar``), its ``manifest.json`` (ours:
 format ``ddpm-pipe/webdataset``) and their temporaries; anything else is refused (exit 3),
 untouched. One job writes it at a time. After a successful run, what earlier runs left there is
@@ -12,14 +12,22 @@ list (an earlier, larger run's).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from fsspec import AbstractFileSystem
+
+from ddpm.config import ExperimentConfig
+from ddpm.data.manifest import FORMAT, MANIFEST, read_manifest
+from ddpm.data.shards import write_shards
+from ddpm.data.sources import open_source
+from ddpm.data.storage import DataError, SourceError, is_local, open_fs, storage_options_for
+from pipelines.console import info
 from pipelines.errors import PipelineError, RefusedError, UsageError
-
-if TYPE_CHECKING:
-    from ddpm.config import ExperimentConfig
-    from pipelines.settings import Settings
+from pipelines.settings import Settings, redact, resolve
+from pipelines.storage.outputs import TEMP, FolderLock, listing, refuse_foreign, remove_stale_temporaries
 
 
 # -- where the training and held-out shards are, and whether they fit ----------------------------
@@ -38,8 +46,6 @@ def resolve_data(cfg: ExperimentConfig, data: str | None, settings: Settings) ->
 
 
 def manifest_exists(url: str) -> bool:
-    from ddpm.data import read_manifest
-
     try:
         read_manifest(url)
         return True
@@ -51,12 +57,7 @@ def check_data(url: str, cfg: ExperimentConfig) -> None:
     """Fail before any run or worker starts when the shards are missing, empty, incomplete or do not
     fit the model (a worker would find out only after Ray had restarted it ``max_failures`` times).
     Local shards are also hashed against the manifest (cheap: a local read); shards in an object
-    store are hashed by the worker that reads them, whose error is not retried (pipelines/failures.py)."""
-    import hashlib
-
-    from ddpm.data import DataError, open_fs, read_manifest, storage_options_for
-    from ddpm.data.storage import is_local
-
+    store are hashed by the worker that reads them, whose error is not retried (pipelines/train/failures.py)."""
     options = storage_options_for(url)
     try:
         manifest = read_manifest(url, options)
@@ -90,8 +91,6 @@ def check_data(url: str, cfg: ExperimentConfig) -> None:
 def ensure_prepared(source: str, url: str, split: str) -> None:
     """Write the shards of ``source`` to ``url`` unless a manifest is already there."""
     if not manifest_exists(url):
-        from pipelines.console import info
-
         info(f"[data] preparing {source} ({split}) -> {url}")
         prepare_command(source=source, out=url, split=split)
 
@@ -105,12 +104,6 @@ def prepare_command(source: str = "digits", out: str | None = None, shard_size: 
     Returns the manifest's main fields, the shard counts (written / unchanged), the skipped samples
     and a one-line ``message``.
     """
-    from ddpm.data.shards import write_shards
-    from ddpm.data.sources import open_source
-    from ddpm.data.storage import DataError, SourceError, open_fs, storage_options_for
-    from pipelines.outputs import FolderLock
-    from pipelines.settings import resolve, redact
-
     if shard_size < 1:
         raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
     endpoint = endpoint_url or None
@@ -156,13 +149,8 @@ def prepare_command(source: str = "digits", out: str | None = None, shard_size: 
     }
 
 
-def _check_ours(fs: Any, root: str, url: str, shard_name: re.Pattern) -> None:
+def _check_ours(fs: AbstractFileSystem, root: str, url: str, shard_name: re.Pattern) -> None:
     """Refuse (exit 3) a folder holding anything but this split's shards and our manifest."""
-    import json
-
-    from ddpm.data.manifest import FORMAT, MANIFEST
-    from pipelines.outputs import listing, refuse_foreign
-
     names = listing(fs, root, url)
     refuse_foreign(url, names, lambda n: n == MANIFEST or bool(shard_name.match(n)), "shards of this split")
     if MANIFEST in names:
@@ -175,11 +163,9 @@ def _check_ours(fs: Any, root: str, url: str, shard_name: re.Pattern) -> None:
                                "choose an empty or new folder")
 
 
-def _clean_leftovers(fs: Any, root: str, url: str, shard_name: re.Pattern, manifest: dict[str, Any]) -> list[str]:
+def _clean_leftovers(fs: AbstractFileSystem, root: str, url: str, shard_name: re.Pattern,
+                    manifest: dict[str, Any]) -> list[str]:
     """After a successful run: remove shards the manifest does not list and dead runs' temporaries."""
-    from ddpm.data.manifest import MANIFEST
-    from pipelines.outputs import TEMP, listing, remove_stale_temporaries
-
     listed = {s["name"] for s in manifest["shards"]}
     names = listing(fs, root, url)
     removed = []

@@ -19,6 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ray import tune
+
 from ddpm.config import ConfigError, ExperimentConfig, read_yaml_mapping
 
 BETA_RATIO = "diffusion.beta_ratio"  # derived: beta_start = beta_ratio * beta_end
@@ -113,7 +115,7 @@ def validate(space: dict[str, Any], base: ExperimentConfig) -> None:
     _check_beta_order(space)
 
 
-def _check_value(base: ExperimentConfig, key: str, value: Any, space: dict[str, Any] | None = None) -> None:
+def _check_value(base: ExperimentConfig, key: str, value: object, space: dict[str, Any] | None = None) -> None:
     if key == BETA_RATIO:
         if not (isinstance(value, (int, float)) and 0 < value < 1):
             raise ConfigError(f"{_where(key)}: beta_start/beta_end ratio must be in (0, 1), got {value!r}")
@@ -133,7 +135,7 @@ def _check_value(base: ExperimentConfig, key: str, value: Any, space: dict[str, 
         raise ConfigError(f"{_where(key)}: {e}") from None
 
 
-def _bounds(spec: Any) -> tuple[float, float] | None:
+def _bounds(spec: object) -> tuple[float, float] | None:
     if not isinstance(spec, dict):
         return (spec, spec) if isinstance(spec, (int, float)) else None
     if spec["type"] == "choice":
@@ -157,8 +159,6 @@ def _check_beta_order(space: dict[str, Any]) -> None:
 
 def to_tune(space: dict[str, Any]) -> dict[str, Any]:
     """The Ray Tune ``param_space`` for a validated space (flat, dotted keys)."""
-    from ray import tune
-
     out: dict[str, Any] = {}
     for key, spec in space.items():
         if not isinstance(spec, dict):

@@ -10,17 +10,13 @@ controller error, which Ray does not retry. The driver finds it with :func:`work
 
 from __future__ import annotations
 
-from typing import Any
-
 import ray.train
 
+from ddpm.config import ConfigError
+from ddpm.data.storage import DataError
+from pipelines.train.loop import NonFiniteLossError
 
-def _not_retried() -> tuple[type[BaseException], ...]:
-    from ddpm.config import ConfigError
-    from ddpm.data.storage import DataError
-    from pipelines.loop import NonFiniteLossError
-
-    return ConfigError, DataError, NonFiniteLossError
+NOT_RETRIED: tuple[type[BaseException], ...] = (ConfigError, DataError, NonFiniteLossError)
 
 
 class WorkerInputError(RuntimeError):
@@ -52,8 +48,7 @@ def _chain(exc: BaseException | None) -> list[BaseException]:
 
 def deterministic_cause(exc: BaseException) -> BaseException | None:
     """The first error in ``exc``'s chain that a retry would repeat, else None."""
-    kinds = _not_retried()
-    return next((e for e in _chain(exc) if isinstance(e, kinds)), None)
+    return next((e for e in _chain(exc) if isinstance(e, NOT_RETRIED)), None)
 
 
 def worker_input_error(exc: BaseException) -> WorkerInputError | None:
@@ -68,9 +63,7 @@ class StopOnBadInput(ray.train.UserCallback):
     Ray's failure policy raises instead of retrying (only worker-group errors are retried).
     """
 
-    def after_exception(self, run_context: Any, worker_exceptions: dict[int, BaseException]) -> None:
-        from pipelines.loop import NonFiniteLossError
-
+    def after_exception(self, run_context: object, worker_exceptions: dict[int, BaseException]) -> None:
         for rank, exc in sorted(worker_exceptions.items()):
             cause = deterministic_cause(exc)
             if cause is not None:

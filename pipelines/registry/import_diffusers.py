@@ -3,25 +3,30 @@
 The network converts through ``ddpm.convert_diffusers`` (the paper's architecture only). The rest of
 the config is the paper's CIFAR-10 setting: linear betas 1e-4..0.02 over T = 1000 steps, epsilon
 prediction, sigma_t^2 = beta_t, 256 grey levels (the ``cifar10`` preset), with the converted
-network in place of the preset's. The version is logged by ``pipelines.registry`` in a run of the
+network in place of the preset's. The version is logged by ``pipelines.registry.register`` in a run of the
 ``import-diffusers`` experiment that records the source folder.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
+from ddpm.config import DiffusionConfig, ExperimentConfig, UNetConfig
+from ddpm.convert_diffusers import DiffusersConversionError, load_diffusers_unet
+from ddpm.unet import UNet
+from pipelines import tracking
 from pipelines.errors import UsageError
+from pipelines.names import check_name
+from pipelines.registry.models import MODEL_ARTIFACT
+from pipelines.registry.register import log_model
+from pipelines.settings import resolve
 
 EXPERIMENT = "import-diffusers"
 
 
-def diffusers_config(unet_config: Any, name: str) -> Any:
+def diffusers_config(unet_config: UNetConfig, name: str) -> ExperimentConfig:
     """The ``ExperimentConfig`` of an imported network: the ``cifar10`` preset around it."""
-    from dataclasses import replace
-
-    from ddpm.config import DiffusionConfig, ExperimentConfig
-
     base = ExperimentConfig.preset("cifar10")
     return replace(base, name=name, model=unet_config,
                    diffusion=DiffusionConfig(schedule="linear", timesteps=1000, prediction="eps",
@@ -32,13 +37,6 @@ def diffusers_config(unet_config: Any, name: str) -> Any:
 
 def import_command(path: str, name: str) -> dict[str, Any]:
     """Convert the diffusers model at ``path`` and register it as a new version of ``name``."""
-    from ddpm.convert_diffusers import DiffusersConversionError, load_diffusers_unet
-    from ddpm.unet import UNet
-    from pipelines import tracking
-    from pipelines.names import check_name
-    from pipelines.registry import MODEL_ARTIFACT, log_model
-    from pipelines.settings import resolve
-
     check_name(name, "--name")
     try:
         unet_config, state_dict = load_diffusers_unet(path)

@@ -8,7 +8,7 @@ This file is logged as the model's code; ``ddpm`` travels beside it as ``code_pa
 ``seeds`` (one int per sample, or one int ``seed``: sample i then uses ``seed * 1_000_003 + i``),
 ``sampler`` (ddpm|ddim|dpmpp), ``steps`` and ``eta`` (each default the config's, ddpm.pipeline.sampling_settings), ``batch_size``.
 It returns uint8 images ``[num x H x W x C]`` on the data's grey levels. The logged signature
-(``pipelines.registry.signature``) declares these columns, so pyfunc hands ``predict`` a DataFrame.
+(``pipelines.registry.register.signature``) declares these columns, so pyfunc hands ``predict`` a DataFrame.
 """
 
 from __future__ import annotations
@@ -19,25 +19,27 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
+from mlflow.pyfunc.model import PythonModelContext
+
+from ddpm.checkpoint import import_weights
+from ddpm.diffusion import Diffusion
+from ddpm.image import to_uint8
+from ddpm.inference import SamplingNet
+from ddpm.noise import sample_seed
+from ddpm.pipeline import DDPMPipeline
 
 
 class DDPMPyfunc(PythonModel):
     """The registered model: ``predict({"num": N, "seed": S, ...})`` samples through :class:`ddpm.pipeline.DDPMPipeline`."""
 
-    def load_context(self, context) -> None:
-        from ddpm.checkpoint import import_weights
-        from ddpm.diffusion import Diffusion
-        from ddpm.inference import SamplingNet
-
+    def load_context(self, context: PythonModelContext) -> None:
         self.config, model = import_weights(context.artifacts["ddpm_model"])
         self.model = SamplingNet(model)  # as `ddpm-pipe sample` runs it: same seeds, same images
         self.diffusion = Diffusion.from_config(self.config.diffusion)
 
     # pd.DataFrame: a type hint MLflow takes as "no schema from hints" (the logged signature holds it)
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
-        from ddpm.image import to_uint8
-        from ddpm.pipeline import DDPMPipeline
-
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> np.ndarray:
         req = dict(model_input) if isinstance(model_input, dict) else model_input.iloc[0].to_dict()
         req.update(params or {})
         num = int(_scalar(req["num"]))
@@ -47,8 +49,6 @@ class DDPMPyfunc(PythonModel):
             if len(seeds) != num:
                 raise ValueError(f"got {len(seeds)} seeds for num={num}")
         else:
-            from ddpm.noise import sample_seed
-
             seeds = [sample_seed(int(seeds), i) for i in range(num)]
         sampler = str(_scalar(req.get("sampler") or self.config.sample.sampler))
         steps = _scalar(req.get("steps"))  # none: the config's steps for the config's sampler (capped at T)
@@ -61,7 +61,7 @@ class DDPMPyfunc(PythonModel):
         return to_uint8(pipe.from_seeds(seeds), self.config.data.levels)
 
 
-def _scalar(value):
+def _scalar(value: object) -> object:
     """A DataFrame cell may hold a one-element list; a dict value is used as is."""
     if isinstance(value, (list, tuple)) and len(value) == 1:
         return value[0]

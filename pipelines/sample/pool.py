@@ -1,5 +1,5 @@
 """`ddpm-pipe sample`'s workers: one :class:`SampleWorker` per Ray actor (or in this process), and the
-:class:`WorkerPool` that hands them units of sample indices (why actors: ``pipelines/sample.py``).
+:class:`WorkerPool` that hands them units of sample indices (why actors: ``pipelines/sample/command.py``).
 """
 
 from __future__ import annotations
@@ -12,17 +12,28 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+
+from ddpm.data.storage import S3_ENDPOINT_VARS
+from ddpm.inference import SamplingNet
 from ddpm.noise import sample_seed
-from pipelines.errors import PipelineError, UsageError, first_line
+from ddpm.pipeline import DDPMPipeline
+from pipelines.errors import PipelineError, first_line
+from pipelines.registry import models
+from pipelines.sample.request import SampleRequest
+from pipelines.settings import resolve, shareable_uri
 
 if TYPE_CHECKING:
-    from pipelines.sample import SampleRequest
+    from ray.actor import ActorHandle
+    from ray.util.placement_group import PlacementGroup
 
 
 class SampleWorker:
-    """One Ray actor: loads the model once, then samples units of indices (see the module docstring)."""
+    """One Ray actor (or the command's own process): loads the model once, then samples units of
+    indices with the settled ``sampler``, ``steps`` and ``eta`` (see the module docstring)."""
 
-    def __init__(self, uri: str, sampler: str | None, steps: int | None, eta: float | None, precision: str,
+    def __init__(self, uri: str, sampler: str, steps: int, eta: float, precision: str,
                  progressive: int, threads: int, env: dict[str, str], compile: bool = False) -> None:
         self._error: Exception | None = None
         try:
@@ -30,49 +41,28 @@ class SampleWorker:
         except Exception as e:  # raised from info(): an actor that dies in __init__ loses the cause
             self._error = e
 
-    def _setup(self, uri: str, sampler: str | None, steps: int | None, eta: float | None, precision: str,
+    def _setup(self, uri: str, sampler: str, steps: int, eta: float, precision: str,
                progressive: int, threads: int, env: dict[str, str], compile: bool) -> None:
-        import torch
-
-        from ddpm.inference import SamplingNet
-        from ddpm.pipeline import DDPMPipeline, sampling_settings
-        from ddpm.samplers import check_eta
-        from pipelines.models import load
-
         os.environ.update(env)  # the tracking store; never credentials (workers read their own)
         torch.set_num_threads(int(os.environ.get("DDPM_TORCH_THREADS") or 0) or max(1, threads))
         start = time.perf_counter()
-        loaded = load(uri)
+        loaded = models.load(uri)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # Weights cast once and channels-last (ddpm/inference.py): faster than autocast per call.
         self.model = SamplingNet(loaded.model.to(self.device), precision=precision, compile=compile,
                                  log=lambda m: print(f"[sample] {m}", file=sys.stderr, flush=True))
-        self.diffusion = loaded.diffusion
-        cfg = loaded.config
-        T = self.diffusion.num_timesteps
         self.progressive = progressive
-        if steps is not None and steps > T:
-            raise UsageError(f"--steps {steps} exceeds the model's T={T}")
-        # What is not given comes from the model's own sample config (ddpm.pipeline.sampling_settings).
-        sampler, steps, eta = sampling_settings(cfg.sample, T, sampler, steps, eta)
-        try:
-            check_eta(eta, sampler, name="--eta")
-        except ValueError as e:
-            raise UsageError(str(e)) from None
         # The driver sizes units to --batch-size, and a unit is sampled as one batch.
-        self.pipe = DDPMPipeline.from_config(self.model, cfg, self.diffusion, sampler=sampler, steps=steps,
-                                             eta=eta, batch_size=sys.maxsize)
-        self.shape = self.pipe.image_shape
-        self._info = {"sampler": self.pipe.sampler, "steps": self.pipe.steps, "eta": self.pipe.eta, "T": T, "shape": list(self.shape), "levels": cfg.data.levels,
-                      "clip_denoised": cfg.sample.clip_denoised, "load_s": time.perf_counter() - start,
-                      "device": str(self.device)}
+        self.pipe = DDPMPipeline.from_config(self.model, loaded.config, loaded.diffusion, sampler=sampler,
+                                             steps=steps, eta=eta, batch_size=sys.maxsize)
+        self._info = {"load_s": time.perf_counter() - start, "device": str(self.device)}
 
     def info(self) -> dict[str, Any]:
         if self._error is not None:
             raise self._error
         return {**self._info, "node_id": _node_id()}
 
-    def sample(self, indices: list[int], seed: int) -> dict[str, Any]:
+    def sample(self, indices: list[int], seed: int) -> dict[str, list[int] | float | np.ndarray | None]:
         """x_0 for ``indices`` as float32 ``[n x C x H x W]`` (and the progressive predictions)."""
         start = time.perf_counter()
         out = self.pipe.from_seeds([sample_seed(seed, i) for i in indices], progressive=self.progressive)
@@ -83,7 +73,7 @@ class SampleWorker:
 
 
 def _node_id() -> str:
-    ray = sys.modules.get("ray")
+    ray = sys.modules.get("ray")  # loaded only by a job on Ray (see WorkerPool)
     if ray is not None and ray.is_initialized():
         return ray.get_runtime_context().get_node_id()
     return "local"
@@ -103,11 +93,15 @@ def runs_in_process(req: SampleRequest) -> bool:
 
 class WorkerPool:
     """:func:`pipelines.cluster.workers_for` :class:`SampleWorker` actors in one placement group, or one
-    :class:`SampleWorker` in this process (:func:`runs_in_process`)."""
+    :class:`SampleWorker` in this process (:func:`runs_in_process`).
+
+    Ray is imported by :meth:`_start_actors`, for a job that goes to Ray only: the in-process job
+    starts without it (a second of a 6.5 s local job, docs/PERFORMANCE.md).
+    """
 
     def __init__(self, req: SampleRequest, env: dict[str, str]) -> None:
-        self.actors: list[Any] = []
-        self.pg = None
+        self.actors: list[ActorHandle] = []
+        self.pg: PlacementGroup | None = None
         self.started = False
         self._local: SampleWorker | None = None
         if runs_in_process(req):
@@ -116,6 +110,9 @@ class WorkerPool:
             self.info = {k: v for k, v in self._local.info().items() if k != "node_id"}
             self.info.update(workers=1, nodes_used=1)
             return
+        self._start_actors(req, env)
+
+    def _start_actors(self, req: SampleRequest, env: dict[str, str]) -> None:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -144,12 +141,12 @@ class WorkerPool:
         except BaseException:
             self.close()
             raise
-        self.info = {k: v for k, v in infos[0].items() if k not in ("load_s", "node_id")}
-        self.info["workers"] = len(self.actors)
-        self.info["nodes_used"] = len({i["node_id"] for i in infos})
-        self.info["load_s"] = max(i["load_s"] for i in infos)
+        self.info = {"device": infos[0]["device"], "workers": len(self.actors),
+                     "nodes_used": len({i["node_id"] for i in infos}), "load_s": max(i["load_s"] for i in infos)}
 
-    def _get(self, refs: Any) -> Any:
+    def _get(self, refs: object) -> Any:
+        """``ray.get(refs)``; a worker's :class:`PipelineError` comes back as itself, any other failure
+        as a one-line :class:`PipelineError`."""
         try:
             return self._ray.get(refs)
         except self._ray.exceptions.RayError as e:
@@ -165,7 +162,7 @@ class WorkerPool:
                 on_result(self._local.sample(unit, seed))
             return
         queue = deque(units)
-        pending: dict[Any, Any] = {}
+        pending: dict[object, ActorHandle] = {}  # the ObjectRef of a unit's result -> its actor
         for actor in self.actors:
             if queue:
                 pending[actor.sample.remote(queue.popleft(), seed)] = actor
@@ -197,15 +194,10 @@ def worker_env(model: str) -> dict[str, str]:
     """What workers need to resolve a model URI: the tracking store (no secrets: a URI holding
     credentials is left out, the workers read their own, see :func:`pipelines.settings.shareable_uri`)."""
     env: dict[str, str] = {}
-    if model.startswith(("runs:/", "models:/")):
-        import mlflow
-
-        from pipelines.settings import shareable_uri
-
-        uris = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri()}
+    if models.is_mlflow_uri(model):
+        settings = resolve()
+        uris = {"MLFLOW_TRACKING_URI": settings.tracking_uri, "MLFLOW_REGISTRY_URI": settings.registry_uri}
         env = {k: v for k, v in uris.items() if shareable_uri(v)}
-    from ddpm.data.storage import S3_ENDPOINT_VARS
-
     for name in (*S3_ENDPOINT_VARS, "DDPM_HOME", "DDPM_TORCH_THREADS"):
         if os.environ.get(name):
             env[name] = os.environ[name]

@@ -27,6 +27,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fsspec import AbstractFileSystem
+
+from ddpm.data.storage import atomic_write, is_local
 from pipelines.errors import RefusedError, UsageError
 
 TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>[0-9]+)-[0-9a-f]+$")  # atomic_write's temporary names
@@ -35,7 +38,7 @@ HEARTBEAT_S = 30.0  # a lock holder rewrites its lock this often
 STALE_S = 120.0  # a lock of another host not rewritten for this long is taken over
 
 
-def listing(fs: Any, root: str, url: str) -> list[str]:
+def listing(fs: AbstractFileSystem, root: str, url: str) -> list[str]:
     """The names in the folder ``root`` ([] when it does not exist); a file there is an error."""
     try:
         if not fs.isdir(root):
@@ -68,7 +71,7 @@ def refuse_foreign(url: str, names: list[str], is_ours: Callable[[str], bool], w
     return temporaries
 
 
-def refuse_foreign_file(fs: Any, path: str, url: str, is_ours: Callable[[bytes], bool], what: str) -> None:
+def refuse_foreign_file(fs: AbstractFileSystem, path: str, url: str, is_ours: Callable[[bytes], bool], what: str) -> None:
     """Raise :class:`RefusedError` if ``path`` exists and its bytes are not ours (``what``: "an image
     this tool wrote")."""
     try:
@@ -110,13 +113,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(fs: Any, root: str, temporaries: list[str]) -> list[str]:
+def remove_stale_temporaries(fs: AbstractFileSystem, root: str, temporaries: list[str]) -> list[str]:
     """Remove those of ``temporaries`` whose writer is provably gone; return the names removed.
 
     Only on a local file system, where a pid means a process on this host; never this process's own.
     """
-    from ddpm.data.storage import is_local
-
     if not is_local(fs):
         return []
     removed = []
@@ -140,7 +141,7 @@ class FolderLock:
     from another host its heartbeat is older than ``STALE_S``. A live holder: exit 3 naming it.
     """
 
-    def __init__(self, fs: Any, root: str, url: str, what: str) -> None:
+    def __init__(self, fs: AbstractFileSystem, root: str, url: str, what: str) -> None:
         self.fs, self.root, self.url, self.what = fs, root, url, what
         self.path = f"{root}/{LOCK}"
         self.held = False
@@ -170,8 +171,6 @@ class FolderLock:
         return isinstance(beat, (int, float)) and time.time() - beat > STALE_S
 
     def _take(self) -> bool:
-        from ddpm.data.storage import is_local
-
         if is_local(self.fs):
             self.created = self.created or missing_folders(self.root)
             os.makedirs(self.root, exist_ok=True)
@@ -187,7 +186,7 @@ class FolderLock:
         self.fs.pipe_file(self.path, self._record())
         return True
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         for _ in range(3):
             if self._take():
                 self.held = True
@@ -209,15 +208,13 @@ class FolderLock:
         raise RefusedError(f"{self.url!r}: could not take {LOCK}; another job keeps taking it")
 
     def _heartbeat(self) -> None:
-        from ddpm.data.storage import atomic_write
-
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 atomic_write(self.fs, self.path, self._record())
             except Exception:  # a missed beat only makes the lock look older to other hosts
                 pass
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         """Release the lock; a folder the lock created and nothing else filled is removed again."""
         self._stop.set()
         if self._beat is not None:

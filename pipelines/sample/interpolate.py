@@ -4,7 +4,7 @@ section 4.3) and writes the strip; the math lives in the library.
 One strip is written: source a, the ``lambdas`` decoded mixes, source b. Runs in the driver process:
 ``lambdas`` images are one small batch, not worth a cluster. The PNG carries the text chunk
 ``Software: ddpm-pipe interpolate``; an existing ``--out`` is replaced only when it carries it too
-(anything else is someone's file: exit 3, untouched; ``pipelines/outputs.py``).
+(anything else is someone's file: exit 3, untouched; ``pipelines/storage/outputs.py``).
 """
 
 from __future__ import annotations
@@ -13,24 +13,28 @@ import io
 import time
 from typing import Any
 
+import fsspec
 import numpy as np
+import torch
+from PIL import Image
 
+from ddpm.data.storage import atomic_write, open_fs, storage_options_for
+from ddpm.image import grid, png_bytes
+from ddpm.interpolate import interpolate
 from pipelines.errors import UsageError
+from pipelines.registry import models
+from pipelines.storage.outputs import refuse_foreign_file
 
 SOFTWARE = "ddpm-pipe interpolate"  # the PNG text chunk that marks a strip as ours
 
 
 def strip_png(array: np.ndarray) -> bytes:
     """A uint8 ``[H x W (x C)]`` strip as PNG bytes, marked as written by this command."""
-    from ddpm.image import png_bytes
-
     return png_bytes(array, text={"Software": SOFTWARE})
 
 
 def is_our_strip(data: bytes) -> bool:
     """Whether ``data`` is a PNG this command wrote (its text chunk says so)."""
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.format == "PNG" and img.info.get("Software") == SOFTWARE
@@ -38,19 +42,13 @@ def is_our_strip(data: bytes) -> bool:
         return False
 
 
-def read_image(url: str, channels: int, size: int, levels: int):
+def read_image(url: str, channels: int, size: int, levels: int) -> torch.Tensor:
     """A PNG/JPEG file -> float32 ``[1 x C x H x W]`` in [-1, 1] with the model's channels and size.
 
     Pixels are read as 0..255 and quantised to the data's ``levels``, except for an image whose
     values all lie in 0..levels-1 when ``levels < 256``: that is a shard image stored as raw levels
     (the digits set stores 0..16), and is used as is.
     """
-    import fsspec
-    import torch
-    from PIL import Image
-
-    from ddpm.data.storage import storage_options_for
-
     try:
         with fsspec.open(url, "rb", **storage_options_for(url)) as f:
             data = f.read()
@@ -77,28 +75,17 @@ def read_image(url: str, channels: int, size: int, levels: int):
 
 def interpolate_command(model: str, a: str, b: str, t: int, lambdas: int, out: str, seed: int) -> dict[str, Any]:
     """`ddpm-pipe interpolate`: see the module docstring."""
-    import torch
-
-    from ddpm.data.storage import atomic_write, open_fs, storage_options_for
-    from ddpm.image import grid
-    from ddpm.interpolate import interpolate
-    from pipelines import models
-    from pipelines.outputs import refuse_foreign_file
-    from pipelines.sample import check_model
-
     if lambdas < 2:
         raise UsageError(f"--lambdas must be >= 2, got {lambdas}")
     if t < 0:
         raise UsageError(f"--t must be >= 0, got {t}")
     for name, url in (("--a", a), ("--b", b)):
-        import fsspec
-
         fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url))
         if not fs.isfile(path):
             raise UsageError(f"{name} image {url!r} does not exist")
     fs, path = open_fs(out, storage_options_for(out))
     refuse_foreign_file(fs, path, out, is_our_strip, "a strip this tool wrote")
-    check_model(model)
+    models.describe(model)  # the model exists, before anything is loaded
     start = time.perf_counter()
     loaded = models.load(model)
     cfg, diffusion = loaded.config, loaded.diffusion

@@ -9,16 +9,13 @@ Trials compare on ``bpd``: the held-out bits/dim estimate of :func:`ddpm.likelih
 (the same images, timesteps and noise in every trial), which, unlike L_simple, does not depend on T
 or the schedule. ASHA stops trials early on it.
 
-A trial runs :func:`pipelines.loop.train_loop`:
-- ``--workers-per-trial 1``: in the trial's own process (:func:`_trial_single`), reporting through
-  ``ray.tune.report`` and resuming from ``ray.tune.get_checkpoint``.
-- ``--workers-per-trial W > 1``: the trial launches a ``TorchTrainer`` (:func:`_trial_distributed`),
-  whose rank 0 reports go to Tune through ``TuneReportCallback``.
+A trial runs :func:`pipelines.train.loop.train_loop` in its own process, or a ``TorchTrainer`` of
+``--workers-per-trial`` workers: ``pipelines/tune/trial.py``, the trial side; this file is the driver.
 
 Ray issue 54305: a trial that wraps a TorchTrainer and is stopped by the scheduler dies with its
 controller, but the workers' placement group (owned by the job, not the dead controller) keeps
 holding the CPUs, so later trials wait forever. Here each trial's rank 0 records its placement
-group in a named registry actor, and the sweep callback (:func:`_make_callback`) removes it on the driver when the trial
+group in a named registry actor, and the sweep callback (:class:`SweepCallback`) removes it on the driver when the trial
 ends (completed, stopped or failed). Concurrency is capped so that K trials' workers fit the cluster.
 
 MLflow is written from the driver only (the same callback): one child run per trial under the
@@ -31,12 +28,37 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import ray
+import torch
+from mlflow.entities import Dataset, Metric
+from ray import tune
+from ray.actor import ActorHandle
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+from ddpm.checkpoint import load_checkpoint
 from ddpm.config import ExperimentConfig
+from ddpm.data.reader import load_split, to_float
+from ddpm.data.storage import storage_options_for
+from ddpm.likelihood import bits_per_dim
+from pipelines import cluster, console, tracking
+from pipelines.cluster import Placement
 from pipelines.errors import RefusedError, UsageError
-from pipelines.settings import resolve
-from pipelines.ray_train import CHECKPOINT_FILE
+from pipelines.names import check_name
+from pipelines.settings import Settings, resolve
+from pipelines.storage.data import check_data, resolve_data
+from pipelines.storage.ray_storage import ray_storage
+from pipelines.train.async_logger import metric_name
+from pipelines.train.command import check_builds, resolve_config
+from pipelines.train.loop import build
+from pipelines.train.ray_train import CHECKPOINT_FILE
+from pipelines.tune import SCHEDULERS, SEARCHES, search_space, sweep_table
+from pipelines.tune.trial import trial_distributed, trial_single
 
 METRIC = "bpd"
 STORAGE_TAG = "ddpm.tune.storage"  # where the sweep's Tune state lives; a resume must find the same
@@ -44,75 +66,7 @@ REGISTRY_PREFIX = "ddpm-tune-pgs-"
 FULL_BOUND_IMAGES = 64  # held-out images for the best trial's full bound (T model calls each)
 
 
-# -- trial side -----------------------------------------------------------------------------------
-def _tune_context():
-    """A :class:`LoopContext` for a single-process trial: report and restore through Ray Tune."""
-    import ray.tune
-    import torch
-
-    from pipelines.loop import LoopContext
-    from pipelines.ray_train import checkpoint_io
-
-    restore, report = checkpoint_io(ray.tune.report, ray.tune.get_checkpoint, ray.tune.Checkpoint)
-
-    device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
-    return LoopContext(device=device, restore=restore, report=report)
-
-
-def _trial_single(params: dict, base: ExperimentConfig, data: dict) -> None:
-    """Tune function trainable: the training loop in this trial's process."""
-    from pipelines import search_space
-    from pipelines.loop import LoopData, train_loop
-
-    os.environ.setdefault("DDPM_TORCH_THREADS", "1")  # one CPU per trial
-    cfg = search_space.apply(base, params)
-    train_loop(cfg, LoopData(url=data["url"], holdout_url=data["holdout_url"],
-                             storage_options=data["storage_options"]), _tune_context())
-
-
-def _worker_recording_placement(loop_config: dict) -> None:
-    """Ray Train worker entry: rank 0 records its placement group for the sweep's reaper, then trains."""
-    import ray
-    import ray.train
-
-    from pipelines.ray_train import worker_main
-
-    if ray.train.get_context().get_world_rank() == 0:
-        pg = ray.util.get_current_placement_group()
-        if pg is not None:
-            registry = ray.get_actor(loop_config["registry"])
-            ray.get(registry.put.remote(loop_config["trial_id"], pg.id.hex()))
-    worker_main(loop_config)
-
-
-def _trial_distributed(params: dict, base: ExperimentConfig, data: dict, placement: Any, storage: str,
-                       sweep: str, registry: str) -> None:
-    """Tune function trainable: a TorchTrainer of ``placement`` (:func:`pipelines.cluster.trial_placement`,
-    chosen once by the driver); rank 0's reports go to Tune.
-
-    Re-running the same trial (a resumed sweep) resumes the inner run from its own storage by name.
-    """
-    import ray.tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from pipelines import cluster, search_space
-    from pipelines.ray_train import run_config
-
-    cfg = search_space.apply(base, params)
-    trial_id = ray.tune.get_context().get_trial_id()
-    rc = run_config(f"{sweep}-{trial_id}", storage, keep=1, max_failures=0, env=cluster.worker_env(placement))
-    rc.callbacks = [TuneReportCallback()]
-    loop_config = {"config": cfg, "data_url": data["url"], "holdout_url": data["holdout_url"],
-                   "storage_options": data["storage_options"], "run_id": None, "tracking_uri": None,
-                   "trial_id": trial_id, "registry": registry}
-    trainer = TorchTrainer(_worker_recording_placement, train_loop_config=loop_config,
-                           scaling_config=cluster.scaling_config(placement), run_config=rc)
-    trainer.fit()
-
-
-# -- driver side ----------------------------------------------------------------------------------
-def replace_restored_callbacks(tuner: Any, callbacks: list[Any]) -> None:
+def replace_restored_callbacks(tuner: tune.Tuner, callbacks: list[tune.Callback]) -> None:
     """Give a restored ``Tuner`` this run's callbacks instead of those the first run pickled into
     ``tuner.pkl`` (which point at that run's MLflow parent run and table).
 
@@ -124,21 +78,18 @@ def replace_restored_callbacks(tuner: Any, callbacks: list[Any]) -> None:
     """
     local = getattr(tuner, "_local_tuner", None)
     if local is None or not hasattr(local, "get_run_config"):
-        import ray
-
         raise RuntimeError(f"cannot set the callbacks of a restored Tuner on Ray {ray.__version__}: "
                            "Tuner._local_tuner.get_run_config() is gone (checked on Ray 2.60.0); "
-                           "see pipelines/tune.py replace_restored_callbacks")
+                           "see pipelines/tune/command.py replace_restored_callbacks")
     local.get_run_config().callbacks = list(callbacks)
 
 
-def _placement_registry(name: str):
+def _placement_registry(name: str) -> ActorHandle:
     """A named actor mapping trial id -> placement group id of its TorchTrainer workers."""
-    import ray
 
     @ray.remote(num_cpus=0)
     class PlacementRegistry:
-        def __init__(self):
+        def __init__(self) -> None:
             self.groups: dict[str, str] = {}
 
         def put(self, trial_id: str, pg_hex: str) -> None:
@@ -152,9 +103,6 @@ def _placement_registry(name: str):
 
 def _remove_placement_group(pg_hex: str) -> bool:
     """Remove a (possibly already removed) placement group; True when it was still there."""
-    import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
     pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex)))
     state = ray.util.placement_group_table(pg).get("state")
     if state in (None, "REMOVED"):
@@ -163,88 +111,70 @@ def _remove_placement_group(pg_hex: str) -> bool:
     return True
 
 
-def _make_callback(exp_id: str, parent_run_id: str, sweep: str, base: ExperimentConfig, max_steps: int,
-                   registry: str | None = None, data_input: Any = None):
-    from ray.tune import Callback
+class SweepCallback(tune.Callback):
+    """Nested MLflow runs for trials (one child run per trial under the sweep's parent run, its params
+    at start and every report as metric history), and the reaper of stopped trials' worker
+    placement groups (``registry``: the :func:`_placement_registry` actor's name)."""
 
-    from pipelines import search_space, tracking
+    def __init__(self, exp_id: str, parent_run_id: str, sweep: str, base: ExperimentConfig, max_steps: int,
+                 registry: str | None = None, data_input: Dataset | None = None) -> None:
+        self.exp_id, self.parent_run_id, self.sweep, self.base = exp_id, parent_run_id, sweep, base
+        self.max_steps, self.registry, self.data_input = max_steps, registry, data_input
+        self.runs: dict[str, str] = {}
+        self.reaped = 0
 
-    class SweepCallback(Callback):
-        """Nested MLflow runs for trials, and the reaper of stopped trials' worker placement groups."""
+    def _run(self, trial: tune.experiment.Trial) -> str:
+        if trial.trial_id not in self.runs:
+            run_id, _ = tracking.start_or_resume_run(
+                self.exp_id, f"{self.sweep}-{trial.trial_id}", {tracking.KIND_TAG: "tune-trial"},
+                parent_run_id=self.parent_run_id)
+            cfg = search_space.apply(self.base, trial.config)
+            tracking.log_params(run_id, {**cfg.to_dict(), "tune": {"trial_id": trial.trial_id, **trial.config}})
+            if self.data_input is not None:  # the sweep's training data (an mlflow.data entity)
+                tracking.log_dataset(run_id, self.data_input, "training")
+            self.runs[trial.trial_id] = run_id
+        return self.runs[trial.trial_id]
 
-        def __init__(self):
-            self.runs: dict[str, str] = {}
-            self.reaped = 0
+    def on_trial_start(self, iteration, trials, trial, **info):
+        tracking.client().update_run(self._run(trial), status="RUNNING")
 
-        def _run(self, trial) -> str:
-            if trial.trial_id not in self.runs:
-                run_id, _ = tracking.start_or_resume_run(
-                    exp_id, f"{sweep}-{trial.trial_id}", {tracking.KIND_TAG: "tune-trial"},
-                    parent_run_id=parent_run_id)
-                cfg = search_space.apply(base, trial.config)
-                tracking.log_params(run_id, {**cfg.to_dict(), "tune": {"trial_id": trial.trial_id,
-                                                                       **trial.config}})
-                if data_input is not None:  # the sweep's training data (an mlflow.data entity)
-                    tracking.log_dataset(run_id, data_input, "training")
-                self.runs[trial.trial_id] = run_id
-            return self.runs[trial.trial_id]
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        step = int(result.get("step", 0))
+        ts = int(time.time() * 1000)
+        metrics = [Metric(metric_name(k), float(v), ts, step) for k, v in result.items()
+                   if k in ("loss", "bpd", "bpd_stderr", "grad_norm", "lr", "images_per_s")
+                   and isinstance(v, (int, float))]  # named as a training run's, so the two chart alike
+        tracking.client().log_batch(self._run(trial), metrics=metrics)
 
-        def on_trial_start(self, iteration, trials, trial, **info):
-            tracking.client().update_run(self._run(trial), status="RUNNING")
+    def _end(self, trial: tune.experiment.Trial, status: str) -> None:
+        if self.registry is not None:
+            pg_hex = ray.get(ray.get_actor(self.registry).pop.remote(trial.trial_id))
+            if pg_hex and _remove_placement_group(pg_hex):
+                self.reaped += 1  # a stopped trial's leaked workers (ray issue 54305)
+        run_id = self._run(trial)
+        step = int((trial.last_result or {}).get("step", 0))
+        ending = "failed" if status == "FAILED" else "completed" if step >= self.max_steps else "stopped early"
+        c = tracking.client()
+        c.set_tag(run_id, "ddpm.tune.ending", ending)
+        c.set_terminated(run_id, status=status)
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            from mlflow.entities import Metric
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, "FINISHED")
 
-            step = int(result.get("step", 0))
-            ts = int(time.time() * 1000)
-            metrics = [Metric(k, float(v), ts, step) for k, v in result.items()
-                       if k in ("loss", "bpd", "bpd_stderr", "grad_norm", "lr", "images_per_s")
-                       and isinstance(v, (int, float))]
-            tracking.client().log_batch(self._run(trial), metrics=metrics)
-
-        def _end(self, trial, status: str) -> None:
-            if registry is not None:
-                import ray
-
-                pg_hex = ray.get(ray.get_actor(registry).pop.remote(trial.trial_id))
-                if pg_hex and _remove_placement_group(pg_hex):
-                    self.reaped += 1  # a stopped trial's leaked workers (ray issue 54305)
-            run_id = self._run(trial)
-            step = int((trial.last_result or {}).get("step", 0))
-            ending = "failed" if status == "FAILED" else "completed" if step >= max_steps else "stopped early"
-            c = tracking.client()
-            c.set_tag(run_id, "ddpm.tune.ending", ending)
-            c.set_terminated(run_id, status=status)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._end(trial, "FINISHED")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._end(trial, "FAILED")
-
-    return SweepCallback()
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "FAILED")
 
 
 def _default_concurrency(workers: int) -> int:
     """Trials that fit at once: one CPU for a single-process trial; W worker CPUs plus one otherwise."""
-    import ray
-
     cpus = float(ray.cluster_resources().get("CPU", 1))
     per_trial = 1 if workers == 1 else workers + 1
     return max(1, int(cpus // per_trial))
 
 
-def _full_bound(result, cfg: ExperimentConfig, holdout_url: str, storage_options: dict,
+def _full_bound(result: tune.Result, cfg: ExperimentConfig, holdout_url: str, storage_options: dict,
                 n: int) -> tuple[float, float] | None:
     """The best trial's full variational bound (mean bits/dim and its standard error) on ``n`` images."""
-    import torch
-
-    from ddpm.checkpoint import load_checkpoint
-    from ddpm.data import load_split, to_float
-    from ddpm.likelihood import bits_per_dim
-    from pipelines.loop import build
-
-    path = None
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
             state = load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
@@ -264,6 +194,14 @@ def _full_bound(result, cfg: ExperimentConfig, holdout_url: str, storage_options
     return float(bpd.mean()), float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
 
 
+def check_options(scheduler: str, search: str, prefix: str = "--") -> None:
+    """``scheduler`` and ``search`` are ones this sweep knows (exit 2 naming the valid ones); ``prefix``
+    is how the caller's user spells the options (``--scheduler``, a workflow file's ``tune.scheduler``)."""
+    for option, value, valid in (("scheduler", scheduler, SCHEDULERS), ("search", search, SEARCHES)):
+        if value not in valid:
+            raise UsageError(f"{prefix}{option} {value!r} is not valid; valid: {', '.join(valid)}")
+
+
 def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] | None = None,
                  space: str | None = None, data: str | None = None, max_steps: int | None = None,
                  scheduler: str = "asha", search: str = "random", concurrent: int | None = None,
@@ -271,20 +209,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
                  name: str | None = None, address: str | None = None,
                  full_bound_images: int = FULL_BOUND_IMAGES) -> dict[str, Any]:
     """Run (or resume) a sweep; returns the best trial, its config file and every trial's ending."""
-    import ray
-    from ray import tune
-
-    from pipelines import cluster, console, search_space, sweep_table, tracking
-    from pipelines.names import check_name
-    from ddpm.data.storage import storage_options_for
-    from pipelines.storage import ray_storage
-    from pipelines.data import check_data, resolve_data
-    from pipelines.train import check_builds, resolve_config
-
-    if scheduler not in ("asha", "none"):
-        raise UsageError(f"--scheduler {scheduler!r} is not valid; valid: asha, none")
-    if search not in ("random", "optuna"):
-        raise UsageError(f"--search {search!r} is not valid; valid: random, optuna")
+    check_options(scheduler, search)
     t0 = time.perf_counter()
     overrides = list(overrides or [])
     base = resolve_config(config, overrides)  # what the best config builds on (full max_steps)
@@ -325,56 +250,21 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     placement = cluster.trial_placement(workers_per_trial, started) if workers_per_trial > 1 else None
     concurrent = concurrent or _default_concurrency(workers_per_trial)
     data_spec = {"url": data_url, "holdout_url": holdout_url, "storage_options": opts}
-    registry, registry_name = None, None
-    if workers_per_trial == 1:
-        trainable = tune.with_resources(
-            tune.with_parameters(_trial_single, base=trial_base, data=data_spec), {"CPU": 1})
-    else:
-        registry_name = REGISTRY_PREFIX + sweep
-        registry = _placement_registry(registry_name)
-        # The trial process only drives the TorchTrainer; its workers reserve their own CPUs.
-        trainable = tune.with_resources(
-            tune.with_parameters(_trial_distributed, base=trial_base, data=data_spec,
-                                 placement=placement, storage=settings.storage, sweep=sweep,
-                                 registry=registry_name), {"CPU": 1})
-    callback = _make_callback(exp_id, parent_run_id, sweep, trial_base, steps, registry_name, data_input)
+    registry = _placement_registry(REGISTRY_PREFIX + sweep) if workers_per_trial > 1 else None
+    trainable = _trainable(trial_base, data_spec, placement, settings, sweep)
+    callback = SweepCallback(exp_id, parent_run_id, sweep, trial_base, steps,
+                             REGISTRY_PREFIX + sweep if registry else None, data_input)
     table = sweep_table.SweepTable(lambda params: search_space.apply(trial_base, params), steps)
-
-    # Tune warns at every checkpoint of a short trial that snapshots are frequent; they are cheap here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    run_config = tune.RunConfig(
-        name=sweep, storage_path=path, storage_filesystem=fs,
-        callbacks=[callback, sweep_table.make_callback(table)],
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), failure_config=tune.FailureConfig(max_failures=0),
-        verbose=0)
+    callbacks = [callback, sweep_table.TableCallback(table)]
     if restoring:
         tuner = tune.Tuner.restore(sweep_path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
         # The restored run config carries the callback pickled by the first run; use this run's.
-        replace_restored_callbacks(tuner, [callback, sweep_table.make_callback(table)])
+        replace_restored_callbacks(tuner, callbacks)
         console.info(f"[tune] resuming sweep '{sweep}' from {sweep_path}")
     else:
-        sched = None
-        if scheduler == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-
-            every = trial_base.train.checkpoint_every
-            sched = ASHAScheduler(time_attr="step", max_t=steps, grace_period=min(every, steps),
-                                  reduction_factor=2)
-        if search == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
-
-            search_alg, limit = OptunaSearch(seed=trial_base.train.seed), concurrent
-        else:  # Tune ignores max_concurrent_trials for a generator: it takes its own cap
-            from ray.tune.search import BasicVariantGenerator
-
-            search_alg = BasicVariantGenerator(max_concurrent=concurrent, random_state=trial_base.train.seed)
-            limit = None
-        tuner = tune.Tuner(
-            trainable, param_space=search_space.to_tune(space_spec),
-            tune_config=tune.TuneConfig(metric=METRIC, mode="min", num_samples=trials, scheduler=sched,
-                                        search_alg=search_alg, max_concurrent_trials=limit),
-            run_config=run_config)
+        tuner = _new_tuner(trainable, space_spec, trials, scheduler, search, concurrent, trial_base, sweep, path,
+                           fs, callbacks)
         console.info(f"[tune] sweep '{sweep}': {trials} trial(s) of {steps} step(s), {concurrent} at once, "
                      f"{workers_per_trial} worker(s) each, scheduler {scheduler}, search {search}; "
                      f"MLflow parent run {parent_run_id}")
@@ -389,6 +279,42 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
                    full_bound_images, settings, time.perf_counter() - t0, callback.reaped)
 
 
+def _trainable(trial_base: ExperimentConfig, data_spec: dict, placement: Placement | None, settings: Settings,
+               sweep: str) -> Callable:
+    """The Tune trainable: :func:`trial_single` (one CPU), or :func:`trial_distributed` for a
+    ``placement`` (its trial process only drives the TorchTrainer; the workers reserve their own CPUs)."""
+    if placement is None:
+        return tune.with_resources(tune.with_parameters(trial_single, base=trial_base, data=data_spec), {"CPU": 1})
+    return tune.with_resources(
+        tune.with_parameters(trial_distributed, base=trial_base, data=data_spec, placement=placement,
+                             storage=settings.storage, sweep=sweep, registry=REGISTRY_PREFIX + sweep), {"CPU": 1})
+
+
+def _new_tuner(trainable: Callable, space_spec: dict[str, Any], trials: int, scheduler: str, search: str,
+               concurrent: int, trial_base: ExperimentConfig, sweep: str, path: str, fs: object,
+               callbacks: Sequence[tune.Callback]) -> tune.Tuner:
+    """A new sweep's ``Tuner``: ASHA on the step count (rungs at the checkpoint interval) or none;
+    random search (its own concurrency cap) or Optuna, both seeded with ``train.seed``."""
+    steps, every = trial_base.train.max_steps, trial_base.train.checkpoint_every
+    sched = ASHAScheduler(time_attr="step", max_t=steps, grace_period=min(every, steps), reduction_factor=2) \
+        if scheduler == "asha" else None
+    if search == "optuna":
+        search_alg, limit = OptunaSearch(seed=trial_base.train.seed), concurrent
+    else:  # Tune ignores max_concurrent_trials for a generator: it takes its own cap
+        search_alg, limit = BasicVariantGenerator(max_concurrent=concurrent, random_state=trial_base.train.seed), None
+    # Tune warns at every checkpoint of a short trial that snapshots are frequent; they are cheap here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    run_config = tune.RunConfig(
+        name=sweep, storage_path=path, storage_filesystem=fs, callbacks=list(callbacks),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), failure_config=tune.FailureConfig(max_failures=0),
+        verbose=0)
+    return tune.Tuner(
+        trainable, param_space=search_space.to_tune(space_spec),
+        tune_config=tune.TuneConfig(metric=METRIC, mode="min", num_samples=trials, scheduler=sched,
+                                    search_alg=search_alg, max_concurrent_trials=limit),
+        run_config=run_config)
+
+
 def check_resumable(exp_id: str, sweep: str, location: str, named: bool) -> None:
     """Refuse (exit 3) to restore Tune state from ``location`` unless this user started it there.
 
@@ -398,8 +324,6 @@ def check_resumable(exp_id: str, sweep: str, location: str, named: bool) -> None
     ``ddpm.tune.storage`` tag the very location found now. State planted under a name this store
     never started, or found under another storage than the one the sweep ran in, is not read.
     """
-    from pipelines import tracking
-
     def refuse(why: str) -> RefusedError:
         return RefusedError(f"refused to resume sweep '{sweep}' from {location}: {why}. Resuming unpickles "
                             "Tune's state there, which runs code; use another --name (or --storage) "
@@ -415,12 +339,10 @@ def check_resumable(exp_id: str, sweep: str, location: str, named: bool) -> None
         raise refuse(f"the sweep's MLflow run records its storage as {recorded or 'nothing (an older sweep)'}")
 
 
-def _finish(grid, base: ExperimentConfig, sweep: str, parent_run_id: str, resumed: bool, steps: int,
-            holdout_url: str, opts: dict, full_bound_images: int, settings, wall_s: float,
+def _finish(grid: tune.ResultGrid, base: ExperimentConfig, sweep: str, parent_run_id: str, resumed: bool,
+            steps: int, holdout_url: str, opts: dict, full_bound_images: int, settings: Settings, wall_s: float,
             reaped: int) -> dict[str, Any]:
     """Summarise the trials, compute the best one's full bound, write and log the best config."""
-    from pipelines import search_space, sweep_table, tracking
-
     rows = []
     for r in grid:
         m = r.metrics or {}

@@ -1,5 +1,5 @@
 """`ddpm-pipe sample`'s output folder: what it holds and whether it is ours (resume), the file formats
-(png, npz, webdataset chunks; layout in ``pipelines/sample.py``) and the manifest written last.
+(png, npz, webdataset chunks; layout in ``pipelines/sample/command.py``) and the manifest written last.
 """
 
 from __future__ import annotations
@@ -13,8 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
+import ddpm
+from ddpm.data.shards import build_tar
+from ddpm.data.storage import atomic_write, is_local, open_fs, storage_options_for
+from ddpm.image import grid, png_bytes, to_uint8
 from pipelines.errors import RefusedError, UsageError, first_line
+from pipelines.storage.outputs import (TEMP, FolderLock, listing, missing_folders, refuse_foreign,
+                                       remove_if_empty)
 
 MANIFEST = "manifest.json"
 JOB_FILE = ".ddpm-sample.json"
@@ -22,15 +29,13 @@ _PNG = re.compile(r"^(\d{8})\.png$")
 _STRIP = re.compile(r"^(\d{8})-progressive\.png$")
 _CHUNK = re.compile(r"^samples-(\d{8})-(\d{8})\.(npz|tar)$")
 _PROBE = re.compile(r"^\.ddpm-probe-[0-9a-f]{8}$")  # OutputFolder.check_writable's probe
-_CHUNK_EXT = {"npz": "npz", "webdataset": "tar"}
+_CHUNK_EXT = {"npz": "npz", "webdataset": "tar"}  # the chunked formats of FORMATS (the other: png)
 
 
 class OutputFolder:
     """The output URL: what it holds, whether it is ours, and atomic writes into it."""
 
     def __init__(self, url: str) -> None:
-        from ddpm.data.storage import open_fs, storage_options_for
-
         self.url = url.rstrip("/") or url
         try:
             self.fs, self.root = open_fs(self.url, storage_options_for(self.url))
@@ -41,16 +46,11 @@ class OutputFolder:
         return f"{self.root}/{name}"
 
     def names(self) -> list[str]:
-        from pipelines.outputs import listing
-
         return listing(self.fs, self.root, self.url)
 
     def check_writable(self) -> None:
         """Write and delete a probe object, so a bad URL fails before any sampling; a local folder
         made for the probe is removed again (nothing is left until the job has checked everything)."""
-        from ddpm.data.storage import is_local
-        from pipelines.outputs import missing_folders, remove_if_empty
-
         probe = self.path(f".ddpm-probe-{uuid.uuid4().hex[:8]}")
         made = missing_folders(self.root) if is_local(self.fs) else []
         try:
@@ -63,10 +63,8 @@ class OutputFolder:
         finally:
             remove_if_empty(made)
 
-    def lock(self):
-        """The folder's one-writer lock (``with folder.lock():``; :class:`pipelines.outputs.FolderLock`)."""
-        from pipelines.outputs import FolderLock
-
+    def lock(self) -> FolderLock:
+        """The folder's one-writer lock (``with folder.lock():``; :class:`pipelines.storage.outputs.FolderLock`)."""
         return FolderLock(self.fs, self.root, self.url, "sample")
 
     def read_json(self, name: str) -> dict[str, Any] | None:
@@ -78,8 +76,6 @@ class OutputFolder:
             raise RefusedError(f"{self.url}/{name} is not a sampling record; refusing to write there") from None
 
     def write(self, name: str, data: bytes) -> None:
-        from ddpm.data.storage import atomic_write
-
         atomic_write(self.fs, self.path(name), data)
 
     def remove(self, name: str) -> None:
@@ -102,11 +98,9 @@ def _is_ours(name: str) -> bool:
 def inspect_folder(folder: OutputFolder, fmt: str) -> FolderState:
     """Indices present, and the settings record; refuse a folder holding anything that is not ours.
 
-    Reads only: ownership is decided before anything is touched (``pipelines.outputs``); the caller
+    Reads only: ownership is decided before anything is touched (``pipelines.storage.outputs``); the caller
     removes dead jobs' temporaries once it holds the folder's lock.
     """
-    from pipelines.outputs import TEMP, refuse_foreign
-
     names = folder.names()
     temporaries = refuse_foreign(folder.url, names, _is_ours, "samples of this tool")
     done: set[int] = set()
@@ -144,26 +138,16 @@ def check_same(folder: OutputFolder, record: dict[str, Any] | None, wanted: dict
 
 def _png(x: np.ndarray, levels: int) -> bytes:
     """One image ``[C x H x W]`` in [-1, 1] -> PNG bytes (quantised to the data's levels, 0..255)."""
-    from ddpm.image import png_bytes
-
     return png_bytes(_uint8(x[None], levels)[0])
 
 
 def _strip_png(preds: np.ndarray, levels: int) -> bytes:
     """The K predictions ``[K x C x H x W]`` of one sample as a row (the paper's figure 6)."""
-    import torch
-
-    from ddpm.image import grid, png_bytes
-
     return png_bytes(grid(torch.tensor(preds), levels=levels, nrow=len(preds), pad=1))
 
 
 def _uint8(x: np.ndarray, levels: int) -> np.ndarray:
     """``[N x C x H x W]`` in [-1, 1] -> uint8 ``[N x H x W x C]`` (:func:`ddpm.image.to_uint8`)."""
-    import torch
-
-    from ddpm.image import to_uint8
-
     return to_uint8(torch.tensor(x), levels)
 
 
@@ -190,8 +174,6 @@ def write_unit(folder: OutputFolder, fmt: str, result: dict[str, Any], levels: i
         np.savez_compressed(buf, **arrays)
         folder.write(name, buf.getvalue())
     else:
-        from ddpm.data.shards import build_tar
-
         members = []
         for k, i in enumerate(indices):
             members.append((f"{i:08d}.png", _png(x[k], levels)))
@@ -202,8 +184,6 @@ def write_unit(folder: OutputFolder, fmt: str, result: dict[str, Any], levels: i
 
 
 def write_manifest(folder: OutputFolder, record: dict[str, Any], timings: dict[str, Any]) -> dict[str, Any]:
-    import ddpm
-
     fmt = record["format"]
     manifest = {**record, "ddpm_version": ddpm.__version__, "timings": timings,
                 "files": ("{i:08d}.png" if fmt == "png" else f"samples-{{start:08d}}-{{end:08d}}.{_CHUNK_EXT[fmt]}"),

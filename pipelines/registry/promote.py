@@ -18,8 +18,14 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
+from mlflow.tracking import MlflowClient
+
+from ddpm.metrics import better, direction
+from pipelines import tracking
 from pipelines.errors import RefusedError, UsageError
-from pipelines.evaluate import EVAL_TAG, LAST_TAG
+from pipelines.names import check_name
+from pipelines.registry import EVAL_TAG, LAST_TAG
+from pipelines.settings import resolve
 
 
 def promote_command(name: str, version: str | None = None, alias: str = "champion", metric: str = "kid",
@@ -29,19 +35,8 @@ def promote_command(name: str, version: str | None = None, alias: str = "champio
     :raises RefusedError: (exit 3) the candidate does not beat the holder, or no comparable
         evaluation exists; the message gives both numbers or what is missing.
     """
-    from ddpm import metrics
-
-    from pipelines import tracking
-    from pipelines.names import check_name
-    from pipelines.settings import resolve
-
     check_name(name, "--name")
-    try:
-        metrics.direction(metric)
-    except ValueError as e:
-        raise UsageError(f"--metric: {e}") from None
-    if min_delta < 0:
-        raise UsageError(f"--min-delta must be >= 0, got {min_delta}")
+    check_gate(metric, min_delta)
     tracking.configure(resolve())
     c = tracking.client()
     try:
@@ -55,16 +50,13 @@ def promote_command(name: str, version: str | None = None, alias: str = "champio
         raise UsageError(f"{name} version {version} not found: {str(e).splitlines()[0]}") from None
     holder = model.aliases.get(alias)
     holder = str(holder) if holder is not None else None
-    cand_evals = _evaluations(candidate.tags, metric)
-    hold_evals = _evaluations(c.get_model_version(name, holder).tags, metric) if holder else {}
-
+    hold_tags = c.get_model_version(name, holder).tags if holder else {}
+    cand_evals, hold_evals = _evaluations(candidate.tags, metric), _evaluations(hold_tags, metric)
     decision: dict[str, Any] = {"alias": alias, "candidate_version": version, "holder_version": holder,
                                 "metric": metric, "min_delta": min_delta}
-    key = _pick_key(metric, cand_evals, hold_evals, candidate.tags,
-                    c.get_model_version(name, holder).tags if holder else {})
+    key = _pick_key(metric, cand_evals, hold_evals, candidate.tags, hold_tags)
     if key is not None:
         decision.update(key=key, candidate_value=cand_evals.get(key), holder_value=hold_evals.get(key))
-
     if holder == version:
         decision["decision"] = "unchanged"
         _record(c, name, version, decision)
@@ -74,11 +66,30 @@ def promote_command(name: str, version: str | None = None, alias: str = "champio
         _move(c, name, alias, version, holder, decision)
         return _result(name, decision, f"forced @{alias} of {name} to version {version} "
                        f"(was {holder or 'unset'}); reason recorded: {decision['reason']}")
+    return _gate(c, name, decision, cand_evals, hold_evals)
 
+
+def check_gate(metric: str, min_delta: float, prefix: str = "--") -> None:
+    """The gate's settings, before anything is read: a known metric (or result key) and a
+    non-negative ``min_delta`` (exit 2); ``prefix`` is how the caller's user spells the options
+    (``--metric``, a workflow file's ``promote.metric``)."""
+    try:
+        direction(metric)
+    except ValueError as e:
+        raise UsageError(f"{prefix}metric: {e}") from None
+    if min_delta < 0:
+        raise UsageError(f"{prefix}{'min-delta' if prefix == '--' else 'min_delta'} must be >= 0, got {min_delta}")
+
+
+def _gate(c: MlflowClient, name: str, decision: dict[str, Any], cand_evals: dict[str, float],
+          hold_evals: dict[str, float]) -> dict[str, Any]:
+    """Promote the candidate if its evaluation wins under a key both share (or there is no holder),
+    else record the refusal and raise :class:`RefusedError`."""
+    alias, version, holder = decision["alias"], decision["candidate_version"], decision["holder_version"]
+    metric, min_delta, key = decision["metric"], decision["min_delta"], decision.get("key")
     label = metric if "/" in metric else f"{metric!r}"
     if not cand_evals:
-        decision["decision"] = "refused"
-        decision["why"] = "candidate not evaluated"
+        decision.update(decision="refused", why="candidate not evaluated")
         _record(c, name, version, decision)
         raise RefusedError(f"refused: {name} version {version} has no evaluation of {label}; "
                            f"run `ddpm-pipe evaluate --model models:/{name}/{version}` first")
@@ -90,31 +101,26 @@ def promote_command(name: str, version: str | None = None, alias: str = "champio
         return _result(name, decision, f"@{alias} of {name} -> version {version} (no holder yet; "
                        f"{decision['key']} = {decision['candidate_value']:.6g})")
     if key is None:
-        decision["decision"] = "refused"
-        decision["why"] = "no comparable evaluation"
+        decision.update(decision="refused", why="no comparable evaluation")
         _record(c, name, version, decision)
         raise RefusedError(
             f"refused: no comparable evaluation of {label} between version {version} and the holder of "
             f"@{alias}, version {holder} (results compare only under equal keys); candidate has "
             f"{sorted(cand_evals) or 'none'}, holder has {sorted(hold_evals) or 'none'}")
     cand, hold = cand_evals[key], hold_evals[key]
-    direction = metrics.direction(key)
-    if not metrics.better(key, cand, hold, min_delta):
-        decision["decision"] = "refused"
-        decision["why"] = "not better"
+    if not better(key, cand, hold, min_delta):
+        decision.update(decision="refused", why="not better")
         _record(c, name, version, decision)
         raise RefusedError(
             f"refused: version {version} has {metric} = {cand:.6g}, holder of @{alias} (version {holder}) "
-            f"has {hold:.6g}; {direction} is better and the gain must exceed {min_delta:g} (key {key})")
+            f"has {hold:.6g}; {direction(key)} is better and the gain must exceed {min_delta:g} (key {key})")
     decision["decision"] = "promoted"
     _move(c, name, alias, version, holder, decision)
     return _result(name, decision, f"@{alias} of {name} -> version {version}: {metric} {cand:.6g} beats "
-                   f"{hold:.6g} of version {holder} ({direction} is better, min delta {min_delta:g}; key {key})")
+                   f"{hold:.6g} of version {holder} ({direction(key)} is better, min delta {min_delta:g}; key {key})")
 
 
-def _latest(c: Any, name: str) -> str:
-    from pipelines import tracking
-
+def _latest(c: MlflowClient, name: str) -> str:
     versions = c.search_model_versions(f"name = {tracking.quote(name)}")
     if not versions:
         raise UsageError(f"registered model {name!r} has no versions")
@@ -148,7 +154,7 @@ def _pick_key(metric: str, cand: dict[str, float], hold: dict[str, float], cand_
     return sorted(common)[0]
 
 
-def _record(c: Any, name: str, version: str, decision: dict[str, Any]) -> None:
+def _record(c: MlflowClient, name: str, version: str, decision: dict[str, Any]) -> None:
     """Tag the candidate with the decision: the latest fields plus one history entry."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     decision["time"] = stamp
@@ -160,7 +166,7 @@ def _record(c: Any, name: str, version: str, decision: dict[str, Any]) -> None:
     c.set_model_version_tag(name, version, f"{prefix}history.{stamp}", json.dumps(decision, default=str))
 
 
-def _move(c: Any, name: str, alias: str, version: str, holder: str | None, decision: dict[str, Any]) -> None:
+def _move(c: MlflowClient, name: str, alias: str, version: str, holder: str | None, decision: dict[str, Any]) -> None:
     try:
         c.set_registered_model_alias(name, alias, version)
     except Exception as e:

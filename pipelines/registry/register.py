@@ -24,50 +24,52 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import ddpm
+import mlflow
+import numpy
+import safetensors
+import torch
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import DataType
+from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
 
-MODEL_ARTIFACT = "model"  # the model's name within its run: runs:/RUN_ID/model
-WEIGHTS_ARTIFACT = "ddpm_model"  # the pyfunc artifact key (and folder) of the exported weights
+import ddpm
+from ddpm.checkpoint import export_weights, load_checkpoint, load_model
+from ddpm.config import ExperimentConfig
+from pipelines import tracking
+from pipelines.registry import SHORT_TAG
+from pipelines.registry.models import MODEL_ARTIFACT, WEIGHTS_ARTIFACT
+
 EXAMPLE_STEPS = 10  # the input example's sampler steps: MLflow runs it once when logging (cheap)
-SHORT_TAG = "eval."  # version tags the UI can read: eval.<metric> = value of the latest evaluation
 EVAL_HEADING = "\n\nLatest evaluation "  # where a version's description turns to its scores
 
 
-def signature(config: Any):
+def signature(config: ExperimentConfig) -> ModelSignature:
     """The pyfunc's signature: request columns in, uint8 images ``[-1 x H x W x C]`` out.
 
     ``num`` is required; ``seed`` (sample i uses ``ddpm.noise.sample_seed(seed, i)``) or ``seeds``
     (one per sample), ``sampler``, ``steps``, ``eta`` and ``batch_size`` are optional.
     """
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import DataType
-    from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
-
     optional = [("seed", DataType.long), ("seeds", Array(DataType.long)), ("sampler", DataType.string),
                 ("steps", DataType.long), ("eta", DataType.double), ("batch_size", DataType.long)]
     inputs = Schema([ColSpec(DataType.long, "num"), *(ColSpec(t, n, required=False) for n, t in optional)])
     m = config.model
-    outputs = Schema([TensorSpec(np.dtype("uint8"), (-1, m.image_size, m.image_size, m.in_channels))])
+    outputs = Schema([TensorSpec(numpy.dtype("uint8"), (-1, m.image_size, m.image_size, m.in_channels))])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def input_example(config: Any) -> dict[str, Any]:
+def input_example(config: ExperimentConfig) -> dict[str, Any]:
     """Two DDIM samples from seed 0 in a few steps (at most T)."""
     return {"num": 2, "seed": 0, "sampler": "ddim", "steps": min(EXAMPLE_STEPS, config.diffusion.timesteps)}
 
 
-def log_model(run_id: str, config: Any, model: Any, name: str | None,
+def log_model(run_id: str, config: ExperimentConfig, model: torch.nn.Module, name: str | None,
               metadata: dict[str, Any] | None = None) -> str | None:
     """Log ``model`` (a ``ddpm.unet.UNet``) with its ``ExperimentConfig`` as the run's pyfunc model.
 
     Registers it as a new version of ``name`` unless ``name`` is empty. Returns the version number
     (as a string), or None when not registered.
     """
-    import mlflow
-
-    from ddpm.checkpoint import export_weights
-
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / WEIGHTS_ARTIFACT
         export_weights(model, str(folder), config)
@@ -83,8 +85,6 @@ def log_model(run_id: str, config: Any, model: Any, name: str | None,
                 registered_model_name=name or None,
                 metadata={"ddpm_version": ddpm.__version__, **(metadata or {})},
             )
-    from pipelines import tracking
-
     c = tracking.client()
     have = c.get_logged_model(info.model_id).params  # MLflow copies the run's params onto its models
     items = [(k, v) for k, v in tracking.flatten(config.to_dict()).items() if k not in have]
@@ -102,10 +102,6 @@ def log_and_register(run_id: str, checkpoint_path: str, name: str | None) -> str
 
     The checkpoint file itself is logged too (``checkpoint/``). Returns the new version or None.
     """
-    import mlflow
-
-    from ddpm.checkpoint import load_model, load_checkpoint
-
     config, model, _ = load_model(checkpoint_path, weights="ema")
     step = int(load_checkpoint(checkpoint_path).get("step", 0))
     version = log_model(run_id, config, model, name, metadata={"step": step})
@@ -114,7 +110,7 @@ def log_and_register(run_id: str, checkpoint_path: str, name: str | None) -> str
     return version
 
 
-def training_description(c: Any, run_id: str, config: Any, metadata: dict[str, Any]) -> str:
+def training_description(c: MlflowClient, run_id: str, config: ExperimentConfig, metadata: dict[str, Any]) -> str:
     """One paragraph for the version page: network, chain, training data and step, run."""
     run = c.get_run(run_id)
     m, d = config.model, config.diffusion
@@ -137,27 +133,15 @@ def _source_uri(source_json: str) -> str:
     return str(source.get("uri") or source.get("url") or source)
 
 
-def record_evaluation(c: Any, run_id: str, model_id: str | None, versions: list[tuple[str, str]],
-                      primary: list[dict[str, Any]], results: list[dict[str, Any]], stamp: str,
-                      dataset: Any = None) -> None:
-    """What MLflow's UI shows of an evaluation, beside the full-key ``ddpm.eval.*`` version tags
-    that `ddpm-pipe promote` reads.
+def record_evaluation(c: MlflowClient, run_id: str, versions: list[tuple[str, str]],
+                      primary: list[dict[str, Any]], results: list[dict[str, Any]], stamp: str) -> None:
+    """What the registry shows of an evaluation made in run ``run_id``, beside the full-key
+    ``ddpm.eval.*`` version tags that `ddpm-pipe promote` reads.
 
     ``primary`` are the results of the setting asked for (each ``{"key", "metric", "value"}``; any
-    metric names). They become metrics ``eval/<metric>`` of the run linked to the logged model
-    ``model_id`` (its model page) and to the evaluation ``dataset`` when given, version tags
-    ``eval.<metric>`` = value, and the headline of each version's description. Every result goes
-    into the table ``evaluation/results-<stamp>.md`` of run ``run_id``.
+    metric names): version tags ``eval.<metric>`` = value and the headline of each version's
+    description. Every result goes into the table ``evaluation/results-<stamp>.md`` of the run.
     """
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    linked = {"dataset_name": dataset.name, "dataset_digest": dataset.digest} if dataset is not None else {}
-    if model_id:
-        c.log_batch(run_id, metrics=[Metric(f"eval/{r['metric']}", r["value"], now, 0, model_id=model_id, **linked)
-                                     for r in primary])
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / f"results-{stamp}.md"
         table.write_text(results_markdown(results, stamp))
@@ -182,9 +166,6 @@ def results_markdown(results: list[dict[str, Any]], stamp: str) -> str:
 
 def _requirements() -> list[str]:
     """Pinned to the major.minor versions this package was logged with."""
-    import numpy
-    import safetensors
-    import torch
 
     def floor(version: str) -> str:
         return ".".join(version.split("+")[0].split(".")[:2])

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -39,21 +40,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from mlflow.entities import Metric, RunTag
+from mlflow.tracking import MlflowClient
+
+from ddpm import features, pixel_scores
+from ddpm.config import ExperimentConfig
+from ddpm.data.manifest import resolve_split
+from ddpm.data.reader import load_split, to_float
+from ddpm.data.storage import DataError
+from ddpm.image import save_grid, to_levels
+from ddpm.inference import SamplingNet
+from ddpm.likelihood import bits_per_dim
+from ddpm.metrics import INCEPTION_WEIGHTS_HINT, direction, inception_fid, parse_result_key, result_key
+from ddpm.pipeline import DDPMPipeline
+from pipelines import console, tracking
 from pipelines.errors import PipelineError, UsageError
+from pipelines.registry import EVAL_TAG, LAST_TAG, models, register
+from pipelines.registry.models import LoadedModel
+from pipelines.sample.command import sample_to_tensor
+from pipelines.sample.request import resolve_settings
+from pipelines.settings import Settings, resolve
+from pipelines.storage.data import ensure_prepared
 
 BPD_IMAGES = 64  # held-out images for the full bound: its cost is T model calls per image batch
 K_NEAREST = 3  # precision/recall neighbourhood (Kynkaanniemi et al. 2019)
 TABLE_ROWS = (("ddpm", 1000, 0.0),  # (sampler, steps, eta): the DDIM paper's Table 1 shape
               *((("ddim", s, e)) for e in (0.0, 1.0) for s in (10, 20, 50, 100)))
-EVAL_TAG = "ddpm.eval."  # version tag prefix: ddpm.eval.<result key> = value
-LAST_TAG = "ddpm.eval_last."  # ddpm.eval_last.<metric> = the key of the latest evaluation
 INCEPTION_ENV = "DDPM_INCEPTION_WEIGHTS"
 
 
 @dataclass
 class EvalData:
-    test: Any  # float [N x C x H x W] in [-1, 1]
-    train: Any | None  # float, the training split (digits reference); None when not found
+    test: torch.Tensor  # float [N x C x H x W] in [-1, 1]
+    train: torch.Tensor | None  # float, the training split (digits reference); None when not found
     levels: int
     source: str
     test_hash: str  # of the test manifest
@@ -65,28 +85,19 @@ class EvalData:
 def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampler: str | None = None,
                      steps: int | None = None, nodes: int = 1, table: bool = False,
                      address: str | None = None, *, eta: float | None = None, bpd_images: int = BPD_IMAGES,
-                     table_rows: tuple = TABLE_ROWS) -> dict[str, Any]:
+                     table_rows: tuple = TABLE_ROWS, parent_run_id: str | None = None,
+                     run_name: str | None = None) -> dict[str, Any]:
     """Evaluate ``model`` and log every keyed result; returns them with a readable ``message``.
 
-    ``sampler``, ``steps`` and ``eta`` left None are the model's own (its config's ``sample`` section,
-    :func:`ddpm.pipeline.sampling_settings`)."""
-    from ddpm.pipeline import sampling_settings
-    from ddpm.samplers import SAMPLERS
-
-    from pipelines import models, tracking
-    from pipelines.settings import resolve
-
-    if sampler is not None and sampler not in SAMPLERS:
-        raise UsageError(f"--sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
-    if num <= K_NEAREST + 1:  # + 1: the jackknife leaves a group out and still needs k + 1 points
-        raise UsageError(f"--num must be above {K_NEAREST + 1} (k-NN precision/recall with its standard "
-                         f"error), got {num}")
+    ``sampler``, ``steps`` and ``eta`` left None are the model's own (its config's ``sample`` section),
+    settled once here (:func:`pipelines.sample.request.resolve_settings`). The results go to a run of
+    their own, ``run_name`` under ``parent_run_id`` when given (the workflow's), see :func:`log_results`."""
+    check_num(num)
     settings = resolve(address=address)
     tracking.configure(settings)
     loaded = models.load(model)
     cfg = loaded.config
-    sampler, steps, eta = sampling_settings(cfg.sample, loaded.diffusion.num_timesteps, sampler, steps, eta)
-    steps = _steps_used(loaded, sampler, steps)  # in [1, T], before any work
+    sampler, steps, eta = resolve_settings(cfg, sampler, steps, eta)  # before any work
     ev = load_eval_data(cfg, data, settings)
 
     results: list[dict[str, Any]] = []
@@ -98,12 +109,13 @@ def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampl
     if table:
         T = loaded.diffusion.num_timesteps
         for s, n, e in dict.fromkeys((s, min(n, T), e) for s, n, e in table_rows):
-            print(f"[evaluate] sampler table: {s} {n} steps eta {e:g}")
+            console.info(f"[evaluate] sampler table: {s} {n} steps eta {e:g}")
             row = measure_sampler(loaded, ev, s, n, e, num, nodes, address, settings)
             rows.append(row)
             results.extend(r for r in row["results"] if r["key"] not in {x["key"] for x in results})
 
-    target = log_results(loaded, model, results, main, rows, settings, data_url=ev.test_url)
+    target = log_results(loaded, model, results, main, rows, settings, data_url=ev.test_url,
+                         parent_run_id=parent_run_id, run_name=run_name)
     message = _message(model, bpd, main, rows, target)
     return {"message": message, "model": model, "results": results, "bpd": bpd["value"],
             "scores": main["scores"], "floors": main.get("floors", {}), "se": main.get("se", {}),
@@ -115,23 +127,26 @@ def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampl
             "feature_net": main.get("feature_net"), "notes": main.get("notes", []), **target}
 
 
+def check_num(num: int, option: str = "--num") -> None:
+    """The number of samples evaluation needs: above ``K_NEAREST + 1`` (k-NN precision/recall with
+    its jackknife standard error, which leaves a group out and still needs k + 1 points)."""
+    if num <= K_NEAREST + 1:
+        raise UsageError(f"{option} must be above {K_NEAREST + 1} (k-NN precision/recall with its standard "
+                         f"error), got {num}")
+
+
 # -- data -------------------------------------------------------------------------------------------
 def _manifest_hash(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def load_eval_data(cfg: Any, data: str | None, settings: Any) -> EvalData:
+def load_eval_data(cfg: ExperimentConfig, data: str | None, settings: Settings) -> EvalData:
     """The held-out (test) split and, when present, the training split of the model's data.
 
     ``data`` is a dataset folder (holding ``train/`` and ``test/``) or a split folder whose test split
     is next to it; default: the config's ``data.url``, else ``DDPM_HOME/data/<source>/{test,train}``,
     prepared from the config's source if missing.
     """
-    from ddpm.data.manifest import resolve_split
-    from ddpm.data.reader import load_split, to_float
-    from ddpm.data.storage import DataError
-    from pipelines.data import ensure_prepared
-
     base = data or cfg.data.url
     try:
         if base:
@@ -164,12 +179,8 @@ def load_eval_data(cfg: Any, data: str | None, settings: Any) -> EvalData:
 
 
 # -- measurements -----------------------------------------------------------------------------------
-def _result(metric: str, value: float, se: float | None = None, **depends_on: Any) -> dict[str, Any]:
+def _result(metric: str, value: float, se: float | None = None, **depends_on: str | int | float) -> dict[str, Any]:
     """A keyed result; ``se`` (its standard error, when known) is logged under ``se_key``."""
-    import math
-
-    from ddpm.metrics import direction, result_key
-
     out = {"key": result_key(metric, **depends_on), "metric": metric, "value": float(value),
            "direction": direction(metric)}
     if se is not None and math.isfinite(se):
@@ -177,12 +188,8 @@ def _result(metric: str, value: float, se: float | None = None, **depends_on: An
     return out
 
 
-def held_out_bpd(loaded: Any, ev: EvalData, images: int, batch_size: int = 64) -> dict[str, Any]:
+def held_out_bpd(loaded: LoadedModel, ev: EvalData, images: int, batch_size: int = 64) -> dict[str, Any]:
     """Mean full-bound bits/dim over the first ``images`` held-out images."""
-    import torch
-
-    from ddpm.likelihood import bits_per_dim
-
     x = ev.test[:images]
     g = torch.Generator().manual_seed(0)
     start = time.perf_counter()
@@ -194,74 +201,40 @@ def held_out_bpd(loaded: Any, ev: EvalData, images: int, batch_size: int = 64) -
     return out
 
 
-def generate_samples(loaded: Any, sampler: str, steps: int | None, eta: float, num: int, nodes: int,
-                     address: str | None, seed: int = 0) -> Any:
+def generate_samples(loaded: LoadedModel, sampler: str, steps: int, eta: float, num: int, nodes: int,
+                     address: str | None, seed: int = 0) -> torch.Tensor:
     """``num`` samples in [-1, 1]; sample i draws its noise from ``ddpm.noise.sample_seed(seed, i)``."""
-    from ddpm.inference import SamplingNet
-    from ddpm.pipeline import DDPMPipeline
-
-    if nodes > 1:
-        return _generate_on_cluster(loaded, sampler, steps, eta, num, nodes, address, seed)
-    from pipelines.console import Progress
-
+    if nodes > 1:  # the batch-sampling job (`ddpm-pipe sample`'s Ray actors): same seeds, same images
+        return sample_to_tensor(model=loaded.uri, num=num, sampler=sampler, steps=steps, eta=eta, seed=seed,
+                                nodes=nodes, batch_size=loaded.config.sample.batch_size, address=address,
+                                progress=False)
     # SamplingNet as the sample job's workers run it: same seeds, same images.
     pipe = DDPMPipeline.from_config(SamplingNet(loaded.model), loaded.config, loaded.diffusion,
                                     sampler=sampler, steps=steps, eta=eta)
-    bar = Progress("evaluate", num, "sample")
+    bar = console.Progress("evaluate", num, "sample")
     bar.suffix = f" ({sampler}, {pipe.steps} steps{f', eta {pipe.eta:g}' if pipe.eta else ''})"
     x = pipe(num, seed, progress=lambda done, _total: bar.update(done - bar.done))
     bar.close()
     return x
 
 
-def _generate_on_cluster(loaded, sampler, steps, eta, num, nodes, address, seed):
-    """Sample through the batch-sampling job (`ddpm-pipe sample`'s Ray actors): same seeds, same images."""
-    from pipelines.sample import sample_to_tensor
-
-    return sample_to_tensor(model=loaded.uri, num=num, sampler=sampler, steps=steps, eta=eta, seed=seed, nodes=nodes,
-              batch_size=loaded.config.sample.batch_size, address=address, progress=False)
-
-
-def _steps_used(loaded: Any, sampler: str, steps: int | None) -> int:
-    from ddpm.samplers import default_steps
-
-    T = loaded.diffusion.num_timesteps
-    if steps is None:
-        return default_steps(sampler, T)
-    if not 1 <= steps <= T:
-        raise UsageError(f"--steps must be in [1, T={T}], got {steps}")
-    return int(steps)
-
-
-def measure_sampler(loaded: Any, ev: EvalData, sampler: str, steps: int | None, eta: float, num: int,
-                    nodes: int, address: str | None, settings: Any) -> dict[str, Any]:
-    """Sample ``num`` images with one sampler setting; score them against held-out data, with floors.
+def measure_sampler(loaded: LoadedModel, ev: EvalData, sampler: str, steps: int, eta: float, num: int,
+                    nodes: int, address: str | None, settings: Settings) -> dict[str, Any]:
+    """Sample ``num`` images with one settled sampler setting; score them against held-out data, with floors.
 
     Each result's key says what was compared with what: ``vs:test-<M>`` (the held-out split) or
     ``vs:train-<M>`` (copy rate), and a floor's ``real:train``/``real:test`` with its ``num``.
     """
-    from ddpm.samplers import check_eta
-
-    try:
-        check_eta(eta, sampler, name="--eta")
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    steps = _steps_used(loaded, sampler, steps)
     start = time.perf_counter()
     x = generate_samples(loaded, sampler, steps, eta, num, nodes, address)
     return score_samples(x, time.perf_counter() - start, ev, sampler, steps, eta, settings)
 
 
-def score_samples(x: Any, seconds: float, ev: EvalData, sampler: str, steps: int, eta: float,
-                  settings: Any) -> dict[str, Any]:
+def score_samples(x: torch.Tensor, seconds: float, ev: EvalData, sampler: str, steps: int, eta: float,
+                  settings: Settings) -> dict[str, Any]:
     """Score samples ``x`` (float ``[N x C x H x W]`` in [-1, 1]) made in ``seconds`` by one sampler
     setting, as :func:`measure_sampler` does; for samples made elsewhere (``benchmarks/bench_quality.py``
     scores a diffusers model's with it)."""
-    import math
-
-    from ddpm.data.reader import to_float
-    from ddpm.image import to_levels
-
     num = len(x)
     samples = to_float(to_levels(x, ev.levels), ev.levels)  # on the data's own grey levels
     deps = {"sampler": sampler, "steps": steps, "eta": float(eta), "num": num}
@@ -308,14 +281,12 @@ def _compared(scores: dict[str, float], what: dict[str, str | None], n_samples: 
     return compared, floors
 
 
-def _quality(samples: Any, ev: EvalData, settings: Any, out: dict[str, Any]) -> dict[str, float]:
+def _quality(samples: torch.Tensor, ev: EvalData, settings: Settings, out: dict[str, Any]) -> dict[str, float]:
     """Scores, standard errors and floors: the pixel-space scores for any data with a training split
     (``ddpm.pixel_scores``), then those of the data's feature space; fills ``out``'s
     ``compared``/``floor_compared`` and notes what was skipped and why."""
     if ev.train is None:
         return _feature_quality(samples, ev, settings, out)
-    from ddpm import pixel_scores
-
     pixel = pixel_scores.evaluate_pixels(samples, ev.test, ev.train)
     n_floor = min(len(samples), len(ev.train))
     compared, floors = _compared(pixel, pixel_scores.COMPARED_WITH, len(samples), len(ev.test), len(ev.train),
@@ -327,11 +298,9 @@ def _quality(samples: Any, ev: EvalData, settings: Any, out: dict[str, Any]) -> 
     return {**pixel, **scores}
 
 
-def _feature_quality(samples: Any, ev: EvalData, settings: Any, out: dict[str, Any]) -> dict[str, float]:
+def _feature_quality(samples: torch.Tensor, ev: EvalData, settings: Settings, out: dict[str, Any]) -> dict[str, float]:
     """Scores in the data's feature space: the digits network's, or Inception-v3 FID for RGB."""
     if samples.shape[1:] == (1, 8, 8) and ev.source == "digits":
-        from ddpm import features
-
         if ev.train is None:
             out["notes"].append("sample quality skipped: no training split next to the test split")
             return {}
@@ -346,17 +315,15 @@ def _feature_quality(samples: Any, ev: EvalData, settings: Any, out: dict[str, A
             scores, features.COMPARED_WITH, len(samples), len(ev.test), len(ev.train), int(scores["num_floor"]))
         return scores
     if samples.shape[1] == 3:
-        from ddpm import metrics
-
         weights = os.environ.get(INCEPTION_ENV)
         out["features"] = "inception-v3-2048"
         if not weights:
-            out["notes"].append(f"FID skipped: set {INCEPTION_ENV} to the weights file. {metrics.INCEPTION_WEIGHTS_HINT}")
+            out["notes"].append(f"FID skipped: set {INCEPTION_ENV} to the weights file. {INCEPTION_WEIGHTS_HINT}")
             return {}
         try:
-            fid = metrics.inception_fid(ev.test, samples, weights)
+            fid = inception_fid(ev.test, samples, weights)
             n = min(len(samples), len(ev.train)) if ev.train is not None else 0
-            floor = metrics.inception_fid(ev.test, ev.train[:n], weights) if ev.train is not None else float("nan")
+            floor = inception_fid(ev.test, ev.train[:n], weights) if ev.train is not None else float("nan")
         except (FileNotFoundError, ImportError) as e:
             raise UsageError(str(e)) from None
         scores = {"fid": fid, "fid_floor": floor}
@@ -409,8 +376,6 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
 
 def _versions_of(uri: str, meta: dict[str, Any]) -> list[tuple[str, str]]:
     """Registered versions the results describe: the URI's own, or every version of a runs:/ model."""
-    from pipelines import tracking
-
     if meta.get("name"):
         return [(meta["name"], meta["version"])]
     if uri.startswith("runs:/") and meta.get("run_id"):
@@ -422,56 +387,61 @@ def _versions_of(uri: str, meta: dict[str, Any]) -> list[tuple[str, str]]:
     return []
 
 
-def log_results(loaded: Any, uri: str, results: list[dict[str, Any]], main: dict[str, Any],
-                rows: list[dict[str, Any]], settings: Any, data_url: str | None = None) -> dict[str, Any]:
-    """Log metrics and artifacts to the model's run (or a new evaluation run) and tag its versions.
+def metric_names(results: list[dict[str, Any]], primary: list[dict[str, Any]]) -> dict[str, str]:
+    """``{result key: metric name in the evaluation run}`` for every result and standard error: the
+    setting asked for by its metric's name (``bpd``, ``kid``, ``kid_se``, ``fd_floor``); a sampler
+    table row's under its setting (``ddim-10-eta0/kid``: a chart section per setting)."""
+    asked = {r["key"] for r in primary} | {r["se_key"] for r in primary if "se_key" in r}
+    names = {}
+    for r in results:
+        for key, metric in ((r["key"], r["metric"]), (r.get("se_key"), f"{r['metric']}_se")):
+            if key is None:
+                continue
+            deps = parse_result_key(key)[1]
+            setting = f"{deps['sampler']}-{deps['steps']}-eta{deps['eta']}/" if "sampler" in deps else "table/"
+            names[key] = metric if key in asked else setting + metric
+    return names
 
-    Each version gets ``ddpm.eval.<key>`` = value for every result, and ``ddpm.eval_last.<metric>``
-    = the key of the setting asked for (bits/dim and the main sampler; not the table's rows).
-    ``data_url`` (the held-out split) is logged as the run's evaluation dataset; what the UI shows
-    (model metrics, short tags, the description, a results table) is ``registry.record_evaluation``.
+
+def _evaluation_run(loaded: LoadedModel, uri: str, settings: Settings, parent_run_id: str | None,
+                    run_name: str | None) -> str:
+    """The evaluation's own run, beside the model's training run (its experiment, under its workflow
+    when it has one) or in the config's experiment for a checkpoint; resumed by name."""
+    c = tracking.client()
+    if loaded.run_id:
+        trained = c.get_run(loaded.run_id)
+        exp_id, parent = trained.info.experiment_id, parent_run_id or trained.data.tags.get("mlflow.parentRunId")
+        label = f"{loaded.name}-v{loaded.version}" if loaded.name else f"run-{loaded.run_id[:12]}"
+    else:
+        exp_id, parent = tracking.experiment_id(loaded.config.name, settings), parent_run_id
+        label = hashlib.sha256(uri.encode()).hexdigest()[:10]
+    tags = {tracking.KIND_TAG: "evaluate", "ddpm.model_uri": uri,
+            **({"ddpm.model_version": f"{loaded.name}/{loaded.version}"} if loaded.name else {}),
+            **({"ddpm.model_run_id": loaded.run_id} if loaded.run_id else {})}
+    run_id, _ = tracking.start_or_resume_run(exp_id, run_name or f"evaluate-{label}", tags, parent_run_id=parent)
+    return run_id
+
+
+def log_results(loaded: LoadedModel, uri: str, results: list[dict[str, Any]], main: dict[str, Any],
+                rows: list[dict[str, Any]], settings: Settings, data_url: str | None = None,
+                parent_run_id: str | None = None, run_name: str | None = None) -> dict[str, Any]:
+    """Log the evaluation to a run of its own (:func:`_evaluation_run`) and tag the model's versions.
+
+    The run's metrics have short names (:func:`metric_names`); each one's full result key (what it
+    depends on) is the run's tag ``ddpm.key.<name>``, and every result is in the run's
+    ``evaluation/results-<stamp>.md`` table. The setting asked for is linked to the logged model
+    (its model page) and to the held-out split, logged as the run's evaluation dataset. Each version
+    gets ``ddpm.eval.<key>`` = value for every result, and ``ddpm.eval_last.<metric>`` = the key of
+    the setting asked for (what `ddpm-pipe promote` reads); its short tags and description are
+    ``register.record_evaluation``'s.
     """
     primary = results[:1] + main["results"]
-    from mlflow.entities import Metric
-
-    from ddpm.image import save_grid
-    from pipelines import registry, tracking
-
     c = tracking.client()
-    run_id = loaded.run_id
-    created = False
-    if run_id is None:
-        exp_id = tracking.experiment_id(loaded.config.name, settings)
-        name = "evaluate-" + hashlib.sha256(uri.encode()).hexdigest()[:10]
-        run_id, _ = tracking.start_or_resume_run(exp_id, name, {tracking.KIND_TAG: "evaluate",
-                                                                "ddpm.model_uri": uri})
-        created = True
-    now = int(time.time() * 1000)
-    metrics = [Metric(r["key"], r["value"], now, 0) for r in results]
-    metrics += [Metric(r["se_key"], r["se"], now, 0) for r in results if "se_key" in r]
+    run_id = _evaluation_run(loaded, uri, settings, parent_run_id, run_name)
     try:
-        for i in range(0, len(metrics), 500):
-            c.log_batch(run_id, metrics=metrics[i:i + 500])
-        if main.get("feature_net"):
-            c.log_batch(run_id, metrics=[Metric(f"feature_net_test_accuracy/features:{main['features']}",
-                                                main["feature_net"]["test_accuracy"], now, 0)])
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        with tempfile.TemporaryDirectory() as tmp:
-            doc = {"model": uri, "time": stamp, "results": results, "notes": main.get("notes", []),
-                   "feature_net": main.get("feature_net"), "table": [_row_summary(r) for r in rows]}
-            report = Path(tmp) / f"evaluation-{stamp}.json"
-            report.write_text(json.dumps(doc, indent=1, default=str))
-            c.log_artifact(run_id, str(report), "evaluation")
-            grid = Path(tmp) / f"samples-{main['sampler']}-{main['steps']}-{stamp}.png"
-            save_grid(main["samples"][:64], str(grid), levels=loaded.config.data.levels)
-            c.log_artifact(run_id, str(grid), "evaluation")
-            if rows:
-                (Path(tmp) / "sampler_table.json").write_text(
-                    json.dumps([_row_summary(r) for r in rows], indent=1))
-                (Path(tmp) / "sampler_table.md").write_text(table_markdown(rows) + "\n")
-                c.log_artifact(run_id, str(Path(tmp) / "sampler_table.json"), "evaluation")
-                c.log_artifact(run_id, str(Path(tmp) / "sampler_table.md"), "evaluation")
         versions = _versions_of(uri, {"run_id": loaded.run_id, "name": loaded.name, "version": loaded.version})
+        stamp = _log_metrics(c, run_id, loaded, results, primary, main, data_url)
+        _log_artifacts(c, run_id, uri, loaded, results, main, rows, stamp)
         for name, version in versions:
             for r in results:
                 c.set_model_version_tag(name, version, EVAL_TAG + r["key"], repr(r["value"]))
@@ -480,15 +450,50 @@ def log_results(loaded: Any, uri: str, results: list[dict[str, Any]], main: dict
             for r in primary:  # the setting asked for, not the table's rows
                 c.set_model_version_tag(name, version, LAST_TAG + r["metric"], r["key"])
             c.set_model_version_tag(name, version, "ddpm.eval_time", stamp)
-        dataset = tracking.log_dataset(run_id, data_url, "evaluation") if data_url else None
-        registry.record_evaluation(c, run_id, loaded.model_id, versions, primary, results, stamp, dataset)
+        register.record_evaluation(c, run_id, versions, primary, results, stamp)
     except Exception as e:
-        if created:
-            tracking.end_run(run_id, "FAILED")
+        tracking.end_run(run_id, "FAILED")
         raise PipelineError(f"logging the evaluation to MLflow failed: {type(e).__name__}: {e}") from e
-    if created:
-        tracking.end_run(run_id)
+    tracking.end_run(run_id)
     return {"run_id": run_id, "versions": [f"models:/{n}/{v}" for n, v in versions]}
+
+
+def _log_metrics(c: MlflowClient, run_id: str, loaded: LoadedModel, results: list[dict[str, Any]],
+                 primary: list[dict[str, Any]], main: dict[str, Any], data_url: str | None) -> str:
+    """The results as short-named metrics, their keys as tags; returns the evaluation's time stamp."""
+    names = metric_names(results, primary)
+    values = {r["key"]: r["value"] for r in results} | {r["se_key"]: r["se"] for r in results if "se_key" in r}
+    if main.get("feature_net"):
+        key = f"feature_net_test_accuracy/features:{main['features']}"
+        names[key], values[key] = "feature_net_test_accuracy", main["feature_net"]["test_accuracy"]
+    dataset = tracking.log_dataset(run_id, data_url, "evaluation") if data_url else None
+    linked = {"model_id": loaded.model_id} if loaded.model_id else {}
+    if linked and dataset is not None:
+        linked.update(dataset_name=dataset.name, dataset_digest=dataset.digest)
+    asked = {r["key"] for r in primary}
+    now = int(time.time() * 1000)
+    metrics = [Metric(names[k], v, now, 0, **(linked if k in asked else {})) for k, v in values.items()]
+    tags = [RunTag(f"ddpm.key.{names[k]}", k) for k in values]
+    for i in range(0, max(len(metrics), len(tags)), 100):  # MLflow takes at most 100 tags per batch
+        c.log_batch(run_id, metrics=metrics[i:i + 100], tags=tags[i:i + 100])
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def _log_artifacts(c: MlflowClient, run_id: str, uri: str, loaded: LoadedModel, results: list[dict[str, Any]],
+                   main: dict[str, Any], rows: list[dict[str, Any]], stamp: str) -> None:
+    """The full report (JSON), the main setting's sample grid and, with ``--table``, the sampler table."""
+    with tempfile.TemporaryDirectory() as tmp:
+        doc = {"model": uri, "time": stamp, "results": results, "notes": main.get("notes", []),
+               "feature_net": main.get("feature_net"), "table": [_row_summary(r) for r in rows]}
+        files = [Path(tmp) / f"evaluation-{stamp}.json", Path(tmp) / f"samples-{main['sampler']}-{main['steps']}-{stamp}.png"]
+        files[0].write_text(json.dumps(doc, indent=1, default=str))
+        save_grid(main["samples"][:64], str(files[1]), levels=loaded.config.data.levels)
+        if rows:
+            files += [Path(tmp) / "sampler_table.json", Path(tmp) / "sampler_table.md"]
+            files[2].write_text(json.dumps([_row_summary(r) for r in rows], indent=1))
+            files[3].write_text(table_markdown(rows) + "\n")
+        for f in files:
+            c.log_artifact(run_id, str(f), "evaluation")
 
 
 def _message(uri: str, bpd: dict[str, Any], main: dict[str, Any], rows: list[dict[str, Any]],

@@ -13,8 +13,12 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
+from pyarrow import fs
 
-def ray_storage(url: str):
+from ddpm.data.storage import s3_endpoint
+
+
+def ray_storage(url: str) -> tuple[str, fs.S3FileSystem | None]:
     """``(storage_path, storage_filesystem)`` for Ray's ``RunConfig``.
 
     A local path becomes absolute; ``s3://`` with a custom endpoint (:func:`ddpm.data.storage.s3_endpoint`)
@@ -23,14 +27,10 @@ def ray_storage(url: str):
     ``tuner.pkl`` in the bucket), while one built without them resolves them from the environment
     wherever it is unpickled.
     """
-    from ddpm.data.storage import s3_endpoint
-
     if url.startswith("s3://"):
         endpoint = s3_endpoint()
         if not endpoint:
             return url, None
-        from pyarrow import fs
-
         parsed = urlparse(endpoint)
         s3 = fs.S3FileSystem(
             endpoint_override=parsed.netloc or endpoint,

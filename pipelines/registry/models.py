@@ -1,0 +1,212 @@
+"""Resolve a ``--model`` URI to a ready-to-sample model, without unpickling anything.
+
+Accepted: every model URI MLflow accepts, read with MLflow's own parser -- ``runs:/RUN_ID/model``,
+``models:/NAME/VERSION``, ``models:/NAME/latest``, ``models:/NAME@ALIAS``, ``models:/NAME/STAGE``
+(deprecated stages), ``models:/m-<id>`` (a logged model's id) -- each naming the weights and config
+artifacts of the pyfunc logged by training; or a checkpoint path/URL (``.../checkpoint.pt``, local
+or ``s3://``) or an exported weights folder.
+
+MLflow (about 3 s to import) is imported only for an MLflow URI, in :func:`_mlflow`: sampling a
+checkpoint file runs without it (``sample``'s in-process job, docs/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import fsspec
+import torch
+
+from ddpm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, import_weights, load_checkpoint, load_model
+from ddpm.config import ConfigError, ExperimentConfig
+from ddpm.data.storage import is_local
+from ddpm.diffusion import Diffusion
+from pipelines.errors import PipelineError, UsageError, first_line
+from pipelines.settings import resolve
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from mlflow.entities import Run
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from ddpm.unet import UNet
+
+MODEL_ARTIFACT = "model"  # the model's name within its run: runs:/RUN_ID/model
+WEIGHTS_ARTIFACT = "ddpm_model"  # the pyfunc artifact key (and folder) of the exported weights
+URI_FORMS = ("runs:/ID/model, models:/NAME/VERSION, models:/NAME/latest, models:/NAME@ALIAS, "
+             "models:/m-<logged model id>, or a checkpoint path/URL")
+# The MLflow store's answers that a model is not there (or the URI names none); any other error of a
+# store that was asked means it could not answer: an outage, exit 1, which no caller may take for
+# the model being gone (the workflow would train again).
+NOT_THERE = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND", "BAD_REQUEST")
+
+
+@dataclass
+class LoadedModel:
+    uri: str
+    config: ExperimentConfig
+    model: UNet  # EMA weights, eval mode
+    diffusion: Diffusion
+    run_id: str | None = None
+    name: str | None = None  # registered model name
+    version: str | None = None
+    model_id: str | None = None  # MLflow 3 logged model (m-...): evaluation metrics are linked to it
+    info: dict = field(default_factory=dict)
+
+
+def is_mlflow_uri(uri: str) -> bool:
+    return uri.startswith(("runs:/", "models:/"))
+
+
+def _mlflow() -> tuple[ModuleType, MlflowClient]:
+    """``(mlflow, client)`` pointed at the resolved store: the one import of MLflow here (see the
+    module docstring)."""
+    import mlflow
+    import mlflow.store.artifact.utils.models  # noqa: F401  (get_model_name_and_version, in describe)
+
+    from pipelines import tracking
+
+    tracking.configure(resolve())
+    return mlflow, tracking.client()
+
+
+def describe(uri: str) -> dict[str, str | None]:
+    """Run id, registered name and version, and logged model id behind a model URI.
+
+    Checks that it exists; downloads nothing. ``latest`` and aliases resolve to a version number.
+
+    :raises UsageError: (exit 2) there is no such model (the store says so), or it is not a model URI.
+    :raises PipelineError: (exit 1) the MLflow store could not answer (:func:`_store_failed`).
+    """
+    if not is_mlflow_uri(uri):
+        fs, path = fsspec.core.url_to_fs(uri)
+        if not fs.exists(path):
+            raise UsageError(f"model {uri!r} does not exist (expected {URI_FORMS})")
+        return {"run_id": None, "name": None, "version": None, "model_id": None}
+    mlflow, c = _mlflow()
+    try:
+        if uri.startswith("runs:/"):
+            run_id, _, path = uri[len("runs:/"):].partition("/")
+            run = c.get_run(run_id)
+            return {"run_id": run_id, "name": None, "version": None,
+                    "model_id": _logged_model_of_run(c, run, path.strip("/") or MODEL_ARTIFACT)}
+        resolved = mlflow.store.artifact.utils.models.get_model_name_and_version(c, uri)  # (id,) or (name, version)
+        if len(resolved) == 1:
+            logged = c.get_logged_model(resolved[0])
+            return {"run_id": logged.source_run_id, "name": None, "version": None, "model_id": logged.model_id}
+        mv = c.get_model_version(*resolved)
+        return {"run_id": mv.run_id, "name": mv.name, "version": str(mv.version), "model_id": model_id_of(mv)}
+    except mlflow.exceptions.MlflowException as e:
+        if _store_failed(e, from_server=isinstance(e, mlflow.exceptions.RestException)):
+            raise PipelineError(f"the MLflow store could not say whether model {uri!r} exists: {first_line(e)}") from e
+        raise UsageError(f"model {uri!r} does not exist in the MLflow store or is not a model URI "
+                         f"({URI_FORMS}): {str(e).splitlines()[0]}") from e
+
+
+def _store_failed(e: MlflowException, from_server: bool) -> bool:
+    """Whether MLflow could not answer (an HTTP request that failed; a server error, ``from_server``:
+    a ``RestException``), as against an answer that the model is not there (:data:`NOT_THERE`) or a
+    URI MLflow's parser refuses (raised before any request, as a plain ``MlflowException``)."""
+    if e.error_code in NOT_THERE:
+        return False
+    return from_server or str(e).startswith("API request to") or e.error_code in (
+        "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "IO_ERROR", "ABORTED")
+
+
+def model_id_of(version: ModelVersion) -> str | None:
+    """The logged model (m-...) a registered version points at: its ``model_id``, which some stores
+    leave empty, else the ``models:/m-...`` source it was registered from."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = version.source or ""
+    return source[len("models:/"):] if source.startswith("models:/m-") and "/" not in source[8:] else None
+
+
+def _logged_model_of_run(c: MlflowClient, run: Run, name: str) -> str | None:
+    """The id of the logged model ``name`` that ``run`` produced (None for a model logged as plain files)."""
+    found = c.search_logged_models([run.info.experiment_id],
+                                   filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'",
+                                   max_results=1)
+    return found[0].model_id if found else None
+
+
+def _pinned(uri: str, meta: dict[str, str | None]) -> str:
+    """The MLflow URI of exactly the model :func:`describe` found: a version registered meanwhile (or an
+    alias moved) is not mixed in."""
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri[len("runs:/"):].partition("/")
+        return f"runs:/{run_id}/{path.strip('/') or MODEL_ARTIFACT}"
+    if meta["version"] is not None:
+        return f"models:/{meta['name']}/{meta['version']}"
+    return uri
+
+
+def read_config(uri: str) -> ExperimentConfig:
+    """The config of the model behind ``uri``, without its weights: a logged model's ``config.json``
+    (one small download), an exported folder's, or a checkpoint's (a local file memory-mapped, a
+    remote one read whole). Drivers resolve sampling settings from it before any worker starts.
+
+    :raises UsageError: (exit 2) there is no model there, or its config cannot be read.
+    """
+    try:
+        if is_mlflow_uri(uri):
+            mlflow, _ = _mlflow()
+            pinned = _pinned(uri, describe(uri))
+            with tempfile.TemporaryDirectory() as tmp:
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{pinned}/artifacts/{WEIGHTS_ARTIFACT}/{CONFIG_FILE}", dst_path=tmp)
+                with open(local) as f:
+                    return ExperimentConfig.from_dict(json.load(f)["config"])
+        fs, path = fsspec.core.url_to_fs(uri)
+        if fs.isdir(path):
+            return ExperimentConfig.from_dict(json.loads(fs.cat_file(f"{path.rstrip('/')}/{CONFIG_FILE}"))["config"])
+        if not is_local(fs):
+            return load_checkpoint(uri)["config"]
+        config = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+        return ExperimentConfig.from_dict(json.loads(config) if isinstance(config, str) else config)
+    except UsageError:
+        raise
+    except (CheckpointError, ConfigError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UsageError(f"model {uri!r}: its config cannot be read ({type(e).__name__}: {e})") from e
+
+
+def load(uri: str) -> LoadedModel:
+    """Load the EMA model behind ``uri`` for sampling (eval mode, CPU)."""
+    meta = describe(uri)
+    if not is_mlflow_uri(uri):
+        try:
+            cfg, model, diffusion = load_model(uri)
+        except CheckpointError as e:  # unsafe, corrupt or incompatible: the user's input, exit 2
+            raise UsageError(f"model {uri!r} cannot be loaded: {e}") from e
+        return LoadedModel(uri=uri, config=cfg, model=model, diffusion=diffusion)
+    mlflow, _ = _mlflow()
+    model_uri = _pinned(uri, meta)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+        folder = _weights_folder(local)
+        if folder is None:
+            raise UsageError(f"model {model_uri!r} holds no ddpm weights (model.safetensors + config.json); "
+                             "was it logged by ddpm-pipe?")
+        try:
+            cfg, model = import_weights(folder)
+        except CheckpointError as e:
+            raise UsageError(f"model {model_uri!r} cannot be loaded: {e}") from e
+    model.eval()
+    return LoadedModel(uri=uri, config=cfg, model=model, diffusion=Diffusion.from_config(cfg.diffusion),
+                       run_id=meta["run_id"], name=meta["name"], version=meta["version"],
+                       model_id=meta["model_id"])
+
+
+def _weights_folder(local: str) -> str | None:
+    """The folder under a downloaded pyfunc model that holds ``model.safetensors``."""
+    for root, _dirs, files in os.walk(local):
+        if WEIGHTS_FILE in files:
+            return root
+    return None
