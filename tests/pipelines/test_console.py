@@ -93,7 +93,9 @@ def test_json_errors_version_and_choices(cli_env, tmp_path):
     assert code == 0 and out.startswith("ddpm-pipe ") and len(out.splitlines()) == 1
 
     code, out, _ = run(["sample", "--help"], {**cli_env, "COLUMNS": "200"})
-    assert "[ddpm|ddim|dpmpp]" in out and "[png|webdataset|npz]" in out and "0 samples on CPU" in out
+    from ddpm.samplers import SAMPLERS
+
+    assert f"[{'|'.join(SAMPLERS)}]" in out and "[png|webdataset|npz]" in out and "0 samples on CPU" in out
     code, out, _ = run(["interpolate", "--help"], {**cli_env, "COLUMNS": "200"})
     assert "Noise seed" in out
 
