@@ -213,6 +213,10 @@ def _check_type(where: str, value: object, tp: object) -> None:
         if isinstance(option, type) and option is not type(None) and isinstance(value, option) \
                 and not (option is int and isinstance(value, bool)):
             return
+    choices = [c for o in options if typing.get_origin(o) is typing.Literal for c in typing.get_args(o)]
+    if choices and all(typing.get_origin(o) is typing.Literal or o is type(None) for o in options):
+        optional = " (or leave it out)" if type(None) in options else ""
+        raise UsageError(f"{where} {value!r} is not valid; valid: {', '.join(map(str, choices))}{optional}")
     names = [" or ".join(map(repr, typing.get_args(o))) if typing.get_origin(o) is typing.Literal
              else "None" if o is type(None) else getattr(o, "__name__", str(o)) for o in options]
     raise UsageError(f"{where}: {value!r} is not {' or '.join(names)}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ddpm.samplers import SAMPLERS
 from tests.support import TINY, cli_json, free_port, mlflow_client, run_cli, wait_until
 
 WORKFLOW = """
@@ -90,7 +91,8 @@ def test_workflow_train_max_time_takes_the_cli_forms(tmp_path):
     ("train: {nodes: two}", "train.nodes: 'two' is not int"),
     ("tune: {scheduler: hyperband}", "tune.scheduler 'hyperband' is not valid; valid: asha, none"),
     ("evaluate: {num: 3}", "evaluate.num must be above 4"),
-    ("evaluate: {sampler: euler}", "evaluate.sampler: 'euler' is not 'ddpm' or 'ddim' or 'dpmpp' or None"),
+    ("evaluate: {sampler: euler}",
+     f"evaluate.sampler 'euler' is not valid; valid: {', '.join(SAMPLERS)} (or leave it out)"),
     ("evaluate: {steps: 5000}", "evaluate.steps must be in [1, T=1000], got 5000"),
     ("promote: {metric: nope}", "promote.metric: "),
     ("promote: {min_delta: -1}", "promote.min_delta must be >= 0, got -1"),
