@@ -322,13 +322,17 @@ def interpolate(
     lambdas: Annotated[int, typer.Option("--lambdas", min=2, help="Number of interpolation weights.")] = 11,
     out: Annotated[str, typer.Option("--out", help="Output PNG.")] = "interpolation.png",
     seed: Annotated[int, typer.Option("--seed", help="Noise seed: the same encoding noise and reverse noise for every weight.")] = 0,
+    class_: ClassOpt = None,
+    classes: Classes = None,
+    guidance: Guidance = None,
     json_out: Json = False,
 ) -> None:
     """Interpolate two images in x_t space and denoise (the paper's section 4.3)."""
     from pipelines.sample.interpolate import interpolate_command
 
     _dispatch(interpolate_command, json_out, model=model, a=a,
-              b=b, t=t, lambdas=lambdas, out=out, seed=seed)
+              b=b, t=t, lambdas=lambdas, out=out, seed=seed, classes=tuple(class_ or ()),
+              balanced=classes == "balanced", guidance=guidance)
 
 
 @app.command("import-diffusers")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -16,9 +17,14 @@ import torch
 
 from pipelines.sample import command as S
 from pipelines.sample.request import labels_of
-from tests.support import TINY, TINY_NET, cli_json, read_npz_folder, request, run_cli, save_tiny_checkpoint
+from tests.support import (TINY, TINY_NET, cli_json, read_npz_folder, register_tiny, request, run_cli,
+                           save_tiny_checkpoint,
+                           tiny_overrides)
 
-COND = [*TINY_NET, "model.num_classes=10"]  # the tiny network, class-conditional on 10 classes
+# A tiny network class-conditional on 10 classes, 32 channels wide: narrower, its GroupNorm has one
+# channel per group, which erases the timestep and class embeddings' per-channel shift, so the
+# class would not change the image.
+COND = [*tiny_overrides(32), "model.num_classes=10"]
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +211,79 @@ def test_the_same_seed_and_class_give_the_same_image_on_one_and_two_workers(ray_
     assert np.abs(alone[0] - x1[4]).max() < 1e-4
     other = direct(cond_ckpt, [S.sample_seed(0, 4)], [5], 2.0).numpy()  # the class changes the image
     assert np.abs(other[0] - x1[4]).max() > 1e-3
+
+
+# -- interpolate -----------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_interpolate_decodes_the_mixes_asking_for_the_class_with_guidance(tmp_path, cond_ckpt, uncond_ckpt):
+    from PIL import Image
+
+    from ddpm.guidance import ClassifierFreeGuidance
+    from ddpm.image import grid
+    from ddpm.interpolate import interpolate
+    from pipelines.registry import models
+    from pipelines.sample.interpolate import read_image
+
+    rng = np.random.default_rng(0)
+    a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    for path in (a, b):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(path)
+    args = ["interpolate", "--model", cond_ckpt, "--a", a, "--b", b, "--t", "30", "--lambdas", "3"]
+    strips = {}
+    for name, options in (("3", ["--class", "3", "--guidance", "2"]), ("5", ["--class", "5", "--guidance", "2"]),
+                          ("none", [])):
+        result = run_cli(*args, "--out", str(tmp_path / f"{name}.png"), *options, "--json")
+        assert result.exit_code == 0, result.output
+        summary = cli_json(result)
+        assert summary["labels"] == (None if name == "none" else [int(name)] * 3)
+        strips[name] = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int)
+    assert (strips["3"] != strips["5"]).any() and (strips["3"] != strips["none"]).any()
+    loaded = models.load(cond_ckpt)  # the library's interpolation of the guided network, drawn the same way
+    x_a, x_b = read_image(a, 1, 8, 17), read_image(b, 1, 8, 17)
+    net = ClassifierFreeGuidance(loaded.model, torch.tensor([3, 3, 3]), 2.0, 10)
+    mixes = interpolate(net, loaded.diffusion, x_a, x_b, 30, 3, 0)
+    drawn = grid(torch.cat([x_a, mixes, x_b]), levels=17, nrow=5, scale=4)[..., 0]
+    assert (drawn.astype(int) == strips["3"]).all()
+    for model, options, expected in ((uncond_ckpt, ["--class", "3"], "--class given to an unconditional model"),
+                                     (cond_ckpt, ["--class", "11"], "--class must lie in [0, 10)"),
+                                     (cond_ckpt, ["--guidance", "3"], "--guidance needs --class")):
+        out = tmp_path / "bad.png"
+        result = run_cli("interpolate", "--model", model, "--a", a, "--b", b, "--t", "30", "--out", str(out), *options)
+        assert result.exit_code == 2 and expected in result.output, result.output
+        assert not out.exists()
+
+
+# -- the registered model --------------------------------------------------------------------------
+@pytest.mark.timeout(300)
+def test_the_pyfunc_takes_class_labels_and_guidance_as_a_serving_endpoint_does(tmp_path):
+    """`mlflow models predict` checks the payload against the signature, then predicts, as `mlflow
+    models serve` does; the images are the pipeline's for the same (seed, class, w)."""
+    import mlflow
+
+    from ddpm.image import to_uint8
+    from pipelines import tracking
+
+    run_id, version, ckpt = register_tiny(tmp_path, "cond", overrides=COND)
+    info = mlflow.models.get_model_info(f"models:/cond/{version}")
+    columns = {c["name"]: c for c in info.signature.inputs.to_dict()}
+    assert not columns["class_labels"]["required"] and not columns["guidance"]["required"]
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/cond/{version}", dst_path=str(tmp_path / "m"))
+    assert json.loads(open(os.path.join(local, "input_example.json")).read())["class_labels"] == [0, 1]
+
+    def predict(payload: dict, name: str) -> np.ndarray:
+        out = tmp_path / f"{name}.json"
+        mlflow.models.predict(f"models:/cond/{version}", input_data=payload, env_manager="local", output_path=str(out))
+        return np.asarray(json.loads(out.read_text())["predictions"])
+
+    seeds = [S.sample_seed(0, i) for i in range(3)]
+    got = predict({"num": 3, "seed": 0, "sampler": "ddim", "steps": 4, "class_labels": [2, 5, 9], "guidance": 2.0}, "a")
+    assert (got == to_uint8(direct(str(ckpt), seeds, [2, 5, 9], 2.0), 17)).all()
+    one = predict({"num": 2, "seed": 0, "sampler": "ddim", "steps": 4, "class_labels": [4]}, "b")  # one for all
+    assert (one == to_uint8(direct(str(ckpt), seeds[:2], [4, 4], 1.0), 17)).all()
+    for bad, said in (({"class_labels": [10, 0]}, "must lie in [0, 10)"), ({"class_labels": [1, 2, 3]}, "3 class labels"),
+                      ({"class_labels": [1, 2], "guidance": -1.0}, "guidance must be in [0, inf)")):
+        with pytest.raises(Exception, match=re.escape(said)):
+            predict({"num": 2, "seed": 0, "sampler": "ddim", "steps": 4, **bad}, "bad")
+    description = tracking.client().get_model_version("cond", version).description
+    assert ("class-conditional on 10 classes, labels 0..9, label 10 the null class (unconditional), trained with "
+            "label dropout 0.1, sampled with classifier-free guidance w=1 by default") in description
