@@ -252,14 +252,20 @@ def evaluate(
     eta: Eta = None,
     nodes: Nodes = 1,
     table: Annotated[bool, typer.Option("--table", help="Also measure the sampler table (DDPM 1000; DDIM 10/20/50/100, eta 0 and 1).")] = False,
+    class_: ClassOpt = None,
+    classes: Classes = None,
+    guidance: Guidance = None,
+    guidance_sweep: Annotated[Optional[bool], typer.Option("--guidance-sweep/--no-guidance-sweep", help="Class-conditional models: also measure conditional accuracy and diversity at guidance 0, 1, 1.5, 2, 3 and 5 (default: on for them).")] = None,
     address: Address = None,
     json_out: Json = False,
 ) -> None:
-    """Measure bits/dim, and KID, FD, precision/recall, classifier score, class coverage and copy rate against held-out images, each with its floor; log them to MLflow."""
+    """Measure bits/dim, and KID, FD, precision/recall, classifier score, class coverage and copy rate against held-out images, each with its floor; of a class-conditional model also conditional accuracy overall and per class and the guidance sweep; log them to MLflow."""
     from pipelines.registry.evaluate import evaluate_command
 
     _dispatch(evaluate_command, json_out, model=model, data=data,
-              num=num, sampler=sampler, steps=steps, eta=eta, nodes=nodes, table=table, address=address)
+              num=num, sampler=sampler, steps=steps, eta=eta, nodes=nodes, table=table, address=address,
+              classes=tuple(class_ or ()), balanced=classes == "balanced", guidance=guidance,
+              guidance_sweep=guidance_sweep)
 
 
 @app.command()

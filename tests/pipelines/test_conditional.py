@@ -287,3 +287,88 @@ def test_the_pyfunc_takes_class_labels_and_guidance_as_a_serving_endpoint_does(t
     description = tracking.client().get_model_version("cond", version).description
     assert ("class-conditional on 10 classes, labels 0..9, label 10 the null class (unconditional), trained with "
             "label dropout 0.1, sampled with classifier-free guidance w=1 by default") in description
+
+
+# -- evaluate and promote --------------------------------------------------------------------------
+@pytest.mark.timeout(600)
+def test_evaluate_adds_conditional_accuracy_per_class_scores_and_the_guidance_sweep(tmp_path, digits_home):
+    from ddpm.metrics import parse_result_key
+    from pipelines import tracking
+    from pipelines.registry import EVAL_TAG, LAST_TAG
+    from pipelines.registry.evaluate import evaluate_command
+    from pipelines.registry.evaluate_classes import SWEEP
+
+    _, version, _ = register_tiny(tmp_path, "cond", overrides=COND)
+    out = evaluate_command(f"models:/cond/{version}", num=60, sampler="ddim", steps=3, bpd_images=8)
+    keyed = {r["key"]: r for r in out["results"]}
+    by = {}
+    for key in keyed:
+        metric, deps = parse_result_key(key)
+        by.setdefault(metric, []).append(deps)
+    (kid,) = [d for d in by["kid"] if "class" not in d and "guidance" not in d]  # the null class: no classes
+    assert "classes" not in kid and kid["vs"] == "test-360"
+    (acc,) = [d for d in by["cond_accuracy"] if "class" not in d and d["guidance"] == "1"]
+    assert acc["classes"] == "balanced" and acc["num"] == "60" and "vs" not in acc
+    assert {d["guidance"] for d in by["cond_accuracy"]} == {f"{w:g}" for w in SWEEP}  # 1 and the sweep's
+    assert sorted(int(d["class"]) for d in by["cond_accuracy"] if "class" in d) == list(range(10))
+    assert sorted(d["vs"] for d in by["kid"] if "class" in d)[0].startswith("test-class0-")
+    cond = out["conditional"]
+    assert [r["guidance"] for r in cond["sweep"]] == list(SWEEP) and cond["per_class"]["3"]["num"] == 6
+    assert 0 <= cond["scores"]["cond_accuracy"] <= 1 and cond["se"]["cond_accuracy"] > 0
+    assert "conditional accuracy" in out["message"] and "| w | conditional accuracy |" in out["message"]
+
+    c = tracking.client()
+    run = c.get_run(out["run_id"])
+    metrics = run.data.metrics
+    assert {"cond_accuracy", "cond_accuracy_se", "class_spread", "class3/cond_accuracy", "class3/kid",
+            "guidance-1.5/cond_accuracy", "guidance-5/recall", "guidance-0/class_spread", "kid"} <= set(metrics)
+    assert "guidance-1/cond_accuracy" not in metrics  # the w = 1 row is the setting asked for: cond_accuracy
+    assert run.data.tags["ddpm.key.class3/cond_accuracy"].startswith("cond_accuracy/class:3/")
+    names = {a.path for a in c.list_artifacts(out["run_id"], "evaluation")}
+    assert {"evaluation/guidance_sweep.json", "evaluation/guidance_sweep.md"} <= names
+    assert any(n.startswith("evaluation/samples-classes-w1-") for n in names)
+    tags = c.get_model_version("cond", version).tags
+    assert tags[LAST_TAG + "cond_accuracy"].startswith("cond_accuracy/classes:balanced/")
+    assert float(tags[EVAL_TAG + tags[LAST_TAG + "cond_accuracy"]]) == pytest.approx(cond["scores"]["cond_accuracy"])
+
+    # Asking for the classes makes them the main setting's: its keys say which, and the sweep is off.
+    asked = run_cli("evaluate", "--model", f"models:/cond/{version}", "--num", "20", "--sampler", "ddim", "--steps",
+                    "3", "--classes", "balanced", "--guidance", "2", "--no-guidance-sweep", "--json")
+    assert asked.exit_code == 0, asked.output
+    result = cli_json(asked)
+    main_kid = [r for r in result["results"] if r["metric"] == "kid"][0]
+    assert "/classes:balanced/" in main_kid["key"] and "/guidance:2/" in main_kid["key"]
+    assert result["conditional"]["sweep"] == [] and result["conditional"]["guidance"] == 2.0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("model,options,expected", [
+    ("uncond", ["--class", "3"], "--class given to an unconditional model"),
+    ("uncond", ["--guidance-sweep"], "--guidance-sweep needs a class-conditional model"),
+    ("cond", ["--class", "12"], "--class must lie in [0, 10)"),
+    ("cond", ["--guidance", "2"], "--guidance needs --class or --classes balanced"),
+    ("cond", ["--class", "2", "--guidance", "-3"], "--guidance"),
+])
+def test_evaluate_refuses_bad_class_options_before_any_run(tmp_path, cond_ckpt, uncond_ckpt, model, options,
+                                                          expected):
+    result = run_cli("evaluate", "--model", cond_ckpt if model == "cond" else uncond_ckpt, "--num", "8", *options)
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+    assert not (tmp_path / "ddpm-home" / "mlflow.db").exists()
+
+
+@pytest.mark.timeout(600)
+def test_promote_gates_on_conditional_accuracy(tmp_path, digits_home):
+    from pipelines.registry.evaluate import evaluate_command
+
+    for seed in (0, 1):
+        _, version, _ = register_tiny(tmp_path, "gated", seed=seed, overrides=COND)
+        evaluate_command(f"models:/gated/{version}", num=20, sampler="ddim", steps=2, bpd_images=4,
+                         guidance_sweep=False)
+    first = run_cli("promote", "--name", "gated", "--version", "1", "--metric", "cond_accuracy", "--json")
+    assert first.exit_code == 0, first.output
+    assert cli_json(first)["key"].startswith("cond_accuracy/classes:balanced/")
+    refused = run_cli("promote", "--name", "gated", "--version", "2", "--metric", "cond_accuracy",
+                      "--min-delta", "1", "--json")
+    assert refused.exit_code == 3, refused.output  # no accuracy gains more than 1
+    assert "cond_accuracy" in cli_json(refused)["error"] and "higher is better" in cli_json(refused)["error"]
