@@ -372,3 +372,24 @@ def test_promote_gates_on_conditional_accuracy(tmp_path, digits_home):
                       "--min-delta", "1", "--json")
     assert refused.exit_code == 3, refused.output  # no accuracy gains more than 1
     assert "cond_accuracy" in cli_json(refused)["error"] and "higher is better" in cli_json(refused)["error"]
+
+
+# -- tune ------------------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_tune_refuses_to_sweep_guidance_and_names_evaluates_sweep(tmp_path):
+    """Guidance is chosen at sampling time: trials rank on held-out bits/dim, which it does not change,
+    so a sweep over it is evaluate's table of one trained model, not a trial per w."""
+    from ddpm.config import ConfigError, load_config
+    from pipelines.tune import search_space
+
+    space = tmp_path / "space.yaml"
+    space.write_text("sample.guidance: {type: choice, values: [1.0, 2.0, 3.0]}\n")
+    cond = load_config("digits", ["model.num_classes=10"])
+    with pytest.raises(ConfigError, match="sample.guidance' is a sampling-time setting"):
+        search_space.load_space(str(space), cond)
+    result = run_cli("tune", "--space", str(space), "--trials", "1", "--set", "model.num_classes=10")
+    assert result.exit_code == 2, result.output
+    assert "needs no retraining; sweep it with ddpm-pipe evaluate --model MODEL" in result.output
+    assert not (tmp_path / "ddpm-home" / "mlflow.db").exists()
+    space.write_text("sample.guidance: 2.0\n")  # a fixed value is a config value, as with --set
+    assert search_space.load_space(str(space), cond)["sample.guidance"] == 2.0
