@@ -15,6 +15,7 @@ the training split) has seen it. Pixels 0..16 map to [-1, 1] as ``x / 8 - 1``.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from pathlib import Path
@@ -293,6 +294,42 @@ def conditional_accuracy(net: DigitsFeatureNet, samples: torch.Tensor, labels: t
     return out
 
 
+def _class_spread(feats: torch.Tensor, labels: torch.Tensor, ref_feats: torch.Tensor, ref_labels: torch.Tensor,
+                  num_classes: int) -> float:
+    """Geometric mean over classes of (the samples' mean squared feature distance to their class
+    centroid) / (the reference's); classes with fewer than 2 rows on either side are left out."""
+    logs = []
+    for c in range(num_classes):
+        a, b = feats[labels == c].double(), ref_feats[ref_labels == c].double()
+        if len(a) < 2 or len(b) < 2:
+            continue
+        spread_a = (a - a.mean(0)).pow(2).sum(1).mean()
+        spread_b = (b - b.mean(0)).pow(2).sum(1).mean()
+        logs.append(math.log(max(spread_a.item(), 1e-300) / max(spread_b.item(), 1e-300)))
+    return math.exp(sum(logs) / len(logs)) if logs else math.nan
+
+
+def class_spread_score(net: DigitsFeatureNet, samples: torch.Tensor, labels: torch.Tensor | Any,
+                       real: torch.Tensor, real_labels: torch.Tensor | Any,
+                       num_classes: int = NUM_CLASSES) -> metrics.Score:
+    """How diverse a class-conditional model's samples are within each class: for every class c, the
+    samples asked for c spread about their centroid in the feature space (mean squared distance),
+    over the same for the real images of class c; the geometric mean over classes. 1 is the real
+    data's spread; below 1 the samples of a class collapse towards fewer modes (what strong
+    classifier-free guidance does, Ho & Salimans 2021, fig. 1). A :class:`ddpm.metrics.Score`: the
+    samples and their labels are left out together, as the real images and theirs.
+
+    :param samples: ``[N x 1 x 8 x 8]`` in [-1, 1], sample j asked for class ``labels[j]``.
+    :param real: held-out real digits with their true labels ``real_labels``.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if labels.shape != (len(samples),):
+        raise ValueError(f"got {tuple(labels.shape)} labels for {len(samples)} samples; give one per sample")
+    feats, ref = extract_features(net, samples), extract_features(net, real)
+    return metrics.Score(lambda a, y, b, z: _class_spread(a, y, b, z, num_classes), (feats, labels),
+                         (ref, torch.as_tensor(real_labels, dtype=torch.long)))
+
+
 def evaluate_samples(samples: torch.Tensor, real_test: torch.Tensor, real_train: torch.Tensor,
                      net: DigitsFeatureNet | None = None, k: int = 3, copy_quantile: float = 0.05,
                      cache_dir: str | Path | None = None, groups: int = 10, seed: int = 0) -> dict[str, float]:
@@ -331,7 +368,8 @@ def evaluate_samples(samples: torch.Tensor, real_test: torch.Tensor, real_train:
 
 __all__ = [
     "COMPARED_WITH", "FEATURE_DIM", "FEATURE_NET_VERSION", "NUM_CLASSES", "DigitsFeatureNet", "DigitsYardstick",
-    "class_probabilities", "classifier_confidence", "conditional_accuracy", "conditional_accuracy_score",
+    "class_probabilities", "class_spread_score", "classifier_confidence", "conditional_accuracy",
+    "conditional_accuracy_score",
     "default_cache_dir",
     "digits_split", "digits_split_indices", "evaluate_samples", "extract_features",
     "load_digits_feature_net", "train_digits_feature_net",

@@ -382,6 +382,8 @@ HIGHER_IS_BETTER = {
 # Ratios to the real data's value: 1 is best, and 1/r is as far from it as r (compared in log terms).
 BEST_AT_ONE = {
     "fine_spread": "samples' over held-out images' variance along the finer pixel-PCA components (geometric mean)",
+    "class_spread": "class-conditional samples' spread about their class centroid in feature space over the "
+                    "held-out images' of that class (geometric mean over classes)",
 }
 METRICS: dict[str, Metric] = {
     **{name: Metric(name, "lower", text) for name, text in LOWER_IS_BETTER.items()},

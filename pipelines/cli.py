@@ -90,6 +90,9 @@ Num = Annotated[int, typer.Option("--num", "-n", min=1, help="Number of samples.
 SamplerOpt = Annotated[Optional[str], _choice("--sampler", values=get_args(Sampler), help="The sampler (ddpm.samplers; ddpm is the paper's ancestral one, --steps below T respaces it). Default: the model's own (its config's sample.sampler).")]
 Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Sampling steps, at most the model's T. Default: the model's config's sample.steps for its own sampler, else that sampler's default (ddpm.samplers.DEFAULT_STEPS; T for ddpm).")]
 Eta = Annotated[Optional[float], typer.Option("--eta", min=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like; 0 for the other samplers. Default: the model's config's sample.eta for its own sampler, else 0.")]
+ClassOpt = Annotated[Optional[list[int]], typer.Option("--class", help="Class-conditional models: the class to sample (repeatable: sample i asks for the i-th mod their number). Default: none, the model's null class (unconditional).")]
+Classes = Annotated[Optional[str], _choice("--classes", values=("balanced",), help="Class-conditional models: balanced asks for every class in turn (sample i for class i mod K).")]
+Guidance = Annotated[Optional[float], typer.Option("--guidance", min=0.0, help="Classifier-free guidance weight w with --class/--classes: 0 unconditional, 1 plain conditional, above 1 guided (one batched pass of twice the rows). Default: the model's config's sample.guidance.")]
 
 
 def _fail(message: str, code: int) -> None:
@@ -249,14 +252,20 @@ def evaluate(
     eta: Eta = None,
     nodes: Nodes = 1,
     table: Annotated[bool, typer.Option("--table", help="Also measure the sampler table (DDPM 1000; DDIM 10/20/50/100, eta 0 and 1).")] = False,
+    class_: ClassOpt = None,
+    classes: Classes = None,
+    guidance: Guidance = None,
+    guidance_sweep: Annotated[Optional[bool], typer.Option("--guidance-sweep/--no-guidance-sweep", help="Class-conditional models: also measure conditional accuracy and diversity at guidance 0, 1, 1.5, 2, 3 and 5 (default: on for them).")] = None,
     address: Address = None,
     json_out: Json = False,
 ) -> None:
-    """Measure bits/dim, and KID, FD, precision/recall, classifier score, class coverage and copy rate against held-out images, each with its floor; log them to MLflow."""
+    """Measure bits/dim, and KID, FD, precision/recall, classifier score, class coverage and copy rate against held-out images, each with its floor; of a class-conditional model also conditional accuracy overall and per class and the guidance sweep; log them to MLflow."""
     from pipelines.registry.evaluate import evaluate_command
 
     _dispatch(evaluate_command, json_out, model=model, data=data,
-              num=num, sampler=sampler, steps=steps, eta=eta, nodes=nodes, table=table, address=address)
+              num=num, sampler=sampler, steps=steps, eta=eta, nodes=nodes, table=table, address=address,
+              classes=tuple(class_ or ()), balanced=classes == "balanced", guidance=guidance,
+              guidance_sweep=guidance_sweep)
 
 
 @app.command()
@@ -294,6 +303,9 @@ def sample(
     precision: Annotated[str, _choice("--precision", values=SAMPLE_PRECISIONS, help="Sampling precision.")] = "fp32",
     progressive: Annotated[int, typer.Option("--progressive", min=0, help="Also save predicted x_0 at K steps per sample.")] = 0,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile each worker's network (~40 s on a CPU, then 3-5% faster; eager if it fails).")] = False,
+    class_: ClassOpt = None,
+    classes: Classes = None,
+    guidance: Guidance = None,
     address: Address = None,
     json_out: Json = False,
 ) -> None:
@@ -303,7 +315,8 @@ def sample(
     _dispatch(sample_command, json_out, model=model, num=num, out=out,
               sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, nodes=nodes,
               gpus_per_node=gpus_per_node, seed=seed, format=format_, precision=precision,
-              progressive=progressive, address=address, compile=compile_)
+              progressive=progressive, address=address, compile=compile_, classes=tuple(class_ or ()),
+              balanced=classes == "balanced", guidance=guidance)
 
 
 @app.command()
@@ -315,13 +328,17 @@ def interpolate(
     lambdas: Annotated[int, typer.Option("--lambdas", min=2, help="Number of interpolation weights.")] = 11,
     out: Annotated[str, typer.Option("--out", help="Output PNG.")] = "interpolation.png",
     seed: Annotated[int, typer.Option("--seed", help="Noise seed: the same encoding noise and reverse noise for every weight.")] = 0,
+    class_: ClassOpt = None,
+    classes: Classes = None,
+    guidance: Guidance = None,
     json_out: Json = False,
 ) -> None:
     """Interpolate two images in x_t space and denoise (the paper's section 4.3)."""
     from pipelines.sample.interpolate import interpolate_command
 
     _dispatch(interpolate_command, json_out, model=model, a=a,
-              b=b, t=t, lambdas=lambdas, out=out, seed=seed)
+              b=b, t=t, lambdas=lambdas, out=out, seed=seed, classes=tuple(class_ or ()),
+              balanced=classes == "balanced", guidance=guidance)
 
 
 @app.command("import-diffusers")

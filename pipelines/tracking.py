@@ -191,7 +191,8 @@ def dataset(url: str, manifest: dict[str, Any]) -> Dataset:
     # The images as one tensor (MLflow schemas do not mix tensors and columns: labels are profiled).
     schema = Schema([TensorSpec(np.dtype("uint8"), (-1, h, w, c), "image")])
     meta = MetaDataset(source, f"{manifest['source']}-{manifest['split']}", manifest_digest(manifest), schema)
-    profile = {key: manifest.get(key) for key in ("num_samples", "shape", "levels", "split", "source", "labels")}
+    profile = {key: manifest.get(key) for key in ("num_samples", "shape", "levels", "split", "source", "labels",
+                                                  "classes")}
     profile.update(shards=len(manifest["shards"]), bytes=sum(int(s.get("size") or 0) for s in manifest["shards"]))
     return Dataset(**meta.to_dict(), profile=json.dumps(profile))  # MetaDataset itself has no profile
 

@@ -3,6 +3,7 @@
     .venv/bin/python scripts/plots.py --run-id RUN_ID --out docs/img
     .venv/bin/python scripts/plots.py --run-name demo-train --experiment digits --out docs/img
     .venv/bin/python scripts/plots.py --sampler-table eval.json --out docs/img
+    .venv/bin/python scripts/plots.py --guidance-sweep eval.json --out docs/img
 
 With a run: reads its metric history from the tracking store that `ddpm-pipe` uses
 (``MLFLOW_TRACKING_URI``, else ``DDPM_HOME``'s sqlite store) and writes ``loss.png`` and ``bpd.png``
@@ -10,7 +11,11 @@ With a run: reads its metric history from the tracking store that `ddpm-pipe` us
 sampler table of ``ddpm-pipe evaluate --table`` (its ``--json`` output, or the run's
 ``evaluation/sampler_table.json`` artifact) -> ``sampler_quality.png``: KID and classifier score
 (± one standard error) against the number of steps, one line per sampler and eta, the real data's
-floor as a dashed line. Needs matplotlib (not a dependency of the package).
+floor as a dashed line. With ``--guidance-sweep``: the guidance sweep of ``ddpm-pipe evaluate`` of a
+class-conditional model (its ``--json`` output, or the run's ``evaluation/guidance_sweep.json``) ->
+``guidance_sweep.png``: conditional accuracy, and diversity (recall, class spread) against the
+guidance weight w (± one standard error), the classifier's accuracy on real digits as a dashed line
+when known. Needs matplotlib (not a dependency of the package).
 """
 
 from __future__ import annotations
@@ -125,19 +130,69 @@ def plot_sampler_table(rows: list[dict], out: Path) -> Path:
     return path
 
 
+def sweep_rows(doc) -> tuple[list[dict], float | None]:
+    """The rows of a guidance sweep and the classifier's real-digit accuracy (None if not given):
+    ``evaluate --json`` output (its ``conditional.sweep``) or the artifact (a list)."""
+    if isinstance(doc, dict):
+        rows = (doc.get("conditional") or {}).get("sweep")
+        ceiling = (doc.get("feature_net") or {}).get("test_accuracy")
+    else:
+        rows, ceiling = doc, None
+    if not rows:
+        raise SystemExit("no guidance sweep in that file: run `ddpm-pipe evaluate --json` on a class-conditional model")
+    return rows, ceiling
+
+
+def plot_guidance_sweep(rows: list[dict], out: Path, ceiling: float | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = sorted(rows, key=lambda r: r["guidance"])
+    w = [r["guidance"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    panels = ((axes[0], ("cond_accuracy",), "conditional accuracy (higher is better)"),
+              (axes[1], ("recall", "class_spread"), "diversity: recall, class spread (1: real digits)"))
+    for ax, names, title in panels:
+        for name in names:
+            ax.errorbar(w, [r["scores"][name] for r in rows], yerr=[r["se"].get(name) or 0.0 for r in rows],
+                        marker="o", ms=3, capsize=2, label=name)
+        ax.set(xlabel="guidance weight w (0: unconditional, 1: conditional)", title=title)
+        ax.grid(alpha=0.3)
+    if ceiling is not None:
+        axes[0].axhline(ceiling, ls="--", color="grey", lw=1, label="the classifier on real digits")
+    axes[1].axhline(1.0, ls=":", color="grey", lw=1)
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{rows[0]['num']} samples per w, every class in turn, the same seeds", fontsize=9)
+    fig.tight_layout()
+    path = out / "guidance_sweep.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-id")
     which.add_argument("--run-name")
     which.add_argument("--sampler-table", metavar="JSON", help="`ddpm-pipe evaluate --table --json` output")
+    which.add_argument("--guidance-sweep", metavar="JSON",
+                       help="`ddpm-pipe evaluate --json` output of a class-conditional model, or its guidance_sweep.json")
     p.add_argument("--experiment", default="digits", help="with --run-name")
     p.add_argument("--out", default="docs/img")
     args = p.parse_args(argv)
-    if args.sampler_table:
+    if args.sampler_table or args.guidance_sweep:
         import json
 
-        path = plot_sampler_table(sampler_rows(json.loads(Path(args.sampler_table).read_text())), Path(args.out))
+        if args.sampler_table:
+            path = plot_sampler_table(sampler_rows(json.loads(Path(args.sampler_table).read_text())), Path(args.out))
+        else:
+            rows, ceiling = sweep_rows(json.loads(Path(args.guidance_sweep).read_text()))
+            path = plot_guidance_sweep(rows, Path(args.out), ceiling)
         print(path)
         return [path]
 

@@ -195,15 +195,17 @@ def train_args(tmp_path: Path, *extra: str, nodes: int = 4, steps: int = 4, name
             "--storage", storage or str(tmp_path / "storage"), "--json", *sets, *extra]
 
 
-def register_tiny(tmp_path: Path, name: str = "tiny", seed: int = 0) -> tuple[str, str, Path]:
-    """Log a tiny checkpoint into a new run of the current tracking store; returns (run_id, version, ckpt)."""
+def register_tiny(tmp_path: Path, name: str = "tiny", seed: int = 0,
+                  overrides: list[str] | None = None) -> tuple[str, str, Path]:
+    """Log a tiny checkpoint (:func:`save_tiny_checkpoint`'s ``overrides``) into a new run of the
+    current tracking store; returns (run_id, version, ckpt)."""
     from pipelines import tracking
     from pipelines.registry import register
     from pipelines.settings import resolve
 
     settings = resolve()
     tracking.configure(settings)
-    ckpt = save_tiny_checkpoint(tmp_path / f"ckpt-{seed}.pt", seed)
+    ckpt = save_tiny_checkpoint(tmp_path / f"ckpt-{seed}.pt", seed, overrides)
     exp_id = tracking.experiment_id("tests", settings)
     run_id, _ = tracking.start_or_resume_run(exp_id, f"{name}-{seed}")
     version = register.log_and_register(run_id, str(ckpt), name)

@@ -22,6 +22,11 @@ What is measured (every result keyed by what it depends on, see ``ddpm.metrics.r
   ``<metric>_floor/data:<hash>/features:<net version>/num:<n>/real:train/vs:test-<M>``.
 - ``sec_per_sample``: wall-clock sampling time over ``num``.
 
+A class-conditional model (``model.num_classes``): the samples above are its null class (its
+unconditional scores) unless ``--class``/``--classes`` ask for classes (keys then add ``classes``
+and ``guidance``); it adds conditional accuracy overall and per class, the per-class KID, within-class
+diversity and the guidance sweep (``pipelines/registry/evaluate_classes.py``).
+
 Where results go: a ``runs:/`` URI logs to that run; ``models:/`` logs to the version's run and
 tags the version (``ddpm.eval.<key>`` = value, read by `ddpm-pipe promote`); a checkpoint gets an
 evaluation run of its own. ``--table`` adds the sampler table (DDPM at T steps; DDIM at 10, 20, 50,
@@ -57,9 +62,10 @@ from ddpm.pipeline import DDPMPipeline
 from pipelines import console, tracking
 from pipelines.errors import PipelineError, UsageError
 from pipelines.registry import EVAL_TAG, LAST_TAG, models, register
+from pipelines.registry.evaluate_classes import SWEEP, SWEEP_SCORES, ClassYardstick, sweep_markdown
 from pipelines.registry.models import LoadedModel
 from pipelines.sample.command import sample_to_tensor
-from pipelines.sample.request import resolve_settings
+from pipelines.sample.request import labels_of, resolve_classes, resolve_settings
 from pipelines.settings import Settings, resolve
 from pipelines.storage.data import ensure_prepared
 
@@ -80,43 +86,58 @@ class EvalData:
     hash: str  # of the train and test manifests together
     test_url: str
     train_url: str | None
+    test_labels: torch.Tensor | None = None  # int64 [N], the held-out images' true classes (None: unlabelled)
+    train_labels: torch.Tensor | None = None
 
 
 def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampler: str | None = None,
                      steps: int | None = None, nodes: int = 1, table: bool = False,
                      address: str | None = None, *, eta: float | None = None, bpd_images: int = BPD_IMAGES,
                      table_rows: tuple = TABLE_ROWS, parent_run_id: str | None = None,
-                     run_name: str | None = None) -> dict[str, Any]:
+                     run_name: str | None = None, classes: tuple[int, ...] = (), balanced: bool = False,
+                     guidance: float | None = None, guidance_sweep: bool | None = None) -> dict[str, Any]:
     """Evaluate ``model`` and log every keyed result; returns them with a readable ``message``.
 
     ``sampler``, ``steps`` and ``eta`` left None are the model's own (its config's ``sample`` section),
-    settled once here (:func:`pipelines.sample.request.resolve_settings`). The results go to a run of
-    their own, ``run_name`` under ``parent_run_id`` when given (the workflow's), see :func:`log_results`."""
+    settled once here (:func:`pipelines.sample.request.resolve_settings`), as the classes and
+    guidance of a class-conditional model (:func:`pipelines.sample.request.resolve_classes`);
+    ``guidance_sweep`` (default: on for a class-conditional model) adds the sweep. The results go to
+    a run of their own, ``run_name`` under ``parent_run_id`` when given (the workflow's), see
+    :func:`log_results`."""
     check_num(num)
     settings = resolve(address=address)
     tracking.configure(settings)
     loaded = models.load(model)
     cfg = loaded.config
     sampler, steps, eta = resolve_settings(cfg, sampler, steps, eta)  # before any work
+    classes, guidance = resolve_classes(cfg, classes, balanced, guidance)
+    if guidance_sweep and not cfg.model.num_classes:
+        raise UsageError("--guidance-sweep needs a class-conditional model (model.num_classes > 0); this one "
+                         "is unconditional")
     ev = load_eval_data(cfg, data, settings)
 
     results: list[dict[str, Any]] = []
     bpd = held_out_bpd(loaded, ev, bpd_images)
     results.append(bpd)
-    main = measure_sampler(loaded, ev, sampler, steps, eta, num, nodes, address, settings)
+    main = measure_sampler(loaded, ev, sampler, steps, eta, num, nodes, address, settings, classes, guidance)
+    cond = None
+    if cfg.model.num_classes:
+        cond = measure_classes(loaded, ev, main, nodes, address, settings, guidance, guidance_sweep is not False)
+        main["results"].extend(cond["primary"])  # conditional accuracy and class spread: the setting asked for
     results.extend(main["results"])
+    results.extend(cond["results"] if cond else [])
     rows = []
     if table:
         T = loaded.diffusion.num_timesteps
         for s, n, e in dict.fromkeys((s, min(n, T), e) for s, n, e in table_rows):
             console.info(f"[evaluate] sampler table: {s} {n} steps eta {e:g}")
-            row = measure_sampler(loaded, ev, s, n, e, num, nodes, address, settings)
+            row = measure_sampler(loaded, ev, s, n, e, num, nodes, address, settings, classes, guidance)
             rows.append(row)
             results.extend(r for r in row["results"] if r["key"] not in {x["key"] for x in results})
 
     target = log_results(loaded, model, results, main, rows, settings, data_url=ev.test_url,
-                         parent_run_id=parent_run_id, run_name=run_name)
-    message = _message(model, bpd, main, rows, target)
+                         parent_run_id=parent_run_id, run_name=run_name, cond=cond)
+    message = _message(model, bpd, main, rows, target, cond)
     return {"message": message, "model": model, "results": results, "bpd": bpd["value"],
             "scores": main["scores"], "floors": main.get("floors", {}), "se": main.get("se", {}),
             "floor_se": main.get("floor_se", {}),
@@ -124,6 +145,7 @@ def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampl
             "floor_compared": {n: c["label"] for n, c in main.get("floor_compared", {}).items()},
             "sec_per_sample": main["sec_per_sample"], "sampler": main["sampler"],
             "steps": main["steps"], "eta": main["eta"], "num": num, "table": [_row_summary(r) for r in rows],
+            "classes": list(classes) or None, "guidance": guidance, "conditional": _cond_summary(cond),
             "feature_net": main.get("feature_net"), "notes": main.get("notes", []), **target}
 
 
@@ -160,10 +182,10 @@ def load_eval_data(cfg: ExperimentConfig, data: str | None, settings: Settings) 
             train_url = settings.data_url(cfg.data.source, "train")
             ensure_prepared(cfg.data.source, test_url, "test")
             ensure_prepared(cfg.data.source, train_url, "train")
-        test, _, test_manifest = load_split(test_url)
-        train, train_manifest = None, None
+        test, test_labels, test_manifest = load_split(test_url)
+        train, train_labels, train_manifest = None, None, None
         if train_url is not None:
-            train, _, train_manifest = load_split(train_url)
+            train, train_labels, train_manifest = load_split(train_url)
     except DataError as e:
         raise UsageError(f"evaluation data: {e}") from None
     m = cfg.model
@@ -175,7 +197,9 @@ def load_eval_data(cfg: ExperimentConfig, data: str | None, settings: Settings) 
     both = _manifest_hash({"train": train_manifest, "test": test_manifest})
     return EvalData(test=to_float(test, levels), train=None if train is None else to_float(train, levels),
                     levels=levels, source=str(test_manifest["source"]), test_hash=_manifest_hash(test_manifest),
-                    hash=both, test_url=test_url, train_url=train_url)
+                    hash=both, test_url=test_url, train_url=train_url,
+                    test_labels=test_labels if test_manifest.get("labels") else None,
+                    train_labels=train_labels if train_manifest and train_manifest.get("labels") else None)
 
 
 # -- measurements -----------------------------------------------------------------------------------
@@ -202,42 +226,60 @@ def held_out_bpd(loaded: LoadedModel, ev: EvalData, images: int, batch_size: int
 
 
 def generate_samples(loaded: LoadedModel, sampler: str, steps: int, eta: float, num: int, nodes: int,
-                     address: str | None, seed: int = 0) -> torch.Tensor:
-    """``num`` samples in [-1, 1]; sample i draws its noise from ``ddpm.noise.sample_seed(seed, i)``."""
+                     address: str | None, seed: int = 0, classes: tuple[int, ...] = (),
+                     guidance: float | None = None) -> torch.Tensor:
+    """``num`` samples in [-1, 1]; sample i draws its noise from ``ddpm.noise.sample_seed(seed, i)``
+    and, with ``classes``, asks for ``classes[i mod len(classes)]`` with ``guidance`` (settled)."""
     if nodes > 1:  # the batch-sampling job (`ddpm-pipe sample`'s Ray actors): same seeds, same images
         return sample_to_tensor(model=loaded.uri, num=num, sampler=sampler, steps=steps, eta=eta, seed=seed,
                                 nodes=nodes, batch_size=loaded.config.sample.batch_size, address=address,
-                                progress=False)
+                                progress=False, classes=classes, guidance=guidance)
     # SamplingNet as the sample job's workers run it: same seeds, same images.
     pipe = DDPMPipeline.from_config(SamplingNet(loaded.model), loaded.config, loaded.diffusion,
-                                    sampler=sampler, steps=steps, eta=eta)
+                                    sampler=sampler, steps=steps, eta=eta, guidance=guidance)
     bar = console.Progress("evaluate", num, "sample")
-    bar.suffix = f" ({sampler}, {pipe.steps} steps{f', eta {pipe.eta:g}' if pipe.eta else ''})"
-    x = pipe(num, seed, progress=lambda done, _total: bar.update(done - bar.done))
+    asked = f", classes in turn, guidance {guidance:g}" if classes else ""
+    bar.suffix = f" ({sampler}, {pipe.steps} steps{f', eta {pipe.eta:g}' if pipe.eta else ''}{asked})"
+    x = pipe(num, seed, progress=lambda done, _total: bar.update(done - bar.done),
+             class_labels=labels_of(list(range(num)), classes))
     bar.close()
     return x
 
 
 def measure_sampler(loaded: LoadedModel, ev: EvalData, sampler: str, steps: int, eta: float, num: int,
-                    nodes: int, address: str | None, settings: Settings) -> dict[str, Any]:
-    """Sample ``num`` images with one settled sampler setting; score them against held-out data, with floors.
+                    nodes: int, address: str | None, settings: Settings, classes: tuple[int, ...] = (),
+                    guidance: float | None = None) -> dict[str, Any]:
+    """Sample ``num`` images with one settled sampler setting (and classes and guidance); score them
+    against held-out data, with floors.
 
     Each result's key says what was compared with what: ``vs:test-<M>`` (the held-out split) or
     ``vs:train-<M>`` (copy rate), and a floor's ``real:train``/``real:test`` with its ``num``.
     """
     start = time.perf_counter()
-    x = generate_samples(loaded, sampler, steps, eta, num, nodes, address)
-    return score_samples(x, time.perf_counter() - start, ev, sampler, steps, eta, settings)
+    x = generate_samples(loaded, sampler, steps, eta, num, nodes, address, classes=classes, guidance=guidance)
+    asked = _asked(classes, guidance, loaded.config.model.num_classes)
+    out = score_samples(x, time.perf_counter() - start, ev, sampler, steps, eta, settings, asked=asked)
+    out.update(classes=classes, guidance=guidance, labels=labels_of(list(range(num)), classes))
+    return out
+
+
+def _asked(classes: tuple[int, ...], guidance: float | None, num_classes: int) -> dict[str, str | float]:
+    """What a result depends on besides the sampler: the classes asked for (``balanced``: every class
+    in turn) and the guidance; nothing when no class was asked (keys as an unconditional model's)."""
+    if not classes:
+        return {}
+    which = "balanced" if classes == tuple(range(num_classes)) else "-".join(map(str, classes))
+    return {"classes": which, "guidance": float(guidance)}
 
 
 def score_samples(x: torch.Tensor, seconds: float, ev: EvalData, sampler: str, steps: int, eta: float,
-                  settings: Settings) -> dict[str, Any]:
+                  settings: Settings, asked: dict[str, str | float] | None = None) -> dict[str, Any]:
     """Score samples ``x`` (float ``[N x C x H x W]`` in [-1, 1]) made in ``seconds`` by one sampler
-    setting, as :func:`measure_sampler` does; for samples made elsewhere (``benchmarks/bench_quality.py``
-    scores a diffusers model's with it)."""
+    setting (``asked``: the classes and guidance, :func:`_asked`), as :func:`measure_sampler` does;
+    for samples made elsewhere (``benchmarks/bench_quality.py`` scores a diffusers model's with it)."""
     num = len(x)
     samples = to_float(to_levels(x, ev.levels), ev.levels)  # on the data's own grey levels
-    deps = {"sampler": sampler, "steps": steps, "eta": float(eta), "num": num}
+    deps = {"sampler": sampler, "steps": steps, "eta": float(eta), "num": num, **(asked or {})}
     out: dict[str, Any] = {"sampler": sampler, "steps": steps, "eta": float(eta), "num": num,
                            "sec_per_sample": seconds / num, "samples": samples, "scores": {}, "floors": {},
                            "se": {}, "floor_se": {}, "compared": {}, "floor_compared": {}, "notes": [],
@@ -261,6 +303,88 @@ def score_samples(x: torch.Tensor, seconds: float, ev: EvalData, sampler: str, s
                                    num=f["num"], real=f["real"], **vs))
     out["results"] = results
     return out
+
+
+# -- class-conditional models ---------------------------------------------------------------------
+def measure_classes(loaded: LoadedModel, ev: EvalData, main: dict[str, Any], nodes: int, address: str | None,
+                    settings: Settings, guidance: float | None, sweep: bool) -> dict[str, Any]:
+    """A class-conditional model's scores (``pipelines/registry/evaluate_classes.py``): ``num``
+    samples of the main setting's sampler asked for every class in turn, at the guidance asked for
+    (the model's own when none) and, with ``sweep``, at every w of :data:`SWEEP` (the same seeds).
+
+    Returns ``primary`` (``cond_accuracy``, ``class_spread``: the setting asked for), ``results``
+    (per class, ``section`` ``class<c>/``; the sweep's, ``guidance-<w>/``), ``per_class``,
+    ``sweep`` (the table's rows), ``samples`` (at the guidance asked for) and ``notes``.
+    """
+    K, num = loaded.config.model.num_classes, main["num"]
+    w0 = loaded.config.sample.guidance if guidance is None else guidance
+    out: dict[str, Any] = {"guidance": w0, "num": num, "primary": [], "results": [], "per_class": {}, "sweep": [],
+                           "samples": None, "notes": []}
+    yardstick, version = _class_yardstick(ev, settings, K, out["notes"])
+    if yardstick is None:
+        return out
+    balanced = tuple(range(K))
+    labels = torch.tensor(labels_of(list(range(num)), balanced))
+    made = {w0: (main["samples"], main["sec_per_sample"] * num)} if main["classes"] == balanced else {}
+
+    def samples_at(w: float) -> tuple[torch.Tensor, float]:
+        if w not in made:
+            start = time.perf_counter()
+            x = generate_samples(loaded, main["sampler"], main["steps"], main["eta"], num, nodes, address,
+                                 classes=balanced, guidance=w)
+            made[w] = to_float(to_levels(x, ev.levels), ev.levels), time.perf_counter() - start
+        return made[w]
+
+    deps = {"sampler": main["sampler"], "steps": main["steps"], "eta": main["eta"], "num": num, "data": ev.hash,
+            "features": version, "classes": "balanced"}
+    vs = {n: {} if n == "cond_accuracy" else {"vs": f"test-{len(ev.test)}"} for n in SWEEP_SCORES}
+    out["samples"], _ = samples_at(w0)
+    scored = yardstick.scores(out["samples"], labels)
+    out["scores"] = scored.overall
+    out["primary"] = [_result(n, *scored.overall[n], **deps, guidance=w0, **vs[n]) for n in ("cond_accuracy", "class_spread")]
+    for c, row in scored.per_class.items():
+        out["per_class"][c] = row
+        out["results"].append({**_result("cond_accuracy", *row["cond_accuracy"], **deps, guidance=w0, **{"class": c}),
+                               "section": f"class{c}/"})
+        if "kid" in row:
+            out["results"].append({**_result("kid", *row["kid"], **deps, guidance=w0, **{"class": c},
+                                             vs=f"test-class{c}-{yardstick.reference(c)}"), "section": f"class{c}/"})
+    for w in SWEEP if sweep else ():
+        x, seconds = samples_at(w)
+        s = scored if w == w0 else yardstick.scores(x, labels, per_class=False)
+        out["sweep"].append({"guidance": w, "num": num, "sec_per_sample": seconds / num,
+                             "scores": {n: s.overall[n][0] for n in SWEEP_SCORES},
+                             "se": {n: s.overall[n][1] for n in SWEEP_SCORES}})
+        keys = {r["key"] for r in out["primary"]}
+        out["results"].extend({**r, "section": f"guidance-{w:g}/"} for r in (
+            _result(n, *s.overall[n], **deps, guidance=w, **vs[n]) for n in SWEEP_SCORES) if r["key"] not in keys)
+    return out
+
+
+def _class_yardstick(ev: EvalData, settings: Settings, num_classes: int,
+                     notes: list[str]) -> tuple[ClassYardstick | None, str]:
+    """The digits classifier's :class:`ClassYardstick` and its version, or ``(None, "")`` with a note
+    saying why the data allow no conditional scores."""
+    if ev.source != "digits" or ev.test.shape[1:] != (1, 8, 8) or num_classes != features.NUM_CLASSES:
+        notes.append(f"conditional accuracy skipped: it needs the digits classifier ({features.NUM_CLASSES} "
+                     f"classes of 8x8 digits), not {num_classes} classes of {ev.source!r}")
+        return None, ""
+    if ev.train is None or ev.test_labels is None or ev.train_labels is None:
+        notes.append("conditional accuracy skipped: it needs labelled held-out and training splits")
+        return None, ""
+    net, info = features.load_digits_feature_net(settings.home / "cache")
+    return ClassYardstick(net, ev.test, ev.test_labels, ev.train, ev.train_labels, K_NEAREST), info["version"]
+
+
+def _cond_summary(cond: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The conditional scores as plain data (the command's JSON result)."""
+    if cond is None:
+        return None
+    return {"guidance": cond["guidance"], "num": cond["num"], "notes": cond["notes"], "sweep": cond["sweep"],
+            "scores": {n: v for n, (v, _) in cond.get("scores", {}).items()},
+            "se": {n: se for n, (_, se) in cond.get("scores", {}).items()},
+            "per_class": {str(c): {k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()}
+                          for c, row in cond["per_class"].items()}}
 
 
 def _compared(scores: dict[str, float], what: dict[str, str | None], n_samples: int, n_ref: int,
@@ -390,7 +514,8 @@ def _versions_of(uri: str, meta: dict[str, Any]) -> list[tuple[str, str]]:
 def metric_names(results: list[dict[str, Any]], primary: list[dict[str, Any]]) -> dict[str, str]:
     """``{result key: metric name in the evaluation run}`` for every result and standard error: the
     setting asked for by its metric's name (``bpd``, ``kid``, ``kid_se``, ``fd_floor``); a sampler
-    table row's under its setting (``ddim-10-eta0/kid``: a chart section per setting)."""
+    table row's under its setting (``ddim-10-eta0/kid``: a chart section per setting); a result with
+    a ``section`` under it (``class3/cond_accuracy``, ``guidance-2/recall``)."""
     asked = {r["key"] for r in primary} | {r["se_key"] for r in primary if "se_key" in r}
     names = {}
     for r in results:
@@ -398,7 +523,8 @@ def metric_names(results: list[dict[str, Any]], primary: list[dict[str, Any]]) -
             if key is None:
                 continue
             deps = parse_result_key(key)[1]
-            setting = f"{deps['sampler']}-{deps['steps']}-eta{deps['eta']}/" if "sampler" in deps else "table/"
+            setting = r.get("section") or (
+                f"{deps['sampler']}-{deps['steps']}-eta{deps['eta']}/" if "sampler" in deps else "table/")
             names[key] = metric if key in asked else setting + metric
     return names
 
@@ -424,7 +550,8 @@ def _evaluation_run(loaded: LoadedModel, uri: str, settings: Settings, parent_ru
 
 def log_results(loaded: LoadedModel, uri: str, results: list[dict[str, Any]], main: dict[str, Any],
                 rows: list[dict[str, Any]], settings: Settings, data_url: str | None = None,
-                parent_run_id: str | None = None, run_name: str | None = None) -> dict[str, Any]:
+                parent_run_id: str | None = None, run_name: str | None = None,
+                cond: dict[str, Any] | None = None) -> dict[str, Any]:
     """Log the evaluation to a run of its own (:func:`_evaluation_run`) and tag the model's versions.
 
     The run's metrics have short names (:func:`metric_names`); each one's full result key (what it
@@ -441,7 +568,7 @@ def log_results(loaded: LoadedModel, uri: str, results: list[dict[str, Any]], ma
     try:
         versions = _versions_of(uri, {"run_id": loaded.run_id, "name": loaded.name, "version": loaded.version})
         stamp = _log_metrics(c, run_id, loaded, results, primary, main, data_url)
-        _log_artifacts(c, run_id, uri, loaded, results, main, rows, stamp)
+        _log_artifacts(c, run_id, uri, loaded, results, main, rows, stamp, cond)
         for name, version in versions:
             for r in results:
                 c.set_model_version_tag(name, version, EVAL_TAG + r["key"], repr(r["value"]))
@@ -480,11 +607,15 @@ def _log_metrics(c: MlflowClient, run_id: str, loaded: LoadedModel, results: lis
 
 
 def _log_artifacts(c: MlflowClient, run_id: str, uri: str, loaded: LoadedModel, results: list[dict[str, Any]],
-                   main: dict[str, Any], rows: list[dict[str, Any]], stamp: str) -> None:
-    """The full report (JSON), the main setting's sample grid and, with ``--table``, the sampler table."""
+                   main: dict[str, Any], rows: list[dict[str, Any]], stamp: str,
+                   cond: dict[str, Any] | None = None) -> None:
+    """The full report (JSON), the main setting's sample grid, with ``--table`` the sampler table, and
+    of a class-conditional model the grid of every class (column c asked for class c) and the
+    guidance sweep (``guidance_sweep.{json,md}``)."""
     with tempfile.TemporaryDirectory() as tmp:
         doc = {"model": uri, "time": stamp, "results": results, "notes": main.get("notes", []),
-               "feature_net": main.get("feature_net"), "table": [_row_summary(r) for r in rows]}
+               "feature_net": main.get("feature_net"), "table": [_row_summary(r) for r in rows],
+               "conditional": _cond_summary(cond)}
         files = [Path(tmp) / f"evaluation-{stamp}.json", Path(tmp) / f"samples-{main['sampler']}-{main['steps']}-{stamp}.png"]
         files[0].write_text(json.dumps(doc, indent=1, default=str))
         save_grid(main["samples"][:64], str(files[1]), levels=loaded.config.data.levels)
@@ -492,12 +623,38 @@ def _log_artifacts(c: MlflowClient, run_id: str, uri: str, loaded: LoadedModel, 
             files += [Path(tmp) / "sampler_table.json", Path(tmp) / "sampler_table.md"]
             files[2].write_text(json.dumps([_row_summary(r) for r in rows], indent=1))
             files[3].write_text(table_markdown(rows) + "\n")
+        if cond is not None and cond["samples"] is not None:
+            K = loaded.config.model.num_classes
+            files.append(Path(tmp) / f"samples-classes-w{cond['guidance']:g}-{stamp}.png")
+            save_grid(cond["samples"][:K * 8], str(files[-1]), levels=loaded.config.data.levels, nrow=K)
+        if cond is not None and cond["sweep"]:
+            files += [Path(tmp) / "guidance_sweep.json", Path(tmp) / "guidance_sweep.md"]
+            files[-2].write_text(json.dumps(cond["sweep"], indent=1))
+            files[-1].write_text(sweep_markdown(cond["sweep"]) + "\n")
         for f in files:
             c.log_artifact(run_id, str(f), "evaluation")
 
 
+def _cond_lines(cond: dict[str, Any], main: dict[str, Any]) -> list[str]:
+    """A class-conditional model's scores, in words (the command's message)."""
+    lines = [f"  note: {n}" for n in cond["notes"]]
+    if "scores" not in cond:
+        return lines
+    (acc, acc_se), (spread, spread_se) = cond["scores"]["cond_accuracy"], cond["scores"]["class_spread"]
+    ceiling = (f" (ceiling: the classifier on the held-out digits, {main['feature_net']['test_accuracy']:.3f})"
+               if main.get("feature_net") else "")
+    lines += [f"{cond['num']} samples of every class in turn, guidance {cond['guidance']:g}: conditional accuracy "
+              f"{_cell(acc, acc_se)}{ceiling}; class spread {_cell(spread, spread_se)} (1: the real digits')",
+              "  per class (accuracy, KID vs that class's held-out digits): " + "; ".join(
+                  f"{c}: {row['cond_accuracy'][0]:.3f}" + (f", {row['kid'][0]:.3g}" if "kid" in row else "")
+                  for c, row in cond["per_class"].items())]
+    if cond["sweep"]:
+        lines.append(sweep_markdown(cond["sweep"]))
+    return lines
+
+
 def _message(uri: str, bpd: dict[str, Any], main: dict[str, Any], rows: list[dict[str, Any]],
-             target: dict[str, Any]) -> str:
+             target: dict[str, Any], cond: dict[str, Any] | None = None) -> str:
     lines = [f"{uri}: {bpd['value']:.4f} bits/dim (full bound, {bpd['key'].split('num:')[1].split('/')[0]} "
              f"held-out images)",
              f"{main['sampler']} {main['steps']} steps eta {main['eta']:g}, {main['num']} samples: "
@@ -513,6 +670,8 @@ def _message(uri: str, bpd: dict[str, Any], main: dict[str, Any], rows: list[dic
         lines.append(f"  feature net {main['feature_net']['version']}: "
                      f"{main['feature_net']['test_accuracy']:.3f} test accuracy")
     lines.extend(f"  note: {n}" for n in main.get("notes", []))
+    if cond is not None:
+        lines.extend(_cond_lines(cond, main))
     if rows:
         lines.append(table_markdown(rows))
     where = ", ".join(target["versions"]) or "no registered version"

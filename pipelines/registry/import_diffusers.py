@@ -1,6 +1,8 @@
 """`ddpm-pipe import-diffusers`: a diffusers ``UNet2DModel`` folder -> a registered model version.
 
-The network converts through ``ddpm.convert_diffusers`` (the paper's architecture only). The rest of
+The network converts through ``ddpm.convert_diffusers`` (the paper's architecture only; a
+class-conditional one, ``num_class_embeds = K``, becomes ``model.num_classes = K``, sampled with
+``--class``/``--classes`` and ``--guidance`` as a model trained here). The rest of
 the config is the paper's CIFAR-10 setting: linear betas 1e-4..0.02 over T = 1000 steps, epsilon
 prediction, sigma_t^2 = beta_t, 256 grey levels (the ``cifar10`` preset), with the converted
 network in place of the preset's. The version is logged by ``pipelines.registry.register`` in a run of the
@@ -65,7 +67,8 @@ def import_command(path: str, name: str) -> dict[str, Any]:
     tracking.end_run(run_id)
     params = sum(p.numel() for p in model.parameters())
     uri = f"models:/{name}/{version}"
-    return {"message": f"imported {path} ({params:,} parameters, T=1000 linear, 256 levels) as {uri}; "
-                       f"MLflow run {run_id}",
-            "name": name, "version": version, "model_uri": uri, "run_id": run_id,
+    K = cfg.model.num_classes
+    return {"message": f"imported {path} ({params:,} parameters, T=1000 linear, 256 levels, "
+                       f"{f'class-conditional on {K} classes' if K else 'unconditional'}) as {uri}; MLflow run {run_id}",
+            "name": name, "version": version, "model_uri": uri, "run_id": run_id, "num_classes": K,
             "run_model_uri": f"runs:/{run_id}/{MODEL_ARTIFACT}", "parameters": params}

@@ -6,7 +6,9 @@ This file is logged as the model's code; ``ddpm`` travels beside it as ``code_pa
 
 ``predict`` takes a dict (or a one-row DataFrame) with ``num`` (required) and optionally
 ``seeds`` (one int per sample, or one int ``seed``: sample i then uses ``seed * 1_000_003 + i``),
-``sampler`` (ddpm|ddim|dpmpp), ``steps`` and ``eta`` (each default the config's, ddpm.pipeline.sampling_settings), ``batch_size``.
+``sampler`` (ddpm|ddim|dpmpp), ``steps`` and ``eta`` (each default the config's, ddpm.pipeline.sampling_settings), ``batch_size``;
+a class-conditional model also takes ``class_labels`` (one class per sample, or one class for all;
+none: its null class, unconditional) and ``guidance`` (w, default the config's ``sample.guidance``).
 It returns uint8 images ``[num x H x W x C]`` on the data's grey levels. The logged signature
 (``pipelines.registry.register.signature``) declares these columns, so pyfunc hands ``predict`` a DataFrame.
 """
@@ -54,11 +56,14 @@ class DDPMPyfunc(PythonModel):
         steps = _scalar(req.get("steps"))  # none: the config's steps for the config's sampler (capped at T)
         batch = _scalar(req.get("batch_size"))
         eta = _scalar(req.get("eta"))  # none: the config's eta for the config's sampler, else 0
+        guidance = _scalar(req.get("guidance"))
         pipe = DDPMPipeline.from_config(self.model, self.config, self.diffusion, sampler=sampler,
                                         steps=None if steps in (None, "") else int(steps),
                                         eta=None if eta in (None, "") or eta != eta else float(eta),
-                                        batch_size=None if batch in (None, "") else int(batch))
-        return to_uint8(pipe.from_seeds(seeds), self.config.data.levels)
+                                        batch_size=None if batch in (None, "") else int(batch),
+                                        guidance=None if _missing(guidance) else float(guidance))
+        return to_uint8(pipe.from_seeds(seeds, class_labels=_labels(req.get("class_labels"), num)),
+                        self.config.data.levels)
 
 
 def _scalar(value: object) -> object:
@@ -66,6 +71,22 @@ def _scalar(value: object) -> object:
     if isinstance(value, (list, tuple)) and len(value) == 1:
         return value[0]
     return value
+
+
+def _missing(value: object) -> bool:
+    """An optional column left out: None, an empty string, or the NaN a DataFrame fills in."""
+    return value is None or value == "" or (isinstance(value, float) and value != value)
+
+
+def _labels(value: object, num: int) -> list[int] | None:
+    """``class_labels``: one per sample, or one for all ``num``; None when left out. Checked by the
+    pipeline (a class of an unconditional model or out of range: ``ValueError``)."""
+    if value is None or (not hasattr(value, "__len__") and _missing(value)):
+        return None
+    if hasattr(value, "__len__") and not isinstance(value, str):
+        labels = [int(c) for c in value]
+        return labels * num if len(labels) == 1 else labels
+    return [int(value)] * num
 
 
 mlflow.models.set_model(DDPMPyfunc())

@@ -5,7 +5,8 @@ The gate reads the keyed results `ddpm-pipe evaluate` stores as version tags
 metric's direction (``ddpm.metrics.better``), and the candidate must win by more than ``min_delta``.
 Which key: ``--metric`` may be a full result key; a bare metric name uses the candidate's latest
 evaluation of it when the holder has the same key, else the holder's latest, else the first common
-key in sorted order. With no holder, any evaluated version takes the alias.
+key in sorted order. With no holder, any evaluated version takes the alias (recorded with the key of
+its latest evaluation of the metric, not that of a sampler-table row or of one class).
 
 Every decision is recorded on the candidate version as tags ``ddpm.promote.<alias>.<field>`` (the
 latest) and ``ddpm.promote.<alias>.history.<UTC time>`` (one JSON line per decision). Aliases only;
@@ -55,6 +56,8 @@ def promote_command(name: str, version: str | None = None, alias: str = "champio
     decision: dict[str, Any] = {"alias": alias, "candidate_version": version, "holder_version": holder,
                                 "metric": metric, "min_delta": min_delta}
     key = _pick_key(metric, cand_evals, hold_evals, candidate.tags, hold_tags)
+    if key is None and holder is None and candidate.tags.get(LAST_TAG + metric) in cand_evals:
+        key = candidate.tags[LAST_TAG + metric]  # no holder: the candidate's latest evaluation of it
     if key is not None:
         decision.update(key=key, candidate_value=cand_evals.get(key), holder_value=hold_evals.get(key))
     if holder == version:

@@ -28,6 +28,7 @@ import mlflow
 import numpy
 import safetensors
 import torch
+from mlflow.entities import Run
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import DataType
@@ -48,10 +49,12 @@ def signature(config: ExperimentConfig) -> ModelSignature:
     """The pyfunc's signature: request columns in, uint8 images ``[-1 x H x W x C]`` out.
 
     ``num`` is required; ``seed`` (sample i uses ``ddpm.noise.sample_seed(seed, i)``) or ``seeds``
-    (one per sample), ``sampler``, ``steps``, ``eta`` and ``batch_size`` are optional.
+    (one per sample), ``sampler``, ``steps``, ``eta``, ``batch_size``, and for a class-conditional
+    model ``class_labels`` (one class per sample) and ``guidance`` (w) are optional.
     """
     optional = [("seed", DataType.long), ("seeds", Array(DataType.long)), ("sampler", DataType.string),
-                ("steps", DataType.long), ("eta", DataType.double), ("batch_size", DataType.long)]
+                ("steps", DataType.long), ("eta", DataType.double), ("batch_size", DataType.long),
+                ("class_labels", Array(DataType.long)), ("guidance", DataType.double)]
     inputs = Schema([ColSpec(DataType.long, "num"), *(ColSpec(t, n, required=False) for n, t in optional)])
     m = config.model
     outputs = Schema([TensorSpec(numpy.dtype("uint8"), (-1, m.image_size, m.image_size, m.in_channels))])
@@ -59,8 +62,12 @@ def signature(config: ExperimentConfig) -> ModelSignature:
 
 
 def input_example(config: ExperimentConfig) -> dict[str, Any]:
-    """Two DDIM samples from seed 0 in a few steps (at most T)."""
-    return {"num": 2, "seed": 0, "sampler": "ddim", "steps": min(EXAMPLE_STEPS, config.diffusion.timesteps)}
+    """Two DDIM samples from seed 0 in a few steps (at most T); of a class-conditional model, of its
+    first two classes (the config's guidance)."""
+    example = {"num": 2, "seed": 0, "sampler": "ddim", "steps": min(EXAMPLE_STEPS, config.diffusion.timesteps)}
+    if config.model.num_classes:
+        example["class_labels"] = [c % config.model.num_classes for c in range(2)]
+    return example
 
 
 def log_model(run_id: str, config: ExperimentConfig, model: torch.nn.Module, name: str | None,
@@ -121,8 +128,31 @@ def training_description(c: MlflowClient, run_id: str, config: ExperimentConfig,
     trained = f"trained to step {metadata['step']}" if "step" in metadata else "trained"
     return (f"DDPM '{config.name}': U-Net ch={m.ch} ch_mult={list(m.ch_mult)} on {m.in_channels}x{m.image_size}x"
             f"{m.image_size} images, T={d.timesteps} {d.schedule} schedule, {d.prediction} prediction; "
+            f"{conditioning(config, _class_names(run))}; "
             f"{trained} on {', '.join(data) or config.data.url or config.data.source} "
             f"in run {run.info.run_name} ({run_id}).")
+
+
+def conditioning(config: ExperimentConfig, names: list[str] | None = None) -> str:
+    """Whether a model is class-conditional, in words: on which classes (``names``: the training
+    data's class names, when known), its label dropout and default guidance."""
+    K = config.model.num_classes
+    if not K:
+        return "unconditional"
+    named = f" ({', '.join(names)})" if names and len(names) == K else ""
+    return (f"class-conditional on {K} classes, labels 0..{K - 1}{named}, label {K} the null class "
+            f"(unconditional), trained with label dropout {config.train.label_dropout:g}, sampled with "
+            f"classifier-free guidance w={config.sample.guidance:g} by default")
+
+
+def _class_names(run: Run) -> list[str] | None:
+    """The class names of the run's training data, from its dataset profile (its manifest's ``classes``)."""
+    for i in run.inputs.dataset_inputs if run.inputs else []:
+        if any(t.key == "mlflow.data.context" and t.value == "training" for t in i.tags):
+            names = json.loads(i.dataset.profile or "{}").get("classes")
+            if names:
+                return [str(n) for n in names]
+    return None
 
 
 def _source_uri(source_json: str) -> str:

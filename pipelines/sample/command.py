@@ -26,14 +26,16 @@ Determinism: sample i's noise (x_T and every step's) comes from its own generato
 the batch size or the unit an index falls in (equal up to float rounding, below 1e-4).
 
 Output layout (``{out}/``), every file written whole or not at all (``ddpm.data.storage.atomic_write``):
-- ``png``: ``{i:08d}.png``, plus ``{i:08d}-progressive.png`` (written first) with ``--progressive K``;
+- ``png``: ``{i:08d}.png`` (``{i:08d}-class{c}.png`` when sample i asked for class c), plus
+  ``{i:08d}-progressive.png`` (written first) with ``--progressive K``;
 - ``npz``: ``samples-{start:08d}-{end:08d}.npz`` holding ``indices``, ``x`` (float32 in [-1, 1],
-  ``[n x C x H x W]``), ``images`` (uint8 ``[n x H x W x C]``) and ``progressive`` (uint8
-  ``[n x K x H x W x C]``) with ``--progressive``;
-- ``webdataset``: ``samples-{start:08d}-{end:08d}.tar`` with ``{i:08d}.png`` (and
-  ``{i:08d}.progressive.png``) members;
+  ``[n x C x H x W]``), ``images`` (uint8 ``[n x H x W x C]``), ``labels`` (int64, the class each
+  asked for) with classes, and ``progressive`` (uint8 ``[n x K x H x W x C]``) with ``--progressive``;
+- ``webdataset``: ``samples-{start:08d}-{end:08d}.tar`` with ``{i:08d}.png`` (and ``{i:08d}.cls``,
+  the class asked for, and ``{i:08d}.progressive.png``) members;
 - ``.ddpm-sample.json``: the settings, written before the first sample; ``manifest.json``: the
-  settings, count, timings and samples/s, written last, once every index exists.
+  settings (``classes`` and ``guidance`` among them), count, timings and samples/s, and with
+  classes every sample's class (``labels``), written last, once every index exists.
 
 Resuming: an index is done when its PNG exists or a chunk file's name covers it; a re-run samples
 the missing indices only, in new chunks, so chunk files never overlap whatever ``--batch-size`` is.
@@ -72,6 +74,7 @@ class SampleRun:
     x: torch.Tensor
     progressive: torch.Tensor | None  # [N x K x C x H x W] with req.progressive = K
     info: dict[str, Any]
+    labels: list[int] | None = None  # the class sample i asked for (None: no class asked)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -112,20 +115,23 @@ def sample_arrays(req: SampleRequest, progress: bool = True) -> SampleRun:
     done = time.perf_counter()
     x = torch.from_numpy(np.stack([xs[i] for i in range(req.num)]))
     preds = torch.from_numpy(np.stack([ps[i] for i in range(req.num)])) if ps else None
-    return SampleRun(x=x, progressive=preds, info=info, timings=_timings(start, ready, done, req.num))
+    return SampleRun(x=x, progressive=preds, info=info, timings=_timings(start, ready, done, req.num),
+                     labels=req.labels(list(range(req.num))))
 
 
 def sample_to_tensor(model: str, num: int, sampler: str | None = None, steps: int | None = None,
                      eta: float | None = None, batch_size: int = 256, nodes: int = 1, gpus_per_node: int = 0,
                      seed: int = 0, precision: str = "fp32", address: str | None = None,
-                     progress: bool = True) -> torch.Tensor:
+                     progress: bool = True, classes: tuple[int, ...] = (),
+                     guidance: float | None = None) -> torch.Tensor:
     """``num`` samples ``[num x C x H x W]`` (float32 in [-1, 1]) through the same Ray job as ``sample``.
 
-    Sample i is the same as ``ddpm-pipe sample --seed SEED`` writes as index i.
+    Sample i is the same as ``ddpm-pipe sample --seed SEED`` writes as index i (with ``classes``,
+    asking for ``classes[i mod len(classes)]`` with ``guidance``).
     """
     req = SampleRequest(model=model, num=num, sampler=sampler, steps=steps, eta=eta, batch_size=batch_size,
                         nodes=nodes, gpus_per_node=gpus_per_node, seed=seed, precision=precision,
-                        address=address)
+                        address=address, classes=tuple(classes), guidance=guidance)
     return sample_arrays(req, progress=progress).x
 
 
@@ -140,7 +146,9 @@ def _identity(req: SampleRequest, fmt: str, meta: dict[str, Any]) -> dict[str, A
     return {"model": req.model, "model_run_id": meta.get("run_id"), "model_name": meta.get("name"),
             "model_version": meta.get("version"), "sampler": req.sampler, "steps": req.steps,
             "eta": float(req.eta), "seed": int(req.seed), "format": fmt, "precision": req.precision,
-            "progressive": int(req.progressive)}
+            "progressive": int(req.progressive),
+            # None for an unconditional job, as in the records of before classes existed
+            "classes": list(req.classes) or None, "guidance": req.guidance}
 
 
 def _default_out(req: SampleRequest, meta: dict[str, Any]) -> str:
@@ -152,7 +160,9 @@ def _default_out(req: SampleRequest, meta: dict[str, Any]) -> str:
     else:
         base = re.sub(r"[^A-Za-z0-9_.-]+", "-", req.model.rstrip("/").rsplit("/", 1)[-1]).strip("-.") or "model"
     setting = f"{req.sampler or ''}{req.steps or ''}" + (f"-eta{req.eta:g}" if req.eta is not None else "")
-    return resolve().samples_url(f"{base}-{setting + '-' if setting else ''}seed{req.seed}")
+    classes = "balanced" if req.balanced else "-".join(map(str, req.classes))
+    setting += (f"-class{classes}" if classes else "") + (f"-w{req.guidance:g}" if req.guidance is not None else "")
+    return resolve().samples_url(f"{base}-{setting.lstrip('-') + '-' if setting else ''}seed{req.seed}")
 
 
 # -- the command ----------------------------------------------------------------------------------
@@ -233,21 +243,25 @@ def _write_missing(req: SampleRequest, folder: OutputFolder, fmt: str, state: Fo
                "samples_written": len(missing)}
     manifest = write_manifest(folder, {**record, "count": req.num, "workers": info["workers"],
                                         "nodes_used": info["nodes_used"], "batch_size": req.batch_size}, timings)
+    asked = f"; classes {', '.join(map(str, req.classes))} in turn, guidance {req.guidance:g}" if req.classes else ""
     return {"out": folder.url, "count": req.num, "written": len(missing), "format": fmt,
             "resumed": bool(state.done), "manifest": f"{folder.url}/{MANIFEST}", "timings": timings,
             "workers": info["workers"], "steps": req.steps, "model_version": manifest.get("model_version"),
+            "classes": list(req.classes) or None, "guidance": req.guidance,
             "message": (f"wrote {len(missing)} sample(s) ({req.num} in all, {fmt}) at "
-                        f"{timings['samples_per_s']:.2f} samples/s on {info['workers']} worker(s); "
+                        f"{timings['samples_per_s']:.2f} samples/s on {info['workers']} worker(s){asked}; "
                         f"samples in {folder.url}")}
 
 
 def sample_command(model: str, num: int, out: str | None, sampler: str | None, steps: int | None, eta: float | None,
                    batch_size: int, nodes: int, gpus_per_node: int, seed: int, format: str, precision: str,
-                   progressive: int, address: str | None, compile: bool = False) -> dict[str, Any]:
+                   progressive: int, address: str | None, compile: bool = False, classes: tuple[int, ...] = (),
+                   balanced: bool = False, guidance: float | None = None) -> dict[str, Any]:
     """`ddpm-pipe sample`: see the module docstring."""
     req = SampleRequest(model=model, num=num, sampler=sampler, steps=steps, eta=eta, batch_size=batch_size,
                         nodes=nodes, gpus_per_node=gpus_per_node, seed=seed, precision=precision,
-                        progressive=progressive, address=address, compile=compile)
+                        progressive=progressive, address=address, compile=compile, classes=tuple(classes),
+                        balanced=balanced, guidance=guidance)
     return write_samples(req, out, fmt=format)
 
 

@@ -1,7 +1,10 @@
 """`ddpm-pipe interpolate`: reads two images, runs :func:`ddpm.interpolate.interpolate` (Ho et al. 2020,
 section 4.3) and writes the strip; the math lives in the library.
 
-One strip is written: source a, the ``lambdas`` decoded mixes, source b. Runs in the driver process:
+One strip is written: source a, the ``lambdas`` decoded mixes, source b. A class-conditional model
+decodes mix j asking for the class ``--class``/``--classes`` give it (``classes[j mod n]``, as
+`sample` numbers its samples; one ``--class`` for every mix), guided with ``--guidance``; with no
+class, its null class. Runs in the driver process:
 ``lambdas`` images are one small batch, not worth a cluster. The PNG carries the text chunk
 ``Software: ddpm-pipe interpolate``; an existing ``--out`` is replaced only when it carries it too
 (anything else is someone's file: exit 3, untouched; ``pipelines/storage/outputs.py``).
@@ -19,10 +22,12 @@ import torch
 from PIL import Image
 
 from ddpm.data.storage import atomic_write, open_fs, storage_options_for
+from ddpm.guidance import ClassifierFreeGuidance
 from ddpm.image import grid, png_bytes
 from ddpm.interpolate import interpolate
 from pipelines.errors import UsageError
 from pipelines.registry import models
+from pipelines.sample.request import labels_of, resolve_classes
 from pipelines.storage.outputs import refuse_foreign_file
 
 SOFTWARE = "ddpm-pipe interpolate"  # the PNG text chunk that marks a strip as ours
@@ -73,7 +78,9 @@ def read_image(url: str, channels: int, size: int, levels: int) -> torch.Tensor:
     return x[None].float()
 
 
-def interpolate_command(model: str, a: str, b: str, t: int, lambdas: int, out: str, seed: int) -> dict[str, Any]:
+def interpolate_command(model: str, a: str, b: str, t: int, lambdas: int, out: str, seed: int,
+                        classes: tuple[int, ...] = (), balanced: bool = False,
+                        guidance: float | None = None) -> dict[str, Any]:
     """`ddpm-pipe interpolate`: see the module docstring."""
     if lambdas < 2:
         raise UsageError(f"--lambdas must be >= 2, got {lambdas}")
@@ -86,6 +93,7 @@ def interpolate_command(model: str, a: str, b: str, t: int, lambdas: int, out: s
     fs, path = open_fs(out, storage_options_for(out))
     refuse_foreign_file(fs, path, out, is_our_strip, "a strip this tool wrote")
     models.describe(model)  # the model exists, before anything is loaded
+    classes, guidance = resolve_classes(models.read_config(model), classes, balanced, guidance)
     start = time.perf_counter()
     loaded = models.load(model)
     cfg, diffusion = loaded.config, loaded.diffusion
@@ -94,16 +102,20 @@ def interpolate_command(model: str, a: str, b: str, t: int, lambdas: int, out: s
                          f"so t must be in [0, {diffusion.num_timesteps - 1}]")
     C, size, levels = cfg.model.in_channels, cfg.model.image_size, cfg.data.levels
     x_a, x_b = read_image(a, C, size, levels), read_image(b, C, size, levels)
-    mixes = interpolate(loaded.model, diffusion, x_a, x_b, t, lambdas, seed)
+    labels = labels_of(list(range(lambdas)), classes)
+    net = loaded.model if labels is None else ClassifierFreeGuidance(loaded.model, torch.tensor(labels), guidance,
+                                                                      cfg.model.num_classes)
+    mixes = interpolate(net, diffusion, x_a, x_b, t, lambdas, seed)
     strip = torch.cat([x_a, mixes, x_b])
     try:
         atomic_write(fs, path, strip_png(grid(strip, levels=levels, nrow=len(strip), scale=max(1, 32 // size))))
     except OSError as e:
         raise UsageError(f"cannot write {out!r}: {e}") from e
     seconds = time.perf_counter() - start
+    asked = f", classes {labels} with guidance {guidance:g}" if labels is not None else ""
     return {"out": out, "t": t, "lambdas": torch.linspace(0, 1, lambdas).tolist(), "seed": seed,
-            "seconds": round(seconds, 3),
-            "message": f"wrote {out}: a, {lambdas} interpolations at t={t} (lambda 0..1), b"}
+            "seconds": round(seconds, 3), "labels": labels, "guidance": guidance,
+            "message": f"wrote {out}: a, {lambdas} interpolations at t={t} (lambda 0..1){asked}, b"}
 
 
 __all__ = ["interpolate_command", "read_image"]

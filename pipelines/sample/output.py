@@ -20,12 +20,13 @@ from ddpm.data.shards import build_tar
 from ddpm.data.storage import atomic_write, is_local, open_fs, storage_options_for
 from ddpm.image import grid, png_bytes, to_uint8
 from pipelines.errors import RefusedError, UsageError, first_line
+from pipelines.sample.request import labels_of
 from pipelines.storage.outputs import (TEMP, FolderLock, listing, missing_folders, refuse_foreign,
                                        remove_if_empty)
 
 MANIFEST = "manifest.json"
 JOB_FILE = ".ddpm-sample.json"
-_PNG = re.compile(r"^(\d{8})\.png$")
+_PNG = re.compile(r"^(\d{8})(?:-class(\d+))?\.png$")  # -class<c>: the class a conditional sample asked for
 _STRIP = re.compile(r"^(\d{8})-progressive\.png$")
 _CHUNK = re.compile(r"^samples-(\d{8})-(\d{8})\.(npz|tar)$")
 _PROBE = re.compile(r"^\.ddpm-probe-[0-9a-f]{8}$")  # OutputFolder.check_writable's probe
@@ -151,21 +152,31 @@ def _uint8(x: np.ndarray, levels: int) -> np.ndarray:
     return to_uint8(torch.tensor(x), levels)
 
 
+def png_name(i: int, label: int | None = None) -> str:
+    """Sample i's PNG: ``{i:08d}.png``, or ``{i:08d}-class{c}.png`` when it asked for class c."""
+    return f"{i:08d}.png" if label is None else f"{i:08d}-class{label}.png"
+
+
 def write_unit(folder: OutputFolder, fmt: str, result: dict[str, Any], levels: int) -> list[str]:
-    """Write one unit's samples atomically; return the file names written."""
+    """Write one unit's samples atomically; return the file names written. A class-conditional
+    unit's ``labels`` (the class each sample asked for) go beside them: in the PNG names, as the
+    npz key ``labels``, as each tar sample's ``.cls`` (as the training shards store labels)."""
     indices, x, preds = result["indices"], result["x"], result["progressive"]
+    labels = result.get("labels")
     if fmt == "png":
         names = []
         for k, i in enumerate(indices):
             if preds is not None:  # the strip first: the sample's PNG marks the index done
                 folder.write(f"{i:08d}-progressive.png", _strip_png(preds[k], levels))
-            folder.write(f"{i:08d}.png", _png(x[k], levels))
-            names.append(f"{i:08d}.png")
+            names.append(png_name(i, None if labels is None else labels[k]))
+            folder.write(names[-1], _png(x[k], levels))
         return names
     name = f"samples-{indices[0]:08d}-{indices[-1] + 1:08d}.{_CHUNK_EXT[fmt]}"
     if fmt == "npz":
         arrays = {"indices": np.asarray(indices, dtype=np.int64), "x": x.astype(np.float32),
                   "images": _uint8(x, levels)}
+        if labels is not None:
+            arrays["labels"] = np.asarray(labels, dtype=np.int64)
         if preds is not None:
             n, k = preds.shape[:2]
             arrays["progressive"] = _uint8(preds.reshape(n * k, *preds.shape[2:]), levels).reshape(
@@ -177,6 +188,8 @@ def write_unit(folder: OutputFolder, fmt: str, result: dict[str, Any], levels: i
         members = []
         for k, i in enumerate(indices):
             members.append((f"{i:08d}.png", _png(x[k], levels)))
+            if labels is not None:
+                members.append((f"{i:08d}.cls", str(int(labels[k])).encode()))
             if preds is not None:
                 members.append((f"{i:08d}.progressive.png", _strip_png(preds[k], levels)))
         folder.write(name, build_tar(members))
@@ -184,13 +197,19 @@ def write_unit(folder: OutputFolder, fmt: str, result: dict[str, Any], levels: i
 
 
 def write_manifest(folder: OutputFolder, record: dict[str, Any], timings: dict[str, Any]) -> dict[str, Any]:
+    """The folder's ``manifest.json``: ``record`` (the job's settings and ``count``), the timings, the
+    file names, and with classes asked the class of every sample (``labels``, index order)."""
     fmt = record["format"]
+    classes = tuple(record.get("classes") or ())
+    png = "{i:08d}-class{label}.png" if classes else "{i:08d}.png"
     manifest = {**record, "ddpm_version": ddpm.__version__, "timings": timings,
-                "files": ("{i:08d}.png" if fmt == "png" else f"samples-{{start:08d}}-{{end:08d}}.{_CHUNK_EXT[fmt]}"),
+                "files": (png if fmt == "png" else f"samples-{{start:08d}}-{{end:08d}}.{_CHUNK_EXT[fmt]}"),
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if classes:
+        manifest["labels"] = labels_of(list(range(record["count"])), classes)
     folder.write(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
     return manifest
 
 
-__all__ = ["JOB_FILE", "MANIFEST", "FolderState", "OutputFolder", "check_same", "inspect_folder",
+__all__ = ["JOB_FILE", "MANIFEST", "FolderState", "OutputFolder", "check_same", "inspect_folder", "png_name",
            "write_manifest", "write_unit"]

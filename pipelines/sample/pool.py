@@ -21,7 +21,7 @@ from ddpm.noise import sample_seed
 from ddpm.pipeline import DDPMPipeline
 from pipelines.errors import PipelineError, first_line
 from pipelines.registry import models
-from pipelines.sample.request import SampleRequest
+from pipelines.sample.request import SampleRequest, labels_of
 from pipelines.settings import resolve, shareable_uri
 
 if TYPE_CHECKING:
@@ -31,18 +31,22 @@ if TYPE_CHECKING:
 
 class SampleWorker:
     """One Ray actor (or the command's own process): loads the model once, then samples units of
-    indices with the settled ``sampler``, ``steps`` and ``eta`` (see the module docstring)."""
+    indices with the settled ``sampler``, ``steps`` and ``eta``, and for a class-conditional model
+    the settled ``classes`` (sample i asks for ``labels_of([i], classes)``) and ``guidance`` (see
+    the module docstring and ``pipelines/sample/request.py``)."""
 
     def __init__(self, uri: str, sampler: str, steps: int, eta: float, precision: str,
-                 progressive: int, threads: int, env: dict[str, str], compile: bool = False) -> None:
+                 progressive: int, threads: int, env: dict[str, str], compile: bool = False,
+                 classes: tuple[int, ...] = (), guidance: float | None = None) -> None:
         self._error: Exception | None = None
+        self.classes = tuple(classes)
         try:
-            self._setup(uri, sampler, steps, eta, precision, progressive, threads, env, compile)
+            self._setup(uri, sampler, steps, eta, precision, progressive, threads, env, compile, guidance)
         except Exception as e:  # raised from info(): an actor that dies in __init__ loses the cause
             self._error = e
 
     def _setup(self, uri: str, sampler: str, steps: int, eta: float, precision: str,
-               progressive: int, threads: int, env: dict[str, str], compile: bool) -> None:
+               progressive: int, threads: int, env: dict[str, str], compile: bool, guidance: float | None) -> None:
         os.environ.update(env)  # the tracking store; never credentials (workers read their own)
         torch.set_num_threads(int(os.environ.get("DDPM_TORCH_THREADS") or 0) or max(1, threads))
         start = time.perf_counter()
@@ -54,7 +58,7 @@ class SampleWorker:
         self.progressive = progressive
         # The driver sizes units to --batch-size, and a unit is sampled as one batch.
         self.pipe = DDPMPipeline.from_config(self.model, loaded.config, loaded.diffusion, sampler=sampler,
-                                             steps=steps, eta=eta, batch_size=sys.maxsize)
+                                             steps=steps, eta=eta, batch_size=sys.maxsize, guidance=guidance)
         self._info = {"load_s": time.perf_counter() - start, "device": str(self.device)}
 
     def info(self) -> dict[str, Any]:
@@ -63,11 +67,14 @@ class SampleWorker:
         return {**self._info, "node_id": _node_id()}
 
     def sample(self, indices: list[int], seed: int) -> dict[str, list[int] | float | np.ndarray | None]:
-        """x_0 for ``indices`` as float32 ``[n x C x H x W]`` (and the progressive predictions)."""
+        """x_0 for ``indices`` as float32 ``[n x C x H x W]`` (and the progressive predictions, and the
+        class each asked for: ``labels``, None when no class was asked)."""
         start = time.perf_counter()
-        out = self.pipe.from_seeds([sample_seed(seed, i) for i in indices], progressive=self.progressive)
+        labels = labels_of(indices, self.classes)
+        out = self.pipe.from_seeds([sample_seed(seed, i) for i in indices], progressive=self.progressive,
+                                   class_labels=labels)
         x, preds = out if self.progressive else (out, None)
-        return {"indices": list(indices), "seconds": time.perf_counter() - start,
+        return {"indices": list(indices), "labels": labels, "seconds": time.perf_counter() - start,
                 "x": x.float().cpu().numpy(),
                 "progressive": None if preds is None else preds.float().cpu().numpy().swapaxes(0, 1)}
 
@@ -106,7 +113,7 @@ class WorkerPool:
         self._local: SampleWorker | None = None
         if runs_in_process(req):
             self._local = SampleWorker(req.model, req.sampler, req.steps, req.eta, req.precision, req.progressive,
-                                       os.cpu_count() or 1, {}, req.compile)
+                                       os.cpu_count() or 1, {}, req.compile, req.classes, req.guidance)
             self.info = {k: v for k, v in self._local.info().items() if k != "node_id"}
             self.info.update(workers=1, nodes_used=1)
             return
@@ -136,7 +143,7 @@ class WorkerPool:
                     num_cpus=placement.cpus_per_worker, num_gpus=1 if placement.use_gpu else 0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k),
                 ).remote(req.model, req.sampler, req.steps, req.eta, req.precision, req.progressive,
-                         placement.threads_per_worker, env, req.compile))
+                         placement.threads_per_worker, env, req.compile, req.classes, req.guidance))
             infos = self._get([a.info.remote() for a in self.actors])
         except BaseException:
             self.close()

@@ -20,7 +20,7 @@ from typing import Any
 from fsspec import AbstractFileSystem
 
 from ddpm.config import ExperimentConfig
-from ddpm.data.manifest import FORMAT, MANIFEST, read_manifest
+from ddpm.data.manifest import FORMAT, MANIFEST, check_labels, read_manifest
 from ddpm.data.shards import write_shards
 from ddpm.data.sources import open_source
 from ddpm.data.storage import DataError, SourceError, is_local, open_fs, storage_options_for
@@ -55,7 +55,8 @@ def manifest_exists(url: str) -> bool:
 
 def check_data(url: str, cfg: ExperimentConfig) -> None:
     """Fail before any run or worker starts when the shards are missing, empty, incomplete or do not
-    fit the model (a worker would find out only after Ray had restarted it ``max_failures`` times).
+    fit the model (its image shape and levels; a class-conditional model's labels, naming the split
+    without them: :func:`ddpm.data.check_labels`) (a worker would find out only after Ray had restarted it ``max_failures`` times).
     Local shards are also hashed against the manifest (cheap: a local read); shards in an object
     store are hashed by the worker that reads them, whose error is not retried (pipelines/train/failures.py)."""
     options = storage_options_for(url)
@@ -71,6 +72,10 @@ def check_data(url: str, cfg: ExperimentConfig) -> None:
                          "(model.in_channels, model.image_size)")
     if manifest["levels"] != cfg.data.levels:
         raise UsageError(f"data {url}: {manifest['levels']} pixel levels but data.levels={cfg.data.levels}")
+    try:
+        check_labels(manifest, cfg.model.num_classes, url)  # a class-conditional model needs every label
+    except DataError as e:
+        raise UsageError(str(e)) from None
     for entry in manifest["shards"]:
         name, size = entry["name"], entry.get("size")
         if name not in sizes:

@@ -43,7 +43,7 @@ from ddpm.data import check_labels
 from ddpm.data.reader import ShardLoader, load_split, to_float
 from ddpm.diffusion import Diffusion
 from ddpm.ema import EMA
-from ddpm.guidance import training_batch
+from ddpm.guidance import balanced_labels, training_batch
 from ddpm.image import save_grid
 from ddpm.inference import compile_or_eager
 from ddpm.pipeline import DDPMPipeline
@@ -136,11 +136,18 @@ def sample_grid(model: torch.nn.Module, diffusion: Diffusion, cfg: ExperimentCon
     """Sample ``n`` images with the config's fast sampler and save them as one PNG grid.
 
     ``sample.steps`` is capped at T (:meth:`ddpm.pipeline.DDPMPipeline.from_config`): a sweep over T (``ddpm-pipe
-    tune``) may pick a T below the preset's step count, and the grid must not end such a run.
+    tune``) may pick a T below the preset's step count, and the grid must not end such a run. A
+    class-conditional model (K classes) samples every class evenly with the config's guidance: ``n``
+    rounded up to whole rows of K, column c asked for class c.
     """
     model.eval()
-    x = DDPMPipeline.from_config(model, cfg, diffusion)(n, seed)
-    save_grid(x, path, levels=cfg.data.levels)
+    K = cfg.model.num_classes
+    pipe = DDPMPipeline.from_config(model, cfg, diffusion)
+    if not K:
+        save_grid(pipe(n, seed), path, levels=cfg.data.levels)
+        return path
+    n = K * math.ceil(n / K)
+    save_grid(pipe(n, seed, class_labels=balanced_labels(n, K)), path, levels=cfg.data.levels, nrow=K)
     return path
 
 

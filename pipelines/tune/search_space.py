@@ -75,12 +75,25 @@ def _where(key: str) -> str:
     return f"search space key {key!r}"
 
 
+# Sampling-time settings that a sweep cannot rank: trials compare on held-out bits/dim, which they do
+# not change, and sweeping them needs no training. Each names where it is swept instead.
+SAMPLING_TIME = {
+    "sample.guidance": "ddpm-pipe evaluate --model MODEL (a class-conditional model's guidance sweep: "
+                       "conditional accuracy and diversity at w = 0, 1, 1.5, 2, 3 and 5, from one trained model)",
+}
+
+
 def validate(space: dict[str, Any], base: ExperimentConfig) -> None:
-    """Raise :class:`ConfigError` on an unknown key, distribution or field, or a value the config refuses."""
+    """Raise :class:`ConfigError` on an unknown key, distribution or field, a value the config refuses,
+    or a distribution over a sampling-time setting (:data:`SAMPLING_TIME`)."""
     valid = config_keys(base) + [BETA_RATIO]
     for key, spec in space.items():
         if key not in valid:
             raise ConfigError(f"unknown {_where(key)}; valid: {', '.join(valid)}")
+        if isinstance(spec, dict) and key in SAMPLING_TIME:
+            raise ConfigError(f"{_where(key)} is a sampling-time setting: trials are ranked on held-out bits/dim, "
+                              f"which it does not change, and it needs no retraining; sweep it with "
+                              f"{SAMPLING_TIME[key]}")
         if not isinstance(spec, dict):
             _check_value(base, key, spec, space)
             continue

@@ -110,6 +110,22 @@ def test_conditional_accuracy_of_real_digits_is_the_classifiers_test_accuracy(tr
         features.conditional_accuracy(net, x_test, y_test[:5])
 
 
+def test_class_spread_is_one_for_real_digits_and_falls_as_each_class_collapses(trained, split):
+    """Real held-out digits against the training ones spread as much (about 1); each class's images
+    pulled halfway to their class mean spread a quarter as much in pixels, and far less in features."""
+    net, _ = trained
+    x_train, y_train, x_test, y_test = split
+    real = metrics.score_value(features.class_spread_score(net, x_test, y_test, x_train, y_train))
+    assert abs(math.log(real[0])) < 3 * real[1] / real[0] + 0.1 and real[1] > 0
+    means = torch.stack([x_test[y_test == c].mean(0) for c in range(10)])
+    collapsed = 0.5 * x_test + 0.5 * means[y_test]
+    value, se = metrics.score_value(features.class_spread_score(net, collapsed, y_test, x_train, y_train))
+    assert value < 0.6 and value + 3 * se < real[0]
+    assert metrics.direction("class_spread") == "one"
+    with pytest.raises(ValueError, match="one per sample"):
+        features.class_spread_score(net, x_test, y_test[:5], x_train, y_train)
+
+
 def test_evaluate_samples_real_images_sit_at_the_floor(trained, split, halves):
     net, _ = trained
     x_train = split[0]

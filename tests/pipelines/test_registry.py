@@ -91,7 +91,8 @@ def test_logged_model_has_a_signature_an_example_and_predict_accepts_it(tmp_path
     assert not [w for w in recwarn.list if "type hints" in str(w.message)]  # MLflow's predict hint warning
     info = mlflow.models.get_model_info(f"models:/tiny/{version}")
     inputs = info.signature.inputs.to_dict()
-    assert [c["name"] for c in inputs] == ["num", "seed", "seeds", "sampler", "steps", "eta", "batch_size"]
+    assert [c["name"] for c in inputs] == ["num", "seed", "seeds", "sampler", "steps", "eta", "batch_size",
+                                           "class_labels", "guidance"]
     assert inputs[0]["required"] and not any(c["required"] for c in inputs[1:])
     (out,) = info.signature.outputs.to_dict()
     assert out["tensor-spec"]["dtype"] == "uint8" and list(out["tensor-spec"]["shape"]) == [-1, 8, 8, 1]
@@ -130,6 +131,7 @@ def test_version_description_and_model_params_say_what_it_was_trained_on(tmp_pat
     mv = c.get_model_version("described", version)
     assert f"digits-train (1437 images, digest {ds.digest}, local {data})" in mv.description
     assert "trained to step 7" in mv.description and "T=50 linear" in mv.description
+    assert "eps prediction; unconditional; trained" in mv.description
     assert f"in run described ({run_id})" in mv.description
     logged = c.get_logged_model(models.model_id_of(mv))
     assert logged.params["diffusion.timesteps"] == "50" and logged.params["model.ch"] == "32"

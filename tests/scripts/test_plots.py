@@ -64,3 +64,29 @@ def test_sampler_table_plot_from_evaluate_json(tmp_path):
     (tmp_path / "none.json").write_text(json.dumps({"model": "m"}))
     with pytest.raises(SystemExit, match="no sampler table"):
         plots.main(["--sampler-table", str(tmp_path / "none.json")])
+
+
+@pytest.mark.timeout(120)
+def test_guidance_sweep_plot_from_evaluate_json(tmp_path):
+    """A class-conditional model's `evaluate --json` output (its ``conditional.sweep``) and the
+    ``guidance_sweep.json`` artifact (the list) both plot."""
+    import json
+
+    pytest.importorskip("matplotlib")
+
+    def row(w):
+        return {"guidance": w, "num": 500, "sec_per_sample": 0.01,
+                "scores": {"cond_accuracy": 1 - 0.3 / (1 + w), "recall": 0.9 - w / 10, "class_spread": 1.1 - w / 8,
+                           "precision": 0.8, "kid": 0.01},
+                "se": {"cond_accuracy": 0.01, "recall": 0.02, "class_spread": 0.03, "precision": 0.02, "kid": 0.01}}
+
+    rows = [row(w) for w in (0, 1, 1.5, 2, 3, 5)]
+    plots = load_script()
+    for i, doc in enumerate(({"conditional": {"sweep": rows}, "feature_net": {"test_accuracy": 0.97}}, rows)):
+        (tmp_path / f"s{i}.json").write_text(json.dumps(doc))
+        [path] = plots.main(["--guidance-sweep", str(tmp_path / f"s{i}.json"), "--out", str(tmp_path / f"img{i}")])
+        assert path.name == "guidance_sweep.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plots.sweep_rows({"conditional": {"sweep": rows}, "feature_net": {"test_accuracy": 0.97}})[1] == 0.97
+    (tmp_path / "uncond.json").write_text(json.dumps({"model": "m", "conditional": None}))
+    with pytest.raises(SystemExit, match="no guidance sweep"):
+        plots.main(["--guidance-sweep", str(tmp_path / "uncond.json")])
