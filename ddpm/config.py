@@ -227,7 +227,10 @@ class TrainConfig:
     precision: Precision = "fp32"
     seed: int = 0
     log_every: int = 50
-    eval_every: int = 1000  # held-out bits/dim estimate
+    eval_every: int = 1000  # held-out bits/dim estimate (and sample quality, with quality_num)
+    # Samples scored every eval_every steps with the config's own sampler (KID and classifier score
+    # on digits, the pixel-PCA distance on any data, each with its standard error); 0: none.
+    quality_num: int = 0
     sample_every: int = 5000  # sample grid artifact
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3  # the last K, plus the best
@@ -253,6 +256,8 @@ class TrainConfig:
         _require(0.0 <= self.label_dropout < 1.0,
                  f"train.label_dropout must be in [0, 1) (the share of labels trained as the null class), "
                  f"got {self.label_dropout}")
+        _require(self.quality_num == 0 or self.quality_num >= 10,
+                 f"train.quality_num must be 0 (off) or >= 10 (a standard error needs samples), got {self.quality_num}")
         for name in ("log_every", "eval_every", "sample_every", "checkpoint_every",
                      "keep_checkpoints", "max_nonfinite"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1")
@@ -315,7 +320,7 @@ class ExperimentConfig:
                 # minutes on 2 CPU cores (docs/RESULTS.md has the measured time and scores).
                 train=TrainConfig(batch_size=64, lr=2e-3, warmup_steps=100, ema_decay=0.995,
                                   max_steps=3000, log_every=100, eval_every=500, sample_every=1000,
-                                  checkpoint_every=500, registered_model="ddpm-digits"),
+                                  checkpoint_every=500, registered_model="ddpm-digits", quality_num=256),
                 # DDIM with eta = 1 at 25 steps: the one few-step setting within noise of 1000-step
                 # ancestral sampling on every score (docs/RESULTS.md, benchmarks/bench_samplers.py).
                 sample=SampleConfig(sampler="ddim", steps=25, eta=1.0, num=64),

@@ -141,7 +141,8 @@ TINY_NET = tiny_overrides()  # the cheapest network that samples: 8 channels, no
 REGISTRY_TINY = [*tiny_overrides(32, attention=True), "sample.batch_size=8"]  # every block type
 # Training runs: a few steps that log, evaluate, sample and checkpoint.
 TINY = [*tiny_overrides(32, attention=True, timesteps=100), "train.batch_size=16", "train.log_every=1",
-        "train.eval_every=2", "train.sample_every=4", "train.checkpoint_every=2", "train.warmup_steps=2"]
+        "train.eval_every=2", "train.sample_every=4", "train.checkpoint_every=2", "train.warmup_steps=2",
+        "train.quality_num=0"]
 
 
 def tiny_config(overrides: list[str] | None = None) -> ExperimentConfig:

@@ -26,7 +26,9 @@ from pipelines.settings import redact
 
 log = logging.getLogger(__name__)
 
-CURVES = ("loss", "bpd")  # with the sample grid, what a training run's charts open on
+# With the sample grid, what a training run's charts open on: the loss, held-out bits/dim and,
+# with train.quality_num, the sample-quality scores (pipelines/train/quality.py).
+CURVES = ("loss", "bpd", "kid", "pixel_fd", "classifier_score")
 
 
 def metric_name(name: str) -> str:

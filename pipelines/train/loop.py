@@ -49,6 +49,7 @@ from ddpm.inference import compile_or_eager
 from ddpm.pipeline import DDPMPipeline
 from ddpm.unet import UNet
 from pipelines.train import fault_injection
+from pipelines.train.quality import QualityProbe, quality_summary
 
 if TYPE_CHECKING:
     from pipelines.train.async_logger import AsyncLogger
@@ -168,6 +169,14 @@ def _log_best_model(ema_module: torch.nn.Module, cfg: ExperimentConfig, artifact
 
 
 @dataclass
+class _Holdout:
+    """Rank 0's yardsticks: held-out images for bits/dim, the sample-quality probe (``quality_num``)."""
+
+    images: torch.Tensor | None = None
+    probe: QualityProbe | None = None
+
+
+@dataclass
 class _Parts:
     """Everything a checkpoint holds the state of besides the counters; the field names are the
     checkpoint's keys."""
@@ -267,9 +276,9 @@ class _Counters:
 
 
 def _prepare(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker: AsyncLogger | None
-             ) -> tuple[_Parts, Diffusion, torch.nn.Module, Callable, torch.Tensor | None, _Counters]:
+             ) -> tuple[_Parts, Diffusion, torch.nn.Module, Callable, _Holdout, _Counters]:
     """Threads, the parts (restored or seeded), the wrapped and maybe compiled network, rank 0's
-    held-out images: ``(parts, diffusion, ddp_model, net, holdout, counters)``."""
+    held-out images and quality probe: ``(parts, diffusion, ddp_model, net, holdout, counters)``."""
     tc = cfg.train
     threads = int(os.environ.get("DDPM_TORCH_THREADS", "0"))
     if threads > 0:
@@ -288,10 +297,12 @@ def _prepare(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker: A
     step, nonfinite_total, trained_s, best_bpd = _restore_or_seed(ctx.restore(), parts, ctx, tc.seed, tracker)
     ddp_model = ctx.wrap_model(model)
     net = compile_or_eager(ddp_model, ctx.log, what="model") if tc.compile else ddp_model
-    holdout = None
+    holdout = _Holdout()
     if ctx.rank == 0 and data.holdout_url:
         images, _labels, _manifest = load_split(data.holdout_url, storage_options=data.storage_options)
-        holdout = to_float(images[: data.holdout_size], cfg.data.levels).to(ctx.device)
+        holdout.images = to_float(images[: data.holdout_size], cfg.data.levels).to(ctx.device)
+        if tc.quality_num:
+            holdout.probe = QualityProbe.load(cfg, data.url, data.holdout_url, data.storage_options)
     counters = _Counters(step=step, nonfinite_total=nonfinite_total, trained_s=trained_s, best_bpd=best_bpd,
                          loss_sum=torch.zeros((), device=ctx.device), clock_start=_clock(),
                          t_last=time.perf_counter(), step_last=step)
@@ -356,12 +367,13 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker:
             "max_time_reached": float(stop_reason == "max_time")}
 
 
-def _measure(cfg: ExperimentConfig, parts: _Parts, diffusion: Diffusion, holdout: torch.Tensor | None,
+def _measure(cfg: ExperimentConfig, parts: _Parts, diffusion: Diffusion, holdout: _Holdout,
              n: _Counters, grad_norm: torch.Tensor, final: bool, artifact_dir: str | None,
              tracker: AsyncLogger | None, best_dirs: list[str]) -> dict[str, float]:
     """This step's metrics: the log interval's (loss, gradient norm, learning rate, images/s and
-    ``eta_s``) every ``log_every`` steps, the held-out bits/dim every ``eval_every``, and the final
-    step's both; a new best bits/dim logs the EMA weights as ``best_model/``."""
+    ``eta_s``) every ``log_every`` steps, the held-out bits/dim (and, with ``quality_num``, the
+    sample quality of :mod:`pipelines.train.quality`) every ``eval_every``, and the final step's
+    both; a new best bits/dim logs the EMA weights as ``best_model/``."""
     tc = cfg.train
     metrics: dict[str, float] = {}
     if n.step % tc.log_every == 0 or final:
@@ -376,13 +388,16 @@ def _measure(cfg: ExperimentConfig, parts: _Parts, diffusion: Diffusion, holdout
         n.loss_sum.zero_()
         n.loss_count = 0
         n.t_last, n.step_last = now, n.step
-    if holdout is not None and (n.step % tc.eval_every == 0 or final):
+    if holdout.images is not None and (n.step % tc.eval_every == 0 or final):
         ema = parts.ema.module
         ema.eval()
         with torch.no_grad():
-            est, err = likelihood.bits_per_dim_estimate(diffusion, ema, holdout, levels=cfg.data.levels, seed=0)
+            est, err = likelihood.bits_per_dim_estimate(diffusion, ema, holdout.images, levels=cfg.data.levels,
+                                                        seed=0)
         metrics["bpd"] = float(est.mean())
         metrics["bpd_stderr"] = float(err.pow(2).sum().sqrt() / len(err))
+        if holdout.probe is not None:
+            metrics.update(holdout.probe.measure(ema, diffusion))
         if metrics["bpd"] < n.best_bpd:
             n.best_bpd = metrics["best_bpd"] = metrics["bpd"]
             if artifact_dir and tracker is not None:
@@ -401,6 +416,7 @@ def _after_step(cfg: ExperimentConfig, parts: _Parts, diffusion: Diffusion, ctx:
         return
     if "loss" in metrics:  # one line per log interval, with bits/dim when measured
         held_out = f" held-out {metrics['bpd']:.3f} bits/dim" if "bpd" in metrics else ""
+        held_out += quality_summary(metrics)
         of = f"/{tc.max_steps}" if tc.max_steps < NO_STEP_LIMIT else ""
         ctx.log(f"[train] step {n.step}{of} loss {metrics['loss']:.4f} "
                 f"{metrics['images_per_s']:.1f} img/s{held_out} ETA {eta:.0f}s")

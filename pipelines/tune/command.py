@@ -54,6 +54,7 @@ from pipelines.settings import Settings, resolve
 from pipelines.storage.data import check_data, resolve_data
 from pipelines.storage.ray_storage import ray_storage
 from pipelines.train.async_logger import metric_name
+from pipelines.train.quality import QUALITY_SCORES
 from pipelines.train.command import check_builds, resolve_config
 from pipelines.train.loop import build
 from pipelines.train.ray_train import CHECKPOINT_FILE
@@ -142,7 +143,8 @@ class SweepCallback(tune.Callback):
         step = int(result.get("step", 0))
         ts = int(time.time() * 1000)
         metrics = [Metric(metric_name(k), float(v), ts, step) for k, v in result.items()
-                   if k in ("loss", "bpd", "bpd_stderr", "grad_norm", "lr", "images_per_s")
+                   if k in ("loss", "bpd", "bpd_stderr", "grad_norm", "lr", "images_per_s", *QUALITY_SCORES,
+                            *(f"{q}_se" for q in QUALITY_SCORES))
                    and isinstance(v, (int, float))]  # named as a training run's, so the two chart alike
         tracking.client().log_batch(self._run(trial), metrics=metrics)
 
