@@ -230,6 +230,7 @@ def tune(
     experiment: Experiment = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Sweep name; re-running the same name resumes it.")] = None,
     address: Address = None,
+    metric: Annotated[str, _choice("--metric", values=("bpd", "kid", "pixel_fd", "classifier_score"), help="What trials are ranked and stopped early on: held-out bits/dim, or a sample-quality score of the config's own sampler (measured at every report; ASHA never stops a trial within two standard errors of its rung's best).")] = "bpd",
     json_out: Json = False,
 ) -> None:
     """Sweep T, the beta range, the schedule and the learning rate with Ray Tune."""
@@ -238,7 +239,7 @@ def tune(
     _dispatch(tune_command, json_out, trials=trials, config=config,
               overrides=set_ or [], space=space, data=data, max_steps=max_steps, scheduler=scheduler,
               search=search, concurrent=concurrent, workers_per_trial=workers_per_trial, storage=storage,
-              experiment=experiment, name=name, address=address)
+              experiment=experiment, name=name, address=address, metric=metric)
 
 
 # -- evaluate / promote ---------------------------------------------------------------------------

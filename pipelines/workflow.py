@@ -53,6 +53,7 @@ from pipelines.train import command as train
 from pipelines.train.async_logger import CURVES, metric_name
 from pipelines.train.loop import sample_grid
 from pipelines.tune import command as tune
+from pipelines.tune.ranking import check_metric
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,13 @@ class TuneStep:
     max_steps: int = 200
     scheduler: str = "asha"
     search: str = "random"
+    metric: str = "bpd"  # what trials are ranked and stopped on (pipelines.tune.ranking.RANKABLE)
 
     def check(self, cfg: ExperimentConfig, t_known: bool) -> None:
         _at_least("tune.trials", self.trials, 1)
         _at_least("tune.max_steps", self.max_steps, 1)
         tune.check_options(self.scheduler, self.search, prefix="tune.")
+        check_metric(self.metric, cfg, option="tune.metric")
 
 
 @dataclass(frozen=True)
@@ -352,7 +355,8 @@ def _tune(run: _Run) -> dict[str, Any]:
     t = run.spec.tune
     res = tune.tune_command(trials=t.trials, config=run.config, overrides=run.overrides,
                             data=run.outputs["prepare"]["train_url"], max_steps=t.max_steps, scheduler=t.scheduler,
-                            search=t.search, storage=run.storage, name=f"{run.name}-tune", address=run.address)
+                            search=t.search, storage=run.storage, name=f"{run.name}-tune", address=run.address,
+                            metric=t.metric)
     return {"best_config_path": res["best_config_path"], "best_bpd": res["best_bpd"],
             "parent_run_id": res["parent_run_id"]}
 

@@ -8,12 +8,20 @@ or ``s3://``) or an exported weights folder.
 
 MLflow (about 3 s to import) is imported only for an MLflow URI, in :func:`_mlflow`: sampling a
 checkpoint file runs without it (``sample``'s in-process job, docs/PERFORMANCE.md).
+
+A registered version's weights are downloaded once per machine: :func:`weights_folder` keeps the
+pyfunc's ``ddpm_model/`` folder (weights and config, not the pyfunc's code and environment files)
+in ``$DDPM_HOME/cache/models/<key>``, the key naming the tracking store, run, logged model and
+version, with each file's sha256 beside it; a copy whose files no longer match is downloaded again.
+The store is still asked that the version exists (:func:`describe`) on every load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -26,7 +34,7 @@ from ddpm.config import ConfigError, ExperimentConfig
 from ddpm.data.storage import is_local
 from ddpm.diffusion import Diffusion
 from pipelines.errors import PipelineError, UsageError, first_line
-from pipelines.settings import resolve
+from pipelines.settings import Settings, resolve
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -46,6 +54,7 @@ URI_FORMS = ("runs:/ID/model, models:/NAME/VERSION, models:/NAME/latest, models:
 # store that was asked means it could not answer: an outage, exit 1, which no caller may take for
 # the model being gone (the workflow would train again).
 NOT_THERE = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND", "BAD_REQUEST")
+DIGESTS_FILE = "sha256.json"  # beside a cached weights folder's files: {file name: sha256}
 
 
 @dataclass
@@ -157,13 +166,9 @@ def read_config(uri: str) -> ExperimentConfig:
     """
     try:
         if is_mlflow_uri(uri):
-            mlflow, _ = _mlflow()
-            pinned = _pinned(uri, describe(uri))
-            with tempfile.TemporaryDirectory() as tmp:
-                local = mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"{pinned}/artifacts/{WEIGHTS_ARTIFACT}/{CONFIG_FILE}", dst_path=tmp)
-                with open(local) as f:
-                    return ExperimentConfig.from_dict(json.load(f)["config"])
+            folder = weights_folder(uri, describe(uri))
+            with open(os.path.join(folder, CONFIG_FILE)) as f:
+                return ExperimentConfig.from_dict(json.load(f)["config"])
         fs, path = fsspec.core.url_to_fs(uri)
         if fs.isdir(path):
             return ExperimentConfig.from_dict(json.loads(fs.cat_file(f"{path.rstrip('/')}/{CONFIG_FILE}"))["config"])
@@ -186,22 +191,80 @@ def load(uri: str) -> LoadedModel:
         except CheckpointError as e:  # unsafe, corrupt or incompatible: the user's input, exit 2
             raise UsageError(f"model {uri!r} cannot be loaded: {e}") from e
         return LoadedModel(uri=uri, config=cfg, model=model, diffusion=diffusion)
-    mlflow, _ = _mlflow()
     model_uri = _pinned(uri, meta)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
-        folder = _weights_folder(local)
-        if folder is None:
-            raise UsageError(f"model {model_uri!r} holds no ddpm weights (model.safetensors + config.json); "
-                             "was it logged by ddpm-pipe?")
-        try:
-            cfg, model = import_weights(folder)
-        except CheckpointError as e:
-            raise UsageError(f"model {model_uri!r} cannot be loaded: {e}") from e
+    folder = weights_folder(uri, meta)
+    try:
+        cfg, model = import_weights(folder)
+    except CheckpointError as e:
+        raise UsageError(f"model {model_uri!r} cannot be loaded: {e}") from e
     model.eval()
     return LoadedModel(uri=uri, config=cfg, model=model, diffusion=Diffusion.from_config(cfg.diffusion),
                        run_id=meta["run_id"], name=meta["name"], version=meta["version"],
                        model_id=meta["model_id"])
+
+
+def _cache_key(meta: dict[str, str | None], model_uri: str, settings: Settings) -> str:
+    """What identifies a version's artifacts: the store, the run, the logged model and the version."""
+    ident = [settings.tracking_uri, settings.registry_uri, meta["run_id"], meta["model_id"], meta["name"],
+             meta["version"], model_uri]
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+
+
+def _digests(folder: str) -> dict[str, str]:
+    return {name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
+            for name in sorted(os.listdir(folder)) if name != DIGESTS_FILE}
+
+
+def _intact(folder: str) -> bool:
+    """A cached copy whose files are all there and match the digests written with them."""
+    try:
+        with open(os.path.join(folder, DIGESTS_FILE)) as f:
+            recorded = json.load(f)
+        return bool(recorded) and _digests(folder) == recorded and WEIGHTS_FILE in recorded
+    except (OSError, ValueError):
+        return False
+
+
+def weights_folder(uri: str, meta: dict[str, str | None]) -> str:
+    """The local folder of ``model.safetensors`` and ``config.json`` of the MLflow model ``uri``
+    (:func:`describe`'s ``meta``): the cached copy if intact, else downloaded into the cache first.
+
+    The copy is written under a temporary name and renamed into place, so concurrent loads see no
+    folder or a whole one.
+
+    :raises UsageError: (exit 2) the model holds no ddpm weights.
+    """
+    mlflow, _ = _mlflow()
+    settings = resolve()
+    model_uri = _pinned(uri, meta)
+    folder = settings.home / "cache" / "models" / _cache_key(meta, model_uri, settings)
+    if _intact(str(folder)):
+        return str(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/artifacts/{WEIGHTS_ARTIFACT}",
+                                                        dst_path=tmp)
+        except mlflow.exceptions.MlflowException:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)  # logged as plain files
+        found = _weights_folder(local)
+        if found is None:
+            raise UsageError(f"model {model_uri!r} holds no ddpm weights (model.safetensors + config.json); "
+                             "was it logged by ddpm-pipe?")
+        staged = os.path.join(tmp, "staged")
+        os.makedirs(staged)
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            if os.path.exists(os.path.join(found, name)):
+                shutil.copyfile(os.path.join(found, name), os.path.join(staged, name))
+        with open(os.path.join(staged, DIGESTS_FILE), "w") as f:
+            json.dump(_digests(staged), f)
+        shutil.rmtree(folder, ignore_errors=True)  # a copy that no longer matches its digests
+        try:
+            os.replace(staged, folder)
+        except OSError:  # another load put an intact copy in place meanwhile
+            if not _intact(str(folder)):
+                raise
+    return str(folder)
 
 
 def _weights_folder(local: str) -> str | None:

@@ -36,7 +36,6 @@ import torch
 from mlflow.entities import Dataset, Metric
 from ray import tune
 from ray.actor import ActorHandle
-from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 from ray.util.placement_group import PlacementGroup, remove_placement_group
@@ -55,6 +54,7 @@ from pipelines.storage.data import check_data, resolve_data
 from pipelines.storage.ray_storage import ray_storage
 from pipelines.train.async_logger import metric_name
 from pipelines.train.quality import QUALITY_SCORES
+from pipelines.tune.ranking import RANKABLE, PatientASHA, check_metric, se_key, with_quality
 from pipelines.train.command import check_builds, resolve_config
 from pipelines.train.loop import build
 from pipelines.train.ray_train import CHECKPOINT_FILE
@@ -209,8 +209,9 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
                  scheduler: str = "asha", search: str = "random", concurrent: int | None = None,
                  workers_per_trial: int = 1, storage: str | None = None, experiment: str | None = None,
                  name: str | None = None, address: str | None = None,
-                 full_bound_images: int = FULL_BOUND_IMAGES) -> dict[str, Any]:
-    """Run (or resume) a sweep; returns the best trial, its config file and every trial's ending."""
+                 full_bound_images: int = FULL_BOUND_IMAGES, metric: str = METRIC) -> dict[str, Any]:
+    """Run (or resume) a sweep; returns the best trial on ``metric`` (:data:`pipelines.tune.ranking.RANKABLE`),
+    its config file and every trial's ending."""
     check_options(scheduler, search)
     t0 = time.perf_counter()
     overrides = list(overrides or [])
@@ -218,6 +219,8 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     trial_base = resolve_config(config, overrides, max_steps)
     # Every report must carry a fresh bpd: evaluate at each checkpoint (report) step.
     trial_base = trial_base.with_values({"train.eval_every": trial_base.train.checkpoint_every})
+    check_metric(metric, trial_base)
+    trial_base = with_quality(trial_base, metric)  # a sample-quality metric: measured at every report
     steps = trial_base.train.max_steps
     space_spec = search_space.load_space(space, trial_base)
     sweep = name or f"{base.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -243,7 +246,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     parent_run_id, resumed = tracking.start_or_resume_run(exp_id, sweep, {tracking.KIND_TAG: "tune"})
     tracking.client().set_tag(parent_run_id, STORAGE_TAG, location)  # where this sweep's state is written
     tracking.log_params(parent_run_id, {"tune": {
-        "trials": trials, "max_steps": steps, "scheduler": scheduler, "search": search,
+        "trials": trials, "max_steps": steps, "scheduler": scheduler, "search": search, "metric": metric,
         "workers_per_trial": workers_per_trial, "space": {k: str(v) for k, v in space_spec.items()},
         "config": config, "overrides": overrides, "data": data_url}})
     data_input = tracking.log_dataset(parent_run_id, data_url, "training", opts)
@@ -266,9 +269,10 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
         console.info(f"[tune] resuming sweep '{sweep}' from {sweep_path}")
     else:
         tuner = _new_tuner(trainable, space_spec, trials, scheduler, search, concurrent, trial_base, sweep, path,
-                           fs, callbacks)
+                           fs, callbacks, metric)
         console.info(f"[tune] sweep '{sweep}': {trials} trial(s) of {steps} step(s), {concurrent} at once, "
-                     f"{workers_per_trial} worker(s) each, scheduler {scheduler}, search {search}; "
+                     f"{workers_per_trial} worker(s) each, scheduler {scheduler}, search {search}, "
+                     f"ranked on {metric}; "
                      f"MLflow parent run {parent_run_id}")
     try:
         grid = tuner.fit()
@@ -278,7 +282,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
         if registry is not None:
             ray.kill(registry)
     return _finish(grid, base, sweep, parent_run_id, resumed or restoring, steps, holdout_url, opts,
-                   full_bound_images, settings, time.perf_counter() - t0, callback.reaped)
+                   full_bound_images, settings, time.perf_counter() - t0, callback.reaped, metric)
 
 
 def _trainable(trial_base: ExperimentConfig, data_spec: dict, placement: Placement | None, settings: Settings,
@@ -294,12 +298,13 @@ def _trainable(trial_base: ExperimentConfig, data_spec: dict, placement: Placeme
 
 def _new_tuner(trainable: Callable, space_spec: dict[str, Any], trials: int, scheduler: str, search: str,
                concurrent: int, trial_base: ExperimentConfig, sweep: str, path: str, fs: object,
-               callbacks: Sequence[tune.Callback]) -> tune.Tuner:
-    """A new sweep's ``Tuner``: ASHA on the step count (rungs at the checkpoint interval) or none;
+               callbacks: Sequence[tune.Callback], metric: str = METRIC) -> tune.Tuner:
+    """A new sweep's ``Tuner``: ASHA on the step count (rungs at the checkpoint interval), sparing
+    every trial within two standard errors of its rung's best (:class:`PatientASHA`), or none;
     random search (its own concurrency cap) or Optuna, both seeded with ``train.seed``."""
     steps, every = trial_base.train.max_steps, trial_base.train.checkpoint_every
-    sched = ASHAScheduler(time_attr="step", max_t=steps, grace_period=min(every, steps), reduction_factor=2) \
-        if scheduler == "asha" else None
+    sched = PatientASHA(se_attr=se_key(metric), time_attr="step", max_t=steps, grace_period=min(every, steps),
+                        reduction_factor=2) if scheduler == "asha" else None
     if search == "optuna":
         search_alg, limit = OptunaSearch(seed=trial_base.train.seed), concurrent
     else:  # Tune ignores max_concurrent_trials for a generator: it takes its own cap
@@ -312,9 +317,16 @@ def _new_tuner(trainable: Callable, space_spec: dict[str, Any], trials: int, sch
         verbose=0)
     return tune.Tuner(
         trainable, param_space=search_space.to_tune(space_spec),
-        tune_config=tune.TuneConfig(metric=METRIC, mode="min", num_samples=trials, scheduler=sched,
+        tune_config=tune.TuneConfig(metric=metric, mode=RANKABLE[metric], num_samples=trials, scheduler=sched,
                                     search_alg=search_alg, max_concurrent_trials=limit),
         run_config=run_config)
+
+
+def _ranked_on(m: dict[str, Any], metric: str) -> str:
+    """``kid 0.0123 +- 0.002; `` for a sample-quality metric (bits/dim follows in any case)."""
+    if metric == "bpd":
+        return ""
+    return f"{metric} {m[metric]:.4g} +- {m.get(se_key(metric), float('nan')):.2g}; "
 
 
 def check_resumable(exp_id: str, sweep: str, location: str, named: bool) -> None:
@@ -343,21 +355,22 @@ def check_resumable(exp_id: str, sweep: str, location: str, named: bool) -> None
 
 def _finish(grid: tune.ResultGrid, base: ExperimentConfig, sweep: str, parent_run_id: str, resumed: bool,
             steps: int, holdout_url: str, opts: dict, full_bound_images: int, settings: Settings, wall_s: float,
-            reaped: int) -> dict[str, Any]:
-    """Summarise the trials, compute the best one's full bound, write and log the best config."""
+            reaped: int, metric: str = METRIC) -> dict[str, Any]:
+    """Summarise the trials, compute the best one's (on ``metric``) full bound, write and log the best config."""
     rows = []
     for r in grid:
         m = r.metrics or {}
         params = {k: v for k, v in (r.config or {}).items()}
         ending = "failed" if r.error else "completed" if m.get("step", 0) >= steps else "stopped early"
         rows.append({"trial_id": m.get("trial_id"), "ending": ending, "step": m.get("step"),
-                     "bpd": m.get(METRIC), "bpd_stderr": m.get("bpd_stderr"), "params": params,
+                     "bpd": m.get("bpd"), "bpd_stderr": m.get("bpd_stderr"), "params": params,
+                     metric: m.get(metric), se_key(metric): m.get(se_key(metric)),
                      "error": str(r.error)[:300] if r.error else None})
-    ok = [r for r in grid if not r.error and (r.metrics or {}).get(METRIC) is not None]
+    ok = [r for r in grid if not r.error and (r.metrics or {}).get(metric) is not None]
     if not ok:
         errors = "; ".join(x["error"] for x in rows if x["error"])[:500]
-        raise tracking.fail_run(parent_run_id, f"sweep '{sweep}': no trial reported {METRIC}: {errors}")
-    best = grid.get_best_result(metric=METRIC, mode="min", scope="last", filter_nan_and_inf=True)
+        raise tracking.fail_run(parent_run_id, f"sweep '{sweep}': no trial reported {metric}: {errors}")
+    best = grid.get_best_result(metric=metric, mode=RANKABLE[metric], scope="last", filter_nan_and_inf=True)
     best_cfg = search_space.apply(base, best.config)
     full = _full_bound(best, best_cfg, holdout_url, opts, full_bound_images)
 
@@ -366,7 +379,9 @@ def _finish(grid: tune.ResultGrid, base: ExperimentConfig, sweep: str, parent_ru
     best_path = out_dir / "best_config.yaml"
     best_path.write_text(best_cfg.to_yaml())
     c = tracking.client()
-    metrics = {"best_bpd": float(best.metrics[METRIC]), "best_bpd_stderr": float(best.metrics.get("bpd_stderr", 0.0)),
+    metrics = {"best_bpd": float(best.metrics["bpd"]), "best_bpd_stderr": float(best.metrics.get("bpd_stderr", 0.0)),
+               f"best_{metric}": float(best.metrics[metric]),
+               f"best_{metric}_se": float(best.metrics.get(se_key(metric), float("nan"))),
                "wall_s": wall_s, "trials": float(len(rows)),
                "trials_stopped_early": float(sum(x["ending"] == "stopped early" for x in rows)),
                "trials_failed": float(sum(x["ending"] == "failed" for x in rows))}
@@ -385,13 +400,15 @@ def _finish(grid: tune.ResultGrid, base: ExperimentConfig, sweep: str, parent_ru
     message = (f"sweep '{sweep}' ({'resumed' if resumed else 'new'}): {len(rows)} trials "
                f"({endings['completed']} completed, {endings['stopped early']} stopped early, "
                f"{endings['failed']} failed) in {wall_s:.0f}s\n" + "\n".join(table) + "\n"
-               f"best trial {best.metrics.get('trial_id')}: bpd estimate {best.metrics[METRIC]:.3f} "
-               f"+- {best.metrics.get('bpd_stderr', float('nan')):.3f}{full_text}\n"
+               f"best trial {best.metrics.get('trial_id')} on {metric}: {_ranked_on(best.metrics, metric)}"
+               f"bpd estimate {best.metrics['bpd']:.3f} +- {best.metrics.get('bpd_stderr', float('nan')):.3f}"
+               f"{full_text}\n"
                f"best config: {best_path} (train it with `ddpm-pipe train --config {best_path}`); "
                f"MLflow parent run {parent_run_id}\n{best_cfg.to_yaml().rstrip()}")
     return {"name": sweep, "resumed": resumed, "parent_run_id": parent_run_id, "wall_s": wall_s,
             "best_trial": best.metrics.get("trial_id"), "best_params": best.config,
-            "best_bpd": best.metrics[METRIC], "best_bpd_stderr": best.metrics.get("bpd_stderr"),
+            "metric": metric, "best_value": best.metrics[metric], "best_value_se": best.metrics.get(se_key(metric)),
+            "best_bpd": best.metrics["bpd"], "best_bpd_stderr": best.metrics.get("bpd_stderr"),
             "best_bpd_full": full[0] if full else None, "best_config_path": str(best_path),
             "best_config": best_cfg.to_dict(), "trials": rows, "endings": endings,
             "placement_groups_reaped": reaped, "message": message}

@@ -81,6 +81,35 @@ def test_runs_and_models_uris_load_the_checkpoints_ema_weights(tmp_path):
         models.load("models:/tiny/99")
 
 
+@pytest.mark.timeout(120)
+def test_a_versions_weights_are_downloaded_once_and_a_damaged_copy_again(tmp_path, monkeypatch):
+    """sample and evaluate load a registered version on every call; its weights come from
+    $DDPM_HOME/cache/models after the first, checked against the sha256 written with them."""
+    import mlflow.artifacts
+
+    from ddpm.checkpoint import WEIGHTS_FILE, load_model
+    from pipelines.registry import models
+
+    run_id, version, ckpt = register_tiny(tmp_path, name="cached")
+    _, reference, _ = load_model(str(ckpt), weights="ema")
+    downloads = []
+    real = mlflow.artifacts.download_artifacts
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts",
+                        lambda **kw: downloads.append(kw["artifact_uri"]) or real(**kw))
+    uri = f"models:/cached/{version}"
+    for _ in range(2):
+        assert models.read_config(uri).name == "digits"
+        loaded = models.load(uri)
+        assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in reference.state_dict().items())
+    assert downloads == [f"{uri}/artifacts/ddpm_model"]  # the weights folder only, once
+    folder = models.weights_folder(uri, models.describe(uri))
+    with open(f"{folder}/{WEIGHTS_FILE}", "r+b") as f:  # a damaged copy: downloaded again
+        f.write(b"\0" * 16)
+    loaded = models.load(uri)
+    assert len(downloads) == 2
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in reference.state_dict().items())
+
+
 @pytest.mark.timeout(240)
 def test_logged_model_has_a_signature_an_example_and_predict_accepts_it(tmp_path, recwarn):
     import mlflow

@@ -163,6 +163,23 @@ def test_tune_sweep_nested_runs_best_config_trains_and_resumes(ray_cluster, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_sweep_ranked_on_a_sample_quality_score(ray_cluster, tmp_path):
+    """tune --metric kid: every report measures the score with its error; the best trial is the one
+    with the lowest KID, and each trial's run charts it next to bits/dim."""
+    result = run_cli(*tune_args(tmp_path, "--metric", "kid", "--set", "train.quality_num=20", trials=2, steps=2,
+                                name="sweep-kid"))
+    assert result.exit_code == 0, result.output
+    out = cli_json(result)
+    assert out["metric"] == "kid" and out["best_value_se"] > 0
+    finished = [t for t in out["trials"] if t["kid"] is not None]
+    assert out["best_value"] == min(t["kid"] for t in finished)
+    assert "ranked on kid" in result.output or "on kid:" in out["message"]
+    runs = children(out["parent_run_id"])
+    assert all({"training/kid", "training details/kid_se", "training/pixel_fd"} <= set(r.data.metrics) for r in runs)
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_workers_per_trial_with_asha_does_not_stall(ray_cluster, tmp_path):
     import ray
