@@ -46,7 +46,7 @@ from mlflow.tracking import MlflowClient
 
 from ddpm import features, pixel_scores
 from ddpm.config import ExperimentConfig
-from ddpm.data.manifest import resolve_split
+from ddpm.data.manifest import identity, resolve_split
 from ddpm.data.reader import load_split, to_float
 from ddpm.data.storage import DataError
 from ddpm.image import save_grid, to_levels
@@ -61,7 +61,7 @@ from pipelines.registry.models import LoadedModel
 from pipelines.sample.command import sample_to_tensor
 from pipelines.sample.request import resolve_settings
 from pipelines.settings import Settings, resolve
-from pipelines.storage.data import ensure_prepared
+from pipelines.storage.data import ensure_prepared, warn_if_shared
 
 BPD_IMAGES = 64  # held-out images for the full bound: its cost is T model calls per image batch
 K_NEAREST = 3  # precision/recall neighbourhood (Kynkaanniemi et al. 2019)
@@ -136,8 +136,12 @@ def check_num(num: int, option: str = "--num") -> None:
 
 
 # -- data -------------------------------------------------------------------------------------------
-def _manifest_hash(manifest: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:12]
+def _manifest_hash(value: dict[str, Any]) -> str:
+    """The ``data:<hash>`` part of result keys: 12 hex digits of the sha256 of a manifest, or of
+    ``{"train": manifest or None, "test": manifest}``, each as :func:`ddpm.data.manifest.identity`
+    (so data prepared before image hashes were recorded keeps its digest)."""
+    value = identity(value) if "format" in value else {k: m and identity(m) for k, m in value.items()}
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def load_eval_data(cfg: ExperimentConfig, data: str | None, settings: Settings) -> EvalData:
@@ -171,6 +175,8 @@ def load_eval_data(cfg: ExperimentConfig, data: str | None, settings: Settings) 
     if test_manifest["shape"] != want or test_manifest["levels"] != cfg.data.levels:
         raise UsageError(f"{test_url} holds {test_manifest['shape']} images on {test_manifest['levels']} levels; "
                          f"the model makes {want} on {cfg.data.levels}")
+    if train_manifest is not None:
+        warn_if_shared(train_manifest, test_manifest, train_url, test_url, "evaluate")
     levels = cfg.data.levels
     both = _manifest_hash({"train": train_manifest, "test": test_manifest})
     return EvalData(test=to_float(test, levels), train=None if train is None else to_float(train, levels),

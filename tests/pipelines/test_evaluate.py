@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import FAST, cli_json, register_tiny, run_cli, save_tiny_checkpoint
+from tests.support import FAST, cli_json, picture_folder, register_tiny, run_cli, save_tiny_checkpoint
 
 
 
@@ -124,3 +124,35 @@ def test_default_steps_are_capped_at_a_small_T_and_explicit_ones_checked():
     assert resolve_settings(cfg, "ddim", 10, None)[1] == 10
     with pytest.raises(UsageError, match="T=30"):
         resolve_settings(cfg, "ddim", 31, None)
+
+
+def test_train_and_evaluate_warn_when_the_test_split_holds_training_images(tmp_path, capsys, monkeypatch):
+    """One folder prepared twice, as train and as test: both commands say so in one line on stderr,
+    before any work; carved splits give no warning."""
+    from pipelines.registry.evaluate import load_eval_data
+    from pipelines.settings import resolve
+    from pipelines.storage.data import prepare_command
+    from pipelines.train import command as train
+
+    class Stop(Exception):
+        pass
+
+    folder = str(picture_folder(tmp_path / "pictures"))
+    prepare_command(source=folder, out=str(tmp_path / "twice" / "train"))
+    prepare_command(source=folder, out=str(tmp_path / "twice" / "test"), split="test")
+    prepare_command(source=folder, out=str(tmp_path / "carved"), test_fraction=0.2)
+    capsys.readouterr()
+    rgb = ["model.in_channels=3", "data.levels=256", "model.attn_resolutions=[]"]
+    cfg = train.resolve_config("digits", rgb)
+    monkeypatch.setattr(train, "FolderLock", lambda *a, **k: (_ for _ in ()).throw(Stop()))  # nothing is started
+    for data, shared in ((tmp_path / "twice", True), (tmp_path / "carved", False)):
+        load_eval_data(cfg, str(data), resolve())
+        with pytest.raises(Stop):
+            train.train_command(overrides=rgb, data=str(data / "train"), storage=str(tmp_path / "storage"))
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "warning" in line]
+        if shared:
+            assert [line.split(":")[0] for line in lines] == ["[evaluate] warning", "[train] warning"], err
+            assert all("60 of 60 test images" in line for line in lines)
+        else:
+            assert not lines, err
