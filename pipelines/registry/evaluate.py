@@ -199,8 +199,12 @@ def held_out_bpd(loaded: LoadedModel, ev: EvalData, images: int, batch_size: int
     x = ev.test[:images]
     g = torch.Generator().manual_seed(0)
     start = time.perf_counter()
-    values = [bits_per_dim(loaded.diffusion, loaded.model, x[i:i + batch_size], levels=ev.levels, generator=g)
+    T, batches = loaded.diffusion.num_timesteps, -(-len(x) // batch_size)
+    bar = console.Progress("evaluate", T * batches, "call", what=f"bits/dim, full bound on {len(x)} held-out images")
+    values = [bits_per_dim(loaded.diffusion, loaded.model, x[i:i + batch_size], levels=ev.levels, generator=g,
+                           progress=lambda done, _T, b=i // batch_size: bar.at(b * T + done))
               for i in range(0, len(x), batch_size)]
+    bar.close()
     bpd = torch.cat(values).double().mean().item()
     out = _result("bpd", bpd, bound="full", data=ev.test_hash, num=len(x))
     out["seconds"] = time.perf_counter() - start
@@ -217,9 +221,11 @@ def generate_samples(loaded: LoadedModel, sampler: str, steps: int, eta: float, 
     # SamplingNet as the sample job's workers run it: same seeds, same images.
     pipe = DDPMPipeline.from_config(SamplingNet(loaded.model), loaded.config, loaded.diffusion,
                                     sampler=sampler, steps=steps, eta=eta)
-    bar = console.Progress("evaluate", num, "sample")
-    bar.suffix = f" ({sampler}, {pipe.steps} steps{f', eta {pipe.eta:g}' if pipe.eta else ''})"
-    x = pipe(num, seed, progress=lambda done, _total: bar.update(done - bar.done))
+    batches = -(-num // pipe.batch_size)
+    how = f"{sampler}, {pipe.steps} steps{f', eta {pipe.eta:g}' if pipe.eta else ''}"
+    bar = console.Progress("evaluate", batches * pipe.steps, "call",
+                           what=f"sampling {num} images ({how}, {batches} batch{'es' * (batches > 1)})")
+    x = pipe(num, seed, call_progress=bar.at)
     bar.close()
     return x
 

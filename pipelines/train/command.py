@@ -169,8 +169,8 @@ def _fit_in_a_thread(trainer: ray.train.torch.TorchTrainer) -> Result:
 
 def _register(cfg: ExperimentConfig, result: Result, run_name: str, run_id: str, resumed: bool) -> dict[str, Any]:
     """Log the final checkpoint's EMA weights as the run's model, register it, end the run."""
-    console.info(f"[train] registering the model as a new version of '{cfg.train.registered_model}'")
-    with result.checkpoint.as_directory() as d, console.muted():
+    with console.phase("train", f"registering the model as a new version of '{cfg.train.registered_model}'"), \
+            result.checkpoint.as_directory() as d, console.muted():
         version = log_and_register(run_id, os.path.join(d, CHECKPOINT_FILE), cfg.train.registered_model)
     tracking.end_run(run_id)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}

@@ -48,12 +48,15 @@ from ddpm.image import save_grid
 from ddpm.inference import compile_or_eager
 from ddpm.pipeline import DDPMPipeline
 from ddpm.unet import UNet
+from pipelines import console
 from pipelines.train import fault_injection
 
 if TYPE_CHECKING:
     from pipelines.train.async_logger import AsyncLogger
 
 
+BPD_CALLS = 16  # model calls of the held-out bits/dim estimate (likelihood.bits_per_dim_estimate's strata)
+QUIET_S = 2.0  # a held-out bits/dim or sample grid shorter than this prints no progress line (they repeat)
 NO_STEP_LIMIT = 10**12  # train.max_steps when a time budget alone is the limit (`train --max-time`, no step count)
 
 
@@ -132,14 +135,21 @@ def build(cfg: ExperimentConfig, device: torch.device
 
 
 def sample_grid(model: torch.nn.Module, diffusion: Diffusion, cfg: ExperimentConfig, path: str, n: int = 64,
-                seed: int = 0) -> str:
-    """Sample ``n`` images with the config's fast sampler and save them as one PNG grid.
+                seed: int = 0, label: str = "train", log: Callable[[str], None] | None = None) -> str:
+    """Sample ``n`` images with the config's own few-step sampler (its ``sample`` section) and save
+    them as one PNG grid; progress with an ETA as ``[label] sample grid: ...`` lines through ``log``
+    (default: stderr).
 
     ``sample.steps`` is capped at T (:meth:`ddpm.pipeline.DDPMPipeline.from_config`): a sweep over T (``ddpm-pipe
     tune``) may pick a T below the preset's step count, and the grid must not end such a run.
     """
     model.eval()
-    x = DDPMPipeline.from_config(model, cfg, diffusion)(n, seed)
+    pipe = DDPMPipeline.from_config(model, cfg, diffusion)
+    batches = -(-n // pipe.batch_size)
+    bar = console.Progress(label, batches * pipe.steps, "call", write=log or console.info, after_s=QUIET_S,
+                           what=f"sample grid of {n} ({pipe.sampler}, {pipe.steps} steps)")
+    x = pipe(n, seed, call_progress=bar.at)
+    bar.close()
     save_grid(x, path, levels=cfg.data.levels)
     return path
 
@@ -326,7 +336,8 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker:
         if n.step < tc.max_steps and out_of_time():
             stop_reason = "max_time"
         final = n.step == tc.max_steps or stop_reason == "max_time"
-        metrics = _measure(cfg, parts, diffusion, holdout, n, grad_norm, final, artifact_dir, tracker, best_dirs)
+        metrics = _measure(cfg, parts, diffusion, holdout, n, grad_norm, final, artifact_dir, tracker, best_dirs,
+                           ctx.log)
         _after_step(cfg, parts, diffusion, ctx, n, metrics, final, artifact_dir, tracker)
         last_metrics.update(metrics)
         fault_injection.exit_if_planned(ctx.rank, n.step)  # test-only: off unless DDPM_FAULT_EXIT is set
@@ -351,10 +362,12 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker:
 
 def _measure(cfg: ExperimentConfig, parts: _Parts, diffusion: Diffusion, holdout: torch.Tensor | None,
              n: _Counters, grad_norm: torch.Tensor, final: bool, artifact_dir: str | None,
-             tracker: AsyncLogger | None, best_dirs: list[str]) -> dict[str, float]:
+             tracker: AsyncLogger | None, best_dirs: list[str], log: Callable[[str], None]) -> dict[str, float]:
     """This step's metrics: the log interval's (loss, gradient norm, learning rate, images/s and
     ``eta_s``) every ``log_every`` steps, the held-out bits/dim every ``eval_every``, and the final
-    step's both; a new best bits/dim logs the EMA weights as ``best_model/``."""
+    step's both; a new best bits/dim logs the EMA weights as ``best_model/``. The bits/dim is the
+    stratified estimate (:data:`BPD_CALLS` model calls over the held-out images, not the T of the
+    full bound), its progress a line through ``log``."""
     tc = cfg.train
     metrics: dict[str, float] = {}
     if n.step % tc.log_every == 0 or final:
@@ -372,8 +385,11 @@ def _measure(cfg: ExperimentConfig, parts: _Parts, diffusion: Diffusion, holdout
     if holdout is not None and (n.step % tc.eval_every == 0 or final):
         ema = parts.ema.module
         ema.eval()
+        bar = console.Progress("train", BPD_CALLS, "call", write=log, after_s=QUIET_S,
+                               what=f"held-out bits/dim ({len(holdout)} images, stratified estimate)")
         with torch.no_grad():
-            est, err = likelihood.bits_per_dim_estimate(diffusion, ema, holdout, levels=cfg.data.levels, seed=0)
+            est, err = likelihood.bits_per_dim_estimate(diffusion, ema, holdout, levels=cfg.data.levels,
+                                                        num_timesteps=BPD_CALLS, seed=0, progress=bar.at)
         metrics["bpd"] = float(est.mean())
         metrics["bpd_stderr"] = float(err.pow(2).sum().sqrt() / len(err))
         if metrics["bpd"] < n.best_bpd:
@@ -399,7 +415,7 @@ def _after_step(cfg: ExperimentConfig, parts: _Parts, diffusion: Diffusion, ctx:
                 f"{metrics['images_per_s']:.1f} img/s{held_out} ETA {eta:.0f}s")
     if artifact_dir and tracker is not None and (n.step % tc.sample_every == 0 or final):
         path = os.path.join(artifact_dir, f"samples_step{n.step:07d}.png")
-        sample_grid(parts.ema.module, diffusion, cfg, path)
+        sample_grid(parts.ema.module, diffusion, cfg, path, log=ctx.log)
         tracker.log_image(path, "samples", n.step)
     if metrics and tracker is not None:
         tracker.log_metrics(metrics, n.step)

@@ -10,7 +10,7 @@ from tests.support import FAST, cli_json, picture_folder, register_tiny, run_cli
 
 
 @pytest.mark.timeout(180)
-def test_evaluate_logs_keyed_results_on_the_version_and_its_run(tmp_path, digits_home):
+def test_evaluate_logs_keyed_results_on_the_version_and_its_run(tmp_path, digits_home, capsys):
     from ddpm.features import FEATURE_NET_VERSION
     from ddpm.metrics import METRIC_DIRECTIONS, parse_result_key
     from pipelines import tracking
@@ -44,6 +44,11 @@ def test_evaluate_logs_keyed_results_on_the_version_and_its_run(tmp_path, digits
     assert "real data floor" in out["message"]
     assert "kid vs the test split (360)" in out["message"] and "16 training images vs the test split (360)" in out["message"]
     assert out["compared"]["copy_rate"] == "copy_rate vs the training split (1437)"
+    # Issue 29: the bound and the sampling each report their progress (with an ETA while running) on stderr.
+    err = capsys.readouterr().err.splitlines()
+    bound = [x for x in err if x.startswith("[evaluate] bits/dim, full bound on 8 held-out images: ")]
+    drawn = [x for x in err if x.startswith("[evaluate] sampling 16 images (ddim, 5 steps, eta 1, 2 batches): ")]
+    assert "ETA" in bound[0] and "(100%)" in bound[-1] and drawn[-1].split(": ")[1].startswith("10/10 calls (100%)")
 
     c = tracking.client()
     # The evaluation has a run of its own, beside the training run: short metric names, keys in tags.
