@@ -29,6 +29,48 @@ def test_sample_grid_caps_the_configs_steps_at_T(tmp_path):
     assert (tmp_path / "grid.png").stat().st_size > 0 and path.endswith("grid.png")
 
 
+class _CountingNet(torch.nn.Module):
+    """The network, counting its calls (one per sampling step of a batch)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.net(*args, **kwargs)
+
+
+@pytest.mark.timeout(120)
+def test_cifar10_end_of_run_grid_is_few_step_with_progress_lines(tmp_path, monkeypatch):
+    # Issue 29: the cifar10 preset's grid ran 1000 ancestral steps in silence for 6 minutes.
+    import pipelines.train.loop as loop
+
+    cfg = ExperimentConfig.preset("cifar10").override([
+        "model.ch=32", "model.ch_mult=[1]", "model.num_res_blocks=1", "model.attn_resolutions=[]"])
+    torch.manual_seed(0)
+    model = _CountingNet(UNet(cfg.model))
+    diffusion = Diffusion.from_config(cfg.diffusion)
+    monkeypatch.setattr(loop, "QUIET_S", 0.0)  # the real grid is long enough to print; this tiny one is not
+    lines: list[str] = []
+    sample_grid(model, diffusion, cfg, str(tmp_path / "grid.png"), n=2, log=lines.append)
+    assert diffusion.num_timesteps == 1000 and model.calls == 20  # dpmpp, 20 steps: not T = 1000
+    assert lines[0].startswith("[train] sample grid of 2 (dpmpp, 20 steps): 1/20 calls") and "ETA" in lines[0]
+    assert lines[-1].startswith("[train] sample grid of 2 (dpmpp, 20 steps): 20/20 calls (100%)")
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(120)
+def test_a_grid_shorter_than_quiet_s_prints_nothing(tmp_path):
+    cfg = ExperimentConfig.preset("digits").override([
+        "diffusion.timesteps=30", "sample.steps=5", "model.ch=16", "model.ch_mult=[1]",
+        "model.num_res_blocks=1", "model.attn_resolutions=[]"])
+    lines: list[str] = []
+    sample_grid(UNet(cfg.model), Diffusion.from_config(cfg.diffusion), cfg, str(tmp_path / "g.png"), n=2,
+                log=lines.append)
+    assert lines == [] and (tmp_path / "g.png").stat().st_size > 0
+
+
 # -- train.max_time: a wall-clock budget ------------------------------------------------------------
 TINY_LOOP = ["model.ch=16", "model.ch_mult=[1]", "model.num_res_blocks=1", "model.attn_resolutions=[]",
              "diffusion.timesteps=50", "train.batch_size=8", "train.log_every=1", "train.warmup_steps=1",
