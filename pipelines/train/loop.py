@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 
 BPD_CALLS = 16  # model calls of the held-out bits/dim estimate (likelihood.bits_per_dim_estimate's strata)
+LINE_EVERY_S = 10.0  # a step line at least this often when train.log_every steps take longer (no silent minutes)
 QUIET_S = 2.0  # a held-out bits/dim or sample grid shorter than this prints no progress line (they repeat)
 NO_STEP_LIMIT = 10**12  # train.max_steps when a time budget alone is the limit (`train --max-time`, no step count)
 
@@ -263,6 +264,7 @@ class _Counters:
     clock_start: float = 0.0  # _clock() when this attempt started: for the time budget and wall_s
     t_last: float = 0.0  # time.perf_counter() at the last log line: for the images/s of each interval
     step_last: int = 0
+    t_line: float = 0.0  # time.perf_counter() at rank 0's last step line (log interval or LINE_EVERY_S)
 
     def trained(self) -> float:
         """Seconds of training so far, this attempt and the ones before it."""
@@ -298,6 +300,7 @@ def _prepare(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker: A
     counters = _Counters(step=step, nonfinite_total=nonfinite_total, trained_s=trained_s, best_bpd=best_bpd,
                          loss_sum=torch.zeros((), device=ctx.device), clock_start=_clock(),
                          t_last=time.perf_counter(), step_last=step)
+    counters.t_line = counters.t_last
     return parts, diffusion, ddp_model, net, holdout, counters
 
 
@@ -408,11 +411,20 @@ def _after_step(cfg: ExperimentConfig, parts: _Parts, diffusion: Diffusion, ctx:
     eta = metrics.pop("eta_s", None)
     if ctx.rank != 0:
         return
+    of = f"/{tc.max_steps}" if tc.max_steps < NO_STEP_LIMIT else ""
+    now = time.perf_counter()
     if "loss" in metrics:  # one line per log interval, with bits/dim when measured
         held_out = f" held-out {metrics['bpd']:.3f} bits/dim" if "bpd" in metrics else ""
-        of = f"/{tc.max_steps}" if tc.max_steps < NO_STEP_LIMIT else ""
         ctx.log(f"[train] step {n.step}{of} loss {metrics['loss']:.4f} "
                 f"{metrics['images_per_s']:.1f} img/s{held_out} ETA {eta:.0f}s")
+        n.t_line = now
+    elif now - n.t_line >= LINE_EVERY_S:  # a long log interval: the step and its ETA, no metrics
+        ips = (n.step - n.step_last) * tc.batch_size / max(now - n.t_last, 1e-9)
+        left = (tc.max_steps - n.step) * tc.batch_size / max(ips, 1e-9)
+        if tc.max_time is not None:
+            left = min(left, max(tc.max_time - n.trained(), 0.0))
+        ctx.log(f"[train] step {n.step}{of} {ips:.1f} img/s ETA {left:.0f}s")
+        n.t_line = now
     if artifact_dir and tracker is not None and (n.step % tc.sample_every == 0 or final):
         path = os.path.join(artifact_dir, f"samples_step{n.step:07d}.png")
         sample_grid(parts.ema.module, diffusion, cfg, path, log=ctx.log)

@@ -154,6 +154,19 @@ def test_max_steps_first_wins_over_max_time(shards, step_clock):
 
 
 @pytest.mark.timeout(120)
+def test_a_log_interval_longer_than_the_run_still_prints_step_lines_with_an_eta(shards, monkeypatch):
+    # Issue 29: a 30-step run under a preset logging every 50 steps printed nothing until its end.
+    import pipelines.train.loop as loop
+
+    monkeypatch.setattr(loop, "LINE_EVERY_S", 0.0)  # every step is "long" here
+    _, _, logs, _ = _run(shards, "train.max_steps=3", "train.log_every=1000")
+    steps = [line for line in logs if line.startswith("[train] step ")]
+    assert [line.split()[2] for line in steps] == ["1/3", "2/3", "3/3"]
+    assert all(" img/s ETA " in line for line in steps)
+    assert "loss" not in steps[0] and "loss" in steps[2]  # the final step is a log interval's line
+
+
+@pytest.mark.timeout(120)
 def test_a_rank_follows_rank_zeros_decision_not_its_own_clock(shards, step_clock):
     # This rank's clock says the budget is spent after step 1; rank 0 says go on until step 3.
     from ddpm.config import load_config
