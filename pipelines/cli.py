@@ -251,6 +251,7 @@ def evaluate(
     eta: Eta = None,
     nodes: Nodes = 1,
     table: Annotated[bool, typer.Option("--table", help="Also measure the sampler table (DDPM 1000; DDIM 10/20/50/100, eta 0 and 1).")] = False,
+    bound: Annotated[str, _choice("--bound", values=("full", "estimate"), help="Held-out bits/dim: the full bound (T model calls per 64 images) or its stratified unbiased estimate with a standard error (16 calls).")] = "full",
     address: Address = None,
     json_out: Json = False,
 ) -> None:
@@ -258,7 +259,8 @@ def evaluate(
     from pipelines.registry.evaluate import evaluate_command
 
     _dispatch(evaluate_command, json_out, model=model, data=data,
-              num=num, sampler=sampler, steps=steps, eta=eta, nodes=nodes, table=table, address=address)
+              num=num, sampler=sampler, steps=steps, eta=eta, nodes=nodes, table=table, address=address,
+              bound=bound)
 
 
 @app.command()

@@ -161,3 +161,41 @@ def test_train_and_evaluate_warn_when_the_test_split_holds_training_images(tmp_p
             assert all("60 of 60 test images" in line for line in lines)
         else:
             assert not lines, err
+
+
+@pytest.mark.timeout(120)
+def test_bound_estimate_is_16_calls_with_a_standard_error_and_agrees_with_the_full_bound(tmp_path, capsys):
+    """Issue 29: the full bound (T calls per batch) took minutes on RGB data; ``--bound estimate``
+    is its stratified unbiased estimate from 16 calls, keyed apart from it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ddpm.diffusion import Diffusion
+    from ddpm.schedules import make_betas
+    from pipelines.registry.evaluate import BPD_CALLS, EvalData, held_out_bpd
+    from tests.ddpm.helpers import GaussianOracle
+
+    diffusion = Diffusion(make_betas("linear", 200), variance="fixed_large")
+    oracle = GaussianOracle(diffusion.alphas_cumprod, 0.3, 0.5)
+    loaded = SimpleNamespace(diffusion=diffusion, model=oracle)
+    test = (0.3 + 0.5 * torch.randn(96, 1, 2, 2, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    test = (test * 8).round() / 8  # on 17 levels
+    ev = EvalData(test=test, train=None, levels=17, source="gauss", test_hash="abc", hash="abc",
+                  test_url="x", train_url=None)
+    full = held_out_bpd(loaded, ev, 96, batch_size=64)
+    oracle.calls.clear()
+    est = held_out_bpd(loaded, ev, 96, batch_size=64, bound="estimate")
+    assert len(oracle.calls) == 2 * BPD_CALLS  # two batches of 16 calls, not 2 x 200
+    assert full["key"].startswith("bpd/bound:full/") and "se" not in full
+    assert est["key"].startswith(f"bpd/bound:estimate-{BPD_CALLS}/") and est["se"] > 0
+    assert est["se_key"].startswith(f"bpd_se/bound:estimate-{BPD_CALLS}/")
+    assert abs(est["value"] - full["value"]) < 4 * est["se"]
+    err = capsys.readouterr().err
+    assert f"[evaluate] bits/dim, stratified estimate of the bound, {BPD_CALLS} calls on 96 held-out images: " \
+           f"{2 * BPD_CALLS}/{2 * BPD_CALLS} calls (100%)" in err
+
+
+def test_bad_bound_is_a_usage_error(tmp_path):
+    result = run_cli("evaluate", "--model", str(tmp_path / "none.pt"), "--bound", "half")
+    assert result.exit_code == 2 and "full, estimate" in result.output
