@@ -121,8 +121,9 @@ def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampl
             rows.append(row)
             results.extend(r for r in row["results"] if r["key"] not in {x["key"] for x in results})
 
-    target = log_results(loaded, model, results, main, rows, settings, data_url=ev.test_url,
-                         parent_run_id=parent_run_id, run_name=run_name)
+    with console.phase("evaluate", "logging the results to MLflow"):
+        target = log_results(loaded, model, results, main, rows, settings, data_url=ev.test_url,
+                             parent_run_id=parent_run_id, run_name=run_name)
     message = _message(model, bpd, main, rows, target)
     return {"message": message, "model": model, "results": results, "bpd": bpd["value"],
             "scores": main["scores"], "floors": main.get("floors", {}), "se": main.get("se", {}),
@@ -281,7 +282,9 @@ def score_samples(x: torch.Tensor, seconds: float, ev: EvalData, sampler: str, s
                            "se": {}, "floor_se": {}, "compared": {}, "floor_compared": {}, "notes": [],
                            "features": "none"}
     results = [_result("sec_per_sample", seconds / num, **deps)]
-    scores = _quality(samples, ev, settings, out)
+    with console.phase("evaluate", f"scoring {num} samples against the test split ({len(ev.test)} images)"):
+        scores = _quality(samples, ev, settings, out)
+
     def finite(x: float | None) -> float | None:  # no standard error (classes_covered): None, not NaN
         return x if x is not None and math.isfinite(x) else None
 

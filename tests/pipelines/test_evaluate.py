@@ -49,6 +49,9 @@ def test_evaluate_logs_keyed_results_on_the_version_and_its_run(tmp_path, digits
     bound = [x for x in err if x.startswith("[evaluate] bits/dim, full bound on 8 held-out images: ")]
     drawn = [x for x in err if x.startswith("[evaluate] sampling 16 images (ddim, 5 steps, eta 1, 2 batches): ")]
     assert "ETA" in bound[0] and "(100%)" in bound[-1] and drawn[-1].split(": ")[1].startswith("10/10 calls (100%)")
+    scoring = "[evaluate] scoring 16 samples against the test split (360 images)"
+    assert f"{scoring} ..." in err and any(x.startswith(f"{scoring}: ") and x.endswith(" s") for x in err)
+    assert "[evaluate] logging the results to MLflow ..." in err
 
     c = tracking.client()
     # The evaluation has a run of its own, beside the training run: short metric names, keys in tags.
