@@ -86,7 +86,7 @@ class DigitsFeatureNet(nn.Module):
 
 
 @contextlib.contextmanager
-def _deterministic(seed: int) -> Iterator[None]:
+def deterministic(seed: int) -> Iterator[None]:
     """Seeded global RNG and one thread, restored afterwards (no global state leaks)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # reductions in one fixed order: the same weights every time
@@ -103,6 +103,25 @@ def _accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return (net(x).argmax(dim=1) == y).double().mean().item()
 
 
+def fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int, batch_size: int,
+        lr: float) -> nn.Module:
+    """Train ``net`` to classify ``[N x C x H x W]`` ``x`` as ``[N]`` ``y`` (cross-entropy, Adam,
+    seeded shuffles) and return it in eval mode. Call it inside :func:`deterministic`."""
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            inputs, targets = x[idx], y[idx]
+            loss = F.cross_entropy(net(inputs), targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
 def train_digits_feature_net(seed: int = 0, epochs: int = 15, batch_size: int = 64,
                              lr: float = 3e-3) -> tuple[DigitsFeatureNet, dict[str, Any]]:
     """Train on the digits training split; returns the net (eval mode) and its info.
@@ -115,20 +134,8 @@ def train_digits_feature_net(seed: int = 0, epochs: int = 15, batch_size: int = 
     """
     x_train, y_train, x_test, y_test = digits_split()
     start = time.perf_counter()
-    with _deterministic(seed):
-        net = DigitsFeatureNet()
-        opt = torch.optim.Adam(net.parameters(), lr=lr)
-        gen = torch.Generator().manual_seed(seed)
-        net.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(x_train), generator=gen)
-            for i in range(0, len(order), batch_size):
-                idx = order[i:i + batch_size]
-                loss = F.cross_entropy(net(x_train[idx]), y_train[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        net.eval()
+    with deterministic(seed):
+        net = fit(DigitsFeatureNet(), x_train, y_train, seed, epochs, batch_size, lr)
         info = {"version": FEATURE_NET_VERSION, "test_accuracy": _accuracy(net, x_test, y_test),
                 "train_accuracy": _accuracy(net, x_train, y_train),
                 "train_seconds": time.perf_counter() - start}
@@ -215,8 +222,7 @@ class DigitsYardstick:
         self.test, self.train = (torch.as_tensor(t, dtype=torch.float32) for t in (real_test, real_train))
         self.ref_feats = extract_features(net, self.test)  # [M x D]
         self.ref_labels = class_probabilities(net, self.test).argmax(dim=1)  # [M], the classifier's labels
-        # KID's kernel sees x / scale, the reference's root-mean-square feature, so x . y / D is of order 1.
-        self.scale = max(self.ref_feats.double().pow(2).mean().sqrt().item(), 1e-12)
+        self.scale = rms_scale(self.ref_feats)  # KID's feature scale (distance_scores)
 
     def scores(self, images: torch.Tensor, copies: torch.Tensor | None = None) -> dict[str, metrics.Score]:
         """``{score: Score}`` of ``[N x 1 x 8 x 8]`` images, in :data:`COMPARED_WITH` order. ``copies``
@@ -226,18 +232,14 @@ class DigitsYardstick:
         labels = probs.argmax(dim=1)
         if copies is None:
             copies = metrics.copies(images, self.train, self.test, quantile=self.copy_quantile)
-        k, ref, scale = self.k, self.ref_feats, self.scale
         return {
-            "fd": metrics.Score(metrics.frechet_distance_from_features, (feats,), (ref,)),
-            "kid": metrics.Score(metrics.kernel_distance, (feats / scale,), (ref / scale,)),
-            "precision": metrics.Score(lambda a, b: metrics.precision_recall(b, a, k=k)[0], (feats,), (ref,)),
-            "recall": metrics.Score(lambda a, b: metrics.precision_recall(b, a, k=k)[1], (feats,), (ref,)),
+            **distance_scores(feats, self.ref_feats, self.scale, self.k),
             "classifier_score": metrics.Score(metrics.classifier_score, (probs,)),
             "confidence": metrics.Score(_confidence, (probs,)),
             "class_tv": metrics.Score(lambda a, b: metrics.class_tv(a, b, NUM_CLASSES), (labels,), (self.ref_labels,)),
             "classes_covered": metrics.Score(lambda a, b: float(metrics.classes_covered(a, b, NUM_CLASSES)),
                                              (labels,), (self.ref_labels,), standard_error=False),
-            "copy_rate": metrics.Score(_share, (copies,)),
+            "copy_rate": metrics.Score(share, (copies,)),
         }
 
     def floor_scores(self, num: int, seed: int = 0) -> dict[str, metrics.Score]:
@@ -247,15 +249,33 @@ class DigitsYardstick:
         pick = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))[:n_floor]
         own = metrics.copies(self.test, self.train, self.test, quantile=self.copy_quantile)
         return {**self.scores(self.train[pick], copies=torch.zeros(n_floor, dtype=torch.bool)),
-                "copy_rate": metrics.Score(_share, (own,))}
+                "copy_rate": metrics.Score(share, (own,))}
+
+
+def distance_scores(feats: torch.Tensor, ref: torch.Tensor, scale: float, k: int) -> dict[str, metrics.Score]:
+    """``fd``, ``kid`` (on features divided by ``scale``, the reference's root-mean-square feature,
+    so x . y / D is of order 1), ``precision`` and ``recall`` (k-NN, ``k``) of ``[N x D]`` features
+    against the reference's ``[M x D]``: the feature scores of any yardstick."""
+    return {
+        "fd": metrics.Score(metrics.frechet_distance_from_features, (feats,), (ref,)),
+        "kid": metrics.Score(metrics.kernel_distance, (feats / scale,), (ref / scale,)),
+        "precision": metrics.Score(lambda a, b: metrics.precision_recall(b, a, k=k)[0], (feats,), (ref,)),
+        "recall": metrics.Score(lambda a, b: metrics.precision_recall(b, a, k=k)[1], (feats,), (ref,)),
+    }
+
+
+def rms_scale(feats: torch.Tensor) -> float:
+    """The root-mean-square value of ``[M x D]`` features (KID's feature scale), never 0."""
+    return max(feats.double().pow(2).mean().sqrt().item(), 1e-12)
+
+
+def share(hits: torch.Tensor) -> float:
+    """The share of true entries of a ``[N]`` bool tensor (a copy rate, an accuracy)."""
+    return hits.double().mean().item()
 
 
 def _confidence(probs: torch.Tensor) -> float:
     return probs.max(dim=1).values.double().mean().item()
-
-
-def _share(hits: torch.Tensor) -> float:
-    return hits.double().mean().item()
 
 
 def conditional_accuracy_score(net: DigitsFeatureNet, samples: torch.Tensor, labels: torch.Tensor | Any,
@@ -267,7 +287,7 @@ def conditional_accuracy_score(net: DigitsFeatureNet, samples: torch.Tensor, lab
     if labels.shape != (len(samples),):
         raise ValueError(f"got {tuple(labels.shape)} labels for {len(samples)} samples; give one per sample")
     hits = class_probabilities(net, samples, batch_size).argmax(dim=1) == labels
-    return metrics.Score(_share, (hits,))
+    return metrics.Score(share, (hits,))
 
 
 def conditional_accuracy(net: DigitsFeatureNet, samples: torch.Tensor, labels: torch.Tensor | Any,
@@ -288,7 +308,7 @@ def conditional_accuracy(net: DigitsFeatureNet, samples: torch.Tensor, labels: t
     out = metrics.score_values({"cond_accuracy": score}, groups, seed)
     for c in range(num_classes):
         mine = labels == c
-        value, se = metrics.score_value(metrics.Score(_share, (hits[mine],)), groups, seed)
+        value, se = metrics.score_value(metrics.Score(share, (hits[mine],)), groups, seed)
         out.update({f"cond_accuracy_class{c}": value, f"cond_accuracy_class{c}_se": se,
                     f"num_class{c}": float(mine.sum())})
     return out
@@ -369,8 +389,8 @@ def evaluate_samples(samples: torch.Tensor, real_test: torch.Tensor, real_train:
 __all__ = [
     "COMPARED_WITH", "FEATURE_DIM", "FEATURE_NET_VERSION", "NUM_CLASSES", "DigitsFeatureNet", "DigitsYardstick",
     "class_probabilities", "class_spread_score", "classifier_confidence", "conditional_accuracy",
-    "conditional_accuracy_score",
-    "default_cache_dir",
+    "conditional_accuracy_score", "default_cache_dir", "deterministic", "distance_scores", "fit", "rms_scale",
+    "share",
     "digits_split", "digits_split_indices", "evaluate_samples", "extract_features",
     "load_digits_feature_net", "train_digits_feature_net",
 ]

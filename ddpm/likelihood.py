@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ddpm.diffusion import Diffusion, Model
+from ddpm.diffusion import Diffusion, Model, Progress
 from ddpm.losses import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from ddpm.noise import randn
 
@@ -30,11 +30,13 @@ def prior_bpd(diffusion: Diffusion, x_start: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def calc_bpd_loop(diffusion: Diffusion, model: Model, x_start: torch.Tensor, levels: int = 256, *,
-                  clip_denoised: bool = True, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                  clip_denoised: bool = True, generator: torch.Generator | None = None,
+                  progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Every term of the bound, one model call per timestep (T calls).
 
     Returns ``total_bpd`` ``[N]``, ``prior_bpd`` ``[N]`` and ``vb`` ``[N x T]`` (bits/dim). Each term
-    draws its own x_t ~ q(x_t | x_0) with noise from ``generator``.
+    draws its own x_t ~ q(x_t | x_0) with noise from ``generator``. ``progress(calls done, T)`` is
+    called after each model call.
     """
     N, T = x_start.shape[0], diffusion.num_timesteps
     vb = torch.zeros(N, T, dtype=x_start.dtype, device=x_start.device)
@@ -44,21 +46,25 @@ def calc_bpd_loop(diffusion: Diffusion, model: Model, x_start: torch.Tensor, lev
         x_t = diffusion.q_sample(x_start, t, noise)
         out = diffusion.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised)
         vb[:, i] = diffusion.vb_term_bpd(out, x_start, x_t, t, levels)
+        if progress is not None:
+            progress(i + 1, T)
     prior = prior_bpd(diffusion, x_start)
     return {"total_bpd": vb.sum(dim=1) + prior, "prior_bpd": prior, "vb": vb}
 
 
 def bits_per_dim(diffusion: Diffusion, model: Model, x_start: torch.Tensor, levels: int = 256, *,
-                 clip_denoised: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The full variational bound on -log p(x_0) in bits/dim, ``[N]`` (T model calls)."""
+                 clip_denoised: bool = True, generator: torch.Generator | None = None,
+                 progress: Progress | None = None) -> torch.Tensor:
+    """The full variational bound on -log p(x_0) in bits/dim, ``[N]`` (T model calls; ``progress``
+    as :func:`calc_bpd_loop`)."""
     return calc_bpd_loop(diffusion, model, x_start, levels, clip_denoised=clip_denoised,
-                         generator=generator)["total_bpd"]
+                         generator=generator, progress=progress)["total_bpd"]
 
 
 @torch.no_grad()
 def bits_per_dim_estimate(diffusion: Diffusion, model: Model, x_start: torch.Tensor, levels: int = 256,
-                          num_timesteps: int = 16, seed: int = 0, *,
-                          clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                          num_timesteps: int = 16, seed: int = 0, *, clip_denoised: bool = True,
+                          progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """An unbiased estimate of :func:`bits_per_dim` from ``num_timesteps`` model calls: (estimate, stderr).
 
     1. Split {0..T-1} into K = ``num_timesteps`` contiguous strata S_k of near-equal size.
@@ -70,7 +76,7 @@ def bits_per_dim_estimate(diffusion: Diffusion, model: Model, x_start: torch.Ten
 
     All draws come from a CPU ``torch.Generator`` seeded with ``seed``, so the same inputs give the
     same estimate on every call (useful for comparing checkpoints or trials on equal terms).
-    Both results are ``[N]`` bits/dim.
+    Both results are ``[N]`` bits/dim. ``progress(calls done, K)`` is called after each model call.
     """
     N, T = x_start.shape[0], diffusion.num_timesteps
     if num_timesteps < 1:
@@ -87,6 +93,8 @@ def bits_per_dim_estimate(diffusion: Diffusion, model: Model, x_start: torch.Ten
         x_t = diffusion.q_sample(x_start, t, noise)
         out = diffusion.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised)
         ys.append(size * diffusion.vb_term_bpd(out, x_start, x_t, t, levels).double())
+        if progress is not None:
+            progress(len(ys), K)
     y = torch.stack(ys)  # [K x N]
     estimate = prior_bpd(diffusion, x_start).double() + y.sum(dim=0)
     if K == 1:

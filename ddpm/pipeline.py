@@ -56,6 +56,11 @@ def sampling_settings(sample: SampleConfig, num_timesteps: int, sampler: Sampler
     return sampler, int(steps), float(eta)
 
 
+def _calls_so_far(call_progress: BatchProgress, batch: int, batches: int) -> BatchProgress:
+    """A sampling loop's ``progress(step, steps)`` of one batch, as calls over all ``batches``."""
+    return lambda step, steps: call_progress(batch * steps + step, batches * steps)
+
+
 class DDPMPipeline:
     """``model`` + ``diffusion`` + one sampler choice; call it for seeded samples in batches.
 
@@ -134,21 +139,25 @@ class DDPMPipeline:
                    guidance=s.guidance if guidance is None else guidance)
 
     def __call__(self, num: int, seed: int = 0, *, start: int = 0, progress: BatchProgress | None = None,
-                 progressive: int = 0, class_labels: torch.Tensor | Sequence[int] | None = None) -> Any:
+                 progressive: int = 0, class_labels: torch.Tensor | Sequence[int] | None = None,
+                 call_progress: BatchProgress | None = None) -> Any:
         """Samples ``start .. start+num-1`` of ``seed``: float32 ``[num x C x H x W]`` in [-1, 1].
 
         With ``progressive = K``, also the predicted x_0 at K steps, ``[K x num x C x H x W]``.
         ``class_labels``: ``num`` labels in [0, num_classes) of a class-conditional model, label j
         for sample ``start + j`` (:func:`ddpm.guidance.balanced_labels` gives an even share); None
-        samples its null class (unconditional).
+        samples its null class (unconditional). ``progress(samples done, samples)`` is called after
+        each batch, ``call_progress(calls done, calls)`` after each batched network call (steps x
+        batches in all): fine enough for an ETA when all samples fit in one batch.
         """
         if num < 0:
             raise ValueError(f"num must be >= 0, got {num}")
-        return self.from_seeds([sample_seed(seed, i) for i in range(start, start + num)],
-                               progress=progress, progressive=progressive, class_labels=class_labels)
+        return self.from_seeds([sample_seed(seed, i) for i in range(start, start + num)], progress=progress,
+                               progressive=progressive, class_labels=class_labels, call_progress=call_progress)
 
     def from_seeds(self, seeds: Sequence[int], *, progress: BatchProgress | None = None,
-                   progressive: int = 0, class_labels: torch.Tensor | Sequence[int] | None = None) -> Any:
+                   progressive: int = 0, class_labels: torch.Tensor | Sequence[int] | None = None,
+                   call_progress: BatchProgress | None = None) -> Any:
         """One sample per noise seed (and per class label, if given), in batches of ``batch_size``;
         sample j depends on ``(seeds[j], class_labels[j])`` alone. See :meth:`__call__`."""
         seeds = [int(s) for s in seeds]
@@ -159,13 +168,15 @@ class DDPMPipeline:
                 raise ValueError(f"got {len(labels)} class labels for {len(seeds)} samples; give one per sample")
         xs: list[torch.Tensor] = []
         preds: list[torch.Tensor] = []
+        batches = -(-len(seeds) // self.batch_size)
         with torch.no_grad():
             for i in range(0, len(seeds), self.batch_size):
                 chunk = seeds[i:i + self.batch_size]
                 net = self._network(None if labels is None else labels[i:i + self.batch_size], len(chunk))
+                calls = None if call_progress is None else _calls_so_far(call_progress, i // self.batch_size, batches)
                 out = generate(net, self.diffusion, (len(chunk), *self.image_shape), self.sampler,
                                steps=self.steps, eta=self.eta, seeds=chunk, clip_denoised=self.clip_denoised,
-                               progressive=progressive, spacing=self.spacing, ms_eps=self.ms_eps)
+                               progressive=progressive, spacing=self.spacing, ms_eps=self.ms_eps, progress=calls)
                 x, p = out if progressive else (out, None)
                 xs.append(x.float())
                 if p is not None:

@@ -174,18 +174,20 @@ def config_show(config: Config = "digits", set_: Set = None, json_out: Json = Fa
 # -- data -----------------------------------------------------------------------------------------
 @data_app.command("prepare")
 def data_prepare(
-    source: Annotated[str, typer.Option("--source", help="digits, an image folder, a .npz/.npy file, or a CIFAR-10 python archive (path or URL).")] = "digits",
-    out: Annotated[Optional[str], typer.Option("--out", help="Output URL (local path, file://, s3://). Default: DDPM_HOME/data/<source>.")] = None,
+    source: Annotated[str, typer.Option("--source", help="digits, sample-images (scikit-learn's photos in 32x32 crops), an image folder, a .npz/.npy file, or a CIFAR-10 python archive (path or URL).")] = "digits",
+    out: Annotated[Optional[str], typer.Option("--out", help="Output URL (local path, file://, s3://). Default: DDPM_HOME/data/<source>/<split>; with --test-fraction, the folder of both splits (OUT/train, OUT/test).")] = None,
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Samples per shard.")] = 1000,
     split: Annotated[str, _choice("--split", values=("train", "test"), help="Which split of the source.")] = "train",
+    test_fraction: Annotated[Optional[float], typer.Option("--test-fraction", help="Carve a held-out split from the one source: about this share of its images (by a seeded hash of each image's pixels, so copies stay together) go to OUT/test, the rest to OUT/train. See docs/DATA.md.")] = None,
+    split_seed: Annotated[int, typer.Option("--split-seed", help="Seed of the --test-fraction assignment (recorded in the manifests).")] = 0,
     endpoint_url: Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint; default AWS_ENDPOINT_URL.")] = None,
     json_out: Json = False,
 ) -> None:
-    """Convert a data source to WebDataset tar shards plus a manifest."""
+    """Convert a data source to WebDataset tar shards plus a manifest (both splits with --test-fraction)."""
     from pipelines.storage.data import prepare_command
 
-    _dispatch(prepare_command, json_out, source=source, out=out,
-              shard_size=shard_size, split=split, endpoint_url=endpoint_url)
+    _dispatch(prepare_command, json_out, source=source, out=out, shard_size=shard_size, split=split,
+              endpoint_url=endpoint_url, test_fraction=test_fraction, split_seed=split_seed)
 
 
 # -- train ----------------------------------------------------------------------------------------
@@ -257,6 +259,7 @@ def evaluate(
     classes: Classes = None,
     guidance: Guidance = None,
     guidance_sweep: Annotated[Optional[bool], typer.Option("--guidance-sweep/--no-guidance-sweep", help="Class-conditional models: also measure conditional accuracy and diversity at guidance 0, 1, 1.5, 2, 3 and 5 (default: on for them).")] = None,
+    bound: Annotated[str, _choice("--bound", values=("full", "estimate"), help="Held-out bits/dim: the full bound (T model calls per 64 images) or its stratified unbiased estimate with a standard error (16 calls).")] = "full",
     address: Address = None,
     json_out: Json = False,
 ) -> None:
@@ -266,7 +269,7 @@ def evaluate(
     _dispatch(evaluate_command, json_out, model=model, data=data,
               num=num, sampler=sampler, steps=steps, eta=eta, nodes=nodes, table=table, address=address,
               classes=tuple(class_ or ()), balanced=classes == "balanced", guidance=guidance,
-              guidance_sweep=guidance_sweep)
+              guidance_sweep=guidance_sweep, bound=bound)
 
 
 @app.command()

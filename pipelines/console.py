@@ -23,7 +23,7 @@ import io
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 VERBOSE_ENV = "DDPM_VERBOSE"
@@ -71,19 +71,36 @@ def ray_init_options() -> dict[str, Any]:
 
 
 # -- progress in this process ----------------------------------------------------------------------
+@contextlib.contextmanager
+def phase(label: str, what: str, write: Callable[[str], None] = info) -> Iterator[None]:
+    """``[label] what ...`` when a phase with no count of its own starts, and ``[label] what: N s``
+    when it ends (``write``: :func:`info`, or a training worker's log)."""
+    write(f"[{label}] {what} ...")
+    start = time.perf_counter()
+    yield
+    write(f"[{label}] {what}: {time.perf_counter() - start:.1f} s")
+
+
 class Progress:
     """A counter with rate and ETA on stderr: rewritten in place on a terminal, a plain line at
-    most every ``every_s`` seconds (and at the end) otherwise."""
+    most every ``every_s`` seconds (and at the end) otherwise. With ``write`` (a training worker's
+    log), plain lines go through it instead. With ``after_s``, nothing is written before that many
+    seconds have passed: a phase that repeats during a run (the held-out bits/dim, the sample grid)
+    prints only when it is slow enough to be worth a line."""
 
     def __init__(self, label: str, total: int, unit: str, every_s: float = 5.0, enabled: bool = True,
-                 stream: IO[str] | None = None) -> None:
+                 stream: IO[str] | None = None, write: Callable[[str], None] | None = None, what: str = "",
+                 after_s: float = 0.0) -> None:
         self.label, self.total, self.unit = label, total, unit
+        self.what = f"{what}: " if what else ""  # the phase counted, before the count
         self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.enabled, self.every_s = enabled, every_s
+        self.write = write or (lambda line: print(line, file=self.stream, flush=True))
+        self.tty = write is None and bool(getattr(self.stream, "isatty", lambda: False)())
+        self.enabled, self.every_s, self.after_s = enabled, every_s, after_s
         self.done = 0
         self.start = time.perf_counter()
         self._last = -1e9
+        self._shown = False  # a line was written (on a terminal, close ends it)
         self.suffix = ""
 
     def line(self) -> str:
@@ -92,22 +109,27 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         pct = 100.0 * self.done / max(self.total, 1)
         eta_text = f"ETA {eta:.0f}s" if self.done < self.total and eta == eta else f"{elapsed:.1f}s"
-        return (f"[{self.label}] {self.done}/{self.total} {self.unit}s ({pct:.0f}%) "
+        return (f"[{self.label}] {self.what}{self.done}/{self.total} {self.unit}s ({pct:.0f}%) "
                 f"{rate:.1f} {self.unit}s/s {eta_text}{self.suffix}")
 
     def update(self, n: int) -> None:
         self.done += n
         now = time.perf_counter()
-        if not self.enabled:
+        if not self.enabled or now - self.start < self.after_s:
             return
         if self.tty:
             self.stream.write("\r\033[K" + self.line())
             self.stream.flush()
+            self._shown = True
         elif now - self._last >= self.every_s or self.done >= self.total:
-            self._last = now
-            print(self.line(), file=self.stream, flush=True)
+            self._last, self._shown = now, True
+            self.write(self.line())
+
+    def at(self, done: int, _total: int | None = None) -> None:
+        """Set the count (a ``progress(done, total)`` callback of the samplers and the bound)."""
+        self.update(done - self.done)
 
     def close(self) -> None:
-        if self.enabled and self.tty:
+        if self.enabled and self.tty and self._shown:
             self.stream.write("\n")
             self.stream.flush()

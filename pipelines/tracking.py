@@ -33,7 +33,7 @@ from mlflow.utils import git_utils
 from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT,
                                       MLFLOW_GIT_REPO_URL, MLFLOW_SOURCE_NAME)
 
-from ddpm.data.manifest import read_manifest
+from ddpm.data.manifest import identity, read_manifest
 from pipelines.errors import PipelineError, UsageError
 from pipelines.settings import Settings, redact
 
@@ -174,8 +174,8 @@ DATA_CONTEXTS = ("training", "validation", "evaluation")  # mlflow.data.context 
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
-    """12 hex digits of the manifest's sha256: the ``data:<hash>`` part of evaluation keys."""
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:12]
+    """12 hex digits of the sha256 of the manifest's :func:`ddpm.data.manifest.identity`."""
+    return hashlib.sha256(json.dumps(identity(manifest), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def dataset(url: str, manifest: dict[str, Any]) -> Dataset:

@@ -176,6 +176,17 @@ def save_tiny_checkpoint(path: Path | str, seed: int = 0, overrides: list[str] |
     return Path(path)
 
 
+def picture_folder(root: Path, n: int = 60, size: int = 8) -> Path:
+    """A folder of ``n`` random ``size`` x ``size`` RGB PNGs with no class subfolders: a user's own pictures."""
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"img{i:03d}.png")
+    return root
+
+
 def read_npz_folder(folder: Path | str) -> dict[int, np.ndarray]:
     """``{index: x}`` of every sample in a folder of ``sample --format npz`` chunks (each index once)."""
     out: dict[int, np.ndarray] = {}

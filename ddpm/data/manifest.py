@@ -13,20 +13,29 @@ A manifest is written last, after every shard it lists is complete. Its fields::
     labels        true when every sample has a ``.cls`` label     classes  class names or null
     skipped       samples the source could not provide (counted, with the first reasons)
     shards        [{"name": "train-000000.tar", "num_samples": 1000, "sha256": "...", "size": bytes}]
+    image_hashes  one content hash per image, in shard order (:func:`image_hash`): what
+                  :func:`shared_images` compares to find images in both splits (absent in
+                  manifests written before it; their overlap cannot be checked)
+    split_rule    how the source assigned images to this split, where it says (a carved split:
+                  ``{"rule": ..., "test_fraction": 0.1, "seed": 0}``, see ``ddpm.data.sources.carve``)
 
 It holds no timestamps, so writing the same data twice gives the same bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
+
+import numpy as np
 
 from ddpm.data.storage import DataError, check_name, join, open_fs
 
 FORMAT = "ddpm-pipe/webdataset"
 VERSION = 1
 MANIFEST = "manifest.json"
+HASH_CHARS = 16  # hex characters kept of an image's sha256: 64 bits, no chance collision below ~10^9 images
 
 
 def dumps(manifest: dict[str, Any]) -> bytes:
@@ -69,6 +78,31 @@ def validate(manifest: Any, where: str) -> dict[str, Any]:
     if total != manifest["num_samples"]:
         raise DataError(f"{where}: shards hold {total} samples but num_samples={manifest['num_samples']}")
     return manifest
+
+
+def image_hash(image: np.ndarray) -> str:
+    """An image's content hash: sha256 over ``"HxWxC:"`` and its uint8 bytes (H x W x C, row-major),
+    the first :data:`HASH_CHARS` hex characters. The same pixels give the same hash whatever the
+    file, name or format they came from."""
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    image = image[:, :, None] if image.ndim == 2 else image
+    head = "x".join(map(str, image.shape)).encode() + b":"
+    return hashlib.sha256(head + image.tobytes()).hexdigest()[:HASH_CHARS]
+
+
+def identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest without ``image_hashes`` (the shards' sha256 already pin the same bytes): what a
+    digest of the data hashes, so data prepared before the hashes were recorded keeps its digest."""
+    return {k: v for k, v in manifest.items() if k != "image_hashes"}
+
+
+def shared_images(train: dict[str, Any], test: dict[str, Any]) -> int | None:
+    """How many of ``test``'s images are also in ``train`` (equal :func:`image_hash`); None when
+    either manifest records no hashes (written before they were)."""
+    if "image_hashes" not in train or "image_hashes" not in test:
+        return None
+    seen = set(train["image_hashes"])
+    return sum(h in seen for h in test["image_hashes"])
 
 
 def check_labels(manifest: dict[str, Any], num_classes: int, where: str | None = None) -> None:

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ddpm.data.manifest import FORMAT, MANIFEST, VERSION, dumps
+from ddpm.data.manifest import FORMAT, MANIFEST, VERSION, dumps, image_hash
 from ddpm.data.sources import Sample, Skip, Source
 from ddpm.data.storage import DataError, SourceError, atomic_write, check_name, join, open_fs
 from ddpm.image import png_bytes
@@ -110,6 +110,7 @@ class _Accepted:
     has_label: int = 0
     no_label: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list)  # image_hash of each accepted image, in order
 
     def members(self, item: Sample | Skip) -> list[tuple[str, bytes]]:
         """The tar members of one sample (its PNG, and its label), or none when it is skipped (why:
@@ -136,6 +137,7 @@ class _Accepted:
             self.skipped.append((key, f"value {int(image.max())} >= levels={self.levels}"))
             return []
         self.lo, self.hi = min(self.lo, int(image.min())), max(self.hi, int(image.max()))
+        self.hashes.append(image_hash(image))
         if label is None:
             self.no_label += 1
             return [(f"{key}.png", png_bytes(image))]
@@ -155,12 +157,14 @@ def write_shards(
     prefix: str | None = None,
     storage_options: dict[str, Any] | None = None,
     progress: bool | None = None,
+    split_rule: dict[str, Any] | None = None,
 ) -> WriteResult:
     """Write ``samples`` as shards plus ``manifest.json`` into the folder ``url``.
 
     ``samples`` is a :class:`~ddpm.data.sources.Source` (name, split, levels and classes are taken from
     it) or any iterable of ``Sample``/``Skip`` with those given as arguments. ``prefix`` defaults to
     the split. ``progress``: a tqdm bar on stderr (None: only when stderr is a terminal).
+    ``split_rule``: how the images were assigned to this split, recorded in the manifest (a Source's own).
     """
     from tqdm.auto import tqdm
 
@@ -169,6 +173,7 @@ def write_shards(
         split = split or samples.split
         levels = levels or samples.levels
         classes = classes if classes is not None else samples.classes
+        split_rule = split_rule or samples.split_rule
         total = samples.num_samples
     else:
         total = None
@@ -202,7 +207,7 @@ def write_shards(
         skipped = accepted.skipped
         reason = f"; first skip: {skipped[0][1]}" if skipped else ""
         raise SourceError(f"source {source!r} ({split}) gave no usable samples ({len(skipped)} skipped{reason})")
-    data = dumps(_manifest(source, split, levels, classes, accepted, shards))
+    data = dumps(_manifest(source, split, levels, classes, accepted, shards, split_rule))
     try:
         same = fs.cat_file(writer.manifest_path) == data
     except FileNotFoundError:
@@ -213,10 +218,11 @@ def write_shards(
 
 
 def _manifest(source: str, split: str, levels: int, classes: list[str] | None, accepted: _Accepted,
-              shards: list[dict[str, Any]]) -> dict[str, Any]:
+              shards: list[dict[str, Any]], split_rule: dict[str, Any] | None) -> dict[str, Any]:
     height, width, channels = accepted.shape
     labelled = accepted.no_label == 0
     return {
+        **({"split_rule": split_rule} if split_rule else {}),
         "format": FORMAT,
         "version": VERSION,
         "source": source,
@@ -232,4 +238,5 @@ def _manifest(source: str, split: str, levels: int, classes: list[str] | None, a
         "skipped": {"count": len(accepted.skipped),
                     "first": [list(s) for s in accepted.skipped[:MAX_REPORTED_SKIPS]]},
         "shards": shards,
+        "image_hashes": accepted.hashes,
     }

@@ -17,10 +17,19 @@ them, though the models are unconditional, as in the paper. :func:`open_source` 
 - the CIFAR-10 "python version" archive (``cifar-10-python.tar.gz``) from a path or URL:
   ``data_batch_1..5`` are ``train``, ``test_batch`` is ``test``. Its pickles are read with an
   unpickler that only builds dicts, lists, bytes and numpy arrays.
+- ``sample-images``: scikit-learn's two sample photographs (``load_sample_images``: china.jpg and
+  flower.jpg, 427 x 640 RGB, shipped with the library) cut into non-overlapping 32 x 32 crops, 260 of
+  each, labelled 0 (china) and 1 (flower); the split is :func:`carve`'s with ``test_fraction``
+  :data:`SAMPLE_IMAGES_TEST_FRACTION` and seed 0.
+
+:func:`carve` splits any one source into ``train`` and ``test`` by the content of each image
+(``data prepare --test-fraction``): seeded, stable when images are added or renamed, and an image
+and its exact copies always land in the same split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import posixpath
@@ -31,10 +40,13 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
+from ddpm.data.manifest import image_hash
 from ddpm.data.storage import SourceError, open_fs
 
 DIGITS_TEST_EVERY = 5  # digits: index % 5 == 0 is the test split
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+CROP = 32  # sample-images: crop side in pixels
+SAMPLE_IMAGES_TEST_FRACTION = 0.2  # sample-images: about 104 of its 520 crops held out
 SPLITS = ("train", "test")
 
 
@@ -61,6 +73,7 @@ class Source:
     classes: list[str] | None = None
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    split_rule: dict[str, Any] | None = None  # how images were assigned to this split (into the manifest)
 
     def __iter__(self) -> Iterator[Sample | Skip]:
         return self.iterate()
@@ -73,6 +86,8 @@ def open_source(spec: str, split: str = "train", storage_options: dict[str, Any]
     lower = spec.lower().rstrip("/")
     if lower == "digits":
         return digits(split)
+    if lower == "sample-images":
+        return sample_images(split)
     if lower in ("cifar10", "cifar-10"):
         raise SourceError("the cifar10 source needs your copy of the archive: "
                           "--source /path/or/url/cifar-10-python.tar.gz")
@@ -85,8 +100,8 @@ def open_source(spec: str, split: str = "train", storage_options: dict[str, Any]
         return image_folder(spec, split, storage_options)
     if fs.exists(path):
         raise SourceError(f"source {spec!r} is not a folder, .npy/.npz file or .tar.gz CIFAR-10 archive")
-    raise SourceError(f"source {spec!r} not found; valid: digits, an image folder, a .npy/.npz file, "
-                      "or a CIFAR-10 python archive")
+    raise SourceError(f"source {spec!r} not found; valid: digits, sample-images, an image folder, a .npy/.npz "
+                      "file, or a CIFAR-10 python archive")
 
 
 # -- digits -------------------------------------------------------------------------------------
@@ -106,6 +121,68 @@ def digits(split: str = "train") -> Source:
     return Source("digits", split, 17, len(chosen), iterate, classes=[str(c) for c in range(10)],
                   description=f"scikit-learn digits, {split} = index % {DIGITS_TEST_EVERY} "
                               f"{'==' if split == 'test' else '!='} 0")
+
+
+# -- a held-out split carved from one source ----------------------------------------------------
+CARVE_RULE = ("test when the first 8 bytes of sha256('<seed>:<image hash>'), read as a big-endian "
+              "fraction of 2^64, are below test_fraction; train otherwise")
+
+
+def in_test(hash_: str, test_fraction: float, seed: int = 0) -> bool:
+    """Whether :func:`carve` puts the image of content hash ``hash_`` (:func:`ddpm.data.manifest.image_hash`)
+    in the test split: :data:`CARVE_RULE`. No random generator is involved, so the rule never changes
+    with a library version; each image is decided alone, so adding images moves none of the others."""
+    digest = hashlib.sha256(f"{int(seed)}:{hash_}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
+
+
+def carve(source: Source, test_fraction: float, seed: int = 0) -> dict[str, Source]:
+    """``{"train": ..., "test": ...}``: ``source``'s images split by :func:`in_test`, about
+    ``test_fraction`` of them (a binomial share, not an exact count) in ``test``.
+
+    Both keep the source's keys, labels and classes; what the source skips is reported with the
+    training split. Exact copies of an image share its hash, so they never straddle the splits. The
+    rule, fraction and seed are each split's ``split_rule`` (written into its manifest).
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise SourceError(f"test fraction must be in (0, 1), got {test_fraction}")
+    rule = {"rule": CARVE_RULE, "test_fraction": float(test_fraction), "seed": int(seed), "of": source.name}
+
+    def split_of(split: str) -> Source:
+        def iterate() -> Iterator[Sample | Skip]:
+            for item in source:
+                if isinstance(item, Skip):
+                    if split == "train":
+                        yield item
+                elif in_test(image_hash(item.image), test_fraction, seed) == (split == "test"):
+                    yield item
+
+        return Source(source.name, split, source.levels, source.num_samples, iterate, classes=source.classes,
+                      description=f"{source.description}, {split} of a {test_fraction:g} test fraction (seed {seed})",
+                      split_rule=rule)
+
+    return {"train": split_of("train"), "test": split_of("test")}
+
+
+def sample_images(split: str = "train") -> Source:
+    """scikit-learn's two sample photographs as 32 x 32 RGB crops (see the module docstring)."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images()
+    names = [posixpath.basename(f).rsplit(".", 1)[0] for f in photos.filenames]
+
+    def iterate() -> Iterator[Sample]:
+        for label, photo in enumerate(photos.images):
+            rows, cols = photo.shape[0] // CROP, photo.shape[1] // CROP
+            for r in range(rows):
+                for c in range(cols):
+                    crop = photo[r * CROP:(r + 1) * CROP, c * CROP:(c + 1) * CROP]
+                    yield Sample(f"{label}{r:03d}{c:03d}", np.ascontiguousarray(crop, dtype=np.uint8), label)
+
+    total = sum((p.shape[0] // CROP) * (p.shape[1] // CROP) for p in photos.images)
+    whole = Source("sample-images", "train", 256, total, iterate, classes=names,
+                   description=f"scikit-learn sample images ({', '.join(names)}) in {CROP}x{CROP} crops")
+    return carve(whole, SAMPLE_IMAGES_TEST_FRACTION)[split]
 
 
 # -- arrays -------------------------------------------------------------------------------------

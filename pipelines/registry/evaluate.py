@@ -4,7 +4,10 @@ What is measured (every result keyed by what it depends on, see ``ddpm.metrics.r
 
 - ``bpd``: the full variational bound (Ho et al. 2020, eq. 5; T model calls per batch) on the first
   :data:`BPD_IMAGES` (64) images of the held-out split, in manifest order, noise seeded with 0.
-  Key: ``bpd/bound:full/data:<test manifest hash>/num:<images>``.
+  Key: ``bpd/bound:full/data:<test manifest hash>/num:<images>``. With ``bound="estimate"`` (``--bound
+  estimate``), the stratified unbiased estimate of that bound from :data:`BPD_CALLS` model calls
+  (``ddpm.likelihood.bits_per_dim_estimate``, seed 0) with its standard error, ``bound:estimate-16``:
+  T / 16 times cheaper, for a quick look at a model whose T calls take minutes.
 - From ``num`` samples (sample i uses noise seed ``i``; one process, or the sample job with
   ``--nodes`` above 1), quantised to the data's grey levels, compared with the held-out test split
   (which neither the feature network nor the model trained on):
@@ -51,12 +54,12 @@ from mlflow.tracking import MlflowClient
 
 from ddpm import features, pixel_scores
 from ddpm.config import ExperimentConfig
-from ddpm.data.manifest import resolve_split
+from ddpm.data.manifest import identity, resolve_split
 from ddpm.data.reader import load_split, to_float
 from ddpm.data.storage import DataError
 from ddpm.image import save_grid, to_levels
 from ddpm.inference import SamplingNet
-from ddpm.likelihood import bits_per_dim
+from ddpm.likelihood import bits_per_dim, bits_per_dim_estimate
 from ddpm.metrics import INCEPTION_WEIGHTS_HINT, direction, inception_fid, parse_result_key, result_key
 from ddpm.pipeline import DDPMPipeline
 from pipelines import console, tracking
@@ -67,9 +70,11 @@ from pipelines.registry.models import LoadedModel
 from pipelines.sample.command import sample_to_tensor
 from pipelines.sample.request import labels_of, resolve_classes, resolve_settings
 from pipelines.settings import Settings, resolve
-from pipelines.storage.data import ensure_prepared
+from pipelines.storage.data import ensure_prepared, warn_if_shared
 
 BPD_IMAGES = 64  # held-out images for the full bound: its cost is T model calls per image batch
+BPD_CALLS = 16  # model calls of --bound estimate (the strata of likelihood.bits_per_dim_estimate)
+BOUNDS = ("full", "estimate")  # --bound: T model calls per batch, or BPD_CALLS
 K_NEAREST = 3  # precision/recall neighbourhood (Kynkaanniemi et al. 2019)
 TABLE_ROWS = (("ddpm", 1000, 0.0),  # (sampler, steps, eta): the DDIM paper's Table 1 shape
               *((("ddim", s, e)) for e in (0.0, 1.0) for s in (10, 20, 50, 100)))
@@ -95,7 +100,8 @@ def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampl
                      address: str | None = None, *, eta: float | None = None, bpd_images: int = BPD_IMAGES,
                      table_rows: tuple = TABLE_ROWS, parent_run_id: str | None = None,
                      run_name: str | None = None, classes: tuple[int, ...] = (), balanced: bool = False,
-                     guidance: float | None = None, guidance_sweep: bool | None = None) -> dict[str, Any]:
+                     guidance: float | None = None, guidance_sweep: bool | None = None,
+                     bound: str = "full") -> dict[str, Any]:
     """Evaluate ``model`` and log every keyed result; returns them with a readable ``message``.
 
     ``sampler``, ``steps`` and ``eta`` left None are the model's own (its config's ``sample`` section),
@@ -105,6 +111,8 @@ def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampl
     a run of their own, ``run_name`` under ``parent_run_id`` when given (the workflow's), see
     :func:`log_results`."""
     check_num(num)
+    if bound not in BOUNDS:
+        raise UsageError(f"--bound must be one of {', '.join(BOUNDS)}, got {bound!r}")
     settings = resolve(address=address)
     tracking.configure(settings)
     loaded = models.load(model)
@@ -117,7 +125,7 @@ def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampl
     ev = load_eval_data(cfg, data, settings)
 
     results: list[dict[str, Any]] = []
-    bpd = held_out_bpd(loaded, ev, bpd_images)
+    bpd = held_out_bpd(loaded, ev, bpd_images, bound=bound)
     results.append(bpd)
     main = measure_sampler(loaded, ev, sampler, steps, eta, num, nodes, address, settings, classes, guidance)
     cond = None
@@ -135,8 +143,9 @@ def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampl
             rows.append(row)
             results.extend(r for r in row["results"] if r["key"] not in {x["key"] for x in results})
 
-    target = log_results(loaded, model, results, main, rows, settings, data_url=ev.test_url,
-                         parent_run_id=parent_run_id, run_name=run_name, cond=cond)
+    with console.phase("evaluate", "logging the results to MLflow"):
+        target = log_results(loaded, model, results, main, rows, settings, data_url=ev.test_url,
+                             parent_run_id=parent_run_id, run_name=run_name, cond=cond)
     message = _message(model, bpd, main, rows, target, cond)
     return {"message": message, "model": model, "results": results, "bpd": bpd["value"],
             "scores": main["scores"], "floors": main.get("floors", {}), "se": main.get("se", {}),
@@ -158,8 +167,12 @@ def check_num(num: int, option: str = "--num") -> None:
 
 
 # -- data -------------------------------------------------------------------------------------------
-def _manifest_hash(manifest: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:12]
+def _manifest_hash(value: dict[str, Any]) -> str:
+    """The ``data:<hash>`` part of result keys: 12 hex digits of the sha256 of a manifest, or of
+    ``{"train": manifest or None, "test": manifest}``, each as :func:`ddpm.data.manifest.identity`
+    (so data prepared before image hashes were recorded keeps its digest)."""
+    value = identity(value) if "format" in value else {k: m and identity(m) for k, m in value.items()}
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def load_eval_data(cfg: ExperimentConfig, data: str | None, settings: Settings) -> EvalData:
@@ -193,6 +206,8 @@ def load_eval_data(cfg: ExperimentConfig, data: str | None, settings: Settings) 
     if test_manifest["shape"] != want or test_manifest["levels"] != cfg.data.levels:
         raise UsageError(f"{test_url} holds {test_manifest['shape']} images on {test_manifest['levels']} levels; "
                          f"the model makes {want} on {cfg.data.levels}")
+    if train_manifest is not None:
+        warn_if_shared(train_manifest, test_manifest, train_url, test_url, "evaluate")
     levels = cfg.data.levels
     both = _manifest_hash({"train": train_manifest, "test": test_manifest})
     return EvalData(test=to_float(test, levels), train=None if train is None else to_float(train, levels),
@@ -212,15 +227,38 @@ def _result(metric: str, value: float, se: float | None = None, **depends_on: st
     return out
 
 
-def held_out_bpd(loaded: LoadedModel, ev: EvalData, images: int, batch_size: int = 64) -> dict[str, Any]:
-    """Mean full-bound bits/dim over the first ``images`` held-out images."""
+def held_out_bpd(loaded: LoadedModel, ev: EvalData, images: int, batch_size: int = 64,
+                 bound: str = "full") -> dict[str, Any]:
+    """Mean bits/dim over the first ``images`` held-out images: the full bound (T model calls per
+    batch), or with ``bound="estimate"`` its stratified estimate (:data:`BPD_CALLS` calls per batch)
+    and standard error."""
     x = ev.test[:images]
-    g = torch.Generator().manual_seed(0)
     start = time.perf_counter()
-    values = [bits_per_dim(loaded.diffusion, loaded.model, x[i:i + batch_size], levels=ev.levels, generator=g)
-              for i in range(0, len(x), batch_size)]
+    calls, batches = (loaded.diffusion.num_timesteps if bound == "full" else BPD_CALLS), -(-len(x) // batch_size)
+    what = "full bound" if bound == "full" else f"stratified estimate of the bound, {BPD_CALLS} calls"
+    bar = console.Progress("evaluate", calls * batches, "call",
+                           what=f"bits/dim, {what} on {len(x)} held-out images")
+    g = torch.Generator().manual_seed(0)
+    values, errors = [], []
+    for b, i in enumerate(range(0, len(x), batch_size)):
+        def progress(done: int, _calls: int, b: int = b) -> None:
+            bar.at(b * calls + done)
+
+        if bound == "full":
+            values.append(bits_per_dim(loaded.diffusion, loaded.model, x[i:i + batch_size], levels=ev.levels,
+                                       generator=g, progress=progress))
+        else:
+            est, err = bits_per_dim_estimate(loaded.diffusion, loaded.model, x[i:i + batch_size], levels=ev.levels,
+                                             num_timesteps=BPD_CALLS, seed=b, progress=progress)
+            values.append(est)
+            errors.append(err)
+    bar.close()
     bpd = torch.cat(values).double().mean().item()
-    out = _result("bpd", bpd, bound="full", data=ev.test_hash, num=len(x))
+    if bound == "full":
+        out = _result("bpd", bpd, bound="full", data=ev.test_hash, num=len(x))
+    else:  # the images' estimates are independent: the mean's standard error from theirs
+        se = torch.cat(errors).double().pow(2).sum().sqrt().item() / len(x)
+        out = _result("bpd", bpd, se, bound=f"estimate-{BPD_CALLS}", data=ev.test_hash, num=len(x))
     out["seconds"] = time.perf_counter() - start
     return out
 
@@ -237,11 +275,12 @@ def generate_samples(loaded: LoadedModel, sampler: str, steps: int, eta: float, 
     # SamplingNet as the sample job's workers run it: same seeds, same images.
     pipe = DDPMPipeline.from_config(SamplingNet(loaded.model), loaded.config, loaded.diffusion,
                                     sampler=sampler, steps=steps, eta=eta, guidance=guidance)
-    bar = console.Progress("evaluate", num, "sample")
+    batches = -(-num // pipe.batch_size)
     asked = f", classes in turn, guidance {guidance:g}" if classes else ""
-    bar.suffix = f" ({sampler}, {pipe.steps} steps{f', eta {pipe.eta:g}' if pipe.eta else ''}{asked})"
-    x = pipe(num, seed, progress=lambda done, _total: bar.update(done - bar.done),
-             class_labels=labels_of(list(range(num)), classes))
+    how = f"{sampler}, {pipe.steps} steps{f', eta {pipe.eta:g}' if pipe.eta else ''}{asked}"
+    bar = console.Progress("evaluate", batches * pipe.steps, "call",
+                           what=f"sampling {num} images ({how}, {batches} batch{'es' * (batches > 1)})")
+    x = pipe(num, seed, call_progress=bar.at, class_labels=labels_of(list(range(num)), classes))
     bar.close()
     return x
 
@@ -285,7 +324,9 @@ def score_samples(x: torch.Tensor, seconds: float, ev: EvalData, sampler: str, s
                            "se": {}, "floor_se": {}, "compared": {}, "floor_compared": {}, "notes": [],
                            "features": "none"}
     results = [_result("sec_per_sample", seconds / num, **deps)]
-    scores = _quality(samples, ev, settings, out)
+    with console.phase("evaluate", f"scoring {num} samples against the test split ({len(ev.test)} images)"):
+        scores = _quality(samples, ev, settings, out)
+
     def finite(x: float | None) -> float | None:  # no standard error (classes_covered): None, not NaN
         return x if x is not None and math.isfinite(x) else None
 
@@ -655,8 +696,10 @@ def _cond_lines(cond: dict[str, Any], main: dict[str, Any]) -> list[str]:
 
 def _message(uri: str, bpd: dict[str, Any], main: dict[str, Any], rows: list[dict[str, Any]],
              target: dict[str, Any], cond: dict[str, Any] | None = None) -> str:
-    lines = [f"{uri}: {bpd['value']:.4f} bits/dim (full bound, {bpd['key'].split('num:')[1].split('/')[0]} "
-             f"held-out images)",
+    bound = bpd["key"].split("bound:")[1].split("/")[0]
+    se = f" ± {bpd['se']:.4f}" if "se" in bpd else ""
+    lines = [f"{uri}: {bpd['value']:.4f}{se} bits/dim ({'full bound' if bound == 'full' else bound + ' of the bound'}, "
+             f"{bpd['key'].split('num:')[1].split('/')[0]} held-out images)",
              f"{main['sampler']} {main['steps']} steps eta {main['eta']:g}, {main['num']} samples: "
              f"{main['sec_per_sample'] * 1000:.1f} ms/sample"]
     for name, value in main["scores"].items():

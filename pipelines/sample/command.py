@@ -104,10 +104,10 @@ def sample_arrays(req: SampleRequest, progress: bool = True) -> SampleRun:
                 xs[i] = result["x"][k]
                 if result["progressive"] is not None:
                     ps[i] = result["progressive"][k]
-            bar.update(len(result["indices"]))
+            bar.at(len(xs))
 
         pool.run(units_of(list(range(req.num)), unit_size(req.num, len(pool.actors), req.batch_size)),
-                 req.seed, keep)
+                 req.seed, keep, on_partial=lambda k: bar.at(len(xs) + k))
         bar.close()
         info = {**pool.info, **meta}
     finally:
@@ -229,13 +229,18 @@ def _write_missing(req: SampleRequest, folder: OutputFolder, fmt: str, state: Fo
         bar = Progress("sample", len(missing), "sample", enabled=progress)
         bar.suffix = f" on {info['workers']} worker(s) -> {folder.url}"
 
+        written = [0]
+
         def write(result: dict[str, Any]) -> None:
             names = write_unit(folder, fmt, result, record["levels"])
-            bar.update(len(result["indices"]))
+            written[0] += len(result["indices"])
+            bar.at(written[0])
             if on_written is not None:
                 on_written(names)
 
-        pool.run(units_of(missing, unit_size(len(missing), info["workers"], req.batch_size)), req.seed, write)
+        # In this process, the bar also moves within a unit, by its share of the network calls.
+        pool.run(units_of(missing, unit_size(len(missing), info["workers"], req.batch_size)), req.seed, write,
+                 on_partial=lambda k: bar.at(written[0] + k))
         bar.close()
     finally:
         pool.close()

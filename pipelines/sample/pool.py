@@ -66,13 +66,15 @@ class SampleWorker:
             raise self._error
         return {**self._info, "node_id": _node_id()}
 
-    def sample(self, indices: list[int], seed: int) -> dict[str, list[int] | float | np.ndarray | None]:
+    def sample(self, indices: list[int], seed: int, call_progress: Callable[[int, int], None] | None = None
+               ) -> dict[str, list[int] | float | np.ndarray | None]:
         """x_0 for ``indices`` as float32 ``[n x C x H x W]`` (and the progressive predictions, and the
-        class each asked for: ``labels``, None when no class was asked)."""
+        class each asked for: ``labels``, None when no class was asked); ``call_progress(calls done,
+        calls)`` after each network call (in this process only)."""
         start = time.perf_counter()
         labels = labels_of(indices, self.classes)
         out = self.pipe.from_seeds([sample_seed(seed, i) for i in indices], progressive=self.progressive,
-                                   class_labels=labels)
+                                   class_labels=labels, call_progress=call_progress)
         x, preds = out if self.progressive else (out, None)
         return {"indices": list(indices), "labels": labels, "seconds": time.perf_counter() - start,
                 "x": x.float().cpu().numpy(),
@@ -162,11 +164,17 @@ class WorkerPool:
                 raise cause from None
             raise PipelineError(f"a sampling worker failed: {first_line(e)}") from e
 
-    def run(self, units: Iterable[list[int]], seed: int, on_result: Callable[[dict[str, Any]], None]) -> None:
-        """Sample every unit; ``on_result`` gets each unit's result on the driver as it arrives."""
+    def run(self, units: Iterable[list[int]], seed: int, on_result: Callable[[dict[str, Any]], None],
+            on_partial: Callable[[int], None] | None = None) -> None:
+        """Sample every unit; ``on_result`` gets each unit's result on the driver as it arrives. In
+        this process, ``on_partial(k)`` also says after each network call that the unit under way is
+        k of its samples' worth done (its share of the calls): a progress line for a unit that takes
+        minutes on a CPU."""
         if self._local is not None:
             for unit in units:
-                on_result(self._local.sample(unit, seed))
+                n = len(unit)  # read by the callback during this unit's own call only
+                calls = None if on_partial is None else (lambda done, total: on_partial(n * done // max(total, 1)))
+                on_result(self._local.sample(unit, seed, call_progress=calls))
             return
         queue = deque(units)
         pending: dict[object, ActorHandle] = {}  # the ObjectRef of a unit's result -> its actor

@@ -20,9 +20,9 @@ from typing import Any
 from fsspec import AbstractFileSystem
 
 from ddpm.config import ExperimentConfig
-from ddpm.data.manifest import FORMAT, MANIFEST, check_labels, read_manifest
+from ddpm.data.manifest import FORMAT, MANIFEST, check_labels, read_manifest, shared_images
 from ddpm.data.shards import write_shards
-from ddpm.data.sources import open_source
+from ddpm.data.sources import Source, carve, open_source
 from ddpm.data.storage import DataError, SourceError, is_local, open_fs, storage_options_for
 from pipelines.console import info
 from pipelines.errors import PipelineError, RefusedError, UsageError
@@ -32,8 +32,11 @@ from pipelines.storage.outputs import TEMP, FolderLock, listing, refuse_foreign,
 
 # -- where the training and held-out shards are, and whether they fit ----------------------------
 def resolve_data(cfg: ExperimentConfig, data: str | None, settings: Settings) -> tuple[str, str | None]:
-    """The training shard URL and the held-out split URL; prepares the embedded default if missing."""
+    """The training shard URL and the held-out split URL; prepares the embedded default if missing.
+    ``data`` is a split folder (its test split next to it) or a folder holding ``train/`` (and ``test/``)."""
     url = data or cfg.data.url or settings.data_url(cfg.data.source, "train")
+    if not manifest_exists(url) and manifest_exists(f"{url.rstrip('/')}/train"):
+        url = f"{url.rstrip('/')}/train"  # a dataset folder, as `data prepare --test-fraction` writes
     holdout = cfg.data.holdout_url or None
     if not data and not cfg.data.url:
         ensure_prepared(cfg.data.source, url, split="train")
@@ -103,29 +106,60 @@ def ensure_prepared(source: str, url: str, split: str) -> None:
 
 # -- `ddpm-pipe data prepare` ---------------------------------------------------------------------
 def prepare_command(source: str = "digits", out: str | None = None, shard_size: int = 1000,
-                    split: str = "train", endpoint_url: str | None = None) -> dict[str, Any]:
+                    split: str = "train", endpoint_url: str | None = None, test_fraction: float | None = None,
+                    split_seed: int = 0) -> dict[str, Any]:
     """Write ``source``'s ``split`` as shards into ``out`` (default ``DDPM_HOME/data/<source>/<split>``).
 
+    With ``test_fraction``, carve a held-out split from the source's training split instead
+    (:func:`ddpm.data.sources.carve`, seeded by ``split_seed``) and write both: ``out/train`` and
+    ``out/test`` (default ``DDPM_HOME/data/<source>/{train,test}``); the result then holds each
+    split's under ``splits``.
+
     Returns the manifest's main fields, the shard counts (written / unchanged), the skipped samples
-    and a one-line ``message``.
+    and a one-line ``message``; a warning on stderr when the split written shares images with the
+    other split next to it (:func:`warn_if_shared`).
     """
     if shard_size < 1:
         raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
+    if test_fraction is not None and not 0.0 < test_fraction < 1.0:
+        raise UsageError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    if test_fraction is not None and split != "train":
+        raise UsageError("--test-fraction writes both splits (carved from the source's train split); leave out --split")
     endpoint = endpoint_url or None
     try:
-        src = open_source(source, split, storage_options_for(source, endpoint))
-        url = out or resolve().data_url(src.name, split)
-        fs, root = open_fs(url, storage_options_for(url, endpoint))
-        shard_name = re.compile(rf"^{re.escape(split)}-[0-9]{{6}}\.tar$")
-        _check_ours(fs, root, url, shard_name)
-        with FolderLock(fs, root, url, "data prepare"):
-            result = write_shards(src, url, shard_size=shard_size,
-                                  storage_options=storage_options_for(url, endpoint))
-            removed = _clean_leftovers(fs, root, url, shard_name, result.manifest)
+        if test_fraction is None:
+            src = open_source(source, split, storage_options_for(source, endpoint))
+            written = _write_split(src, out or resolve().data_url(src.name, split), shard_size, endpoint)
+            _warn_sibling(written["url"], split)  # one source prepared twice, as train and as test
+            return written
+        whole = open_source(source, "train", storage_options_for(source, endpoint))
+        carved = carve(whole, test_fraction, split_seed)
+        base = out.rstrip("/") if out else None
+        # The test split first: a fraction too small for the data fails before anything else is written.
+        splits = {name: _write_split(carved[name], f"{base}/{name}" if base else resolve().data_url(whole.name, name),
+                                     shard_size, endpoint) for name in ("test", "train")}
     except SourceError as e:
         raise UsageError(redact(str(e))) from None
     except DataError as e:
         raise PipelineError(redact(str(e))) from None
+    train, test = splits["train"], splits["test"]
+    total = train["num_samples"] + test["num_samples"]
+    message = (f"carved {whole.name} with --test-fraction {test_fraction:g} (seed {split_seed}): "
+               f"{test['num_samples']} of {total} images ({test['num_samples'] / total:.1%}) held out\n"
+               f"  {train['message']}\n  {test['message']}")
+    return {**train, "message": message, "url": train["url"].rsplit("/", 1)[0], "split": "train+test",
+            "splits": {"train": train, "test": test}, "test_fraction": test_fraction, "split_seed": split_seed}
+
+
+def _write_split(src: Source, url: str, shard_size: int, endpoint: str | None) -> dict[str, Any]:
+    """One split of ``src`` as shards at ``url`` (the folder rule, locked), leftovers removed."""
+    split = src.split
+    fs, root = open_fs(url, storage_options_for(url, endpoint))
+    shard_name = re.compile(rf"^{re.escape(split)}-[0-9]{{6}}\.tar$")
+    _check_ours(fs, root, url, shard_name)
+    with FolderLock(fs, root, url, "data prepare"):
+        result = write_shards(src, url, shard_size=shard_size, storage_options=storage_options_for(url, endpoint))
+        removed = _clean_leftovers(fs, root, url, shard_name, result.manifest)
     m = result.manifest
     skipped = len(result.skipped)
     message = (f"{m['num_samples']} {split} samples of {src.name} ({'x'.join(map(str, m['shape']))}, "
@@ -152,6 +186,40 @@ def prepare_command(source: str = "digits", out: str | None = None, shard_size: 
         "skipped_first": [list(s) for s in result.skipped[:20]],
         "removed": removed,
     }
+
+
+# -- images in both splits -------------------------------------------------------------------------
+def warn_if_shared(train: dict[str, Any], test: dict[str, Any], train_url: str, test_url: str,
+                   who: str) -> int | None:
+    """One warning line on stderr (``[who] warning: ...``) when the test split holds images of the
+    training split (equal content hashes, recorded in the manifests); returns how many (None: a
+    manifest written before hashes were recorded, nothing to compare)."""
+    shared = shared_images(train, test)
+    if shared:
+        info(f"[{who}] warning: {shared} of {test['num_samples']} test images at {redact(test_url)} are also in "
+             f"the training split at {redact(train_url)} (same pixels): held-out scores of a model trained on "
+             "it measure memory, not generalisation; carve disjoint splits with `ddpm-pipe data prepare "
+             "--source SOURCE --test-fraction 0.1`")
+    return shared
+
+
+def check_splits_disjoint(train_url: str, test_url: str, who: str) -> int | None:
+    """:func:`warn_if_shared` for two split folders; None, and no word, when either manifest cannot
+    be read (the command that reads the data reports that)."""
+    try:
+        train, test = (read_manifest(u, storage_options_for(u)) for u in (train_url, test_url))
+    except (DataError, OSError, ValueError):
+        return None
+    return warn_if_shared(train, test, train_url, test_url, who)
+
+
+def _warn_sibling(url: str, split: str) -> None:
+    """After writing one split at ``url``: :func:`check_splits_disjoint` with the other split next to it."""
+    if "/" not in url.rstrip("/"):
+        return
+    sibling = f"{url.rstrip('/').rsplit('/', 1)[0]}/{'test' if split == 'train' else 'train'}"
+    if manifest_exists(sibling):
+        check_splits_disjoint(*((url, sibling) if split == "train" else (sibling, url)), "data")
 
 
 def _check_ours(fs: AbstractFileSystem, root: str, url: str, shard_name: re.Pattern) -> None:

@@ -26,7 +26,7 @@ from pipelines.errors import Interrupted, PipelineError, UsageError
 from pipelines.names import check_name
 from pipelines.registry.register import log_and_register
 from pipelines.settings import Settings, resolve, shareable_uri
-from pipelines.storage.data import check_data, resolve_data
+from pipelines.storage.data import check_data, check_splits_disjoint, resolve_data
 from pipelines.storage.outputs import FolderLock
 from pipelines.train.failures import worker_input_error
 from pipelines.train.loop import NO_STEP_LIMIT
@@ -79,6 +79,8 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     settings = resolve(storage, address)
     data_url, holdout_url = resolve_data(cfg, data, settings)
     check_data(data_url, cfg)
+    if holdout_url:
+        check_splits_disjoint(data_url, holdout_url, "train")
 
     # One writer per run name: its checkpoints live in storage/<run-name> (pipelines/storage/outputs.py).
     run_url = f"{settings.storage.rstrip('/')}/{run_name}"
@@ -167,8 +169,8 @@ def _fit_in_a_thread(trainer: ray.train.torch.TorchTrainer) -> Result:
 
 def _register(cfg: ExperimentConfig, result: Result, run_name: str, run_id: str, resumed: bool) -> dict[str, Any]:
     """Log the final checkpoint's EMA weights as the run's model, register it, end the run."""
-    console.info(f"[train] registering the model as a new version of '{cfg.train.registered_model}'")
-    with result.checkpoint.as_directory() as d, console.muted():
+    with console.phase("train", f"registering the model as a new version of '{cfg.train.registered_model}'"), \
+            result.checkpoint.as_directory() as d, console.muted():
         version = log_and_register(run_id, os.path.join(d, CHECKPOINT_FILE), cfg.train.registered_model)
     tracking.end_run(run_id)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}

@@ -48,6 +48,7 @@ from ddpm.image import save_grid
 from ddpm.inference import compile_or_eager
 from ddpm.pipeline import DDPMPipeline
 from ddpm.unet import UNet
+from pipelines import console
 from pipelines.train import fault_injection
 from pipelines.train.quality import QualityProbe, quality_summary
 
@@ -55,6 +56,9 @@ if TYPE_CHECKING:
     from pipelines.train.async_logger import AsyncLogger
 
 
+BPD_CALLS = 16  # model calls of the held-out bits/dim estimate (likelihood.bits_per_dim_estimate's strata)
+LINE_EVERY_S = 10.0  # a step line at least this often when train.log_every steps take longer (no silent minutes)
+QUIET_S = 2.0  # a held-out bits/dim or sample grid shorter than this prints no progress line (they repeat)
 NO_STEP_LIMIT = 10**12  # train.max_steps when a time budget alone is the limit (`train --max-time`, no step count)
 
 
@@ -133,8 +137,10 @@ def build(cfg: ExperimentConfig, device: torch.device
 
 
 def sample_grid(model: torch.nn.Module, diffusion: Diffusion, cfg: ExperimentConfig, path: str, n: int = 64,
-                seed: int = 0) -> str:
-    """Sample ``n`` images with the config's fast sampler and save them as one PNG grid.
+                seed: int = 0, label: str = "train", log: Callable[[str], None] | None = None) -> str:
+    """Sample ``n`` images with the config's own few-step sampler (its ``sample`` section) and save
+    them as one PNG grid; progress with an ETA as ``[label] sample grid: ...`` lines through ``log``
+    (default: stderr).
 
     ``sample.steps`` is capped at T (:meth:`ddpm.pipeline.DDPMPipeline.from_config`): a sweep over T (``ddpm-pipe
     tune``) may pick a T below the preset's step count, and the grid must not end such a run. A
@@ -144,11 +150,13 @@ def sample_grid(model: torch.nn.Module, diffusion: Diffusion, cfg: ExperimentCon
     model.eval()
     K = cfg.model.num_classes
     pipe = DDPMPipeline.from_config(model, cfg, diffusion)
-    if not K:
-        save_grid(pipe(n, seed), path, levels=cfg.data.levels)
-        return path
-    n = K * math.ceil(n / K)
-    save_grid(pipe(n, seed, class_labels=balanced_labels(n, K)), path, levels=cfg.data.levels, nrow=K)
+    n = K * math.ceil(n / K) if K else n
+    batches = -(-n // pipe.batch_size)
+    bar = console.Progress(label, batches * pipe.steps, "call", write=log or console.info, after_s=QUIET_S,
+                           what=f"sample grid of {n} ({pipe.sampler}, {pipe.steps} steps)")
+    x = pipe(n, seed, call_progress=bar.at, class_labels=balanced_labels(n, K) if K else None)
+    bar.close()
+    save_grid(x, path, levels=cfg.data.levels, nrow=K or None)
     return path
 
 
@@ -269,6 +277,7 @@ class _Counters:
     clock_start: float = 0.0  # _clock() when this attempt started: for the time budget and wall_s
     t_last: float = 0.0  # time.perf_counter() at the last log line: for the images/s of each interval
     step_last: int = 0
+    t_line: float = 0.0  # time.perf_counter() at rank 0's last step line (log interval or LINE_EVERY_S)
 
     def trained(self) -> float:
         """Seconds of training so far, this attempt and the ones before it."""
@@ -306,6 +315,7 @@ def _prepare(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker: A
     counters = _Counters(step=step, nonfinite_total=nonfinite_total, trained_s=trained_s, best_bpd=best_bpd,
                          loss_sum=torch.zeros((), device=ctx.device), clock_start=_clock(),
                          t_last=time.perf_counter(), step_last=step)
+    counters.t_line = counters.t_last
     return parts, diffusion, ddp_model, net, holdout, counters
 
 
@@ -344,7 +354,8 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker:
         if n.step < tc.max_steps and out_of_time():
             stop_reason = "max_time"
         final = n.step == tc.max_steps or stop_reason == "max_time"
-        metrics = _measure(cfg, parts, diffusion, holdout, n, grad_norm, final, artifact_dir, tracker, best_dirs)
+        metrics = _measure(cfg, parts, diffusion, holdout, n, grad_norm, final, artifact_dir, tracker, best_dirs,
+                           ctx.log)
         _after_step(cfg, parts, diffusion, ctx, n, metrics, final, artifact_dir, tracker)
         last_metrics.update(metrics)
         fault_injection.exit_if_planned(ctx.rank, n.step)  # test-only: off unless DDPM_FAULT_EXIT is set
@@ -369,11 +380,13 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker:
 
 def _measure(cfg: ExperimentConfig, parts: _Parts, diffusion: Diffusion, holdout: _Holdout,
              n: _Counters, grad_norm: torch.Tensor, final: bool, artifact_dir: str | None,
-             tracker: AsyncLogger | None, best_dirs: list[str]) -> dict[str, float]:
+             tracker: AsyncLogger | None, best_dirs: list[str], log: Callable[[str], None]) -> dict[str, float]:
     """This step's metrics: the log interval's (loss, gradient norm, learning rate, images/s and
     ``eta_s``) every ``log_every`` steps, the held-out bits/dim (and, with ``quality_num``, the
     sample quality of :mod:`pipelines.train.quality`) every ``eval_every``, and the final step's
-    both; a new best bits/dim logs the EMA weights as ``best_model/``."""
+    both; a new best bits/dim logs the EMA weights as ``best_model/``. The bits/dim is the
+    stratified estimate (:data:`BPD_CALLS` model calls over the held-out images, not the T of the
+    full bound), its progress a line through ``log``."""
     tc = cfg.train
     metrics: dict[str, float] = {}
     if n.step % tc.log_every == 0 or final:
@@ -391,9 +404,11 @@ def _measure(cfg: ExperimentConfig, parts: _Parts, diffusion: Diffusion, holdout
     if holdout.images is not None and (n.step % tc.eval_every == 0 or final):
         ema = parts.ema.module
         ema.eval()
+        bar = console.Progress("train", BPD_CALLS, "call", write=log, after_s=QUIET_S,
+                               what=f"held-out bits/dim ({len(holdout.images)} images, stratified estimate)")
         with torch.no_grad():
             est, err = likelihood.bits_per_dim_estimate(diffusion, ema, holdout.images, levels=cfg.data.levels,
-                                                        seed=0)
+                                                        num_timesteps=BPD_CALLS, seed=0, progress=bar.at)
         metrics["bpd"] = float(est.mean())
         metrics["bpd_stderr"] = float(err.pow(2).sum().sqrt() / len(err))
         if holdout.probe is not None:
@@ -414,15 +429,24 @@ def _after_step(cfg: ExperimentConfig, parts: _Parts, diffusion: Diffusion, ctx:
     eta = metrics.pop("eta_s", None)
     if ctx.rank != 0:
         return
+    of = f"/{tc.max_steps}" if tc.max_steps < NO_STEP_LIMIT else ""
+    now = time.perf_counter()
     if "loss" in metrics:  # one line per log interval, with bits/dim when measured
         held_out = f" held-out {metrics['bpd']:.3f} bits/dim" if "bpd" in metrics else ""
         held_out += quality_summary(metrics)
-        of = f"/{tc.max_steps}" if tc.max_steps < NO_STEP_LIMIT else ""
         ctx.log(f"[train] step {n.step}{of} loss {metrics['loss']:.4f} "
                 f"{metrics['images_per_s']:.1f} img/s{held_out} ETA {eta:.0f}s")
+        n.t_line = now
+    elif now - n.t_line >= LINE_EVERY_S:  # a long log interval: the step and its ETA, no metrics
+        ips = (n.step - n.step_last) * tc.batch_size / max(now - n.t_last, 1e-9)
+        left = (tc.max_steps - n.step) * tc.batch_size / max(ips, 1e-9)
+        if tc.max_time is not None:
+            left = min(left, max(tc.max_time - n.trained(), 0.0))
+        ctx.log(f"[train] step {n.step}{of} {ips:.1f} img/s ETA {left:.0f}s")
+        n.t_line = now
     if artifact_dir and tracker is not None and (n.step % tc.sample_every == 0 or final):
         path = os.path.join(artifact_dir, f"samples_step{n.step:07d}.png")
-        sample_grid(parts.ema.module, diffusion, cfg, path)
+        sample_grid(parts.ema.module, diffusion, cfg, path, log=ctx.log)
         tracker.log_image(path, "samples", n.step)
     if metrics and tracker is not None:
         tracker.log_metrics(metrics, n.step)

@@ -72,6 +72,7 @@ def test_cifar10_preset_is_the_papers_run():
     d, t, s = cfg.diffusion, cfg.train, cfg.sample
     assert (d.schedule, d.timesteps, d.prediction, d.variance, d.loss) == ("linear", 1000, "eps", "fixed_large", "simple")
     assert (t.batch_size, t.lr, t.warmup_steps, t.grad_clip, t.ema_decay, t.max_steps) == (128, 2e-4, 5000, 1.0, 0.9999, 800_000)
-    assert (s.sampler, s.steps) == ("ddpm", None) and t.registered_model == "ddpm-cifar10"
+    # Sampling is not the paper's 1000 ancestral steps: the preset's few-step default (issue 29).
+    assert (s.sampler, s.steps) == ("dpmpp", 20) and t.registered_model == "ddpm-cifar10"
     assert (cfg.data.source, cfg.data.levels, cfg.data.random_flip) == ("cifar10", 256, True)
     assert (cfg.model.ch, cfg.model.ch_mult, cfg.model.attn_resolutions, cfg.model.dropout) == (128, (1, 2, 2, 2), (16,), 0.1)

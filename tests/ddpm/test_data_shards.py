@@ -222,3 +222,15 @@ def test_path_traversal_refused(tmp_path):
     _replace_shard(tmp_path / "e", "train-000000.tar", buf.getvalue())
     with pytest.raises(DataError, match="train-000000.tar: member '../../etc/0000000.png'.*traversal"):
         load_split(str(tmp_path / "e"))
+
+
+def test_manifest_records_each_images_content_hash_in_order(tmp_path):
+    from ddpm.data.manifest import identity, image_hash, shared_images
+
+    samples = make_samples(6, (4, 4, 3))
+    m = write(samples + [samples[2]._replace(key="0000099")], tmp_path / "d").manifest  # one exact copy
+    assert m["image_hashes"] == [image_hash(s.image) for s in samples] + [image_hash(samples[2].image)]
+    other = write([samples[2], samples[4]], tmp_path / "t", split="test").manifest
+    assert shared_images(m, other) == 2 and shared_images(other, m) == 3  # m holds image 2 twice
+    assert shared_images(identity(m), other) is None  # a manifest written before hashes: nothing to compare
+    assert "image_hashes" not in identity(m) and identity(m)["shards"] == m["shards"]

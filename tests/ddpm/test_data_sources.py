@@ -13,7 +13,9 @@ from PIL import Image
 
 from ddpm.data.shards import write_shards
 from ddpm.data.reader import load_split
-from ddpm.data.sources import Sample, Skip, cifar10, digits, image_folder, open_source
+from ddpm.data.manifest import image_hash
+from ddpm.data.sources import (SAMPLE_IMAGES_TEST_FRACTION, Sample, Skip, carve, cifar10, digits, image_folder,
+                               open_source, sample_images)
 from ddpm.data.storage import SourceError
 from tests.ddpm.helpers import make_cifar_archive
 
@@ -155,3 +157,58 @@ def test_unreadable_images_are_skipped_with_their_file_name_not_a_file_object(tm
     skips = [s for s in image_folder(str(tmp_path / "img")) if not isinstance(s, Sample)]
     assert [s.reason for s in skips] == ["broken.png: unreadable image (not a PNG or JPEG file)"]
     assert "object at 0x" not in skips[0].reason
+
+
+# -- a held-out split carved from one source -------------------------------------------------------
+def _array_source(tmp_path, n=400, copies=0):
+    """An .npz of ``n`` random 6x6 RGB images, the first ``copies`` of them repeated at the end."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (n, 6, 6, 3), dtype=np.uint8)
+    x = np.concatenate([x, x[:copies]])
+    np.savez(tmp_path / "a.npz", images=x, labels=np.arange(len(x)) % 4)
+    return open_source(str(tmp_path / "a.npz"))
+
+
+def test_carve_splits_by_content_disjointly_with_about_the_fraction(tmp_path):
+    src = _array_source(tmp_path, copies=50)  # 450 images, 50 of them twice
+    parts = carve(src, 0.1, seed=0)
+    train, test = _samples(parts["train"]), _samples(parts["test"])
+    assert len(train) + len(test) == 450 and 25 <= len(test) <= 65  # binomial(450, 0.1): 45 +- 6.4
+    hashes = {split: {image_hash(s.image) for s in samples} for split, samples in (("train", train), ("test", test))}
+    assert not hashes["train"] & hashes["test"]  # exact copies land in the same split
+    assert not {s.key for s in train} & {s.key for s in test}
+    assert [s.label for s in test] == [int(s.key) % 4 for s in test]  # keys and labels kept
+    assert [s.key for s in _samples(carve(src, 0.1, seed=0)["test"])] == [s.key for s in test]  # deterministic
+    assert [s.key for s in _samples(carve(src, 0.1, seed=1)["test"])] != [s.key for s in test]  # seeded
+    rule = parts["test"].split_rule
+    assert rule["test_fraction"] == 0.1 and rule["seed"] == 0 and "sha256" in rule["rule"]
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(SourceError, match=r"test fraction must be in \(0, 1\)"):
+            carve(src, bad)
+
+
+def test_carving_is_stable_when_images_are_added(tmp_path):
+    """Each image is decided by its own pixels: adding images never moves one between the splits."""
+    (tmp_path / "small").mkdir()
+    (tmp_path / "large").mkdir()
+    small = _samples(carve(_array_source(tmp_path / "small", n=200), 0.2)["test"])
+    large = _samples(carve(_array_source(tmp_path / "large", n=400), 0.2)["test"])  # the same 200, then 200 more
+    assert {image_hash(s.image) for s in small} <= {image_hash(s.image) for s in large}
+
+
+def test_image_hash_is_of_the_pixels_and_their_shape():
+    x = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    assert image_hash(x) == image_hash(x.copy()) and len(image_hash(x)) == 16
+    assert image_hash(x) != image_hash(x.reshape(4, 12, 1)) and image_hash(x[:, :, 0]) == image_hash(x[:, :, :1])
+    y = x.copy()
+    y[0, 0, 0] += 1
+    assert image_hash(y) != image_hash(x)
+
+
+def test_sample_images_are_32x32_crops_of_the_sklearn_photos_split_by_content():
+    train, test = _samples(sample_images("train")), _samples(sample_images("test"))
+    assert len(train) + len(test) == 520 and (len(train), len(test)) == (418, 102)  # 2 x 13 x 20 crops
+    assert all(s.image.shape == (32, 32, 3) and s.image.dtype == np.uint8 for s in train[:5])
+    assert {s.label for s in test} == {0, 1} and sample_images("test").classes == ["china", "flower"]
+    assert not {image_hash(s.image) for s in train} & {image_hash(s.image) for s in test}
+    assert open_source("sample-images", "test").split_rule["test_fraction"] == SAMPLE_IMAGES_TEST_FRACTION

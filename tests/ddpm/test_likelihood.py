@@ -157,3 +157,14 @@ def test_bits_per_dim_is_seeded_by_its_generator_at_image_levels():
     bpd = bits_per_dim(d, oracle, x, generator=g1)
     torch.testing.assert_close(bpd, bits_per_dim(d, oracle, x, 256, generator=g2))
     assert bpd.shape == (4,) and bool(torch.isfinite(bpd).all()) and bool((bpd > 0).all())
+
+
+def test_the_bound_and_its_estimate_report_progress_per_model_call(diffusion):
+    oracle = GaussianOracle(diffusion.alphas_cumprod, MU, S)
+    x = torch.full((2, 1, 1, 1), 0.25)
+    full, est = [], []
+    bits_per_dim(diffusion, oracle, x, LEVELS, generator=torch.Generator().manual_seed(0),
+                 progress=lambda done, total: full.append((done, total)))
+    bits_per_dim_estimate(diffusion, oracle, x, LEVELS, num_timesteps=4,
+                          progress=lambda done, total: est.append((done, total)))
+    assert full == [(i, 50) for i in range(1, 51)] and est == [(i, 4) for i in range(1, 5)]

@@ -72,6 +72,14 @@ def test_progress_counts_samples_and_progressive_keeps_predictions(diffusion):
     assert pipe(0).shape == (0, *SHAPE)
 
 
+def test_call_progress_counts_network_calls_over_all_batches(diffusion):
+    oracle = GaussianOracle(diffusion.alphas_cumprod)
+    calls = []
+    pipe = DDPMPipeline(oracle, diffusion, SHAPE, sampler="ddim", steps=4, batch_size=2)
+    pipe(5, call_progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 12) for i in range(1, 13)]  # 3 batches x 4 steps, counted on across batches
+
+
 def test_from_config_uses_the_configs_steps_for_its_sampler_only():
     cfg = replace(ExperimentConfig.preset("digits"), diffusion=DiffusionConfig(timesteps=30),
                   sample=SampleConfig(sampler="ddim", steps=12, eta=0.3, batch_size=5))

@@ -176,6 +176,39 @@ def test_progress_prints_rate_and_eta_as_plain_lines_off_a_terminal_at_most_ever
     assert lines[1].startswith("[evaluate] 10/10 samples (100%)") and "\r" not in stream.getvalue()
 
 
+@pytest.mark.timeout(60)
+def test_progress_at_sets_the_count_names_its_phase_and_holds_back_a_phase_shorter_than_after_s(monkeypatch):
+    import pipelines.console as console
+
+    clock = [0.0]
+    monkeypatch.setattr(console.time, "perf_counter", lambda: clock[0])
+    lines: list[str] = []
+    bar = console.Progress("evaluate", 100, "call", write=lines.append, what="bits/dim", after_s=2.0, every_s=5.0)
+    for done in (1, 2, 3):  # within the first second: silent
+        clock[0] += 0.3
+        bar.at(done, 100)
+    assert lines == []
+    clock[0] = 3.0  # past after_s: the first line, with its ETA from 40 calls in 3 s
+    bar.at(40, 100)
+    clock[0] = 4.0
+    bar.at(50, 100)  # within every_s of the last line: held back
+    clock[0] = 6.0
+    bar.at(100, 100)
+    assert lines == ["[evaluate] bits/dim: 40/100 calls (40%) 13.3 calls/s ETA 4s",
+                     "[evaluate] bits/dim: 100/100 calls (100%) 16.7 calls/s 6.0s"]
+
+
+@pytest.mark.timeout(60)
+def test_phase_names_a_phase_when_it_starts_and_its_seconds_when_it_ends():
+    from pipelines.console import phase
+
+    lines: list[str] = []
+    with phase("train", "registering the model", write=lines.append):
+        lines.append("work")
+    assert lines[:2] == ["[train] registering the model ...", "work"]
+    assert lines[2].startswith("[train] registering the model: ") and lines[2].endswith(" s")
+
+
 @pytest.mark.timeout(120)
 def test_progress_channel_prints_worker_lines_and_stops_its_thread_and_actor_when_the_block_fails(ray_cluster):
     """Lines a remote task puts arrive at the printer; leaving the block, even by an exception, ends

@@ -7,7 +7,7 @@ import os
 
 
 from ddpm.data.reader import ShardLoader, load_split
-from tests.support import cli_json, run_cli
+from tests.support import cli_json, picture_folder, run_cli
 
 
 
@@ -131,3 +131,42 @@ def test_a_second_prepare_into_a_folder_being_written_is_refused(tmp_path):
         proc.wait()
     assert _prepare(out).exit_code == 0  # its process gone: the lock is taken over
     assert not (out / ".ddpm-lock").exists()
+
+
+# -- a held-out split carved from one folder, and one folder prepared twice ------------------------
+def test_prepare_with_test_fraction_writes_disjoint_splits_recorded_in_the_manifests(tmp_path):
+    from ddpm.data.manifest import read_manifest, shared_images
+
+    folder = picture_folder(tmp_path / "pictures")
+    r = run_cli("data", "prepare", "--source", str(folder), "--out", str(tmp_path / "shards"),
+                "--test-fraction", "0.25", "--split-seed", "3", "--json")
+    out = _json(r)
+    train, test = (read_manifest(str(tmp_path / "shards" / s)) for s in ("train", "test"))
+    assert out["splits"]["train"]["num_samples"] + out["splits"]["test"]["num_samples"] == 60
+    assert train["num_samples"] + test["num_samples"] == 60 and 5 <= test["num_samples"] <= 25
+    assert len(train["image_hashes"]) == train["num_samples"] and len(test["image_hashes"]) == test["num_samples"]
+    assert shared_images(train, test) == 0 and not set(train["image_hashes"]) & set(test["image_hashes"])
+    for m in (train, test):
+        assert m["split_rule"]["test_fraction"] == 0.25 and m["split_rule"]["seed"] == 3
+    assert "warning" not in r.stderr
+    x_train, _, _ = load_split(str(tmp_path / "shards"), split="train")  # the dataset folder resolves
+    assert x_train.shape == (train["num_samples"], 3, 8, 8)
+    again = _json(run_cli("data", "prepare", "--source", str(folder), "--out", str(tmp_path / "shards"),
+                          "--test-fraction", "0.25", "--split-seed", "3", "--json"))
+    assert again["splits"]["test"]["shards_unchanged"] == 1 and again["splits"]["train"]["shards_written"] == 0
+    bad = run_cli("data", "prepare", "--source", str(folder), "--test-fraction", "1.5")
+    assert bad.exit_code == 2 and "--test-fraction must be in (0, 1)" in bad.output
+    both = run_cli("data", "prepare", "--source", str(folder), "--test-fraction", "0.1", "--split", "test")
+    assert both.exit_code == 2 and "leave out --split" in both.output
+
+
+def test_one_folder_prepared_twice_as_train_and_test_is_warned_about(tmp_path):
+    folder = picture_folder(tmp_path / "pictures")
+    first = run_cli("data", "prepare", "--source", str(folder), "--out", str(tmp_path / "d" / "train"))
+    assert first.exit_code == 0 and "warning" not in first.stderr
+    second = run_cli("data", "prepare", "--source", str(folder), "--out", str(tmp_path / "d" / "test"),
+                     "--split", "test")
+    assert second.exit_code == 0, second.output
+    warning = [line for line in second.stderr.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "60 of 60 test images" in warning[0] and "--test-fraction" in warning[0]
+    assert "warning" not in second.stdout  # stdout holds the result alone

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import FAST, cli_json, register_tiny, run_cli, save_tiny_checkpoint
+from tests.support import FAST, cli_json, picture_folder, register_tiny, run_cli, save_tiny_checkpoint
 
 
 
 @pytest.mark.timeout(180)
-def test_evaluate_logs_keyed_results_on_the_version_and_its_run(tmp_path, digits_home):
+def test_evaluate_logs_keyed_results_on_the_version_and_its_run(tmp_path, digits_home, capsys):
     from ddpm.features import FEATURE_NET_VERSION
     from ddpm.metrics import METRIC_DIRECTIONS, parse_result_key
     from pipelines import tracking
@@ -44,6 +44,14 @@ def test_evaluate_logs_keyed_results_on_the_version_and_its_run(tmp_path, digits
     assert "real data floor" in out["message"]
     assert "kid vs the test split (360)" in out["message"] and "16 training images vs the test split (360)" in out["message"]
     assert out["compared"]["copy_rate"] == "copy_rate vs the training split (1437)"
+    # Issue 29: the bound and the sampling each report their progress (with an ETA while running) on stderr.
+    err = capsys.readouterr().err.splitlines()
+    bound = [x for x in err if x.startswith("[evaluate] bits/dim, full bound on 8 held-out images: ")]
+    drawn = [x for x in err if x.startswith("[evaluate] sampling 16 images (ddim, 5 steps, eta 1, 2 batches): ")]
+    assert "ETA" in bound[0] and "(100%)" in bound[-1] and drawn[-1].split(": ")[1].startswith("10/10 calls (100%)")
+    scoring = "[evaluate] scoring 16 samples against the test split (360 images)"
+    assert f"{scoring} ..." in err and any(x.startswith(f"{scoring}: ") and x.endswith(" s") for x in err)
+    assert "[evaluate] logging the results to MLflow ..." in err
 
     c = tracking.client()
     # The evaluation has a run of its own, beside the training run: short metric names, keys in tags.
@@ -124,3 +132,73 @@ def test_default_steps_are_capped_at_a_small_T_and_explicit_ones_checked():
     assert resolve_settings(cfg, "ddim", 10, None)[1] == 10
     with pytest.raises(UsageError, match="T=30"):
         resolve_settings(cfg, "ddim", 31, None)
+
+
+def test_train_and_evaluate_warn_when_the_test_split_holds_training_images(tmp_path, capsys, monkeypatch):
+    """One folder prepared twice, as train and as test: both commands say so in one line on stderr,
+    before any work; carved splits give no warning."""
+    from pipelines.registry.evaluate import load_eval_data
+    from pipelines.settings import resolve
+    from pipelines.storage.data import prepare_command
+    from pipelines.train import command as train
+
+    class Stop(Exception):
+        pass
+
+    folder = str(picture_folder(tmp_path / "pictures"))
+    prepare_command(source=folder, out=str(tmp_path / "twice" / "train"))
+    prepare_command(source=folder, out=str(tmp_path / "twice" / "test"), split="test")
+    prepare_command(source=folder, out=str(tmp_path / "carved"), test_fraction=0.2)
+    capsys.readouterr()
+    rgb = ["model.in_channels=3", "data.levels=256", "model.attn_resolutions=[]"]
+    cfg = train.resolve_config("digits", rgb)
+    monkeypatch.setattr(train, "FolderLock", lambda *a, **k: (_ for _ in ()).throw(Stop()))  # nothing is started
+    for data, shared in ((tmp_path / "twice", True), (tmp_path / "carved", False)):
+        load_eval_data(cfg, str(data), resolve())
+        with pytest.raises(Stop):
+            train.train_command(overrides=rgb, data=str(data / "train"), storage=str(tmp_path / "storage"))
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "warning" in line]
+        if shared:
+            assert [line.split(":")[0] for line in lines] == ["[evaluate] warning", "[train] warning"], err
+            assert all("60 of 60 test images" in line for line in lines)
+        else:
+            assert not lines, err
+
+
+@pytest.mark.timeout(120)
+def test_bound_estimate_is_16_calls_with_a_standard_error_and_agrees_with_the_full_bound(tmp_path, capsys):
+    """Issue 29: the full bound (T calls per batch) took minutes on RGB data; ``--bound estimate``
+    is its stratified unbiased estimate from 16 calls, keyed apart from it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ddpm.diffusion import Diffusion
+    from ddpm.schedules import make_betas
+    from pipelines.registry.evaluate import BPD_CALLS, EvalData, held_out_bpd
+    from tests.ddpm.helpers import GaussianOracle
+
+    diffusion = Diffusion(make_betas("linear", 200), variance="fixed_large")
+    oracle = GaussianOracle(diffusion.alphas_cumprod, 0.3, 0.5)
+    loaded = SimpleNamespace(diffusion=diffusion, model=oracle)
+    test = (0.3 + 0.5 * torch.randn(96, 1, 2, 2, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    test = (test * 8).round() / 8  # on 17 levels
+    ev = EvalData(test=test, train=None, levels=17, source="gauss", test_hash="abc", hash="abc",
+                  test_url="x", train_url=None)
+    full = held_out_bpd(loaded, ev, 96, batch_size=64)
+    oracle.calls.clear()
+    est = held_out_bpd(loaded, ev, 96, batch_size=64, bound="estimate")
+    assert len(oracle.calls) == 2 * BPD_CALLS  # two batches of 16 calls, not 2 x 200
+    assert full["key"].startswith("bpd/bound:full/") and "se" not in full
+    assert est["key"].startswith(f"bpd/bound:estimate-{BPD_CALLS}/") and est["se"] > 0
+    assert est["se_key"].startswith(f"bpd_se/bound:estimate-{BPD_CALLS}/")
+    assert abs(est["value"] - full["value"]) < 4 * est["se"]
+    err = capsys.readouterr().err
+    assert f"[evaluate] bits/dim, stratified estimate of the bound, {BPD_CALLS} calls on 96 held-out images: " \
+           f"{2 * BPD_CALLS}/{2 * BPD_CALLS} calls (100%)" in err
+
+
+def test_bad_bound_is_a_usage_error(tmp_path):
+    result = run_cli("evaluate", "--model", str(tmp_path / "none.pt"), "--bound", "half")
+    assert result.exit_code == 2 and "full, estimate" in result.output

@@ -29,6 +29,48 @@ def test_sample_grid_caps_the_configs_steps_at_T(tmp_path):
     assert (tmp_path / "grid.png").stat().st_size > 0 and path.endswith("grid.png")
 
 
+class _CountingNet(torch.nn.Module):
+    """The network, counting its calls (one per sampling step of a batch)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.net(*args, **kwargs)
+
+
+@pytest.mark.timeout(120)
+def test_cifar10_end_of_run_grid_is_few_step_with_progress_lines(tmp_path, monkeypatch):
+    # Issue 29: the cifar10 preset's grid ran 1000 ancestral steps in silence for 6 minutes.
+    import pipelines.train.loop as loop
+
+    cfg = ExperimentConfig.preset("cifar10").override([
+        "model.ch=32", "model.ch_mult=[1]", "model.num_res_blocks=1", "model.attn_resolutions=[]"])
+    torch.manual_seed(0)
+    model = _CountingNet(UNet(cfg.model))
+    diffusion = Diffusion.from_config(cfg.diffusion)
+    monkeypatch.setattr(loop, "QUIET_S", 0.0)  # the real grid is long enough to print; this tiny one is not
+    lines: list[str] = []
+    sample_grid(model, diffusion, cfg, str(tmp_path / "grid.png"), n=2, log=lines.append)
+    assert diffusion.num_timesteps == 1000 and model.calls == 20  # dpmpp, 20 steps: not T = 1000
+    assert lines[0].startswith("[train] sample grid of 2 (dpmpp, 20 steps): 1/20 calls") and "ETA" in lines[0]
+    assert lines[-1].startswith("[train] sample grid of 2 (dpmpp, 20 steps): 20/20 calls (100%)")
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(120)
+def test_a_grid_shorter_than_quiet_s_prints_nothing(tmp_path):
+    cfg = ExperimentConfig.preset("digits").override([
+        "diffusion.timesteps=30", "sample.steps=5", "model.ch=16", "model.ch_mult=[1]",
+        "model.num_res_blocks=1", "model.attn_resolutions=[]"])
+    lines: list[str] = []
+    sample_grid(UNet(cfg.model), Diffusion.from_config(cfg.diffusion), cfg, str(tmp_path / "g.png"), n=2,
+                log=lines.append)
+    assert lines == [] and (tmp_path / "g.png").stat().st_size > 0
+
+
 # -- train.max_time: a wall-clock budget ------------------------------------------------------------
 TINY_LOOP = ["model.ch=16", "model.ch_mult=[1]", "model.num_res_blocks=1", "model.attn_resolutions=[]",
              "diffusion.timesteps=50", "train.batch_size=8", "train.log_every=1", "train.warmup_steps=1",
@@ -109,6 +151,19 @@ def test_max_steps_first_wins_over_max_time(shards, step_clock):
     assert [m["step"] for m, _ in reports] == [3] and reports[0][0]["max_time_reached"] == 0.0
     assert tags == {"ddpm.stop_reason": "max_steps", "ddpm.stop_step": "3"}
     assert "[train] stopped at step 3: train.max_steps=3 reached" in logs
+
+
+@pytest.mark.timeout(120)
+def test_a_log_interval_longer_than_the_run_still_prints_step_lines_with_an_eta(shards, monkeypatch):
+    # Issue 29: a 30-step run under a preset logging every 50 steps printed nothing until its end.
+    import pipelines.train.loop as loop
+
+    monkeypatch.setattr(loop, "LINE_EVERY_S", 0.0)  # every step is "long" here
+    _, _, logs, _ = _run(shards, "train.max_steps=3", "train.log_every=1000")
+    steps = [line for line in logs if line.startswith("[train] step ")]
+    assert [line.split()[2] for line in steps] == ["1/3", "2/3", "3/3"]
+    assert all(" img/s ETA " in line for line in steps)
+    assert "loss" not in steps[0] and "loss" in steps[2]  # the final step is a log interval's line
 
 
 @pytest.mark.timeout(120)

@@ -65,3 +65,16 @@ def test_local_benchmark_runs_the_cli_in_process_and_records_its_timings(tmp_pat
     run = result["runs"]["in_process"][0]
     assert result["repeats"] == 1 and result["median_wall_s"]["in_process"] == run["wall_s"] > 0
     assert run["samples_written"] == 4 and run["load_s"] >= 0 and "load_1m_before" in run
+
+
+@pytest.mark.timeout(120)
+def test_in_process_progress_moves_within_a_batch_by_network_calls(tmp_path, ckpt, capsys, monkeypatch):
+    """Issue 29: one batch of 64 samples took over a minute on a CPU with no line before its end;
+    in process, the bar counts each network call as its share of the batch's samples."""
+    monkeypatch.setattr(P, "runs_in_process", lambda req: True)  # even where another test left Ray up
+    S.write_samples(request(ckpt, num=8, batch_size=8, steps=4), str(tmp_path / "out"), fmt="npz", progress=True)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("[sample] ")]
+    # one unit of 8 samples over 4 calls: 2 samples' worth after the first call (the first line), then the end
+    assert lines[0].startswith("[sample] 2/8 samples (25%)") and "ETA" in lines[0]
+    assert lines[-1].startswith("[sample] 8/8 samples (100%)")
+    assert sorted(read_npz_folder(tmp_path / "out")) == list(range(8))
