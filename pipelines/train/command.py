@@ -27,7 +27,7 @@ from pipelines.names import check_name
 from pipelines.registry.register import log_and_register
 from pipelines.settings import Settings, resolve, shareable_uri
 from pipelines.storage.data import check_data, resolve_data
-from pipelines.storage.outputs import FolderLock
+from pipelines.storage.lock import FolderLock
 from pipelines.train.failures import worker_input_error
 from pipelines.train.loop import NO_STEP_LIMIT
 from pipelines.train.progress import ProgressChannel
