@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import Dataset, DatasetInput, InputTag, Param, Run
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.types.schema import Schema, TensorSpec
@@ -35,7 +36,7 @@ from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_BRANCH,
 
 from ddpm.data.manifest import read_manifest
 from pipelines.errors import PipelineError, UsageError
-from pipelines.settings import Settings, redact
+from pipelines.settings import Settings, redact, redact_obj
 
 RUN_NAME_TAG = "ddpm.run_name"
 KIND_TAG = "ddpm.kind"
@@ -54,8 +55,64 @@ def configure(settings: Settings) -> None:
     mlflow.set_registry_uri(settings.registry_uri)
 
 
+class RedactingClient(MlflowClient):
+    """The MLflow client every write of this package goes through: what it stores (params, run,
+    version, model and experiment tags, version descriptions, dataset sources) passes
+    :func:`pipelines.settings.redact` first, so no URL credential or secret value reaches the store."""
+
+    def set_tag(self, run_id: str, key: str, value: Any, synchronous: bool | None = None) -> Any:
+        return super().set_tag(run_id, key, redact(value), synchronous=synchronous)
+
+    def log_param(self, run_id: str, key: str, value: Any, synchronous: bool | None = None) -> Any:
+        return super().log_param(run_id, key, redact(value), synchronous=synchronous)
+
+    def log_batch(self, run_id: str, metrics: Sequence[Metric] = (), params: Sequence[Param] = (),
+                  tags: Sequence[RunTag] = (), synchronous: bool | None = None) -> Any:
+        return super().log_batch(run_id, metrics, [Param(p.key, redact(p.value)) for p in params],
+                                 [RunTag(t.key, redact(t.value)) for t in tags], synchronous=synchronous)
+
+    def create_run(self, experiment_id: str, start_time: int | None = None, tags: dict[str, Any] | None = None,
+                   run_name: str | None = None) -> Run:
+        return super().create_run(experiment_id, start_time, redact_obj(tags), run_name)
+
+    def set_model_version_tag(self, name: str, version: str | None = None, key: str | None = None, value: Any = None,
+                              stage: str | None = None) -> None:
+        return super().set_model_version_tag(name, version, key, redact(value), stage)
+
+    def set_registered_model_tag(self, name: str, key: str, value: Any) -> None:
+        return super().set_registered_model_tag(name, key, redact(value))
+
+    def update_model_version(self, name: str, version: str, description: str | None = None) -> Any:
+        return super().update_model_version(name, version, redact(description) if description else description)
+
+    def create_model_version(self, name: str, source: str, run_id: str | None = None, tags: dict | None = None,
+                             run_link: str | None = None, description: str | None = None, **kwargs: Any) -> Any:
+        return super().create_model_version(name, source, run_id, redact_obj(tags), run_link,
+                                            redact(description) if description else description, **kwargs)
+
+    def log_inputs(self, run_id: str, datasets: Sequence[DatasetInput] | None = None, models: Any = None) -> None:
+        datasets = [DatasetInput(masked_dataset(d.dataset), d.tags) for d in datasets or []]
+        return super().log_inputs(run_id, datasets, models)
+
+    def set_logged_model_tags(self, model_id: str, tags: dict[str, Any]) -> None:
+        return super().set_logged_model_tags(model_id, redact_obj(tags))
+
+    def log_model_params(self, model_id: str, params: dict[str, str]) -> None:
+        return super().log_model_params(model_id, redact_obj(params))
+
+    def set_experiment_tag(self, experiment_id: str, key: str, value: Any) -> None:
+        return super().set_experiment_tag(experiment_id, key, redact(value))
+
+
+def masked_dataset(data: Dataset) -> Dataset:
+    """A dataset entity whose source (the shards' URL) is masked (:func:`pipelines.settings.redact`)."""
+    return Dataset(name=data.name, digest=data.digest, source_type=data.source_type, source=redact(data.source),
+                   schema=data.schema, profile=data.profile)
+
+
 def client() -> MlflowClient:
-    return MlflowClient()
+    """The MLflow client of this package: a :class:`RedactingClient`."""
+    return RedactingClient()
 
 
 def experiment_id(name: str, settings: Settings | None = None) -> str:
@@ -193,7 +250,8 @@ def dataset(url: str, manifest: dict[str, Any]) -> Dataset:
     meta = MetaDataset(source, f"{manifest['source']}-{manifest['split']}", manifest_digest(manifest), schema)
     profile = {key: manifest.get(key) for key in ("num_samples", "shape", "levels", "split", "source", "labels")}
     profile.update(shards=len(manifest["shards"]), bytes=sum(int(s.get("size") or 0) for s in manifest["shards"]))
-    return Dataset(**meta.to_dict(), profile=json.dumps(profile))  # MetaDataset itself has no profile
+    # MetaDataset itself has no profile; the source masked: the entity is logged, pickled and kept
+    return masked_dataset(Dataset(**meta.to_dict(), profile=json.dumps(profile)))
 
 
 def log_dataset(run_id: str, data: str | Dataset, context: str,

@@ -602,6 +602,10 @@ def submit_job(config: str, overrides: list[str], workflow: str | None, name: st
     if not job_address:
         raise UsageError("--submit needs --address (the cluster's dashboard URL, e.g. http://HEAD:8265) "
                          "or RAY_ADDRESS")
+    shown = shlex.join([*overrides, storage or ""])
+    if redact(shown) != shown:  # the dashboard shows the job's command line
+        raise UsageError("a value of this command holds a credential (a URL with user:password@ or a signed "
+                         "query); it would be shown by the Ray dashboard: set it in the cluster's environment")
     try:
         client = ray.job_submission.JobSubmissionClient(job_address)
     except Exception as e:

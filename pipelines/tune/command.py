@@ -50,7 +50,7 @@ from pipelines import cluster, console, tracking
 from pipelines.cluster import Placement
 from pipelines.errors import RefusedError, UsageError
 from pipelines.names import check_name
-from pipelines.settings import Settings, resolve
+from pipelines.settings import Settings, masked_config, redact, resolve
 from pipelines.storage.data import check_data, resolve_data
 from pipelines.storage.ray_storage import ray_storage
 from pipelines.train.async_logger import metric_name
@@ -118,8 +118,10 @@ class SweepCallback(tune.Callback):
 
     def __init__(self, exp_id: str, parent_run_id: str, sweep: str, base: ExperimentConfig, max_steps: int,
                  registry: str | None = None, data_input: Dataset | None = None) -> None:
-        self.exp_id, self.parent_run_id, self.sweep, self.base = exp_id, parent_run_id, sweep, base
-        self.max_steps, self.registry, self.data_input = max_steps, registry, data_input
+        # It is pickled into tuner.pkl with the run config: the config and the dataset go in masked.
+        self.exp_id, self.parent_run_id, self.sweep, self.base = exp_id, parent_run_id, sweep, masked_config(base)
+        self.max_steps, self.registry = max_steps, registry
+        self.data_input = None if data_input is None else tracking.masked_dataset(data_input)
         self.runs: dict[str, str] = {}
         self.reaped = 0
 
@@ -252,10 +254,9 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     data_spec = {"url": data_url, "holdout_url": holdout_url, "storage_options": opts}
     registry = _placement_registry(REGISTRY_PREFIX + sweep) if workers_per_trial > 1 else None
     trainable = _trainable(trial_base, data_spec, placement, settings, sweep)
-    callback = SweepCallback(exp_id, parent_run_id, sweep, trial_base, steps,
-                             REGISTRY_PREFIX + sweep if registry else None, data_input)
-    table = sweep_table.SweepTable(lambda params: search_space.apply(trial_base, params), steps)
-    callbacks = [callback, sweep_table.TableCallback(table)]
+    callbacks = sweep_callbacks(exp_id, parent_run_id, sweep, trial_base, steps,
+                                REGISTRY_PREFIX + sweep if registry else None, data_input)
+    callback = callbacks[0]
     if restoring:
         tuner = tune.Tuner.restore(sweep_path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
@@ -277,6 +278,17 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
             ray.kill(registry)
     return _finish(grid, base, sweep, parent_run_id, resumed or restoring, steps, holdout_url, opts,
                    full_bound_images, settings, time.perf_counter() - t0, callback.reaped)
+
+
+def sweep_callbacks(exp_id: str, parent_run_id: str, sweep: str, trial_base: ExperimentConfig, steps: int,
+                    registry: str | None, data_input: Dataset | None) -> list[tune.Callback]:
+    """The sweep's callbacks: its MLflow callback (first) and the table printer. Ray pickles them
+    into ``tuner.pkl`` with the run config, so what they hold (the config, the dataset entity) is
+    masked: the ``--data`` URL may carry credentials."""
+    callback = SweepCallback(exp_id, parent_run_id, sweep, trial_base, steps, registry, data_input)
+    masked = masked_config(trial_base)
+    table = sweep_table.SweepTable(lambda params: search_space.apply(masked, params), steps)
+    return [callback, sweep_table.TableCallback(table)]
 
 
 def _trainable(trial_base: ExperimentConfig, data_spec: dict, placement: Placement | None, settings: Settings,
@@ -335,7 +347,7 @@ def check_resumable(exp_id: str, sweep: str, location: str, named: bool) -> None
     if previous is None:
         raise refuse("this MLflow store has no sweep of that name, so this state was not written by it")
     recorded = previous.data.tags.get(STORAGE_TAG)
-    if recorded != location:
+    if recorded != redact(location):  # the tag is stored masked (tracking.RedactingClient)
         raise refuse(f"the sweep's MLflow run records its storage as {recorded or 'nothing (an older sweep)'}")
 
 
