@@ -444,3 +444,60 @@ def test_a_sweep_whose_run_records_this_storage_may_be_resumed(tmp_path):
     check_resumable(exp_id, "mine", str(tmp_path / "storage" / "mine"), named=True)
     with pytest.raises(RefusedError, match="not given with --name"):
         check_resumable(exp_id, "mine", str(tmp_path / "storage" / "mine"), named=False)
+
+
+def test_a_config_name_that_leaves_its_folder_is_refused_wherever_the_config_comes_from(tmp_path):
+    """``ExperimentConfig.name`` becomes an MLflow experiment and a folder (``mlartifacts/<name>``):
+    a checkpoint's or a registered model's own config is checked like a name typed on the command line
+    (issue 25, item 9)."""
+    from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from ddpm.config import ConfigError, ExperimentConfig
+    from ddpm.unet import UNet
+    from tests.support import TINY_NET, tiny_config
+
+    base = ExperimentConfig.preset("digits").to_dict()
+    for bad in ("../..", "../../escape", "a/b", ".hidden", "it's", "", "x" * 129):
+        with pytest.raises(ConfigError, match="not a valid experiment name"):
+            ExperimentConfig.from_dict({**base, "name": bad})
+    for good in ("digits", "cifar10", "my_exp-2.1"):
+        assert ExperimentConfig.from_dict({**base, "name": good}).name == good
+    cfg = tiny_config(TINY_NET)
+    text = cfg.to_json().replace('"name": "digits"', '"name": "../../escape"')
+    assert '"../../escape"' in text
+    save_checkpoint(str(tmp_path / "c.pt"), {"config": text, "model": UNet(cfg.model).state_dict()})
+    with pytest.raises(CheckpointError, match="not a valid experiment name"):
+        load_checkpoint(str(tmp_path / "c.pt"))
+
+
+def test_one_predict_request_cannot_ask_for_unbounded_work(tmp_path, monkeypatch):
+    """The served model bounds ``num`` (DDPM_PREDICT_MAX_NUM, 1024 by default) and ``batch_size``
+    (the config's sample.batch_size) before it samples anything (issue 25, item 9)."""
+    from types import SimpleNamespace
+
+    from ddpm.checkpoint import export_weights
+    from ddpm.unet import UNet
+    from pipelines.registry import mlflow_model
+    from tests.support import TINY_NET, tiny_config
+
+    cfg = tiny_config([*TINY_NET, "sample.batch_size=8"])
+    export_weights(UNet(cfg.model), str(tmp_path / "w"), cfg)
+    model = mlflow_model.DDPMPyfunc()
+    model.load_context(SimpleNamespace(artifacts={"ddpm_model": str(tmp_path / "w")}))
+    assert model.predict(None, {"num": 2, "sampler": "ddim", "steps": 2, "batch_size": 8}).shape[0] == 2
+
+    class _NoSampling:
+        @staticmethod
+        def from_config(*args, **kwargs):
+            raise AssertionError("an out-of-bounds request reached the sampler")
+
+    monkeypatch.setattr(mlflow_model, "DDPMPipeline", _NoSampling)
+    for request, message in (({"num": 1025}, "num=1025 is out of range: 1 to 1024"),
+                             ({"num": 0}, "num=0 is out of range"),
+                             ({"num": "many"}, "num must be an integer"),
+                             ({"num": 2, "batch_size": 10**9}, "batch_size=1000000000 is out of range: 1 to 8"),
+                             ({"num": 2, "batch_size": 0}, "batch_size=0 is out of range")):
+        with pytest.raises(ValueError, match=message):
+            model.predict(None, request)
+    monkeypatch.setenv("DDPM_PREDICT_MAX_NUM", "4")
+    with pytest.raises(ValueError, match="num=5 is out of range: 1 to 4"):
+        model.predict(None, {"num": 5})
