@@ -35,11 +35,12 @@ from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_BRANCH,
                                       MLFLOW_GIT_REPO_URL, MLFLOW_SOURCE_NAME)
 
 from ddpm.data.manifest import read_manifest
-from pipelines.errors import PipelineError, UsageError
+from pipelines.errors import PipelineError, RefusedError, UsageError
 from pipelines.settings import Settings, redact, redact_obj
 
 RUN_NAME_TAG = "ddpm.run_name"
 KIND_TAG = "ddpm.kind"
+STORAGE_TAG = "ddpm.storage"  # a training run's checkpoint folder (<storage>/<run name>)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by MLflow's UI to pick the experiment's view
 EXPERIMENT_KIND = "custom_model_development"  # runs, charts, models (not the GenAI traces view)
 GIT_COMMIT_ENV = "DDPM_GIT_COMMIT"  # the image's commit, passed at build time (no .git in the image)
@@ -182,18 +183,52 @@ def find_run(exp_id: str, run_name: str, parent_run_id: str | None = None) -> Ru
 
 
 def start_or_resume_run(exp_id: str, run_name: str, tags: dict[str, str] | None = None,
-                        parent_run_id: str | None = None) -> tuple[str, bool]:
-    """Return ``(run_id, resumed)``: re-running the same name reuses its run (no duplicates)."""
+                        parent_run_id: str | None = None, claim: dict[str, str] | None = None) -> tuple[str, bool]:
+    """Return ``(run_id, resumed)``: re-running the same name reuses its run (no duplicates).
+
+    ``claim``: tags that say where this run's state lives (``ddpm.storage``); a run of this name that
+    records other values is another job's, and is refused (exit 3) instead of resumed. Of two jobs
+    that create the run of one name at the same moment, the first created keeps it; the other's
+    run is deleted and that job refused (:func:`_first_of_its_name`).
+    """
     c = client()
+    claim = {k: redact(v) for k, v in (claim or {}).items()}
     existing = find_run(exp_id, run_name, parent_run_id)
     if existing is not None:
+        _check_claim(existing, run_name, claim)
         c.update_run(existing.info.run_id, status="RUNNING")
+        for key, value in claim.items():
+            if key not in existing.data.tags:
+                c.set_tag(existing.info.run_id, key, value)
         return existing.info.run_id, True
-    all_tags = {**provenance_tags(), RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **(tags or {})}
+    all_tags = {**provenance_tags(), RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **(tags or {}), **claim}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
+    _first_of_its_name(exp_id, run_name, parent_run_id, run.info.run_id)
     return run.info.run_id, False
+
+
+def _check_claim(run: Run, run_name: str, claim: dict[str, str]) -> None:
+    for key, value in claim.items():
+        recorded = run.data.tags.get(key)
+        if recorded is not None and recorded != value:
+            raise RefusedError(f"MLflow run '{run_name}' ({run.info.run_id}) records {key} = {recorded}, not "
+                               f"{value}: it is another job's run; use another name, or the same {key}")
+
+
+def _first_of_its_name(exp_id: str, run_name: str, parent_run_id: str | None, run_id: str) -> None:
+    """Keep ``run_id`` only if it is the first run of this name: another job created one meanwhile."""
+    flt = f"tags.`{RUN_NAME_TAG}` = {quote(run_name)}"
+    if parent_run_id:
+        flt += f" and tags.`mlflow.parentRunId` = {quote(parent_run_id)}"
+    runs = client().search_runs([exp_id], filter_string=flt, max_results=50,
+                                order_by=["attributes.start_time ASC"])
+    first = min(runs, key=lambda r: (r.info.start_time, r.info.run_id), default=None)
+    if first is not None and first.info.run_id != run_id:
+        client().delete_run(run_id)
+        raise RefusedError(f"another job created MLflow run '{run_name}' ({first.info.run_id}) at the same "
+                           "time; it keeps the name: wait for it, or use another name")
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:

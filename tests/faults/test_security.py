@@ -307,6 +307,30 @@ def test_sweep_state_found_under_another_storage_than_recorded_is_refused(tmp_pa
 
 
 @pytest.mark.timeout(120)
+def test_sweep_state_changed_since_its_job_left_it_is_refused(tmp_path, digits_shards):
+    """Right --name, right --storage: the state there must also be what the sweep's last job left
+    (the sha256 it recorded as ddpm.tune.state_sha256); planted after, it is not unpickled
+    (issue 25, item 8)."""
+    from pipelines import tracking
+    from pipelines.settings import resolve
+    from pipelines.storage.ray_storage import ray_storage
+    from pipelines.tune.command import STORAGE_TAG
+
+    tracking.configure(resolve())
+    exp_id = tracking.experiment_id("digits")
+    storage = tmp_path / "storage"
+    run_id, _ = tracking.start_or_resume_run(exp_id, "mine", {tracking.KIND_TAG: "tune"})
+    tracking.client().set_tag(run_id, STORAGE_TAG, f"{ray_storage(str(storage))[0].rstrip('/')}/mine")
+    tracking.client().set_tag(run_id, "ddpm.tune.state_sha256", "0" * 64)  # what its job left
+    marker = tmp_path / "pwned"
+    _plant_tuner_state(storage, "mine", marker)  # written there since
+    result = _tune(storage, digits_shards, "--name", "mine")
+    assert result.exit_code == 3, result.output
+    assert "not what this sweep's last job left" in result.output
+    assert not marker.exists()
+
+
+@pytest.mark.timeout(120)
 def test_sweep_state_under_a_generated_name_is_never_resumed(tmp_path, digits_shards, monkeypatch):
     import time
 
@@ -376,9 +400,15 @@ def test_submitted_job_env_holds_no_credentials_and_the_output_masks_the_address
     assert not set(env) & set(PLANTED)
     assert_no_secret("the job's runtime env", fake_jobs[0])
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")  # nothing secret: it travels
-    assert run_cli("run", "--submit", "--address", "http://127.0.0.1:8265").exit_code == 0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")  # nothing secret: it travels when asked
+    assert run_cli("run", "--submit", "--address", "http://127.0.0.1:8265",
+                   "--env", "MLFLOW_TRACKING_URI").exit_code == 0
     assert fake_jobs[1]["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
+    # Asked for, a credential is refused rather than sent (issue 25, item 10)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", CREDENTIALED_URI)
+    refused = run_cli("run", "--submit", "--address", "http://127.0.0.1:8265", "--env", "MLFLOW_TRACKING_URI")
+    assert refused.exit_code == 2 and PLANTED_PASSWORD not in refused.output, refused.output
+    assert len(fake_jobs) == 2
 
 
 def test_sampling_actors_env_holds_no_tracking_password(monkeypatch):
