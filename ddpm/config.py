@@ -289,6 +289,13 @@ class SampleConfig:
         _require(self.num >= 1, "sample.num must be >= 1")
 
 
+# The one rule for names (experiments, runs, sweeps, workflows, registered models): a name becomes a
+# folder and an MLflow search value, so it can neither leave its folder (``../x``) nor break a filter
+# (``it's``). ``pipelines.names.check_name`` applies it to what users type.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+NAME_RULE = "letters, digits, '_', '.' and '-', starting with a letter or digit, at most 128 characters"
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Everything one experiment needs; stored in checkpoints and registered models."""
@@ -301,6 +308,11 @@ class ExperimentConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
+        # The name becomes an MLflow experiment and a folder under DDPM_HOME, also when it comes from
+        # a checkpoint or a registered model's config.json (issue 25, item 9).
+        _require(isinstance(self.name, str) and NAME_PATTERN.fullmatch(self.name) is not None,
+                 f"name={self.name!r} is not a valid experiment name (it names an MLflow experiment and a "
+                 f"folder): use {NAME_RULE}")
         _require(self.model.learn_sigma == (self.diffusion.variance == "learned_range"),
                  "model.learn_sigma must be true exactly when diffusion.variance=learned_range")
         _require(self.model.num_classes > 0 or self.sample.guidance == 1.0,

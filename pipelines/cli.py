@@ -230,7 +230,8 @@ def tune(
     workers_per_trial: Annotated[int, typer.Option("--workers-per-trial", min=1, help="Training workers per trial (above 1 wraps a TorchTrainer).")] = 1,
     storage: Storage = None,
     experiment: Experiment = None,
-    name: Annotated[Optional[str], typer.Option("--name", help="Sweep name; re-running the same name resumes it.")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Sweep name; re-running the same name resumes it (a finished sweep only with --resume-finished).")] = None,
+    resume_finished: Annotated[bool, typer.Option("--resume-finished", help="Restore a sweep of this --name that has finished, to report its results again.")] = False,
     address: Address = None,
     metric: Annotated[str, _choice("--metric", values=("bpd", "kid", "pixel_fd", "classifier_score"), help="What trials are ranked and stopped early on: held-out bits/dim, or a sample-quality score of the config's own sampler (measured at every report; ASHA never stops a trial within two standard errors of its rung's best).")] = "bpd",
     json_out: Json = False,
@@ -241,7 +242,7 @@ def tune(
     _dispatch(tune_command, json_out, trials=trials, config=config,
               overrides=set_ or [], space=space, data=data, max_steps=max_steps, scheduler=scheduler,
               search=search, concurrent=concurrent, workers_per_trial=workers_per_trial, storage=storage,
-              experiment=experiment, name=name, address=address, metric=metric)
+              experiment=experiment, name=name, address=address, metric=metric, resume_finished=resume_finished)
 
 
 # -- evaluate / promote ---------------------------------------------------------------------------
@@ -367,13 +368,14 @@ def run(
     storage: Storage = None,
     address: Address = None,
     submit: Annotated[bool, typer.Option("--submit", help="Submit the workflow as a Ray Job and return.")] = False,
+    env: Annotated[Optional[list[str]], typer.Option("--env", help="With --submit: a variable the job takes from here, NAME (its value here) or NAME=VALUE (repeatable; secrets refused). Nothing else is sent: the cluster's nodes have their own settings.")] = None,
     json_out: Json = False,
 ) -> None:
     """Run prepare -> (tune) -> train -> evaluate -> register -> promote -> sample as one workflow."""
     from pipelines.workflow import run_command
 
     _dispatch(run_command, json_out, config=config, overrides=set_ or [],
-              workflow=workflow, name=name, storage=storage, address=address, submit=submit)
+              workflow=workflow, name=name, storage=storage, address=address, submit=submit, env=env or [])
 
 
 def main() -> None:

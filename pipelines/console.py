@@ -10,7 +10,8 @@ Quiet (the default) means one line per phase, live progress and the closing summ
 - Ray's driver logger at ERROR, Ray Train's own logger at WARNING (``ray.train.LoggingConfig``),
   MLflow's logger at WARNING and its artifact progress bars off; MLflow's event lines printed past
   its logger (model registration) are held back by :func:`muted`.
-This module imports nothing but the standard library: the command line loads it for ``--help``.
+This module imports the standard library and ``pipelines.settings`` (for :func:`redact`, which every
+line passes) only: the command line loads it for ``--help``.
 ``--verbose`` (``DDPM_VERBOSE=1``, which workers inherit with the other ``DDPM_*`` settings) turns
 all of that back on. Errors always reach the console: a failed worker's error travels back as the
 exception the command reports.
@@ -25,6 +26,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any
+
+from pipelines.settings import redact
 
 VERBOSE_ENV = "DDPM_VERBOSE"
 
@@ -60,8 +63,8 @@ def muted() -> Iterator[None]:
 
 
 def info(message: str) -> None:
-    """One phase line on stderr."""
-    print(message, file=sys.stderr, flush=True)
+    """One phase line on stderr (masked: :func:`pipelines.settings.redact`)."""
+    print(redact(message), file=sys.stderr, flush=True)
 
 
 def ray_init_options() -> dict[str, Any]:
@@ -109,8 +112,8 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         pct = 100.0 * self.done / max(self.total, 1)
         eta_text = f"ETA {eta:.0f}s" if self.done < self.total and eta == eta else f"{elapsed:.1f}s"
-        return (f"[{self.label}] {self.what}{self.done}/{self.total} {self.unit}s ({pct:.0f}%) "
-                f"{rate:.1f} {self.unit}s/s {eta_text}{self.suffix}")
+        return redact(f"[{self.label}] {self.what}{self.done}/{self.total} {self.unit}s ({pct:.0f}%) "
+                      f"{rate:.1f} {self.unit}s/s {eta_text}{self.suffix}")
 
     def update(self, n: int) -> None:
         self.done += n

@@ -6,12 +6,9 @@ search value, a Ray job id and a registered model name, so every command checks 
 
 from __future__ import annotations
 
-import re
-
+from ddpm.config import NAME_PATTERN as PATTERN
+from ddpm.config import NAME_RULE as ALLOWED  # the rule lives with ExperimentConfig, which checks its name
 from pipelines.errors import UsageError
-
-PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-ALLOWED = "letters, digits, '_', '.' and '-', starting with a letter or digit, at most 128 characters"
 
 
 def check_name(value: str, option: str) -> str:

@@ -11,13 +11,24 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import quote, quote_plus, unquote_plus, urlsplit
+
+from ddpm.config import ExperimentConfig
+
+T = TypeVar("T")
 
 SECRET_ENV_VARS = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN", "RAY_AUTH_TOKEN", "PGPASSWORD", "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_SAS_TOKEN", "GOOGLE_API_KEY", "HF_TOKEN",
 )
-# The user-info part of a URL: scheme://USER:PASSWORD@host (user-info cannot hold '/', '@' or a space).
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+# Query parameters that carry a credential: presigned S3 (SigV4 and V2), GCS, Azure SAS, OAuth and the usual.
+CREDENTIAL_QUERY_KEYS = frozenset(k.lower() for k in (
+    "X-Amz-Signature", "X-Amz-Security-Token", "X-Amz-Credential", "Signature", "AWSAccessKeyId",
+    "X-Goog-Signature", "X-Goog-Credential", "GoogleAccessId", "sig", "token", "access_token", "id_token",
+    "refresh_token", "password", "passwd", "secret", "client_secret", "api_key", "apikey", "key"))
+_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>[^\s'\"<>`]*)")
 
 
 @dataclass(frozen=True)
@@ -50,26 +61,94 @@ def resolve(storage: str | None = None, address: str | None = None) -> Settings:
     )
 
 
-def redact(text: str) -> str:
-    """``text`` fit to print or log: credentials inside URLs (``http://user:pass@host`` ->
-    ``http://***@host``) and the value of every secret environment variable become ``***``.
+def _mask_query(rest: str) -> str:
+    """``rest`` (``path?query#fragment``) with the values of credential query parameters
+    (:data:`CREDENTIAL_QUERY_KEYS`) masked; everything else kept as written."""
+    if "?" not in rest.partition("#")[0]:
+        return rest
+    path, _, query = rest.partition("?")
+    query, hash_, fragment = query.partition("#")
+    parts = re.split(r"([&;])", query)
+    for k, part in enumerate(parts):
+        key, eq, _value = part.partition("=")
+        if eq and unquote_plus(key).strip().lower() in CREDENTIAL_QUERY_KEYS:
+            parts[k] = f"{key}=***"
+    return f"{path}?{''.join(parts)}{hash_}{fragment}"
 
-    The one masking function: the CLI applies it to everything it prints, tracking to every param
-    and tag it logs.
+
+def _looks_like_userinfo(netloc: str) -> bool:
+    """``user:secret`` rather than ``host:port``: what ``urlsplit`` takes for the host when the
+    password holds a ``/``, ``?`` or ``#`` (it ends the host at the first of them)."""
+    if ":" not in netloc:
+        return False
+    try:
+        urlsplit(f"//{netloc}").port
+    except ValueError:  # "Port could not be cast to integer value": the part after ':' is no port
+        return True
+    return False
+
+
+def _mask_url(m: re.Match) -> str:
+    """One URL of a text, parsed with ``urlsplit``: its whole user-info and its credential query
+    values masked, the rest kept byte for byte."""
+    scheme, url = m.group("scheme"), m.group(0)
+    try:
+        netloc = urlsplit(url).netloc
+        if "@" not in netloc and "@" in url[len(scheme):] and _looks_like_userinfo(netloc):
+            # A password holding '/' (most AWS secret keys): the user-info runs to the first '@'.
+            url = scheme + "***@" + url[len(scheme):].partition("@")[2]
+            netloc = urlsplit(url).netloc
+    except ValueError:  # not a URL urlsplit reads (an unbalanced '[' in its host): masked whole
+        return scheme + "***"
+    rest = url[len(scheme) + len(netloc):]
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return scheme + netloc + _mask_query(rest)
+
+
+def redact(text: str) -> str:
+    """``text`` fit to print or log: in every URL the whole user-info (``http://user:pass@host`` ->
+    ``http://***@host``, a password holding ``/`` too) and credential query values
+    (``X-Amz-Signature=***``), and anywhere the value of a secret environment variable (as is or
+    URL-encoded) become ``***``.
+
+    The one masking function. Every sink goes through it: what the CLI prints, the MLflow client
+    (:func:`pipelines.tracking.client`: params, tags, descriptions, dataset sources), the files this
+    tool writes (manifests, reports, checkpoints' configs: :func:`redact_obj`), a submitted job's
+    command line, and what Ray pickles into sweep state (:func:`masked_config`).
     """
-    text = _USERINFO.sub(r"\g<scheme>***@", str(text))
+    text = _URL.sub(_mask_url, str(text))
     for name in SECRET_ENV_VARS:
         value = os.environ.get(name)
         if value and len(value) >= 4:
-            text = text.replace(value, "***")
+            for form in dict.fromkeys((value, quote(value, safe=""), quote_plus(value))):
+                text = text.replace(form, "***")
     return text
+
+
+def redact_obj(obj: T) -> T:
+    """``obj`` (JSON-like: dicts, lists, tuples, strings, numbers) with :func:`redact` applied to every string."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {redact(k) if isinstance(k, str) else k: redact_obj(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact_obj(v) for v in obj)
+    return obj
+
+
+def masked_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with every string masked (``data.url`` may be a URL holding credentials): for what is
+    stored or pickled where others read it (checkpoints, ``tuner.pkl``)."""
+    masked = redact_obj(cfg.to_dict())
+    return cfg if masked == cfg.to_dict() else ExperimentConfig.from_dict(masked)
 
 
 def shareable_uri(uri: str) -> str | None:
     """``uri`` if it may travel to another process (a Ray worker, a Ray job), else None.
 
-    A URI holding credentials (``user:pass@``) never travels inside a config, a runtime env or a
-    pickle: the receiving process reads its own ``MLFLOW_TRACKING_URI`` (a local Ray instance
-    inherits the driver's; a cluster's nodes have their own, ``infra/README.md``).
+    A URI holding credentials (user-info, a credential query parameter) never travels inside a
+    config, a runtime env or a pickle: the receiving process reads its own ``MLFLOW_TRACKING_URI``
+    (a local Ray instance inherits the driver's; a cluster's nodes have their own, ``infra/README.md``).
     """
-    return None if _USERINFO.search(uri) else uri
+    return uri if _URL.sub(_mask_url, uri) == uri else None

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import Dataset, DatasetInput, InputTag, Param, Run
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.types.schema import Schema, TensorSpec
@@ -34,11 +35,12 @@ from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_BRANCH,
                                       MLFLOW_GIT_REPO_URL, MLFLOW_SOURCE_NAME)
 
 from ddpm.data.manifest import identity, read_manifest
-from pipelines.errors import PipelineError, UsageError
-from pipelines.settings import Settings, redact
+from pipelines.errors import PipelineError, RefusedError, UsageError
+from pipelines.settings import Settings, redact, redact_obj
 
 RUN_NAME_TAG = "ddpm.run_name"
 KIND_TAG = "ddpm.kind"
+STORAGE_TAG = "ddpm.storage"  # a training run's checkpoint folder (<storage>/<run name>)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by MLflow's UI to pick the experiment's view
 EXPERIMENT_KIND = "custom_model_development"  # runs, charts, models (not the GenAI traces view)
 GIT_COMMIT_ENV = "DDPM_GIT_COMMIT"  # the image's commit, passed at build time (no .git in the image)
@@ -54,8 +56,64 @@ def configure(settings: Settings) -> None:
     mlflow.set_registry_uri(settings.registry_uri)
 
 
+class RedactingClient(MlflowClient):
+    """The MLflow client every write of this package goes through: what it stores (params, run,
+    version, model and experiment tags, version descriptions, dataset sources) passes
+    :func:`pipelines.settings.redact` first, so no URL credential or secret value reaches the store."""
+
+    def set_tag(self, run_id: str, key: str, value: Any, synchronous: bool | None = None) -> Any:
+        return super().set_tag(run_id, key, redact(value), synchronous=synchronous)
+
+    def log_param(self, run_id: str, key: str, value: Any, synchronous: bool | None = None) -> Any:
+        return super().log_param(run_id, key, redact(value), synchronous=synchronous)
+
+    def log_batch(self, run_id: str, metrics: Sequence[Metric] = (), params: Sequence[Param] = (),
+                  tags: Sequence[RunTag] = (), synchronous: bool | None = None) -> Any:
+        return super().log_batch(run_id, metrics, [Param(p.key, redact(p.value)) for p in params],
+                                 [RunTag(t.key, redact(t.value)) for t in tags], synchronous=synchronous)
+
+    def create_run(self, experiment_id: str, start_time: int | None = None, tags: dict[str, Any] | None = None,
+                   run_name: str | None = None) -> Run:
+        return super().create_run(experiment_id, start_time, redact_obj(tags), run_name)
+
+    def set_model_version_tag(self, name: str, version: str | None = None, key: str | None = None, value: Any = None,
+                              stage: str | None = None) -> None:
+        return super().set_model_version_tag(name, version, key, redact(value), stage)
+
+    def set_registered_model_tag(self, name: str, key: str, value: Any) -> None:
+        return super().set_registered_model_tag(name, key, redact(value))
+
+    def update_model_version(self, name: str, version: str, description: str | None = None) -> Any:
+        return super().update_model_version(name, version, redact(description) if description else description)
+
+    def create_model_version(self, name: str, source: str, run_id: str | None = None, tags: dict | None = None,
+                             run_link: str | None = None, description: str | None = None, **kwargs: Any) -> Any:
+        return super().create_model_version(name, source, run_id, redact_obj(tags), run_link,
+                                            redact(description) if description else description, **kwargs)
+
+    def log_inputs(self, run_id: str, datasets: Sequence[DatasetInput] | None = None, models: Any = None) -> None:
+        datasets = [DatasetInput(masked_dataset(d.dataset), d.tags) for d in datasets or []]
+        return super().log_inputs(run_id, datasets, models)
+
+    def set_logged_model_tags(self, model_id: str, tags: dict[str, Any]) -> None:
+        return super().set_logged_model_tags(model_id, redact_obj(tags))
+
+    def log_model_params(self, model_id: str, params: dict[str, str]) -> None:
+        return super().log_model_params(model_id, redact_obj(params))
+
+    def set_experiment_tag(self, experiment_id: str, key: str, value: Any) -> None:
+        return super().set_experiment_tag(experiment_id, key, redact(value))
+
+
+def masked_dataset(data: Dataset) -> Dataset:
+    """A dataset entity whose source (the shards' URL) is masked (:func:`pipelines.settings.redact`)."""
+    return Dataset(name=data.name, digest=data.digest, source_type=data.source_type, source=redact(data.source),
+                   schema=data.schema, profile=data.profile)
+
+
 def client() -> MlflowClient:
-    return MlflowClient()
+    """The MLflow client of this package: a :class:`RedactingClient`."""
+    return RedactingClient()
 
 
 def experiment_id(name: str, settings: Settings | None = None) -> str:
@@ -125,18 +183,52 @@ def find_run(exp_id: str, run_name: str, parent_run_id: str | None = None) -> Ru
 
 
 def start_or_resume_run(exp_id: str, run_name: str, tags: dict[str, str] | None = None,
-                        parent_run_id: str | None = None) -> tuple[str, bool]:
-    """Return ``(run_id, resumed)``: re-running the same name reuses its run (no duplicates)."""
+                        parent_run_id: str | None = None, claim: dict[str, str] | None = None) -> tuple[str, bool]:
+    """Return ``(run_id, resumed)``: re-running the same name reuses its run (no duplicates).
+
+    ``claim``: tags that say where this run's state lives (``ddpm.storage``); a run of this name that
+    records other values is another job's, and is refused (exit 3) instead of resumed. Of two jobs
+    that create the run of one name at the same moment, the first created keeps it; the other's
+    run is deleted and that job refused (:func:`_first_of_its_name`).
+    """
     c = client()
+    claim = {k: redact(v) for k, v in (claim or {}).items()}
     existing = find_run(exp_id, run_name, parent_run_id)
     if existing is not None:
+        _check_claim(existing, run_name, claim)
         c.update_run(existing.info.run_id, status="RUNNING")
+        for key, value in claim.items():
+            if key not in existing.data.tags:
+                c.set_tag(existing.info.run_id, key, value)
         return existing.info.run_id, True
-    all_tags = {**provenance_tags(), RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **(tags or {})}
+    all_tags = {**provenance_tags(), RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **(tags or {}), **claim}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
+    _first_of_its_name(exp_id, run_name, parent_run_id, run.info.run_id)
     return run.info.run_id, False
+
+
+def _check_claim(run: Run, run_name: str, claim: dict[str, str]) -> None:
+    for key, value in claim.items():
+        recorded = run.data.tags.get(key)
+        if recorded is not None and recorded != value:
+            raise RefusedError(f"MLflow run '{run_name}' ({run.info.run_id}) records {key} = {recorded}, not "
+                               f"{value}: it is another job's run; use another name, or the same {key}")
+
+
+def _first_of_its_name(exp_id: str, run_name: str, parent_run_id: str | None, run_id: str) -> None:
+    """Keep ``run_id`` only if it is the first run of this name: another job created one meanwhile."""
+    flt = f"tags.`{RUN_NAME_TAG}` = {quote(run_name)}"
+    if parent_run_id:
+        flt += f" and tags.`mlflow.parentRunId` = {quote(parent_run_id)}"
+    runs = client().search_runs([exp_id], filter_string=flt, max_results=50,
+                                order_by=["attributes.start_time ASC"])
+    first = min(runs, key=lambda r: (r.info.start_time, r.info.run_id), default=None)
+    if first is not None and first.info.run_id != run_id:
+        client().delete_run(run_id)
+        raise RefusedError(f"another job created MLflow run '{run_name}' ({first.info.run_id}) at the same "
+                           "time; it keeps the name: wait for it, or use another name")
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
@@ -194,7 +286,8 @@ def dataset(url: str, manifest: dict[str, Any]) -> Dataset:
     profile = {key: manifest.get(key) for key in ("num_samples", "shape", "levels", "split", "source", "labels",
                                                   "classes")}
     profile.update(shards=len(manifest["shards"]), bytes=sum(int(s.get("size") or 0) for s in manifest["shards"]))
-    return Dataset(**meta.to_dict(), profile=json.dumps(profile))  # MetaDataset itself has no profile
+    # MetaDataset itself has no profile; the source masked: the entity is logged, pickled and kept
+    return masked_dataset(Dataset(**meta.to_dict(), profile=json.dumps(profile)))
 
 
 def log_dataset(run_id: str, data: str | Dataset, context: str,

@@ -40,15 +40,16 @@ from mlflow.entities import Metric
 import ddpm
 from ddpm.config import PRESETS, ConfigError, ExperimentConfig, Sampler, parse_duration, read_yaml_mapping
 from ddpm.data.manifest import read_manifest
-from ddpm.data.storage import S3_ENDPOINT_VARS, DataError
+from ddpm.data.storage import DataError, atomic_write, open_fs
 from pipelines import console, tracking
 from pipelines.errors import RefusedError, UsageError
 from pipelines.names import check_name
 from pipelines.registry import evaluate, models, promote
 from pipelines.sample import command as sample
 from pipelines.sample.request import SampleRequest, check_format, resolve_settings
-from pipelines.settings import Settings, redact, resolve, shareable_uri
+from pipelines.settings import SECRET_ENV_VARS, Settings, redact, resolve
 from pipelines.storage import data
+from pipelines.storage.lock import FolderLock
 from pipelines.train import command as train
 from pipelines.train.async_logger import CURVES, metric_name
 from pipelines.train.loop import sample_grid
@@ -238,10 +239,8 @@ class State:
 
     def record(self, step: str, digest: str, outputs: dict[str, Any]) -> None:
         self.steps[step] = {"inputs": digest, "outputs": outputs, "finished": time.time()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.steps, indent=2, default=str))
-        os.replace(tmp, self.path)  # atomic: a crash never leaves a half-written state
+        # A temporary of this process's own (atomic_write): a crash never leaves a half-written state.
+        atomic_write(fsspec.filesystem("file"), str(self.path), json.dumps(self.steps, indent=2, default=str).encode())
 
 
 def digest(inputs: dict[str, Any]) -> str:
@@ -352,11 +351,13 @@ def _tune_inputs(run: _Run) -> dict[str, Any]:
 
 
 def _tune(run: _Run) -> dict[str, Any]:
+    """The sweep is named after its inputs: changed ones start a new sweep (a restore would keep the
+    old space), the same ones restore it (also when it finished: its best config is what is wanted)."""
     t = run.spec.tune
     res = tune.tune_command(trials=t.trials, config=run.config, overrides=run.overrides,
                             data=run.outputs["prepare"]["train_url"], max_steps=t.max_steps, scheduler=t.scheduler,
-                            search=t.search, storage=run.storage, name=f"{run.name}-tune", address=run.address,
-                            metric=t.metric)
+                            search=t.search, storage=run.storage, name=f"{run.name}-tune-{digest(_tune_inputs(run))[:8]}",
+                            address=run.address, resume_finished=True, metric=t.metric)
     return {"best_config_path": res["best_config_path"], "best_bpd": res["best_bpd"],
             "parent_run_id": res["parent_run_id"]}
 
@@ -454,7 +455,7 @@ STEPS: tuple[Step, ...] = (
 
 def run_command(config: str = "digits", overrides: list[str] | None = None, workflow: str | None = None,
                 name: str | None = None, storage: str | None = None, address: str | None = None,
-                submit: bool = False) -> dict[str, Any]:
+                submit: bool = False, env: list[str] | None = None) -> dict[str, Any]:
     """Run (or resume) the workflow; with ``submit``, send it to a Ray cluster as a Ray Job."""
     overrides = list(overrides or [])
     cfg = train.resolve_config(config, overrides)
@@ -465,11 +466,21 @@ def run_command(config: str = "digits", overrides: list[str] | None = None, work
     t = spec.train
     spec.check(train.resolve_config(config, overrides, t.max_steps, max_time=t.max_time))  # before any step
     if submit:
-        return submit_job(config, overrides, workflow, name, storage, address)
+        return submit_job(config, overrides, workflow, name, storage, address, env or [])
+    if env:
+        raise UsageError("--env only applies with --submit (it names what the Ray job takes from here)")
     settings = resolve(storage, address)
+    folder = settings.home / "workflows" / name
+    fs, root = open_fs(str(folder))
+    with FolderLock(fs, root, str(folder), "workflow"):  # one job per workflow name (its state.json)
+        return _run_steps(_Run(name=name, config=config, overrides=overrides, cfg=cfg, spec=spec, settings=settings,
+                               storage=storage, address=address, state=State(folder / "state.json")))
+
+
+def _run_steps(run: _Run) -> dict[str, Any]:
+    """Every step of ``run`` under its parent MLflow run (resumed by name); the summary."""
+    name, cfg, settings = run.name, run.cfg, run.settings
     tracking.configure(settings)
-    run = _Run(name=name, config=config, overrides=overrides, cfg=cfg, spec=spec, settings=settings,
-               storage=storage, address=address, state=State(settings.home / "workflows" / name / "state.json"))
     run.exp_id = tracking.experiment_id(cfg.name, settings)
     run.parent_id, resumed = tracking.start_or_resume_run(run.exp_id, name, {tracking.KIND_TAG: "workflow"})
     try:
@@ -586,21 +597,29 @@ def ship_files(config: str, workflow: str | None) -> tuple[str, str, str | None]
     return folder, config, workflow
 
 
-def job_env() -> dict[str, str]:
-    """Settings the Ray job takes from the submitter: non-secret ones only.
-
-    Credentials (``AWS_*`` keys, a tracking URI holding ``user:pass@``) stay out: a job's runtime env
-    is shown by the Ray dashboard; the cluster's own environment holds them.
+def job_env(names: list[str]) -> dict[str, str]:
+    """What the Ray job takes from the submitter: only the variables named with ``--env`` (``NAME``:
+    its value here; ``NAME=VALUE``). Nothing else travels: the submitter's ``DDPM_HOME``,
+    ``MLFLOW_TRACKING_URI`` or ``AWS_ENDPOINT_URL`` are often ``localhost`` addresses that mean nothing
+    on the cluster, whose nodes have their own. A secret (``AWS_*`` keys, tokens, a URL holding
+    credentials) is refused (exit 2): a job's runtime env is shown by the Ray dashboard.
     """
-    env = {k: v for k, v in os.environ.items() if k in ("DDPM_HOME", "MLFLOW_TRACKING_URI", "DDPM_STORAGE",
-                                                         *S3_ENDPOINT_VARS, "AWS_DEFAULT_REGION")}
-    if "MLFLOW_TRACKING_URI" in env and shareable_uri(env["MLFLOW_TRACKING_URI"]) is None:
-        del env["MLFLOW_TRACKING_URI"]
+    env: dict[str, str] = {}
+    for item in names:
+        key, eq, value = item.partition("=")
+        if not eq:
+            if key not in os.environ:
+                raise UsageError(f"--env {key}: not set here; give it as --env {key}=VALUE")
+            value = os.environ[key]
+        if key in SECRET_ENV_VARS or redact(value) != value:
+            raise UsageError(f"--env {key}: a secret does not travel with a job (the Ray dashboard shows its "
+                             "environment); set it in the cluster's own environment")
+        env[key] = value
     return env
 
 
 def submit_job(config: str, overrides: list[str], workflow: str | None, name: str, storage: str | None,
-               address: str | None) -> dict[str, Any]:
+               address: str | None, env: list[str]) -> dict[str, Any]:
     """Submit ``ddpm-pipe run`` as a Ray Job (Jobs API, needs ``ray[default]`` on the cluster).
 
     The local config and workflow files travel with the job as its working directory (uploaded by
@@ -610,19 +629,20 @@ def submit_job(config: str, overrides: list[str], workflow: str | None, name: st
     if not job_address:
         raise UsageError("--submit needs --address (the cluster's dashboard URL, e.g. http://HEAD:8265) "
                          "or RAY_ADDRESS")
+    env_vars = job_env(env)
+    args = ["ddpm-pipe", "run", "--config", "config" + Path(config).suffix if config not in PRESETS else config,
+            "--name", name, *[x for item in overrides for x in ("--set", item)]]
+    args += ["--workflow", "workflow" + Path(workflow).suffix] if workflow else []
+    args += ["--storage", storage] if storage else []
+    if redact(shlex.join(args)) != shlex.join(args):  # the dashboard shows the command line
+        raise UsageError("a value of this command holds a credential (a URL with user:password@ or a signed "
+                         "query); it would be shown by the Ray dashboard: set it in the cluster's environment")
     try:
         client = ray.job_submission.JobSubmissionClient(job_address)
     except Exception as e:
         raise UsageError(f"cannot reach the Ray Jobs API at {job_address}: {str(e).splitlines()[0]}") from e
-    folder, job_config, job_workflow = ship_files(config, workflow)
-    args = ["ddpm-pipe", "run", "--config", job_config, "--name", name]
-    for item in overrides:
-        args += ["--set", item]
-    if job_workflow:
-        args += ["--workflow", job_workflow]
-    if storage:
-        args += ["--storage", storage]
-    runtime_env = {"working_dir": folder, "env_vars": job_env()}
+    folder, _config, _workflow = ship_files(config, workflow)  # the names args gives them
+    runtime_env = {"working_dir": folder, "env_vars": env_vars}
     submission_id = f"{name}-{int(time.time())}"
     deadline = time.time() + 120
     try:

@@ -69,7 +69,7 @@ from pipelines.registry.evaluate_classes import SWEEP, SWEEP_SCORES, ClassYardst
 from pipelines.registry.models import LoadedModel
 from pipelines.sample.command import sample_to_tensor
 from pipelines.sample.request import labels_of, resolve_classes, resolve_settings
-from pipelines.settings import Settings, resolve
+from pipelines.settings import Settings, redact_obj, resolve
 from pipelines.storage.data import ensure_prepared, warn_if_shared
 
 BPD_IMAGES = 64  # held-out images for the full bound: its cost is T model calls per image batch
@@ -658,7 +658,7 @@ def _log_artifacts(c: MlflowClient, run_id: str, uri: str, loaded: LoadedModel, 
                "feature_net": main.get("feature_net"), "table": [_row_summary(r) for r in rows],
                "conditional": _cond_summary(cond)}
         files = [Path(tmp) / f"evaluation-{stamp}.json", Path(tmp) / f"samples-{main['sampler']}-{main['steps']}-{stamp}.png"]
-        files[0].write_text(json.dumps(doc, indent=1, default=str))
+        files[0].write_text(json.dumps(redact_obj(doc), indent=1, default=str))
         save_grid(main["samples"][:64], str(files[1]), levels=loaded.config.data.levels)
         if rows:
             files += [Path(tmp) / "sampler_table.json", Path(tmp) / "sampler_table.md"]

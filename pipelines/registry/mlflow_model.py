@@ -11,10 +11,15 @@ a class-conditional model also takes ``class_labels`` (one class per sample, or 
 none: its null class, unconditional) and ``guidance`` (w, default the config's ``sample.guidance``).
 It returns uint8 images ``[num x H x W x C]`` on the data's grey levels. The logged signature
 (``pipelines.registry.register.signature``) declares these columns, so pyfunc hands ``predict`` a DataFrame.
+
+One request is bounded, so that it cannot exhaust the server's memory: ``num`` at most
+:data:`MAX_NUM` (``DDPM_PREDICT_MAX_NUM`` where the model is served), ``batch_size`` at most the
+config's ``sample.batch_size`` (what the model's owner set); ``steps`` (1 to T) is checked by the pipeline.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import mlflow
@@ -31,6 +36,21 @@ from ddpm.noise import sample_seed
 from ddpm.pipeline import DDPMPipeline
 
 
+MAX_NUM = 1024  # samples one request may ask for, unless DDPM_PREDICT_MAX_NUM says otherwise
+MAX_NUM_ENV = "DDPM_PREDICT_MAX_NUM"
+
+
+def _bounded(value: object, name: str, low: int, high: int, why: str) -> int:
+    """``value`` as an int in ``[low, high]``, else a ValueError that says the range and why."""
+    try:
+        number = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if not low <= number <= high:
+        raise ValueError(f"{name}={number} is out of range: {low} to {high} ({why})")
+    return number
+
+
 class DDPMPyfunc(PythonModel):
     """The registered model: ``predict({"num": N, "seed": S, ...})`` samples through :class:`ddpm.pipeline.DDPMPipeline`."""
 
@@ -44,7 +64,9 @@ class DDPMPyfunc(PythonModel):
                 params: dict[str, Any] | None = None) -> np.ndarray:
         req = dict(model_input) if isinstance(model_input, dict) else model_input.iloc[0].to_dict()
         req.update(params or {})
-        num = int(_scalar(req["num"]))
+        limit = int(os.environ.get(MAX_NUM_ENV) or MAX_NUM)
+        num = _bounded(_scalar(req["num"]), "num", 1, limit,
+                       f"one request's samples; ask again for more, or set {MAX_NUM_ENV} where the model is served")
         seeds = req.get("seeds", req.get("seed", 0))
         if hasattr(seeds, "__len__") and not isinstance(seeds, str):
             seeds = [int(s) for s in seeds]
@@ -57,10 +79,13 @@ class DDPMPyfunc(PythonModel):
         batch = _scalar(req.get("batch_size"))
         eta = _scalar(req.get("eta"))  # none: the config's eta for the config's sampler, else 0
         guidance = _scalar(req.get("guidance"))
+        cap = self.config.sample.batch_size
+        batch = None if batch in (None, "") else _bounded(batch, "batch_size", 1, cap,
+                                                          "the model config's sample.batch_size")
         pipe = DDPMPipeline.from_config(self.model, self.config, self.diffusion, sampler=sampler,
-                                        steps=None if steps in (None, "") else int(steps),
+                                        steps=None if steps in (None, "") else int(steps),  # checked there: 1..T
                                         eta=None if eta in (None, "") or eta != eta else float(eta),
-                                        batch_size=None if batch in (None, "") else int(batch),
+                                        batch_size=batch,
                                         guidance=None if _missing(guidance) else float(guidance))
         return to_uint8(pipe.from_seeds(seeds, class_labels=_labels(req.get("class_labels"), num)),
                         self.config.data.levels)

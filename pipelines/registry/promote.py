@@ -11,12 +11,17 @@ its latest evaluation of the metric, not that of a sampler-table row or of one c
 Every decision is recorded on the candidate version as tags ``ddpm.promote.<alias>.<field>`` (the
 latest) and ``ddpm.promote.<alias>.history.<UTC time>`` (one JSON line per decision). Aliases only;
 MLflow 3 deprecates stages.
+
+Moving the alias is a compare-and-set (:func:`_move`; MLflow has no conditional alias write): the
+decision is recorded first (``pending``), the alias re-read before and after it is set, and a
+promotion that raced another one (the alias moved since the gate read it, or another candidate is
+being promoted from the same holder) is refused with exit 3, the alias put back when it is still ours.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from mlflow.tracking import MlflowClient
@@ -27,6 +32,9 @@ from pipelines.errors import RefusedError, UsageError
 from pipelines.names import check_name
 from pipelines.registry import EVAL_TAG, LAST_TAG
 from pipelines.settings import resolve
+
+RACE_WINDOW = timedelta(minutes=2)  # a pending decision this recent, from the same holder, is a rival in flight
+STAMP = "%Y%m%dT%H%M%S%fZ"
 
 
 def promote_command(name: str, version: str | None = None, alias: str = "champion", metric: str = "kid",
@@ -159,7 +167,7 @@ def _pick_key(metric: str, cand: dict[str, float], hold: dict[str, float], cand_
 
 def _record(c: MlflowClient, name: str, version: str, decision: dict[str, Any]) -> None:
     """Tag the candidate with the decision: the latest fields plus one history entry."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    stamp = datetime.now(timezone.utc).strftime(STAMP)
     decision["time"] = stamp
     prefix = f"ddpm.promote.{decision['alias']}."
     for field in ("decision", "key", "candidate_value", "holder_version", "holder_value", "min_delta",
@@ -170,13 +178,80 @@ def _record(c: MlflowClient, name: str, version: str, decision: dict[str, Any]) 
 
 
 def _move(c: MlflowClient, name: str, alias: str, version: str, holder: str | None, decision: dict[str, Any]) -> None:
+    """Move ``alias`` from ``holder`` (what the gate compared against) to ``version``, as a compare-and-set.
+
+    1. Record the decision first, as ``pending``: a job killed from here on leaves it on the version.
+    2. Re-read the alias: moved since the gate read it -> refused (the candidate was not compared
+       against the new holder).
+    3. Set it, then look for a rival: another version whose decision for this alias is ``pending``
+       from the same holder, recorded within :data:`RACE_WINDOW` of ours. Two jobs that both pass
+       step 2 each see the other so (each recorded before its step 2, which came before either
+       set the alias). Re-read the alias. A rival, or an alias that is no longer ours, means the
+       promotions raced: the alias goes back to ``holder`` if it is still ours, and this one is
+       refused (exit 3); a re-run compares against whatever holds it then.
+    4. Record the final decision.
+    """
+    pending = {**decision, "decision": "pending"}
+    _record(c, name, version, pending)
+    since = _holder(c, name, alias)
+    if since != holder:
+        _lost(c, name, version, decision, f"@{alias} moved to version {since or 'unset'} while this promotion "
+              f"was deciding against version {holder or 'unset'}")
     try:
         c.set_registered_model_alias(name, alias, version)
     except Exception as e:
+        decision.update(decision="refused", why=f"alias not set: {str(e).splitlines()[0]}")
+        _record(c, name, version, decision)
         raise UsageError(f"cannot set alias {alias!r}: {str(e).splitlines()[0]}") from None
+    rivals = _rivals(c, name, alias, version, holder, pending["time"])
+    after = _holder(c, name, alias)
+    if rivals or after != version:
+        if after == version:  # ours, but not settled: put back what the gate compared against
+            if holder is None:
+                c.delete_registered_model_alias(name, alias)
+            else:
+                c.set_registered_model_alias(name, alias, holder)
+        who = f"version(s) {', '.join(rivals)} being promoted from the same holder" if rivals else \
+            f"version {after or 'unset'} set it meanwhile"
+        _lost(c, name, version, decision, f"another promotion of @{alias} raced this one ({who}); "
+              f"@{alias} is at version {_holder(c, name, alias) or 'unset'}")
+    decision.pop("time", None)
     _record(c, name, version, decision)
     if holder is not None:
         c.set_model_version_tag(name, holder, f"ddpm.promote.{alias}.replaced_by", version)
+
+
+def _holder(c: MlflowClient, name: str, alias: str) -> str | None:
+    """The version ``alias`` of ``name`` points to now (read from the server), or None."""
+    found = c.get_registered_model(name).aliases.get(alias)
+    return str(found) if found is not None else None
+
+
+def _rivals(c: MlflowClient, name: str, alias: str, version: str, holder: str | None, stamp: str) -> list[str]:
+    """Other versions whose latest decision for ``alias`` is a pending promotion from ``holder``,
+    recorded within :data:`RACE_WINDOW` of ``stamp`` (older: a job killed mid-way, not a rival)."""
+    prefix, ours = f"ddpm.promote.{alias}.", datetime.strptime(stamp, STAMP)
+    found = []
+    for mv in c.search_model_versions(f"name = {tracking.quote(name)}"):
+        tags = mv.tags or {}
+        if str(mv.version) == version or tags.get(prefix + "decision") != "pending":
+            continue
+        try:
+            when = datetime.strptime(tags.get(prefix + "time", ""), STAMP)
+        except ValueError:
+            continue
+        if tags.get(prefix + "holder_version") == holder and abs(when - ours) <= RACE_WINDOW:
+            found.append(str(mv.version))
+    return sorted(found, key=int)
+
+
+def _lost(c: MlflowClient, name: str, version: str, decision: dict[str, Any], why: str) -> None:
+    """Record that this promotion lost a race and raise :class:`RefusedError` (exit 3)."""
+    decision.pop("time", None)
+    decision.update(decision="refused", why="raced another promotion")
+    _record(c, name, version, decision)
+    raise RefusedError(f"refused: {why}. Nothing was promoted by this job; run promote again to compare "
+                       f"version {version} against the current holder")
 
 
 def _result(name: str, decision: dict[str, Any], message: str) -> dict[str, Any]:

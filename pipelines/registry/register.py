@@ -40,6 +40,7 @@ from ddpm.config import ExperimentConfig
 from pipelines import tracking
 from pipelines.registry import SHORT_TAG
 from pipelines.registry.models import MODEL_ARTIFACT, WEIGHTS_ARTIFACT
+from pipelines.settings import masked_config, redact_obj
 
 EXAMPLE_STEPS = 10  # the input example's sampler steps: MLflow runs it once when logging (cheap)
 EVAL_HEADING = "\n\nLatest evaluation "  # where a version's description turns to its scores
@@ -75,8 +76,10 @@ def log_model(run_id: str, config: ExperimentConfig, model: torch.nn.Module, nam
     """Log ``model`` (a ``ddpm.unet.UNet``) with its ``ExperimentConfig`` as the run's pyfunc model.
 
     Registers it as a new version of ``name`` unless ``name`` is empty. Returns the version number
-    (as a string), or None when not registered.
+    (as a string), or None when not registered. The config goes in masked (its ``data.url`` may hold
+    credentials): it is the artifact's ``config.json`` and the version's description.
     """
+    config = masked_config(config)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / WEIGHTS_ARTIFACT
         export_weights(model, str(folder), config)
@@ -90,7 +93,7 @@ def log_model(run_id: str, config: ExperimentConfig, model: torch.nn.Module, nam
                 signature=signature(config),
                 input_example=input_example(config),
                 registered_model_name=name or None,
-                metadata={"ddpm_version": ddpm.__version__, **(metadata or {})},
+                metadata=redact_obj({"ddpm_version": ddpm.__version__, **(metadata or {})}),
             )
     c = tracking.client()
     have = c.get_logged_model(info.model_id).params  # MLflow copies the run's params onto its models

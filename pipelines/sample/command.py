@@ -63,7 +63,7 @@ from pipelines.sample.output import (JOB_FILE, MANIFEST, FolderState, OutputFold
                                      write_manifest, write_unit)
 from pipelines.sample.pool import WorkerPool, unit_size, units_of, worker_env
 from pipelines.sample.request import SampleRequest, check_format
-from pipelines.settings import resolve
+from pipelines.settings import redact, resolve
 from pipelines.storage.outputs import remove_stale_temporaries
 
 
@@ -143,7 +143,7 @@ def _timings(start: float, ready: float, done: float, count: int) -> dict[str, f
 
 def _identity(req: SampleRequest, fmt: str, meta: dict[str, Any]) -> dict[str, Any]:
     """What a folder's samples depend on (``req`` resolved: its sampler, steps and eta are the used ones)."""
-    return {"model": req.model, "model_run_id": meta.get("run_id"), "model_name": meta.get("name"),
+    return {"model": redact(req.model), "model_run_id": meta.get("run_id"), "model_name": meta.get("name"),
             "model_version": meta.get("version"), "sampler": req.sampler, "steps": req.steps,
             "eta": float(req.eta), "seed": int(req.seed), "format": fmt, "precision": req.precision,
             "progressive": int(req.progressive),

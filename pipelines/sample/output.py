@@ -21,7 +21,8 @@ from ddpm.data.storage import atomic_write, is_local, open_fs, storage_options_f
 from ddpm.image import grid, png_bytes, to_uint8
 from pipelines.errors import RefusedError, UsageError, first_line
 from pipelines.sample.request import labels_of
-from pipelines.storage.outputs import (TEMP, FolderLock, listing, missing_folders, refuse_foreign,
+from pipelines.storage.lock import FolderLock
+from pipelines.storage.outputs import (TEMP, listing, missing_folders, refuse_foreign,
                                        remove_if_empty)
 
 MANIFEST = "manifest.json"
@@ -65,7 +66,7 @@ class OutputFolder:
             remove_if_empty(made)
 
     def lock(self) -> FolderLock:
-        """The folder's one-writer lock (``with folder.lock():``; :class:`pipelines.storage.outputs.FolderLock`)."""
+        """The folder's one-writer lock (``with folder.lock():``; :class:`pipelines.storage.lock.FolderLock`)."""
         return FolderLock(self.fs, self.root, self.url, "sample")
 
     def read_json(self, name: str) -> dict[str, Any] | None:

@@ -27,7 +27,8 @@ from ddpm.data.storage import DataError, SourceError, is_local, open_fs, storage
 from pipelines.console import info
 from pipelines.errors import PipelineError, RefusedError, UsageError
 from pipelines.settings import Settings, redact, resolve
-from pipelines.storage.outputs import TEMP, FolderLock, listing, refuse_foreign, remove_stale_temporaries
+from pipelines.storage.lock import FolderLock
+from pipelines.storage.outputs import TEMP, listing, refuse_foreign, remove_stale_temporaries
 
 
 # -- where the training and held-out shards are, and whether they fit ----------------------------

@@ -98,7 +98,7 @@ class AsyncLogger:
         # MLflow is imported here, on this thread, the first time an item is sent: it takes seconds to
         # import, and no training worker (rank 0 included) waits for it before its first step.
         from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
+        from pipelines.tracking import RedactingClient as MlflowClient  # masks what it stores
 
         c = MlflowClient()
         kind = item[0]

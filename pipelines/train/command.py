@@ -27,7 +27,7 @@ from pipelines.names import check_name
 from pipelines.registry.register import log_and_register
 from pipelines.settings import Settings, resolve, shareable_uri
 from pipelines.storage.data import check_data, check_splits_disjoint, resolve_data
-from pipelines.storage.outputs import FolderLock
+from pipelines.storage.lock import FolderLock
 from pipelines.train.failures import worker_input_error
 from pipelines.train.loop import NO_STEP_LIMIT
 from pipelines.train.progress import ProgressChannel
@@ -88,8 +88,11 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     with FolderLock(fs, root, run_url, "train"):
         tracking.configure(settings)
         exp_id = tracking.experiment_id(experiment or cfg.name, settings)
+        # MLflow knows the run by experiment and name, the lock by storage and name: the run records its
+        # storage, and a run of this name that records another is another job's (exit 3).
         run_id, resumed = tracking.start_or_resume_run(exp_id, run_name, {tracking.KIND_TAG: "train"},
-                                                       parent_run_id=parent_run_id)
+                                                       parent_run_id=parent_run_id,
+                                                       claim={tracking.STORAGE_TAG: run_url})
         started = cluster.connect(settings.ray_address, min_cpus=cluster.workers_for(nodes, gpus_per_node))
         if started and gpus_per_node == 0 and nodes == 1 and _local_gpus() > 0:
             gpus_per_node = 1  # one machine with a GPU: use it

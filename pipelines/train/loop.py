@@ -49,6 +49,7 @@ from ddpm.inference import compile_or_eager
 from ddpm.pipeline import DDPMPipeline
 from ddpm.unet import UNet
 from pipelines import console
+from pipelines.settings import masked_config
 from pipelines.train import fault_injection
 from pipelines.train.quality import QualityProbe, quality_summary
 
@@ -370,7 +371,7 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker:
             ckpt = None
             if ctx.rank == 0:
                 ckpt = {**parts.state_dict(), "step": n.step, "rng": rngs, "nonfinite_total": n.nonfinite_total,
-                        "best_bpd": n.best_bpd, "train_s": n.trained(), "config": cfg.to_json()}
+                        "best_bpd": n.best_bpd, "train_s": n.trained(), "config": masked_config(cfg).to_json()}
             extra = {"max_time_reached": float(stop_reason == "max_time")} if final else {}
             ctx.report({"step": n.step, **last_metrics, **extra}, ckpt)
     _stopped(cfg, ctx, n.step, stop_reason, tracker)

@@ -25,10 +25,12 @@ the tracking store, so a sqlite store sees one writer.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -38,19 +40,22 @@ from ray import tune
 from ray.actor import ActorHandle
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
+from fsspec import AbstractFileSystem
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from ddpm.checkpoint import load_checkpoint
 from ddpm.config import ExperimentConfig
 from ddpm.data.reader import load_split, to_float
-from ddpm.data.storage import storage_options_for
+from ddpm.data.storage import open_fs, s3_endpoint, storage_options_for
 from ddpm.likelihood import bits_per_dim
 from pipelines import cluster, console, tracking
 from pipelines.cluster import Placement
 from pipelines.errors import RefusedError, UsageError
 from pipelines.names import check_name
-from pipelines.settings import Settings, resolve
+from pipelines.settings import Settings, masked_config, redact, resolve
 from pipelines.storage.data import check_data, resolve_data
+from pipelines.storage.lock import FolderLock
+from pipelines.storage.outputs import LOCK, TEMP
 from pipelines.storage.ray_storage import ray_storage
 from pipelines.train.async_logger import metric_name
 from pipelines.train.quality import QUALITY_SCORES
@@ -63,6 +68,7 @@ from pipelines.tune.trial import trial_distributed, trial_single
 
 METRIC = "bpd"
 STORAGE_TAG = "ddpm.tune.storage"  # where the sweep's Tune state lives; a resume must find the same
+STATE_TAG = "ddpm.tune.state_sha256"  # state_digest of the sweep's folder when its job last left it
 REGISTRY_PREFIX = "ddpm-tune-pgs-"
 FULL_BOUND_IMAGES = 64  # held-out images for the best trial's full bound (T model calls each)
 
@@ -119,8 +125,10 @@ class SweepCallback(tune.Callback):
 
     def __init__(self, exp_id: str, parent_run_id: str, sweep: str, base: ExperimentConfig, max_steps: int,
                  registry: str | None = None, data_input: Dataset | None = None) -> None:
-        self.exp_id, self.parent_run_id, self.sweep, self.base = exp_id, parent_run_id, sweep, base
-        self.max_steps, self.registry, self.data_input = max_steps, registry, data_input
+        # It is pickled into tuner.pkl with the run config: the config and the dataset go in masked.
+        self.exp_id, self.parent_run_id, self.sweep, self.base = exp_id, parent_run_id, sweep, masked_config(base)
+        self.max_steps, self.registry = max_steps, registry
+        self.data_input = None if data_input is None else tracking.masked_dataset(data_input)
         self.runs: dict[str, str] = {}
         self.reaped = 0
 
@@ -204,24 +212,56 @@ def check_options(scheduler: str, search: str, prefix: str = "--") -> None:
             raise UsageError(f"{prefix}{option} {value!r} is not valid; valid: {', '.join(valid)}")
 
 
+@dataclass
+class _Sweep:
+    """A sweep as asked and checked, before anything is written (:func:`_plan`)."""
+
+    name: str
+    named: bool  # given with --name (a generated name is never resumed)
+    trials: int
+    config: str
+    overrides: list[str]
+    base: ExperimentConfig  # what the best config builds on (full max_steps)
+    trial_base: ExperimentConfig
+    space_spec: dict[str, Any]
+    scheduler: str
+    search: str
+    concurrent: int | None
+    workers_per_trial: int
+    experiment: str
+    settings: Settings
+    data_url: str
+    holdout_url: str
+    opts: dict[str, Any]
+    full_bound_images: int
+    resume_finished: bool
+    metric: str = METRIC  # what trials are ranked and stopped on (pipelines.tune.ranking.RANKABLE)
+    t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def steps(self) -> int:
+        return self.trial_base.train.max_steps
+
+
 def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] | None = None,
                  space: str | None = None, data: str | None = None, max_steps: int | None = None,
                  scheduler: str = "asha", search: str = "random", concurrent: int | None = None,
                  workers_per_trial: int = 1, storage: str | None = None, experiment: str | None = None,
                  name: str | None = None, address: str | None = None,
-                 full_bound_images: int = FULL_BOUND_IMAGES, metric: str = METRIC) -> dict[str, Any]:
+                 full_bound_images: int = FULL_BOUND_IMAGES, resume_finished: bool = False,
+                 metric: str = METRIC) -> dict[str, Any]:
     """Run (or resume) a sweep; returns the best trial on ``metric`` (:data:`pipelines.tune.ranking.RANKABLE`),
-    its config file and every trial's ending."""
+    its config file and every trial's ending.
+
+    One job per sweep: it holds ``<storage>/<name>/.ddpm-lock`` (exit 3 for a second one) while it runs."""
     check_options(scheduler, search)
-    t0 = time.perf_counter()
     overrides = list(overrides or [])
-    base = resolve_config(config, overrides)  # what the best config builds on (full max_steps)
+    base = resolve_config(config, overrides)
     trial_base = resolve_config(config, overrides, max_steps)
     # Every report must carry a fresh bpd: evaluate at each checkpoint (report) step.
     trial_base = trial_base.with_values({"train.eval_every": trial_base.train.checkpoint_every})
     check_metric(metric, trial_base)
     trial_base = with_quality(trial_base, metric)  # a sample-quality metric: measured at every report
-    steps = trial_base.train.max_steps
     space_spec = search_space.load_space(space, trial_base)
     sweep = name or f"{base.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
     check_name(sweep, "--name" if name else "the config's name (in the default --name)")
@@ -233,47 +273,59 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     if not holdout_url:
         raise UsageError("tune compares trials on held-out bits/dim: set data.holdout_url or use a data "
                          "folder .../train with a .../test split beside it")
-    opts = storage_options_for(data_url)
+    plan = _Sweep(sweep, name is not None, trials, config, overrides, base, trial_base, space_spec, scheduler,
+                  search, concurrent, workers_per_trial, experiment or base.name, settings, data_url, holdout_url,
+                  storage_options_for(data_url), full_bound_images, resume_finished, metric)
+    url = f"{settings.storage.rstrip('/')}/{sweep}"
+    fs, root = open_fs(url, storage_options_for(url))
+    with FolderLock(fs, root, url, "tune"):
+        return _run_sweep(plan, fs, root)
 
+
+def storage_location(storage: str, sweep: str) -> str:
+    """Where a sweep's Tune state lives, as its MLflow run records it: the URL and, for an
+    S3-compatible store, its endpoint (the same bucket name on another endpoint is another place)."""
+    url = f"{storage.rstrip('/')}/{sweep}"
+    endpoint = s3_endpoint() if url.startswith("s3://") else None
+    if not url.startswith(("s3://", "gs://", "memory://")):
+        url = ray_storage(url)[0]
+    return f"{url} (endpoint {endpoint})" if endpoint else url
+
+
+def state_digest(fs: AbstractFileSystem, root: str) -> str:
+    """sha256 over the names and bytes of the files at the top of a sweep's folder: what
+    ``Tuner.restore`` unpickles (``tuner.pkl``, the experiment and searcher state), not our lock."""
+    h = hashlib.sha256()
+    for entry in sorted(fs.ls(root, detail=True), key=lambda e: e["name"]):
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if entry["type"] != "file" or name == LOCK or TEMP.match(name):
+            continue
+        h.update(f"{name}\0{entry.get('size')}\0".encode())
+        h.update(hashlib.sha256(fs.cat_file(entry["name"])).digest())
+    return h.hexdigest()
+
+
+def _run_sweep(plan: _Sweep, fs: AbstractFileSystem, root: str) -> dict[str, Any]:
+    """The sweep, its lock held: the parent MLflow run, the Tuner (new or restored), the results."""
+    settings, sweep = plan.settings, plan.name
     tracking.configure(settings)
-    exp_id = tracking.experiment_id(experiment or base.name, settings)
-    path, fs = ray_storage(settings.storage)
+    exp_id = tracking.experiment_id(plan.experiment, settings)
+    path, rfs = ray_storage(settings.storage)
     sweep_path = f"{path.rstrip('/')}/{sweep}"
-    location = sweep_path if fs is None else f"s3://{sweep_path}"
-    restoring = tune.Tuner.can_restore(sweep_path, storage_filesystem=fs)
+    location = storage_location(settings.storage, sweep)
+    restoring = tune.Tuner.can_restore(sweep_path, storage_filesystem=rfs)
     if restoring:
-        check_resumable(exp_id, sweep, location, named=name is not None)
-    parent_run_id, resumed = tracking.start_or_resume_run(exp_id, sweep, {tracking.KIND_TAG: "tune"})
-    tracking.client().set_tag(parent_run_id, STORAGE_TAG, location)  # where this sweep's state is written
+        check_resumable(exp_id, sweep, location, named=plan.named, digest=state_digest(fs, root),
+                        resume_finished=plan.resume_finished)
+    parent_run_id, resumed = tracking.start_or_resume_run(exp_id, sweep, {tracking.KIND_TAG: "tune"},
+                                                          claim={STORAGE_TAG: location})
     tracking.log_params(parent_run_id, {"tune": {
-        "trials": trials, "max_steps": steps, "scheduler": scheduler, "search": search, "metric": metric,
-        "workers_per_trial": workers_per_trial, "space": {k: str(v) for k, v in space_spec.items()},
-        "config": config, "overrides": overrides, "data": data_url}})
-    data_input = tracking.log_dataset(parent_run_id, data_url, "training", opts)
-
-    started = cluster.connect(settings.ray_address, min_cpus=workers_per_trial)
-    placement = cluster.trial_placement(workers_per_trial, started) if workers_per_trial > 1 else None
-    concurrent = concurrent or _default_concurrency(workers_per_trial)
-    data_spec = {"url": data_url, "holdout_url": holdout_url, "storage_options": opts}
-    registry = _placement_registry(REGISTRY_PREFIX + sweep) if workers_per_trial > 1 else None
-    trainable = _trainable(trial_base, data_spec, placement, settings, sweep)
-    callback = SweepCallback(exp_id, parent_run_id, sweep, trial_base, steps,
-                             REGISTRY_PREFIX + sweep if registry else None, data_input)
-    table = sweep_table.SweepTable(lambda params: search_space.apply(trial_base, params), steps)
-    callbacks = [callback, sweep_table.TableCallback(table)]
-    if restoring:
-        tuner = tune.Tuner.restore(sweep_path, trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=fs)
-        # The restored run config carries the callback pickled by the first run; use this run's.
-        replace_restored_callbacks(tuner, callbacks)
-        console.info(f"[tune] resuming sweep '{sweep}' from {sweep_path}")
-    else:
-        tuner = _new_tuner(trainable, space_spec, trials, scheduler, search, concurrent, trial_base, sweep, path,
-                           fs, callbacks, metric)
-        console.info(f"[tune] sweep '{sweep}': {trials} trial(s) of {steps} step(s), {concurrent} at once, "
-                     f"{workers_per_trial} worker(s) each, scheduler {scheduler}, search {search}, "
-                     f"ranked on {metric}; "
-                     f"MLflow parent run {parent_run_id}")
+        "trials": plan.trials, "max_steps": plan.steps, "scheduler": plan.scheduler, "search": plan.search,
+        "metric": plan.metric,
+        "workers_per_trial": plan.workers_per_trial, "space": {k: str(v) for k, v in plan.space_spec.items()},
+        "config": plan.config, "overrides": plan.overrides, "data": plan.data_url}})
+    data_input = tracking.log_dataset(parent_run_id, plan.data_url, "training", plan.opts)
+    tuner, callback, registry = _tuner(plan, exp_id, parent_run_id, data_input, restoring, sweep_path, rfs)
     try:
         grid = tuner.fit()
     except Exception as e:
@@ -281,8 +333,52 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
     finally:
         if registry is not None:
             ray.kill(registry)
-    return _finish(grid, base, sweep, parent_run_id, resumed or restoring, steps, holdout_url, opts,
-                   full_bound_images, settings, time.perf_counter() - t0, callback.reaped, metric)
+        # What a resume will unpickle, as this job leaves it: checked before any restore.
+        tracking.client().set_tag(parent_run_id, STATE_TAG, state_digest(fs, root))
+    return _finish(grid, plan.base, sweep, parent_run_id, resumed or restoring, plan.steps, plan.holdout_url,
+                   plan.opts, plan.full_bound_images, settings, time.perf_counter() - plan.t0, callback.reaped,
+                   plan.metric)
+
+
+def _tuner(plan: _Sweep, exp_id: str, parent_run_id: str, data_input: Dataset, restoring: bool, sweep_path: str,
+           rfs: object) -> tuple[tune.Tuner, SweepCallback, ActorHandle | None]:
+    """The sweep's ``Tuner`` (restored, with this run's callbacks, or new), its MLflow callback and
+    the placement registry actor of distributed trials (None for single-process ones)."""
+    sweep, trial_base, workers = plan.name, plan.trial_base, plan.workers_per_trial
+    started = cluster.connect(plan.settings.ray_address, min_cpus=workers)
+    placement = cluster.trial_placement(workers, started) if workers > 1 else None
+    concurrent = plan.concurrent or _default_concurrency(workers)
+    data_spec = {"url": plan.data_url, "holdout_url": plan.holdout_url, "storage_options": plan.opts}
+    registry = _placement_registry(REGISTRY_PREFIX + sweep) if workers > 1 else None
+    trainable = _trainable(trial_base, data_spec, placement, plan.settings, sweep)
+    callbacks = sweep_callbacks(exp_id, parent_run_id, sweep, trial_base, plan.steps,
+                                REGISTRY_PREFIX + sweep if registry else None, data_input)
+    callback = callbacks[0]
+    if restoring:
+        tuner = tune.Tuner.restore(sweep_path, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=rfs)
+        # The restored run config carries the callback pickled by the first run; use this run's.
+        replace_restored_callbacks(tuner, callbacks)
+        console.info(f"[tune] resuming sweep '{sweep}' from {sweep_path}")
+    else:
+        tuner = _new_tuner(trainable, plan.space_spec, plan.trials, plan.scheduler, plan.search, concurrent,
+                           trial_base, sweep, sweep_path.rsplit("/", 1)[0], rfs, callbacks, plan.metric)
+        console.info(f"[tune] sweep '{sweep}': {plan.trials} trial(s) of {plan.steps} step(s), {concurrent} at "
+                     f"once, {workers} worker(s) each, scheduler {plan.scheduler}, search {plan.search}, "
+                     f"ranked on {plan.metric}; "
+                     f"MLflow parent run {parent_run_id}")
+    return tuner, callback, registry
+
+
+def sweep_callbacks(exp_id: str, parent_run_id: str, sweep: str, trial_base: ExperimentConfig, steps: int,
+                    registry: str | None, data_input: Dataset | None) -> list[tune.Callback]:
+    """The sweep's callbacks: its MLflow callback (first) and the table printer. Ray pickles them
+    into ``tuner.pkl`` with the run config, so what they hold (the config, the dataset entity) is
+    masked: the ``--data`` URL may carry credentials."""
+    callback = SweepCallback(exp_id, parent_run_id, sweep, trial_base, steps, registry, data_input)
+    masked = masked_config(trial_base)
+    table = sweep_table.SweepTable(lambda params: search_space.apply(masked, params), steps)
+    return [callback, sweep_table.TableCallback(table)]
 
 
 def _trainable(trial_base: ExperimentConfig, data_spec: dict, placement: Placement | None, settings: Settings,
@@ -329,14 +425,16 @@ def _ranked_on(m: dict[str, Any], metric: str) -> str:
     return f"{metric} {m[metric]:.4g} +- {m.get(se_key(metric), float('nan')):.2g}; "
 
 
-def check_resumable(exp_id: str, sweep: str, location: str, named: bool) -> None:
-    """Refuse (exit 3) to restore Tune state from ``location`` unless this user started it there.
+def check_resumable(exp_id: str, sweep: str, location: str, named: bool, digest: str | None = None,
+                    resume_finished: bool = False) -> None:
+    """Refuse (exit 3) to restore Tune state from ``location`` unless this user left it there as it is.
 
     Restoring unpickles ``tuner.pkl`` and the trial states: whoever can write the storage prefix runs
     code in this process. So a restore needs (1) the sweep named with ``--name`` (a generated name is
-    never resumed) and (2) this tracking store's parent run of that name, recording in its
-    ``ddpm.tune.storage`` tag the very location found now. State planted under a name this store
-    never started, or found under another storage than the one the sweep ran in, is not read.
+    never resumed), (2) this tracking store's parent run of that name, recording in its
+    ``ddpm.tune.storage`` tag the very location found now (URL and S3 endpoint), and (3) the state's
+    ``digest`` (:func:`state_digest`) equal to the one that run recorded when its job last wrote it.
+    A finished sweep is not restored unless ``resume_finished`` (``--resume-finished``).
     """
     def refuse(why: str) -> RefusedError:
         return RefusedError(f"refused to resume sweep '{sweep}' from {location}: {why}. Resuming unpickles "
@@ -349,8 +447,16 @@ def check_resumable(exp_id: str, sweep: str, location: str, named: bool) -> None
     if previous is None:
         raise refuse("this MLflow store has no sweep of that name, so this state was not written by it")
     recorded = previous.data.tags.get(STORAGE_TAG)
-    if recorded != location:
+    if recorded != redact(location):  # the tag is stored masked (tracking.RedactingClient)
         raise refuse(f"the sweep's MLflow run records its storage as {recorded or 'nothing (an older sweep)'}")
+    if digest is not None and previous.data.tags.get(STATE_TAG) != digest:
+        raise refuse("the state there is not what this sweep's last job left (sha256 "
+                     f"{previous.data.tags.get(STATE_TAG) or 'not recorded'}, found {digest}): changed since, "
+                     "or its driver was killed while Tune wrote it")
+    if previous.info.status == "FINISHED" and not resume_finished:
+        raise RefusedError(f"sweep '{sweep}' has finished (MLflow run {previous.info.run_id}); its best config "
+                           "is logged there. Use another --name for a new sweep, or --resume-finished to "
+                           "restore it and report its results again")
 
 
 def _finish(grid: tune.ResultGrid, base: ExperimentConfig, sweep: str, parent_run_id: str, resumed: bool,

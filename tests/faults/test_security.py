@@ -307,6 +307,30 @@ def test_sweep_state_found_under_another_storage_than_recorded_is_refused(tmp_pa
 
 
 @pytest.mark.timeout(120)
+def test_sweep_state_changed_since_its_job_left_it_is_refused(tmp_path, digits_shards):
+    """Right --name, right --storage: the state there must also be what the sweep's last job left
+    (the sha256 it recorded as ddpm.tune.state_sha256); planted after, it is not unpickled
+    (issue 25, item 8)."""
+    from pipelines import tracking
+    from pipelines.settings import resolve
+    from pipelines.storage.ray_storage import ray_storage
+    from pipelines.tune.command import STORAGE_TAG
+
+    tracking.configure(resolve())
+    exp_id = tracking.experiment_id("digits")
+    storage = tmp_path / "storage"
+    run_id, _ = tracking.start_or_resume_run(exp_id, "mine", {tracking.KIND_TAG: "tune"})
+    tracking.client().set_tag(run_id, STORAGE_TAG, f"{ray_storage(str(storage))[0].rstrip('/')}/mine")
+    tracking.client().set_tag(run_id, "ddpm.tune.state_sha256", "0" * 64)  # what its job left
+    marker = tmp_path / "pwned"
+    _plant_tuner_state(storage, "mine", marker)  # written there since
+    result = _tune(storage, digits_shards, "--name", "mine")
+    assert result.exit_code == 3, result.output
+    assert "not what this sweep's last job left" in result.output
+    assert not marker.exists()
+
+
+@pytest.mark.timeout(120)
 def test_sweep_state_under_a_generated_name_is_never_resumed(tmp_path, digits_shards, monkeypatch):
     import time
 
@@ -376,9 +400,15 @@ def test_submitted_job_env_holds_no_credentials_and_the_output_masks_the_address
     assert not set(env) & set(PLANTED)
     assert_no_secret("the job's runtime env", fake_jobs[0])
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")  # nothing secret: it travels
-    assert run_cli("run", "--submit", "--address", "http://127.0.0.1:8265").exit_code == 0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")  # nothing secret: it travels when asked
+    assert run_cli("run", "--submit", "--address", "http://127.0.0.1:8265",
+                   "--env", "MLFLOW_TRACKING_URI").exit_code == 0
     assert fake_jobs[1]["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
+    # Asked for, a credential is refused rather than sent (issue 25, item 10)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", CREDENTIALED_URI)
+    refused = run_cli("run", "--submit", "--address", "http://127.0.0.1:8265", "--env", "MLFLOW_TRACKING_URI")
+    assert refused.exit_code == 2 and PLANTED_PASSWORD not in refused.output, refused.output
+    assert len(fake_jobs) == 2
 
 
 def test_sampling_actors_env_holds_no_tracking_password(monkeypatch):
@@ -444,3 +474,60 @@ def test_a_sweep_whose_run_records_this_storage_may_be_resumed(tmp_path):
     check_resumable(exp_id, "mine", str(tmp_path / "storage" / "mine"), named=True)
     with pytest.raises(RefusedError, match="not given with --name"):
         check_resumable(exp_id, "mine", str(tmp_path / "storage" / "mine"), named=False)
+
+
+def test_a_config_name_that_leaves_its_folder_is_refused_wherever_the_config_comes_from(tmp_path):
+    """``ExperimentConfig.name`` becomes an MLflow experiment and a folder (``mlartifacts/<name>``):
+    a checkpoint's or a registered model's own config is checked like a name typed on the command line
+    (issue 25, item 9)."""
+    from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from ddpm.config import ConfigError, ExperimentConfig
+    from ddpm.unet import UNet
+    from tests.support import TINY_NET, tiny_config
+
+    base = ExperimentConfig.preset("digits").to_dict()
+    for bad in ("../..", "../../escape", "a/b", ".hidden", "it's", "", "x" * 129):
+        with pytest.raises(ConfigError, match="not a valid experiment name"):
+            ExperimentConfig.from_dict({**base, "name": bad})
+    for good in ("digits", "cifar10", "my_exp-2.1"):
+        assert ExperimentConfig.from_dict({**base, "name": good}).name == good
+    cfg = tiny_config(TINY_NET)
+    text = cfg.to_json().replace('"name": "digits"', '"name": "../../escape"')
+    assert '"../../escape"' in text
+    save_checkpoint(str(tmp_path / "c.pt"), {"config": text, "model": UNet(cfg.model).state_dict()})
+    with pytest.raises(CheckpointError, match="not a valid experiment name"):
+        load_checkpoint(str(tmp_path / "c.pt"))
+
+
+def test_one_predict_request_cannot_ask_for_unbounded_work(tmp_path, monkeypatch):
+    """The served model bounds ``num`` (DDPM_PREDICT_MAX_NUM, 1024 by default) and ``batch_size``
+    (the config's sample.batch_size) before it samples anything (issue 25, item 9)."""
+    from types import SimpleNamespace
+
+    from ddpm.checkpoint import export_weights
+    from ddpm.unet import UNet
+    from pipelines.registry import mlflow_model
+    from tests.support import TINY_NET, tiny_config
+
+    cfg = tiny_config([*TINY_NET, "sample.batch_size=8"])
+    export_weights(UNet(cfg.model), str(tmp_path / "w"), cfg)
+    model = mlflow_model.DDPMPyfunc()
+    model.load_context(SimpleNamespace(artifacts={"ddpm_model": str(tmp_path / "w")}))
+    assert model.predict(None, {"num": 2, "sampler": "ddim", "steps": 2, "batch_size": 8}).shape[0] == 2
+
+    class _NoSampling:
+        @staticmethod
+        def from_config(*args, **kwargs):
+            raise AssertionError("an out-of-bounds request reached the sampler")
+
+    monkeypatch.setattr(mlflow_model, "DDPMPipeline", _NoSampling)
+    for request, message in (({"num": 1025}, "num=1025 is out of range: 1 to 1024"),
+                             ({"num": 0}, "num=0 is out of range"),
+                             ({"num": "many"}, "num must be an integer"),
+                             ({"num": 2, "batch_size": 10**9}, "batch_size=1000000000 is out of range: 1 to 8"),
+                             ({"num": 2, "batch_size": 0}, "batch_size=0 is out of range")):
+        with pytest.raises(ValueError, match=message):
+            model.predict(None, request)
+    monkeypatch.setenv("DDPM_PREDICT_MAX_NUM", "4")
+    with pytest.raises(ValueError, match="num=5 is out of range: 1 to 4"):
+        model.predict(None, {"num": 5})

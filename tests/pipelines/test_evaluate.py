@@ -202,3 +202,26 @@ def test_bound_estimate_is_16_calls_with_a_standard_error_and_agrees_with_the_fu
 def test_bad_bound_is_a_usage_error(tmp_path):
     result = run_cli("evaluate", "--model", str(tmp_path / "none.pt"), "--bound", "half")
     assert result.exit_code == 2 and "full, estimate" in result.output
+
+
+@pytest.mark.timeout(240)
+def test_evaluate_refuses_a_checkpoint_whose_config_name_leaves_ddpm_home(tmp_path, digits_home):
+    """evaluate names its experiment (and, on the local store, ``mlartifacts/<name>``) after the
+    model's own config: a name like ``../../escape`` is refused (exit 2) before anything is created
+    (issue 25, item 9)."""
+    from ddpm.checkpoint import save_checkpoint
+    from ddpm.ema import EMA
+    from ddpm.unet import UNet
+    from tests.support import mlflow_client, tiny_config
+
+    cfg = tiny_config()
+    text = cfg.to_json().replace('"name": "digits"', '"name": "../../escape"')
+    assert '"../../escape"' in text
+    model = UNet(cfg.model)
+    save_checkpoint(str(tmp_path / "bad.pt"), {"config": text, "model": model.state_dict(),
+                                               "ema": EMA(model).state_dict(), "step": 1})
+    result = run_cli("evaluate", "--model", str(tmp_path / "bad.pt"), "--num", "8", "--steps", "3")
+    assert result.exit_code == 2, result.output
+    assert "not a valid experiment name" in result.output
+    assert not (digits_home.parent / "escape").exists() and not (tmp_path / "escape").exists()
+    assert mlflow_client().get_experiment_by_name("../../escape") is None

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from pipelines.storage import lock as L
 from pipelines.storage import outputs as O
 from pipelines.errors import RefusedError
 
@@ -29,14 +30,14 @@ def test_a_temporary_is_ours_only_when_its_target_is():
 
 def test_second_lock_is_refused_while_the_first_is_held_and_free_after(tmp_path):
     fs, root = local(tmp_path / "a" / "b")
-    with O.FolderLock(fs, root, "b", "sample"):
+    with L.FolderLock(fs, root, "b", "sample"):
         holder = json.loads((tmp_path / "a" / "b" / O.LOCK).read_text())
         assert holder["pid"] == __import__("os").getpid() and holder["host"] == socket.gethostname()
         with pytest.raises(RefusedError, match="being written by another sample job"):
-            with O.FolderLock(fs, root, "b", "sample"):
+            with L.FolderLock(fs, root, "b", "sample"):
                 pass
     assert not (tmp_path / "a").exists()  # the folders the lock made, empty again, are removed
-    with O.FolderLock(fs, root, "b", "sample"):
+    with L.FolderLock(fs, root, "b", "sample"):
         (tmp_path / "a" / "b" / "kept.txt").write_text("x")
     assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["kept.txt"]
 
@@ -53,19 +54,19 @@ def test_a_lock_of_another_host_is_stale_only_when_its_heartbeat_stopped(tmp_pat
     (tmp_path / O.LOCK).write_text(json.dumps(holder))
     fs, root = local(tmp_path)
     if stale:
-        with O.FolderLock(fs, root, str(tmp_path), "train"):
+        with L.FolderLock(fs, root, str(tmp_path), "train"):
             assert json.loads((tmp_path / O.LOCK).read_text())["host"] == socket.gethostname()
     else:
         with pytest.raises(RefusedError, match="on elsewhere"):
-            with O.FolderLock(fs, root, str(tmp_path), "train"):
+            with L.FolderLock(fs, root, str(tmp_path), "train"):
                 pass
         assert json.loads((tmp_path / O.LOCK).read_text()) == holder  # untouched
 
 
 def test_the_heartbeat_rewrites_the_lock(tmp_path, monkeypatch):
-    monkeypatch.setattr(O, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(L, "HEARTBEAT_S", 0.05)
     fs, root = local(tmp_path)
-    with O.FolderLock(fs, root, str(tmp_path), "train"):
+    with L.FolderLock(fs, root, str(tmp_path), "train"):
         first = json.loads((tmp_path / O.LOCK).read_text())["heartbeat"]
         time.sleep(0.5)
         assert json.loads((tmp_path / O.LOCK).read_text())["heartbeat"] > first

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.support import FAST, cli_json, mlflow_client, register_tiny, run_cli
@@ -107,3 +109,78 @@ def test_no_comparable_evaluation_is_refused():
     assert latest.exit_code == 3 and "version 3" in latest.output
     assert promote("--name", "n", "--metric", "nope").exit_code == 2
     assert promote("--name", "missing").exit_code == 2
+
+
+def _other_job(*args: str):
+    """``ddpm-pipe promote --json ARGS`` as a process of its own (same DDPM_HOME): the second job of a race."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = str(Path(sys.executable).with_name("ddpm-pipe"))
+    return subprocess.run([cli, "promote", "--json", *args], capture_output=True, text=True, timeout=120)
+
+
+def _raced_versions(name: str):
+    """Version 1 holds @champion (kid 10); versions 2 (kid 9) and 3 (kid 8) each beat it."""
+    c = _bare_versions(name, 3)
+    for v, value in (("1", "10.0"), ("2", "9.0"), ("3", "8.0")):
+        c.set_model_version_tag(name, v, f"ddpm.eval.{KEY}", value)
+    assert promote("--name", name, "--version", "1").exit_code == 0
+    return c
+
+
+@pytest.mark.timeout(180)
+def test_a_promotion_whose_holder_moved_while_it_decided_is_refused(monkeypatch):
+    """Job A reads holder 1 and passes its gate; before it moves the alias, job B (a real
+    `ddpm-pipe promote` process) promotes version 3 from the same holder. A must not overwrite
+    B's alias with version 2, never compared against 3 (issue 25, item 3)."""
+    from pipelines.registry import promote as promote_module
+
+    c = _raced_versions("raced")
+    gate = promote_module._gate
+    seen = []
+
+    def gate_raced(*args, **kwargs):
+        seen.append(_other_job("--name", "raced", "--version", "3"))
+        return gate(*args, **kwargs)
+
+    monkeypatch.setattr(promote_module, "_gate", gate_raced)
+    a = promote("--name", "raced", "--version", "2")
+    assert seen[0].returncode == 0, seen[0].stderr
+    assert a.exit_code == 3, a.output
+    assert "moved to version 3" in a.output
+    assert str(c.get_registered_model("raced").aliases["champion"]) == "3"
+    tags = c.get_model_version("raced", "2").tags
+    assert tags["ddpm.promote.champion.decision"] == "refused"
+    assert tags["ddpm.promote.champion.why"] == "raced another promotion"
+    history = [json.loads(v)["decision"] for k, v in sorted(tags.items()) if ".history." in k]
+    assert history == ["pending", "refused"]  # the decision was recorded before the alias was touched
+
+
+@pytest.mark.timeout(180)
+def test_two_promotions_from_one_holder_never_both_win(monkeypatch):
+    """Both jobs pass their gate and their check of the holder; B (a real process) runs entirely
+    while A is about to set the alias. B sees A's pending decision from the same holder, puts the
+    alias back and is refused; A then promotes against the holder it compared with. On the old
+    code both report "promoted" and the last write wins (issue 25, item 3)."""
+    from mlflow.tracking import MlflowClient
+
+    c = _raced_versions("twice")
+    setter = MlflowClient.set_registered_model_alias
+    seen = []
+
+    def set_raced(self, name, alias, version):
+        if name == "twice" and str(version) == "2" and not seen:
+            seen.append(_other_job("--name", "twice", "--version", "3"))
+        return setter(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", set_raced)
+    a = promote("--name", "twice", "--version", "2")
+    b = seen[0]
+    assert b.returncode == 3, b.stdout + b.stderr
+    assert "raced this one" in b.stderr and "version(s) 2" in b.stderr
+    assert a.exit_code == 0, a.output
+    assert str(c.get_registered_model("twice").aliases["champion"]) == "2"
+    assert c.get_model_version("twice", "3").tags["ddpm.promote.champion.decision"] == "refused"
+    assert c.get_model_version("twice", "2").tags["ddpm.promote.champion.decision"] == "promoted"

@@ -123,3 +123,20 @@ def test_sample_grids_are_stepped_mlflow_images(tmp_path):
     assert {a.path for a in c.list_artifacts(run_id, "samples")} == {
         "samples/samples_step0000010.png", "samples/samples_step0000020.png"}  # the files, as before
     assert c.get_run(run_id).data.tags["mlflow.loggedImages"] == "True"
+
+
+def test_a_run_of_one_name_that_records_another_storage_is_refused():
+    """MLflow knows a run by experiment and name, the train lock by storage and name: the run records
+    its storage (``ddpm.storage``) and a job of the same name with another one is refused (exit 3)
+    instead of resuming it (issue 25, item 2)."""
+    from pipelines import tracking
+    from pipelines.errors import RefusedError
+    from pipelines.settings import resolve
+
+    tracking.configure(resolve())
+    exp_id = tracking.experiment_id("claims")
+    run_id, resumed = tracking.start_or_resume_run(exp_id, "r", claim={tracking.STORAGE_TAG: "/a/r"})
+    assert not resumed and mlflow_client().get_run(run_id).data.tags[tracking.STORAGE_TAG] == "/a/r"
+    assert tracking.start_or_resume_run(exp_id, "r", claim={tracking.STORAGE_TAG: "/a/r"}) == (run_id, True)
+    with pytest.raises(RefusedError, match="another job's run"):
+        tracking.start_or_resume_run(exp_id, "r", claim={tracking.STORAGE_TAG: "/b/r"})

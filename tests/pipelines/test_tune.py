@@ -155,7 +155,11 @@ def test_tune_sweep_nested_runs_best_config_trains_and_resumes(ray_cluster, tmp_
     assert trained.exit_code == 0, trained.output
     assert cli_json(trained)["metrics"]["step"] == 2
 
-    again = run_cli(*tune_args(tmp_path, trials=4, steps=2, name="sweep4"))
+    # A finished sweep is restored only when asked (issue 25, item 8); its state digest, recorded
+    # when the job left it, matches what is there.
+    finished = run_cli(*tune_args(tmp_path, trials=4, steps=2, name="sweep4"))
+    assert finished.exit_code == 3 and "has finished" in finished.output, finished.output
+    again = run_cli(*tune_args(tmp_path, trials=4, steps=2, name="sweep4"), "--resume-finished")
     assert again.exit_code == 0, again.output
     out2 = cli_json(again)
     assert out2["resumed"] and out2["parent_run_id"] == out["parent_run_id"]
