@@ -69,8 +69,8 @@ def test_batch_that_does_not_divide_over_the_nodes_fails_before_any_run(tmp_path
 def test_a_run_name_being_trained_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path, digits_shards,
                                                                                    monkeypatch):
     """Two `train --run-name same` at once made two MLflow runs sharing storage/<run-name>; the second
-    is now refused (exit 3) before any run exists. A crashed holder (pid gone) does not block."""
-    import socket
+    is now refused (exit 3) before any run exists. A crashed holder (its flock gone with it) does
+    not block."""
     import subprocess
     import sys
 
@@ -78,16 +78,23 @@ def test_a_run_name_being_trained_is_refused_and_a_dead_holders_lock_is_taken_ov
 
     lock = tmp_path / "storage" / "same" / ".ddpm-lock"
     lock.parent.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    code = ("import sys, time, fsspec\n"
+            "from pipelines.storage.lock import FolderLock\n"
+            "root = sys.argv[1]\n"
+            "with FolderLock(fsspec.filesystem('file'), root, root, 'train'):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock.parent)], stdout=subprocess.PIPE, text=True)
     try:
-        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "since": "earlier"}))
+        assert holder.stdout.readline().strip() == "held"
         result = train(tmp_path, "--data", str(digits_shards), "--run-name", "same")
         assert result.exit_code == 3, result.output
-        assert f"being written by another train job (pid {holder.pid}" in result.output
+        assert f"being written by another train job (" in result.output and str(holder.pid) in result.output
         assert not (tmp_path / "ddpm-home" / "mlflow.db").exists()
     finally:
-        holder.kill()
+        holder.kill()  # a crash: no release, the lock file stays with its record
         holder.wait()
+    assert lock.exists()
 
     def stop(*args, **kwargs):  # past the lock: the run exists; stop before Ray
         raise RuntimeError("stop here")
