@@ -178,7 +178,9 @@ def read_config(uri: str) -> ExperimentConfig:
         return ExperimentConfig.from_dict(json.loads(config) if isinstance(config, str) else config)
     except UsageError:
         raise
-    except (CheckpointError, ConfigError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
+    except ConfigError as e:  # read, but not a config this version of ddpm builds
+        raise UsageError(f"model {uri!r}: its config does not build ({e})") from e
+    except (CheckpointError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UsageError(f"model {uri!r}: its config cannot be read ({type(e).__name__}: {e})") from e
 
 
