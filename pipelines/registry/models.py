@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -174,7 +175,10 @@ def read_config(uri: str) -> ExperimentConfig:
             return ExperimentConfig.from_dict(json.loads(fs.cat_file(f"{path.rstrip('/')}/{CONFIG_FILE}"))["config"])
         if not is_local(fs):
             return load_checkpoint(uri)["config"]
-        config = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+        try:
+            config = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+        except pickle.UnpicklingError:  # load_checkpoint says why, in the words of every other path
+            return load_checkpoint(uri)["config"]
         return ExperimentConfig.from_dict(json.loads(config) if isinstance(config, str) else config)
     except UsageError:
         raise

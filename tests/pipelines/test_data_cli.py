@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 
@@ -114,18 +113,22 @@ def test_prepare_removes_an_interrupted_runs_temporaries_and_an_earlier_larger_r
 
 
 def test_a_second_prepare_into_a_folder_being_written_is_refused(tmp_path):
-    import socket
     import subprocess
     import sys
 
     out = tmp_path / "d"
     _json(_prepare(out))
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    code = ("import sys, time, fsspec\n"
+            "from pipelines.storage.lock import FolderLock\n"
+            "with FolderLock(fsspec.filesystem('file'), sys.argv[1], sys.argv[1], 'data prepare'):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     try:
-        (out / ".ddpm-lock").write_text(json.dumps({"host": socket.gethostname(), "pid": proc.pid}))
+        assert proc.stdout.readline().strip() == "held"  # the lock as a live prepare job holds it (flock)
         r = _prepare(out)
         assert r.exit_code == 3, r.output
-        assert f"being written by another data prepare job (pid {proc.pid}" in r.output
+        assert "being written by another data prepare job (" in r.output and str(proc.pid) in r.output
     finally:
         proc.kill()
         proc.wait()
