@@ -166,21 +166,30 @@ def _started_folder(out, ckpt: str) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_second_job_into_a_folder_being_written_is_refused_and_touches_nothing(tmp_path, ckpt, no_sampling,
-                                                                             live_pid):
-    import socket
+def test_second_job_into_a_folder_being_written_is_refused_and_touches_nothing(tmp_path, ckpt, no_sampling):
+    import subprocess
+    import sys
 
     out = tmp_path / "out"
     _started_folder(out, ckpt)
-    lock = {"host": socket.gethostname(), "pid": live_pid, "what": "sample", "since": "2026-01-01T00:00:00Z"}
-    (out / ".ddpm-lock").write_text(json.dumps(lock))
-    in_flight = out / f".00000001.png.tmp-{live_pid}-abcdef12"
-    in_flight.write_bytes(b"being written")
-    before = sorted(p.name for p in out.iterdir())
-    result = cli("sample", "--model", ckpt, "--num", "2", "--out", str(out))
-    assert result.exit_code == 3, result.output
-    assert f"being written by another sample job (pid {live_pid}" in result.output
-    assert sorted(p.name for p in out.iterdir()) == before  # the first job's temporary is still there
+    code = ("import sys, time, fsspec\n"
+            "from pipelines.storage.lock import FolderLock\n"
+            "with FolderLock(fsspec.filesystem('file'), sys.argv[1], sys.argv[1], 'sample'):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # a live sample job's lock (flock)
+        in_flight = out / f".00000001.png.tmp-{holder.pid}-abcdef12"
+        in_flight.write_bytes(b"being written")
+        before = sorted(p.name for p in out.iterdir())
+        result = cli("sample", "--model", ckpt, "--num", "2", "--out", str(out))
+        assert result.exit_code == 3, result.output
+        assert "being written by another sample job (" in result.output and str(holder.pid) in result.output
+        assert sorted(p.name for p in out.iterdir()) == before  # the first job's temporary is still there
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.timeout(60)

@@ -44,6 +44,6 @@ def test_started_processes_get_every_endpoint_variable(no_endpoint):
 
     for name in S3_ENDPOINT_VARS:
         no_endpoint.setenv(name, f"http://{name.lower()}:9000")
-    for env in (worker_env("/some/checkpoint.pt"), job_env()):
+    for env in (worker_env("/some/checkpoint.pt"), job_env(list(S3_ENDPOINT_VARS))):  # run --submit --env NAME
         assert {name: env.get(name) for name in S3_ENDPOINT_VARS} == {
             name: f"http://{name.lower()}:9000" for name in S3_ENDPOINT_VARS}
