@@ -90,6 +90,19 @@ def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> Non
         proc.wait(timeout=5)
 
 
+def start_lock_holder(folder: Path | str, what: str) -> subprocess.Popen:
+    """A process holding ``folder``'s ``.ddpm-lock`` as a live ``what`` job does (``FolderLock``, a
+    flock), returned once it holds it; the caller kills it (a crash: the lock file stays)."""
+    code = ("import sys, time, fsspec\n"
+            "from pipelines.storage.lock import FolderLock\n"
+            "with FolderLock(fsspec.filesystem('file'), sys.argv[1], sys.argv[1], sys.argv[2]):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder), what], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def dead_pid() -> int:
     """The pid of a process that has exited (and been reaped): provably gone."""
     proc = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support import TINY, run_cli
+from tests.support import TINY, run_cli, start_lock_holder
 
 
 def cli(*args: str):
@@ -71,22 +71,13 @@ def test_a_run_name_being_trained_is_refused_and_a_dead_holders_lock_is_taken_ov
     """Two `train --run-name same` at once made two MLflow runs sharing storage/<run-name>; the second
     is now refused (exit 3) before any run exists. A crashed holder (its flock gone with it) does
     not block."""
-    import subprocess
-    import sys
 
     from pipelines import cluster
 
     lock = tmp_path / "storage" / "same" / ".ddpm-lock"
     lock.parent.mkdir(parents=True)
-    code = ("import sys, time, fsspec\n"
-            "from pipelines.storage.lock import FolderLock\n"
-            "root = sys.argv[1]\n"
-            "with FolderLock(fsspec.filesystem('file'), root, root, 'train'):\n"
-            "    print('held', flush=True)\n"
-            "    time.sleep(120)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(lock.parent)], stdout=subprocess.PIPE, text=True)
+    holder = start_lock_holder(lock.parent, "train")
     try:
-        assert holder.stdout.readline().strip() == "held"
         result = train(tmp_path, "--data", str(digits_shards), "--run-name", "same")
         assert result.exit_code == 3, result.output
         assert f"being written by another train job (" in result.output and str(holder.pid) in result.output

@@ -6,7 +6,7 @@ import os
 
 
 from ddpm.data.reader import ShardLoader, load_split
-from tests.support import cli_json, picture_folder, run_cli
+from tests.support import cli_json, picture_folder, run_cli, start_lock_holder
 
 
 
@@ -113,19 +113,11 @@ def test_prepare_removes_an_interrupted_runs_temporaries_and_an_earlier_larger_r
 
 
 def test_a_second_prepare_into_a_folder_being_written_is_refused(tmp_path):
-    import subprocess
-    import sys
 
     out = tmp_path / "d"
     _json(_prepare(out))
-    code = ("import sys, time, fsspec\n"
-            "from pipelines.storage.lock import FolderLock\n"
-            "with FolderLock(fsspec.filesystem('file'), sys.argv[1], sys.argv[1], 'data prepare'):\n"
-            "    print('held', flush=True)\n"
-            "    time.sleep(120)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    proc = start_lock_holder(out, "data prepare")
     try:
-        assert proc.stdout.readline().strip() == "held"  # the lock as a live prepare job holds it (flock)
         r = _prepare(out)
         assert r.exit_code == 3, r.output
         assert "being written by another data prepare job (" in r.output and str(proc.pid) in r.output

@@ -14,7 +14,8 @@ from pipelines.sample import command as S
 from pipelines.sample import output as O
 from pipelines.sample import pool as P
 from pipelines.registry.models import read_config
-from tests.support import N, TINY_NET, cli_json, dead_pid, read_npz_folder, request, run_cli, save_tiny_checkpoint
+from tests.support import (N, TINY_NET, cli_json, dead_pid, read_npz_folder, request, run_cli, save_tiny_checkpoint,
+                           start_lock_holder)
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
@@ -167,19 +168,11 @@ def _started_folder(out, ckpt: str) -> None:
 
 @pytest.mark.timeout(60)
 def test_second_job_into_a_folder_being_written_is_refused_and_touches_nothing(tmp_path, ckpt, no_sampling):
-    import subprocess
-    import sys
 
     out = tmp_path / "out"
     _started_folder(out, ckpt)
-    code = ("import sys, time, fsspec\n"
-            "from pipelines.storage.lock import FolderLock\n"
-            "with FolderLock(fsspec.filesystem('file'), sys.argv[1], sys.argv[1], 'sample'):\n"
-            "    print('held', flush=True)\n"
-            "    time.sleep(120)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    holder = start_lock_holder(out, "sample")
     try:
-        assert holder.stdout.readline().strip() == "held"  # a live sample job's lock (flock)
         in_flight = out / f".00000001.png.tmp-{holder.pid}-abcdef12"
         in_flight.write_bytes(b"being written")
         before = sorted(p.name for p in out.iterdir())
