@@ -269,7 +269,8 @@ def generate_samples(loaded: LoadedModel, sampler: str, steps: int, eta: float, 
     """``num`` samples in [-1, 1]; sample i draws its noise from ``ddpm.noise.sample_seed(seed, i)``
     and, with ``classes``, asks for ``classes[i mod len(classes)]`` with ``guidance`` (settled)."""
     if nodes > 1:  # the batch-sampling job (`ddpm-pipe sample`'s Ray actors): same seeds, same images
-        return sample_to_tensor(model=loaded.uri, num=num, sampler=sampler, steps=steps, eta=eta, seed=seed,
+        # The version loaded here (and scored, and tagged for `promote`), not whatever an alias names by now.
+        return sample_to_tensor(model=loaded.pinned, num=num, sampler=sampler, steps=steps, eta=eta, seed=seed,
                                 nodes=nodes, batch_size=loaded.config.sample.batch_size, address=address,
                                 progress=False, classes=classes, guidance=guidance)
     # SamplingNet as the sample job's workers run it: same seeds, same images.

@@ -60,7 +60,8 @@ DIGESTS_FILE = "sha256.json"  # beside a cached weights folder's files: {file na
 
 @dataclass
 class LoadedModel:
-    uri: str
+    uri: str  # as asked (an alias stays an alias: it names the job's records)
+    pinned: str  # exactly what was loaded (:func:`pinned`): the URI handed to workers
     config: ExperimentConfig
     model: UNet  # EMA weights, eval mode
     diffusion: Diffusion
@@ -147,9 +148,13 @@ def _logged_model_of_run(c: MlflowClient, run: Run, name: str) -> str | None:
     return found[0].model_id if found else None
 
 
-def _pinned(uri: str, meta: dict[str, str | None]) -> str:
-    """The MLflow URI of exactly the model :func:`describe` found: a version registered meanwhile (or an
-    alias moved) is not mixed in."""
+def pinned(uri: str, meta: dict[str, str | None]) -> str:
+    """The URI of exactly the model :func:`describe` found (its ``meta``): ``models:/NAME/VERSION`` for
+    an alias, ``latest`` or a stage, so that a version registered meanwhile (or an alias moved) is not
+    mixed in. A driver resolves once and hands this to every worker: a worker (or an actor Ray
+    restarts mid-job) that resolved the alias itself would load whatever it points to by then."""
+    if not is_mlflow_uri(uri):
+        return uri
     if uri.startswith("runs:/"):
         run_id, _, path = uri[len("runs:/"):].partition("/")
         return f"runs:/{run_id}/{path.strip('/') or MODEL_ARTIFACT}"
@@ -196,8 +201,8 @@ def load(uri: str) -> LoadedModel:
             cfg, model, diffusion = load_model(uri)
         except CheckpointError as e:  # unsafe, corrupt or incompatible: the user's input, exit 2
             raise UsageError(f"model {uri!r} cannot be loaded: {e}") from e
-        return LoadedModel(uri=uri, config=cfg, model=model, diffusion=diffusion)
-    model_uri = _pinned(uri, meta)
+        return LoadedModel(uri=uri, pinned=uri, config=cfg, model=model, diffusion=diffusion)
+    model_uri = pinned(uri, meta)
     folder = weights_folder(uri, meta)
     try:
         cfg, model = import_weights(folder)
@@ -206,7 +211,7 @@ def load(uri: str) -> LoadedModel:
     model.eval()
     return LoadedModel(uri=uri, config=cfg, model=model, diffusion=Diffusion.from_config(cfg.diffusion),
                        run_id=meta["run_id"], name=meta["name"], version=meta["version"],
-                       model_id=meta["model_id"])
+                       model_id=meta["model_id"], pinned=model_uri)
 
 
 def _cache_key(meta: dict[str, str | None], model_uri: str, settings: Settings) -> str:
@@ -242,7 +247,7 @@ def weights_folder(uri: str, meta: dict[str, str | None]) -> str:
     """
     mlflow, _ = _mlflow()
     settings = resolve()
-    model_uri = _pinned(uri, meta)
+    model_uri = pinned(uri, meta)
     folder = settings.home / "cache" / "models" / _cache_key(meta, model_uri, settings)
     if _intact(str(folder)):
         return str(folder)

@@ -48,7 +48,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -80,11 +80,14 @@ class SampleRun:
 
 def settle(req: SampleRequest) -> tuple[SampleRequest, ExperimentConfig, dict[str, str | None]]:
     """Check ``req`` and the model, then fill in the model's own settings: ``(resolved request, the
-    model's config, what the model URI names)``; nothing is sampled or written."""
+    model's config, what the model URI names)``; nothing is sampled or written. The model URI is
+    resolved here once: the request's ``pinned`` (``models:/NAME/VERSION`` for an alias) is what
+    every worker loads, and what the manifest's ``model_version`` names."""
     req.validate()
     meta = models.describe(req.model)
-    config = models.read_config(req.model)
-    return req.resolved(config), config, meta
+    pinned = models.pinned(req.model, meta)
+    config = models.read_config(pinned)
+    return replace(req.resolved(config), pinned=pinned), config, meta
 
 
 # -- in memory (for `evaluate`) --------------------------------------------------------------------

@@ -92,10 +92,10 @@ def interpolate_command(model: str, a: str, b: str, t: int, lambdas: int, out: s
             raise UsageError(f"{name} image {url!r} does not exist")
     fs, path = open_fs(out, storage_options_for(out))
     refuse_foreign_file(fs, path, out, is_our_strip, "a strip this tool wrote")
-    models.describe(model)  # the model exists, before anything is loaded
-    classes, guidance = resolve_classes(models.read_config(model), classes, balanced, guidance)
+    pinned = models.pinned(model, models.describe(model))  # it exists; an alias resolved once
+    classes, guidance = resolve_classes(models.read_config(pinned), classes, balanced, guidance)
     start = time.perf_counter()
-    loaded = models.load(model)
+    loaded = models.load(pinned)
     cfg, diffusion = loaded.config, loaded.diffusion
     if not t < diffusion.num_timesteps:
         raise UsageError(f"--t {t} is out of range: the model has T={diffusion.num_timesteps}, "

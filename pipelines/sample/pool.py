@@ -114,8 +114,9 @@ class WorkerPool:
         self.started = False
         self._local: SampleWorker | None = None
         if runs_in_process(req):
-            self._local = SampleWorker(req.model, req.sampler, req.steps, req.eta, req.precision, req.progressive,
-                                       os.cpu_count() or 1, {}, req.compile, req.classes, req.guidance)
+            self._local = SampleWorker(req.pinned or req.model, req.sampler, req.steps, req.eta, req.precision,
+                                       req.progressive, os.cpu_count() or 1, {}, req.compile, req.classes,
+                                       req.guidance)
             self.info = {k: v for k, v in self._local.info().items() if k != "node_id"}
             self.info.update(workers=1, nodes_used=1)
             return
@@ -144,7 +145,7 @@ class WorkerPool:
                     max_restarts=2, max_task_retries=2,  # a killed worker is restarted, its unit redone
                     num_cpus=placement.cpus_per_worker, num_gpus=1 if placement.use_gpu else 0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k),
-                ).remote(req.model, req.sampler, req.steps, req.eta, req.precision, req.progressive,
+                ).remote(req.pinned or req.model, req.sampler, req.steps, req.eta, req.precision, req.progressive,
                          placement.threads_per_worker, env, req.compile, req.classes, req.guidance))
             infos = self._get([a.info.remote() for a in self.actors])
         except BaseException:

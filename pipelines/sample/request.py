@@ -48,6 +48,9 @@ class SampleRequest:
     classes: tuple[int, ...] = ()  # --class: sample i asks for classes[i mod len(classes)]; (): none
     balanced: bool = False  # --classes balanced: every class of the model in turn (resolved into classes)
     guidance: float | None = None  # classifier-free guidance weight w; None: the model's sample.guidance
+    # Exactly the model the workers load, set by the driver (pipelines.sample.command.settle): an alias
+    # or ``latest`` resolved once to models:/NAME/VERSION (pipelines.registry.models.pinned).
+    pinned: str | None = None
 
     def validate(self, prefix: str = "--") -> None:
         """The counts and the precision (the sampling setting is checked by :meth:`resolved`);

@@ -225,3 +225,44 @@ def test_every_model_uri_form_mlflow_accepts_loads(tmp_path):
     for bad in ("models:/tiny@nobody", "models:/m-0000", "models:/nobody/latest", "models:/tiny/1/2"):
         with pytest.raises(UsageError, match="does not exist"):
             models.describe(bad)
+
+
+@pytest.mark.timeout(300)
+def test_workers_load_the_version_the_driver_resolved_not_where_the_alias_points_later(tmp_path, monkeypatch):
+    """Issue 25, item 4: `sample` resolves an alias once (``settle``) and hands every worker, and every
+    actor Ray restarts, the pinned models:/NAME/VERSION; `evaluate --nodes 2` hands the sample job the
+    version it loaded and scores. The alias is moved after the driver resolved it."""
+    from pipelines import tracking
+    from pipelines.registry import evaluate as E
+    from pipelines.registry import models
+    from pipelines.sample import command as S
+    from tests.support import TINY_NET, request
+
+    register_tiny(tmp_path, name="pinned", seed=0, overrides=TINY_NET)
+    register_tiny(tmp_path, name="pinned", seed=1, overrides=TINY_NET)
+    c = tracking.client()
+    c.set_registered_model_alias("pinned", "champion", "1")
+    alias = "models:/pinned@champion"
+
+    loads: list[str] = []
+    real_load, real_settle = models.load, S.settle
+    monkeypatch.setattr(models, "load", lambda uri: loads.append(uri) or real_load(uri))
+
+    def settle_then_move(req):
+        settled = real_settle(req)
+        c.set_registered_model_alias("pinned", "champion", "2")  # a promotion lands mid-job
+        return settled
+
+    monkeypatch.setattr(S, "settle", settle_then_move)
+    result = S.write_samples(request(alias, num=2), str(tmp_path / "out"), fmt="npz", progress=False)
+    assert loads == ["models:/pinned/1"]  # the sample worker (in this process; a Ray actor gets the same)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (manifest["model"], manifest["model_version"], result["written"]) == (alias, "1", 2)
+
+    c.set_registered_model_alias("pinned", "champion", "1")
+    loaded = real_load(alias)
+    c.set_registered_model_alias("pinned", "champion", "2")
+    asked: list[str] = []
+    monkeypatch.setattr(E, "sample_to_tensor", lambda **kw: asked.append(kw["model"]) or torch.zeros(2, 1, 8, 8))
+    E.generate_samples(loaded, "ddim", 4, 0.0, 2, nodes=2, address=None)
+    assert (loaded.version, asked) == ("1", ["models:/pinned/1"])
