@@ -13,7 +13,9 @@ A registered version's weights are downloaded once per machine: :func:`weights_f
 pyfunc's ``ddpm_model/`` folder (weights and config, not the pyfunc's code and environment files)
 in ``$DDPM_HOME/cache/models/<key>``, the key naming the tracking store, run, logged model and
 version, with each file's sha256 beside it; a copy whose files no longer match is downloaded again.
-The store is still asked that the version exists (:func:`describe`) on every load.
+The store is still asked that the version exists (:func:`describe`) on every load. A registered
+version's files are checked against the sha256 recorded at its registration before they enter the
+cache (:mod:`pipelines.registry.digests`): a file changed in the artifact store since is refused.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from ddpm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, import_w
 from ddpm.config import ConfigError, ExperimentConfig
 from ddpm.data.storage import is_local
 from ddpm.diffusion import Diffusion
+from pipelines import console
 from pipelines.errors import PipelineError, UsageError, first_line
+from pipelines.registry import digests
 from pipelines.settings import Settings, resolve
 
 if TYPE_CHECKING:
@@ -55,7 +59,8 @@ URI_FORMS = ("runs:/ID/model, models:/NAME/VERSION, models:/NAME/latest, models:
 # store that was asked means it could not answer: an outage, exit 1, which no caller may take for
 # the model being gone (the workflow would train again).
 NOT_THERE = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND", "BAD_REQUEST")
-DIGESTS_FILE = "sha256.json"  # beside a cached weights folder's files: {file name: sha256}
+DIGESTS_FILE = "sha256.json"  # beside a cached weights folder's files: {"files": {name: sha256}, "registered": ...}
+_UNVERIFIED: set[str] = set()  # models whose "cannot be verified" warning this process has printed
 
 
 @dataclass
@@ -222,42 +227,105 @@ def _cache_key(meta: dict[str, str | None], model_uri: str, settings: Settings) 
 
 
 def _digests(folder: str) -> dict[str, str]:
-    return {name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
+    return {name: digests.file_sha256(os.path.join(folder, name))
             for name in sorted(os.listdir(folder)) if name != DIGESTS_FILE}
 
 
-def _intact(folder: str) -> bool:
-    """A cached copy whose files are all there and match the digests written with them."""
+def _intact(folder: str, registered: str | None) -> bool:
+    """A cached copy whose files are all there and match the digests written with them, checked
+    against the listing whose digest is ``registered`` (None: a version with none to check against)."""
     try:
         with open(os.path.join(folder, DIGESTS_FILE)) as f:
             recorded = json.load(f)
-        return bool(recorded) and _digests(folder) == recorded and WEIGHTS_FILE in recorded
-    except (OSError, ValueError):
+        files = recorded["files"]
+        return recorded["registered"] == registered and WEIGHTS_FILE in files and _digests(folder) == files
+    except (OSError, ValueError, KeyError, TypeError):  # a copy of an older format: downloaded again
         return False
+
+
+def _registered_digest(c: MlflowClient, model_uri: str, meta: dict[str, str | None]) -> str | None:
+    """The digest of the artifact listing recorded when ``meta``'s version was registered
+    (:data:`pipelines.registry.digests.SHA256_TAG`), or None, with one warning line on stderr (once
+    per process), for a model that has none: a version registered before listings were recorded,
+    or a model that is no registered version (``runs:/``, ``models:/m-...``)."""
+    if meta["version"] is not None:
+        try:
+            tags = c.get_model_version(meta["name"], meta["version"]).tags
+        except Exception as e:  # it was there a moment ago (describe): the store failed to answer
+            raise PipelineError(f"the MLflow store could not give the tags of {model_uri}: {first_line(e)}") from e
+        if tags.get(digests.SHA256_TAG):
+            return tags[digests.SHA256_TAG]
+    if model_uri not in _UNVERIFIED:
+        _UNVERIFIED.add(model_uri)
+        why = ("was registered before ddpm-pipe recorded the sha256 of its artifacts" if meta["version"] is not None
+               else "is not a registered version (no sha256 of its artifacts was recorded)")
+        console.info(f"[models] warning: {model_uri} {why}: its files cannot be verified; loading it unverified")
+    return None
+
+
+def _registered_listing(mlflow: ModuleType, c: MlflowClient, model_uri: str, meta: dict[str, str | None],
+                        digest: str) -> dict[str, str]:
+    """``{relative path: sha256}`` of the listing recorded at registration, once its text is checked
+    against ``digest`` (the version's tag, which the artifact store cannot change).
+
+    :raises UsageError: (exit 2) the listing is gone or differs: the artifact store was changed.
+    :raises PipelineError: (exit 1) the store could not answer.
+    """
+    path = c.get_model_version(meta["name"], meta["version"]).tags.get(digests.LISTING_TAG, "")
+    where = f"runs:/{meta['run_id']}/{path}"
+    changed = ("the artifact store was changed after registration. Register the model again from a trusted "
+               "checkpoint, and restrict who can write the artifact store")
+    gone = f"refused to load {model_uri}: the sha256 listing of its files recorded at registration ({where}) is gone: "
+    if not path:
+        raise UsageError(f"{gone}its version has no {digests.LISTING_TAG} tag beside {digests.SHA256_TAG}")
+    try:
+        with tempfile.TemporaryDirectory() as tmp, open(c.download_artifacts(meta["run_id"], path, tmp)) as f:
+            text = f.read()
+    except mlflow.exceptions.MlflowException as e:
+        if _store_failed(e, from_server=isinstance(e, mlflow.exceptions.RestException)):
+            raise PipelineError(f"the MLflow store could not give the artifact listing of {model_uri}: "
+                                f"{first_line(e)}") from e
+        raise UsageError(gone + changed) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(gone + changed) from e
+    if digests.text_sha256(text) != digest:
+        raise UsageError(f"refused to load {model_uri}: the sha256 listing of its files ({where}) differs from the "
+                         f"digest its version's tag {digests.SHA256_TAG} recorded at registration: {changed}")
+    return digests.parse(text)
 
 
 def weights_folder(uri: str, meta: dict[str, str | None]) -> str:
     """The local folder of ``model.safetensors`` and ``config.json`` of the MLflow model ``uri``
     (:func:`describe`'s ``meta``): the cached copy if intact, else downloaded into the cache first.
 
+    A registered version's files are checked, when downloaded, against the sha256 listing recorded at
+    registration (:mod:`pipelines.registry.digests`), and the cached copy records the digest of the
+    listing it was checked against: the one place every project path that loads a registered model
+    goes through (sample's driver and workers, evaluate, interpolate, the workflow). A version
+    registered before listings were recorded loads with one warning line.
+
     The copy is written under a temporary name and renamed into place, so concurrent loads see no
     folder or a whole one.
 
-    :raises UsageError: (exit 2) the model holds no ddpm weights.
+    :raises UsageError: (exit 2) the model holds no ddpm weights, or a file differs from the one
+        registered (the artifact store was changed after registration).
     """
-    mlflow, _ = _mlflow()
+    mlflow, c = _mlflow()
     settings = resolve()
     model_uri = pinned(uri, meta)
+    registered = _registered_digest(c, model_uri, meta)
     folder = settings.home / "cache" / "models" / _cache_key(meta, model_uri, settings)
-    if _intact(str(folder)):
+    if _intact(str(folder), registered):
         return str(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/artifacts/{WEIGHTS_ARTIFACT}",
                                                         dst_path=tmp)
+            base = f"artifacts/{WEIGHTS_ARTIFACT}"  # where the download sits in the model's listing
         except mlflow.exceptions.MlflowException:
             local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)  # logged as plain files
+            base = ""
         found = _weights_folder(local)
         if found is None:
             raise UsageError(f"model {model_uri!r} holds no ddpm weights (model.safetensors + config.json); "
@@ -267,13 +335,18 @@ def weights_folder(uri: str, meta: dict[str, str | None]) -> str:
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             if os.path.exists(os.path.join(found, name)):
                 shutil.copyfile(os.path.join(found, name), os.path.join(staged, name))
+        if registered is not None:
+            under = os.path.relpath(found, local).replace(os.sep, "/")
+            prefix = "/".join(p for p in (base, under) if p and p != ".")
+            digests.check({f"{prefix}/{name}".lstrip("/"): os.path.join(staged, name) for name in os.listdir(staged)},
+                          _registered_listing(mlflow, c, model_uri, meta, registered), model_uri)
         with open(os.path.join(staged, DIGESTS_FILE), "w") as f:
-            json.dump(_digests(staged), f)
+            json.dump({"files": _digests(staged), "registered": registered}, f)
         shutil.rmtree(folder, ignore_errors=True)  # a copy that no longer matches its digests
         try:
             os.replace(staged, folder)
         except OSError:  # another load put an intact copy in place meanwhile
-            if not _intact(str(folder)):
+            if not _intact(str(folder), registered):
                 raise
     return str(folder)
 

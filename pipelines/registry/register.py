@@ -9,6 +9,9 @@ What is logged under the run's model ``model``::
     input_example.json           {"num": 2, "seed": 0, "sampler": "ddim", "steps": 10} (and its
     serving_input_example.json   serving payload; MLflow checks at logging that predict accepts it)
 
+Registering a version records the sha256 of each of these files (:func:`record_digests`,
+``pipelines/registry/digests.py``): ``ddpm-pipe`` checks them before it loads the version.
+
 The model carries a signature (inputs: the columns of :func:`signature`; output: uint8 images
 ``[num x H x W x C]``), so ``mlflow models predict`` / ``mlflow models serve`` know its input. The
 logged model holds the flattened config as its params; the registered version gets a description
@@ -38,7 +41,7 @@ import ddpm
 from ddpm.checkpoint import export_weights, load_checkpoint, load_model
 from ddpm.config import ExperimentConfig
 from pipelines import tracking
-from pipelines.registry import SHORT_TAG
+from pipelines.registry import SHORT_TAG, digests
 from pipelines.registry.models import MODEL_ARTIFACT, WEIGHTS_ARTIFACT
 from pipelines.settings import masked_config, redact_obj
 
@@ -104,7 +107,23 @@ def log_model(run_id: str, config: ExperimentConfig, model: torch.nn.Module, nam
         return None
     version = str(info.registered_model_version)
     c.update_model_version(name, version, training_description(c, run_id, config, metadata or {}))
+    record_digests(c, run_id, name, version, info.model_id)
     return version
+
+
+def record_digests(c: MlflowClient, run_id: str, name: str, version: str, model_id: str) -> None:
+    """Record the sha256 of every artifact file of version ``version`` of ``name`` (the logged model
+    ``model_id``), as stored: the listing (:func:`pipelines.registry.digests.listing`) as the run's
+    artifact ``registry/<name>-v<version>.sha256``, its digest and path as the version's tags. Loading
+    the version checks its files against it (:func:`pipelines.registry.models.weights_folder`)."""
+    location = c.get_logged_model(model_id).artifact_location  # not models:/, whose download adds a file
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp)
+        text = digests.listing(local)
+    path = f"{digests.LISTING_FOLDER}/{name}-v{version}.sha256"
+    c.log_text(run_id, text, path)
+    c.set_model_version_tag(name, version, digests.LISTING_TAG, path)
+    c.set_model_version_tag(name, version, digests.SHA256_TAG, digests.text_sha256(text))
 
 
 def log_and_register(run_id: str, checkpoint_path: str, name: str | None) -> str | None:

@@ -73,6 +73,80 @@ def test_malicious_registered_model_is_refused_and_its_code_never_runs(tmp_path)
     assert not marker.exists()
 
 
+def _stored(name: str, version: str, run_id: str) -> tuple[Path, Path]:
+    """Where the local artifact store keeps version ``version`` of ``name``: its model folder and the
+    sha256 listing recorded at registration, files that a writer of the store (not of the registry's
+    database) can change."""
+    from urllib.parse import urlparse
+
+    from pipelines.registry import digests, models
+    from tests.support import mlflow_client
+
+    c = mlflow_client()
+    mv = c.get_model_version(name, version)
+    model = urlparse(c.get_logged_model(models.model_id_of(mv)).artifact_location).path
+    listing = Path(urlparse(c.get_run(run_id).info.artifact_uri).path) / mv.tags[digests.LISTING_TAG]
+    return Path(model), listing
+
+
+@pytest.mark.timeout(180)
+def test_registered_files_changed_in_the_artifact_store_are_refused_before_loading(tmp_path, capsys):
+    """Issue 25, item 7: registering records the sha256 of every artifact file; a file changed in the
+    store afterwards (weights that still load; the listing itself) is refused with exit 2, naming it."""
+    from pipelines.registry import digests, models
+    from tests.support import TINY_NET, register_tiny
+
+    run_id, version, _ = register_tiny(tmp_path, name="guarded", overrides=TINY_NET)
+    uri = f"models:/guarded/{version}"
+    stored, listing_file = _stored("guarded", version, run_id)
+    listing = digests.parse(listing_file.read_text())
+    assert {"MLmodel", "mlflow_model.py", "code/ddpm/unet.py", "artifacts/ddpm_model/model.safetensors",
+            "artifacts/ddpm_model/config.json"} <= set(listing)
+    assert all(listing[p] == digests.file_sha256(str(stored / p)) for p in listing)
+
+    weights = stored / "artifacts" / "ddpm_model" / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-4] + bytes(b ^ 0xFF for b in original[-4:]))  # still valid safetensors
+    with pytest.raises(UsageError, match="artifacts/ddpm_model/model.safetensors differs from the one recorded at "
+                                         "registration: the artifact store was changed after registration"):
+        models.load(uri)
+    result = run_cli("sample", "--model", uri, "--num", "2", "--steps", "2", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    assert "artifact store was changed after registration" in result.output
+    assert not (tmp_path / "out").exists()
+
+    weights.write_bytes(original)  # the weights back; the listing rewritten to bless a planted file
+    listing_file.write_text(listing_file.read_text() + f"{'0' * 64}  planted.py\n")
+    with pytest.raises(UsageError, match="listing of its files .* differs from the digest its version's tag"):
+        models.load(uri)
+    assert "cannot be verified" not in capsys.readouterr().err
+
+
+@pytest.mark.timeout(180)
+def test_an_untouched_version_loads_and_one_registered_without_digests_loads_with_one_warning(tmp_path, capsys):
+    from ddpm.checkpoint import load_model
+    from pipelines.registry import digests, models
+    from tests.support import TINY_NET, mlflow_client, register_tiny
+
+    _, version, ckpt = register_tiny(tmp_path, name="plain", overrides=TINY_NET)
+    uri = f"models:/plain/{version}"
+    _, reference, _ = load_model(str(ckpt), weights="ema")
+    for _ in range(2):  # downloaded and checked, then from the cache
+        sd = models.load(uri).model.state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in reference.state_dict().items())
+    assert "warning" not in capsys.readouterr().err
+
+    c = mlflow_client()  # as a version registered before digests were recorded
+    for tag in (digests.SHA256_TAG, digests.LISTING_TAG):
+        c.delete_model_version_tag("plain", version, tag)
+    for _ in range(2):
+        sd = models.load(uri).model.state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in reference.state_dict().items())
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [f"[models] warning: {uri} was registered before ddpm-pipe recorded the sha256 of its "
+                        "artifacts: its files cannot be verified; loading it unverified"]
+
+
 def _files(*roots: Path):
     for root in roots:
         for dirpath, _dirs, files in os.walk(root):

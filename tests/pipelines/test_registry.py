@@ -95,18 +95,19 @@ def test_a_versions_weights_are_downloaded_once_and_a_damaged_copy_again(tmp_pat
     downloads = []
     real = mlflow.artifacts.download_artifacts
     monkeypatch.setattr(mlflow.artifacts, "download_artifacts",
-                        lambda **kw: downloads.append(kw["artifact_uri"]) or real(**kw))
+                        lambda **kw: downloads.append(kw.get("artifact_uri") or kw["artifact_path"]) or real(**kw))
     uri = f"models:/cached/{version}"
     for _ in range(2):
         assert models.read_config(uri).name == "digits"
         loaded = models.load(uri)
         assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in reference.state_dict().items())
-    assert downloads == [f"{uri}/artifacts/ddpm_model"]  # the weights folder only, once
+    # the weights folder only, once, and the sha256 listing recorded at registration that it is checked against
+    assert downloads == [f"{uri}/artifacts/ddpm_model", f"registry/cached-v{version}.sha256"]
     folder = models.weights_folder(uri, models.describe(uri))
     with open(f"{folder}/{WEIGHTS_FILE}", "r+b") as f:  # a damaged copy: downloaded again
         f.write(b"\0" * 16)
     loaded = models.load(uri)
-    assert len(downloads) == 2
+    assert len(downloads) == 4
     assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in reference.state_dict().items())
 
 
