@@ -3,6 +3,11 @@
 A request the cluster cannot place fails at once with what the cluster has, instead of waiting.
 :func:`workers_for` is the one rule for how many workers a request makes; :func:`plan` the placement
 of a train or sample job, :func:`trial_placement` that of one tune trial's workers.
+
+A request that fits the cluster's size can still wait for ever on a fixed-size cluster: another job
+holds the CPUs, or a node is lost and a strictly spread group has nowhere to go. Every wait on
+placement (the sample pool's, training's worker group) ends after ``DDPM_PLACEMENT_TIMEOUT``
+(:data:`pipelines.settings.PLACEMENT_TIMEOUT`) with :func:`placement_timeout`'s error.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import ray
 from ray.train import ScalingConfig
 
 from pipelines import console
-from pipelines.errors import UsageError
+from pipelines.errors import PipelineError, UsageError
+from pipelines.settings import PLACEMENT_TIMEOUT_ENV
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,19 @@ def plan(nodes: int, gpus_per_node: int = 0, started_locally: bool = False,
     threads = max(1, cores // max(per_node, 1)) if (started_locally or cap["nodes"] == 1) else max(1, int(cpus_per_worker))
     return Placement(workers=workers, use_gpu=gpus_per_node > 0, strategy=strategy,
                      cpus_per_worker=cpus_per_worker, threads_per_worker=threads)
+
+
+def placement_timeout(what: str, placement: Placement, waited: float) -> PipelineError:
+    """The error (exit 1) of a wait on placement that ran out: what was asked, what the cluster has
+    and has free now, and what to do."""
+    cap = capacity()
+    bundle = {"CPU": placement.cpus_per_worker, **({"GPU": 1} if placement.use_gpu else {})}
+    free = {k: float(v) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+    return PipelineError(
+        f"{what}: {placement.workers} worker(s) of {bundle} each ({placement.strategy}) could not be placed "
+        f"within {waited:g} s; the cluster has {cap['nodes']} node(s), CPUs per node {cap['cpus_per_node']}, "
+        f"GPUs per node {cap['gpus_per_node']}, free now {free}. Free what other jobs hold (`ray status`), bring "
+        f"back or add the nodes, ask for fewer --nodes, or wait longer with {PLACEMENT_TIMEOUT_ENV}=<seconds>")
 
 
 def trial_placement(workers: int, started_locally: bool = False) -> Placement:

@@ -2,7 +2,8 @@
 
 ``DDPM_HOME`` (default ``./.ddpm``) holds the local MLflow store (``mlflow.db``, ``mlartifacts/``),
 prepared data, Ray storage and samples. ``RAY_ADDRESS``, ``MLFLOW_TRACKING_URI``, the ``AWS_*``
-variables and ``--storage`` override the embedded defaults.
+variables and ``--storage`` override the embedded defaults. ``DDPM_PLACEMENT_TIMEOUT`` (``300``,
+``90s``, ``10m``) is how long a job waits for the cluster to place its workers before it fails.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote, quote_plus, unquote_plus, urlsplit
 
-from ddpm.config import ExperimentConfig
+from ddpm.config import ExperimentConfig, parse_duration
+from pipelines.errors import UsageError
 
 T = TypeVar("T")
 
@@ -31,6 +33,11 @@ CREDENTIAL_QUERY_KEYS = frozenset(k.lower() for k in (
 _URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>[^\s'\"<>`]*)")
 
 
+PLACEMENT_TIMEOUT = 300.0  # seconds a job waits for its workers' placement (a node is lost, the CPUs are
+# held by another job) before it fails saying what it asked for; a cluster that autoscales may need more
+PLACEMENT_TIMEOUT_ENV = "DDPM_PLACEMENT_TIMEOUT"
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -38,6 +45,7 @@ class Settings:
     registry_uri: str
     ray_address: str | None
     storage: str
+    placement_timeout: float = PLACEMENT_TIMEOUT  # seconds (DDPM_PLACEMENT_TIMEOUT)
 
     def data_url(self, source: str, split: str = "train") -> str:
         return str(self.home / "data" / source / split)
@@ -47,7 +55,14 @@ class Settings:
 
 
 def resolve(storage: str | None = None, address: str | None = None) -> Settings:
-    """Read the environment now and return the resolved locations (creates DDPM_HOME)."""
+    """Read the environment now and return the resolved locations (creates DDPM_HOME).
+
+    :raises UsageError: (exit 2) ``DDPM_PLACEMENT_TIMEOUT`` is not a duration.
+    """
+    try:
+        placement_timeout = parse_duration(os.environ.get(PLACEMENT_TIMEOUT_ENV) or PLACEMENT_TIMEOUT)
+    except ValueError as e:
+        raise UsageError(f"{PLACEMENT_TIMEOUT_ENV}: {e}") from None
     home = Path(os.environ.get("DDPM_HOME", ".ddpm")).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
@@ -58,6 +73,7 @@ def resolve(storage: str | None = None, address: str | None = None) -> Settings:
         registry_uri=registry,
         ray_address=address or os.environ.get("RAY_ADDRESS") or None,
         storage=storage or os.environ.get("DDPM_STORAGE") or str(home / "ray"),
+        placement_timeout=placement_timeout,
     )
 
 

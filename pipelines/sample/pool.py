@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from ray.actor import ActorHandle
     from ray.util.placement_group import PlacementGroup
 
+    from pipelines.cluster import Placement
+
+PLACEMENT_POLL_S = 5.0  # while no unit finishes, how often the pool checks that its group is still placed
+
 
 class SampleWorker:
     """One Ray actor (or the command's own process): loads the model once, then samples units of
@@ -111,6 +115,7 @@ class WorkerPool:
     def __init__(self, req: SampleRequest, env: dict[str, str]) -> None:
         self.actors: list[ActorHandle] = []
         self.pg: PlacementGroup | None = None
+        self.placement: Placement | None = None
         self.started = False
         self._local: SampleWorker | None = None
         if runs_in_process(req):
@@ -129,16 +134,16 @@ class WorkerPool:
         from pipelines import cluster
 
         self._ray = ray
+        self._deadline = resolve().placement_timeout
         self.started = cluster.connect(req.address, min_cpus=cluster.workers_for(req.nodes, req.gpus_per_node))
         try:
-            placement = cluster.plan(req.nodes, req.gpus_per_node, started_locally=self.started)
+            placement = self.placement = cluster.plan(req.nodes, req.gpus_per_node, started_locally=self.started)
             bundle = {"CPU": placement.cpus_per_worker, **({"GPU": 1} if placement.use_gpu else {})}
             self.pg = ray.util.placement_group([bundle] * placement.workers, strategy=placement.strategy)
             try:
-                ray.get(self.pg.ready(), timeout=120)
+                ray.get(self.pg.ready(), timeout=self._deadline)
             except ray.exceptions.GetTimeoutError:
-                raise PipelineError(f"the cluster could not place {placement.workers} sampling worker(s) "
-                                    f"({placement.strategy}) within 120 s") from None
+                raise cluster.placement_timeout("sampling", placement, self._deadline) from None
             remote = ray.remote(SampleWorker)
             for k in range(placement.workers):
                 self.actors.append(remote.options(
@@ -182,12 +187,32 @@ class WorkerPool:
         for actor in self.actors:
             if queue:
                 pending[actor.sample.remote(queue.popleft(), seed)] = actor
+        unplaced_since: float | None = None
         while pending:
-            ready, _ = self._ray.wait(list(pending), num_returns=1)
+            ready, _ = self._ray.wait(list(pending), num_returns=1, timeout=PLACEMENT_POLL_S)
+            if not ready:
+                unplaced_since = self._check_placement(unplaced_since)
+                continue
+            unplaced_since = None
             actor = pending.pop(ready[0])
             if queue:  # keep the actor busy while the driver writes
                 pending[actor.sample.remote(queue.popleft(), seed)] = actor
             on_result(self._get(ready[0]))
+
+    def _check_placement(self, since: float | None) -> float | None:
+        """While no unit finishes: since when the group has not been placed whole (None: it is), e.g.
+        a node that held a worker is gone and Ray waits to restart the actor elsewhere; past the
+        deadline, :func:`pipelines.cluster.placement_timeout`'s error (exit 1)."""
+        from pipelines import cluster
+
+        if self._ray.util.placement_group_table(self.pg).get("state") == "CREATED":
+            return None
+        now = time.monotonic()
+        since = now if since is None else since
+        if now - since > self._deadline:
+            raise cluster.placement_timeout("sampling (a worker lost mid-job could not be placed again)",
+                                            self.placement, self._deadline)
+        return since
 
     def close(self) -> None:
         if self._local is not None:

@@ -28,10 +28,10 @@ from pipelines.registry.register import log_and_register
 from pipelines.settings import Settings, resolve, shareable_uri
 from pipelines.storage.data import check_data, check_splits_disjoint, resolve_data
 from pipelines.storage.lock import FolderLock
-from pipelines.train.failures import worker_input_error
+from pipelines.train.failures import placement_timed_out, worker_input_error
 from pipelines.train.loop import NO_STEP_LIMIT
 from pipelines.train.progress import ProgressChannel
-from pipelines.train.ray_train import CHECKPOINT_FILE, run_config, worker_main
+from pipelines.train.ray_train import CHECKPOINT_FILE, run_config, worker_group_start_timeout, worker_main
 
 
 def resolve_config(config: str, overrides: list[str], max_steps: int | None = None,
@@ -120,7 +120,8 @@ def _fit(cfg: ExperimentConfig, settings: Settings, placement: Placement, run_na
          data_url: str, holdout_url: str | None, max_failures: int) -> Result:
     """Run the ``TorchTrainer``; rank 0's progress lines reach the console through a
     :class:`ProgressChannel` until it ends, however it ends. A failure ends the MLflow run as FAILED
-    (bad input found by a worker: one attempt, exit 2); Ctrl-C ends it as KILLED (exit 130)."""
+    (bad input found by a worker: one attempt, exit 2; workers not placed within
+    ``settings.placement_timeout``: exit 1, saying what the cluster has); Ctrl-C ends it as KILLED (exit 130)."""
     with ProgressChannel() as progress:
         loop_config = {"config": cfg, "data_url": data_url, "holdout_url": holdout_url,
                        "storage_options": storage_options_for(data_url), "run_id": run_id,
@@ -130,10 +131,11 @@ def _fit(cfg: ExperimentConfig, settings: Settings, placement: Placement, run_na
             train_loop_config=loop_config,
             scaling_config=cluster.scaling_config(placement),
             run_config=run_config(run_name, settings.storage, cfg.train.keep_checkpoints, max_failures,
-                                  env=cluster.worker_env(placement)),
+                                  env=cluster.worker_env(placement), placement_deadline=True),
         )
         try:
-            result = _fit_in_a_thread(trainer)
+            with worker_group_start_timeout(settings.placement_timeout):
+                result = _fit_in_a_thread(trainer)
         except KeyboardInterrupt:
             tracking.end_run(run_id, "KILLED")
             step = "its start" if progress.last_step is None else f"step {progress.last_step}"
@@ -143,6 +145,10 @@ def _fit(cfg: ExperimentConfig, settings: Settings, placement: Placement, run_na
             if bad is not None:  # bad input found by a worker: one attempt, exit 2
                 failed = tracking.fail_run(run_id, f"training stopped: {bad}")
                 raise (UsageError if bad.exit_code == 2 else PipelineError)(str(failed)) from None
+            if placement_timed_out(e):  # a node lost, the CPUs held by another job: not waited on for ever
+                waited = cluster.placement_timeout("training", placement, settings.placement_timeout)
+                raise tracking.fail_run(run_id, f"{waited}; MLflow run {run_id} ended FAILED, re-run with "
+                                                f"--run-name {run_name} to resume") from e
             raise tracking.fail_run(run_id, f"training failed: {_root_cause(e)}") from e
     if result.checkpoint is None:
         raise tracking.fail_run(run_id, "training ended without a checkpoint")

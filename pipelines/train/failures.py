@@ -56,6 +56,12 @@ def worker_input_error(exc: BaseException) -> WorkerInputError | None:
     return next((e for e in _chain(exc) if isinstance(e, WorkerInputError)), None)
 
 
+def placement_timed_out(exc: BaseException) -> bool:
+    """Whether a ``trainer.fit()`` ended because its worker group could not be placed in time (Ray
+    Train's ``WorkerGroupStartupTimeoutError``, found by name: the class is in Ray's internals)."""
+    return any(type(e).__name__ == "WorkerGroupStartupTimeoutError" for e in _chain(exc))
+
+
 class StopOnBadInput(ray.train.UserCallback):
     """Ray Train callback (run in the controller): end the run at once on an error a retry would repeat.
 

@@ -7,10 +7,11 @@ on Ray Train's API. ``train`` (pipelines/train/command.py) and ``tune``'s distri
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -29,6 +30,7 @@ from pipelines.train.loop import LoopContext, LoopData, rank0_decides, train_loo
 from pipelines.train.progress import remote_log
 
 CHECKPOINT_FILE = "checkpoint.pt"
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train's wait for its workers' placement
 
 
 def checkpoint_io(report_fn: Callable[..., None], get_checkpoint: Callable[[], ray.train.Checkpoint | None],
@@ -120,16 +122,20 @@ def worker_main(loop_config: dict[str, Any]) -> None:
             shutil.rmtree(artifact_dir, ignore_errors=True)
 
 
-def run_config(name: str, storage: str, keep: int, max_failures: int = 3, env: dict | None = None) -> RunConfig:
+def run_config(name: str, storage: str, keep: int, max_failures: int = 3, env: dict | None = None,
+               placement_deadline: bool = False) -> RunConfig:
     """Ray ``RunConfig``: checkpoints under storage/name, the last ``keep`` kept, restarts when a worker
     is lost, but not on bad input (:class:`pipelines.train.failures.StopOnBadInput`); Ray Train's own
-    per-checkpoint log lines only with ``--verbose``."""
+    per-checkpoint log lines only with ``--verbose``. With ``placement_deadline``, a worker group that
+    cannot start (within :func:`worker_group_start_timeout`) ends the run: Ray Train's default is to
+    try again for ever."""
     path, fs = ray_storage(storage)
     return RunConfig(
         name=name,
         storage_path=path,
         storage_filesystem=fs,
-        failure_config=FailureConfig(max_failures=max_failures),
+        failure_config=FailureConfig(max_failures=max_failures,
+                                     **({"controller_failure_limit": 0} if placement_deadline else {})),
         checkpoint_config=CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute="step",
                                            checkpoint_score_order="max"),
         worker_runtime_env=env,
@@ -138,3 +144,17 @@ def run_config(name: str, storage: str, keep: int, max_failures: int = 3, env: d
     )
 
 
+@contextlib.contextmanager
+def worker_group_start_timeout(seconds: float) -> Iterator[None]:
+    """How long Ray Train waits for its worker group's placement group, ``seconds``, while the block
+    runs: ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, which the trainer hands from this process's
+    environment to its controller when ``fit()`` starts it (the driver's own value is put back after)."""
+    before = os.environ.get(START_TIMEOUT_ENV)
+    os.environ[START_TIMEOUT_ENV] = f"{seconds:g}"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(START_TIMEOUT_ENV, None)
+        else:
+            os.environ[START_TIMEOUT_ENV] = before
