@@ -16,9 +16,10 @@ In one process, one after the other, each model trains for the same wall-clock `
 
 Each model's EMA weights then make ``--samples`` (500) images with every sampler: issue 15's three
 (1000-step ancestral, DDIM-50 with eta 0, DPM-Solver++(2M)-20), then the preset's own default (its
-``sample`` config: DDIM-25 with eta 1 for ``digits``), the same setting for both. ddpm-pipe through ``pipelines.registry.evaluate.measure_sampler`` (its
+``sample`` config: SDE-DPM-Solver++ 2M at 20 calls for ``digits``), the same setting for both. ddpm-pipe through ``pipelines.registry.evaluate.measure_sampler`` (its
 ``DDPMPipeline``, as ``ddpm-pipe evaluate`` samples); the baseline with diffusers' ``DDPMScheduler``,
-``DDIMScheduler`` (``eta`` passed to its ``step``) and ``DPMSolverMultistepScheduler``, in batches of the
+``DDIMScheduler`` (``eta`` passed to its ``step``) and ``DPMSolverMultistepScheduler`` (``sde-dpmsolver++``
+with ``use_lu_lambdas`` for the SDE solver), in batches of the
 same size. Both are scored by
 ``pipelines.registry.evaluate.score_samples``, the code ``ddpm-pipe evaluate`` scores with: samples on the
 data's grey levels against the held-out test split (360 digits), each score with its jackknife standard
@@ -147,7 +148,10 @@ def sample_baseline(unet, sampler: str, steps: int, num: int, batch_size: int, s
     scheduler = {"ddpm": lambda: DDPMScheduler.from_config(base),
                  "ddim": lambda: DDIMScheduler.from_config(base),
                  "dpmpp": lambda: DPMSolverMultistepScheduler.from_config(base, algorithm_type="dpmsolver++",
-                                                                          solver_order=2)}[sampler]()
+                                                                          solver_order=2),
+                 # SDE-DPM-Solver++ 2M on steps uniform in log-SNR, as ddpm-pipe's dpmpp-2m-sde samples
+                 "dpmpp-2m-sde": lambda: DPMSolverMultistepScheduler.from_config(
+                     base, algorithm_type="sde-dpmsolver++", solver_order=2, use_lu_lambdas=True)}[sampler]()
     if eta and sampler != "ddim":
         raise ValueError(f"eta is DDIM's; got eta {eta} for {sampler}")
     extra = {"eta": eta} if sampler == "ddim" else {}

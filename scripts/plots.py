@@ -88,7 +88,9 @@ def plot(run_id: str, out: Path, client) -> list[Path]:
 
 
 SAMPLER_PANELS = (("kid", "KID against held-out digits (lower is better)"),
-                  ("classifier_score", "classifier score (higher is better)"))
+                  ("classifier_score", "classifier score (higher is better)"),
+                  ("pixel_fd", "pixel-PCA Frechet distance (lower is better)"),
+                  ("fine_spread", "fine-component variance ratio (1 = real)"))
 
 
 def sampler_rows(doc) -> list[dict]:
@@ -106,12 +108,22 @@ def plot_sampler_table(rows: list[dict], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, len(SAMPLER_PANELS), figsize=(10, 3.4))
+    from ddpm.samplers import default_spacing
+
+    panels = [(name, title) for name, title in SAMPLER_PANELS if name in rows[0]["scores"]]
+    cols = min(len(panels), 2)
+    rows_ = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5.5 * cols, 3.6 * rows_), squeeze=False)
+    axes = axes.ravel()
     lines: dict[str, list[dict]] = {}
     for r in rows:
-        label = r["sampler"] + (f" eta {r['eta']:g}" if r["sampler"] == "ddim" else "")
-        lines.setdefault(label, []).append(r)
-    for ax, (name, title) in zip(axes, SAMPLER_PANELS):
+        spacing = r.get("spacing")  # a line per sampler on its own spacing; other spacings apart
+        label = (r["sampler"] + (f" eta {r['eta']:g}" if r["sampler"] == "ddim" else "")
+                 + (f" @{spacing}" if spacing and spacing != default_spacing(r["sampler"].removesuffix("-analytic"))
+                    else ""))
+        if all(q["steps"] != r["steps"] for q in lines.get(label, [])):  # a repeated row once
+            lines.setdefault(label, []).append(r)
+    for ax, (name, title) in zip(axes, panels):
         for label, rs in lines.items():
             rs = sorted(rs, key=lambda r: r["steps"])
             ax.errorbar([r["steps"] for r in rs], [r["scores"][name] for r in rs],

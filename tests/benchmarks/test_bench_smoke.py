@@ -152,8 +152,8 @@ def test_quality_adds_the_models_own_sampler_setting_once():
     from ddpm.config import ExperimentConfig
 
     digits = ExperimentConfig.preset("digits")
-    assert with_default(SAMPLERS, digits) == (*SAMPLERS, ("ddim", 25, 1.0))  # the preset's default
-    assert with_default(SAMPLERS, digits, quick=True)[-1] == ("ddim", 3, 1.0)
+    assert with_default(SAMPLERS, digits) == (*SAMPLERS, ("dpmpp-2m-sde", 20, 0.0))  # the preset's default
+    assert with_default(SAMPLERS, digits, quick=True)[-1] == ("dpmpp-2m-sde", 3, 0.0)
     plain = digits.with_values({"sample.sampler": "dpmpp", "sample.steps": None, "sample.eta": 0.0})
     assert with_default(SAMPLERS, plain) == SAMPLERS  # dpmpp-20 is among them already
     assert setting_name({"sampler": "ddim", "steps": 25, "eta": 1.0}) == "ddim-25-eta1"

@@ -115,11 +115,16 @@ def test_sampling_settings_take_what_is_given_and_the_rest_from_the_models_confi
     from ddpm.config import ExperimentConfig, SampleConfig
     from ddpm.pipeline import sampling_settings
 
-    digits = ExperimentConfig.preset("digits").sample  # the measured winner: DDIM-25 with eta 1
-    assert sampling_settings(digits, 1000) == ("ddim", 25, 1.0)
-    assert sampling_settings(digits, 1000, steps=50) == ("ddim", 50, 1.0)
-    assert sampling_settings(digits, 1000, eta=0.0) == ("ddim", 25, 0.0)
+    digits = ExperimentConfig.preset("digits").sample  # the measured winner: SDE-DPM-Solver++ 2M, 20 calls
+    assert sampling_settings(digits, 1000) == ("dpmpp-2m-sde", 20, 0.0)
+    assert sampling_settings(digits, 1000, steps=50) == ("dpmpp-2m-sde", 50, 0.0)
+    assert sampling_settings(digits, 1000, "ddim") == ("ddim", 50, 0.0)  # another sampler: its own defaults
+    assert sampling_settings(digits, 1000, "ddim", eta=1.0) == ("ddim", 50, 1.0)
     assert sampling_settings(digits, 1000, "dpmpp") == ("dpmpp", 20, 0.0)
     assert sampling_settings(digits, 1000, "ddpm") == ("ddpm", 1000, 0.0)
-    assert sampling_settings(digits, 10) == ("ddim", 10, 1.0)  # the config's 25 capped at a small T
+    assert sampling_settings(digits, 10) == ("dpmpp-2m-sde", 10, 0.0)  # the config's 20 capped at a small T
+    ddim = SampleConfig(sampler="ddim", steps=25, eta=1.0)  # a config's eta belongs to its own sampler
+    assert sampling_settings(ddim, 1000) == ("ddim", 25, 1.0)
+    assert sampling_settings(ddim, 1000, eta=0.0) == ("ddim", 25, 0.0)
+    assert sampling_settings(ddim, 1000, "dpmpp") == ("dpmpp", 20, 0.0)
     assert sampling_settings(SampleConfig(), 1000) == ("ddpm", 1000, 0.0)  # the paper's default
