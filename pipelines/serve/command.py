@@ -145,7 +145,7 @@ def _wait_ready(url: str, timeout: float, must: bool = True) -> dict[str, Any]:
     last = "no answer"
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as r:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
                 return json.loads(r.read())
         except (urllib.error.URLError, OSError, ValueError) as e:
             last = str(e)

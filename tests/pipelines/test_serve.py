@@ -253,24 +253,36 @@ def test_moving_the_alias_under_steady_load_fails_no_request(ray_cluster, regist
 def test_ctrl_c_deletes_the_application_and_exits_130(ray_cluster, tmp_path):
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt.pt", overrides=TINY_NET)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.entry", "serve", "--model", str(ckpt), "--port",
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("ddpm-pipe")), "serve", "--model", str(ckpt), "--port",
                              str(port), "--address", ray_cluster.address],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: http(f"{url}/readyz", timeout=5)[0] == 200 if _listening(port) else False, 240,
-                   "the service ready", interval=1.0, alive=lambda: proc.poll() is None)
-        assert http(f"{url}/v1/samples", {"num": 1, **SETTING})[0] == 200
+        wait_until(lambda: any("ready at" in line for line in lines), 240, "the command's ready line",
+                   interval=1.0, alive=lambda: proc.poll() is None)
+        assert _ready(url) and http(f"{url}/v1/samples", {"num": 1, **SETTING})[0] == 200
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        out = proc.communicate(timeout=120)[0]
+        reader.join(10)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    err = "".join(lines)
     assert proc.returncode == 130, err[-3000:]
-    assert out == "" and "application deleted" in err
+    assert out == "" and "application deleted" in err, err[-4000:]
     assert _app_gone()
     assert not _listening(port)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return http(f"{url}/readyz", timeout=5)[0] == 200
+    except OSError:  # not listening yet, or the proxy waits for the application
+        return False
 
 
 def _listening(port: int) -> bool:
