@@ -290,3 +290,15 @@ def _listening(port: int) -> bool:
 
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_bad_options_fail_with_exit_2_before_anything_starts(tmp_path, monkeypatch):
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt.pt", overrides=TINY_NET)
+    monkeypatch.delenv("DDPM_TEST_NO_TOKEN", raising=False)
+    result = run_cli("serve", "--model", str(ckpt), "--token-env", "DDPM_TEST_NO_TOKEN")
+    assert result.exit_code == 2 and "DDPM_TEST_NO_TOKEN" in result.stderr
+    result = run_cli("serve", "--model", str(tmp_path / "missing.pt"))
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+    result = run_cli("serve", "--model", str(ckpt), "--min-replicas", "3", "--max-replicas", "2")
+    assert result.exit_code == 2 and "--min-replicas 3" in result.stderr
+    assert run_cli("serve", "--model", str(ckpt), "--reload-every", "soon").exit_code == 2
