@@ -275,7 +275,7 @@ def test_ctrl_c_deletes_the_application_and_exits_130(ray_cluster, tmp_path):
     assert proc.returncode == 130, err[-3000:]
     assert out == "" and "application deleted" in err, err[-4000:]
     assert _app_gone()
-    assert not _listening(port)
+    wait_until(lambda: not _listening(port), 30, "the proxy's port closed")  # Serve's shutdown ends the proxy
 
 
 def _ready(url: str) -> bool:
