@@ -71,6 +71,11 @@ def _duration(value: str) -> float:
         raise typer.BadParameter(str(e)) from None
 
 
+def _duration_or_never(value: str) -> float:
+    """:func:`_duration`, or 0 (``0``: never)."""
+    return 0.0 if str(value).strip() in ("0", "0s", "0.0") else _duration(value)
+
+
 TRAIN_PRECISIONS: tuple[str, ...] = get_args(Precision)
 SAMPLE_PRECISIONS: tuple[str, ...] = get_args(get_type_hints(SampleConfig)["precision"])
 
@@ -344,6 +349,31 @@ def interpolate(
     _dispatch(interpolate_command, json_out, model=model, a=a,
               b=b, t=t, lambdas=lambdas, out=out, seed=seed, classes=tuple(class_ or ()),
               balanced=classes == "balanced", guidance=guidance)
+
+
+@app.command()
+def serve(
+    model: Model,
+    host: Annotated[str, typer.Option("--host", help="Address the HTTP proxy listens on; 0.0.0.0 exposes the service beyond this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="HTTP port.")] = 8000,
+    replicas: Annotated[int, typer.Option("--replicas", min=1, help="Replicas of the model (the initial number with --min/--max-replicas).")] = 1,
+    min_replicas: Annotated[Optional[int], typer.Option("--min-replicas", min=0, help="Autoscale: at least this many replicas (with or without --max-replicas).")] = None,
+    max_replicas: Annotated[Optional[int], typer.Option("--max-replicas", min=1, help="Autoscale: at most this many replicas.")] = None,
+    gpus_per_replica: Annotated[float, typer.Option("--gpus-per-replica", min=0.0, help="GPUs per replica (fractions share one); 0 samples on CPU.")] = 0.0,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1, help="Requests a replica samples together (@serve.batch); those of one setting run as one network batch.")] = 8,
+    batch_wait_timeout: Annotated[float, typer.Option("--batch-wait-timeout", min=0.0, help="Seconds a batch waits for more requests before it runs.")] = 0.01,
+    max_num: Annotated[int, typer.Option("--max-num", min=1, max=100_000, help="Images per request at most (num above it: HTTP 400).")] = 256,
+    reload_every: Annotated[float, typer.Option("--reload-every", parser=_duration_or_never, metavar="DURATION", help="With an alias URI (models:/NAME@ALIAS): how often the registry is asked where it points; a new version is loaded beside the old and switched to atomically. 0 never asks.")] = 30.0,
+    token_env: Annotated[Optional[str], typer.Option("--token-env", help="Name of an environment variable holding a bearer token that every route but /healthz and /readyz then requires (never logged).")] = None,
+    address: Address = None,
+) -> None:
+    """Serve a model over HTTP on Ray Serve (POST /v1/samples, GET /v1/samples.png, /v1/model), following an alias as it moves; Ctrl-C stops it (docs/SERVING.md)."""
+    from pipelines.serve.command import serve_command
+
+    _dispatch(serve_command, False, model=model, host=host, port=port, address=address, replicas=replicas,
+              min_replicas=min_replicas, max_replicas=max_replicas, gpus_per_replica=gpus_per_replica,
+              max_batch_size=max_batch_size, batch_wait_timeout=batch_wait_timeout, max_num=max_num,
+              reload_every=reload_every, token_env=token_env)
 
 
 @app.command("import-diffusers")

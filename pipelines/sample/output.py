@@ -138,8 +138,9 @@ def check_same(folder: OutputFolder, record: dict[str, Any] | None, wanted: dict
                            "Use another --out, or the same settings to resume")
 
 
-def _png(x: np.ndarray, levels: int) -> bytes:
-    """One image ``[C x H x W]`` in [-1, 1] -> PNG bytes (quantised to the data's levels, 0..255)."""
+def sample_png(x: np.ndarray, levels: int) -> bytes:
+    """One image ``[C x H x W]`` in [-1, 1] -> PNG bytes (quantised to the data's levels, 0..255): the
+    bytes of a ``sample --format png`` file, and of each image ``serve`` returns."""
     return png_bytes(_uint8(x[None], levels)[0])
 
 
@@ -170,7 +171,7 @@ def write_unit(folder: OutputFolder, fmt: str, result: dict[str, Any], levels: i
             if preds is not None:  # the strip first: the sample's PNG marks the index done
                 folder.write(f"{i:08d}-progressive.png", _strip_png(preds[k], levels))
             names.append(png_name(i, None if labels is None else labels[k]))
-            folder.write(names[-1], _png(x[k], levels))
+            folder.write(names[-1], sample_png(x[k], levels))
         return names
     name = f"samples-{indices[0]:08d}-{indices[-1] + 1:08d}.{_CHUNK_EXT[fmt]}"
     if fmt == "npz":
@@ -188,7 +189,7 @@ def write_unit(folder: OutputFolder, fmt: str, result: dict[str, Any], levels: i
     else:
         members = []
         for k, i in enumerate(indices):
-            members.append((f"{i:08d}.png", _png(x[k], levels)))
+            members.append((f"{i:08d}.png", sample_png(x[k], levels)))
             if labels is not None:
                 members.append((f"{i:08d}.cls", str(int(labels[k])).encode()))
             if preds is not None:
@@ -213,4 +214,4 @@ def write_manifest(folder: OutputFolder, record: dict[str, Any], timings: dict[s
 
 
 __all__ = ["JOB_FILE", "MANIFEST", "FolderState", "OutputFolder", "check_same", "inspect_folder", "png_name",
-           "write_manifest", "write_unit"]
+           "sample_png", "write_manifest", "write_unit"]

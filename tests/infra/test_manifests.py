@@ -331,3 +331,25 @@ def test_aws_nodes_declare_their_instance_profiles():
     for name, node in launcher["available_node_types"].items():
         profile = node["node_config"].get("IamInstanceProfile")
         assert profile and (profile.get("Name") or profile.get("Arn")), f"{name} has no instance profile"
+
+
+@pytest.mark.timeout(60)
+def test_the_rayservice_serves_the_champion_with_the_serve_commands_options():
+    """Issue 27: the RayService deploys what `ddpm-pipe serve` deploys (its builder, its options), the
+    token from a secret, on the versions of Ray the RayCluster runs."""
+    from pipelines.serve.deployment import ServeOptions
+
+    (service,) = _k8s("RayService")
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (app,) = config["applications"]
+    assert app["import_path"] == "pipelines.serve.deployment:from_args"
+    assert set(app["args"]) - {"token_env"} <= set(ServeOptions.__dataclass_fields__)
+    assert app["args"]["model"].endswith("@champion") and app["args"]["token_env"]
+    (cluster,) = _k8s("RayCluster")
+    assert service["spec"]["rayClusterConfig"]["rayVersion"] == cluster["spec"]["rayVersion"]
+    for group in [service["spec"]["rayClusterConfig"]["headGroupSpec"],
+                  *service["spec"]["rayClusterConfig"]["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for container in pod["containers"]:
+            assert {"secretRef": {"name": "ddpm-pipe-env"}} in container["envFrom"]

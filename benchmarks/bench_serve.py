@@ -1,0 +1,151 @@
+"""Latency and throughput of `ddpm-pipe serve` on loopback, against offline `sample` throughput.
+
+    .venv/bin/python -m benchmarks.bench_serve --requests 20 --concurrency 4 --out bench-results/serve.json
+
+The model is the `digits` preset's U-Net with random weights (speed does not depend on training),
+sampled with the preset's own sampler and steps. Three bounded measurements, each a fixed number of
+requests or images and a time limit (whichever ends first):
+
+1. offline: ``sample``'s in-process job (:func:`pipelines.sample.command.sample_arrays`) of
+   ``--offline-num`` images in one batch, after a warm-up run: images/s with the model loaded;
+2. latency (after one warm-up request): one client, ``--requests`` requests of one image each in turn: p50/p95 in ms;
+3. saturation: ``--concurrency`` clients, ``--requests`` x ``--concurrency`` one-image requests in
+   all: images/s and its ratio to offline (batching merges concurrent requests, ``--max-batch-size``).
+
+One replica with all the cores; a local Ray instance started and ended here. The machine's load
+average is recorded with the result: the figures are only comparable at equal load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+import urllib.request
+from typing import TYPE_CHECKING
+
+from benchmarks.bench_sample import make_model
+from benchmarks.common import load, machine
+
+if TYPE_CHECKING:
+    from ddpm.config import ExperimentConfig
+
+
+def _post(url: str, body: dict) -> float:
+    """Seconds one ``POST /v1/samples`` took (an error raises)."""
+    start = time.perf_counter()
+    req = urllib.request.Request(f"{url}/v1/samples", data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=300) as r:
+        r.read()
+    return time.perf_counter() - start
+
+
+def _clients(url: str, total: int, concurrency: int, limit_s: float) -> dict:
+    """``total`` one-image requests from ``concurrency`` threads (stopping at ``limit_s``)."""
+    lock = threading.Lock()
+    sent = [0]
+    latencies: list[float] = []
+    errors: list[str] = []
+    deadline = time.monotonic() + limit_s
+
+    def client() -> None:
+        while time.monotonic() < deadline:
+            with lock:
+                if sent[0] >= total:
+                    return
+                sent[0] += 1
+                seed = sent[0]
+            try:
+                latencies.append(_post(url, {"num": 1, "seed": seed}))
+            except Exception as e:
+                errors.append(f"{type(e).__name__}: {e}")
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ms = sorted(1000 * s for s in latencies)
+
+    def pct(q: float) -> float | None:
+        return round(ms[min(len(ms) - 1, int(q * len(ms)))], 1) if ms else None
+
+    return {"requests": len(latencies), "errors": len(errors), "first_error": errors[0] if errors else None,
+            "wall_s": round(wall, 2), "images_per_s": round(len(latencies) / wall, 3),
+            "p50_ms": pct(0.5), "p95_ms": pct(0.95)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=20, help="latency requests; x --concurrency at saturation")
+    p.add_argument("--concurrency", type=int, default=4, help="clients at saturation")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--offline-num", type=int, default=32, help="images of the offline run")
+    p.add_argument("--time-limit", type=float, default=300.0, help="seconds per measurement at most")
+    p.add_argument("--preset", default="digits")
+    p.add_argument("--out", default=None, help="also write the JSON result here")
+    args = p.parse_args(argv)
+
+    import ray
+
+    from pipelines.sample.command import SampleRequest, sample_arrays
+    from pipelines.sample.request import resolve_settings
+    from pipelines.serve.command import start_service
+    from pipelines.serve.deployment import ServeOptions
+    from scripts.screenshots import free_port
+
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.setdefault("DDPM_HOME", os.path.join(tmp, "home"))
+        ckpt = os.path.join(tmp, "model.pt")
+        params = make_model(ckpt, args.preset)
+        load_before = load()
+        # before Ray starts: sample's in-process job; the first run warms torch up (10x slower on a CPU)
+        runs = [sample_arrays(SampleRequest(model=ckpt, num=args.offline_num, batch_size=args.offline_num),
+                              progress=False) for _ in range(2)]
+        offline = runs[-1]
+        offline_ips = offline.timings["samples_per_s"]
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        try:
+            service = start_service(ServeOptions(model=ckpt, max_batch_size=args.max_batch_size,
+                                                 cpus_per_replica=float(cores)), port=free_port(), track=False)
+            try:
+                _post(service.url, {"num": 1, "seed": 0})  # warm: the first call builds the pipeline
+                latency = _clients(service.url, args.requests, 1, args.time_limit)
+                saturation = _clients(service.url, args.requests * args.concurrency, args.concurrency,
+                                       args.time_limit)
+            finally:
+                service.stop()
+        finally:
+            ray.shutdown()
+    info = offline.info
+    result = {"benchmark": "serve", "preset": args.preset, "params": params, "machine": machine(),
+              "load_before": load_before, "sampler": None, "offline": {"num": args.offline_num,
+                                                                       "images_per_s": offline_ips,
+                                                                       "device": info.get("device")},
+              "latency_one_image": latency, "saturation": {**saturation, "concurrency": args.concurrency,
+                                                           "max_batch_size": args.max_batch_size},
+              "saturation_vs_offline": round(saturation["images_per_s"] / offline_ips, 3) if offline_ips else None}
+    result["sampler"] = dict(zip(("sampler", "steps", "eta"), resolve_settings(_config(args.preset), None, None, None)))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return result
+
+
+def _config(preset: str) -> ExperimentConfig:
+    from ddpm.config import ExperimentConfig
+
+    return ExperimentConfig.preset(preset)
+
+
+if __name__ == "__main__":
+    main()
