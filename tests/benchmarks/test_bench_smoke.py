@@ -180,8 +180,8 @@ def test_quality_quick(tmp_path):
     assert ours["steps"] >= 1 and ours["stopped_by_time"] and ours["config"]["model"]["ch"] == 32  # the preset
     assert theirs["steps"] >= 1 and theirs["params"] == 3_990_017  # issue 15's baseline: about 4.0M
     assert [(row["model"], row["sampler"], row["steps"], row["eta"]) for row in r["results"]] == [
-        (m, s, n, e) for s, n, e in (("ddpm", 5, 0), ("ddim", 3, 0), ("dpmpp", 3, 0), ("ddim", 3, 1))
-        for m in ("ddpm-pipe", "diffusers")]  # issue 15's three, then the preset's own (DDIM eta 1)
+        (m, s, n, e) for s, n, e in (("ddpm", 5, 0), ("ddim", 3, 0), ("dpmpp", 3, 0), ("dpmpp-2m-sde", 3, 0))
+        for m in ("ddpm-pipe", "diffusers")]  # issue 15's three, then the preset's own (SDE-DPM-Solver++)
     for row in r["results"]:
         assert row["num"] == 50 and row["seconds"] > 0
         assert {"kid", "fd", "classifier_score", "classes_covered", "copy_rate"} <= set(row["scores"])

@@ -29,8 +29,9 @@ def test_evaluate_logs_keyed_results_on_the_version_and_its_run(tmp_path, digits
                               "class_tv_floor", "classes_covered", "classes_covered_floor"}
     fd, deps = by_metric["fd"]
     # Every key says what was compared with what: the samples vs the 360 held-out test images.
-    # eta: the model's own for its own sampler (the digits preset: DDIM with eta 1), FAST gives none
-    assert deps == {"data": deps["data"], "eta": "1", "features": FEATURE_NET_VERSION, "num": "16",
+    # eta: the model's own for its own sampler; FAST asks for DDIM, not the digits preset's
+    # SDE-DPM-Solver++, so DDIM's own default, eta 0
+    assert deps == {"data": deps["data"], "eta": "0", "features": FEATURE_NET_VERSION, "num": "16",
                     "sampler": "ddim", "steps": "5", "vs": "test-360"}
     assert by_metric["bpd"][1]["num"] == "8" and by_metric["bpd"][1]["bound"] == "full"
     assert 0 < by_metric["bpd"][0]["value"] < 20
@@ -47,7 +48,7 @@ def test_evaluate_logs_keyed_results_on_the_version_and_its_run(tmp_path, digits
     # Issue 29: the bound and the sampling each report their progress (with an ETA while running) on stderr.
     err = capsys.readouterr().err.splitlines()
     bound = [x for x in err if x.startswith("[evaluate] bits/dim, full bound on 8 held-out images: ")]
-    drawn = [x for x in err if x.startswith("[evaluate] sampling 16 images (ddim, 5 steps, eta 1, 2 batches): ")]
+    drawn = [x for x in err if x.startswith("[evaluate] sampling 16 images (ddim, 5 steps, 2 batches): ")]
     assert "ETA" in bound[0] and "(100%)" in bound[-1] and drawn[-1].split(": ")[1].startswith("10/10 calls (100%)")
     scoring = "[evaluate] scoring 16 samples against the test split (360 images)"
     assert f"{scoring} ..." in err and any(x.startswith(f"{scoring}: ") and x.endswith(" s") for x in err)

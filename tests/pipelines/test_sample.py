@@ -109,7 +109,10 @@ def test_a_negative_eta_fails_before_any_work_without_a_sampler(tmp_path, ckpt, 
     config = read_config(ckpt)  # the driver settles the setting against the model's config, once
     with pytest.raises(UsageError, match=r"--eta must be in \[0, inf\).*got -1"):  # the API's own check
         SampleRequest(model=ckpt, num=2, eta=-1.0).resolved(config)
-    assert SampleRequest(model=ckpt, num=2, eta=1.0).resolved(config).sampler == "ddim"  # the model's own
+    assert SampleRequest(model=ckpt, num=2).resolved(config).sampler == "dpmpp-2m-sde"  # the model's own
+    assert SampleRequest(model=ckpt, num=2, sampler="ddim", eta=1.0).resolved(config).eta == 1.0
+    with pytest.raises(UsageError, match=r"--eta = 0 for dpmpp-2m-sde, --eta >= 0 for ddim"):
+        SampleRequest(model=ckpt, num=2, eta=1.0).resolved(config)  # eta is DDIM's, not the model's own sampler's
     with pytest.raises(UsageError, match=r"--eta = 0 for ddpm, --eta >= 0 for ddim"):
         SampleRequest(model=ckpt, num=2, sampler="ddpm", eta=1.0).resolved(config)
 

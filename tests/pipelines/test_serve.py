@@ -76,7 +76,7 @@ def test_every_bad_field_is_refused_by_name(tiny_model, body, field):
 
 def test_a_request_settles_to_the_models_defaults_and_sample_seeds(tiny_model):
     req = parse_samples({"num": 3, "seed": 2}, tiny_model.config, tiny_model.num_timesteps)
-    assert (req.sampler, req.steps, req.eta) == ("ddim", 25, 1.0)  # the preset's own (config sample section)
+    assert (req.sampler, req.steps, req.eta) == ("dpmpp-2m-sde", 20, 0.0)  # the preset's own (config sample section)
     assert req.seeds == (2 * 1_000_003, 2 * 1_000_003 + 1, 2 * 1_000_003 + 2)
     assert parse_samples({"seeds": [2, 5]}, tiny_model.config, 50).seeds == (2 * 1_000_003, 5 * 1_000_003)
 
@@ -122,7 +122,7 @@ def test_routes_answer_as_sample_writes_and_refuse_bad_requests(plain_server, tm
     assert (status, json.loads(body)["field"]) == (400, "steps")
     status, _, body = http(f"{url}/v1/model", token=TOKEN)
     info = json.loads(body)
-    assert status == 200 and info["T"] == 50 and info["max_num"] == 16 and info["defaults"]["sampler"] == "ddim"
+    assert status == 200 and info["T"] == 50 and info["max_num"] == 16 and info["defaults"]["sampler"] == "dpmpp-2m-sde"
     # the token: every route but the health checks, compared to its digest
     for path in ("/v1/model", "/v1/samples.png?num=1"):
         for token in (None, "wrong"):
