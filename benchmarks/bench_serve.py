@@ -1,6 +1,6 @@
 """Latency and throughput of `ddpm-pipe serve` on loopback, against offline `sample` throughput.
 
-    .venv/bin/python -m benchmarks.bench_serve --requests 20 --concurrency 4 --out bench-results/serve.json
+    .venv/bin/python -m benchmarks.bench_serve --requests 20 --out bench-results/serve.json
 
 The model is the `digits` preset's U-Net with random weights (speed does not depend on training),
 sampled with the preset's own sampler and steps. Three bounded measurements, each a fixed number of
@@ -83,9 +83,10 @@ def _clients(url: str, total: int, concurrency: int, limit_s: float) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=20, help="latency requests; x --concurrency at saturation")
-    p.add_argument("--concurrency", type=int, default=4, help="clients at saturation")
-    p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--offline-num", type=int, default=32, help="images of the offline run")
+    # Enough clients to fill the server's batches: saturation is when every batch is full.
+    p.add_argument("--concurrency", type=int, default=16, help="clients at saturation")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--offline-num", type=int, default=64, help="images of the offline run (one batch)")
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds per measurement at most")
     p.add_argument("--preset", default="digits")
     p.add_argument("--out", default=None, help="also write the JSON result here")
