@@ -237,6 +237,7 @@ def test_workers_load_the_version_the_driver_resolved_not_where_the_alias_points
     from pipelines.registry import evaluate as E
     from pipelines.registry import models
     from pipelines.sample import command as S
+    from pipelines.sample import pool
     from tests.support import TINY_NET, request
 
     register_tiny(tmp_path, name="pinned", seed=0, overrides=TINY_NET)
@@ -255,8 +256,11 @@ def test_workers_load_the_version_the_driver_resolved_not_where_the_alias_points
         return settled
 
     monkeypatch.setattr(S, "settle", settle_then_move)
+    # The worker in this process, where the patched load sees it, even when the session's Ray cluster
+    # is up (a Ray actor is built from the same `req.pinned or req.model`, WorkerPool._start_actors).
+    monkeypatch.setattr(pool, "runs_in_process", lambda req: True)
     result = S.write_samples(request(alias, num=2), str(tmp_path / "out"), fmt="npz", progress=False)
-    assert loads == ["models:/pinned/1"]  # the sample worker (in this process; a Ray actor gets the same)
+    assert loads == ["models:/pinned/1"]  # the sample worker
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert (manifest["model"], manifest["model_version"], result["written"]) == (alias, "1", 2)
 
