@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -35,6 +36,18 @@ class DDIMSampler:
         check_eta(eta, "ddim")
         self.diffusion, self.eta = diffusion, float(eta)
         self.timesteps = space_timesteps(diffusion.num_timesteps, steps, spacing, diffusion.alphas_cumprod)
+
+    @classmethod
+    def on_timesteps(cls, diffusion: Diffusion, timesteps: Sequence[int], eta: float = 0.0) -> DDIMSampler:
+        """DDIM on an explicit list of timesteps instead of a spacing's: a distilled student's grid
+        (:func:`ddpm.distill.student_timesteps`). ``timesteps`` must be distinct, descending, in [0, T)."""
+        ts = [int(t) for t in timesteps]
+        T = diffusion.num_timesteps
+        if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0 or ts[0] >= T:
+            raise ValueError(f"timesteps must be distinct, descending and in [0, {T}), got {ts}")
+        sampler = cls(diffusion, len(ts), eta)
+        sampler.timesteps = ts  # the one list step() reads
+        return sampler
 
     def step(self, model: Model, x: torch.Tensor, i: int, noise: NoiseSource,
              clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
