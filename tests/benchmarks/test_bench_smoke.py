@@ -188,7 +188,7 @@ def test_quality_quick(tmp_path):
         assert row["se"]["kid"] > 0
     assert {"kid", "fd", "classifier_score"} <= set(r["floors"])
     assert "test split (360 held-out digits)" in r["compared"] and "50 training images" in r["compared"]
-    assert set(r["vs_diffusers"]) == {"ddpm-5", "ddim-3", "dpmpp-3", "ddim-3-eta1"}
+    assert set(r["vs_diffusers"]) == {"ddpm-5", "ddim-3", "dpmpp-3", "dpmpp-2m-sde-3"}
     for row in r["results"]:
         assert set(row["vs_floor"]) >= {"kid", "fd", "classifier_score", "copy_rate"}
         assert set(row["vs_floor"].values()) <= {"at the floor", "worse", "better"}

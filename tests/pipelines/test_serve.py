@@ -265,8 +265,9 @@ def test_ctrl_c_deletes_the_application_and_exits_130(ray_cluster, tmp_path):
                    interval=1.0, alive=lambda: proc.poll() is None)
         assert _ready(url) and http(f"{url}/v1/samples", {"num": 1, **SETTING})[0] == 200
         proc.send_signal(signal.SIGINT)
-        out = proc.communicate(timeout=120)[0]
+        proc.wait(timeout=120)  # not communicate(): it would read stderr too, taking lines from the reader
         reader.join(10)
+        out = proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
