@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import common
+
 
 def _synthetic_cifar(n: int, seed: int = 0):
     from ddpm.data.sources import Sample
@@ -139,12 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 moto.wait()
     report = {"benchmark": "data_decode", "python": platform.python_version(), "machine": platform.machine(),
               "processor": platform.processor(), "cpus": os.cpu_count(), "results": results}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json_out:
-        os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
-        with open(args.json_out, "w") as f:
-            f.write(text + "\n")
+    print(common.write_json(report, args.json_out))
     return report
 
 

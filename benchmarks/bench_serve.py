@@ -28,7 +28,7 @@ import urllib.request
 from typing import TYPE_CHECKING
 
 from benchmarks.bench_sample import make_model
-from benchmarks.common import load, machine
+from benchmarks.common import load, machine, write_json
 
 if TYPE_CHECKING:
     from ddpm.config import ExperimentConfig
@@ -133,12 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                            "max_batch_size": args.max_batch_size},
               "saturation_vs_offline": round(saturation["images_per_s"] / offline_ips, 3) if offline_ips else None}
     result["sampler"] = dict(zip(("sampler", "steps", "eta"), resolve_settings(_config(args.preset), None, None, None)))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print(write_json(result, args.out))
     return result
 
 

@@ -112,8 +112,8 @@ def plot_sampler_table(rows: list[dict], out: Path) -> Path:
 
     panels = [(name, title) for name, title in SAMPLER_PANELS if name in rows[0]["scores"]]
     cols = min(len(panels), 2)
-    rows_ = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(5.5 * cols, 3.6 * rows_), squeeze=False)
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 3.6 * nrows), squeeze=False)
     axes = axes.ravel()
     lines: dict[str, list[dict]] = {}
     for r in rows:
