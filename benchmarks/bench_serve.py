@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
                 saturation = _clients(service.url, args.requests * args.concurrency, args.concurrency,
                                        args.time_limit)
             finally:
-                service.stop()
+                served = service.stop()  # the replica's own count: batches formed, time spent sampling
         finally:
             ray.shutdown()
     info = offline.info
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                        "device": info.get("device")},
               "latency_one_image": latency, "saturation": {**saturation, "concurrency": args.concurrency,
                                                            "max_batch_size": args.max_batch_size},
+              "server": {k: round(v, 3) for k, v in served.items() if k.startswith(("batches", "mean_batch", "sampling"))},
               "saturation_vs_offline": round(saturation["images_per_s"] / offline_ips, 3) if offline_ips else None}
     result["sampler"] = dict(zip(("sampler", "steps", "eta"), resolve_settings(_config(args.preset), None, None, None)))
     print(write_json(result, args.out))

@@ -178,14 +178,14 @@ def load_digits_feature_net(cache_dir: str | Path | None = None) -> tuple[Digits
 # -- scores ------------------------------------------------------------------------------------
 
 
-def _batched(net: DigitsFeatureNet, fn: str, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _batched(net: nn.Module, fn: str, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     x = torch.as_tensor(x, dtype=torch.float32)
     with torch.no_grad():
         return torch.cat([getattr(net, fn)(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def extract_features(net: DigitsFeatureNet, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """``[N x 1 x 8 x 8]`` images in [-1, 1] -> ``[N x D]`` features."""
+def extract_features(net: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """``[N x C x H x W]`` images in [-1, 1] -> ``[N x D]`` features (``net.features``, batched)."""
     return _batched(net, "features", x, batch_size)
 
 
@@ -208,39 +208,37 @@ COMPARED_WITH: dict[str, str | None] = {
 }
 
 
-class DigitsYardstick:
-    """The feature scores of :data:`COMPARED_WITH` for any set of digit images, as
-    :class:`ddpm.metrics.Score` objects against one reference (the held-out ``real_test``).
+class FeatureYardstick:
+    """The scores any feature network gives a set of images, as :class:`ddpm.metrics.Score` objects
+    against one reference (the held-out ``real_test``): ``fd``, ``kid``, ``precision``, ``recall``
+    (:func:`distance_scores`) in the network's feature space and ``copy_rate`` in pixel space.
 
-    Build it once per reference; :meth:`scores` of two sample sets can then be compared with
-    :func:`ddpm.metrics.score_difference` (the reference's noise shared).
+    ``net`` is any module with ``features(x) -> [N x D]`` (the digits network, or
+    :class:`ddpm.data_features.DataFeatureNet` for other data). Build it once per reference;
+    :meth:`scores` of two sample sets can then be compared with :func:`ddpm.metrics.score_difference`
+    (the reference's noise shared).
     """
 
-    def __init__(self, net: DigitsFeatureNet, real_test: torch.Tensor, real_train: torch.Tensor, k: int = 3,
+    def __init__(self, net: nn.Module, real_test: torch.Tensor, real_train: torch.Tensor, k: int = 3,
                  copy_quantile: float = 0.05) -> None:
         self.net, self.k, self.copy_quantile = net, k, copy_quantile
         self.test, self.train = (torch.as_tensor(t, dtype=torch.float32) for t in (real_test, real_train))
         self.ref_feats = extract_features(net, self.test)  # [M x D]
-        self.ref_labels = class_probabilities(net, self.test).argmax(dim=1)  # [M], the classifier's labels
         self.scale = rms_scale(self.ref_feats)  # KID's feature scale (distance_scores)
 
     def scores(self, images: torch.Tensor, copies: torch.Tensor | None = None) -> dict[str, metrics.Score]:
-        """``{score: Score}`` of ``[N x 1 x 8 x 8]`` images, in :data:`COMPARED_WITH` order. ``copies``
-        (``[N]`` bool) replaces the images' own copy flags (the floor of the copy rate)."""
+        """``{score: Score}`` of ``[N x C x H x W]`` images; ``copies`` (``[N]`` bool) replaces the
+        images' own copy flags (the floor of the copy rate)."""
         images = torch.as_tensor(images, dtype=torch.float32)
-        feats, probs = extract_features(self.net, images), class_probabilities(self.net, images)
-        labels = probs.argmax(dim=1)
+        feats = extract_features(self.net, images)
         if copies is None:
             copies = metrics.copies(images, self.train, self.test, quantile=self.copy_quantile)
-        return {
-            **distance_scores(feats, self.ref_feats, self.scale, self.k),
-            "classifier_score": metrics.Score(metrics.classifier_score, (probs,)),
-            "confidence": metrics.Score(_confidence, (probs,)),
-            "class_tv": metrics.Score(lambda a, b: metrics.class_tv(a, b, NUM_CLASSES), (labels,), (self.ref_labels,)),
-            "classes_covered": metrics.Score(lambda a, b: float(metrics.classes_covered(a, b, NUM_CLASSES)),
-                                             (labels,), (self.ref_labels,), standard_error=False),
-            "copy_rate": metrics.Score(share, (copies,)),
-        }
+        return {**distance_scores(feats, self.ref_feats, self.scale, self.k), **self._more(images),
+                "copy_rate": metrics.Score(share, (copies,))}
+
+    def _more(self, images: torch.Tensor) -> dict[str, metrics.Score]:
+        """Scores a subclass adds between the distances and the copy rate (the digits classifier's)."""
+        return {}
 
     def floor_scores(self, num: int, seed: int = 0) -> dict[str, metrics.Score]:
         """The scores of ``min(num, len(real_train))`` training images (a seeded random subset) in place
@@ -250,6 +248,37 @@ class DigitsYardstick:
         own = metrics.copies(self.test, self.train, self.test, quantile=self.copy_quantile)
         return {**self.scores(self.train[pick], copies=torch.zeros(n_floor, dtype=torch.bool)),
                 "copy_rate": metrics.Score(share, (own,))}
+
+    def values(self, samples: torch.Tensor, groups: int = 10, seed: int = 0) -> dict[str, float]:
+        """The scores of ``samples`` and their floors, with jackknife standard errors, as floats
+        (``<score>``, ``<score>_se``, ``<score>_floor``, ``<score>_floor_se``) and the set sizes
+        ``num_samples``, ``num_floor``, ``num_reference``, ``num_train``."""
+        out = {**metrics.score_values(self.scores(samples), groups, seed),
+               **metrics.score_values(self.floor_scores(len(samples), seed), groups, seed, suffix="_floor")}
+        out.update(num_samples=float(len(samples)), num_floor=float(min(len(samples), len(self.train))),
+                   num_reference=float(len(self.test)), num_train=float(len(self.train)))
+        return out
+
+
+class DigitsYardstick(FeatureYardstick):
+    """The digits network's scores, :data:`COMPARED_WITH`: :class:`FeatureYardstick`'s, and those read
+    from its class predictions (classifier score, confidence, class histogram against the reference)."""
+
+    def __init__(self, net: DigitsFeatureNet, real_test: torch.Tensor, real_train: torch.Tensor, k: int = 3,
+                 copy_quantile: float = 0.05) -> None:
+        super().__init__(net, real_test, real_train, k, copy_quantile)
+        self.ref_labels = class_probabilities(net, self.test).argmax(dim=1)  # [M], the classifier's labels
+
+    def _more(self, images: torch.Tensor) -> dict[str, metrics.Score]:
+        probs = class_probabilities(self.net, images)
+        labels = probs.argmax(dim=1)
+        return {
+            "classifier_score": metrics.Score(metrics.classifier_score, (probs,)),
+            "confidence": metrics.Score(_confidence, (probs,)),
+            "class_tv": metrics.Score(lambda a, b: metrics.class_tv(a, b, NUM_CLASSES), (labels,), (self.ref_labels,)),
+            "classes_covered": metrics.Score(lambda a, b: float(metrics.classes_covered(a, b, NUM_CLASSES)),
+                                             (labels,), (self.ref_labels,), standard_error=False),
+        }
 
 
 def distance_scores(feats: torch.Tensor, ref: torch.Tensor, scale: float, k: int) -> dict[str, metrics.Score]:
@@ -378,16 +407,12 @@ def evaluate_samples(samples: torch.Tensor, real_test: torch.Tensor, real_train:
     """
     if net is None:
         net, _ = load_digits_feature_net(cache_dir)
-    yardstick = DigitsYardstick(net, real_test, real_train, k=k, copy_quantile=copy_quantile)
-    out = {**metrics.score_values(yardstick.scores(samples), groups, seed),
-           **metrics.score_values(yardstick.floor_scores(len(samples), seed), groups, seed, suffix="_floor")}
-    out.update(num_samples=float(len(samples)), num_floor=float(min(len(samples), len(yardstick.train))),
-               num_reference=float(len(yardstick.test)), num_train=float(len(yardstick.train)))
-    return out
+    return DigitsYardstick(net, real_test, real_train, k=k, copy_quantile=copy_quantile).values(samples, groups, seed)
 
 
 __all__ = [
     "COMPARED_WITH", "FEATURE_DIM", "FEATURE_NET_VERSION", "NUM_CLASSES", "DigitsFeatureNet", "DigitsYardstick",
+    "FeatureYardstick",
     "class_probabilities", "class_spread_score", "classifier_confidence", "conditional_accuracy",
     "conditional_accuracy_score", "default_cache_dir", "deterministic", "distance_scores", "fit", "rms_scale",
     "share",

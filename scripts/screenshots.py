@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +38,11 @@ START_TIMEOUT = 240.0  # seconds for `mlflow server` to answer /health (140 s se
 WINDOW = (1600, 1000)  # pixels
 RENDER_MS = 60_000  # Chromium's virtual time budget per page (it stands still while requests are in flight)
 BROWSER_TIMEOUT = 240.0  # seconds of real time per page
+# What a page's DOM holds once its lazy parts have rendered. Under load chromium can end a page's
+# virtual-time budget before the charts page fetches the run's sample grid: such a page is rendered
+# again (at most RENDER_ATTEMPTS times) before its screenshot is taken.
+READY = {"mlflow-run-charts": r"<img[^>]+src=\"[^\"]*images(%2F|/)"}
+RENDER_ATTEMPTS = 3
 UI_HOST = "mlflow-ui"  # the name Chromium uses for 127.0.0.1: on a loopback name the UI opens its LLM assistant panel
 
 
@@ -167,6 +173,16 @@ def browse(browser: str, url: str, *, screenshot: Path | None = None, dom: bool 
     return done.stdout.decode(errors="replace")
 
 
+def rendered(browser: str, url: str, ready: str | None = None) -> str:
+    """The page's DOM, rendered again while it lacks ``ready`` (a regex; at most RENDER_ATTEMPTS tries)."""
+    for attempt in range(1, RENDER_ATTEMPTS + 1):
+        html = browse(browser, url, dom=True)
+        if ready is None or re.search(ready, html):
+            return html
+        print(f"{url}: not fully rendered (try {attempt} of {RENDER_ATTEMPTS})", file=sys.stderr, flush=True)
+    return html
+
+
 def take(tracking_uri: str, registry_uri: str, out: Path, *, run_id: str | None = None, model: str | None = None,
          version: str | None = None, dom: bool = False) -> dict[str, str]:
     """Start the UI, save each page's screenshot (and DOM) under ``out``; return stem -> URL."""
@@ -176,9 +192,10 @@ def take(tracking_uri: str, registry_uri: str, out: Path, *, run_id: str | None 
         ids = pick(url, run_id, model, version)
         urls = {stem: f"{ui}/{route}" for stem, route in pages(ids).items()}
         for stem, page in urls.items():
+            html = rendered(browser, page, READY.get(stem)) if stem in READY or dom else None
             browse(browser, page, screenshot=out / f"{stem}.png")
             if dom:
-                (out / f"{stem}.html").write_text(browse(browser, page, dom=True))
+                (out / f"{stem}.html").write_text(html)
             print(f"{out / stem}.png  <- {page}", flush=True)
     return urls
 

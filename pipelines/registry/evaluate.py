@@ -16,7 +16,11 @@ What is measured (every result keyed by what it depends on, see ``ddpm.metrics.r
   ``confidence`` of the samples; ``copy_rate`` against the training split. Each with its standard
   error (``<metric>_se``) and ``<metric>_floor``: the same comparison for the same number of
   training images in place of the samples (copy rate: the test split's own);
-  natural images: ``fid`` (Inception-v3) when ``DDPM_INCEPTION_WEIGHTS`` names the weights file;
+  any other data with a training split, offline (``ddpm.data_features``): ``fd``, ``kid``,
+  ``precision``, ``recall`` and ``copy_rate`` as above, in the feature space of a small network
+  trained on that training split (to tell its images' quarter-turns apart, and their classes when the
+  split has labels), trained once per split and cached, keyed ``features:data-cnn-v1-<task>``;
+  RGB images: ``fid`` (Inception-v3) as well when ``DDPM_INCEPTION_WEIGHTS`` names the weights file;
   any data with a training split (``ddpm.pixel_scores``): ``pixel_fd`` (Frechet distance in the
   whitened PCA space of the training pixels) and ``fine_spread`` (the samples' variance along the
   finer components over the test split's; 1 is real spread), keyed ``features:pixel-pca-v1-<K>``.
@@ -38,6 +42,7 @@ evaluation run of its own. ``--table`` adds the sampler table (DDPM at T steps; 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -465,7 +470,9 @@ def _quality(samples: torch.Tensor, ev: EvalData, settings: Settings, out: dict[
 
 
 def _feature_quality(samples: torch.Tensor, ev: EvalData, settings: Settings, out: dict[str, Any]) -> dict[str, float]:
-    """Scores in the data's feature space: the digits network's, or Inception-v3 FID for RGB."""
+    """Scores in the data's feature space: the digits network's for digits; for other data with a
+    training split, a network trained on that split (``ddpm.data_features``, offline), and
+    Inception-v3 FID as well for RGB when its weights are given."""
     if samples.shape[1:] == (1, 8, 8) and ev.source == "digits":
         if ev.train is None:
             out["notes"].append("sample quality skipped: no training split next to the test split")
@@ -473,32 +480,72 @@ def _feature_quality(samples: torch.Tensor, ev: EvalData, settings: Settings, ou
         net, info = features.load_digits_feature_net(settings.home / "cache")
         out["features"] = info["version"]
         out["feature_net"] = {"version": info["version"], "test_accuracy": info["test_accuracy"]}
-        if len(samples) <= features.FEATURE_DIM:
-            out["notes"].append(f"{len(samples)} samples for {features.FEATURE_DIM}-d features: FD and recall "
-                                "are dominated by estimation noise; use --num of a few hundred or more")
+        _few_samples_note(len(samples), out)
         scores = features.evaluate_samples(samples, ev.test, ev.train, net=net, k=K_NEAREST)
         out["compared"], out["floor_compared"] = _compared(
             scores, features.COMPARED_WITH, len(samples), len(ev.test), len(ev.train), int(scores["num_floor"]))
         return scores
+    scores: dict[str, float] = {}
+    if ev.train is not None:
+        scores = _data_feature_quality(samples, ev, settings, out)
+    else:
+        out["notes"].append("feature scores skipped: no training split next to the test split to train a "
+                            "feature network on (prepare one with data prepare --test-fraction)")
     if samples.shape[1] == 3:
-        weights = os.environ.get(INCEPTION_ENV)
-        out["features"] = "inception-v3-2048"
-        if not weights:
-            out["notes"].append(f"FID skipped: set {INCEPTION_ENV} to the weights file. {INCEPTION_WEIGHTS_HINT}")
-            return {}
-        try:
-            fid = inception_fid(ev.test, samples, weights)
-            n = min(len(samples), len(ev.train)) if ev.train is not None else 0
-            floor = inception_fid(ev.test, ev.train[:n], weights) if ev.train is not None else float("nan")
-        except (FileNotFoundError, ImportError) as e:
-            raise UsageError(str(e)) from None
-        scores = {"fid": fid, "fid_floor": floor}
-        out["compared"], out["floor_compared"] = _compared(
-            scores, {"fid": "reference"}, len(samples), len(ev.test), n, n)
-        return scores
-    out["notes"].append(f"sample quality skipped: no feature space for {tuple(samples.shape[1:])} "
-                        f"images of {ev.source!r}")
-    return {}
+        scores.update(_inception_quality(samples, ev, out))
+    return scores
+
+
+def _few_samples_note(num: int, out: dict[str, Any]) -> None:
+    if num <= features.FEATURE_DIM:
+        out["notes"].append(f"{num} samples for {features.FEATURE_DIM}-d features: FD and recall "
+                            "are dominated by estimation noise; use --num of a few hundred or more")
+
+
+def _data_feature_quality(samples: torch.Tensor, ev: EvalData, settings: Settings,
+                          out: dict[str, Any]) -> dict[str, float]:
+    """``fd``, ``kid``, ``precision``, ``recall`` and ``copy_rate`` in the feature space of a network
+    trained on the training split (``ddpm.data_features``; trained once per split, then cached)."""
+    from ddpm import data_features
+
+    cache = settings.home / "cache"
+    what = (f"training the feature network on {min(len(ev.train), data_features.MAX_TRAIN_IMAGES)} training "
+            f"images ({'their classes and ' if ev.train_labels is not None else ''}quarter-turns; cached after)")
+    with contextlib.nullcontext() if data_features.cache_path(ev.hash, cache).is_file() else console.phase("evaluate", what):
+        net, info = data_features.load_data_feature_net(ev.train, ev.train_labels, ev.hash, cache, ev.test,
+                                                        ev.test_labels)
+    space = f"{info['version']}-{info['task']}"
+    out["feature_net"] = {"version": info["version"], "task": info["task"], "test_accuracy": info["test_accuracy"],
+                          "chance": 1.0 / (info["num_classes"] * data_features.TURNS)}
+    _few_samples_note(len(samples), out)
+    scores = data_features.evaluate_samples(samples, ev.test, ev.train, net, k=K_NEAREST)
+    compared, floors = _compared(scores, data_features.COMPARED_WITH, len(samples), len(ev.test), len(ev.train),
+                                 int(scores["num_floor"]))
+    for c in compared.values():
+        c["features"] = space
+    out["compared"], out["floor_compared"] = {**out["compared"], **compared}, {**out["floor_compared"], **floors}
+    if out["features"] == "none":
+        out["features"] = space
+    return scores
+
+
+def _inception_quality(samples: torch.Tensor, ev: EvalData, out: dict[str, Any]) -> dict[str, float]:
+    """Inception-v3 FID against the test split, when ``DDPM_INCEPTION_WEIGHTS`` names the weights."""
+    weights = os.environ.get(INCEPTION_ENV)
+    if not weights:
+        out["notes"].append(f"Inception FID skipped: set {INCEPTION_ENV} to the weights file. "
+                            f"{INCEPTION_WEIGHTS_HINT}")
+        return {}
+    try:
+        fid = inception_fid(ev.test, samples, weights)
+        n = min(len(samples), len(ev.train)) if ev.train is not None else 0
+        floor = inception_fid(ev.test, ev.train[:n], weights) if ev.train is not None else float("nan")
+    except (FileNotFoundError, ImportError) as e:
+        raise UsageError(str(e)) from None
+    compared, floors = _compared({"fid": fid}, {"fid": "reference"}, len(samples), len(ev.test), n, n)
+    compared["fid"]["features"] = "inception-v3-2048"
+    out["compared"], out["floor_compared"] = {**out["compared"], **compared}, {**out["floor_compared"], **floors}
+    return {"fid": fid, "fid_floor": floor}
 
 
 # -- logging ----------------------------------------------------------------------------------------
@@ -710,9 +757,12 @@ def _message(uri: str, bpd: dict[str, Any], main: dict[str, Any], rows: list[dic
             line += (f" (real data floor {_cell(floor, main['floor_se'].get(name))}: "
                      f"{main['floor_compared'][name]['label']})")
         lines.append(line)
-    if main.get("feature_net"):
-        lines.append(f"  feature net {main['feature_net']['version']}: "
-                     f"{main['feature_net']['test_accuracy']:.3f} test accuracy")
+    net = main.get("feature_net")
+    if net and "task" in net:  # trained on this data's training split: its task's accuracy on the test split
+        lines.append(f"  feature net {net['version']}, trained on the training split ({net['task']}): "
+                     f"{net['test_accuracy']:.3f} accuracy on the test split (chance {net['chance']:.3f})")
+    elif net:
+        lines.append(f"  feature net {net['version']}: {net['test_accuracy']:.3f} test accuracy")
     lines.extend(f"  note: {n}" for n in main.get("notes", []))
     if cond is not None:
         lines.extend(_cond_lines(cond, main))

@@ -49,6 +49,7 @@ class RequestStats:
     counts: dict[str, int] = field(default_factory=dict)  # "POST /v1/samples 200" -> n
     latencies: list[float] = field(default_factory=list)  # seconds, sampling requests answered 200
     images: int = 0
+    batches: list[tuple[int, int, float]] = field(default_factory=list)  # (requests, images, sampling seconds)
     started: float = field(default_factory=time.time)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -60,28 +61,41 @@ class RequestStats:
                 self.latencies.append(seconds)
                 self.images += images
 
+    def add_batch(self, requests: int, images: int, seconds: float) -> None:
+        """One network batch: how many requests ``@serve.batch`` merged, their images, its sampling time."""
+        with self._lock:
+            self.batches.append((requests, images, seconds))
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {"counts": dict(self.counts), "latencies": list(self.latencies), "images": self.images,
-                    "started": self.started, "now": time.time()}
+                    "batches": list(self.batches), "started": self.started, "now": time.time()}
 
 
 def summarise(snapshots: list[dict[str, Any]]) -> dict[str, float]:
     """Replicas' :meth:`RequestStats.snapshot` merged: request counts (all, 2xx, 4xx, 5xx), latency
-    percentiles (ms) of the sampling requests, and images/s over the service's life."""
+    percentiles (ms) of the sampling requests, images/s over the service's life, and the batches:
+    their number, mean requests and images per batch, and the share of the life spent sampling
+    (summed over replicas: up to their number)."""
     counts: dict[str, int] = {}
     latencies: list[float] = []
     images = 0
+    batches: list[tuple[int, int, float]] = []
     for snap in snapshots:
         for key, n in snap["counts"].items():
             counts[key] = counts.get(key, 0) + n
         latencies += snap["latencies"]
         images += snap["images"]
+        batches += [tuple(b) for b in snap.get("batches", [])]
     span = max((s["now"] for s in snapshots), default=0) - min((s["started"] for s in snapshots), default=0)
     by_class = {c: sum(n for k, n in counts.items() if k.rsplit(" ", 1)[1].startswith(c)) for c in "245"}
     out = {"requests": float(sum(counts.values())), "requests_2xx": float(by_class["2"]),
            "requests_4xx": float(by_class["4"]), "requests_5xx": float(by_class["5"]), "images": float(images),
            "images_per_s": images / span if span > 0 else 0.0}
+    if batches:
+        out.update(batches=float(len(batches)), mean_batch_requests=float(np.mean([b[0] for b in batches])),
+                   mean_batch_images=float(np.mean([b[1] for b in batches])),
+                   sampling_share=sum(b[2] for b in batches) / span if span > 0 else 0.0)
     if latencies:
         for q in (50, 95, 99):
             out[f"latency_p{q}_ms"] = float(np.percentile(latencies, q) * 1000)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -117,7 +118,9 @@ class SampleDeployment:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # both set from the options in __init__
     async def sample_batch(self, requests: list[SamplesRequest]) -> list[tuple[np.ndarray, ServedModel]]:
         model = self.holder.current  # read once: the whole batch is sampled by this version
+        start = time.perf_counter()
         xs = await asyncio.to_thread(model.sample, requests)
+        self.stats.add_batch(len(requests), sum(r.num for r in requests), time.perf_counter() - start)
         return [(x, model) for x in xs]
 
     def request_stats(self) -> dict[str, Any]:

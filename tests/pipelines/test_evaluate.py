@@ -226,3 +226,43 @@ def test_evaluate_refuses_a_checkpoint_whose_config_name_leaves_ddpm_home(tmp_pa
     assert "not a valid experiment name" in result.output
     assert not (digits_home.parent / "escape").exists() and not (tmp_path / "escape").exists()
     assert mlflow_client().get_experiment_by_name("../../escape") is None
+
+
+@pytest.mark.timeout(300)
+def test_rgb_data_gets_feature_scores_offline_from_a_network_trained_on_its_training_split(capsys):
+    """Issue 29, item 4: on a user's own RGB images, offline, evaluate gives KID, FD, precision,
+    recall and the copy rate in the space of a network trained on the training split (with their
+    standard errors and floors, keyed by that network), beside the pixel scores; the network is
+    trained once per split and then read from the cache."""
+    import torch
+
+    from pipelines.registry.evaluate import EvalData, score_samples
+    from pipelines.settings import resolve
+
+    g = torch.Generator().manual_seed(0)
+    # pictures with structure (a bright square somewhere on a dark background), on 256 levels
+    def pictures(n: int) -> torch.Tensor:
+        x = -torch.ones(n, 3, 8, 8)
+        for i in range(n):
+            r, c = torch.randint(0, 5, (2,), generator=g).tolist()
+            x[i, :, r:r + 3, c:c + 3] = torch.rand(3, 1, 1, generator=g) * 2 - 1
+        return ((x + 1) * 127.5).round() / 127.5 - 1
+
+    ev = EvalData(test=pictures(120), train=pictures(300), levels=256, source="pictures", test_hash="t",
+                  hash="h" * 12, test_url="x", train_url="y")
+    out = score_samples(pictures(150), 1.0, ev, "ddim", 10, 0.0, resolve())
+    err = capsys.readouterr().err
+    assert "[evaluate] training the feature network on 300 training images (quarter-turns; cached after)" in err
+    for name in ("kid", "fd", "precision", "recall", "copy_rate", "pixel_fd", "fine_spread"):
+        assert name in out["scores"] and name in out["floors"], name
+        assert out["se"][name] is not None and out["se"][name] > 0, name
+    keys = {r["key"].split("/")[0]: r["key"] for r in out["results"]}
+    assert "features:data-cnn-v1-turns" in keys["kid"] and "vs:test-120" in keys["kid"]
+    assert "features:data-cnn-v1-turns" in keys["kid_floor"]
+    assert "features:pixel-pca-v1-" in keys["pixel_fd"]
+    assert out["feature_net"]["task"] == "turns" and out["feature_net"]["chance"] == 0.25
+    assert any("Inception FID skipped" in n for n in out["notes"])
+    # real pictures of the same kind sit at the floor; the network is read from the cache the second time
+    again = score_samples(pictures(150), 1.0, ev, "ddim", 10, 0.0, resolve())
+    assert "training the feature network" not in capsys.readouterr().err
+    assert again["scores"]["kid"] - again["floors"]["kid"] < 3 * (again["se"]["kid"] + again["floor_se"]["kid"])

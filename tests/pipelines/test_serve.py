@@ -133,6 +133,21 @@ def test_routes_answer_as_sample_writes_and_refuse_bad_requests(plain_server, tm
 
 
 # -- the alias switch ------------------------------------------------------------------------------------
+def test_the_summary_counts_batches_and_the_time_spent_sampling():
+    from pipelines.serve.app import RequestStats, summarise
+
+    a, b = RequestStats(started=100.0), RequestStats(started=100.0)
+    a.add("POST /v1/samples", 200, 0.5, images=5)
+    a.add_batch(3, 5, 0.4)
+    a.add_batch(1, 1, 0.2)
+    b.add_batch(2, 3, 0.4)
+    snaps = [{**x.snapshot(), "now": 110.0} for x in (a, b)]
+    got = summarise(snaps)
+    assert got["batches"] == 3 and got["mean_batch_requests"] == 2.0 and got["mean_batch_images"] == 3.0
+    assert got["sampling_share"] == pytest.approx(1.0 / 10.0)  # 1 s of sampling in a 10 s life
+    assert "batches" not in summarise([RequestStats().snapshot()])
+
+
 def test_the_holder_follows_the_alias_and_keeps_serving_through_a_failed_load():
     points = {"to": "models:/m/1"}
     loads: list[str] = []
@@ -208,6 +223,7 @@ def test_serve_answers_as_sample_refuses_without_the_token_and_stops_clean(ray_c
         summary = service.stop()
     assert _app_gone()
     assert summary["requests_2xx"] >= 2 and summary["requests_4xx"] >= 2 and summary["images"] == 8
+    assert summary["batches"] >= 1 and summary["mean_batch_images"] >= 1  # the replica counted its batches
     run = mlflow_client().get_run(service.run_id)
     assert run.info.status == "FINISHED" and run.data.params["model_version"] == "1"
     assert run.data.metrics["serve.images"] == 8 and "serve.latency_p50_ms" in run.data.metrics
