@@ -8,7 +8,9 @@ requests or images and a time limit (whichever ends first):
 
 1. offline: ``sample``'s in-process job (:func:`pipelines.sample.command.sample_arrays`) of
    ``--offline-num`` images in one batch, after a warm-up run: images/s with the model loaded;
-2. latency (after one warm-up request): one client, ``--requests`` requests of one image each in turn: p50/p95 in ms;
+2. latency (after one warm-up request): one client, ``--requests`` requests of one image each in turn: p50/p95 in ms,
+   against the bare sampling of one image by the replica's own code (``ServedModel.sample``, no HTTP,
+   ``--requests`` times; the target: p95 under 1.5x the bare p50);
 3. saturation: ``--concurrency`` clients, ``--requests`` x ``--concurrency`` one-image requests in
    all: images/s and its ratio to offline (batching merges concurrent requests, ``--max-batch-size``).
 
@@ -80,13 +82,32 @@ def _clients(url: str, total: int, concurrency: int, limit_s: float) -> dict:
             "p50_ms": pct(0.5), "p95_ms": pct(0.95)}
 
 
+def _bare_one_image(ckpt: str, repeats: int) -> dict:
+    """The replica's own sampling of one image (``ServedModel.sample``, model loaded, no HTTP), in ms."""
+    from pipelines.serve.api import MAX_NUM, parse_samples
+    from pipelines.serve.model import ServedModel
+
+    served = ServedModel.load(ckpt)
+    req = parse_samples({"num": 1, "seed": 0}, served.config, served.num_timesteps, MAX_NUM)
+    served.sample([req])  # warm: builds the pipeline
+    ms = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        served.sample([req])
+        ms.append(1000 * (time.perf_counter() - start))
+    ms.sort()
+    return {"repeats": repeats, "p50_ms": round(ms[len(ms) // 2], 1), "p95_ms": round(ms[min(len(ms) - 1, int(0.95 * len(ms)))], 1)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=20, help="latency requests; x --concurrency at saturation")
     # Enough clients to fill the server's batches: saturation is when every batch is full.
-    p.add_argument("--concurrency", type=int, default=16, help="clients at saturation")
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--offline-num", type=int, default=64, help="images of the offline run (one batch)")
+    p.add_argument("--concurrency", type=int, default=64, help="clients at saturation")
+    p.add_argument("--max-batch-size", type=int, default=64, help="images per batch (serve's default)")
+    p.add_argument("--batch-wait-timeout", type=float, default=None,
+                   help="seconds a batch waits to fill (default: serve's own)")
+    p.add_argument("--offline-num", type=int, default=256, help="images of the offline run (one batch: sample's default)")
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds per measurement at most")
     p.add_argument("--preset", default="digits")
     p.add_argument("--out", default=None, help="also write the JSON result here")
@@ -111,10 +132,12 @@ def main(argv: list[str] | None = None) -> dict:
                               progress=False) for _ in range(2)]
         offline = runs[-1]
         offline_ips = offline.timings["samples_per_s"]
+        bare = _bare_one_image(ckpt, args.requests)
         ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         try:
+            wait = {} if args.batch_wait_timeout is None else {"batch_wait_timeout": args.batch_wait_timeout}
             service = start_service(ServeOptions(model=ckpt, max_batch_size=args.max_batch_size,
-                                                 cpus_per_replica=float(cores)), port=free_port(), track=False)
+                                                 cpus_per_replica=float(cores), **wait), port=free_port(), track=False)
             try:
                 _post(service.url, {"num": 1, "seed": 0})  # warm: the first call builds the pipeline
                 latency = _clients(service.url, args.requests, 1, args.time_limit)
@@ -129,8 +152,11 @@ def main(argv: list[str] | None = None) -> dict:
               "load_before": load_before, "sampler": None, "offline": {"num": args.offline_num,
                                                                        "images_per_s": offline_ips,
                                                                        "device": info.get("device")},
-              "latency_one_image": latency, "saturation": {**saturation, "concurrency": args.concurrency,
-                                                           "max_batch_size": args.max_batch_size},
+              "bare_one_image": bare, "latency_one_image": latency,
+              "latency_p95_vs_bare_p50": round(latency["p95_ms"] / bare["p50_ms"], 3) if latency["p95_ms"] else None,
+              "saturation": {**saturation, "concurrency": args.concurrency,
+                                                           "max_batch_size": args.max_batch_size,
+                                                           "batch_wait_timeout": service.options.batch_wait_timeout},
               "server": {k: round(v, 3) for k, v in served.items() if k.startswith(("batches", "mean_batch", "sampling"))},
               "saturation_vs_offline": round(saturation["images_per_s"] / offline_ips, 3) if offline_ips else None}
     result["sampler"] = dict(zip(("sampler", "steps", "eta"), resolve_settings(_config(args.preset), None, None, None)))

@@ -62,7 +62,7 @@ class RequestStats:
                 self.images += images
 
     def add_batch(self, requests: int, images: int, seconds: float) -> None:
-        """One network batch: how many requests ``@serve.batch`` merged, their images, its sampling time."""
+        """One network batch: how many requests the batcher merged, their images, its sampling time."""
         with self._lock:
             self.batches.append((requests, images, seconds))
 
@@ -110,7 +110,7 @@ def build_app(holder: ModelHolder, submit: Submit, max_num: int, token_sha256: s
               stats: RequestStats | None = None, limits: dict[str, Any] | None = None) -> FastAPI:
     """The routes (module docstring) over ``holder``'s model. ``submit(request)`` samples one checked
     request and returns ``(x_0 [n x C x H x W], the model that sampled it)``: the deployment's
-    ``@serve.batch`` method, or :func:`direct_submit`."""
+    batcher (``pipelines/serve/deployment.py``), or :func:`direct_submit`."""
     app = FastAPI(title="ddpm-pipe serve", docs_url=None, redoc_url=None, openapi_url=None)
     stats = stats if stats is not None else RequestStats()
 

@@ -1,11 +1,13 @@
 """The Ray Serve side of ``ddpm-pipe serve``: one deployment holding the model, its HTTP ingress the
-FastAPI app of ``pipelines/serve/app.py``, requests batched with ``@serve.batch``.
+FastAPI app of ``pipelines/serve/app.py``, requests batched by :class:`pipelines.serve.batcher.Batcher`.
 
 Each replica loads the model once (:class:`pipelines.serve.model.ModelHolder`; for an alias it polls
 the registry every ``reload_every`` seconds and switches to the version the alias moves to), builds
 the app around it (``__serve_build_asgi_app__``: Serve calls it after the constructor), and samples
 each batch of requests in a worker thread, so the health routes answer while the network runs.
-``max_batch_size`` counts requests; requests of one sampling setting run as one network batch.
+``max_batch_size`` counts images (a request of ``num`` 4 counts 4; one larger request runs alone);
+the requests of a batch that share a sampling setting run as one network batch. The batcher fills the
+next batch while the model samples the current one (why not ``@serve.batch``: the batcher's docstring).
 
 :func:`application` is the one place a :class:`ServeOptions` becomes a Serve application: the CLI's
 ``serve`` command calls it, and a KubeRay ``RayService`` names it as its import path
@@ -30,6 +32,7 @@ from ray import serve
 
 from pipelines.serve.api import MAX_NUM, SamplesRequest
 from pipelines.serve.app import RequestStats, build_app, token_digest
+from pipelines.serve.batcher import Batcher
 from pipelines.serve.model import ModelHolder, ServedModel
 
 if TYPE_CHECKING:
@@ -48,8 +51,8 @@ class ServeOptions:
 
     model: str  # any model URI; an alias is followed
     max_num: int = MAX_NUM  # images per request
-    max_batch_size: int = 8  # requests per @serve.batch call
-    batch_wait_timeout: float = 0.01  # seconds a batch waits to fill
+    max_batch_size: int = 64  # images per batch (pipelines.serve.batcher)
+    batch_wait_timeout: float = 0.01  # seconds a request waits for batch-mates while the model is idle
     reload_every: float = 30.0  # seconds between registry polls (alias URIs); 0: never
     replicas: int = 1
     min_replicas: int | None = None  # with max_replicas: autoscaling between them
@@ -91,8 +94,8 @@ class SampleDeployment:
         self.stats = RequestStats()
         self.holder = ModelHolder(options.model)
         self.holder.follow(options.reload_every)
-        self.sample_batch.set_max_batch_size(options.max_batch_size)
-        self.sample_batch.set_batch_wait_timeout_s(options.batch_wait_timeout)
+        self.batcher = Batcher(self.sample_batch, options.max_batch_size, options.batch_wait_timeout,
+                               size=lambda req: req.num)
         self._stopped = threading.Event()
         if options.stats_sink is not None:
             threading.Thread(target=self._push_stats, args=(options.stats_sink,), daemon=True).start()
@@ -113,9 +116,8 @@ class SampleDeployment:
                          limits)
 
     async def submit(self, req: SamplesRequest) -> tuple[np.ndarray, ServedModel]:
-        return await self.sample_batch(req)
+        return await self.batcher.submit(req)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # both set from the options in __init__
     async def sample_batch(self, requests: list[SamplesRequest]) -> list[tuple[np.ndarray, ServedModel]]:
         model = self.holder.current  # read once: the whole batch is sampled by this version
         start = time.perf_counter()

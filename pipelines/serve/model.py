@@ -3,7 +3,7 @@ registry poll that swaps in the version the alias moves to (:class:`ModelHolder`
 
 Sampling is ``sample``'s: a :class:`ddpm.pipeline.DDPMPipeline` over the EMA network
 (:class:`ddpm.inference.SamplingNet`), one noise seed per image, so image i of ``{"seed": s}`` is
-``sample --seed s``'s sample i. Requests batched together (``@serve.batch``) that share a setting
+``sample --seed s``'s sample i. Requests batched together (:mod:`pipelines.serve.batcher`) that share a setting
 (:attr:`pipelines.serve.api.SamplesRequest.setting`) run as one network batch; an image does not
 depend on its batch-mates beyond float rounding (below 1e-4, ``docs/PERFORMANCE.md``), and a request
 sampled alone runs as ``sample`` runs it, in one batch of at most 256.

@@ -79,6 +79,25 @@ def test_allreduce_quick(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_serve_bench_runs_bounded_and_reports_batches(tmp_path):
+    """bench_serve in a process of its own (it starts a local Ray instance): a few requests, the
+    offline, bare and HTTP figures, and the batches the replica formed."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "benchmarks.bench_serve", "--requests", "2", "--concurrency", "4",
+                    "--max-batch-size", "8", "--offline-num", "8", "--time-limit", "120",
+                    "--out", str(tmp_path / "serve.json")], check=True, timeout=540, stdout=subprocess.DEVNULL)
+    r = _read(tmp_path / "serve.json")
+    _machine_ok(r["machine"])
+    assert r["offline"]["images_per_s"] > 0 and r["bare_one_image"]["p50_ms"] > 0
+    assert r["latency_one_image"]["requests"] == 2 and r["saturation"]["requests"] == 8
+    assert r["saturation"]["errors"] == 0 and r["saturation_vs_offline"] > 0
+    assert r["server"]["batches"] >= 1 and r["server"]["mean_batch_images"] >= 1
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_ray_quick_and_table(tmp_path):
     """As a user runs it, in a process of its own: the benchmark starts its own local Ray instance,
