@@ -3,7 +3,9 @@
 Ray Train's ``FailureConfig(max_failures)`` restarts the worker group after ANY worker error. That is
 right for a killed process or a lost node, and wrong for an error that comes back identically on
 every attempt: a shard whose sha256 does not match, a config a worker cannot use, losses that are
-non-finite from the same checkpoint and seed. Those are recognised by type (:data:`NOT_RETRIED`),
+non-finite from the same checkpoint and seed, a checkpoint that cannot be read (the retry restores
+the same file), memory that runs out (the retry asks for the same batch). Those are recognised by
+type (:data:`NOT_RETRIED`),
 and :class:`StopOnBadInput`, a Ray Train callback run by the controller, turns the first one into a
 controller error, which Ray does not retry. The driver finds it with :func:`worker_input_error`.
 """
@@ -11,12 +13,17 @@ controller error, which Ray does not retry. The driver finds it with :func:`work
 from __future__ import annotations
 
 import ray.train
+import torch
 
+from ddpm.checkpoint import CheckpointError
 from ddpm.config import ConfigError
 from ddpm.data.storage import DataError
 from pipelines.train.loop import NonFiniteLossError
 
-NOT_RETRIED: tuple[type[BaseException], ...] = (ConfigError, DataError, NonFiniteLossError)
+OUT_OF_MEMORY: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, MemoryError)
+NOT_RETRIED: tuple[type[BaseException], ...] = (ConfigError, DataError, NonFiniteLossError, CheckpointError,
+                                                *OUT_OF_MEMORY)
+BAD_INPUT: tuple[type[BaseException], ...] = (ConfigError, DataError)  # exit 2; the others exit 1
 
 
 class WorkerInputError(RuntimeError):
@@ -73,6 +80,20 @@ class StopOnBadInput(ray.train.UserCallback):
         for rank, exc in sorted(worker_exceptions.items()):
             cause = deterministic_cause(exc)
             if cause is not None:
-                code = 1 if isinstance(cause, NonFiniteLossError) else 2
-                raise WorkerInputError(f"worker {rank}: {cause} (not retried: a retry would fail the same way)",
-                                       code)
+                raise WorkerInputError(f"worker {rank}: {_describe(cause)} (not retried: a retry would fail the "
+                                       f"same way){_advice(cause)}", 2 if isinstance(cause, BAD_INPUT) else 1)
+
+
+def _describe(cause: BaseException) -> str:
+    return str(cause) or type(cause).__name__
+
+
+def _advice(cause: BaseException) -> str:
+    """What to do about a cause that is not the user's input."""
+    if isinstance(cause, OUT_OF_MEMORY):
+        return ("; out of memory: lower train.batch_size (with train.grad_accum to keep the effective "
+                "batch) or use --precision bf16")
+    if isinstance(cause, CheckpointError):
+        return ("; remove that checkpoint folder from the run's storage to resume from the one before it, "
+                "or start again under another --run-name")
+    return ""

@@ -20,7 +20,7 @@ import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
-from ddpm.checkpoint import load_checkpoint, save_checkpoint
+from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ddpm.config import ExperimentConfig
 from pipelines import console
 from pipelines.storage.ray_storage import ray_storage
@@ -47,7 +47,10 @@ def checkpoint_io(report_fn: Callable[..., None], get_checkpoint: Callable[[], r
         if ckpt is None:
             return None
         with ckpt.as_directory() as d:
-            return load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
+            try:
+                return load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
+            except CheckpointError as e:  # name the checkpoint in the run's storage, not the local copy
+                raise CheckpointError(f"checkpoint {ckpt.path}: {str(e).replace(d, '.', 1)}") from e
 
     def report(metrics: dict, state: dict | None) -> None:
         if state is None:
