@@ -214,22 +214,41 @@ def load_diffusers_unet(folder: str, storage_options: dict | None = None) -> tup
     """
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(folder, **(storage_options or {}))
+    try:
+        fs, root = fsspec.core.url_to_fs(folder, **(storage_options or {}))
+    except (ValueError, ImportError) as e:  # an unknown protocol, or its package not installed
+        raise DiffusersConversionError(f"{folder}: cannot open ({e})") from None
     root = root.rstrip("/")
     if not fs.exists(f"{root}/config.json") and fs.exists(f"{root}/unet/config.json"):
         root = f"{root}/unet"
     if not fs.exists(f"{root}/config.json"):
         raise DiffusersConversionError(f"{folder}: no config.json (not a saved diffusers UNet2DModel)")
     with fs.open(f"{root}/config.json", "r") as f:
-        config = unet_config_from_diffusers(json.load(f))
+        try:
+            raw = json.load(f)
+        except ValueError as e:
+            raise DiffusersConversionError(f"{root}/config.json: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise DiffusersConversionError(f"{root}/config.json: holds a {type(raw).__name__}, not a UNet2DModel "
+                                       "config (a JSON object)")
+    config = unet_config_from_diffusers(raw)
 
     st, pt = f"{root}/diffusion_pytorch_model.safetensors", f"{root}/diffusion_pytorch_model.bin"
-    if fs.exists(st):
-        from safetensors.torch import load as load_safetensors
+    try:
+        if fs.exists(st):
+            from safetensors.torch import load as load_safetensors
 
-        sd = load_safetensors(fs.cat_file(st))
-    elif fs.exists(pt):
-        sd = torch.load(io.BytesIO(fs.cat_file(pt)), map_location="cpu", weights_only=True)
-    else:
-        raise DiffusersConversionError(f"{folder}: no diffusion_pytorch_model.safetensors or .bin")
+            sd = load_safetensors(fs.cat_file(st))
+        elif fs.exists(pt):
+            sd = torch.load(io.BytesIO(fs.cat_file(pt)), map_location="cpu", weights_only=True)
+        else:
+            raise DiffusersConversionError(f"{folder}: no diffusion_pytorch_model.safetensors or .bin")
+    except DiffusersConversionError:
+        raise
+    except Exception as e:  # unpicklable, truncated, or not weights only: the file is bad input, not a crash
+        name = st if fs.exists(st) else pt
+        raise DiffusersConversionError(f"{name}: not readable weights ({type(e).__name__}: "
+                                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(sd, dict):
+        raise DiffusersConversionError(f"{pt}: holds a {type(sd).__name__}, not a state dict")
     return config, convert_state_dict(sd)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ddpm.data.retry import with_retries
 from ddpm.data.storage import DataError, check_name, join, open_fs
 
 FORMAT = "ddpm-pipe/webdataset"
@@ -131,8 +132,8 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> di
     """Read and validate ``{url}/manifest.json``."""
     fs, root = open_fs(url, storage_options)
     path = join(root, MANIFEST)
-    try:
-        raw = fs.cat_file(path)
+    try:  # a dropped request is retried (ddpm.data.retry); a missing manifest is not
+        raw = with_retries(lambda: fs.cat_file(path), f"reading {url}/{MANIFEST}")
     except FileNotFoundError:
         raise DataError(f"no {MANIFEST} at {url} (missing or empty prefix; run `ddpm-pipe data prepare`)") from None
     try:

@@ -102,7 +102,10 @@ def describe(uri: str) -> dict[str, str | None]:
     :raises PipelineError: (exit 1) the MLflow store could not answer (:func:`_store_failed`).
     """
     if not is_mlflow_uri(uri):
-        fs, path = fsspec.core.url_to_fs(uri)
+        try:
+            fs, path = fsspec.core.url_to_fs(uri)
+        except (ValueError, ImportError) as e:  # an unknown protocol, or its package not installed
+            raise UsageError(f"model {uri!r}: cannot open ({e}); expected {URI_FORMS}") from None
         if not fs.exists(path):
             raise UsageError(f"model {uri!r} does not exist (expected {URI_FORMS})")
         return {"run_id": None, "name": None, "version": None, "model_id": None}

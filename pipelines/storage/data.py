@@ -22,6 +22,7 @@ from fsspec import AbstractFileSystem
 from ddpm.config import ExperimentConfig
 from ddpm.data.manifest import FORMAT, MANIFEST, check_labels, read_manifest, shared_images
 from ddpm.data.shards import write_shards
+from ddpm.data.retry import PERMANENT, with_retries
 from ddpm.data.sources import Source, carve, open_source
 from ddpm.data.storage import DataError, SourceError, is_local, open_fs, storage_options_for
 from pipelines.console import info
@@ -67,9 +68,12 @@ def check_data(url: str, cfg: ExperimentConfig) -> None:
     try:
         manifest = read_manifest(url, options)
         fs, root = open_fs(url, options)
-        sizes = {p["name"].rstrip("/").rsplit("/", 1)[-1]: p.get("size") for p in fs.ls(root, detail=True)}
-    except (DataError, OSError) as e:
+        listing = with_retries(lambda: fs.ls(root, detail=True), f"listing {url}")
+        sizes = {p["name"].rstrip("/").rsplit("/", 1)[-1]: p.get("size") for p in listing}
+    except (DataError, *PERMANENT) as e:  # the data is not there or not ours to read: bad input
         raise UsageError(f"data {url}: {e}") from e
+    except OSError as e:  # the store still failing after the retries: a failure, not bad input
+        raise PipelineError(f"data {url}: {e}; nothing was started, run the command again") from e
     want = [cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size]
     if manifest["shape"] != want:
         raise UsageError(f"data {url}: images are [C, H, W] = {manifest['shape']} but the model takes {want} "

@@ -180,6 +180,8 @@ def test_model_uri_that_does_not_exist_is_a_usage_error(tmp_path):
         result = _interpolate(tmp_path, uri)
         assert result.exit_code == 2, result.output
         assert "does not exist" in result.output and uri in result.output
+    result = _interpolate(tmp_path, "foo://bucket/model.pt")  # a protocol fsspec does not know: exit 2, not 1
+    assert result.exit_code == 2 and "cannot open (Protocol not known: foo)" in result.output, result.output
     assert not (tmp_path / "mix.png").exists()
 
 

@@ -142,3 +142,28 @@ def test_permission_errors_are_not_retried(flaky):
     with pytest.raises(PermissionError, match="access denied"):
         atomic_write(fs, f"{folder}/x.png", b"png")
     assert FlakyFS.calls["pipe_file"] == 1 and pauses == []
+
+
+@pytest.mark.timeout(120)
+def test_a_transient_error_reading_the_manifest_is_retried_then_a_failure_not_bad_data(flaky, digits_shards,
+                                                                                       monkeypatch):
+    """Issue 25 (exit codes): the manifest read before training is retried like every object-store
+    read; a store still failing is exit 1 ("run the command again"), not exit 2 ("bad data")."""
+    from pipelines.errors import PipelineError, UsageError
+    from pipelines.storage.data import check_data
+
+    fs, folder, pauses = flaky
+    for f in digits_shards.iterdir():
+        fs.pipe_file(f"{folder}/{f.name}", f.read_bytes())
+    cfg = ExperimentConfig.preset("digits")
+    FlakyFS.plan = {"cat_file": [ConnectionError("reset by peer")]}
+    check_data(f"flaky://{folder}", cfg)  # one dropped request: retried, then the data checks out
+    assert pauses == [0.5]
+    monkeypatch.setenv("DDPM_STORAGE_RETRIES", "3")
+    FlakyFS.plan = {"cat_file": lambda: ConnectionError("connection refused")}
+    with pytest.raises(PipelineError, match=r"manifest.json: failed after 3 attempts.*run the command again") as info:
+        check_data(f"flaky://{folder}", cfg)
+    assert info.value.exit_code == 1 and not isinstance(info.value, UsageError)
+    FlakyFS.plan = {}
+    with pytest.raises(UsageError, match="no manifest.json"):  # missing data stays bad input (exit 2)
+        check_data(f"flaky://{folder}/nothing-here", cfg)

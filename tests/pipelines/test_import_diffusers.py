@@ -65,6 +65,31 @@ def test_not_the_papers_architecture_is_a_usage_error(tmp_path):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("damage", ["config-list", "config-json", "bin", "safetensors", "protocol"])
+def test_damaged_files_and_unknown_places_are_usage_errors(tmp_path, damage):
+    """Issue 25 (exit codes): what is wrong with the input is exit 2 with the file named, not exit 1."""
+    unet = paper_unet()
+    folder = tmp_path / "unet"
+    unet.save_pretrained(folder, safe_serialization=damage != "bin")
+    path, want = str(folder), None
+    if damage == "config-list":
+        (folder / "config.json").write_text("[1, 2]")
+        want = "config.json: holds a list"
+    elif damage == "config-json":
+        (folder / "config.json").write_text("{not json")
+        want = "config.json: not valid JSON"
+    elif damage == "bin":
+        (folder / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x02junk that does not unpickle")
+        want = "diffusion_pytorch_model.bin: not readable weights"
+    elif damage == "safetensors":
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"truncated")
+        want = "diffusion_pytorch_model.safetensors: not readable weights"
+    else:
+        path, want = "foo://bucket/unet", "cannot open (Protocol not known: foo)"
+    result = run_cli("import-diffusers", "--path", path, "--name", "x")
+    assert result.exit_code == 2 and want in result.output, result.output
+
+
 def test_a_class_conditional_model_imports_and_matches_diffusers_for_every_class(tmp_path):
     """num_class_embeds=10 -> a model of 10 classes: class c gives diffusers' output with
     class_labels=c; the version says it is class-conditional; sampling takes --class."""
