@@ -183,8 +183,12 @@ def write_samples(req: SampleRequest, out: str | None, fmt: str = "png", progres
     asked = req
     req, config, meta = settle(req)
     folder = OutputFolder(out or _default_out(asked, meta))
-    folder.check_writable()
-    inspect_folder(folder, fmt)  # refuses a folder that is not ours before the lock touches it
+    try:
+        inspect_folder(folder, fmt)  # refuses a folder that is not ours before anything touches it
+    except OSError:  # not even readable as a folder (a path under a file): the probe says why, exit 2
+        folder.check_writable()
+        raise
+    folder.check_writable()  # then a probe write, so a bad URL fails before any sampling
     with folder.lock():
         state = inspect_folder(folder, fmt)
         remove_stale_temporaries(folder.fs, folder.root, state.temporaries)

@@ -128,7 +128,13 @@ def test_bad_choice_lists_the_valid_ones(tmp_path, ckpt, no_sampling, option, va
 
 
 @pytest.mark.timeout(60)
-def test_folder_that_is_not_ours_is_refused_with_exit_3(tmp_path, ckpt, no_sampling):
+def test_folder_that_is_not_ours_is_refused_with_exit_3(tmp_path, ckpt, no_sampling, monkeypatch):
+    from pipelines.sample.output import OutputFolder
+
+    def probe(self):  # the writability probe writes into the folder: never into a foreign one (issue 25)
+        raise AssertionError(f"probed {self.url} before deciding it is ours")
+
+    monkeypatch.setattr(OutputFolder, "check_writable", probe)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "thesis.tex").write_text("precious")
     result = cli("sample", "--model", ckpt, "--out", str(tmp_path / "out"))
