@@ -204,7 +204,7 @@ def test_local_stack_has_tracking_storage_and_ray():
     (compose,) = _docs(INFRA / "local" / "compose.yaml")
     services = compose["services"]
     assert {"minio", "mlflow", "ray-head", "ray-worker"} <= set(services)
-    assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"] == "postgresql://mlflow@postgres:5432/mlflow"
+    assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"] == "postgresql+psycopg://mlflow@postgres:5432/mlflow"
     assert "mlflow:/home/ddpm/.ddpm" in services["mlflow"]["volumes"]  # the artifacts on the named volume
     env = services["ray-head"]["environment"]
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
