@@ -32,18 +32,17 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.s3 import S3_CREDENTIALS
-from tests.support import free_port, start_mlflow_server, stop_process_group, wait_until
+from tests.support import TINY_NET, free_port, start_mlflow_server, stop_process_group, wait_until
 
 BIN = Path(sys.executable).parent  # ray, ddpm-pipe and moto_server of this environment
 BUCKET = "ddpm-scaled"
 STORAGE = f"s3://{BUCKET}/ddpm"
 MODEL = "ddpm-scaled"
-# The tiny network of tests.support.TINY_NET on a 50-step chain, two training steps on the two
-# worker nodes (the head has no CPUs for tasks), a few samples on both.
-OVERRIDES = ["model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[]",
-             "model.dropout=0.0", "diffusion.timesteps=50", "train.batch_size=16", "train.log_every=1",
-             "train.eval_every=2", "train.sample_every=4", "train.checkpoint_every=2", "train.warmup_steps=2",
-             "train.quality_num=0", "train.max_steps=2", "sample.batch_size=8", f"train.registered_model={MODEL}"]
+# The cheapest network that samples (a 50-step chain), two training steps on the two worker nodes
+# (the head has no CPUs for tasks), a few samples on both.
+OVERRIDES = [*TINY_NET, "train.batch_size=16", "train.log_every=1", "train.eval_every=2", "train.sample_every=4",
+             "train.checkpoint_every=2", "train.warmup_steps=2", "train.quality_num=0", "train.max_steps=2",
+             "sample.batch_size=8", f"train.registered_model={MODEL}"]
 WORKFLOW = """\
 train: {nodes: 2}
 evaluate: {num: 32, steps: 5}
@@ -282,6 +281,7 @@ def test_the_workflow_submitted_to_a_token_authenticated_cluster_of_three_nodes_
     job_id = json.loads(submitted.stdout)["job_id"]
 
     client = JobSubmissionClient(stack.jobs_api, headers={"Authorization": f"Bearer {stack.token}"})
+    assert not (client.get_job_info(job_id).runtime_env or {}).get("env_vars")  # no --env: nothing travels
     done = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
     wait_until(lambda: client.get_job_status(job_id) in done, 1200, "the end of the submitted workflow", interval=5)
     logs = client.get_job_logs(job_id)
