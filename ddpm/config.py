@@ -201,7 +201,7 @@ class DataConfig:
     """Where the training shards are and how they are read."""
 
     source: str = "digits"  # used by `data prepare` when url is empty
-    url: str = ""  # shard folder (local path, file://, s3://); empty: DDPM_HOME/data/<source>
+    url: str = ""  # shard folder (local path, file://, s3://); empty: the pipeline's default (DDPM_HOME/data/<source>, ...)
     levels: int = 17  # pixel levels: 256 for 8-bit images, 17 for the digits set
     random_flip: bool = False  # the paper flips CIFAR-10 horizontally
     num_workers: int = 0  # DataLoader worker processes per training rank

@@ -83,7 +83,7 @@ SAMPLE_PRECISIONS: tuple[str, ...] = get_args(get_type_hints(SampleConfig)["prec
 Json = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON result on stdout.")]
 Config = Annotated[str, typer.Option("--config", "-c", help="Preset name (digits, cifar10) or a YAML file.")]
 Set = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable).")]
-Data = Annotated[Optional[str], typer.Option("--data", help="Shard folder URL (local path, file://, s3://). Default: DDPM_HOME/data/<source>.")]
+Data = Annotated[Optional[str], typer.Option("--data", help="Shard folder URL (local path, file://, s3://). Default: DATA/<source>, DATA being DDPM_DATA, else STORAGE/data where the storage is not a local folder (s3://), else DDPM_HOME/data.")]
 Storage = Annotated[Optional[str], typer.Option("--storage", help="Checkpoint/run storage URL (local path or s3://). Default: DDPM_HOME/ray.")]
 Address = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address; default RAY_ADDRESS, else a local Ray instance.")]
 Nodes = Annotated[int, typer.Option("--nodes", min=1, help="Number of nodes (one worker per node, times --gpus-per-node).")]
@@ -180,7 +180,7 @@ def config_show(config: Config = "digits", set_: Set = None, json_out: Json = Fa
 @data_app.command("prepare")
 def data_prepare(
     source: Annotated[str, typer.Option("--source", help="digits, sample-images (scikit-learn's photos in 32x32 crops), an image folder, a .npz/.npy file, or a CIFAR-10 python archive (path or URL).")] = "digits",
-    out: Annotated[Optional[str], typer.Option("--out", help="Output URL (local path, file://, s3://). Default: DDPM_HOME/data/<source>/<split>; with --test-fraction, the folder of both splits (OUT/train, OUT/test).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Output URL (local path, file://, s3://). Default: DATA/<source>/<split> (DATA: DDPM_DATA, else DDPM_STORAGE/data where that is not a local folder, else DDPM_HOME/data); with --test-fraction, the folder of both splits (OUT/train, OUT/test).")] = None,
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Samples per shard.")] = 1000,
     split: Annotated[str, _choice("--split", values=("train", "test"), help="Which split of the source.")] = "train",
     test_fraction: Annotated[Optional[float], typer.Option("--test-fraction", help="Carve a held-out split from the one source: about this share of its images (by a seeded hash of each image's pixels, so copies stay together) go to OUT/test, the rest to OUT/train. See docs/DATA.md.")] = None,
@@ -301,7 +301,7 @@ def promote(
 def sample(
     model: Model,
     num: Num = 64,
-    out: Annotated[Optional[str], typer.Option("--out", help="Output URL (local path or s3://). Default: DDPM_HOME/samples/<name>.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Output URL (local path or s3://). Default: SAMPLES/<name>, SAMPLES being DDPM_SAMPLES, else DDPM_STORAGE/samples where that is not a local folder, else DDPM_HOME/samples.")] = None,
     sampler: SamplerOpt = None,
     steps: Steps = None,
     eta: Eta = None,

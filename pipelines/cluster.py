@@ -21,7 +21,7 @@ from ray.train import ScalingConfig
 
 from pipelines import console
 from pipelines.errors import PipelineError, UsageError
-from pipelines.settings import PLACEMENT_TIMEOUT_ENV
+from pipelines.settings import DRIVER_HOME_ENV, PLACEMENT_TIMEOUT_ENV, worker_home_env
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,8 @@ def worker_env(placement: Placement) -> dict[str, Any]:
     keeps plain ``print`` (lines still land in the worker's log file and reach the driver once).
     """
     n = str(placement.threads_per_worker)
-    env = {k: v for k, v in os.environ.items() if k.startswith("DDPM_")}
+    env = {k: v for k, v in os.environ.items() if k.startswith("DDPM_") and k not in ("DDPM_HOME", DRIVER_HOME_ENV)}
+    env.update(worker_home_env())  # a node's own DDPM_HOME wins over the driver's
     env.update({"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "DDPM_TORCH_THREADS": n,
                 "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"})
     return {"env_vars": env}

@@ -2,7 +2,11 @@
 
 ``DDPM_HOME`` (default ``./.ddpm``) holds the local MLflow store (``mlflow.db``, ``mlartifacts/``),
 prepared data, Ray storage and samples. ``RAY_ADDRESS``, ``MLFLOW_TRACKING_URI``, the ``AWS_*``
-variables and ``--storage`` override the embedded defaults. ``DDPM_PLACEMENT_TIMEOUT`` (``300``,
+variables and ``--storage`` override the embedded defaults. With a storage that is not a local
+folder (``--storage s3://...`` or ``DDPM_STORAGE``), data and samples default to ``<storage>/data``
+and ``<storage>/samples``, so a job on a cluster keeps nothing its other nodes need on the local disk
+of the node that runs its driver; ``DDPM_DATA`` (shards, ``<source>/<split>`` under it) and
+``DDPM_SAMPLES`` name other prefixes. ``DDPM_PLACEMENT_TIMEOUT`` (``300``,
 ``90s``, ``10m``) is how long a job waits for the cluster to place its workers before it fails.
 """
 
@@ -33,6 +37,9 @@ CREDENTIAL_QUERY_KEYS = frozenset(k.lower() for k in (
 _URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>[^\s'\"<>`]*)")
 
 
+DRIVER_HOME_ENV = "DDPM_DRIVER_HOME"  # the driver's DDPM_HOME, for a Ray worker whose node has none
+
+
 PLACEMENT_TIMEOUT = 300.0  # seconds a job waits for its workers' placement (a node is lost, the CPUs are
 # held by another job) before it fails saying what it asked for; a cluster that autoscales may need more
 PLACEMENT_TIMEOUT_ENV = "DDPM_PLACEMENT_TIMEOUT"
@@ -46,12 +53,26 @@ class Settings:
     ray_address: str | None
     storage: str
     placement_timeout: float = PLACEMENT_TIMEOUT  # seconds (DDPM_PLACEMENT_TIMEOUT)
+    data_root: str = ""  # DDPM_DATA; "": <storage>/data on a remote storage, else DDPM_HOME/data
+    samples_root: str = ""  # DDPM_SAMPLES; "": <storage>/samples on a remote storage, else DDPM_HOME/samples
 
     def data_url(self, source: str, split: str = "train") -> str:
-        return str(self.home / "data" / source / split)
+        return f"{self._root(self.data_root, 'data')}/{source}/{split}"
 
     def samples_url(self, name: str) -> str:
-        return str(self.home / "samples" / name)
+        return f"{self._root(self.samples_root, 'samples')}/{name}"
+
+    def _root(self, given: str, folder: str) -> str:
+        if given:
+            return given.rstrip("/")
+        if is_remote(self.storage):  # every node reaches it, unlike the driver's DDPM_HOME
+            return f"{self.storage.rstrip('/')}/{folder}"
+        return str(self.home / folder)
+
+
+def is_remote(url: str) -> bool:
+    """Whether ``url`` names something other than a local folder (``s3://``, ``gs://``, ...)."""
+    return "://" in url and not url.startswith("file://")
 
 
 def resolve(storage: str | None = None, address: str | None = None) -> Settings:
@@ -63,7 +84,7 @@ def resolve(storage: str | None = None, address: str | None = None) -> Settings:
         placement_timeout = parse_duration(os.environ.get(PLACEMENT_TIMEOUT_ENV) or PLACEMENT_TIMEOUT)
     except ValueError as e:
         raise UsageError(f"{PLACEMENT_TIMEOUT_ENV}: {e}") from None
-    home = Path(os.environ.get("DDPM_HOME", ".ddpm")).expanduser().resolve()
+    home = Path(os.environ.get("DDPM_HOME") or os.environ.get(DRIVER_HOME_ENV) or ".ddpm").expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
     registry = os.environ.get("MLFLOW_REGISTRY_URI") or tracking
@@ -74,7 +95,19 @@ def resolve(storage: str | None = None, address: str | None = None) -> Settings:
         ray_address=address or os.environ.get("RAY_ADDRESS") or None,
         storage=storage or os.environ.get("DDPM_STORAGE") or str(home / "ray"),
         placement_timeout=placement_timeout,
+        data_root=os.environ.get("DDPM_DATA") or "",
+        samples_root=os.environ.get("DDPM_SAMPLES") or "",
     )
+
+
+def worker_home_env() -> dict[str, str]:
+    """The driver's ``DDPM_HOME`` as Ray workers get it: ``{DDPM_DRIVER_HOME: <absolute path>}`` (empty
+    when none is set here), never as ``DDPM_HOME``. A worker uses it only where its node was started
+    without a ``DDPM_HOME`` of its own (a cluster on one machine, as the tests' simulated one); a
+    node's own wins, since the driver's path is a folder of another machine (its model cache, its
+    feature net)."""
+    home = os.environ.get("DDPM_HOME") or os.environ.get(DRIVER_HOME_ENV)
+    return {DRIVER_HOME_ENV: str(Path(home).expanduser().resolve())} if home else {}
 
 
 def _mask_query(rest: str) -> str:

@@ -40,7 +40,7 @@ from mlflow.entities import Metric
 import ddpm
 from ddpm.config import PRESETS, ConfigError, ExperimentConfig, Sampler, parse_duration, read_yaml_mapping
 from ddpm.data.manifest import read_manifest
-from ddpm.data.storage import DataError, atomic_write, open_fs
+from ddpm.data.storage import DataError, atomic_write, is_local, open_fs
 from pipelines import console, tracking
 from pipelines.errors import RefusedError, UsageError
 from pipelines.names import check_name
@@ -538,11 +538,18 @@ def _score_lines(evaluated: dict[str, Any]) -> list[str]:
 
 
 def _grid(model_uri: str, settings: Settings, name: str) -> str:
-    """A 64-image grid of the model's samples next to the batch output, for a quick look."""
+    """A 64-image grid of the model's samples next to the batch output, for a quick look (on object
+    storage too: the driver's node may be gone when someone looks)."""
     loaded = models.load(model_uri)
-    path = settings.home / "samples" / f"{name}-grid.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return sample_grid(loaded.model, loaded.diffusion, loaded.config, str(path))
+    url = settings.samples_url(f"{name}-grid.png")
+    fs, path = open_fs(url)
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return sample_grid(loaded.model, loaded.diffusion, loaded.config, path)
+    with tempfile.TemporaryDirectory(prefix="ddpm-grid-") as folder:
+        local = sample_grid(loaded.model, loaded.diffusion, loaded.config, os.path.join(folder, "grid.png"))
+        atomic_write(fs, path, Path(local).read_bytes())
+    return url
 
 
 def _log_step(exp_id: str, parent_id: str, name: str, label: str, key: str, out: dict[str, Any]) -> None:

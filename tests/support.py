@@ -56,15 +56,18 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str = "the cond
         time.sleep(interval)
 
 
-def start_mlflow_server(root: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """``mlflow server`` on 127.0.0.1 (sqlite store and proxied artifacts under ``root``, its log in
-    ``root/server.log``), in its own process group; ``(process, URI)`` once it is healthy."""
+def start_mlflow_server(root: Path, port: int | None = None, backend_store_uri: str | None = None,
+                        artifacts_destination: str | None = None,
+                        env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` on 127.0.0.1 (by default a sqlite store and proxied artifacts under ``root``),
+    its log in ``root/server.log``, in its own process group; ``(process, URI)`` once it is healthy.
+    ``env``: the server's whole environment (default: this process's, less ``MLFLOW_TRACKING_URI``)."""
     port = port or free_port()
     uri = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", (root / "artifacts").as_uri(), "--serve-artifacts"]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+           "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", artifacts_destination or (root / "artifacts").as_uri(), "--serve-artifacts"]
+    env = dict(env) if env is not None else {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONUNBUFFERED"] = "1"
     with open(root / "server.log", "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env,

@@ -184,7 +184,7 @@ def load_eval_data(cfg: ExperimentConfig, data: str | None, settings: Settings) 
     """The held-out (test) split and, when present, the training split of the model's data.
 
     ``data`` is a dataset folder (holding ``train/`` and ``test/``) or a split folder whose test split
-    is next to it; default: the config's ``data.url``, else ``DDPM_HOME/data/<source>/{test,train}``,
+    is next to it; default: the config's ``data.url``, else ``<data>/<source>/{test,train}`` (``Settings.data_url``),
     prepared from the config's source if missing.
     """
     base = data or cfg.data.url

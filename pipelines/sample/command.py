@@ -155,7 +155,7 @@ def _identity(req: SampleRequest, fmt: str, meta: dict[str, Any]) -> dict[str, A
 
 
 def _default_out(req: SampleRequest, meta: dict[str, Any]) -> str:
-    """``DDPM_HOME/samples/<model>-<what was asked>-seed<seed>`` (``req`` as asked, not resolved)."""
+    """``<samples>/<model>-<what was asked>-seed<seed>`` (``req`` as asked, not resolved; ``<samples>``: :meth:`~pipelines.settings.Settings.samples_url`)."""
     if meta.get("name"):
         base = f"{meta['name']}-v{meta['version']}"
     elif meta.get("run_id"):

@@ -22,7 +22,7 @@ from ddpm.pipeline import DDPMPipeline
 from pipelines.errors import PipelineError, first_line
 from pipelines.registry import models
 from pipelines.sample.request import SampleRequest, labels_of
-from pipelines.settings import resolve, shareable_uri
+from pipelines.settings import resolve, shareable_uri, worker_home_env
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -239,9 +239,10 @@ def worker_env(model: str) -> dict[str, str]:
         settings = resolve()
         uris = {"MLFLOW_TRACKING_URI": settings.tracking_uri, "MLFLOW_REGISTRY_URI": settings.registry_uri}
         env = {k: v for k, v in uris.items() if shareable_uri(v)}
-    for name in (*S3_ENDPOINT_VARS, "DDPM_HOME", "DDPM_TORCH_THREADS"):
+    for name in (*S3_ENDPOINT_VARS, "DDPM_TORCH_THREADS"):
         if os.environ.get(name):
             env[name] = os.environ[name]
+    env.update(worker_home_env())  # a node's own DDPM_HOME wins over the driver's
     return env
 
 

@@ -113,11 +113,11 @@ def ensure_prepared(source: str, url: str, split: str) -> None:
 def prepare_command(source: str = "digits", out: str | None = None, shard_size: int = 1000,
                     split: str = "train", endpoint_url: str | None = None, test_fraction: float | None = None,
                     split_seed: int = 0) -> dict[str, Any]:
-    """Write ``source``'s ``split`` as shards into ``out`` (default ``DDPM_HOME/data/<source>/<split>``).
+    """Write ``source``'s ``split`` as shards into ``out`` (default :meth:`~pipelines.settings.Settings.data_url`: ``DDPM_HOME/data/<source>/<split>`` on a local storage).
 
     With ``test_fraction``, carve a held-out split from the source's training split instead
     (:func:`ddpm.data.sources.carve`, seeded by ``split_seed``) and write both: ``out/train`` and
-    ``out/test`` (default ``DDPM_HOME/data/<source>/{train,test}``); the result then holds each
+    ``out/test`` (default ``<data>/<source>/{train,test}``); the result then holds each
     split's under ``splits``.
 
     Returns the manifest's main fields, the shard counts (written / unchanged), the skipped samples

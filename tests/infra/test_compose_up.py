@@ -35,7 +35,8 @@ def test_compose_stack_comes_up_healthy_and_runs_the_workflow(tmp_path):
         pytest.skip(f"compose-up test needs Docker: {why}")
     env_file = tmp_path / ".env"
     env_file.write_text("".join(f"{k}={secrets.token_hex(12)}\n" for k in (
-        "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "DDPM_S3_ACCESS_KEY", "DDPM_S3_SECRET_KEY", "POSTGRES_PASSWORD")))
+        "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "DDPM_S3_ACCESS_KEY", "DDPM_S3_SECRET_KEY", "POSTGRES_PASSWORD",
+        "RAY_AUTH_TOKEN")))
     compose = ["docker", "compose", "-f", str(COMPOSE), "--env-file", str(env_file), "-p", f"ddpm-test-{tmp_path.name[-8:]}"]
     subprocess.run(["docker", "build", "-t", "ddpm-pipe:0.1.0", str(ROOT)], check=True, timeout=1800)
     try:
