@@ -3,6 +3,8 @@ distillation on the shared simulated Ray cluster that registers a student sample
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -134,4 +136,6 @@ def test_distill_registers_a_student_that_samples_in_its_own_steps(ray_cluster, 
                      str(tmp_path / "samples"), "--json")
     assert result.exit_code == 0, result.output
     done = cli_json(result)
-    assert (done["sampler"], done["steps"]) == ("ddim", 2), done
+    with open(done["manifest"]) as f:
+        manifest = json.load(f)
+    assert (manifest["sampler"], manifest["steps"], done["steps"]) == ("ddim", 2, 2), manifest
