@@ -131,9 +131,10 @@ def _limit(cfg: ExperimentConfig) -> str:
 
 
 def fit(cfg: ExperimentConfig, settings: Settings, placement: Placement, run_name: str, run_id: str,
-         data_url: str, holdout_url: str | None, max_failures: int,
-         worker: Callable[[dict[str, Any]], None] = worker_main, extra: dict[str, Any] | None = None) -> Result:
-    """Run the ``TorchTrainer`` of ``worker`` (``extra``: more of its loop config); rank 0's progress lines reach the console through a
+        data_url: str, holdout_url: str | None, max_failures: int,
+        worker: Callable[[dict[str, Any]], None] | None = None, extra: dict[str, Any] | None = None) -> Result:
+    """Run the ``TorchTrainer`` of ``worker`` (default :func:`worker_main`; ``extra``: more of its
+    loop config, as `distill` adds); rank 0's progress lines reach the console through a
     :class:`ProgressChannel` until it ends, however it ends. A failure ends the MLflow run as FAILED
     (bad input found by a worker: one attempt, exit 2; workers not placed within
     ``settings.placement_timeout``: exit 1, saying what the cluster has); Ctrl-C ends it as KILLED (exit 130)."""
@@ -142,7 +143,7 @@ def fit(cfg: ExperimentConfig, settings: Settings, placement: Placement, run_nam
                        "storage_options": storage_options_for(data_url), "run_id": run_id,
                        "tracking_uri": shareable_uri(settings.tracking_uri), "progress": progress.queue, **(extra or {})}
         trainer = ray.train.torch.TorchTrainer(
-            worker,
+            worker or worker_main,
             train_loop_config=loop_config,
             scaling_config=cluster.scaling_config(placement),
             run_config=run_config(run_name, settings.storage, cfg.train.keep_checkpoints, max_failures,
