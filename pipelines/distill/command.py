@@ -22,6 +22,7 @@ from pipelines import cluster, console, tracking
 from pipelines.distill.schedule import (GRID_SPACING, SUFFIX, Round, check_teacher, first_grid, from_steps,
                                         plan_rounds, student_config)
 from pipelines.distill.worker import distill_main
+from pipelines.errors import Interrupted, UsageError
 from pipelines.names import check_name
 from pipelines.registry import models
 from pipelines.registry.register import log_and_register
@@ -32,6 +33,7 @@ from pipelines.train.command import check_builds, connect_and_place, fit, with_o
 from pipelines.train.loop import NO_STEP_LIMIT
 from pipelines.train.ray_train import CHECKPOINT_FILE
 
+SETTABLE = ("train.", "data.")  # what --set may change (:func:`_check_overrides`)
 TEACHER_TAG = "ddpm.teacher"  # the student version's (and run's) teacher: models:/NAME/VERSION (pinned)
 ROUNDS_TAG = "ddpm.distill.rounds"  # e.g. "32->16,16->8"
 STEPS_TAG = "ddpm.distill.steps"  # N, the student's sampling steps
@@ -46,6 +48,7 @@ def distill_command(teacher: str, steps: int, from_steps_: int | None = None, ov
                     address: str | None = None, max_failures: int = 3) -> dict[str, Any]:
     """Distill ``teacher`` into a ``steps``-step student on Ray; returns the run, the rounds and the
     registered student. ``max_steps`` / ``max_time`` are per round."""
+    _check_overrides(overrides or [])
     meta = models.describe(teacher)  # exit 2: no such model
     teacher_uri = models.pinned(teacher, meta)
     teacher_cfg = models.read_config(teacher)  # exit 2: not a model of this project
@@ -97,14 +100,24 @@ def distill_command(teacher: str, steps: int, from_steps_: int | None = None, ov
         try:
             result = fit(cfg, settings, placement, run_name, run_id, data_url, holdout_url, max_failures,
                          worker=distill_main, extra=extra)
-        except BaseException:
+        except BaseException as e:  # the parent run was ended by fit; its round runs end as it did
             for rid in round_ids:
                 if tracking.client().get_run(rid).info.status == "RUNNING":
-                    tracking.end_run(rid, "FAILED")
+                    tracking.end_run(rid, "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED")
             raise
         for rid in round_ids:
             tracking.end_run(rid)
         return _register(result, name, run_name, run_id, resumed, teacher_uri, rounds, K, steps)
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    """``--set`` may change how the student is trained (``train.*``, ``data.*``), not the network,
+    process or sampler it shares with its teacher (its weights start as the teacher's)."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith(SETTABLE):
+            raise UsageError(f"--set {key}: distill may set only {', '.join(s + '*' for s in SETTABLE)}; the student "
+                             "keeps its teacher's network, diffusion and (distilled) sampler")
 
 
 def _schedule_tags(rounds: list[Round], K: int, N: int) -> dict[str, str]:

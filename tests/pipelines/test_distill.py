@@ -96,6 +96,7 @@ def test_steps_that_are_not_a_halving_of_the_starting_steps_exit_2(tmp_path, no_
     assert "below the teacher's 32" in _bad("--teacher", teacher, "--steps", "32")
     assert "below the teacher's 8" in _bad("--teacher", teacher, "--steps", "8", "--from-steps", "8")
     assert "above the teacher's T = 50" in _bad("--teacher", teacher, "--steps", "8", "--from-steps", "64")
+    assert "may set only train.*, data.*" in _bad("--teacher", teacher, "--steps", "8", "--set", "model.ch=16")
 
 
 # -- a tiny distillation on the cluster ----------------------------------------------------------------
