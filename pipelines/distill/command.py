@@ -56,11 +56,13 @@ def distill_command(teacher: str, steps: int, from_steps_: int | None = None, ov
     T = teacher_cfg.diffusion.timesteps
     K = from_steps(teacher_cfg, from_steps_)
     rounds = plan_rounds(K, steps, T)
-    check_name(name or f"{meta['name'] or teacher_cfg.train.registered_model}{SUFFIX}",
-               "--name" if name else "the student's name (<teacher name>-distilled)")
+    given = name is not None
     name = name or f"{meta['name'] or teacher_cfg.train.registered_model}{SUFFIX}"
-    cfg = with_options(student_config(teacher_cfg.override(overrides or []), steps, name), overrides or [],
-                       max_steps, precision, max_time)
+    check_name(name, "--name" if given else "the student's name (<teacher name>-distilled)")
+    cfg = student_config(teacher_cfg, steps, name)
+    if max_steps is not None or max_time is not None:  # a budget given: the teacher's time budget is not inherited
+        cfg = cfg.with_values({"train.max_time": None})
+    cfg = with_options(cfg.override(overrides or []), overrides or [], max_steps, precision, max_time)
     run_name = run_name or name
     check_name(run_name, "--run-name")
     check_name(experiment or cfg.name, "--experiment" if experiment else "the teacher's config's name")
