@@ -220,6 +220,35 @@ def train(
               max_time=max_time, precision=precision, experiment=experiment, run_name=run_name, address=address)
 
 
+# -- distill --------------------------------------------------------------------------------------
+@app.command()
+def distill(
+    teacher: Annotated[str, typer.Option("--teacher", help="The teacher's model URI (as --model): an eps or v model of this project; an alias is pinned to its version.")],
+    steps: Annotated[int, typer.Option("--steps", min=1, help="The student's sampling steps N: the starting steps halved k >= 1 times (K / 2^k), one round each.")],
+    from_steps: Annotated[Optional[int], typer.Option("--from-steps", min=2, help="The first teacher's DDIM steps K (on the trailing grid). Default: the teacher's own sampler's steps (its config's sample section) rounded up to a power of two, at most T.")] = None,
+    set_: Set = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Shard folder URL (local path, file://, s3://). Default: the teacher's own training data.")] = None,
+    storage: Storage = None,
+    nodes: Nodes = 1,
+    gpus_per_node: GpusPerNode = 0,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Training steps per round. Default: the teacher's config's train.max_steps.")] = None,
+    max_time: Annotated[Optional[float], typer.Option("--max-time", parser=_duration, metavar="DURATION", help="Training time per round (600, 90s, 10m, 1.5h); with no step count the time is the limit, else whichever comes first.")] = None,
+    precision: Annotated[Optional[str], _choice("--precision", values=TRAIN_PRECISIONS, help="Override train.precision.")] = None,
+    experiment: Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment name. Default: the teacher's config's name.")] = None,
+    run_name: Annotated[Optional[str], typer.Option("--run-name", help="Run name; re-running the same name resumes it, mid-round. Default: the student's name.")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="The student's registered model name. Default: <teacher name>-distilled.")] = None,
+    address: Address = None,
+    json_out: Json = False,
+) -> None:
+    """Progressive distillation (Salimans & Ho 2022): a student sampling in --steps, one Ray Train job."""
+    from pipelines.distill.command import distill_command
+
+    _dispatch(distill_command, json_out, teacher=teacher, steps=steps, from_steps_=from_steps,
+              overrides=set_ or [], data=data, storage=storage, nodes=nodes, gpus_per_node=gpus_per_node,
+              max_steps=max_steps, max_time=max_time, precision=precision, experiment=experiment,
+              run_name=run_name, name=name, address=address)
+
+
 # -- tune -----------------------------------------------------------------------------------------
 @app.command()
 def tune(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import ray.train.torch
@@ -36,7 +37,14 @@ from pipelines.train.ray_train import CHECKPOINT_FILE, run_config, worker_group_
 
 def resolve_config(config: str, overrides: list[str], max_steps: int | None = None,
                    precision: str | None = None, max_time: float | None = None) -> ExperimentConfig:
-    """``--config`` and ``--set`` (strings, parsed once), then the typed command-line options.
+    """``--config`` and ``--set`` (strings, parsed once), then the typed command-line options
+    (:func:`with_options`)."""
+    return with_options(load_config(config, overrides), overrides, max_steps, precision, max_time)
+
+
+def with_options(cfg: ExperimentConfig, overrides: list[str], max_steps: int | None = None,
+                 precision: str | None = None, max_time: float | None = None) -> ExperimentConfig:
+    """``cfg`` (``--set`` ``overrides`` already applied) with the typed command-line options.
 
     A time budget given with no step count (neither ``max_steps`` nor ``--set train.max_steps``) is
     the limit: the config's ``train.max_steps`` is lifted (:data:`pipelines.train.loop.NO_STEP_LIMIT`).
@@ -45,7 +53,7 @@ def resolve_config(config: str, overrides: list[str], max_steps: int | None = No
             item.split("=", 1)[0].strip() == "train.max_steps" for item in overrides):
         max_steps = NO_STEP_LIMIT
     typed = {"train.max_steps": max_steps, "train.precision": precision, "train.max_time": max_time}
-    return load_config(config, overrides).with_values({k: v for k, v in typed.items() if v is not None})
+    return cfg.with_values({k: v for k, v in typed.items() if v is not None})
 
 
 def check_builds(cfg: ExperimentConfig, workers: int) -> None:
@@ -93,19 +101,25 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
         run_id, resumed = tracking.start_or_resume_run(exp_id, run_name, {tracking.KIND_TAG: "train"},
                                                        parent_run_id=parent_run_id,
                                                        claim={tracking.STORAGE_TAG: run_url})
-        started = cluster.connect(settings.ray_address, min_cpus=cluster.workers_for(nodes, gpus_per_node))
-        if started and gpus_per_node == 0 and nodes == 1 and _local_gpus() > 0:
-            gpus_per_node = 1  # one machine with a GPU: use it
-            console.info("[train] a CUDA GPU is present: training on it (--gpus-per-node 1)")
-        placement = cluster.plan(nodes, gpus_per_node, started_locally=started)
+        gpus_per_node, placement = connect_and_place(settings, nodes, gpus_per_node, "train")
         # What is used, so logged after the placement: the GPU default above may change gpus_per_node.
         tracking.log_params(run_id, {**cfg.to_dict(), "run": {"nodes": nodes, "gpus_per_node": gpus_per_node,
                                                               "workers": placement.workers, "data": data_url}})
         tracking.log_dataset(run_id, data_url, "training", storage_options_for(data_url))
         console.info(f"[train] {placement.workers} worker(s), {placement.strategy}, run '{run_name}' "
                      f"({'resuming' if resumed else 'new'}) to {_limit(cfg)}, MLflow run {run_id}")
-        result = _fit(cfg, settings, placement, run_name, run_id, data_url, holdout_url, max_failures)
+        result = fit(cfg, settings, placement, run_name, run_id, data_url, holdout_url, max_failures)
         return _register(cfg, result, run_name, run_id, resumed)
+
+
+def connect_and_place(settings: Settings, nodes: int, gpus_per_node: int, what: str) -> tuple[int, Placement]:
+    """Connect to (or start) Ray and plan the workers: ``(gpus_per_node, placement)``. One machine
+    started here with a CUDA GPU and no ``--gpus-per-node``: trains on it."""
+    started = cluster.connect(settings.ray_address, min_cpus=cluster.workers_for(nodes, gpus_per_node))
+    if started and gpus_per_node == 0 and nodes == 1 and _local_gpus() > 0:
+        gpus_per_node = 1  # one machine with a GPU: use it
+        console.info(f"[{what}] a CUDA GPU is present: training on it (--gpus-per-node 1)")
+    return gpus_per_node, cluster.plan(nodes, gpus_per_node, started_locally=started)
 
 
 def _limit(cfg: ExperimentConfig) -> str:
@@ -116,18 +130,20 @@ def _limit(cfg: ExperimentConfig) -> str:
     return f"step {cfg.train.max_steps}" + (f" or {budget}" if budget else "")
 
 
-def _fit(cfg: ExperimentConfig, settings: Settings, placement: Placement, run_name: str, run_id: str,
-         data_url: str, holdout_url: str | None, max_failures: int) -> Result:
-    """Run the ``TorchTrainer``; rank 0's progress lines reach the console through a
+def fit(cfg: ExperimentConfig, settings: Settings, placement: Placement, run_name: str, run_id: str,
+        data_url: str, holdout_url: str | None, max_failures: int,
+        worker: Callable[[dict[str, Any]], None] | None = None, extra: dict[str, Any] | None = None) -> Result:
+    """Run the ``TorchTrainer`` of ``worker`` (default :func:`worker_main`; ``extra``: more of its
+    loop config, as `distill` adds); rank 0's progress lines reach the console through a
     :class:`ProgressChannel` until it ends, however it ends. A failure ends the MLflow run as FAILED
     (bad input found by a worker: one attempt, exit 2; workers not placed within
     ``settings.placement_timeout``: exit 1, saying what the cluster has); Ctrl-C ends it as KILLED (exit 130)."""
     with ProgressChannel() as progress:
         loop_config = {"config": cfg, "data_url": data_url, "holdout_url": holdout_url,
                        "storage_options": storage_options_for(data_url), "run_id": run_id,
-                       "tracking_uri": shareable_uri(settings.tracking_uri), "progress": progress.queue}
+                       "tracking_uri": shareable_uri(settings.tracking_uri), "progress": progress.queue, **(extra or {})}
         trainer = ray.train.torch.TorchTrainer(
-            worker_main,
+            worker or worker_main,
             train_loop_config=loop_config,
             scaling_config=cluster.scaling_config(placement),
             run_config=run_config(run_name, settings.storage, cfg.train.keep_checkpoints, max_failures,

@@ -95,6 +95,25 @@ def _clock() -> float:
 
 
 @dataclass
+class Objective:
+    """What the loop minimises and where a new run starts; the defaults are DDPM's own.
+
+    ``loss(net, x_start, labels) -> [N]`` replaces algorithm 1's loss (``Diffusion.training_loss``):
+    distillation's student against its frozen teacher (pipelines/distill/worker.py). ``init``: the
+    weights a new run starts from (model and EMA) instead of :func:`build`'s seeded ones, e.g. the
+    teacher's (Salimans & Ho 2022, Algorithm 2). ``finished(ema_module)`` is called on every rank
+    when the loop ends, however far it ran (a resumed finished run included), with the EMA network.
+    """
+
+    loss: Callable[[Callable, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+    init: dict[str, torch.Tensor] | None = None
+    finished: Callable[[torch.nn.Module], None] | None = None
+
+
+DDPM = Objective()  # algorithm 1 from a seeded init
+
+
+@dataclass
 class LoopData:
     """Where this worker's data comes from."""
 
@@ -231,8 +250,9 @@ def _restore_or_seed(state: dict | None, parts: _Parts, ctx: LoopContext, seed: 
 
 
 def _optimizer_step(parts: _Parts, net: Callable, diffusion: Diffusion, batches: Iterator[torch.Tensor],
-                    cfg: ExperimentConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """One optimizer step of algorithm 1 over ``train.grad_accum`` micro-batches.
+                    cfg: ExperimentConfig, device: torch.device,
+                    objective: Objective = DDPM) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One optimizer step of algorithm 1 (or ``objective.loss``) over ``train.grad_accum`` micro-batches.
 
     Returns (the last micro-batch's loss, the global gradient norm before clipping, whether both were
     finite). A non-finite step updates nothing (weights, schedule, EMA); the loss scaler still
@@ -248,7 +268,10 @@ def _optimizer_step(parts: _Parts, net: Callable, diffusion: Diffusion, batches:
         if tc.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(tc.precision, device):
-            loss = diffusion.training_loss(net, x, levels=cfg.data.levels, labels=labels).mean()
+            if objective.loss is None:
+                loss = diffusion.training_loss(net, x, levels=cfg.data.levels, labels=labels).mean()
+            else:
+                loss = objective.loss(net, x, labels).mean()
         scaler.scale(loss / tc.grad_accum).backward()
     scaler.unscale_(opt)
     # Gradients are all-reduced, so every rank sees the same norm and takes the same branch.
@@ -285,10 +308,12 @@ class _Counters:
         return self.trained_s + _clock() - self.clock_start
 
 
-def _prepare(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker: AsyncLogger | None
+def _prepare(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker: AsyncLogger | None,
+             init: dict[str, torch.Tensor] | None = None
              ) -> tuple[_Parts, Diffusion, torch.nn.Module, Callable, _Holdout, _Counters]:
-    """Threads, the parts (restored or seeded), the wrapped and maybe compiled network, rank 0's
-    held-out images and quality probe: ``(parts, diffusion, ddp_model, net, holdout, counters)``."""
+    """Threads, the parts (restored, or seeded and started from ``init``'s weights when given), the
+    wrapped and maybe compiled network, rank 0's held-out images and quality probe:
+    ``(parts, diffusion, ddp_model, net, holdout, counters)``."""
     tc = cfg.train
     threads = int(os.environ.get("DDPM_TORCH_THREADS", "0"))
     if threads > 0:
@@ -298,13 +323,17 @@ def _prepare(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker: A
                          f"= {ctx.world_size} x {tc.grad_accum}")
     micro_batch = tc.batch_size // (ctx.world_size * tc.grad_accum)
     model, ema, opt, sched, diffusion = build(cfg, ctx.device)
+    state = ctx.restore()
+    if state is None and init is not None:
+        model.load_state_dict(init)
+        ema = EMA(model, decay=tc.ema_decay)  # the average starts as a copy of the initial weights
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=tc.precision == "fp16")
     loader = ShardLoader(data.url, batch_size=micro_batch, rank=ctx.rank, world_size=ctx.world_size,
                          seed=tc.seed, random_flip=cfg.data.random_flip, num_workers=cfg.data.num_workers,
                          storage_options=data.storage_options, return_labels=cfg.model.num_classes > 0)
     check_labels(loader.manifest, cfg.model.num_classes, data.url)  # a conditional model needs labelled data
     parts = _Parts(model, ema, opt, sched, scaler, loader)
-    step, nonfinite_total, trained_s, best_bpd = _restore_or_seed(ctx.restore(), parts, ctx, tc.seed, tracker)
+    step, nonfinite_total, trained_s, best_bpd = _restore_or_seed(state, parts, ctx, tc.seed, tracker)
     ddp_model = ctx.wrap_model(model)
     net = compile_or_eager(ddp_model, ctx.log, what="model") if tc.compile else ddp_model
     holdout = _Holdout()
@@ -321,11 +350,12 @@ def _prepare(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker: A
 
 
 def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker: AsyncLogger | None = None,
-               artifact_dir: str | None = None) -> dict[str, float]:
+               artifact_dir: str | None = None, objective: Objective = DDPM) -> dict[str, float]:
     """Train until ``cfg.train.max_steps`` (or the time budget); report metrics, and a checkpoint
-    every interval. Each step is :func:`_optimizer_step`, then :func:`_after_step`."""
+    every interval. Each step is :func:`_optimizer_step`, then :func:`_after_step`; ``objective``
+    says what a step minimises and where a new run starts (:class:`Objective`)."""
     tc = cfg.train
-    parts, diffusion, ddp_model, net, holdout, n = _prepare(cfg, data, ctx, tracker)
+    parts, diffusion, ddp_model, net, holdout, n = _prepare(cfg, data, ctx, tracker, objective.init)
     batches = iter(parts.loader)
     last_metrics: dict[str, float] = {}
     best_dirs: list[str] = []  # local copies of the best EMA weights, newest last
@@ -338,7 +368,7 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker:
         stop_reason = "max_time"
     while n.step < tc.max_steps and stop_reason != "max_time":
         ddp_model.train()
-        loss, grad_norm, finite = _optimizer_step(parts, net, diffusion, batches, cfg, ctx.device)
+        loss, grad_norm, finite = _optimizer_step(parts, net, diffusion, batches, cfg, ctx.device, objective)
         if not finite:
             n.nonfinite_run += 1
             n.nonfinite_total += 1
@@ -375,6 +405,8 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker:
             extra = {"max_time_reached": float(stop_reason == "max_time")} if final else {}
             ctx.report({"step": n.step, **last_metrics, **extra}, ckpt)
     _stopped(cfg, ctx, n.step, stop_reason, tracker)
+    if objective.finished is not None:
+        objective.finished(parts.ema.module)
     return {**last_metrics, "step": n.step, "wall_s": _clock() - n.clock_start,
             "max_time_reached": float(stop_reason == "max_time")}
 

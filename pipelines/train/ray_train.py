@@ -92,37 +92,59 @@ def _ray_context() -> LoopContext:
                        agree=(lambda flag: rank0_decides(flag, device)) if world > 1 else (lambda flag: flag))
 
 
-def worker_main(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker entry point (``train_loop_per_worker``)."""
-    cfg: ExperimentConfig = loop_config["config"]  # typed: Ray pickles the dataclass itself
+@contextlib.contextmanager
+def rank0_tracker(loop_config: dict[str, Any], ctx: LoopContext, run_id: str | None, what: str = "train"
+                  ) -> Iterator[tuple[AsyncLogger | None, str | None]]:
+    """``(tracker, artifact_dir)`` of MLflow run ``run_id`` on rank 0 (``(None, None)`` elsewhere or
+    with no run): an :class:`AsyncLogger` and a scratch folder for its artifacts, closed (and
+    dropped items said through ``ctx.log``, as ``[what]``) when the block ends, however it ends."""
+    if ctx.rank != 0 or not run_id:
+        yield None, None
+        return
+    if loop_config.get("tracking_uri"):  # else (it held credentials) this process's own MLFLOW_TRACKING_URI
+        os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]
+    # mlflow itself (seconds to import) is first imported by the logger's thread, not before step 1.
+    tracker = AsyncLogger(run_id)
+    artifact_dir = tempfile.mkdtemp(prefix="ddpm-artifacts-")
+    try:
+        yield tracker, artifact_dir
+    finally:
+        stats = tracker.close(timeout=30)
+        if stats["dropped"]:
+            ctx.log(f"[{what}] MLflow: {stats['dropped']} logging item(s) dropped during a tracking outage")
+        shutil.rmtree(artifact_dir, ignore_errors=True)
+
+
+def worker_context(loop_config: dict[str, Any]) -> LoopContext:
+    """This worker's :class:`LoopContext`, its lines sent to the driver, which prints them."""
     ctx = _ray_context()
-    ctx.log = remote_log(loop_config.get("progress"))  # the driver prints these lines
-    tracker = None
-    artifact_dir = None
-    if ctx.rank == 0 and loop_config.get("run_id"):
-        if loop_config.get("tracking_uri"):  # else (it held credentials) this process's own MLFLOW_TRACKING_URI
-            os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]
-        # mlflow itself (seconds to import) is first imported by the logger's thread, not before step 1.
-        tracker = AsyncLogger(loop_config["run_id"])
-        artifact_dir = tempfile.mkdtemp(prefix="ddpm-artifacts-")
-    # Where each rank runs and what it reads: logged once so placement and data shares can be checked.
+    ctx.log = remote_log(loop_config.get("progress"))
+    return ctx
+
+
+def log_placement(ctx: LoopContext, tracker: AsyncLogger | None) -> None:
+    """Where each rank runs, as the run's ``ddpm.placement`` tag (all ranks take part in the gather)."""
     placement = ctx.all_gather({"rank": ctx.rank, "node_id": ray.get_runtime_context().get_node_id(),
                                 "pid": os.getpid()})
     if tracker is not None:
         tracker.set_tag("ddpm.placement", ",".join(f"{p['rank']}@{p['node_id'][:12]}" for p in placement))
-    data = LoopData(url=loop_config["data_url"], holdout_url=loop_config.get("holdout_url"),
+
+
+def loop_data(loop_config: dict[str, Any]) -> LoopData:
+    return LoopData(url=loop_config["data_url"], holdout_url=loop_config.get("holdout_url"),
                     storage_options=loop_config.get("storage_options"))
-    try:
-        final = train_loop(cfg, data, ctx, tracker=tracker, artifact_dir=artifact_dir)
+
+
+def worker_main(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker entry point (``train_loop_per_worker``)."""
+    cfg: ExperimentConfig = loop_config["config"]  # typed: Ray pickles the dataclass itself
+    ctx = worker_context(loop_config)
+    with rank0_tracker(loop_config, ctx, loop_config.get("run_id")) as (tracker, artifact_dir):
+        # Where each rank runs and what it reads: logged once so placement and data shares can be checked.
+        log_placement(ctx, tracker)
+        final = train_loop(cfg, loop_data(loop_config), ctx, tracker=tracker, artifact_dir=artifact_dir)
         if tracker is not None:
             tracker.log_metrics({"wall_s": final.get("wall_s", 0.0)}, int(final["step"]))
-    finally:
-        if tracker is not None:
-            stats = tracker.close(timeout=30)
-            if stats["dropped"]:
-                ctx.log(f"[train] MLflow: {stats['dropped']} logging item(s) dropped during a tracking outage")
-        if artifact_dir:
-            shutil.rmtree(artifact_dir, ignore_errors=True)
 
 
 def run_config(name: str, storage: str, keep: int, max_failures: int = 3, env: dict | None = None,

@@ -1,0 +1,5 @@
+"""`ddpm-pipe distill`: progressive distillation of a registered model (Salimans & Ho 2022) on Ray.
+
+``schedule.py``: the rounds, grids and the student's config (checked on the driver); ``worker.py``:
+the Ray Train worker running the rounds through train's loop; ``command.py``: the driver.
+"""

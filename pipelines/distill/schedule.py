@@ -1,0 +1,102 @@
+"""The rounds of a progressive distillation: which teacher, which grids, which student config.
+
+Round r's teacher samples with DDIM on K_r = K / 2^r timesteps and its student on K_r / 2
+(:mod:`ddpm.distill`), until the student takes ``steps`` = N. The first teacher's grid is the
+``trailing`` spacing of K steps out of T (:mod:`ddpm.samplers.timesteps`): every 2^k-th point of
+it is the ``trailing`` spacing of K / 2^k steps, exactly, so a student after k rounds is sampled by
+plain ``ddim`` with ``spacing=trailing`` on exactly the grid it was distilled for, from its config's
+``sample`` section, with no extra flag (``sample``, ``evaluate``, ``serve``, the pyfunc model). The
+other spacings do not nest (``linspace`` of 2N points does not hold ``linspace`` of N).
+
+Everything here is checked on the driver, before any run or Ray job: bad input is a
+:class:`~pipelines.errors.UsageError` (exit 2), one line saying why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ddpm.config import ExperimentConfig
+from ddpm.distill import student_timesteps
+from ddpm.pipeline import sampling_settings
+from ddpm.samplers.timesteps import space_timesteps
+from pipelines.errors import UsageError
+
+GRID_SPACING = "trailing"  # the one spacing whose grids nest when halved (module docstring)
+TEACHER_PREDICTIONS = ("eps", "v")  # what a teacher may predict (issue 28; the student keeps it)
+SUFFIX = "-distilled"  # a student's registered name: <teacher name>-distilled
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round: the teacher's ``teacher_steps`` (K_r, even) and the student's half of them."""
+
+    index: int  # 0-based
+    teacher_steps: int
+
+    @property
+    def student_steps(self) -> int:
+        return self.teacher_steps // 2
+
+    def label(self, total: int) -> str:
+        return f"round {self.index + 1}/{total}: {self.teacher_steps} -> {self.student_steps} steps"
+
+
+def check_teacher(cfg: ExperimentConfig, uri: str) -> None:
+    """A teacher must be an eps or v model of this project (its config read: it is one)."""
+    p = cfg.diffusion.prediction
+    if p not in TEACHER_PREDICTIONS:
+        raise UsageError(f"teacher {uri!r} predicts {p!r}: distillation needs an eps or v model "
+                         f"(valid: {', '.join(TEACHER_PREDICTIONS)})")
+
+
+def from_steps(cfg: ExperimentConfig, given: int | None) -> int:
+    """K, the first teacher's step count: ``given`` (``--from-steps``), else the teacher's own
+    sampler's steps (its config's ``sample`` section) rounded up to a power of two, or the largest
+    power of two <= T where that passes T (e.g. the ancestral sampler's T = 1000 steps: 512)."""
+    T = cfg.diffusion.timesteps
+    if given is not None:
+        if given > T:
+            raise UsageError(f"--from-steps {given} is above the teacher's T = {T} timesteps")
+        return given
+    _, steps, _ = sampling_settings(cfg.sample, T)
+    k = 1 << max(steps - 1, 0).bit_length()
+    return k if k <= T else 1 << (T.bit_length() - 1)
+
+
+def plan_rounds(K: int, N: int, T: int) -> list[Round]:
+    """The rounds from K to N steps: K, K/2, ..., 2N teacher steps.
+
+    :raises UsageError: N is not below K, or not K / 2^k (the valid N listed), or K is odd.
+    """
+    try:
+        student_timesteps(first_grid(T, K), N)
+    except ValueError as e:
+        raise UsageError(f"--steps {N} from --from-steps {K}: {e}") from None
+    rounds, k = [], K
+    while k > N:
+        rounds.append(Round(len(rounds), k))
+        k //= 2
+    return rounds
+
+
+def first_grid(T: int, K: int) -> list[int]:
+    """The first teacher's K timesteps out of T (:data:`GRID_SPACING`), descending."""
+    return space_timesteps(T, K, GRID_SPACING)
+
+
+def round_grid(first: list[int], r: Round) -> list[int]:
+    """Round ``r``'s teacher grid: every 2^r-th point of the first teacher's."""
+    return student_timesteps(first, r.teacher_steps) if r.teacher_steps < len(first) else list(first)
+
+
+def student_config(cfg: ExperimentConfig, steps: int, name: str) -> ExperimentConfig:
+    """The student's config after a round that ends at ``steps``: the teacher's network and process,
+    registered as ``name``, sampled as it was distilled: DDIM, eta 0, on the ``trailing`` grid of
+    ``steps`` (= :func:`ddpm.distill.student_timesteps` of the first grid)."""
+    return cfg.with_values({"sample.sampler": "ddim", "sample.steps": steps, "sample.eta": 0.0,
+                            "sample.spacing": GRID_SPACING, "train.registered_model": name})
+
+
+__all__ = ["GRID_SPACING", "SUFFIX", "TEACHER_PREDICTIONS", "Round", "check_teacher", "first_grid",
+           "from_steps", "plan_rounds", "round_grid", "student_config"]
