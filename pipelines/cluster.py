@@ -63,6 +63,7 @@ def connect(address: str | None = None, min_cpus: int = 1) -> bool:
         console.info(f"[ray] connected to {address}; dashboard {_dashboard(context)}")
         return False
     cores = os.cpu_count() or 1
+    console.info(f"[ray] starting a local instance ({max(cores, min_cpus)} CPUs) ...")  # seconds, on a busy machine
     for attempt in (1, 2):
         try:
             # include_dashboard=None: Ray starts it, and a dashboard that fails to come up (a busy

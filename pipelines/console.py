@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import sys
 import time
@@ -43,6 +44,8 @@ def configure(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if "mlflow" in sys.modules:  # imported already (a second command in one process): set its level now
+        logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 @contextlib.contextmanager

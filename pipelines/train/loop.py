@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 
 BPD_CALLS = 16  # model calls of the held-out bits/dim estimate (likelihood.bits_per_dim_estimate's strata)
-LINE_EVERY_S = 10.0  # a step line at least this often when train.log_every steps take longer (no silent minutes)
+LINE_EVERY_S = 8.0  # a step line at least this often (so no silence reaches 10 s) when train.log_every steps take longer (no silent minutes)
 QUIET_S = 2.0  # a held-out bits/dim or sample grid shorter than this prints no progress line (they repeat)
 NO_STEP_LIMIT = 10**12  # train.max_steps when a time budget alone is the limit (`train --max-time`, no step count)
 
@@ -302,6 +302,7 @@ class _Counters:
     t_last: float = 0.0  # time.perf_counter() at the last log line: for the images/s of each interval
     step_last: int = 0
     t_line: float = 0.0  # time.perf_counter() at rank 0's last step line (log interval or LINE_EVERY_S)
+    stepped: bool = False  # rank 0 has had a step in this attempt (its first gets a line)
 
     def trained(self) -> float:
         """Seconds of training so far, this attempt and the ones before it."""
@@ -355,7 +356,13 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker:
     every interval. Each step is :func:`_optimizer_step`, then :func:`_after_step`; ``objective``
     says what a step minimises and where a new run starts (:class:`Objective`)."""
     tc = cfg.train
+    start = time.perf_counter()
+    what = "[train] preparing the data, the model and the checkpoint"  # worker start to first step: a phase
+    if ctx.rank == 0:
+        ctx.log(f"{what} ...")
     parts, diffusion, ddp_model, net, holdout, n = _prepare(cfg, data, ctx, tracker, objective.init)
+    if ctx.rank == 0:
+        ctx.log(f"{what}: {time.perf_counter() - start:.1f} s ({'resuming at' if n.step else 'from'} step {n.step})")
     batches = iter(parts.loader)
     last_metrics: dict[str, float] = {}
     best_dirs: list[str] = []  # local copies of the best EMA weights, newest last
@@ -470,13 +477,15 @@ def _after_step(cfg: ExperimentConfig, parts: _Parts, diffusion: Diffusion, ctx:
         ctx.log(f"[train] step {n.step}{of} loss {metrics['loss']:.4f} "
                 f"{metrics['images_per_s']:.1f} img/s{held_out} ETA {eta:.0f}s")
         n.t_line = now
-    elif now - n.t_line >= LINE_EVERY_S:  # a long log interval: the step and its ETA, no metrics
+    elif now - n.t_line >= LINE_EVERY_S or not n.stepped:  # a long log interval, or the first step:
+        # the step and its ETA, no metrics (the first step's line says training has begun)
         ips = (n.step - n.step_last) * tc.batch_size / max(now - n.t_last, 1e-9)
         left = (tc.max_steps - n.step) * tc.batch_size / max(ips, 1e-9)
         if tc.max_time is not None:
             left = min(left, max(tc.max_time - n.trained(), 0.0))
         ctx.log(f"[train] step {n.step}{of} {ips:.1f} img/s ETA {left:.0f}s")
         n.t_line = now
+    n.stepped = True
     if artifact_dir and tracker is not None and (n.step % tc.sample_every == 0 or final):
         path = os.path.join(artifact_dir, f"samples_step{n.step:07d}.png")
         sample_grid(parts.ema.module, diffusion, cfg, path, log=ctx.log)
