@@ -114,7 +114,7 @@ def train_data_feature_net(train: torch.Tensor, train_labels: Any = None, test: 
                            lr: float = 3e-3) -> tuple[DataFeatureNet, dict[str, Any]]:
     """Train on ``train`` (``[N x C x S x S]`` in [-1, 1]) for the turn (and class) task; returns the
     net (eval mode, no gradients) and its info: ``version``, ``task`` (``"turns"`` or
-    ``"classes+turns"``), ``num_classes``, ``num_train`` (images used), the task accuracy on the
+    ``"classes-turns"``), ``num_classes``, ``num_train`` (images used), the task accuracy on the
     training images and, with ``test``, on the held-out ones (``test_accuracy``: chance is
     1 / (classes x 4); it says the features learned the task), ``train_seconds``."""
     x = torch.as_tensor(train, dtype=torch.float32)
@@ -127,7 +127,7 @@ def train_data_feature_net(train: torch.Tensor, train_labels: Any = None, test: 
         inputs, targets = turned(x, index)
         net = DataFeatureNet(x.shape[1], x.shape[-1], num_classes * TURNS)
         features.fit(net, inputs, targets, seed, epochs, batch_size, lr)
-        info: dict[str, Any] = {"version": DATA_NET_VERSION, "task": "classes+turns" if index is not None else "turns",
+        info: dict[str, Any] = {"version": DATA_NET_VERSION, "task": "classes-turns" if index is not None else "turns",
                                 "num_classes": num_classes, "num_train": len(x),
                                 "train_accuracy": _accuracy(net, inputs, targets),
                                 "train_seconds": time.perf_counter() - start}

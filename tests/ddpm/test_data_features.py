@@ -129,7 +129,7 @@ def test_real_photo_crops_are_not_flagged(tmp_path):
     train, unseen = crops[order[100:]], crops[order[:100]]
     test, test_labels = _crops("test")
     net, info = df.train_data_feature_net(train, labels[order[100:]], test, test_labels)
-    assert info["task"] == "classes+turns" and info["num_classes"] == 2
+    assert info["task"] == "classes-turns" and info["num_classes"] == 2
     assert info["train_accuracy"] > 2 / 8, info  # above chance (1/8) on what it was shown
     real = df.evaluate_samples(unseen, test, train, net)
     for name in ("kid", "fd"):

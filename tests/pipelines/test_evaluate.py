@@ -266,3 +266,13 @@ def test_rgb_data_gets_feature_scores_offline_from_a_network_trained_on_its_trai
     again = score_samples(pictures(150), 1.0, ev, "ddim", 10, 0.0, resolve())
     assert "training the feature network" not in capsys.readouterr().err
     assert again["scores"]["kid"] - again["floors"]["kid"] < 3 * (again["se"]["kid"] + again["floor_se"]["kid"])
+    # a labelled split (class subfolders): the task is classes and turns, and its name is a valid key part
+    from ddpm.metrics import parse_result_key
+
+    labelled = EvalData(test=ev.test, train=ev.train, levels=256, source="pictures", test_hash="t", hash="l" * 12,
+                        test_url="x", train_url="y", test_labels=torch.arange(120) % 2,
+                        train_labels=torch.arange(300) % 2)
+    got = score_samples(pictures(150), 1.0, labelled, "ddim", 10, 0.0, resolve())
+    assert got["feature_net"]["task"] == "classes-turns" and got["feature_net"]["chance"] == 0.125
+    kid = next(r["key"] for r in got["results"] if r["metric"] == "kid")
+    assert "features:data-cnn-v1-classes-turns" in kid and parse_result_key(kid)
