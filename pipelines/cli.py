@@ -196,6 +196,8 @@ def data_prepare(
 
 
 # -- train ----------------------------------------------------------------------------------------
+TrainPrecision = Annotated[Optional[str], _choice("--precision", values=TRAIN_PRECISIONS, help="Override train.precision.")]
+
 @app.command()
 def train(
     config: Config = "digits",
@@ -206,7 +208,7 @@ def train(
     gpus_per_node: GpusPerNode = 0,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Override train.max_steps.")] = None,
     max_time: Annotated[Optional[float], typer.Option("--max-time", parser=_duration, metavar="DURATION", help="Stop after this much training (600, 90s, 10m, 1.5h; sets train.max_time in seconds); with no step count (--max-steps or --set train.max_steps) the time is the limit, else whichever comes first. The last step checkpoints and registers as a finished run does.")] = None,
-    precision: Annotated[Optional[str], _choice("--precision", values=TRAIN_PRECISIONS, help="Override train.precision.")] = None,
+    precision: TrainPrecision = None,
     experiment: Experiment = None,
     run_name: Annotated[Optional[str], typer.Option("--run-name", help="Run name; re-running the same name resumes it.")] = None,
     address: Address = None,
@@ -233,7 +235,7 @@ def distill(
     gpus_per_node: GpusPerNode = 0,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Training steps per round. Default: the teacher's config's train.max_steps.")] = None,
     max_time: Annotated[Optional[float], typer.Option("--max-time", parser=_duration, metavar="DURATION", help="Training time per round (600, 90s, 10m, 1.5h); with no step count the time is the limit, else whichever comes first.")] = None,
-    precision: Annotated[Optional[str], _choice("--precision", values=TRAIN_PRECISIONS, help="Override train.precision.")] = None,
+    precision: TrainPrecision = None,
     experiment: Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment name. Default: the teacher's config's name.")] = None,
     run_name: Annotated[Optional[str], typer.Option("--run-name", help="Run name; re-running the same name resumes it, mid-round. Default: the student's name.")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="The student's registered model name. Default: <teacher name>-distilled.")] = None,
