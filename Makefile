@@ -18,7 +18,7 @@ demo: .venv/bin/ddpm-pipe
 
 # The same path on RGB data that ships with scikit-learn (its two sample photos in 32x32 crops, a
 # seeded 20% held out): a small cifar10-shaped net trained for 4 minutes, sampled with the preset's
-# DPM-Solver++ at 20 steps, evaluated offline (pixel-space scores, the bound's 16-call estimate).
+# DPM-Solver++ at 20 steps, evaluated offline (pixel and feature scores, the bound's 16-call estimate): 5 min 49 s quiet.
 RGB_DEMO := --config cifar10 --set name=rgb-demo --set data.source=sample-images \
 	--set model.ch=32 --set "model.ch_mult=[1,2]" --set model.num_res_blocks=1 \
 	--set train.batch_size=32 --set train.lr=1e-3 --set train.warmup_steps=100 --set train.ema_decay=0.995 \
