@@ -460,13 +460,19 @@ def _quality(samples: torch.Tensor, ev: EvalData, settings: Settings, out: dict[
         return _feature_quality(samples, ev, settings, out)
     pixel = pixel_scores.evaluate_pixels(samples, ev.test, ev.train)
     n_floor = min(len(samples), len(ev.train))
-    compared, floors = _compared(pixel, pixel_scores.COMPARED_WITH, len(samples), len(ev.test), len(ev.train),
-                                 n_floor)
-    for c in compared.values():
-        c["features"] = f"{pixel_scores.FEATURES}-{int(pixel['pca_components'])}"
-    scores = _feature_quality(samples, ev, settings, out)
-    out["compared"], out["floor_compared"] = {**compared, **out["compared"]}, {**floors, **out["floor_compared"]}
-    return {**pixel, **scores}
+    _record(out, *_compared(pixel, pixel_scores.COMPARED_WITH, len(samples), len(ev.test), len(ev.train), n_floor),
+            space=f"{pixel_scores.FEATURES}-{int(pixel['pca_components'])}")
+    return {**pixel, **_feature_quality(samples, ev, settings, out)}
+
+
+def _record(out: dict[str, Any], compared: dict[str, Any], floors: dict[str, Any], space: str | None = None) -> None:
+    """Add what a group of scores and their floors compared (:func:`_compared`) to ``out``; ``space``
+    names their feature space in their keys when it is not ``out["features"]``."""
+    if space is not None:
+        for c in compared.values():
+            c["features"] = space
+    out["compared"].update(compared)
+    out["floor_compared"].update(floors)
 
 
 def _feature_quality(samples: torch.Tensor, ev: EvalData, settings: Settings, out: dict[str, Any]) -> dict[str, float]:
@@ -482,8 +488,8 @@ def _feature_quality(samples: torch.Tensor, ev: EvalData, settings: Settings, ou
         out["feature_net"] = {"version": info["version"], "test_accuracy": info["test_accuracy"]}
         _few_samples_note(len(samples), out)
         scores = features.evaluate_samples(samples, ev.test, ev.train, net=net, k=K_NEAREST)
-        out["compared"], out["floor_compared"] = _compared(
-            scores, features.COMPARED_WITH, len(samples), len(ev.test), len(ev.train), int(scores["num_floor"]))
+        _record(out, *_compared(scores, features.COMPARED_WITH, len(samples), len(ev.test), len(ev.train),
+                                int(scores["num_floor"])))
         return scores
     scores: dict[str, float] = {}
     if ev.train is not None:
@@ -519,11 +525,8 @@ def _data_feature_quality(samples: torch.Tensor, ev: EvalData, settings: Setting
                           "chance": 1.0 / (info["num_classes"] * data_features.TURNS)}
     _few_samples_note(len(samples), out)
     scores = data_features.evaluate_samples(samples, ev.test, ev.train, net, k=K_NEAREST)
-    compared, floors = _compared(scores, data_features.COMPARED_WITH, len(samples), len(ev.test), len(ev.train),
-                                 int(scores["num_floor"]))
-    for c in compared.values():
-        c["features"] = space
-    out["compared"], out["floor_compared"] = {**out["compared"], **compared}, {**out["floor_compared"], **floors}
+    _record(out, *_compared(scores, data_features.COMPARED_WITH, len(samples), len(ev.test), len(ev.train),
+                            int(scores["num_floor"])), space=space)
     if out["features"] == "none":
         out["features"] = space
     return scores
@@ -542,9 +545,8 @@ def _inception_quality(samples: torch.Tensor, ev: EvalData, out: dict[str, Any])
         floor = inception_fid(ev.test, ev.train[:n], weights) if ev.train is not None else float("nan")
     except (FileNotFoundError, ImportError) as e:
         raise UsageError(str(e)) from None
-    compared, floors = _compared({"fid": fid}, {"fid": "reference"}, len(samples), len(ev.test), n, n)
-    compared["fid"]["features"] = "inception-v3-2048"
-    out["compared"], out["floor_compared"] = {**out["compared"], **compared}, {**out["floor_compared"], **floors}
+    _record(out, *_compared({"fid": fid}, {"fid": "reference"}, len(samples), len(ev.test), n, n),
+            space="inception-v3-2048")
     return {"fid": fid, "fid_floor": floor}
 
 
