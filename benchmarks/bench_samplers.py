@@ -19,6 +19,12 @@ real data's floor (``vs_floor``). The JSON's ``table`` has the rows in the form 
 A row is ``sampler:steps`` or ``sampler:steps:eta`` (eta for ddim only), optionally ``@spacing``
 (``linspace``, ``trailing``, ``logsnr``, ...; default the sampler's own); ``ddpm-analytic`` is the
 ancestral sampler with Analytic-DPM's optimal variance, its Gamma_t estimated on the training split.
+
+``--students URI ...`` adds a row per other model (a distilled student of ``--model``), sampled with
+its own config's sampler, steps and spacing, and compared with the reference like every row (issue 28):
+
+    python -m benchmarks.bench_samplers --model TEACHER --rows dpmpp-2m-sde:20 ddim:4@trailing \
+        --students models:/ddpm-digits-distilled/1 --json-out bench-results/distill.json
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class Row(NamedTuple):
     steps: int
     eta: float = 0.0
     spacing: str | None = None  # None: the sampler's own
+    model: str | None = None  # None: --model; else a --students URI
 
 
 def parse_row(text: str) -> Row:
@@ -87,9 +94,8 @@ def sample_row(loaded: Any, ev: Any, row: Row, num: int, settings: Any, ms_eps: 
                                     steps=row.steps, eta=row.eta, spacing=row.spacing, ms_eps=gamma)
     start = time.perf_counter()
     x = pipe(num, 0)
-    r = score_samples(x, time.perf_counter() - start, ev, row.sampler, pipe.steps, pipe.eta, settings)
-    r["spacing"] = pipe.spacing
-    return r
+    return score_samples(x, time.perf_counter() - start, ev, row.sampler, pipe.steps, pipe.eta, settings,
+                         spacing=pipe.spacing)
 
 
 def against(row: dict[str, Any], ref: dict[str, Any], paired: dict[str, tuple[float, float]] | None = None
@@ -118,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model", required=True, help="checkpoint path/URL or model URI")
     p.add_argument("--num", type=int, default=2000)
     p.add_argument("--rows", nargs="+", type=parse_row, default=[parse_row(r) for r in DEFAULT_ROWS])
+    p.add_argument("--students", nargs="+", default=[], metavar="URI",
+                   help="other models (distilled students), one row each with their own sampler settings")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json-out", default=os.path.join("bench-results", "samplers.json"))
     args = p.parse_args(argv)
@@ -130,16 +138,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = resolve()
     loaded = load(args.model)
     ev = load_eval_data(loaded.config, None, settings)
+    models = {None: loaded, **{uri: load(uri) for uri in args.students}}
+    specs = [*args.rows, *(Row(m.config.sample.sampler, m.config.sample.steps, m.config.sample.eta,
+                               m.config.sample.spacing, uri) for uri, m in models.items() if uri)]
     yardstick = Yardstick(ev, settings)
     pixels = yardstick.parts[-1]
     floor_scores = yardstick.floor_scores(args.num)
     load_before, rows, start = common.load(), [], time.perf_counter()
     ref_scores: dict[str, Any] = {}
     ms_eps: dict[int, float] = {}
-    for spec in args.rows:
-        r = sample_row(loaded, ev, spec, args.num, settings, ms_eps)
+    for spec in specs:
+        r = sample_row(models[spec.model], ev, spec, args.num, settings, ms_eps)
         row = {k: r[k] for k in ("sampler", "steps", "eta", "spacing", "num", "sec_per_sample", "scores", "se",
                                  "floors", "floor_se")}
+        row["model"] = spec.model or args.model
         row["seconds"] = round(r["sec_per_sample"] * r["num"], 2)
         scores = yardstick.scores(r["samples"])
         # The variance ratio along each pixel-PCA component, coarse to fine (fine_spread: the finer half's).
@@ -152,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ref_scores = ref_scores or scores
         rows.append(row)
         worse = [n for n, c in row["vs_reference"].items() if c["verdict"] == "worse"]
-        print(f"[bench_samplers] {row['sampler']} {row['steps']} eta {row['eta']:g} {row['spacing']}: kid {row['scores']['kid']:.4g} "
+        print(f"[bench_samplers] {row['model'] if spec.model else ''} {row['sampler']} {row['steps']} eta {row['eta']:g} {row['spacing']}: kid {row['scores']['kid']:.4g} "
               f"classifier_score {row['scores']['classifier_score']:.4g} "
               f"fine_spread {row['scores']['fine_spread']:.3g} {row['seconds']:.1f} s"
               + (f"; worse than the reference on {', '.join(worse)}" if worse else ""), flush=True)
@@ -175,22 +187,26 @@ def table(result: dict[str, Any]) -> str:
     each comparison could call (``mdd``, :data:`benchmarks.bench_quality.NOISE_Z` standard errors of
     the paired difference; the median over the rows, on the lower-is-better scale)."""
     names = [n for n in METRICS if n in result["table"][0]["scores"]]
-    head = ["sampler", "steps", "eta", "spacing", *names, "s", f"worse than {result['reference']}", "worse than real data"]
+    models = len({r.get("model") for r in result["table"]}) > 1  # a column for the model when rows differ in it
+    head = [*(["model"] if models else []), "sampler", "steps", "eta", "spacing", *names, "s",
+            f"worse than {result['reference']}", "worse than real data"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["table"]:
         cells = [f"{r['scores'][n]:.4g}" + (f" ± {r['se'][n]:.2g}" if r["se"].get(n) is not None else "")
                  for n in names]
         worse = [n for n, c in r["vs_reference"].items() if c["verdict"] == "worse"]
         below = [n for n, v in r.get("vs_floor", {}).items() if v == "worse"]
-        lines.append("| " + " | ".join([r["sampler"], str(r["steps"]), f"{r['eta']:g}", r.get("spacing", "-"), *cells,
+        lines.append("| " + " | ".join([*([r["model"]] if models else []), r["sampler"], str(r["steps"]),
+                                        f"{r['eta']:g}", r.get("spacing", "-"), *cells,
                                         f"{r['seconds']:.1f}", ", ".join(worse) or "-", ", ".join(below) or "-"])
                      + " |")
     floors = result["table"][0]["floors"]
-    lines.append("| real data (floor) | - | - | - | " + " | ".join(f"{floors[n]:.4g}" if n in floors else "-"
+    pad = "- | " * models
+    lines.append(f"| {pad}real data (floor) | - | - | - | " + " | ".join(f"{floors[n]:.4g}" if n in floors else "-"
                                                            for n in names) + " | - | - | - |")
     mdd = {n: sorted(r["vs_reference"][n]["mdd"] for r in result["table"][1:]
                      if n in r["vs_reference"] and r["vs_reference"][n].get("mdd") is not None) for n in names}
-    lines.append("| smallest detectable difference (median) | - | - | - | " + " | ".join(
+    lines.append(f"| {pad}smallest detectable difference (median) | - | - | - | " + " | ".join(
         f"{v[len(v) // 2]:.2g}" if v else "-" for v in mdd.values()) + " | - | - | - |")
     return "\n".join(lines)
 

@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
               "saturation": {**saturation, "concurrency": args.concurrency,
                                                            "max_batch_size": args.max_batch_size,
                                                            "batch_wait_timeout": service.options.batch_wait_timeout},
-              "server": {k: round(v, 3) for k, v in served.items() if k.startswith(("batches", "mean_batch", "sampling"))},
+              "server": {k: round(v, 3) for k, v in served.items()
+                         if k.startswith(("batches", "mean_batch", "sampling", "one_image"))},
               "saturation_vs_offline": round(saturation["images_per_s"] / offline_ips, 3) if offline_ips else None}
     result["sampler"] = dict(zip(("sampler", "steps", "eta"), resolve_settings(_config(args.preset), None, None, None)))
     print(write_json(result, args.out))

@@ -443,17 +443,16 @@ def badness(metric: str, value: float, se: float | None = None) -> tuple[float, 
 
 def better(metric: str, a: float, b: float, min_delta: float = 0.0) -> bool:
     """True when ``a`` beats ``b`` on ``metric`` by strictly more than ``min_delta`` (on the
-    :func:`badness` scale: for a 'one' metric, ``|log a|`` against ``|log b|``).
+    :func:`badness` scale: for a 'one' metric, ``|log a|`` against ``|log b|``). A negative
+    ``min_delta`` is a tolerance: ``a`` may then be worse than ``b`` by less than ``-min_delta``.
 
     ``metric`` is a name or a result key. A NaN on either side is never better.
     """
-    if min_delta < 0:
-        raise ValueError(f"min_delta must be >= 0, got {min_delta}")
     a, b = float(a), float(b)
     if math.isnan(a) or math.isnan(b):
         return False
     (bad_a, _), (bad_b, _) = badness(metric, a), badness(metric, b)
-    if math.isnan(bad_a) or math.isnan(bad_b) or bad_a == bad_b:
+    if math.isnan(bad_a) or math.isnan(bad_b) or (bad_a == bad_b and min_delta >= 0):
         return False
     return bad_b - bad_a > min_delta
 

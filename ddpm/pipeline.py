@@ -28,7 +28,8 @@ from ddpm.config import Sampler, Spacing
 from ddpm.diffusion import Diffusion, Model
 from ddpm.guidance import ClassifierFreeGuidance, check_class_labels, check_guidance
 from ddpm.noise import sample_seed
-from ddpm.samplers import check_eta, check_sampler, default_spacing, default_steps, generate, make_sampler
+from ddpm.samplers import (check_eta, check_sampler, config_spacing, default_spacing, default_steps, generate,
+                           make_sampler)
 
 if TYPE_CHECKING:
     from ddpm.config import ExperimentConfig, SampleConfig
@@ -128,10 +129,9 @@ class DDPMPipeline:
         ``ms_eps`` as :class:`DDPMPipeline`.
         """
         diffusion = diffusion if diffusion is not None else Diffusion.from_config(cfg.diffusion)
-        own = sampler is None or sampler == cfg.sample.sampler
         sampler, steps, eta = sampling_settings(cfg.sample, diffusion.num_timesteps, sampler, steps, eta)
         s = cfg.sample
-        spacing = spacing or (s.spacing if own else None)
+        spacing = spacing or config_spacing(s, sampler)
         m = cfg.model
         return cls(model, diffusion, (m.in_channels, m.image_size, m.image_size), sampler=sampler, steps=steps,
                    eta=eta, spacing=spacing, ms_eps=ms_eps, clip_denoised=s.clip_denoised,

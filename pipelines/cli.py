@@ -315,16 +315,17 @@ def promote(
     version: Annotated[Optional[str], typer.Option("--version", help="Candidate version. Default: the latest.")] = None,
     alias: Annotated[str, typer.Option("--alias", help="Alias to move.")] = "champion",
     metric: Annotated[str, typer.Option("--metric", help="Evaluation metric to compare (kid, fd, classifier_score, ...).")] = "kid",
-    min_delta: Annotated[float, typer.Option("--min-delta", min=0.0, help="Required improvement.")] = 0.0,
+    min_delta: Annotated[float, typer.Option("--min-delta", help="Required improvement (>= 0; with --against, a negative value is how much worse the candidate may be).")] = 0.0,
     force: Annotated[bool, typer.Option("--force", help="Move the alias whatever the metrics say (recorded as a tag).")] = False,
     reason: Annotated[Optional[str], typer.Option("--reason", help="Why --force was used; recorded as a tag.")] = None,
+    against: Annotated[Optional[str], typer.Option("--against", help="Compare with this registered model (models:/NAME/VERSION or @ALIAS, any name: a distilled student's teacher) instead of the alias holder, on the same data, features and sample count whatever the sampler.")] = None,
     json_out: Json = False,
 ) -> None:
-    """Move an alias to a version only if its evaluation beats the current holder's."""
+    """Move an alias to a version only if its evaluation beats the current holder's (or --against's)."""
     from pipelines.registry.promote import promote_command
 
     _dispatch(promote_command, json_out, name=name, version=version,
-              alias=alias, metric=metric, min_delta=min_delta, force=force, reason=reason)
+              alias=alias, metric=metric, min_delta=min_delta, force=force, reason=reason, against=against)
 
 
 # -- sample / interpolate -------------------------------------------------------------------------

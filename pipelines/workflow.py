@@ -24,7 +24,6 @@ import json
 import os
 import shlex
 import shutil
-import tempfile
 import time
 import types
 import typing
@@ -50,6 +49,7 @@ from pipelines.sample.request import SampleRequest, check_format, resolve_settin
 from pipelines.settings import SECRET_ENV_VARS, Settings, redact, resolve
 from pipelines.storage import data
 from pipelines.storage.lock import FolderLock
+from pipelines.storage.scratch import scratch, scratch_dir
 from pipelines.train import command as train
 from pipelines.train.async_logger import CURVES, metric_name
 from pipelines.train.loop import sample_grid
@@ -546,7 +546,7 @@ def _grid(model_uri: str, settings: Settings, name: str) -> str:
     if is_local(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return sample_grid(loaded.model, loaded.diffusion, loaded.config, path)
-    with tempfile.TemporaryDirectory(prefix="ddpm-grid-") as folder:
+    with scratch("grid") as folder:
         local = sample_grid(loaded.model, loaded.diffusion, loaded.config, os.path.join(folder, "grid.png"))
         atomic_write(fs, path, Path(local).read_bytes())
     return url
@@ -592,7 +592,7 @@ def ship_files(config: str, workflow: str | None) -> tuple[str, str, str | None]
 
     A preset name stays a name; a config or workflow file is copied under a fixed name.
     """
-    folder = tempfile.mkdtemp(prefix="ddpm-job-")
+    folder = scratch_dir("job")
     if config not in PRESETS:
         shipped = "config" + Path(config).suffix
         shutil.copyfile(config, os.path.join(folder, shipped))

@@ -4,6 +4,7 @@
     .venv/bin/python scripts/plots.py --run-name demo-train --experiment digits --out docs/img
     .venv/bin/python scripts/plots.py --sampler-table eval.json --out docs/img
     .venv/bin/python scripts/plots.py --guidance-sweep eval.json --out docs/img
+    .venv/bin/python scripts/plots.py --grids TEACHER TEACHER#ddim:4@trailing STUDENT --out docs/img
 
 With a run: reads its metric history from the tracking store that `ddpm-pipe` uses
 (``MLFLOW_TRACKING_URI``, else ``DDPM_HOME``'s sqlite store) and writes ``loss.png`` and ``bpd.png``
@@ -15,7 +16,10 @@ floor as a dashed line. With ``--guidance-sweep``: the guidance sweep of ``ddpm-
 class-conditional model (its ``--json`` output, or the run's ``evaluation/guidance_sweep.json``) ->
 ``guidance_sweep.png``: conditional accuracy, and diversity (recall, class spread) against the
 guidance weight w (± one standard error), the classifier's accuracy on real digits as a dashed line
-when known. Needs matplotlib (not a dependency of the package).
+when known. With ``--grids``: 64 samples of each model, side by side (the same seeds: sample i from
+seed i, as ``evaluate``), each with its own sampler or ``URI#sampler:steps[:eta][@spacing]`` ->
+``grids.png``, titled by model and sampler: a distilled student beside its teacher. Needs matplotlib
+(not a dependency of the package).
 """
 
 from __future__ import annotations
@@ -186,6 +190,42 @@ def plot_guidance_sweep(rows: list[dict], out: Path, ceiling: float | None = Non
     return path
 
 
+def plot_grids(specs: list[str], out: Path, num: int = 64) -> Path:
+    """``grids.png``: ``num`` samples of each model spec (``URI`` or ``URI#sampler:steps[:eta][@spacing]``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.bench_samplers import parse_row
+    from ddpm.image import grid
+    from ddpm.inference import SamplingNet
+    from ddpm.pipeline import DDPMPipeline
+    from pipelines.registry.models import load
+
+    fig, axes = plt.subplots(1, len(specs), figsize=(2.8 * len(specs), 3.2), squeeze=False)
+    for ax, spec in zip(axes[0], specs):
+        uri, _, setting = spec.partition("#")
+        loaded = load(uri)
+        try:
+            row = parse_row(setting) if setting else None
+        except argparse.ArgumentTypeError as e:
+            raise SystemExit(f"--grids {spec!r}: {e}") from None
+        pipe = DDPMPipeline.from_config(SamplingNet(loaded.model), loaded.config, loaded.diffusion,
+                                        **({"sampler": row.sampler, "steps": row.steps, "eta": row.eta,
+                                            "spacing": row.spacing} if row else {}))
+        ax.imshow(grid(pipe(num, 0), loaded.config.data.levels, scale=4).squeeze(), cmap="gray")
+        how = f"{pipe.sampler} {pipe.steps}" + (f" eta {pipe.eta:g}" if pipe.eta else "") + f", {pipe.spacing}"
+        ax.set_title(f"{uri.rsplit('/', 2)[-2] if uri.startswith('models:/') else Path(uri).stem}\n{how}", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "grids.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     which = p.add_mutually_exclusive_group(required=True)
@@ -194,9 +234,14 @@ def main(argv: list[str] | None = None) -> list[Path]:
     which.add_argument("--sampler-table", metavar="JSON", help="`ddpm-pipe evaluate --table --json` output")
     which.add_argument("--guidance-sweep", metavar="JSON",
                        help="`ddpm-pipe evaluate --json` output of a class-conditional model, or its guidance_sweep.json")
+    which.add_argument("--grids", nargs="+", metavar="URI[#sampler:steps]", help="models to sample side by side")
     p.add_argument("--experiment", default="digits", help="with --run-name")
     p.add_argument("--out", default="docs/img")
     args = p.parse_args(argv)
+    if args.grids:
+        path = plot_grids(args.grids, Path(args.out))
+        print(path)
+        return [path]
     if args.sampler_table or args.guidance_sweep:
         import json
 

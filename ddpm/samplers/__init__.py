@@ -22,12 +22,12 @@ from ddpm.samplers.base import DEFAULT_SPACING, DEFAULT_STEPS, Stepper, run_loop
 from ddpm.samplers.ddim import DDIMSampler, check_eta
 from ddpm.samplers.dpm_solver import DPMSolverPP3MSampler, DPMSolverPPSampler, SDEDPMSolverPPSampler
 from ddpm.samplers.edm import EDMSampler
-from ddpm.samplers.registry import (SAMPLERS, check_sampler, default_spacing, default_steps, generate,
+from ddpm.samplers.registry import (SAMPLERS, check_sampler, config_spacing, default_spacing, default_steps, generate,
                                     make_sampler)
 from ddpm.samplers.timesteps import SPACINGS, space_timesteps
 from ddpm.samplers.unipc import UniPCSampler
 
 __all__ = ["AnalyticDDPMSampler", "DDIMSampler", "DDPMSampler", "DEFAULT_SPACING", "DEFAULT_STEPS",
            "DPMSolverPP3MSampler", "DPMSolverPPSampler", "EDMSampler", "SAMPLERS", "SDEDPMSolverPPSampler",
-           "SPACINGS", "Stepper", "UniPCSampler", "check_eta", "check_sampler", "default_spacing", "default_steps",
+           "SPACINGS", "Stepper", "UniPCSampler", "check_eta", "check_sampler", "config_spacing", "default_spacing", "default_steps",
            "estimate_ms_eps", "generate", "make_sampler", "run_loop", "space_timesteps"]

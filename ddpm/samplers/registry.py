@@ -8,7 +8,7 @@ from typing import Any, get_args
 
 import torch
 
-from ddpm.config import Sampler, Spacing
+from ddpm.config import SampleConfig, Sampler, Spacing
 from ddpm.diffusion import Diffusion, Model, Progress
 from ddpm.samplers.ancestral import AnalyticDDPMSampler, DDPMSampler
 from ddpm.samplers.base import DEFAULT_SPACING, DEFAULT_STEPS, Stepper, run_loop
@@ -34,6 +34,12 @@ def default_steps(sampler: str, num_timesteps: int, preferred: int | None = None
 def default_spacing(sampler: str) -> Spacing:
     """The sampler's own timestep spacing (:data:`DEFAULT_SPACING`; linspace where not listed)."""
     return DEFAULT_SPACING.get(sampler, "linspace")
+
+
+def config_spacing(sample: SampleConfig, sampler: str) -> Spacing:
+    """The spacing a model whose config has sample section ``sample`` samples with under ``sampler``:
+    the section's own ``spacing`` for the section's own sampler, else the sampler's default."""
+    return (sample.spacing if sampler == sample.sampler else None) or default_spacing(sampler)
 
 
 def check_sampler(sampler: str, eta: float = 0.0) -> None:

@@ -28,7 +28,7 @@ from pipelines.registry import models
 from pipelines.registry.register import log_and_register
 from pipelines.settings import resolve
 from pipelines.storage.data import check_data, check_splits_disjoint, resolve_data
-from pipelines.storage.lock import FolderLock
+from pipelines.storage.run_folder import run_folder
 from pipelines.train.command import check_builds, connect_and_place, fit, with_options
 from pipelines.train.loop import NO_STEP_LIMIT
 from pipelines.train.ray_train import CHECKPOINT_FILE
@@ -81,7 +81,7 @@ def distill_command(teacher: str, steps: int, from_steps_: int | None = None, ov
 
     run_url = f"{settings.storage.rstrip('/')}/{run_name}"
     fs, root = open_fs(run_url, storage_options_for(run_url))
-    with FolderLock(fs, root, run_url, "distill"):
+    with run_folder(fs, root, run_url, "distill"):
         tracking.configure(settings)
         exp_id = tracking.experiment_id(experiment or cfg.name, settings)
         tags = {tracking.KIND_TAG: "distill", TEACHER_TAG: teacher_uri, **_schedule_tags(rounds, K, steps)}

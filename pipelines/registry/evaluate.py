@@ -47,7 +47,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +66,7 @@ from ddpm.inference import SamplingNet
 from ddpm.likelihood import bits_per_dim, bits_per_dim_estimate
 from ddpm.metrics import INCEPTION_WEIGHTS_HINT, direction, inception_fid, parse_result_key, result_key
 from ddpm.pipeline import DDPMPipeline
+from ddpm.samplers import config_spacing, default_spacing
 from pipelines import console, tracking
 from pipelines.errors import PipelineError, UsageError
 from pipelines.registry import EVAL_TAG, LAST_TAG, models, register
@@ -76,6 +76,7 @@ from pipelines.sample.command import sample_to_tensor
 from pipelines.sample.request import labels_of, resolve_classes, resolve_settings
 from pipelines.settings import Settings, redact_obj, resolve
 from pipelines.storage.data import ensure_prepared, warn_if_shared
+from pipelines.storage.scratch import scratch
 
 BPD_IMAGES = 64  # held-out images for the full bound: its cost is T model calls per image batch
 BPD_CALLS = 16  # model calls of --bound estimate (the strata of likelihood.bits_per_dim_estimate)
@@ -158,7 +159,8 @@ def evaluate_command(model: str, data: str | None = None, num: int = 1000, sampl
             "compared": {n: c["label"] for n, c in main.get("compared", {}).items()},
             "floor_compared": {n: c["label"] for n, c in main.get("floor_compared", {}).items()},
             "sec_per_sample": main["sec_per_sample"], "sampler": main["sampler"],
-            "steps": main["steps"], "eta": main["eta"], "num": num, "table": [_row_summary(r) for r in rows],
+            "steps": main["steps"], "eta": main["eta"], "spacing": main["spacing"], "num": num,
+            "table": [_row_summary(r) for r in rows],
             "classes": list(classes) or None, "guidance": guidance, "conditional": _cond_summary(cond),
             "feature_net": main.get("feature_net"), "notes": main.get("notes", []), **target}
 
@@ -303,7 +305,8 @@ def measure_sampler(loaded: LoadedModel, ev: EvalData, sampler: str, steps: int,
     start = time.perf_counter()
     x = generate_samples(loaded, sampler, steps, eta, num, nodes, address, classes=classes, guidance=guidance)
     asked = _asked(classes, guidance, loaded.config.model.num_classes)
-    out = score_samples(x, time.perf_counter() - start, ev, sampler, steps, eta, settings, asked=asked)
+    out = score_samples(x, time.perf_counter() - start, ev, sampler, steps, eta, settings, asked=asked,
+                        spacing=config_spacing(loaded.config.sample, sampler))
     out.update(classes=classes, guidance=guidance, labels=labels_of(list(range(num)), classes))
     return out
 
@@ -318,14 +321,21 @@ def _asked(classes: tuple[int, ...], guidance: float | None, num_classes: int) -
 
 
 def score_samples(x: torch.Tensor, seconds: float, ev: EvalData, sampler: str, steps: int, eta: float,
-                  settings: Settings, asked: dict[str, str | float] | None = None) -> dict[str, Any]:
+                  settings: Settings, asked: dict[str, str | float] | None = None,
+                  spacing: str | None = None) -> dict[str, Any]:
     """Score samples ``x`` (float ``[N x C x H x W]`` in [-1, 1]) made in ``seconds`` by one sampler
-    setting (``asked``: the classes and guidance, :func:`_asked`), as :func:`measure_sampler` does;
-    for samples made elsewhere (``benchmarks/bench_quality.py`` scores a diffusers model's with it)."""
+    setting (``asked``: the classes and guidance, :func:`_asked`; ``spacing``: where the sampler put
+    its steps, ``None`` for its default), as :func:`measure_sampler` does; for samples made elsewhere
+    (``benchmarks/bench_quality.py`` scores a diffusers model's with it).
+
+    A spacing other than the sampler's default is part of every key (``spacing:trailing``): a
+    distilled student's DDIM 4 (``trailing``) and its teacher's (``linspace``) are different grids."""
     num = len(x)
     samples = to_float(to_levels(x, ev.levels), ev.levels)  # on the data's own grey levels
-    deps = {"sampler": sampler, "steps": steps, "eta": float(eta), "num": num, **(asked or {})}
-    out: dict[str, Any] = {"sampler": sampler, "steps": steps, "eta": float(eta), "num": num,
+    spacing = spacing or default_spacing(sampler)
+    grid = {"spacing": spacing} if spacing != default_spacing(sampler) else {}
+    deps = {"sampler": sampler, "steps": steps, "eta": float(eta), "num": num, **grid, **(asked or {})}
+    out: dict[str, Any] = {"sampler": sampler, "steps": steps, "eta": float(eta), "spacing": spacing, "num": num,
                            "sec_per_sample": seconds / num, "samples": samples, "scores": {}, "floors": {},
                            "se": {}, "floor_se": {}, "compared": {}, "floor_compared": {}, "notes": [],
                            "features": "none"}
@@ -552,7 +562,7 @@ def _inception_quality(samples: torch.Tensor, ev: EvalData, out: dict[str, Any])
 
 # -- logging ----------------------------------------------------------------------------------------
 def _row_summary(row: dict[str, Any]) -> dict[str, Any]:
-    keys = ("sampler", "steps", "eta", "num", "sec_per_sample", "scores", "se", "floors", "floor_se")
+    keys = ("sampler", "steps", "eta", "spacing", "num", "sec_per_sample", "scores", "se", "floors", "floor_se")
     return {**{k: row[k] for k in keys},
             "compared": {n: c["label"] for n, c in row["compared"].items()},
             "floor_compared": {n: c["label"] for n, c in row["floor_compared"].items()}}
@@ -573,7 +583,8 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
     head = ["sampler", "steps", "eta", *(labels[n] for n in names), "s/sample"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["sampler"], str(r["steps"]), f"{r['eta']:g}",
+        grid = f" ({r['spacing']})" if r.get("spacing", default_spacing(r["sampler"])) != default_spacing(r["sampler"]) else ""
+        cells = [r["sampler"] + grid, str(r["steps"]), f"{r['eta']:g}",
                  *(_cell(r["scores"][n], r["se"].get(n)) if n in r["scores"] else "-" for n in names),
                  f"{r['sec_per_sample']:.4g}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -614,8 +625,9 @@ def metric_names(results: list[dict[str, Any]], primary: list[dict[str, Any]]) -
             if key is None:
                 continue
             deps = parse_result_key(key)[1]
+            grid = f"-{deps['spacing']}" if "spacing" in deps else ""
             setting = r.get("section") or (
-                f"{deps['sampler']}-{deps['steps']}-eta{deps['eta']}/" if "sampler" in deps else "table/")
+                f"{deps['sampler']}-{deps['steps']}-eta{deps['eta']}{grid}/" if "sampler" in deps else "table/")
             names[key] = metric if key in asked else setting + metric
     return names
 
@@ -703,7 +715,7 @@ def _log_artifacts(c: MlflowClient, run_id: str, uri: str, loaded: LoadedModel, 
     """The full report (JSON), the main setting's sample grid, with ``--table`` the sampler table, and
     of a class-conditional model the grid of every class (column c asked for class c) and the
     guidance sweep (``guidance_sweep.{json,md}``)."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("eval") as tmp:
         doc = {"model": uri, "time": stamp, "results": results, "notes": main.get("notes", []),
                "feature_net": main.get("feature_net"), "table": [_row_summary(r) for r in rows],
                "conditional": _cond_summary(cond)}

@@ -8,6 +8,13 @@ evaluation of it when the holder has the same key, else the holder's latest, els
 key in sorted order. With no holder, any evaluated version takes the alias (recorded with the key of
 its latest evaluation of the metric, not that of a sampler-table row or of one class).
 
+``--against MODEL`` (a ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` of any registered name, an
+alias pinned once) compares the candidate with that version instead of the alias holder: a
+distilled student against its teacher. The two are compared on the same yardstick (equal keys once
+the sampling settings, ``sampler``/``steps``/``eta``/``spacing``, are left out: a 4-step student
+against its teacher's own 20-step sampler), and ``--min-delta`` may then be negative: the candidate
+may be worse by at most that much.
+
 Every decision is recorded on the candidate version as tags ``ddpm.promote.<alias>.<field>`` (the
 latest) and ``ddpm.promote.<alias>.history.<UTC time>`` (one JSON line per decision). Aliases only;
 MLflow 3 deprecates stages.
@@ -26,28 +33,33 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from ddpm.metrics import better, direction
+from ddpm.metrics import better, direction, parse_result_key
 from pipelines import tracking
 from pipelines.errors import RefusedError, UsageError
 from pipelines.names import check_name
 from pipelines.registry import EVAL_TAG, LAST_TAG
 from pipelines.settings import resolve
 
+SAMPLING = ("sampler", "steps", "eta", "spacing")  # what --against leaves out of a key: how it was sampled
 RACE_WINDOW = timedelta(minutes=2)  # a pending decision this recent, from the same holder, is a rival in flight
 STAMP = "%Y%m%dT%H%M%S%fZ"
 
 
 def promote_command(name: str, version: str | None = None, alias: str = "champion", metric: str = "kid",
-                    min_delta: float = 0.0, force: bool = False, reason: str | None = None) -> dict[str, Any]:
-    """Move ``alias`` of registered model ``name`` to ``version`` (default: the latest) if it wins.
+                    min_delta: float = 0.0, force: bool = False, reason: str | None = None,
+                    against: str | None = None) -> dict[str, Any]:
+    """Move ``alias`` of registered model ``name`` to ``version`` (default: the latest) if it wins
+    (against the alias holder, or the model ``against``: the module docstring).
 
     :raises RefusedError: (exit 3) the candidate does not beat the holder, or no comparable
         evaluation exists; the message gives both numbers or what is missing.
     """
     check_name(name, "--name")
-    check_gate(metric, min_delta)
+    check_gate(metric, min_delta, negative_ok=against is not None)
     tracking.configure(resolve())
     c = tracking.client()
+    if against is not None:
+        return _promote_against(c, name, version, alias, metric, min_delta, against)
     try:
         model = c.get_registered_model(name)
     except Exception as e:
@@ -80,16 +92,17 @@ def promote_command(name: str, version: str | None = None, alias: str = "champio
     return _gate(c, name, decision, cand_evals, hold_evals)
 
 
-def check_gate(metric: str, min_delta: float, prefix: str = "--") -> None:
+def check_gate(metric: str, min_delta: float, prefix: str = "--", negative_ok: bool = False) -> None:
     """The gate's settings, before anything is read: a known metric (or result key) and a
-    non-negative ``min_delta`` (exit 2); ``prefix`` is how the caller's user spells the options
-    (``--metric``, a workflow file's ``promote.metric``)."""
+    non-negative ``min_delta`` unless ``negative_ok`` (exit 2); ``prefix`` is how the caller's user
+    spells the options (``--metric``, a workflow file's ``promote.metric``)."""
     try:
         direction(metric)
     except ValueError as e:
         raise UsageError(f"{prefix}metric: {e}") from None
-    if min_delta < 0:
-        raise UsageError(f"{prefix}{'min-delta' if prefix == '--' else 'min_delta'} must be >= 0, got {min_delta}")
+    if min_delta < 0 and not negative_ok:
+        also = " (a negative one is a tolerance, only with --against)" if prefix == "--" else ""
+        raise UsageError(f"{prefix}{'min-delta' if prefix == '--' else 'min_delta'} must be >= 0{also}, got {min_delta}")
 
 
 def _gate(c: MlflowClient, name: str, decision: dict[str, Any], cand_evals: dict[str, float],
@@ -100,10 +113,7 @@ def _gate(c: MlflowClient, name: str, decision: dict[str, Any], cand_evals: dict
     metric, min_delta, key = decision["metric"], decision["min_delta"], decision.get("key")
     label = metric if "/" in metric else f"{metric!r}"
     if not cand_evals:
-        decision.update(decision="refused", why="candidate not evaluated")
-        _record(c, name, version, decision)
-        raise RefusedError(f"refused: {name} version {version} has no evaluation of {label}; "
-                           f"run `ddpm-pipe evaluate --model models:/{name}/{version}` first")
+        _refuse_unevaluated(c, name, version, decision, label)
     if holder is None:
         decision["decision"] = "promoted"
         decision.setdefault("key", sorted(cand_evals)[0])
@@ -129,6 +139,86 @@ def _gate(c: MlflowClient, name: str, decision: dict[str, Any], cand_evals: dict
     _move(c, name, alias, version, holder, decision)
     return _result(name, decision, f"@{alias} of {name} -> version {version}: {metric} {cand:.6g} beats "
                    f"{hold:.6g} of version {holder} ({direction(key)} is better, min delta {min_delta:g}; key {key})")
+
+
+def yardstick(key: str) -> str:
+    """A result key without its sampling settings (:data:`SAMPLING`): what was measured, on what data
+    and features, with how many samples; two models' results on one yardstick share it."""
+    metric, deps = parse_result_key(key)
+    return "/".join([metric, *(f"{k}:{v}" for k, v in sorted(deps.items()) if k not in SAMPLING)])
+
+
+def _promote_against(c: MlflowClient, name: str, version: str | None, alias: str, metric: str,
+                     min_delta: float, against: str) -> dict[str, Any]:
+    """The gate against the pinned model ``against`` (module docstring): the candidate's latest
+    evaluation of ``metric`` against the reference's latest on the same yardstick."""
+    from pipelines.registry.models import describe
+
+    if not against.startswith("models:/"):
+        raise UsageError(f"--against must be a registered model (models:/NAME/VERSION or models:/NAME@ALIAS), "
+                         f"got {against!r}")
+    ref = describe(against)
+    if ref["version"] is None:
+        raise UsageError(f"--against {against!r} is not a registered model version")
+    ref_uri = f"models:/{ref['name']}/{ref['version']}"
+    version = str(version) if version is not None else _latest(c, name)
+    try:
+        candidate = c.get_model_version(name, version)
+    except Exception as e:
+        raise UsageError(f"{name} version {version} not found: {str(e).splitlines()[0]}") from None
+    if (ref["name"], ref["version"]) == (name, version):
+        raise UsageError(f"--against {against!r} is the candidate itself")
+    ref_tags = c.get_model_version(ref["name"], ref["version"]).tags
+    holder = _holder(c, name, alias)
+    cand_evals, ref_evals = _evaluations(candidate.tags, metric), _evaluations(ref_tags, metric.split("/", 1)[0])
+    decision: dict[str, Any] = {"alias": alias, "candidate_version": version, "holder_version": holder,
+                                "against": ref_uri, "metric": metric, "min_delta": min_delta}
+    label = metric if "/" in metric else f"{metric!r}"
+    if not cand_evals:
+        _refuse_unevaluated(c, name, version, decision, label)
+    last = candidate.tags.get(LAST_TAG + metric.split("/", 1)[0])
+    key = metric if "/" in metric else (last if last in cand_evals else sorted(cand_evals)[0])
+    same = {k: v for k, v in ref_evals.items() if yardstick(k) == yardstick(key)}
+    if not same:
+        decision.update(decision="refused", why="no comparable evaluation", key=key)
+        _record(c, name, version, decision)
+        raise RefusedError(
+            f"refused: {ref_uri} has no evaluation of {label} on the yardstick of {key} (the same data, "
+            f"features and sample count); evaluate it with the same --num, e.g. `ddpm-pipe evaluate "
+            f"--model {ref_uri} --num {parse_result_key(key)[1].get('num', '...')}`")
+    ref_last = ref_tags.get(LAST_TAG + metric.split("/", 1)[0])
+    ref_key = ref_last if ref_last in same else sorted(same)[0]
+    cand, hold = cand_evals[key], same[ref_key]
+    decision.update(key=key, against_key=ref_key, candidate_value=cand, holder_value=hold)
+    if holder == version:
+        decision["decision"] = "unchanged"
+        _record(c, name, version, decision)
+        return _result(name, decision, f"{name} version {version} already holds @{alias}; nothing to do")
+    how = (f"{metric} {cand:.6g} ({_sampling(key)}) against {hold:.6g} of {ref_uri} ({_sampling(ref_key)}); "
+           f"{direction(key)} is better, min delta {min_delta:g}")
+    if not better(key, cand, hold, min_delta):
+        decision.update(decision="refused", why="not better")
+        _record(c, name, version, decision)
+        raise RefusedError(f"refused: version {version} has {how}")
+    decision["decision"] = "promoted"
+    _move(c, name, alias, version, holder, decision)
+    return _result(name, decision, f"@{alias} of {name} -> version {version}: {how}")
+
+
+def _sampling(key: str) -> str:
+    """The sampling settings of a result key, in words (``ddim 4 steps, trailing``)."""
+    deps = parse_result_key(key)[1]
+    eta = f", eta {deps['eta']}" if deps.get("eta") not in (None, "0", "0.0") else ""
+    grid = f", {deps['spacing']}" if "spacing" in deps else ""
+    return f"{deps.get('sampler', '?')} {deps.get('steps', '?')} steps{eta}{grid}"
+
+
+def _refuse_unevaluated(c: MlflowClient, name: str, version: str, decision: dict[str, Any], label: str) -> None:
+    """Record and raise the refusal of a candidate with no evaluation of the metric."""
+    decision.update(decision="refused", why="candidate not evaluated")
+    _record(c, name, version, decision)
+    raise RefusedError(f"refused: {name} version {version} has no evaluation of {label}; "
+                       f"run `ddpm-pipe evaluate --model models:/{name}/{version}` first")
 
 
 def _latest(c: MlflowClient, name: str) -> str:
@@ -170,8 +260,8 @@ def _record(c: MlflowClient, name: str, version: str, decision: dict[str, Any]) 
     stamp = datetime.now(timezone.utc).strftime(STAMP)
     decision["time"] = stamp
     prefix = f"ddpm.promote.{decision['alias']}."
-    for field in ("decision", "key", "candidate_value", "holder_version", "holder_value", "min_delta",
-                  "reason", "why", "time"):
+    for field in ("decision", "key", "candidate_value", "holder_version", "holder_value", "against",
+                  "against_key", "min_delta", "reason", "why", "time"):
         if decision.get(field) is not None:
             c.set_model_version_tag(name, version, prefix + field, str(decision[field]))
     c.set_model_version_tag(name, version, f"{prefix}history.{stamp}", json.dumps(decision, default=str))

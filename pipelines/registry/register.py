@@ -23,7 +23,6 @@ Nothing of the project is pickled: weights are safetensors, the config is JSON, 
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from pipelines import tracking
 from pipelines.registry import SHORT_TAG, digests
 from pipelines.registry.models import MODEL_ARTIFACT, WEIGHTS_ARTIFACT
 from pipelines.settings import masked_config, redact_obj
+from pipelines.storage.scratch import scratch
 
 EXAMPLE_STEPS = 10  # the input example's sampler steps: MLflow runs it once when logging (cheap)
 EVAL_HEADING = "\n\nLatest evaluation "  # where a version's description turns to its scores
@@ -83,7 +83,7 @@ def log_model(run_id: str, config: ExperimentConfig, model: torch.nn.Module, nam
     credentials): it is the artifact's ``config.json`` and the version's description.
     """
     config = masked_config(config)
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("model") as tmp:
         folder = Path(tmp) / WEIGHTS_ARTIFACT
         export_weights(model, str(folder), config)
         with mlflow.start_run(run_id=run_id):
@@ -117,7 +117,7 @@ def record_digests(c: MlflowClient, run_id: str, name: str, version: str, model_
     artifact ``registry/<name>-v<version>.sha256``, its digest and path as the version's tags. Loading
     the version checks its files against it (:func:`pipelines.registry.models.weights_folder`)."""
     location = c.get_logged_model(model_id).artifact_location  # not models:/, whose download adds a file
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("model") as tmp:
         local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp)
         text = digests.listing(local)
     path = f"{digests.LISTING_FOLDER}/{name}-v{version}.sha256"
@@ -194,7 +194,7 @@ def record_evaluation(c: MlflowClient, run_id: str, versions: list[tuple[str, st
     metric names): version tags ``eval.<metric>`` = value and the headline of each version's
     description. Every result goes into the table ``evaluation/results-<stamp>.md`` of the run.
     """
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("model") as tmp:
         table = Path(tmp) / f"results-{stamp}.md"
         table.write_text(results_markdown(results, stamp))
         c.log_artifact(run_id, str(table), "evaluation")

@@ -75,8 +75,8 @@ class RequestStats:
 def summarise(snapshots: list[dict[str, Any]]) -> dict[str, float]:
     """Replicas' :meth:`RequestStats.snapshot` merged: request counts (all, 2xx, 4xx, 5xx), latency
     percentiles (ms) of the sampling requests, images/s over the service's life, and the batches:
-    their number, mean requests and images per batch, and the share of the life spent sampling
-    (summed over replicas: up to their number)."""
+    their number, mean requests and images per batch, the share of the life spent sampling
+    (summed over replicas: up to their number) and the median sampling time of one-image batches."""
     counts: dict[str, int] = {}
     latencies: list[float] = []
     images = 0
@@ -96,6 +96,9 @@ def summarise(snapshots: list[dict[str, Any]]) -> dict[str, float]:
         out.update(batches=float(len(batches)), mean_batch_requests=float(np.mean([b[0] for b in batches])),
                    mean_batch_images=float(np.mean([b[1] for b in batches])),
                    sampling_share=sum(b[2] for b in batches) / span if span > 0 else 0.0)
+        ones = [b[2] for b in batches if b[1] == 1]
+        if ones:  # the replica's own time for a lone image: a request's latency less this is the path to it
+            out["one_image_sampling_p50_ms"] = float(np.percentile(ones, 50) * 1000)
     if latencies:
         for q in (50, 95, 99):
             out[f"latency_p{q}_ms"] = float(np.percentile(latencies, q) * 1000)

@@ -28,7 +28,7 @@ from pipelines.names import check_name
 from pipelines.registry.register import log_and_register
 from pipelines.settings import Settings, resolve, shareable_uri
 from pipelines.storage.data import check_data, check_splits_disjoint, resolve_data
-from pipelines.storage.lock import FolderLock
+from pipelines.storage.run_folder import run_folder
 from pipelines.train.failures import placement_timed_out, worker_input_error
 from pipelines.train.loop import NO_STEP_LIMIT
 from pipelines.train.progress import ProgressChannel
@@ -93,7 +93,7 @@ def train_command(config: str = "digits", overrides: list[str] | None = None, da
     # One writer per run name: its checkpoints live in storage/<run-name> (pipelines/storage/outputs.py).
     run_url = f"{settings.storage.rstrip('/')}/{run_name}"
     fs, root = open_fs(run_url, storage_options_for(run_url))
-    with FolderLock(fs, root, run_url, "train"):
+    with run_folder(fs, root, run_url, "train"):
         tracking.configure(settings)
         exp_id = tracking.experiment_id(experiment or cfg.name, settings)
         # MLflow knows the run by experiment and name, the lock by storage and name: the run records its

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +23,7 @@ from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ddpm.config import ExperimentConfig
 from pipelines import console
 from pipelines.storage.ray_storage import ray_storage
+from pipelines.storage.scratch import scratch, scratch_dir
 from pipelines.train.async_logger import AsyncLogger
 from pipelines.train.failures import StopOnBadInput
 from pipelines.train.loop import LoopContext, LoopData, rank0_decides, train_loop
@@ -56,13 +56,10 @@ def checkpoint_io(report_fn: Callable[..., None], get_checkpoint: Callable[[], r
         if state is None:
             report_fn(metrics)
             return
-        tmp = tempfile.mkdtemp(prefix="ddpm-ckpt-")
-        try:
+        with scratch("ckpt") as tmp:  # a killed worker's is removed by the next (pipelines/storage/scratch.py)
             save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), state)
             extra = {"checkpoint_dir_name": f"checkpoint_{int(metrics['step']):08d}"} if name_dirs else {}
             report_fn(metrics, checkpoint=checkpoint_cls.from_directory(tmp), **extra)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     return restore, report
 
@@ -105,7 +102,7 @@ def rank0_tracker(loop_config: dict[str, Any], ctx: LoopContext, run_id: str | N
         os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]
     # mlflow itself (seconds to import) is first imported by the logger's thread, not before step 1.
     tracker = AsyncLogger(run_id)
-    artifact_dir = tempfile.mkdtemp(prefix="ddpm-artifacts-")
+    artifact_dir = scratch_dir("artifacts")
     try:
         yield tracker, artifact_dir
     finally:

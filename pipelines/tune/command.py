@@ -54,7 +54,7 @@ from pipelines.errors import RefusedError, UsageError
 from pipelines.names import check_name
 from pipelines.settings import Settings, masked_config, redact, resolve
 from pipelines.storage.data import check_data, resolve_data
-from pipelines.storage.lock import FolderLock
+from pipelines.storage.run_folder import MARKER, run_folder
 from pipelines.storage.outputs import LOCK, TEMP
 from pipelines.storage.ray_storage import ray_storage
 from pipelines.train.async_logger import metric_name
@@ -278,7 +278,7 @@ def tune_command(trials: int = 8, config: str = "digits", overrides: list[str] |
                   storage_options_for(data_url), full_bound_images, resume_finished, metric)
     url = f"{settings.storage.rstrip('/')}/{sweep}"
     fs, root = open_fs(url, storage_options_for(url))
-    with FolderLock(fs, root, url, "tune"):
+    with run_folder(fs, root, url, "tune"):
         return _run_sweep(plan, fs, root)
 
 
@@ -294,11 +294,11 @@ def storage_location(storage: str, sweep: str) -> str:
 
 def state_digest(fs: AbstractFileSystem, root: str) -> str:
     """sha256 over the names and bytes of the files at the top of a sweep's folder: what
-    ``Tuner.restore`` unpickles (``tuner.pkl``, the experiment and searcher state), not our lock."""
+    ``Tuner.restore`` unpickles (``tuner.pkl``, the experiment and searcher state), not our lock or marker."""
     h = hashlib.sha256()
     for entry in sorted(fs.ls(root, detail=True), key=lambda e: e["name"]):
         name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        if entry["type"] != "file" or name == LOCK or TEMP.match(name):
+        if entry["type"] != "file" or name in (LOCK, MARKER) or TEMP.match(name):
             continue
         h.update(f"{name}\0{entry.get('size')}\0".encode())
         h.update(hashlib.sha256(fs.cat_file(entry["name"])).digest())

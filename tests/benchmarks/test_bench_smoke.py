@@ -244,6 +244,15 @@ def test_samplers_table_rows_compare_with_the_first(tmp_path):
                 assert (c["verdict"] == "within noise") == (abs(c["z"]) < 2 or c["diff"] == 0)
     with pytest.raises(SystemExit):
         bench_samplers.main(["--model", str(ckpt), "--rows", "ddim"])
+    # a student row (issue 28): another model, sampled with its own config's sampler, steps and grid
+    student = save_tiny_checkpoint(tmp_path / "student.pt", seed=1, overrides=[
+        "sample.sampler=ddim", "sample.steps=2", "sample.spacing=trailing", "sample.eta=0"])
+    r = bench_samplers.main(["--model", str(ckpt), "--num", "40", "--rows", "ddim:2@trailing",
+                             "--students", str(student), "--json-out", str(tmp_path / "distill.json")])
+    assert [(row["model"], row["sampler"], row["steps"], row["spacing"]) for row in r["table"]] == [
+        (str(ckpt), "ddim", 2, "trailing"), (str(student), "ddim", 2, "trailing")]
+    assert r["table"][1]["scores"]["kid"] != r["table"][0]["scores"]["kid"]  # another network
+    assert "kid" in r["table"][1]["vs_reference"] and bench_samplers.table(r).count(str(student)) == 1
 
 
 @pytest.mark.timeout(600)

@@ -125,6 +125,10 @@ def test_directions_and_better():
     assert not metrics.better("fd", 1.0, 1.0)  # a tie is not better
     assert not metrics.better("fd", 1.9, 2.0, min_delta=0.5) and metrics.better("fd", 1.0, 2.0, min_delta=0.5)
     assert not metrics.better("bpd", math.nan, 2.0) and not metrics.better("bpd", 1.0, math.nan)
+    # a negative min_delta is a tolerance: worse by less than it passes (a tie too), by more does not
+    assert metrics.better("fd", 2.4, 2.0, min_delta=-0.5) and metrics.better("fd", 2.0, 2.0, min_delta=-0.5)
+    assert not metrics.better("fd", 2.6, 2.0, min_delta=-0.5)
+    assert not metrics.better("fd", math.nan, 2.0, min_delta=-0.5)
     key = metrics.result_key("copy_rate", num=100)
     assert metrics.better(key, 0.01, 0.2) and metrics.better("confidence_floor", 0.99, 0.9)
     with pytest.raises(ValueError, match="unknown metric 'fdd'; valid:"):

@@ -11,7 +11,7 @@ from ddpm.config import DiffusionConfig, ExperimentConfig, SampleConfig
 from ddpm.diffusion import Diffusion
 from ddpm.noise import sample_seeds
 from ddpm.pipeline import DDPMPipeline
-from ddpm.samplers import generate
+from ddpm.samplers import config_spacing, generate
 from ddpm.schedules import make_betas
 from tests.ddpm.helpers import GaussianOracle, gaussian_ms_eps
 
@@ -59,6 +59,13 @@ def test_spacing_and_analytic_variance_reach_the_sampler(diffusion):
         DDPMPipeline(oracle, diffusion, SHAPE, sampler="ddim", ms_eps=ms_eps)
     cfg = replace(ExperimentConfig.preset("digits"), diffusion=DiffusionConfig(timesteps=40))
     assert DDPMPipeline.from_config(oracle, cfg, sampler="dpmpp", spacing="logsnr").spacing == "logsnr"
+    # a config's spacing belongs to its own sampler (a distilled student's trailing DDIM); another
+    # sampler gets its own default
+    student = cfg.with_values({"sample.sampler": "ddim", "sample.steps": 4, "sample.spacing": "trailing"})
+    assert config_spacing(student.sample, "ddim") == "trailing" == DDPMPipeline.from_config(oracle, student).spacing
+    assert config_spacing(student.sample, "unipc") == "logsnr" == DDPMPipeline.from_config(
+        oracle, student, sampler="unipc").spacing
+    assert config_spacing(cfg.sample, "ddim") == "linspace"
 
 
 def test_progress_counts_samples_and_progressive_keeps_predictions(diffusion):

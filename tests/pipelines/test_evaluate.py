@@ -153,7 +153,7 @@ def test_train_and_evaluate_warn_when_the_test_split_holds_training_images(tmp_p
     capsys.readouterr()
     rgb = ["model.in_channels=3", "data.levels=256", "model.attn_resolutions=[]"]
     cfg = train.resolve_config("digits", rgb)
-    monkeypatch.setattr(train, "FolderLock", lambda *a, **k: (_ for _ in ()).throw(Stop()))  # nothing is started
+    monkeypatch.setattr(train, "run_folder", lambda *a, **k: (_ for _ in ()).throw(Stop()))  # nothing is started
     for data, shared in ((tmp_path / "twice", True), (tmp_path / "carved", False)):
         load_eval_data(cfg, str(data), resolve())
         with pytest.raises(Stop):
@@ -263,8 +263,15 @@ def test_rgb_data_gets_feature_scores_offline_from_a_network_trained_on_its_trai
     assert out["feature_net"]["task"] == "turns" and out["feature_net"]["chance"] == 0.25
     assert any("Inception FID skipped" in n for n in out["notes"])
     # real pictures of the same kind sit at the floor; the network is read from the cache the second time
-    again = score_samples(pictures(150), 1.0, ev, "ddim", 10, 0.0, resolve())
+    again = score_samples(pictures(150), 1.0, ev, "ddim", 10, 0.0, resolve(), spacing="trailing")
     assert "training the feature network" not in capsys.readouterr().err
+    # the grid is in the key when it is not the sampler's own (a distilled student's DDIM 10 is not its
+    # teacher's), and only then: keys of the default grid stay as they were
+    sampled = [r["key"] for r in again["results"] if "sampler:" in r["key"]]  # floors do not depend on it
+    assert sampled and all("/spacing:trailing" in key for key in sampled)
+    assert not any("spacing" in r["key"] for r in out["results"])
+    assert "spacing" not in score_samples(pictures(150), 1.0, ev, "ddim", 10, 0.0, resolve(),
+                                          spacing="linspace")["results"][0]["key"]
     assert again["scores"]["kid"] - again["floors"]["kid"] < 3 * (again["se"]["kid"] + again["floor_se"]["kid"])
     # a labelled split (class subfolders): the task is classes and turns, and its name is a valid key part
     from ddpm.metrics import parse_result_key

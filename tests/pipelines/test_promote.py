@@ -111,6 +111,38 @@ def test_no_comparable_evaluation_is_refused():
     assert promote("--name", "missing").exit_code == 2
 
 
+@pytest.mark.timeout(60)
+def test_a_student_is_gated_against_its_teacher_on_the_same_yardstick():
+    """``--against``: another registered name (a distilled student's teacher), compared with the sampling
+    settings left out of the key (the student's DDIM 4 on trailing against the teacher's 20-step solver)
+    and the same data, features and sample count; a negative --min-delta is a tolerance."""
+    teacher, student = _bare_versions("teacher", 1), _bare_versions("teacher-distilled", 2)
+    solver = KEY.replace("sampler:ddim/steps:5", "sampler:dpmpp-2m-sde/steps:20")
+    four = KEY.replace("sampler:ddim/steps:5", "sampler:ddim/spacing:trailing/steps:4")
+    teacher.set_model_version_tag("teacher", "1", f"ddpm.eval.{solver}", "10.0")
+    teacher.set_model_version_tag("teacher", "1", f"ddpm.eval.{solver.replace('num:16', 'num:64')}", "1.0")
+    student.set_model_version_tag("teacher-distilled", "1", f"ddpm.eval.{four}", "10.4")
+    student.set_model_version_tag("teacher-distilled", "2", f"ddpm.eval.{four.replace('num:16', 'num:8')}", "9.0")
+
+    worse = promote("--name", "teacher-distilled", "--version", "1", "--against", "models:/teacher/1")
+    assert worse.exit_code == 3 and "10.4 (ddim 4 steps, trailing)" in worse.output, worse.output
+    assert "10 of models:/teacher/1 (dpmpp-2m-sde 20 steps)" in worse.output
+    assert promote("--name", "teacher-distilled", "--version", "1", "--min-delta", "-0.1",
+                   "--against", "models:/teacher/1").exit_code == 3  # worse by 0.4, tolerance 0.1
+    ok = promote("--name", "teacher-distilled", "--version", "1", "--min-delta", "-0.5", "--against",
+                 "models:/teacher/1")
+    assert ok.exit_code == 0, ok.output
+    tags = student.get_model_version("teacher-distilled", "1").tags
+    assert tags["ddpm.promote.champion.against"] == "models:/teacher/1"
+    assert tags["ddpm.promote.champion.against_key"] == solver  # the 16-sample one, not the 64
+    assert str(student.get_registered_model("teacher-distilled").aliases["champion"]) == "1"
+    other = promote("--name", "teacher-distilled", "--version", "2", "--against", "models:/teacher/1")
+    assert other.exit_code == 3 and "no evaluation of 'kid' on the yardstick" in other.output  # 8 samples
+    assert promote("--name", "teacher-distilled", "--against", "runs:/abc/model").exit_code == 2
+    assert promote("--name", "teacher-distilled", "--against", "models:/nowhere/1").exit_code == 2
+    assert promote("--name", "teacher-distilled", "--min-delta", "-0.1").exit_code == 2  # only with --against
+
+
 def _other_job(*args: str):
     """``ddpm-pipe promote --json ARGS`` as a process of its own (same DDPM_HOME): the second job of a race."""
     import subprocess

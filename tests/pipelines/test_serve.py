@@ -145,6 +145,7 @@ def test_the_summary_counts_batches_and_the_time_spent_sampling():
     got = summarise(snaps)
     assert got["batches"] == 3 and got["mean_batch_requests"] == 2.0 and got["mean_batch_images"] == 3.0
     assert got["sampling_share"] == pytest.approx(1.0 / 10.0)  # 1 s of sampling in a 10 s life
+    assert got["one_image_sampling_p50_ms"] == pytest.approx(200.0)  # the one batch of one image
     assert "batches" not in summarise([RequestStats().snapshot()])
 
 

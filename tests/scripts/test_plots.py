@@ -90,3 +90,21 @@ def test_guidance_sweep_plot_from_evaluate_json(tmp_path):
     (tmp_path / "uncond.json").write_text(json.dumps({"model": "m", "conditional": None}))
     with pytest.raises(SystemExit, match="no guidance sweep"):
         plots.main(["--guidance-sweep", str(tmp_path / "uncond.json")])
+
+
+@pytest.mark.timeout(300)
+def test_grids_of_models_side_by_side(tmp_path):
+    """``--grids``: each model with its own sampler or the one its spec names; one PNG."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from tests.support import save_tiny_checkpoint
+
+    a = save_tiny_checkpoint(tmp_path / "teacher.pt")
+    b = save_tiny_checkpoint(tmp_path / "student.pt", seed=1, overrides=["sample.sampler=ddim", "sample.steps=2"])
+    (path,) = load_script().main(["--grids", str(a), f"{a}#ddim:2@trailing", str(b), "--out", str(tmp_path / "img")])
+    assert path.name == "grids.png"
+    width, height = Image.open(path).size
+    assert width > 2 * height  # three panels in a row
+    with pytest.raises(SystemExit):
+        load_script().main(["--grids", f"{a}#ddim", "--out", str(tmp_path / "img")])
