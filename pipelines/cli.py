@@ -28,6 +28,7 @@ from typer._click import exceptions as click_exceptions
 import ddpm
 from ddpm.config import ConfigError, Precision, Sampler, SampleConfig, load_config, parse_duration
 from pipelines import console
+from pipelines.distill.schedule import PREDICTIONS as DISTILL_PREDICTIONS
 from pipelines.errors import PipelineError
 from pipelines.sample import FORMATS
 from pipelines.settings import redact
@@ -239,6 +240,7 @@ def distill(
     experiment: Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment name. Default: the teacher's config's name.")] = None,
     run_name: Annotated[Optional[str], typer.Option("--run-name", help="Run name; re-running the same name resumes it, mid-round. Default: the student's name.")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="The student's registered model name. Default: <teacher name>-distilled.")] = None,
+    prediction: Annotated[Optional[str], _choice("--prediction", values=DISTILL_PREDICTIONS, help="What the student predicts. Default: what the teacher predicts; v for an eps teacher is the paper's choice (an eps student's x-prediction blows up at 1-2 steps).")] = None,
     address: Address = None,
     json_out: Json = False,
 ) -> None:
@@ -248,7 +250,7 @@ def distill(
     _dispatch(distill_command, json_out, teacher=teacher, steps=steps, from_steps_=from_steps,
               overrides=set_ or [], data=data, storage=storage, nodes=nodes, gpus_per_node=gpus_per_node,
               max_steps=max_steps, max_time=max_time, precision=precision, experiment=experiment,
-              run_name=run_name, name=name, address=address)
+              run_name=run_name, name=name, address=address, prediction=prediction)
 
 
 # -- tune -----------------------------------------------------------------------------------------

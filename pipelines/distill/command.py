@@ -19,7 +19,7 @@ from ray.train import Result
 from ddpm.config import ExperimentConfig
 from ddpm.data.storage import open_fs, storage_options_for
 from pipelines import cluster, console, tracking
-from pipelines.distill.schedule import (GRID_SPACING, SUFFIX, Round, check_teacher, first_grid, from_steps,
+from pipelines.distill.schedule import (GRID_SPACING, PREDICTIONS, SUFFIX, Round, check_teacher, first_grid, from_steps,
                                         plan_rounds, student_config)
 from pipelines.distill.worker import distill_main
 from pipelines.errors import Interrupted, UsageError
@@ -42,16 +42,21 @@ ROUNDS_TAG = "ddpm.distill.rounds"  # e.g. "32->16,16->8"
 STEPS_TAG = "ddpm.distill.steps"  # N, the student's sampling steps
 FROM_STEPS_TAG = "ddpm.distill.from_steps"  # K, the first teacher's
 SPACING_TAG = "ddpm.distill.spacing"  # the grid's spacing (trailing)
+PREDICTION_TAG = "ddpm.distill.prediction"  # what the student predicts (eps, v)
 
 
 def distill_command(teacher: str, steps: int, from_steps_: int | None = None, overrides: list[str] | None = None,
                     data: str | None = None, storage: str | None = None, nodes: int = 1, gpus_per_node: int = 0,
                     max_steps: int | None = None, max_time: float | None = None, precision: str | None = None,
                     experiment: str | None = None, run_name: str | None = None, name: str | None = None,
-                    address: str | None = None, max_failures: int = 3) -> dict[str, Any]:
+                    address: str | None = None, max_failures: int = 3,
+                    prediction: str | None = None) -> dict[str, Any]:
     """Distill ``teacher`` into a ``steps``-step student on Ray; returns the run, the rounds and the
-    registered student. ``max_steps`` / ``max_time`` are per round."""
+    registered student. ``max_steps`` / ``max_time`` are per round; ``prediction`` is what the student
+    predicts (default: the teacher's; v from an eps teacher is the paper's choice)."""
     _check_overrides(overrides or [])
+    if prediction is not None and prediction not in PREDICTIONS:
+        raise UsageError(f"--prediction {prediction!r}: valid: {', '.join(PREDICTIONS)}")
     meta = models.describe(teacher)  # exit 2: no such model
     teacher_uri = models.pinned(teacher, meta)
     teacher_cfg = models.read_config(teacher)  # exit 2: not a model of this project
@@ -62,7 +67,7 @@ def distill_command(teacher: str, steps: int, from_steps_: int | None = None, ov
     given = name is not None
     name = name or f"{meta['name'] or teacher_cfg.train.registered_model}{SUFFIX}"
     check_name(name, "--name" if given else "the student's name (<teacher name>-distilled)")
-    cfg = student_config(teacher_cfg, steps, name).with_values({"train.lr": DISTILL_LR})  # --set train.lr: below
+    cfg = student_config(teacher_cfg, steps, name, prediction).with_values({"train.lr": DISTILL_LR})  # --set train.lr: below
     if max_steps is not None or max_time is not None:  # a budget given: the teacher's time budget is not inherited
         cfg = cfg.with_values({"train.max_time": None})
     cfg = with_options(cfg.override(overrides or []), overrides or [], max_steps, precision, max_time)
@@ -84,7 +89,7 @@ def distill_command(teacher: str, steps: int, from_steps_: int | None = None, ov
     with run_folder(fs, root, run_url, "distill"):
         tracking.configure(settings)
         exp_id = tracking.experiment_id(experiment or cfg.name, settings)
-        tags = {tracking.KIND_TAG: "distill", TEACHER_TAG: teacher_uri, **_schedule_tags(rounds, K, steps)}
+        tags = {tracking.KIND_TAG: "distill", TEACHER_TAG: teacher_uri, **_schedule_tags(rounds, K, steps, cfg)}
         run_id, resumed = tracking.start_or_resume_run(exp_id, run_name, tags, claim={tracking.STORAGE_TAG: run_url})
         round_ids = [tracking.start_or_resume_run(exp_id, f"{run_name}-round{r.index + 1}",
                                                   {tracking.KIND_TAG: "distill-round"}, parent_run_id=run_id)[0]
@@ -101,7 +106,7 @@ def distill_command(teacher: str, steps: int, from_steps_: int | None = None, ov
                      f"{_budget(cfg)}; {placement.workers} worker(s), run '{run_name}' "
                      f"({'resuming' if resumed else 'new'}), MLflow run {run_id}")
         extra = {"rounds": rounds, "round_run_ids": round_ids, "first_grid": first_grid(T, K), "teacher": weights,
-                 "name": name}
+                 "name": name, "teacher_prediction": teacher_cfg.diffusion.prediction}
         try:
             result = fit(cfg, settings, placement, run_name, run_id, data_url, holdout_url, max_failures,
                          worker=distill_main, extra=extra)
@@ -112,7 +117,7 @@ def distill_command(teacher: str, steps: int, from_steps_: int | None = None, ov
             raise
         for rid in round_ids:
             tracking.end_run(rid)
-        return _register(result, name, run_name, run_id, resumed, teacher_uri, rounds, K, steps)
+        return _register(result, name, run_name, run_id, resumed, teacher_uri, rounds, K, steps, cfg)
 
 
 def _check_overrides(overrides: list[str]) -> None:
@@ -125,9 +130,10 @@ def _check_overrides(overrides: list[str]) -> None:
                              "keeps its teacher's network, diffusion and (distilled) sampler")
 
 
-def _schedule_tags(rounds: list[Round], K: int, N: int) -> dict[str, str]:
+def _schedule_tags(rounds: list[Round], K: int, N: int, cfg: ExperimentConfig) -> dict[str, str]:
     return {ROUNDS_TAG: ",".join(f"{r.teacher_steps}->{r.student_steps}" for r in rounds),
-            FROM_STEPS_TAG: str(K), STEPS_TAG: str(N), SPACING_TAG: GRID_SPACING}
+            FROM_STEPS_TAG: str(K), STEPS_TAG: str(N), SPACING_TAG: GRID_SPACING,
+            PREDICTION_TAG: cfg.diffusion.prediction}
 
 
 def _budget(cfg: ExperimentConfig) -> str:
@@ -138,14 +144,14 @@ def _budget(cfg: ExperimentConfig) -> str:
 
 
 def _register(result: Result, name: str, run_name: str, run_id: str, resumed: bool, teacher_uri: str,
-              rounds: list[Round], K: int, N: int) -> dict[str, Any]:
+              rounds: list[Round], K: int, N: int, cfg: ExperimentConfig) -> dict[str, Any]:
     """Log the last round's student (EMA weights, its config saying DDIM on its N-step grid) as the
     run's model, register it as a version of ``name`` tagged with its teacher and rounds, end the run."""
     with console.phase("distill", f"registering the student as a new version of '{name}'"), \
             result.checkpoint.as_directory() as d, console.muted():
         version = log_and_register(run_id, os.path.join(d, CHECKPOINT_FILE), name)
     c = tracking.client()
-    for key, value in {TEACHER_TAG: teacher_uri, **_schedule_tags(rounds, K, N)}.items():
+    for key, value in {TEACHER_TAG: teacher_uri, **_schedule_tags(rounds, K, N, cfg)}.items():
         c.set_model_version_tag(name, version, key, value)
     tracking.end_run(run_id)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}

@@ -23,7 +23,7 @@ from ddpm.samplers.timesteps import space_timesteps
 from pipelines.errors import UsageError
 
 GRID_SPACING = "trailing"  # the one spacing whose grids nest when halved (module docstring)
-TEACHER_PREDICTIONS = ("eps", "v")  # what a teacher may predict (issue 28; the student keeps it)
+PREDICTIONS = ("eps", "v")  # what a teacher predicts, and a student (its teacher's unless --prediction)
 SUFFIX = "-distilled"  # a student's registered name: <teacher name>-distilled
 
 
@@ -45,9 +45,9 @@ class Round:
 def check_teacher(cfg: ExperimentConfig, uri: str) -> None:
     """A teacher must be an eps or v model of this project (its config read: it is one)."""
     p = cfg.diffusion.prediction
-    if p not in TEACHER_PREDICTIONS:
+    if p not in PREDICTIONS:
         raise UsageError(f"teacher {uri!r} predicts {p!r}: distillation needs an eps or v model "
-                         f"(valid: {', '.join(TEACHER_PREDICTIONS)})")
+                         f"(valid: {', '.join(PREDICTIONS)})")
 
 
 def from_steps(cfg: ExperimentConfig, given: int | None) -> int:
@@ -90,13 +90,15 @@ def round_grid(first: list[int], r: Round) -> list[int]:
     return student_timesteps(first, r.teacher_steps) if r.teacher_steps < len(first) else list(first)
 
 
-def student_config(cfg: ExperimentConfig, steps: int, name: str) -> ExperimentConfig:
-    """The student's config after a round that ends at ``steps``: the teacher's network and process,
-    registered as ``name``, sampled as it was distilled: DDIM, eta 0, on the ``trailing`` grid of
-    ``steps`` (= :func:`ddpm.distill.student_timesteps` of the first grid)."""
+def student_config(cfg: ExperimentConfig, steps: int, name: str, prediction: str | None = None) -> ExperimentConfig:
+    """The student's config after a round that ends at ``steps``: the teacher's network and process
+    (predicting ``prediction`` when given), registered as ``name``, sampled as it was distilled: DDIM,
+    eta 0, on the ``trailing`` grid of ``steps`` (= :func:`ddpm.distill.student_timesteps` of the
+    first grid)."""
     return cfg.with_values({"sample.sampler": "ddim", "sample.steps": steps, "sample.eta": 0.0,
-                            "sample.spacing": GRID_SPACING, "train.registered_model": name})
+                            "sample.spacing": GRID_SPACING, "train.registered_model": name,
+                            "diffusion.prediction": prediction or cfg.diffusion.prediction})
 
 
-__all__ = ["GRID_SPACING", "SUFFIX", "TEACHER_PREDICTIONS", "Round", "check_teacher", "first_grid",
+__all__ = ["GRID_SPACING", "SUFFIX", "PREDICTIONS", "Round", "check_teacher", "first_grid",
            "from_steps", "plan_rounds", "round_grid", "student_config"]

@@ -48,7 +48,11 @@ def distill_main(loop_config: dict[str, Any]) -> None:
         round_cfg = student_config(cfg, r.student_steps, loop_config["name"])
         teacher = _frozen(round_cfg, teacher_weights, ctx.device)
         diffusion = Diffusion.from_config(round_cfg.diffusion)
-        distill = ProgressiveDistillation(diffusion, round_grid(loop_config["first_grid"], r))
+        # the first teacher predicts what it was trained to; a later round's teacher is a student
+        first = loop_config.get("teacher_prediction", round_cfg.diffusion.prediction)
+        reads = Diffusion.from_config(dataclasses.replace(round_cfg.diffusion, prediction=first)) \
+            if r.index == 0 and first != round_cfg.diffusion.prediction else diffusion
+        distill = ProgressiveDistillation(diffusion, round_grid(loop_config["first_grid"], r), reads)
         end: dict[str, dict[str, torch.Tensor]] = {}
         objective = Objective(
             loss=lambda net, x, labels, d=distill, t=teacher: d.loss(net, t, x, labels=labels),

@@ -97,6 +97,8 @@ def test_steps_that_are_not_a_halving_of_the_starting_steps_exit_2(tmp_path, no_
     assert "below the teacher's 8" in _bad("--teacher", teacher, "--steps", "8", "--from-steps", "8")
     assert "above the teacher's T = 50" in _bad("--teacher", teacher, "--steps", "8", "--from-steps", "64")
     assert "may set only train.*, data.*" in _bad("--teacher", teacher, "--steps", "8", "--set", "model.ch=16")
+    x0 = run_cli("distill", "--teacher", teacher, "--steps", "8", "--prediction", "x0")  # Typer's own check
+    assert x0.exit_code == 2 and "--prediction': 'x0'; valid: eps, v" in x0.output
 
 
 # -- a tiny distillation on the cluster ----------------------------------------------------------------
@@ -111,7 +113,8 @@ def distill_args(tmp_path, teacher: str, *extra: str, steps: int = 2, per_round:
 @pytest.mark.timeout(600)
 def test_distill_registers_a_student_that_samples_in_its_own_steps(ray_cluster, tmp_path):
     _, version, _ = register_tiny(tmp_path, "teach", overrides=TINY_NET)
-    result = run_cli(*distill_args(tmp_path, f"models:/teach/{version}"))
+    # an eps teacher, a v student (the paper's choice): round 1 reads the teacher as eps, round 2 as v
+    result = run_cli(*distill_args(tmp_path, f"models:/teach/{version}", "--prediction", "v"))
     assert result.exit_code == 0, result.output
     out = cli_json(result)
     assert out["model_uri"] == "models:/teach-distilled/1"
@@ -123,6 +126,7 @@ def test_distill_registers_a_student_that_samples_in_its_own_steps(ray_cluster, 
     tags = c.get_model_version("teach-distilled", "1").tags
     assert tags["ddpm.teacher"] == f"models:/teach/{version}"
     assert tags["ddpm.distill.rounds"] == "8->4,4->2" and tags["ddpm.distill.steps"] == "2"
+    assert tags["ddpm.distill.prediction"] == "v"
     run = c.get_run(out["run_id"])
     assert run.data.tags["ddpm.kind"] == "distill" and run.info.status == "FINISHED"
     children = c.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{out['run_id']}'")
@@ -131,7 +135,9 @@ def test_distill_registers_a_student_that_samples_in_its_own_steps(ray_cluster, 
 
     from pipelines.registry.models import read_config
 
-    sample = read_config("models:/teach-distilled/1").sample
+    student = read_config("models:/teach-distilled/1")
+    assert student.diffusion.prediction == "v"
+    sample = student.sample
     assert (sample.sampler, sample.steps, sample.eta, sample.spacing) == ("ddim", 2, 0.0, "trailing")
     result = run_cli("sample", "--model", "models:/teach-distilled/1", "--num", "2", "--out",
                      str(tmp_path / "samples"), "--json")
