@@ -36,7 +36,7 @@ from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_BRANCH,
 
 from ddpm.data.manifest import identity, read_manifest
 from pipelines.errors import PipelineError, RefusedError, UsageError
-from pipelines.settings import Settings, redact, redact_obj
+from pipelines.settings import Settings, redact, redact_obj, resolve
 
 RUN_NAME_TAG = "ddpm.run_name"
 KIND_TAG = "ddpm.kind"
@@ -117,7 +117,10 @@ def client() -> MlflowClient:
 
 
 def experiment_id(name: str, settings: Settings | None = None) -> str:
-    """Get or create an experiment; the local store keeps artifacts under DDPM_HOME/mlartifacts."""
+    """Get or create an experiment; the local store keeps artifacts under DDPM_HOME/mlartifacts
+    (``settings`` default: :func:`pipelines.settings.resolve`; else MLflow would put them in
+    ``./mlruns`` of whatever folder the process runs in)."""
+    settings = settings if settings is not None else resolve()
     c = client()
     exp = c.get_experiment_by_name(name)
     if exp is not None:
@@ -125,7 +128,7 @@ def experiment_id(name: str, settings: Settings | None = None) -> str:
             c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
-    if settings is not None and settings.tracking_uri.startswith("sqlite:"):
+    if settings.tracking_uri.startswith("sqlite:"):
         location = (settings.home / "mlartifacts" / name).as_uri()
     try:
         return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})

@@ -6,7 +6,9 @@ loopback on first use and stopped at the end of the session.
 
 from __future__ import annotations
 
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +28,13 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    stray = Path("mlruns")  # MLflow's default artifact root, relative to the working folder
+    before = stray.exists()
     yield
+    if not before and stray.exists():
+        shutil.rmtree(stray, ignore_errors=True)
+        pytest.fail("this test left MLflow artifacts in ./mlruns of the working folder: an experiment was "
+                    "created without its DDPM_HOME artifact location", pytrace=False)
 
 
 def _ray_running() -> bool:

@@ -57,6 +57,10 @@ def test_experiments_open_as_model_training_in_the_ui():
     c = mlflow_client()
     new = tracking.experiment_id("kind-new")
     assert c.get_experiment(new).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # its artifacts live under DDPM_HOME even when no settings were passed, never in ./mlruns of the cwd
+    from pipelines.settings import resolve
+
+    assert c.get_experiment(new).artifact_location == (resolve().home / "mlartifacts" / "kind-new").as_uri()
     old = c.create_experiment("kind-old")  # made before the tag existed: tagged on next use
     assert tracking.experiment_id("kind-old") == old
     assert c.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
