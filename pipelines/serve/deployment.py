@@ -4,7 +4,8 @@ FastAPI app of ``pipelines/serve/app.py``, requests batched by :class:`pipelines
 Each replica loads the model once (:class:`pipelines.serve.model.ModelHolder`; for an alias it polls
 the registry every ``reload_every`` seconds and switches to the version the alias moves to), builds
 the app around it (``__serve_build_asgi_app__``: Serve calls it after the constructor), and samples
-each batch of requests in a worker thread, so the health routes answer while the network runs.
+each batch of requests in its one sampling thread (which also loaded the model: why, in
+``SampleDeployment.__init__``), so the health routes answer while the network runs.
 ``max_batch_size`` counts images (a request of ``num`` 4 counts 4; one larger request runs alone);
 the requests of a batch that share a sampling setting run as one network batch. The batcher fills the
 next batch while the model samples the current one (why not ``@serve.batch``: the batcher's docstring).
@@ -23,6 +24,7 @@ import os
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -89,16 +91,27 @@ class SampleDeployment:
 
     def __init__(self, options: ServeOptions) -> None:
         os.environ.update(options.env)  # the tracking store (no credentials: replicas read their own)
-        torch.set_num_threads(int(os.environ.get("DDPM_TORCH_THREADS") or 1))
         self.options = options
         self.stats = RequestStats()
-        self.holder = ModelHolder(options.model)
+        # One thread does all the replica's torch work, from its first operation on: the OpenMP thread
+        # team of the first thread to run a parallel region is the fast one; in any other thread a
+        # 2-thread torch sampled one digit 3x slower (160 ms against 52 ms; 78 against 115 images/s
+        # at 32 images), measured on 2 cores (docs/SERVING.md). Loading happens there too.
+        self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddpm-sampling")
+        threads = int(os.environ.get("DDPM_TORCH_THREADS") or 1)
+        self.holder = self._torch.submit(self._first_load, options.model, threads).result()
         self.holder.follow(options.reload_every)
         self.batcher = Batcher(self.sample_batch, options.max_batch_size, options.batch_wait_timeout,
                                size=lambda req: req.num)
         self._stopped = threading.Event()
         if options.stats_sink is not None:
             threading.Thread(target=self._push_stats, args=(options.stats_sink,), daemon=True).start()
+
+    @staticmethod
+    def _first_load(uri: str, threads: int) -> ModelHolder:
+        """In the sampling thread: torch's thread count, then the model (its first parallel work)."""
+        torch.set_num_threads(threads)
+        return ModelHolder(uri)
 
     def _push_stats(self, sink: ActorHandle) -> None:
         """Hand the (cumulative) statistics to the command's sink every :data:`STATS_EVERY_S`."""
@@ -121,7 +134,7 @@ class SampleDeployment:
     async def sample_batch(self, requests: list[SamplesRequest]) -> list[tuple[np.ndarray, ServedModel]]:
         model = self.holder.current  # read once: the whole batch is sampled by this version
         start = time.perf_counter()
-        xs = await asyncio.to_thread(model.sample, requests)
+        xs = await asyncio.get_running_loop().run_in_executor(self._torch, model.sample, requests)
         self.stats.add_batch(len(requests), sum(r.num for r in requests), time.perf_counter() - start)
         return [(x, model) for x in xs]
 
@@ -137,6 +150,7 @@ class SampleDeployment:
     def __del__(self) -> None:
         self._stopped.set()
         self.holder.close()
+        self._torch.shutdown(wait=False)
 
 
 def application(options: ServeOptions) -> Application:
