@@ -28,7 +28,7 @@ from typer._click import exceptions as click_exceptions
 import ddpm
 from ddpm.config import ConfigError, Precision, Sampler, SampleConfig, load_config, parse_duration
 from pipelines import console
-from pipelines.distill.schedule import PREDICTIONS as DISTILL_PREDICTIONS
+from pipelines.distill import PREDICTIONS as DISTILL_PREDICTIONS
 from pipelines.errors import PipelineError
 from pipelines.sample import FORMATS
 from pipelines.settings import redact

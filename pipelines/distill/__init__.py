@@ -3,3 +3,5 @@
 ``schedule.py``: the rounds, grids and the student's config (checked on the driver); ``worker.py``:
 the Ray Train worker running the rounds through train's loop; ``command.py``: the driver.
 """
+
+PREDICTIONS = ("eps", "v")  # what a teacher predicts, and a student (its teacher's unless --prediction)

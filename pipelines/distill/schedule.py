@@ -20,10 +20,10 @@ from ddpm.config import ExperimentConfig
 from ddpm.distill import student_timesteps
 from ddpm.pipeline import sampling_settings
 from ddpm.samplers.timesteps import space_timesteps
+from pipelines.distill import PREDICTIONS
 from pipelines.errors import UsageError
 
 GRID_SPACING = "trailing"  # the one spacing whose grids nest when halved (module docstring)
-PREDICTIONS = ("eps", "v")  # what a teacher predicts, and a student (its teacher's unless --prediction)
 SUFFIX = "-distilled"  # a student's registered name: <teacher name>-distilled
 
 

@@ -36,7 +36,7 @@ def test_importing_the_command_line_loads_no_ray_mlflow_or_torch():
 def test_help_of_every_command_loads_no_ray_mlflow_or_torch():
     """``--help`` runs the root callback (the console mode) and parses the options: nothing heavy."""
     commands = ["", "train", "tune", "evaluate", "promote", "sample", "interpolate", "import-diffusers", "run",
-                "data prepare", "config show"]
+                "data prepare", "config show", "distill", "serve"]
     code = ("import contextlib, io, sys\nfrom pipelines.cli import app\n"
             f"for cmd in {commands!r}:\n"
             "    with contextlib.redirect_stdout(io.StringIO()):\n"
