@@ -33,7 +33,7 @@ Sampler = Literal["ddpm", "ddim", "dpmpp", "dpmpp-3m", "unipc", "dpmpp-2m-sde", 
 Spacing = Literal["linspace", "leading", "trailing", "karras", "logsnr"]  # where a sampler puts its timesteps
 Precision = Literal["fp32", "bf16", "fp16"]
 
-PRESETS = ("digits", "cifar10")
+PRESETS = ("digits", "digits-cond", "cifar10")
 
 
 class ConfigError(ValueError):
@@ -338,6 +338,15 @@ class ExperimentConfig:
                 # ones included, at 2000 samples (docs/RESULTS.md, benchmarks/bench_samplers.py).
                 sample=SampleConfig(sampler="dpmpp-2m-sde", steps=20, num=64),
             )
+        if name == "digits-cond":
+            # The digits preset, class-conditional with classifier-free guidance: at its 10-minute step
+            # count (6,500 on a quiet machine), 500 balanced samples at w = 1.5 are 99.4% conditional
+            # accuracy (real held-out digits: 97.8%), and with 30% of the labels dropped its null class is
+            # level with the unconditional preset on every score (docs/RESULTS.md; 10% dropout left it
+            # behind, w = 1 stopped at 96.2%).
+            return cls.preset("digits").with_values({
+                "name": "digits-cond", "model.num_classes": 10, "train.label_dropout": 0.3,
+                "train.registered_model": "ddpm-digits-cond", "sample.guidance": 1.5})
         if name == "cifar10":
             # The paper's CIFAR-10 run: every section not given here is its dataclass's default, which
             # is the paper's (linear betas over T=1000, batch 128, Adam 2e-4 with 5000 warm-up steps,
