@@ -14,7 +14,10 @@ real data's floor (``vs_floor``). The JSON's ``table`` has the rows in the form 
 --sampler-table`` plots.
 
     python -m benchmarks.bench_samplers --model CHECKPOINT_OR_URI [--num 2000] [--rows ddpm:1000 dpmpp:20 ddim:25:1]
-                                        [--json-out bench-results/samplers.json]
+                                        [--json-out bench-results/samplers.json] [--cache DIR]
+
+``--cache DIR`` keeps each row's samples of a checkpoint file (named by its sha256) and reads them
+back in later runs: the 1000-step reference is sampled once, not in every comparison.
 
 A row is ``sampler:steps`` or ``sampler:steps:eta`` (eta for ddim only), optionally ``@spacing``
 (``linspace``, ``trailing``, ``logsnr``, ...; default the sampler's own); ``ddpm-analytic`` is the
@@ -68,16 +71,39 @@ def parse_row(text: str) -> Row:
     return Row(parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0, spacing or None)
 
 
-def sample_row(loaded: Any, ev: Any, row: Row, num: int, settings: Any, ms_eps: dict[str, Any]) -> dict[str, Any]:
+def cache_path(cache: str | None, model: str, row: Row, num: int) -> str | None:
+    """Where ``row``'s ``num`` samples of the checkpoint file ``model`` are kept under ``cache`` (named by
+    the file's sha256 and the row, so another model or setting never reads them); None for a model URI
+    (its version could move) or without ``cache``."""
+    if cache is None or not os.path.isfile(model):
+        return None
+    import hashlib
+
+    with open(model, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    name = f"{row.sampler}-{row.steps}-{row.eta:g}-{row.spacing or 'default'}-{num}"
+    return os.path.join(cache, digest, name + ".pt")
+
+
+def sample_row(loaded: Any, ev: Any, row: Row, num: int, settings: Any, ms_eps: dict[str, Any],
+               cached: str | None = None) -> dict[str, Any]:
     """``num`` samples of ``row`` (sample i from seed i, as ``evaluate``), scored as ``evaluate`` scores
     (:func:`pipelines.registry.evaluate.score_samples`); the result says the spacing used. ``ms_eps`` caches
-    Analytic-DPM's Gamma_t (one estimate at every timestep any row calls)."""
+    Analytic-DPM's Gamma_t (one estimate at every timestep any row calls). With ``cached`` (a file,
+    :func:`cache_path`) the samples and their seconds are read from it when it exists and written to
+    it when not: the 1000-step reference row costs about 15 minutes on 2 cores."""
     import torch
+
+    from pipelines.registry.evaluate import score_samples
+
+    if cached and os.path.exists(cached):
+        kept = torch.load(cached)
+        return score_samples(kept["x"], kept["seconds"], ev, row.sampler, kept["steps"], kept["eta"], settings,
+                             spacing=kept["spacing"])
 
     from ddpm.inference import SamplingNet
     from ddpm.pipeline import DDPMPipeline
     from ddpm.samplers import estimate_ms_eps, make_sampler
-    from pipelines.registry.evaluate import score_samples
 
     sampler = "ddpm" if row.sampler == ANALYTIC else row.sampler
     gamma = None
@@ -94,8 +120,13 @@ def sample_row(loaded: Any, ev: Any, row: Row, num: int, settings: Any, ms_eps: 
                                     steps=row.steps, eta=row.eta, spacing=row.spacing, ms_eps=gamma)
     start = time.perf_counter()
     x = pipe(num, 0)
-    return score_samples(x, time.perf_counter() - start, ev, row.sampler, pipe.steps, pipe.eta, settings,
-                         spacing=pipe.spacing)
+    seconds = time.perf_counter() - start
+    if cached:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        torch.save({"x": x, "seconds": seconds, "steps": pipe.steps, "eta": pipe.eta, "spacing": pipe.spacing},
+                   cached + ".tmp")
+        os.replace(cached + ".tmp", cached)
+    return score_samples(x, seconds, ev, row.sampler, pipe.steps, pipe.eta, settings, spacing=pipe.spacing)
 
 
 def against(row: dict[str, Any], ref: dict[str, Any], paired: dict[str, tuple[float, float]] | None = None
@@ -127,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--students", nargs="+", default=[], metavar="URI",
                    help="other models (distilled students), one row each with their own sampler settings")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="keep each row's samples of a checkpoint file here and reuse them in later runs")
     p.add_argument("--json-out", default=os.path.join("bench-results", "samplers.json"))
     args = p.parse_args(argv)
 
@@ -148,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ref_scores: dict[str, Any] = {}
     ms_eps: dict[int, float] = {}
     for spec in specs:
-        r = sample_row(models[spec.model], ev, spec, args.num, settings, ms_eps)
+        r = sample_row(models[spec.model], ev, spec, args.num, settings, ms_eps,
+                       cache_path(args.cache, spec.model or args.model, spec, args.num))
         row = {k: r[k] for k in ("sampler", "steps", "eta", "spacing", "num", "sec_per_sample", "scores", "se",
                                  "floors", "floor_se")}
         row["model"] = spec.model or args.model

@@ -120,13 +120,13 @@ def experiment_id(name: str, settings: Settings | None = None) -> str:
     """Get or create an experiment; the local store keeps artifacts under DDPM_HOME/mlartifacts
     (``settings`` default: :func:`pipelines.settings.resolve`; else MLflow would put them in
     ``./mlruns`` of whatever folder the process runs in)."""
-    settings = settings if settings is not None else resolve()
     c = client()
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if EXPERIMENT_KIND_TAG not in exp.tags:  # made before the tag existed; a user's choice stays
             c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
+    settings = settings if settings is not None else resolve()  # only a new experiment needs them
     location = None
     if settings.tracking_uri.startswith("sqlite:"):
         location = (settings.home / "mlartifacts" / name).as_uri()

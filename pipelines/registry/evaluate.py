@@ -583,7 +583,7 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
     head = ["sampler", "steps", "eta", *(labels[n] for n in names), "s/sample"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        grid = f" ({r['spacing']})" if r.get("spacing", default_spacing(r["sampler"])) != default_spacing(r["sampler"]) else ""
+        grid = f" ({r['spacing']})" if r.get("spacing") not in (None, default_spacing(r["sampler"])) else ""
         cells = [r["sampler"] + grid, str(r["steps"]), f"{r['eta']:g}",
                  *(_cell(r["scores"][n], r["se"].get(n)) if n in r["scores"] else "-" for n in names),
                  f"{r['sec_per_sample']:.4g}"]

@@ -64,11 +64,7 @@ def promote_command(name: str, version: str | None = None, alias: str = "champio
         model = c.get_registered_model(name)
     except Exception as e:
         raise UsageError(f"registered model {name!r} not found: {str(e).splitlines()[0]}") from None
-    version = str(version) if version is not None else _latest(c, name)
-    try:
-        candidate = c.get_model_version(name, version)
-    except Exception as e:
-        raise UsageError(f"{name} version {version} not found: {str(e).splitlines()[0]}") from None
+    version, candidate = _candidate(c, name, version)
     holder = model.aliases.get(alias)
     holder = str(holder) if holder is not None else None
     hold_tags = c.get_model_version(name, holder).tags if holder else {}
@@ -161,22 +157,19 @@ def _promote_against(c: MlflowClient, name: str, version: str | None, alias: str
     if ref["version"] is None:
         raise UsageError(f"--against {against!r} is not a registered model version")
     ref_uri = f"models:/{ref['name']}/{ref['version']}"
-    version = str(version) if version is not None else _latest(c, name)
-    try:
-        candidate = c.get_model_version(name, version)
-    except Exception as e:
-        raise UsageError(f"{name} version {version} not found: {str(e).splitlines()[0]}") from None
+    version, candidate = _candidate(c, name, version)
     if (ref["name"], ref["version"]) == (name, version):
         raise UsageError(f"--against {against!r} is the candidate itself")
     ref_tags = c.get_model_version(ref["name"], ref["version"]).tags
     holder = _holder(c, name, alias)
-    cand_evals, ref_evals = _evaluations(candidate.tags, metric), _evaluations(ref_tags, metric.split("/", 1)[0])
+    base = metric.split("/", 1)[0]  # the metric's name, without a full key's settings
+    cand_evals, ref_evals = _evaluations(candidate.tags, metric), _evaluations(ref_tags, base)
     decision: dict[str, Any] = {"alias": alias, "candidate_version": version, "holder_version": holder,
                                 "against": ref_uri, "metric": metric, "min_delta": min_delta}
     label = metric if "/" in metric else f"{metric!r}"
     if not cand_evals:
         _refuse_unevaluated(c, name, version, decision, label)
-    last = candidate.tags.get(LAST_TAG + metric.split("/", 1)[0])
+    last = candidate.tags.get(LAST_TAG + base)
     key = metric if "/" in metric else (last if last in cand_evals else sorted(cand_evals)[0])
     same = {k: v for k, v in ref_evals.items() if yardstick(k) == yardstick(key)}
     if not same:
@@ -186,7 +179,7 @@ def _promote_against(c: MlflowClient, name: str, version: str | None, alias: str
             f"refused: {ref_uri} has no evaluation of {label} on the yardstick of {key} (the same data, "
             f"features and sample count); evaluate it with the same --num, e.g. `ddpm-pipe evaluate "
             f"--model {ref_uri} --num {parse_result_key(key)[1].get('num', '...')}`")
-    ref_last = ref_tags.get(LAST_TAG + metric.split("/", 1)[0])
+    ref_last = ref_tags.get(LAST_TAG + base)
     ref_key = ref_last if ref_last in same else sorted(same)[0]
     cand, hold = cand_evals[key], same[ref_key]
     decision.update(key=key, against_key=ref_key, candidate_value=cand, holder_value=hold)
@@ -219,6 +212,15 @@ def _refuse_unevaluated(c: MlflowClient, name: str, version: str, decision: dict
     _record(c, name, version, decision)
     raise RefusedError(f"refused: {name} version {version} has no evaluation of {label}; "
                        f"run `ddpm-pipe evaluate --model models:/{name}/{version}` first")
+
+
+def _candidate(c: MlflowClient, name: str, version: str | None) -> tuple[str, Any]:
+    """The candidate's version (default: the latest) and its model version; exit 2 when missing."""
+    version = str(version) if version is not None else _latest(c, name)
+    try:
+        return version, c.get_model_version(name, version)
+    except Exception as e:
+        raise UsageError(f"{name} version {version} not found: {str(e).splitlines()[0]}") from None
 
 
 def _latest(c: MlflowClient, name: str) -> str:

@@ -255,6 +255,31 @@ def test_samplers_table_rows_compare_with_the_first(tmp_path):
     assert "kid" in r["table"][1]["vs_reference"] and bench_samplers.table(r).count(str(student)) == 1
 
 
+@pytest.mark.timeout(300)
+def test_samplers_cache_reuses_a_checkpoints_rows_and_nothing_else(tmp_path, monkeypatch):
+    """--cache: the second run reads each row's samples back (the same scores, no sampling); another
+    checkpoint file, another row or another count is sampled afresh; a model URI is never cached."""
+    from benchmarks import bench_samplers
+    from tests.support import save_tiny_checkpoint
+
+    ckpt, cache = save_tiny_checkpoint(tmp_path / "tiny.pt"), tmp_path / "cache"
+    args = ["--model", str(ckpt), "--num", "20", "--rows", "ddpm:3", "ddim:2@trailing", "--cache", str(cache)]
+    first = bench_samplers.main([*args, "--json-out", str(tmp_path / "a.json")])
+    assert len(list(cache.glob("*/*.pt"))) == 2
+    sampled = []
+    monkeypatch.setattr("ddpm.pipeline.DDPMPipeline.__call__", lambda *a, **k: sampled.append(a) or 1 / 0)
+    again = bench_samplers.main([*args, "--json-out", str(tmp_path / "b.json")])
+    assert sampled == [] and [r["scores"] for r in again["table"]] == [r["scores"] for r in first["table"]]
+    row = bench_samplers.Row("ddpm", 3)
+    other = save_tiny_checkpoint(tmp_path / "other.pt", seed=1)
+    assert bench_samplers.cache_path(str(cache), str(other), row, 20) != bench_samplers.cache_path(
+        str(cache), str(ckpt), row, 20)
+    assert bench_samplers.cache_path(str(cache), str(ckpt), row, 40) != bench_samplers.cache_path(
+        str(cache), str(ckpt), row, 20)
+    assert bench_samplers.cache_path(str(cache), "models:/ddpm-digits/1", row, 20) is None
+    assert bench_samplers.cache_path(None, str(ckpt), row, 20) is None
+
+
 @pytest.mark.timeout(600)
 def test_recipes_quick_compares_each_recipe_with_the_first(tmp_path):
     from benchmarks import bench_recipes
