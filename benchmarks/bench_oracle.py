@@ -9,6 +9,12 @@ variance (fixed_large), fixed_small, and Analytic-DPM's optimal one with the clo
 
     python -m benchmarks.bench_oracle [--num 20000] [--calls 10 15 20 25]
                                       [--json-out bench-results/oracle_samplers.json]
+    python -m benchmarks.bench_oracle --sde-variants    # exact std of stochastic-solver variants only
+
+``--sde-variants``: the exact std of variants of the default SDE-DPM-Solver++(2M) that the library
+does not ship (issue 23: is there a stochastic solver within 1% on the oracle at 20 calls?): its
+step into the last timestep at first order, the "heun" second-order coefficient (diffusers'
+``solver_type="heun"``) and k-diffusion's third-order ``sample_dpmpp_3m_sde`` at eta 1 and 0.5.
 """
 
 from __future__ import annotations
@@ -55,6 +61,71 @@ def measure(name: str, sampler: str, variance: str, eta: float, analytic: bool, 
             "exact_std": std, "mean": x.mean().item(), "std": x.std().item(), "num": num}
 
 
+def sde_variants(calls: list[int], spacings: list[str]) -> list[dict[str, Any]]:
+    """The exact mean and std of each ``--sde-variants`` solver (module docstring) on the oracle."""
+    import math
+
+    import torch
+
+    from ddpm.diffusion import Diffusion
+    from ddpm.samplers.dpm_solver import SDEDPMSolverPPSampler
+    from ddpm.schedules import make_betas
+    from tests.ddpm.helpers import GaussianOracle, exact_moments
+
+    class Multistep(SDEDPMSolverPPSampler):
+        """x_t = (sigma_t/sigma_s) e^{-eta h} x_s + alpha_t (1 - e^{-h_eta}) x0 + alpha_t (phi2 D1 - phi3 D2)
+        + sigma_t sqrt(1 - e^{-2 eta h}) z, h_eta = (1 + eta) h (k-diffusion's 3M SDE; ``order`` 2 is
+        the heun 2M SDE)."""
+
+        def __init__(self, diffusion: Diffusion, steps: int, spacing: str, order: int, eta: float) -> None:
+            super().__init__(diffusion, steps, spacing)
+            self.order, self.eta, self.hist = order, eta, []
+
+        def step(self, model, x, i, noise, clip_denoised=True):  # noqa: ANN001, ANN201
+            x0 = self.predict_xstart(model, x, i, clip_denoised)
+            if i + 1 == len(self.timesteps):
+                return x0, x0
+            h = self.lam[i + 1] - self.lam[i]
+            he = (1 + self.eta) * h
+            a = self.alpha[i + 1]
+            x = (self.sigma[i + 1] / self.sigma[i]) * math.exp(-self.eta * h) * x - a * math.expm1(-he) * x0
+            phi2 = math.expm1(-he) / he + 1
+            if len(self.hist) >= 2 and self.order == 3:
+                (p1, h1), (p2, h2) = self.hist[-1], self.hist[-2]
+                r0, r1 = h1 / h, h2 / h
+                d10, d11 = (x0 - p1) / r0, (p1 - p2) / r1
+                d1, d2 = d10 + (d10 - d11) * r0 / (r0 + r1), (d10 - d11) / (r0 + r1)
+                x = x + a * (phi2 * d1 - (phi2 / he - 0.5) * d2)
+            elif self.hist:
+                p1, h1 = self.hist[-1]
+                x = x + a * phi2 * (x0 - p1) / (h1 / h)
+            if self.eta:
+                x = x + self.sigma[i + 1] * math.sqrt(-math.expm1(-2 * self.eta * h)) * noise.next()
+            self.hist.append((x0, h))
+            return x, x0
+
+    diffusion = Diffusion(make_betas("linear", 1000))
+    oracle = GaussianOracle(diffusion.alphas_cumprod, MU, S)
+
+    def last_first_order(calls: int, spacing: str) -> SDEDPMSolverPPSampler:
+        s = SDEDPMSolverPPSampler(diffusion, calls, spacing)
+        s.first_order_into_last = True
+        return s
+
+    makers = {"2m-sde, first order into the last step": last_first_order,
+              "2m-sde heun": lambda n, sp: Multistep(diffusion, n, sp, 2, 1.0),
+              "3m-sde eta 1": lambda n, sp: Multistep(diffusion, n, sp, 3, 1.0),
+              "3m-sde eta 0.5": lambda n, sp: Multistep(diffusion, n, sp, 3, 0.5)}
+    out = []
+    with torch.no_grad():
+        for name, make in makers.items():
+            for spacing in spacings:
+                for n in calls:
+                    mean, std = exact_moments(make(n, spacing), oracle, cols=2 * n + 8)
+                    out.append({"row": name, "calls": n, "spacing": spacing, "exact_mean": mean, "exact_std": std})
+    return out
+
+
 def table(results: list[dict[str, Any]], spacing: str, calls: list[int]) -> str:
     rows = [r for r in results if r["spacing"] == spacing]
     lines = [f"| {spacing} | " + " | ".join(f"{c} calls" for c in calls) + " |", "|---" * (len(calls) + 1) + "|"]
@@ -71,10 +142,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--calls", type=int, nargs="+", default=[10, 15, 20, 25])
     p.add_argument("--spacings", nargs="+", default=["linspace", "trailing", "logsnr", "karras"])
     p.add_argument("--quick", action="store_true", help="200 samples, 3 and 5 calls: a smoke test")
+    p.add_argument("--sde-variants", action="store_true", help="only the exact std of the stochastic variants")
     p.add_argument("--json-out", default=os.path.join("bench-results", "oracle_samplers.json"))
     args = p.parse_args(argv)
     if args.quick:
         args.num, args.calls = 200, [3, 5]
+    if args.sde_variants:
+        rows = sde_variants(args.calls, ["logsnr", "karras"])
+        for r in rows:
+            print(f"{r['row']:40s} {r['spacing']:7s} {r['calls']:3d} calls: mean {r['exact_mean']:.4f} "
+                  f"std {r['exact_std']:.4f} ({100 * (r['exact_std'] / S - 1):+.1f}%)")
+        out = {"benchmark": "oracle_sde_variants", "data": {"mean": MU, "std": S}, "results": rows}
+        default = os.path.join("bench-results", "oracle_samplers.json")
+        common.write_json(out, args.json_out if args.json_out != default else
+                          os.path.join("bench-results", "oracle_sde_variants.json"))
+        return out
     results = [measure(*row, calls, spacing, args.num) for spacing in args.spacings for row in ROWS
                for calls in args.calls]
     reference = [measure(f"ddpm {v}", "ddpm", v, 0.0, False, 1000, "linspace", args.num)

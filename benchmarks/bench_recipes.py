@@ -16,7 +16,7 @@ The samplers are the preset's default (SDE-DPM-Solver++ 2M, 20 calls), DDIM-25 w
 default before) and DPM-Solver++-20;
 1000-step ancestral sampling is left out (164 s per model) unless ``--samplers ddpm:1000`` asks.
 
-    python -m benchmarks.bench_recipes [--budget 10m | --steps 6500] [--samples 2000] [--recipes NAME ...] [--save DIR]
+    python -m benchmarks.bench_recipes [--budget 10m | --steps 6500] [--samples 2000] [--recipes NAME ...] [--save DIR [--reuse]]
                                        [--samplers ddim:25:1 dpmpp:20 ...] [--quick] [--json-out PATH]
 
 ``--quick``: 3 s of training per recipe, 50 samples, 3-step samplers: a smoke test.
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--save", default=None, metavar="DIR",
                    help="keep each recipe's model as DIR/<recipe>.pt (a checkpoint `ddpm-pipe evaluate --model` and "
                         "benchmarks.bench_samplers take)")
+    p.add_argument("--reuse", action="store_true",
+                   help="with --save: a recipe whose DIR/<recipe>.pt exists is loaded from it, not trained again")
     p.add_argument("--json-out", default=None, help="default bench-results/recipes.json (recipes-quick.json)")
     args = p.parse_args(argv)
     if args.quick:
@@ -96,10 +98,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ev, yardstick, floor_scores = None, None, {}
         base: dict[Any, tuple[dict[str, Any], dict[str, Any]]] = {}
         for name in args.recipes:
-            loaded, info = train_ours(os.path.join(data, "train"), args.budget, 0, RECIPES[name], args.steps)
+            kept = os.path.join(args.save, f"{name}.pt") if args.save else None
+            if args.reuse and kept and os.path.exists(kept):
+                loaded, info = reused(kept, name, args.steps)
+            else:
+                loaded, info = train_ours(os.path.join(data, "train"), args.budget, 0, RECIPES[name], args.steps)
             info = {k: v for k, v in info.items() if k != "config"}
             models[name] = {"changes": RECIPES[name], **info}
-            if args.save:
+            if args.save and "reused" not in info:
                 os.makedirs(args.save, exist_ok=True)
                 save_checkpoint(os.path.join(args.save, f"{name}.pt"), loaded.state)
             print(f"[bench_recipes] {name}: {info['steps']} steps in {info['train_s']} s, loss {info['loss']}",
@@ -139,6 +145,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.write_json(result, json_out)
     print(f"[bench_recipes] wrote {json_out}")
     return result
+
+
+def reused(path: str, name: str, steps: int | None) -> tuple[Any, dict[str, Any]]:
+    """Recipe ``name``'s model as an earlier ``--save`` kept it, checked to be that recipe (its changed
+    values) trained that many ``steps`` (when a step count is asked for)."""
+    from benchmarks.bench_samplers import load
+    from ddpm.checkpoint import load_checkpoint
+
+    loaded = load(path)
+    state = load_checkpoint(path)
+    values = loaded.config.to_dict()
+    wrong = {k: (v, _get(values, k)) for k, v in RECIPES[name].items() if _get(values, k) != v}
+    if wrong or (steps is not None and int(state["step"]) != steps):
+        raise SystemExit(f"--reuse: {path} is not recipe {name!r} at {steps} steps (step {state['step']}; "
+                         f"wanted and found: {wrong})")
+    info = {"steps": int(state["step"]), "train_s": round(float(state.get("train_s") or 0), 1), "loss": None,
+            "reused": path}
+    return loaded, info
+
+
+def _get(values: dict[str, Any], key: str) -> Any:
+    section, _, field = key.partition(".")
+    return values.get(section, {}).get(field)
 
 
 def summary(row: dict[str, Any]) -> str:

@@ -21,11 +21,13 @@ average is recorded with the result: the figures are only comparable at equal lo
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from typing import TYPE_CHECKING
 
@@ -36,50 +38,72 @@ if TYPE_CHECKING:
     from ddpm.config import ExperimentConfig
 
 
-def _post(url: str, body: dict) -> float:
-    """Seconds one ``POST /v1/samples`` took (an error raises)."""
+def _request(url: str, body: dict | None, conn: http.client.HTTPConnection | None = None) -> float:
+    """Seconds one request took (an error raises): ``POST /v1/samples`` with ``body``, or ``GET
+    /healthz`` without one; on ``conn`` (kept alive between a client's requests, as an application's
+    HTTP client does) or a new connection."""
+    method, path = ("POST", "/v1/samples") if body is not None else ("GET", "/healthz")
+    data = json.dumps(body).encode() if body is not None else None
     start = time.perf_counter()
-    req = urllib.request.Request(f"{url}/v1/samples", data=json.dumps(body).encode(), method="POST")
-    with urllib.request.urlopen(req, timeout=300) as r:
+    if conn is None:
+        with urllib.request.urlopen(urllib.request.Request(url + path, data=data, method=method), timeout=300) as r:
+            r.read()
+    else:
+        conn.request(method, path, data, {"Content-Type": "application/json"} if data else {})
+        r = conn.getresponse()
         r.read()
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}")
     return time.perf_counter() - start
 
 
-def _clients(url: str, total: int, concurrency: int, limit_s: float) -> dict:
-    """``total`` one-image requests from ``concurrency`` threads (stopping at ``limit_s``)."""
+def _clients(url: str, total: int, concurrency: int, limit_s: float, keep_alive: bool = True, num: int = 1,
+             health: bool = False) -> dict:
+    """``total`` requests of ``num`` images (``health``: ``GET /healthz``, no sampling) from
+    ``concurrency`` threads (stopping at ``limit_s``), each client on one kept-alive connection
+    unless ``keep_alive`` is off (a new connection per request)."""
     lock = threading.Lock()
     sent = [0]
     latencies: list[float] = []
     errors: list[str] = []
     deadline = time.monotonic() + limit_s
+    host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
 
     def client() -> None:
+        conn = http.client.HTTPConnection(host, port, timeout=300) if keep_alive else None
         while time.monotonic() < deadline:
             with lock:
                 if sent[0] >= total:
-                    return
+                    break
                 sent[0] += 1
-                seed = sent[0]
+                seed = sent[0] * num
             try:
-                latencies.append(_post(url, {"num": 1, "seed": seed}))
+                latencies.append(_request(url, None if health else {"num": num, "seed": seed}, conn))
             except Exception as e:
                 errors.append(f"{type(e).__name__}: {e}")
+                if conn is not None:
+                    conn.close()  # reconnects on the next request
+        if conn is not None:
+            conn.close()
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     ms = sorted(1000 * s for s in latencies)
 
     def pct(q: float) -> float | None:
         return round(ms[min(len(ms) - 1, int(q * len(ms)))], 1) if ms else None
 
+    rate = {"requests_per_s": round(len(latencies) / wall, 1)} if health else {
+        "images_per_s": round(num * len(latencies) / wall, 3), "num": num}
     return {"requests": len(latencies), "errors": len(errors), "first_error": errors[0] if errors else None,
-            "wall_s": round(wall, 2), "images_per_s": round(len(latencies) / wall, 3),
-            "p50_ms": pct(0.5), "p95_ms": pct(0.95)}
+            "wall_s": round(wall, 2), **rate, "p50_ms": pct(0.5), "p95_ms": pct(0.95), "keep_alive": keep_alive,
+            "concurrency": concurrency,
+            "client_cpu_cores": round(cpu / wall, 2)}  # what the load generator itself used of the machine
 
 
 def _bare_one_image(ckpt: str, repeats: int) -> dict:
@@ -105,10 +129,16 @@ def main(argv: list[str] | None = None) -> dict:
     # Enough clients to fill the server's batches: saturation is when every batch is full.
     p.add_argument("--concurrency", type=int, default=64, help="clients at saturation")
     p.add_argument("--max-batch-size", type=int, default=64, help="images per batch (serve's default)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="replicas sharing the machine's cores (each with cores / replicas torch threads)")
     p.add_argument("--batch-wait-timeout", type=float, default=None,
                    help="seconds a batch waits to fill (default: serve's own)")
     p.add_argument("--offline-num", type=int, default=256, help="images of the offline run (one batch: sample's default)")
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds per measurement at most")
+    p.add_argument("--new-connections", action="store_true",
+                   help="a new HTTP connection per request (default: each client keeps one alive)")
+    p.add_argument("--multi-num", type=int, default=16,
+                   help="images per request in the last measurement (concurrency / multi-num clients, requests each)")
     p.add_argument("--preset", default="digits")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     args = p.parse_args(argv)
@@ -136,15 +166,22 @@ def main(argv: list[str] | None = None) -> dict:
         ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         try:
             wait = {} if args.batch_wait_timeout is None else {"batch_wait_timeout": args.batch_wait_timeout}
-            service = start_service(ServeOptions(model=ckpt, max_batch_size=args.max_batch_size,
-                                                 cpus_per_replica=float(cores), **wait), port=free_port(), track=False)
+            service = start_service(ServeOptions(model=ckpt, max_batch_size=args.max_batch_size, replicas=args.replicas,
+                                                 cpus_per_replica=float(max(1, cores // args.replicas)), **wait),
+                                    port=free_port(), track=False)
             try:
-                _post(service.url, {"num": 1, "seed": 0})  # warm: the first call builds the pipeline
-                latency = _clients(service.url, args.requests, 1, args.time_limit)
-                saturation = _clients(service.url, args.requests * args.concurrency, args.concurrency,
-                                       args.time_limit)
+                _request(service.url, {"num": 1, "seed": 0})  # warm: the first call builds the pipeline
+                keep, n = not args.new_connections, args.requests
+                latency = _clients(service.url, n, 1, args.time_limit, keep)
+                saturation = _clients(service.url, n * args.concurrency, args.concurrency, args.time_limit, keep)
+                batching = service.stats()  # the replica's own count until here: batches, time spent sampling
+                # Serve's own cost of a request, no sampling: a bound on one-image requests per second.
+                http = _clients(service.url, n * args.concurrency, args.concurrency, args.time_limit, keep,
+                                health=True)
+                clients = max(1, args.concurrency // args.multi_num)
+                multi = _clients(service.url, n * clients, clients, args.time_limit, keep, num=args.multi_num)
             finally:
-                served = service.stop()  # the replica's own count: batches formed, time spent sampling
+                service.stop()
         finally:
             ray.shutdown()
     info = offline.info
@@ -154,12 +191,18 @@ def main(argv: list[str] | None = None) -> dict:
                                                                        "device": info.get("device")},
               "bare_one_image": bare, "latency_one_image": latency,
               "latency_p95_vs_bare_p50": round(latency["p95_ms"] / bare["p50_ms"], 3) if latency["p95_ms"] else None,
-              "saturation": {**saturation, "concurrency": args.concurrency,
+              "saturation": {**saturation, "replicas": args.replicas,
                                                            "max_batch_size": args.max_batch_size,
                                                            "batch_wait_timeout": service.options.batch_wait_timeout},
-              "server": {k: round(v, 3) for k, v in served.items()
+              "server": {k: round(v, 3) for k, v in batching.items()
                          if k.startswith(("batches", "mean_batch", "sampling", "one_image"))},
-              "saturation_vs_offline": round(saturation["images_per_s"] / offline_ips, 3) if offline_ips else None}
+              "saturation_vs_offline": round(saturation["images_per_s"] / offline_ips, 3) if offline_ips else None,
+              "http_only": http, "multi_image": multi,
+              "multi_image_vs_offline": round(multi["images_per_s"] / offline_ips, 3) if offline_ips else None,
+              # With perfect batching a one-image request still costs Serve's own time per request and
+              # the offline time per image, on the same cores: the most one-image requests could reach.
+              "one_image_bound_vs_offline": round(1 / (offline_ips / http["requests_per_s"] + 1), 3)
+              if offline_ips and http["requests_per_s"] else None}
     result["sampler"] = dict(zip(("sampler", "steps", "eta"), resolve_settings(_config(args.preset), None, None, None)))
     print(write_json(result, args.out))
     return result

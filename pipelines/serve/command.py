@@ -75,9 +75,7 @@ class Service:
 
         summary: dict[str, float] = {}
         try:
-            if self.sink is not None:
-                time.sleep(STATS_EVERY_S + 0.5)  # the replicas' last hand-over
-                summary = summarise(ray.get(self.sink.all.remote(), timeout=30))
+            summary = self.stats()
         except Exception as e:  # the summary is a report; stopping must go on
             console.info(f"[serve] could not gather the request statistics: {e}")
         try:
@@ -92,6 +90,15 @@ class Service:
             if self.started_ray:
                 ray.shutdown()
         return summary
+
+    def stats(self) -> dict[str, float]:
+        """The replicas' statistics so far, summarised (after their next hand-over to the sink)."""
+        import ray
+
+        if self.sink is None:
+            return {}
+        time.sleep(STATS_EVERY_S + 0.5)  # the replicas' last hand-over
+        return summarise(ray.get(self.sink.all.remote(), timeout=30))
 
     def _record(self, summary: dict[str, float], status: str) -> None:
         from mlflow.entities import Metric

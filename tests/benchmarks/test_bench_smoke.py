@@ -87,7 +87,7 @@ def test_serve_bench_runs_bounded_and_reports_batches(tmp_path):
     import sys
 
     subprocess.run([sys.executable, "-m", "benchmarks.bench_serve", "--requests", "2", "--concurrency", "4",
-                    "--max-batch-size", "8", "--offline-num", "8", "--time-limit", "120",
+                    "--max-batch-size", "8", "--offline-num", "8", "--time-limit", "120", "--multi-num", "2",
                     "--out", str(tmp_path / "serve.json")], check=True, timeout=540, stdout=subprocess.DEVNULL)
     r = _read(tmp_path / "serve.json")
     _machine_ok(r["machine"])
@@ -95,6 +95,11 @@ def test_serve_bench_runs_bounded_and_reports_batches(tmp_path):
     assert r["latency_one_image"]["requests"] == 2 and r["saturation"]["requests"] == 8
     assert r["saturation"]["errors"] == 0 and r["saturation_vs_offline"] > 0
     assert r["server"]["batches"] >= 1 and r["server"]["mean_batch_images"] >= 1
+    assert r["saturation"]["keep_alive"] and r["latency_one_image"]["errors"] == 0
+    # Serve's own cost per request (nothing sampled), and requests of 2 images from 4 // 2 clients
+    assert r["http_only"]["requests"] == 8 and r["http_only"]["errors"] == 0 and r["http_only"]["requests_per_s"] > 0
+    assert r["multi_image"]["requests"] == 4 and r["multi_image"]["num"] == 2 and r["multi_image"]["errors"] == 0
+    assert 0 < r["one_image_bound_vs_offline"] < 1 and r["multi_image_vs_offline"] > 0
 
 
 @pytest.mark.slow
@@ -336,3 +341,17 @@ def test_oracle_quick(tmp_path):
     assert all(row["calls"] in (3, 5) and row["num"] == 200 for row in r["results"])
     analytic = [row for row in r["results"] if row["row"] == "ddpm analytic" and row["spacing"] == "linspace"]
     assert all(abs(row["exact_std"] - 0.3) < 0.001 for row in analytic)  # exact for Gaussian data
+
+
+def test_oracle_sde_variants_golden(tmp_path):
+    """The stochastic variants issue 23 tried (none ships): each keeps the mean; golden stds at 20 log-SNR
+    calls (bench-results/oracle_sde_variants.json), none within 1% of the data's 0.3."""
+    from benchmarks import bench_oracle
+
+    r = bench_oracle.main(["--sde-variants", "--calls", "20", "--json-out", str(tmp_path / "v.json")])
+    assert r == _read(tmp_path / "v.json")
+    std = {row["row"]: row["exact_std"] for row in r["results"] if row["spacing"] == "logsnr"}
+    golden = {"2m-sde, first order into the last step": 0.3097, "2m-sde heun": 0.3294, "3m-sde eta 1": 0.3126,
+              "3m-sde eta 0.5": 0.3061}
+    assert std == pytest.approx(golden, abs=2e-4)
+    assert all(abs(row["exact_mean"] - 0.1) < 1e-3 for row in r["results"])
