@@ -319,6 +319,16 @@ def test_recipes_quick_compares_each_recipe_with_the_first(tmp_path):
     assert bench_recipes.summary(within) == "within noise" and bench_recipes.summary(worse) == "worse on kid, fd"
     with pytest.raises(SystemExit):
         bench_recipes.main(["--recipes", "no-such-recipe"])
+    # --reuse: the kept models are read back, not trained again: the same samples, the same scores
+    again = bench_recipes.main(["--quick", "--recipes", "preset", "min-snr-5", "--samplers", "ddim:25:1",
+                                "--json-out", str(tmp_path / "again.json"), "--save", str(tmp_path / "models"),
+                                "--reuse"])
+    assert all(m["reused"].endswith(f"{name}.pt") for name, m in again["models"].items())
+    assert [row["scores"] for row in again["rows"]] == [row["scores"] for row in r["rows"] if row["sampler"] == "ddim"]
+    with pytest.raises(SystemExit, match="not recipe 'min-snr-5'"):  # another recipe's file under its name
+        (tmp_path / "models" / "min-snr-5.pt").write_bytes((tmp_path / "models" / "preset.pt").read_bytes())
+        bench_recipes.main(["--quick", "--recipes", "min-snr-5", "--save", str(tmp_path / "models"), "--reuse",
+                            "--json-out", str(tmp_path / "x.json")])
 
 
 def test_train_ours_takes_a_step_count_instead_of_a_budget(tmp_path):
