@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.bench_serve --requests 20 --out bench-results/serve.json
 
 The model is the `digits` preset's U-Net with random weights (speed does not depend on training),
-sampled with the preset's own sampler and steps. Three bounded measurements, each a fixed number of
+sampled with the preset's own sampler and steps. Five bounded measurements, each a fixed number of
 requests or images and a time limit (whichever ends first):
 
 1. offline: ``sample``'s in-process job (:func:`pipelines.sample.command.sample_arrays`) of
@@ -12,9 +12,14 @@ requests or images and a time limit (whichever ends first):
    against the bare sampling of one image by the replica's own code (``ServedModel.sample``, no HTTP,
    ``--requests`` times; the target: p95 under 1.5x the bare p50);
 3. saturation: ``--concurrency`` clients, ``--requests`` x ``--concurrency`` one-image requests in
-   all: images/s and its ratio to offline (batching merges concurrent requests, ``--max-batch-size``).
+   all: images/s and its ratio to offline (batching merges concurrent requests, ``--max-batch-size``);
+4. Serve alone: as many ``GET /healthz`` requests from as many clients (nothing sampled): requests/s,
+   and the bound it puts on one-image requests, 1 / (1 + offline images/s / requests/s);
+5. requests of ``--multi-num`` images (16) from ``--concurrency`` / 16 clients: images/s against offline.
 
-One replica with all the cores; a local Ray instance started and ended here. The machine's load
+Each client keeps one HTTP connection alive (``--new-connections``: one per request).
+
+One replica with all the cores (``--replicas N``: N sharing them); a local Ray instance started and ended here. The machine's load
 average is recorded with the result: the figures are only comparable at equal load.
 """
 
@@ -176,8 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
                 saturation = _clients(service.url, n * args.concurrency, args.concurrency, args.time_limit, keep)
                 batching = service.stats()  # the replica's own count until here: batches, time spent sampling
                 # Serve's own cost of a request, no sampling: a bound on one-image requests per second.
-                http = _clients(service.url, n * args.concurrency, args.concurrency, args.time_limit, keep,
-                                health=True)
+                serve_only = _clients(service.url, n * args.concurrency, args.concurrency, args.time_limit, keep,
+                                      health=True)
                 clients = max(1, args.concurrency // args.multi_num)
                 multi = _clients(service.url, n * clients, clients, args.time_limit, keep, num=args.multi_num)
             finally:
@@ -197,12 +202,12 @@ def main(argv: list[str] | None = None) -> dict:
               "server": {k: round(v, 3) for k, v in batching.items()
                          if k.startswith(("batches", "mean_batch", "sampling", "one_image"))},
               "saturation_vs_offline": round(saturation["images_per_s"] / offline_ips, 3) if offline_ips else None,
-              "http_only": http, "multi_image": multi,
+              "http_only": serve_only, "multi_image": multi,
               "multi_image_vs_offline": round(multi["images_per_s"] / offline_ips, 3) if offline_ips else None,
               # With perfect batching a one-image request still costs Serve's own time per request and
               # the offline time per image, on the same cores: the most one-image requests could reach.
-              "one_image_bound_vs_offline": round(1 / (offline_ips / http["requests_per_s"] + 1), 3)
-              if offline_ips and http["requests_per_s"] else None}
+              "one_image_bound_vs_offline": round(1 / (offline_ips / serve_only["requests_per_s"] + 1), 3)
+              if offline_ips and serve_only["requests_per_s"] else None}
     result["sampler"] = dict(zip(("sampler", "steps", "eta"), resolve_settings(_config(args.preset), None, None, None)))
     print(write_json(result, args.out))
     return result
