@@ -19,8 +19,9 @@ requests or images and a time limit (whichever ends first):
 
 Each client keeps one HTTP connection alive (``--new-connections``: one per request).
 
-One replica with all the cores (``--replicas N``: N sharing them); a local Ray instance started and ended here. The machine's load
-average is recorded with the result: the figures are only comparable at equal load.
+One replica with all the cores (``--replicas N``: N sharing them); a local Ray instance started
+and ended here. The machine's load average is recorded with the result: the figures are only
+comparable at equal load.
 """
 
 from __future__ import annotations
