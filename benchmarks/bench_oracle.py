@@ -143,8 +143,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--spacings", nargs="+", default=["linspace", "trailing", "logsnr", "karras"])
     p.add_argument("--quick", action="store_true", help="200 samples, 3 and 5 calls: a smoke test")
     p.add_argument("--sde-variants", action="store_true", help="only the exact std of the stochastic variants")
-    p.add_argument("--json-out", default=os.path.join("bench-results", "oracle_samplers.json"))
+    p.add_argument("--json-out", default=None,
+                   help="default bench-results/oracle_samplers.json (oracle_sde_variants.json with --sde-variants)")
     args = p.parse_args(argv)
+    json_out = args.json_out or os.path.join(
+        "bench-results", "oracle_sde_variants.json" if args.sde_variants else "oracle_samplers.json")
     if args.quick:
         args.num, args.calls = 200, [3, 5]
     if args.sde_variants:
@@ -153,9 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{r['row']:40s} {r['spacing']:7s} {r['calls']:3d} calls: mean {r['exact_mean']:.4f} "
                   f"std {r['exact_std']:.4f} ({100 * (r['exact_std'] / S - 1):+.1f}%)")
         out = {"benchmark": "oracle_sde_variants", "data": {"mean": MU, "std": S}, "results": rows}
-        default = os.path.join("bench-results", "oracle_samplers.json")
-        common.write_json(out, args.json_out if args.json_out != default else
-                          os.path.join("bench-results", "oracle_sde_variants.json"))
+        common.write_json(out, json_out)
         return out
     results = [measure(*row, calls, spacing, args.num) for spacing in args.spacings for row in ROWS
                for calls in args.calls]
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  for v in (("fixed_large", "fixed_small") if not args.quick else ())]
     out = {"benchmark": "oracle_samplers", "data": {"mean": MU, "std": S}, "schedule": "linear, T=1000",
            "clip_denoised": False, "machine": common.machine(), "results": results, "reference_1000": reference}
-    common.write_json(out, args.json_out)
+    common.write_json(out, json_out)
     print(f"cells: exact mean / exact std (std of {args.num} samples)\n")
     for spacing in args.spacings:
         print(table(results, spacing, args.calls) + "\n")

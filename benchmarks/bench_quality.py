@@ -76,8 +76,6 @@ def train_ours(url: str, budget: float, seed: int = 0, changes: dict[str, Any] |
     ``train_loop``, or ``steps`` steps when given (what a budget buys depends on the machine's
     load; a step count does not); the EMA model, ready to sample."""
     from ddpm.config import ExperimentConfig
-    from ddpm.diffusion import Diffusion
-    from ddpm.unet import UNet
     from pipelines.train.loop import LoopContext, LoopData, train_loop
 
     limit = {"train.max_steps": steps, "train.max_time": None} if steps else {
@@ -86,15 +84,24 @@ def train_ours(url: str, budget: float, seed: int = 0, changes: dict[str, Any] |
     last: dict[str, Any] = {}
     out = train_loop(cfg, LoopData(url=url), LoopContext(report=lambda m, s: last.update(state=s) if s else None,
                                                          log=lambda msg: None))
-    model = UNet(cfg.model)
-    model.load_state_dict(last["state"]["ema"]["module"])
+    loaded = ema_model(cfg, last["state"])
     info = {"steps": int(out["step"]), "train_s": round(out["wall_s"], 1), "loss": round(out["loss"], 4),
             "images_per_s": round(out["step"] * cfg.train.batch_size / out["wall_s"], 1),
-            "params": sum(p.numel() for p in model.parameters()), "batch_size": cfg.train.batch_size,
+            "params": sum(p.numel() for p in loaded.model.parameters()), "batch_size": cfg.train.batch_size,
             "stopped_by_time": bool(out["max_time_reached"]), "config": cfg.to_dict()}
-    loaded = SimpleNamespace(model=model.eval(), config=cfg, diffusion=Diffusion.from_config(cfg.diffusion),
-                             uri=None, state=last["state"])
     return loaded, info
+
+
+def ema_model(cfg: Any, state: dict[str, Any]) -> SimpleNamespace:
+    """The EMA weights of a training ``state`` (a checkpoint's dict) as a model to sample: what
+    :func:`train_ours` returns, and ``bench_recipes --reuse`` from a kept checkpoint."""
+    from ddpm.diffusion import Diffusion
+    from ddpm.unet import UNet
+
+    model = UNet(cfg.model)
+    model.load_state_dict(state["ema"]["module"])
+    return SimpleNamespace(model=model.eval(), config=cfg, diffusion=Diffusion.from_config(cfg.diffusion),
+                           uri=None, state=state)
 
 
 def train_baseline(x_train, budget: float, seed: int = 0) -> tuple[Any, dict[str, Any]]:

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from benchmarks import common
-from benchmarks.bench_quality import METRICS, Yardstick, _duration, gaps, setting_name, train_ours
+from benchmarks.bench_quality import METRICS, Yardstick, _duration, ema_model, gaps, setting_name, train_ours
 from benchmarks.bench_samplers import against, parse_row, sample_row
 
 # name -> config values changed from the digits preset (issue 15's levers; the first is the baseline).
@@ -149,25 +149,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def reused(path: str, name: str, steps: int | None) -> tuple[Any, dict[str, Any]]:
     """Recipe ``name``'s model as an earlier ``--save`` kept it, checked to be that recipe (its changed
-    values) trained that many ``steps`` (when a step count is asked for)."""
-    from benchmarks.bench_samplers import load
+    values already set) trained that many ``steps`` (when a step count is asked for)."""
     from ddpm.checkpoint import load_checkpoint
 
-    loaded = load(path)
     state = load_checkpoint(path)
-    values = loaded.config.to_dict()
-    wrong = {k: (v, _get(values, k)) for k, v in RECIPES[name].items() if _get(values, k) != v}
-    if wrong or (steps is not None and int(state["step"]) != steps):
-        raise SystemExit(f"--reuse: {path} is not recipe {name!r} at {steps} steps (step {state['step']}; "
-                         f"wanted and found: {wrong})")
+    cfg = state["config"]
+    if cfg.with_values(RECIPES[name]) != cfg or (steps is not None and int(state["step"]) != steps):
+        raise SystemExit(f"--reuse: {path} is not recipe {name!r} ({RECIPES[name] or 'the preset'}) at {steps} "
+                         f"steps (its step: {state['step']})")
     info = {"steps": int(state["step"]), "train_s": round(float(state.get("train_s") or 0), 1), "loss": None,
             "reused": path}
-    return loaded, info
-
-
-def _get(values: dict[str, Any], key: str) -> Any:
-    section, _, field = key.partition(".")
-    return values.get(section, {}).get(field)
+    return ema_model(cfg, state), info
 
 
 def summary(row: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ its own config's sampler, steps and spacing, and compared with the reference lik
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from typing import Any, NamedTuple
@@ -77,12 +78,16 @@ def cache_path(cache: str | None, model: str, row: Row, num: int) -> str | None:
     (its version could move) or without ``cache``."""
     if cache is None or not os.path.isfile(model):
         return None
-    import hashlib
-
-    with open(model, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
     name = f"{row.sampler}-{row.steps}-{row.eta:g}-{row.spacing or 'default'}-{num}"
-    return os.path.join(cache, digest, name + ".pt")
+    return os.path.join(cache, _file_sha256(model)[:16], name + ".pt")
+
+
+@functools.lru_cache(maxsize=None)
+def _file_sha256(path: str) -> str:
+    """:func:`pipelines.registry.digests.file_sha256`, once per model file and run (every row asks)."""
+    from pipelines.registry.digests import file_sha256
+
+    return file_sha256(path)
 
 
 def sample_row(loaded: Any, ev: Any, row: Row, num: int, settings: Any, ms_eps: dict[str, Any],
