@@ -34,11 +34,15 @@ from benchmarks import common
 from benchmarks.bench_quality import METRICS, Yardstick, _duration, ema_model, gaps, setting_name, train_ours
 from benchmarks.bench_samplers import against, parse_row, sample_row
 
+# The digits preset's process before it took EDM's recipe (issue 23): eps-prediction, uniform timesteps.
+EPS: dict[str, Any] = {"diffusion.prediction": "eps", "diffusion.sigma_data": 0.5, "diffusion.timestep_sampling": "uniform"}
 # name -> config values changed from the digits preset (issue 15's levers; the first is the baseline).
+# The levers of the eps-prediction loss (v, min-SNR weighting, the hybrid loss) start from EPS.
 RECIPES: dict[str, dict[str, Any]] = {
     "preset": {},
-    "v-prediction": {"diffusion.prediction": "v"},
-    "min-snr-5": {"diffusion.snr_gamma": 5.0},
+    "eps": EPS,
+    "v-prediction": {**EPS, "diffusion.prediction": "v"},
+    "min-snr-5": {**EPS, "diffusion.snr_gamma": 5.0},
     "ema-0.999": {"train.ema_decay": 0.999},
     "width-48": {"model.ch": 48},
     "cosine": {"diffusion.schedule": "cosine"},
@@ -47,11 +51,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "depth-2": {"model.num_res_blocks": 2},
     # Issue 23's few-step levers: learned variances with the hybrid loss (Nichol and Dhariwal 2021),
     # read by the ancestral sampler (DDIM ignores the variance); EDM's preconditioning and log-normal
-    # noise levels (Karras et al. 2022) around the digits' own std (0.75 in [-1, 1]).
-    "learned-hybrid": {"model.learn_sigma": True, "diffusion.variance": "learned_range", "diffusion.loss": "hybrid"},
+    # noise levels (Karras et al. 2022) around the digits' own std (0.75 in [-1, 1]), the preset's now.
+    "learned-hybrid": {**EPS, "model.learn_sigma": True, "diffusion.variance": "learned_range",
+                       "diffusion.loss": "hybrid"},
     "edm": {"diffusion.prediction": "edm", "diffusion.sigma_data": 0.75, "diffusion.timestep_sampling": "lognormal"},
 }
-DEFAULT_RECIPES = ("preset", "v-prediction", "min-snr-5", "ema-0.999", "width-48")
+DEFAULT_RECIPES = ("preset", "eps", "v-prediction", "min-snr-5", "ema-0.999", "width-48")
 DEFAULT_SAMPLERS = ("dpmpp-2m-sde:20", "ddim:25:1", "dpmpp:20")
 
 
@@ -151,10 +156,13 @@ def reused(path: str, name: str, steps: int | None) -> tuple[Any, dict[str, Any]
     """Recipe ``name``'s model as an earlier ``--save`` kept it, checked to be that recipe (its changed
     values already set) trained that many ``steps`` (when a step count is asked for)."""
     from ddpm.checkpoint import load_checkpoint
+    from ddpm.config import ExperimentConfig
 
     state = load_checkpoint(path)
     cfg = state["config"]
-    if cfg.with_values(RECIPES[name]) != cfg or (steps is not None and int(state["step"]) != steps):
+    want = ExperimentConfig.preset("digits").with_values(RECIPES[name])  # its process and network
+    if ((cfg.diffusion, cfg.model) != (want.diffusion, want.model) or cfg.with_values(RECIPES[name]) != cfg
+            or (steps is not None and int(state["step"]) != steps)):
         raise SystemExit(f"--reuse: {path} is not recipe {name!r} ({RECIPES[name] or 'the preset'}) at {steps} "
                          f"steps (its step: {state['step']})")
     info = {"steps": int(state["step"]), "train_s": round(float(state.get("train_s") or 0), 1), "loss": None,

@@ -237,6 +237,12 @@ class Diffusion:
         return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x_start)
                 / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t))
 
+    def edm_target(self, x_t: torch.Tensor, t: torch.Tensor, x_start: torch.Tensor) -> torch.Tensor:
+        """F's target for ``x_start`` (edm): (x_0 - c_skip x_t / sqrt(abar_t)) / c_out, the F with which
+        D = c_skip x_t / sqrt(abar_t) + c_out F is x_0 (EDM eq. 7-8). All ``[N x C x H x W]``."""
+        skip = self._extract("edm_c_skip", t, x_t) * self._extract("sqrt_recip_alphas_cumprod", t, x_t)
+        return (x_start - skip * x_t) / self._extract("edm_c_out", t, x_t)
+
     def get_v(self, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (v, sec. 4)."""
         return (self._extract("sqrt_alphas_cumprod", t, x_start) * noise
@@ -333,10 +339,9 @@ class Diffusion:
             return self.vb_term_bpd(out, x_start, x_t, t, levels) * self.num_timesteps
 
         target = {"eps": noise, "x0": x_start, "v": self.get_v(x_start, noise, t)}.get(self.prediction)
-        if target is None:  # edm: F's target (x_0 - c_skip x_t / sqrt(abar_t)) / c_out, EDM eq. 8 with
-            # its lambda(sigma) = 1 / c_out^2, so the squared error in F is unweighted.
-            target = ((x_start - self._extract("edm_c_skip", t, x_t) * self._extract("sqrt_recip_alphas_cumprod", t, x_t)
-                       * x_t) / self._extract("edm_c_out", t, x_t))
+        if target is None:  # edm: EDM eq. 8 with its lambda(sigma) = 1 / c_out^2, so the squared error
+            # in F is unweighted.
+            target = self.edm_target(x_t, t, x_start)
         loss = mean_flat((target - model_output[:, :C]) ** 2)
         if self.snr_gamma is not None:
             loss = loss * self.snr_weight(t).to(loss.dtype)

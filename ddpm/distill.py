@@ -25,12 +25,12 @@ from collections.abc import Sequence
 
 import torch
 
-from ddpm.diffusion import Diffusion, Model
+from ddpm.diffusion import PREDICTIONS, Diffusion, Model
 from ddpm.losses import mean_flat
 from ddpm.noise import randn
 from ddpm.samplers.ddim import DDIMSampler
 
-STUDENT_PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v")  # what the target is derived for (not edm's F)
+STUDENT_PREDICTIONS: tuple[str, ...] = PREDICTIONS  # the target is derived for each (eps, x0, v, edm's F)
 
 
 def _check_grid(timesteps: Sequence[int], what: str) -> list[int]:
@@ -70,7 +70,7 @@ def student_timesteps(teacher_timesteps: Sequence[int], steps: int | None = None
 class ProgressiveDistillation:
     """One round: a teacher on ``teacher_timesteps`` (K = 2N, descending) and a student on every other one.
 
-    ``diffusion`` is the student's process: its ``prediction`` (eps, x0 or v) is the parameterisation
+    ``diffusion`` is the student's process: its ``prediction`` (eps, x0, v or edm) is the parameterisation
     the student is trained in. ``teacher_diffusion`` (default: the same) reads the teacher's outputs,
     so an eps teacher can train a v student (the paper's choice, sec. 4); both must share the schedule.
     ``clip_denoised`` clips the teacher's x-predictions in its two steps to [-1, 1]; off by default as
@@ -80,9 +80,6 @@ class ProgressiveDistillation:
     def __init__(self, diffusion: Diffusion, teacher_timesteps: Sequence[int],
                  teacher_diffusion: Diffusion | None = None, *, clip_denoised: bool = False) -> None:
         teacher_diffusion = diffusion if teacher_diffusion is None else teacher_diffusion
-        if diffusion.prediction not in STUDENT_PREDICTIONS:
-            raise ValueError(f"unknown student prediction {diffusion.prediction!r} for distillation; "
-                             f"valid: {', '.join(STUDENT_PREDICTIONS)}")
         if not (torch.equal(teacher_diffusion.alphas_cumprod, diffusion.alphas_cumprod)
                 and torch.equal(teacher_diffusion.timestep_map, diffusion.timestep_map)):
             raise ValueError("the teacher's and the student's Diffusion must share the schedule "
@@ -148,10 +145,13 @@ class ProgressiveDistillation:
 
     def target(self, x_t: torch.Tensor, i: torch.Tensor, x_tilde: torch.Tensor) -> torch.Tensor:
         """x~ in the student's parameterisation: x~ (x0); eps~ = (z_t - alpha_t x~) / sigma_t (eps);
-        v~ = alpha_t eps~ - sigma_t x~ (v; Salimans & Ho, sec. 4 and appendix D)."""
+        v~ = alpha_t eps~ - sigma_t x~ (v; Salimans & Ho, sec. 4 and appendix D); for edm the F~ whose
+        D = c_skip z_t / alpha_t + c_out F~ is x~ (EDM eq. 8's target with x~ for x_0)."""
         d, t = self.diffusion, self.student_t(i.to(x_t.device))
         if d.prediction == "x0":
             return x_tilde
+        if d.prediction == "edm":
+            return d.edm_target(x_t, t, x_tilde)
         eps = d.predict_eps_from_xstart(x_t, t, x_tilde)
         return eps if d.prediction == "eps" else d.get_v(x_tilde, eps, t)
 
@@ -164,10 +164,13 @@ class ProgressiveDistillation:
 
     def loss_weight(self, i: torch.Tensor) -> torch.Tensor:
         """The weight ``[N]`` (float64) on the squared error in the student's parameterisation that makes
-        it max(SNR_t, 1) times the x-space one: errors in eps are SNR_t, in v (SNR_t + 1) times x's."""
+        it max(SNR_t, 1) times the x-space one: errors in eps are SNR_t, in v (SNR_t + 1) times x's, in
+        edm's F 1 / c_out^2 = (1 + SNR_t sigma_data^2) / sigma_data^2 times x's (x^ = ... + c_out F)."""
         j = 2 * i.cpu()
         snr = self.alpha[j] ** 2 / self.sigma[j] ** 2
-        w = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1.0}[self.diffusion.prediction]
+        sd2 = self.diffusion.sigma_data ** 2
+        w = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1.0,
+             "edm": (1.0 + snr * sd2) / sd2}[self.diffusion.prediction]
         return (snr.clamp(min=1.0) / w).to(i.device)
 
     def loss(self, student: Model, teacher: Model, x_start: torch.Tensor, i: torch.Tensor | None = None,

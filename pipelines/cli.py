@@ -226,7 +226,7 @@ def train(
 # -- distill --------------------------------------------------------------------------------------
 @app.command()
 def distill(
-    teacher: Annotated[str, typer.Option("--teacher", help="The teacher's model URI (as --model): an eps or v model of this project; an alias is pinned to its version.")],
+    teacher: Annotated[str, typer.Option("--teacher", help="The teacher's model URI (as --model): an eps, v or edm model of this project; an alias is pinned to its version.")],
     steps: Annotated[int, typer.Option("--steps", min=1, help="The student's sampling steps N: the starting steps halved k >= 1 times (K / 2^k), one round each.")],
     from_steps: Annotated[Optional[int], typer.Option("--from-steps", min=2, help="The first teacher's DDIM steps K (on the trailing grid). Default: the teacher's own sampler's steps (its config's sample section) rounded up to a power of two, at most T.")] = None,
     set_: Set = None,

@@ -4,4 +4,4 @@
 the Ray Train worker running the rounds through train's loop; ``command.py``: the driver.
 """
 
-PREDICTIONS = ("eps", "v")  # what a teacher predicts, and a student (its teacher's unless --prediction)
+PREDICTIONS = ("eps", "v", "edm")  # what a teacher predicts, and a student (its teacher's unless --prediction)

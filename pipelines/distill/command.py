@@ -42,7 +42,7 @@ ROUNDS_TAG = "ddpm.distill.rounds"  # e.g. "32->16,16->8"
 STEPS_TAG = "ddpm.distill.steps"  # N, the student's sampling steps
 FROM_STEPS_TAG = "ddpm.distill.from_steps"  # K, the first teacher's
 SPACING_TAG = "ddpm.distill.spacing"  # the grid's spacing (trailing)
-PREDICTION_TAG = "ddpm.distill.prediction"  # what the student predicts (eps, v)
+PREDICTION_TAG = "ddpm.distill.prediction"  # what the student predicts (eps, v, edm)
 
 
 def distill_command(teacher: str, steps: int, from_steps_: int | None = None, overrides: list[str] | None = None,

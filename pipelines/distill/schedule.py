@@ -43,10 +43,10 @@ class Round:
 
 
 def check_teacher(cfg: ExperimentConfig, uri: str) -> None:
-    """A teacher must be an eps or v model of this project (its config read: it is one)."""
+    """A teacher must be an eps, v or edm model of this project (its config read: it is one)."""
     p = cfg.diffusion.prediction
     if p not in PREDICTIONS:
-        raise UsageError(f"teacher {uri!r} predicts {p!r}: distillation needs an eps or v model "
+        raise UsageError(f"teacher {uri!r} predicts {p!r}: distillation needs an eps, v or edm model "
                          f"(valid: {', '.join(PREDICTIONS)})")
 
 

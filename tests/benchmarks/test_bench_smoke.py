@@ -261,6 +261,26 @@ def test_samplers_table_rows_compare_with_the_first(tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_bpd_compares_models_per_image(tmp_path):
+    """A model against itself differs by exactly 0 per image; another network by a non-zero amount,
+    with the paired standard error and the smallest detectable difference (two of them)."""
+    from benchmarks import bench_bpd
+    from tests.support import TINY_NET, save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt", overrides=TINY_NET)
+    other = save_tiny_checkpoint(tmp_path / "other.pt", seed=1, overrides=TINY_NET)
+    r = bench_bpd.main(["--models", str(ckpt), str(ckpt), str(other), "--images", "8",
+                        "--json-out", str(tmp_path / "bpd.json")])
+    assert r == _read(tmp_path / "bpd.json") and [row["images"] for row in r["rows"]] == [8, 8, 8]
+    assert r["rows"][0]["bpd"] > 0 and "vs_first" not in r["rows"][0]
+    assert r["rows"][1]["vs_first"] == {"diff": 0.0, "se": 0.0, "z": None, "mdd": 0.0}
+    third = r["rows"][2]["vs_first"]
+    assert third["diff"] != 0 and third["se"] > 0 and third["mdd"] == pytest.approx(2 * third["se"], abs=2e-4)
+    with pytest.raises(SystemExit):
+        bench_bpd.main(["--models", str(ckpt)])
+
+
+@pytest.mark.timeout(300)
 def test_samplers_cache_reuses_a_checkpoints_rows_and_nothing_else(tmp_path, monkeypatch):
     """--cache: the second run reads each row's samples back (the same scores, no sampling); another
     checkpoint file, another row or another count is sampled afresh; a model URI is never cached."""
@@ -296,7 +316,7 @@ def test_recipes_quick_compares_each_recipe_with_the_first(tmp_path):
 
     cfg, _, _ = load_model(str(tmp_path / "models" / "min-snr-5.pt"))  # what `evaluate --model` loads
     assert cfg.diffusion.snr_gamma == 5.0 and (tmp_path / "models" / "preset.pt").exists()
-    assert r["models"]["min-snr-5"]["changes"] == {"diffusion.snr_gamma": 5.0}
+    assert r["models"]["min-snr-5"]["changes"] == {**bench_recipes.EPS, "diffusion.snr_gamma": 5.0}
     assert all(m["steps"] >= 1 and m["stopped_by_time"] for m in r["models"].values())
     assert [(row["recipe"], row["sampler"], row["steps"], row["eta"]) for row in r["rows"]] == [
         ("preset", "ddim", 3, 1.0), ("preset", "dpmpp", 3, 0.0), ("min-snr-5", "ddim", 3, 1.0),

@@ -14,21 +14,29 @@ class GaussianOracle(torch.nn.Module):
     """The optimal network for data x_0 ~ N(mu, s^2) per pixel, under the ORIGINAL schedule ``abar``.
 
     eps*(x_t, t) = sqrt(1 - abar_t) (x_t - sqrt(abar_t) mu) / (abar_t s^2 + 1 - abar_t), and the x_0 and v
-    targets that go with it. With ``var_value`` set it also outputs C learned-range channels.
-    Records the timesteps it is called with.
+    targets that go with it; for ``prediction="edm"`` EDM's F for ``sigma_data``, from the input
+    c_in x_t / sqrt(abar_t) that :meth:`ddpm.Diffusion.model_output` gives it. With ``var_value`` set it
+    also outputs C learned-range channels. Records the timesteps it is called with.
     """
 
-    def __init__(self, alphas_cumprod, mu=0.3, s=0.5, prediction="eps", var_value=None):
+    def __init__(self, alphas_cumprod, mu=0.3, s=0.5, prediction="eps", var_value=None, sigma_data=0.5):
         super().__init__()
         self.abar, self.mu, self.s, self.prediction, self.var_value = alphas_cumprod, mu, s, prediction, var_value
+        self.sigma_data = sigma_data
         self.calls: list[list[int]] = []
 
     def forward(self, x_t, t):
         self.calls.append(t.tolist())
         a = self.abar.to(x_t)[t].view(-1, *([1] * (x_t.dim() - 1)))
+        sigma2, sd2 = (1 - a) / a, self.sigma_data**2  # EDM's sigma_t^2 in the VP process
+        if self.prediction == "edm":
+            x_t = x_t * (a * (sigma2 + sd2)).sqrt()  # undo c_in / sqrt(abar_t)
         eps = (1 - a).sqrt() * (x_t - a.sqrt() * self.mu) / (a * self.s**2 + 1 - a)
         x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
-        out = {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[self.prediction]
+        if self.prediction == "edm":  # F = (x_0 - c_skip x_t / sqrt(abar_t)) / c_out
+            out = (x0 - sd2 / (sigma2 + sd2) * x_t / a.sqrt()) / (sigma2.sqrt() * self.sigma_data / (sigma2 + sd2).sqrt())
+        else:
+            out = {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[self.prediction]
         if self.var_value is not None:
             out = torch.cat([out, torch.full_like(out, self.var_value)], dim=1)
         return out

@@ -22,7 +22,7 @@ def test_override_strings_equal_typed_values():
     assert base.override(["train.lr=1e-4", "model.ch_mult=[1,2]", "diffusion.beta_end=null"]) == \
         base.with_values({"train.lr": 1e-4, "model.ch_mult": (1, 2), "diffusion.beta_end": None})
     assert load_config("digits", ["train.max_steps=9"]).train.max_steps == 9
-    snr = base.override(["diffusion.snr_gamma=5"]).diffusion.snr_gamma
+    snr = base.override(["diffusion.prediction=eps", "diffusion.snr_gamma=5"]).diffusion.snr_gamma
     assert snr == 5.0 and isinstance(snr, float) and base.diffusion.snr_gamma is None
 
 
@@ -63,6 +63,14 @@ def test_train_max_time_is_seconds_above_zero():
     assert cfg.train.max_time == 90.0 and load_config("digits").train.max_time is None
     with pytest.raises(ConfigError, match=r"train.max_time must be a number of seconds > 0, got 0"):
         load_config("digits", ["train.max_time=0"])
+
+
+def test_digits_preset_uses_edms_recipe():
+    """The digits preset trains with EDM's preconditioning and noise levels around the digits' std
+    (issue 23, item 3: level with eps on every score, finer in pixel detail, in two seeds)."""
+    d = ExperimentConfig.preset("digits").diffusion
+    assert (d.prediction, d.sigma_data, d.timestep_sampling) == ("edm", 0.75, "lognormal")
+    assert (d.schedule, d.timesteps, d.loss, d.snr_gamma) == ("linear", 1000, "simple", None)
 
 
 def test_cifar10_preset_is_the_papers_run():

@@ -54,6 +54,9 @@ class ExactStudent:
 
     def __call__(self, x_t, t):
         i = torch.tensor([self.round.timesteps.index(int(s)) for s in t])
+        d = self.round.diffusion
+        if d.prediction == "edm":  # the network sees c_in x_t / sqrt(abar_t) (Diffusion.model_output)
+            x_t = x_t / d.edm_c_in_vp.to(x_t)[t].view(-1, *([1] * (x_t.dim() - 1)))
         return self.round.target(x_t, i, self.round.target_xstart(self.teacher, x_t, i))
 
 
@@ -119,8 +122,6 @@ def test_student_timesteps_reject_bad_grids(teacher, steps, match):
 
 
 def test_bad_rounds_are_refused(betas, teacher_diffusion, grid):
-    with pytest.raises(ValueError, match="valid: eps, x0, v"):
-        ProgressiveDistillation(Diffusion(betas, prediction="edm"), grid, teacher_diffusion)
     with pytest.raises(ValueError, match="share the schedule"):
         ProgressiveDistillation(Diffusion(make_betas("cosine", 1000)), grid, teacher_diffusion)
     with pytest.raises(ValueError, match="share the schedule"):
@@ -226,11 +227,11 @@ def test_one_round_halves_the_steps(betas, teacher_diffusion, oracle, grid, pred
 
 
 def test_chained_rounds_reach_one_step(betas, teacher_diffusion, oracle, grid):
-    """Four rounds, each student the next teacher, in turn v, x0, eps, v: 16 -> 8 -> 4 -> 2 -> 1 steps,
+    """Four rounds, each student the next teacher, in turn v, x0, edm, eps: 16 -> 8 -> 4 -> 2 -> 1 steps,
     each equal to the 16-step teacher; the last one is a single model call."""
     want = ddim_loop(DDIMSampler(teacher_diffusion, K), oracle, x_T())
     teacher, t_diffusion, t_grid = oracle, teacher_diffusion, grid
-    for prediction in ["v", "x0", "eps", "v"]:
+    for prediction in ["v", "x0", "edm", "eps"]:
         round_ = ProgressiveDistillation(Diffusion(betas, prediction=prediction), t_grid, t_diffusion)
         student = ExactStudent(round_, teacher)
         assert round_.timesteps == student_timesteps(grid, len(t_grid) // 2)
@@ -239,6 +240,24 @@ def test_chained_rounds_reach_one_step(betas, teacher_diffusion, oracle, grid):
     assert t_grid == [999]
     m, sd = exact_moments(DDIMSampler.on_timesteps(t_diffusion, t_grid), teacher)
     assert m == pytest.approx(DDIM16_MEAN, rel=1e-11) and sd == pytest.approx(DDIM16_STD, rel=1e-11)
+
+
+def test_an_edm_teacher_is_read_through_its_preconditioning(betas, teacher_diffusion, oracle, grid):
+    """An edm teacher (the oracle's F for sigma_data = 0.75, EDM's recipe for digits) and its edm
+    student: the exact student's 8 steps give the eps teacher's 16-step samples; the exact student's
+    loss is zero and its weight still makes the loss max(SNR, 1) times the x-space error."""
+    edm = Diffusion(betas, prediction="edm", sigma_data=0.75)
+    edm_oracle = GaussianOracle(edm.alphas_cumprod, MU, S, prediction="edm", sigma_data=0.75)
+    round_ = ProgressiveDistillation(edm, grid)
+    want = ddim_loop(DDIMSampler(teacher_diffusion, K), oracle, x_T())
+    torch.testing.assert_close(ddim_loop(DDIMSampler.on_timesteps(edm, grid), edm_oracle, x_T()), want,
+                               rtol=1e-12, atol=1e-12)  # the same teacher, read through F
+    exact = ExactStudent(round_, edm_oracle)
+    torch.testing.assert_close(ddim_loop(round_.sampler(), exact, x_T()), want, rtol=1e-12, atol=1e-12)
+    x_start = MU + S * torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert distillation_loss(exact, edm_oracle, x_start, edm, grid, generator=torch.Generator().manual_seed(6)) < 1e-20
+    one_step = distillation_loss(edm_oracle, edm_oracle, x_start, edm, grid, generator=torch.Generator().manual_seed(6))
+    assert one_step.item() == pytest.approx(ONE_STEP_LOSS, rel=1e-12)  # as for eps, x0 and v students
 
 
 # -- the loss ---------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def test_a_teacher_uri_that_does_not_resolve_exits_2(tmp_path, no_ray):
 @pytest.mark.timeout(120)
 def test_a_teacher_of_another_prediction_or_not_of_this_project_exits_2(tmp_path, no_ray):
     x0 = save_tiny_checkpoint(tmp_path / "x0.pt", overrides=[*TINY_NET, "diffusion.prediction=x0"])
-    assert "needs an eps or v model" in _bad("--teacher", str(x0), "--steps", "4")
+    assert "needs an eps, v or edm model" in _bad("--teacher", str(x0), "--steps", "4")
     junk = tmp_path / "junk.pt"
     torch.save({"weights": torch.zeros(2)}, junk)
     assert "cannot be read" in _bad("--teacher", str(junk), "--steps", "4")
@@ -98,7 +98,7 @@ def test_steps_that_are_not_a_halving_of_the_starting_steps_exit_2(tmp_path, no_
     assert "above the teacher's T = 50" in _bad("--teacher", teacher, "--steps", "8", "--from-steps", "64")
     assert "may set only train.*, data.*" in _bad("--teacher", teacher, "--steps", "8", "--set", "model.ch=16")
     x0 = run_cli("distill", "--teacher", teacher, "--steps", "8", "--prediction", "x0")  # Typer's own check
-    assert x0.exit_code == 2 and "--prediction': 'x0'; valid: eps, v" in x0.output
+    assert x0.exit_code == 2 and "--prediction': 'x0'; valid: eps, v, edm" in x0.output
 
 
 # -- a tiny distillation on the cluster ----------------------------------------------------------------
