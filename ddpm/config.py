@@ -345,10 +345,10 @@ class ExperimentConfig:
             )
         if name == "digits-cond":
             # The digits preset, class-conditional with classifier-free guidance: at its 10-minute step
-            # count (6,500 on a quiet machine), 500 balanced samples at w = 1.5 are 98.0% conditional
-            # accuracy (real held-out digits: 97.8%; w = 1 stops at 95%). Half the labels dropped: its
-            # null class is level with the unconditional preset on all 10 scores at 2000 samples; with
-            # 30% dropped it was behind on the classifier score (9.24 against 9.51; docs/RESULTS.md).
+            # count (6,500 on a quiet machine), 500 balanced samples at w = 1.5 are 99.0% conditional
+            # accuracy (real held-out digits: 97.8%; w = 1 stops at 94%). Half the labels dropped: its
+            # null class is level with the unconditional preset on every score at 2000 samples; with
+            # 30% dropped (eps recipe) it was behind on the classifier score (docs/RESULTS.md).
             return cls.preset("digits").with_values({
                 "name": "digits-cond", "model.num_classes": 10, "train.label_dropout": 0.5,
                 "train.registered_model": "ddpm-digits-cond", "sample.guidance": 1.5})

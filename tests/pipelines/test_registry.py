@@ -161,7 +161,7 @@ def test_version_description_and_model_params_say_what_it_was_trained_on(tmp_pat
     mv = c.get_model_version("described", version)
     assert f"digits-train (1437 images, digest {ds.digest}, local {data})" in mv.description
     assert "trained to step 7" in mv.description and "T=50 linear" in mv.description
-    assert "eps prediction; unconditional; trained" in mv.description
+    assert "edm prediction; unconditional; trained" in mv.description
     assert f"in run described ({run_id})" in mv.description
     logged = c.get_logged_model(models.model_id_of(mv))
     assert logged.params["diffusion.timesteps"] == "50" and logged.params["model.ch"] == "32"
