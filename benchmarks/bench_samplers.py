@@ -24,7 +24,10 @@ A row is ``sampler:steps`` or ``sampler:steps:eta`` (eta for ddim only), optiona
 ancestral sampler with Analytic-DPM's optimal variance, its Gamma_t estimated on the training split.
 
 ``--students URI ...`` adds a row per other model (a distilled student of ``--model``), sampled with
-its own config's sampler, steps and spacing, and compared with the reference like every row (issue 28):
+its own config's sampler, steps and spacing, and compared with the reference like every row (issue 28);
+``URI#ROW`` samples it with ``ROW`` (the row syntax above) instead. Another model's rows are paired with
+the reference too (the same seeds, one held-out split): ``--students OTHER.pt#ddpm:1000`` compares two
+checkpoints' 1000-step samples, cached like ``--model``'s rows:
 
     python -m benchmarks.bench_samplers --model TEACHER --rows dpmpp-2m-sde:20 ddim:4@trailing \
         --students models:/ddpm-digits-distilled/1 --json-out bench-results/distill.json
@@ -70,6 +73,12 @@ def parse_row(text: str) -> Row:
         raise argparse.ArgumentTypeError(f"row {text!r} must be sampler:steps or sampler:steps:eta (ddim), "
                                          "optionally @spacing")
     return Row(parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0, spacing or None)
+
+
+def student_spec(text: str) -> tuple[str, Row | None]:
+    """``URI`` (sampled with its own config's settings: None) or ``URI#ROW`` (with :func:`parse_row`'s)."""
+    uri, sep, row = text.partition("#")
+    return uri, parse_row(row) if sep else None
 
 
 def cache_path(cache: str | None, model: str, row: Row, num: int) -> str | None:
@@ -160,8 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model", required=True, help="checkpoint path/URL or model URI")
     p.add_argument("--num", type=int, default=2000)
     p.add_argument("--rows", nargs="+", type=parse_row, default=[parse_row(r) for r in DEFAULT_ROWS])
-    p.add_argument("--students", nargs="+", default=[], metavar="URI",
-                   help="other models (distilled students), one row each with their own sampler settings")
+    p.add_argument("--students", nargs="+", type=student_spec, default=[], metavar="URI[#ROW]",
+                   help="other models (distilled students), one row each: their own sampler settings, or URI#ROW")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="keep each row's samples of a checkpoint file here and reuse them in later runs")
@@ -176,9 +185,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = resolve()
     loaded = load(args.model)
     ev = load_eval_data(loaded.config, None, settings)
-    models = {None: loaded, **{uri: load(uri) for uri in args.students}}
-    specs = [*args.rows, *(Row(m.config.sample.sampler, m.config.sample.steps, m.config.sample.eta,
-                               m.config.sample.spacing, uri) for uri, m in models.items() if uri)]
+    students = args.students
+    models = {None: loaded, **{uri: load(uri) for uri, _ in students}}
+    specs = [*args.rows, *(row._replace(model=uri) if row else Row(
+        models[uri].config.sample.sampler, models[uri].config.sample.steps, models[uri].config.sample.eta,
+        models[uri].config.sample.spacing, uri) for uri, row in students)]
     yardstick = Yardstick(ev, settings)
     pixels = yardstick.parts[-1]
     floor_scores = yardstick.floor_scores(args.num)

@@ -13,7 +13,9 @@ A registered version's weights are downloaded once per machine: :func:`weights_f
 pyfunc's ``ddpm_model/`` folder (weights and config, not the pyfunc's code and environment files)
 in ``$DDPM_HOME/cache/models/<key>``, the key naming the tracking store, run, logged model and
 version, with each file's sha256 beside it; a copy whose files no longer match is downloaded again.
-The store is still asked that the version exists (:func:`describe`) on every load. A registered
+The store is still asked that the version exists (:func:`describe`) on every load; a local sqlite
+registry is asked without importing MLflow (:mod:`pipelines.registry.sqlite_registry`), so sampling a
+cached version of the embedded default's registry never imports it. A registered
 version's files are checked against the sha256 recorded at its registration before they enter the
 cache (:mod:`pipelines.registry.digests`): a file changed in the artifact store since is refused.
 """
@@ -38,7 +40,7 @@ from ddpm.data.storage import is_local
 from ddpm.diffusion import Diffusion
 from pipelines import console
 from pipelines.errors import PipelineError, UsageError, first_line
-from pipelines.registry import digests
+from pipelines.registry import digests, sqlite_registry
 from pipelines.settings import Settings, resolve
 
 if TYPE_CHECKING:
@@ -109,6 +111,9 @@ def describe(uri: str) -> dict[str, str | None]:
         if not fs.exists(path):
             raise UsageError(f"model {uri!r} does not exist (expected {URI_FORMS})")
         return {"run_id": None, "name": None, "version": None, "model_id": None}
+    found = sqlite_registry.find_version(resolve().registry_uri, uri)
+    if found is not None:  # a local sqlite registry read without importing MLflow (sqlite_registry)
+        return {"run_id": found.run_id, "name": found.name, "version": found.version, "model_id": model_id_of(found)}
     mlflow, c = _mlflow()
     try:
         if uri.startswith("runs:/"):
@@ -139,7 +144,7 @@ def _store_failed(e: MlflowException, from_server: bool) -> bool:
         "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "IO_ERROR", "ABORTED")
 
 
-def model_id_of(version: ModelVersion) -> str | None:
+def model_id_of(version: ModelVersion | sqlite_registry.VersionRecord) -> str | None:
     """The logged model (m-...) a registered version points at: its ``model_id``, which some stores
     leave empty, else the ``models:/m-...`` source it was registered from."""
     if getattr(version, "model_id", None):
@@ -313,11 +318,15 @@ def weights_folder(uri: str, meta: dict[str, str | None]) -> str:
     :raises UsageError: (exit 2) the model holds no ddpm weights, or a file differs from the one
         registered (the artifact store was changed after registration).
     """
-    mlflow, c = _mlflow()
     settings = resolve()
     model_uri = pinned(uri, meta)
-    registered = _registered_digest(c, model_uri, meta)
     folder = settings.home / "cache" / "models" / _cache_key(meta, model_uri, settings)
+    found = sqlite_registry.find_version(settings.registry_uri, model_uri) if meta["version"] is not None else None
+    if (found is not None and found.run_id == meta["run_id"] and found.tags.get(digests.SHA256_TAG)
+            and _intact(str(folder), found.tags[digests.SHA256_TAG])):
+        return str(folder)  # checked against the version's tag as below, read without MLflow (sqlite_registry)
+    mlflow, c = _mlflow()
+    registered = _registered_digest(c, model_uri, meta)
     if _intact(str(folder), registered):
         return str(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -258,6 +258,17 @@ def test_samplers_table_rows_compare_with_the_first(tmp_path):
         (str(ckpt), "ddim", 2, "trailing"), (str(student), "ddim", 2, "trailing")]
     assert r["table"][1]["scores"]["kid"] != r["table"][0]["scores"]["kid"]  # another network
     assert "kid" in r["table"][1]["vs_reference"] and bench_samplers.table(r).count(str(student)) == 1
+    # URI#ROW: another model with a row of its own; the reference model itself with the reference's row
+    # gives the reference's samples again (a paired gap of exactly 0)
+    r = bench_samplers.main(["--model", str(ckpt), "--num", "40", "--rows", "ddim:2@trailing", "--students",
+                             f"{student}#ddim:3:1", f"{ckpt}#ddim:2@trailing",
+                             "--json-out", str(tmp_path / "cross.json")])
+    assert [(row["model"], row["sampler"], row["steps"], row["eta"]) for row in r["table"]] == [
+        (str(ckpt), "ddim", 2, 0.0), (str(student), "ddim", 3, 1.0), (str(ckpt), "ddim", 2, 0.0)]
+    assert r["table"][2]["scores"] == r["table"][0]["scores"]
+    assert r["table"][2]["vs_reference"]["kid"]["diff"] == 0
+    with pytest.raises(SystemExit):
+        bench_samplers.main(["--model", str(ckpt), "--students", f"{student}#ddim"])
 
 
 @pytest.mark.timeout(300)

@@ -271,3 +271,69 @@ def test_workers_load_the_version_the_driver_resolved_not_where_the_alias_points
     monkeypatch.setattr(E, "sample_to_tensor", lambda **kw: asked.append(kw["model"]) or torch.zeros(2, 1, 8, 8))
     E.generate_samples(loaded, "ddim", 4, 0.0, 2, nodes=2, address=None)
     assert (loaded.version, asked) == ("1", ["models:/pinned/1"])
+
+
+@pytest.mark.timeout(240)
+def test_a_sqlite_registry_is_read_as_mlflow_reads_it(tmp_path, monkeypatch):
+    """sqlite_registry answers models:/NAME/VERSION and models:/NAME@ALIAS with the run, source and tags
+    MLflow's store gives, and None (MLflow decides) for every form or state it does not read."""
+    import sqlite3
+
+    from pipelines import tracking
+    from pipelines.registry import models, sqlite_registry
+    from pipelines.settings import resolve
+
+    run_1, _, _ = register_tiny(tmp_path, seed=0)
+    run_2, _, _ = register_tiny(tmp_path, seed=1)
+    c = tracking.client()
+    c.set_registered_model_alias("tiny", "champion", "1")
+    c.set_model_version_tag("tiny", "2", "note", "a tag")
+    registry = resolve().registry_uri
+    assert sqlite_registry.database_path(registry) == str(resolve().home / "mlflow.db")
+    for uri, version in (("models:/tiny/1", "1"), ("models:/tiny/2", "2"), ("models:/tiny@champion", "1")):
+        found, mv = sqlite_registry.find_version(registry, uri), c.get_model_version("tiny", version)
+        assert (found.name, found.version, found.run_id, found.source, found.tags) == (
+            "tiny", version, mv.run_id, mv.source, mv.tags), uri
+        assert models.model_id_of(found) == models.model_id_of(mv) is not None
+    assert sqlite_registry.find_version(registry, "models:/tiny/2").tags["note"] == "a tag"
+    for other in ("models:/tiny/latest", "models:/tiny@latest", "models:/tiny/3", "models:/tiny@nobody",
+                  "models:/nobody/1", f"runs:/{run_2}/model", f"models:/{models.model_id_of(mv)}", "models:/tiny/1/2"):
+        assert sqlite_registry.find_version(registry, other) is None, other
+    for store in ("http://127.0.0.1:5000", "postgresql://u@localhost/db", f"{registry}?timeout=5",
+                  f"sqlite:///{tmp_path / 'absent.db'}"):
+        assert sqlite_registry.find_version(store, "models:/tiny/1") is None, store
+    sqlite3.connect(tmp_path / "other.db").execute("CREATE TABLE t (x)").connection.commit()
+    assert sqlite_registry.find_version(f"sqlite:///{tmp_path / 'other.db'}", "models:/tiny/1") is None
+    monkeypatch.setenv("MLFLOW_ENABLE_WORKSPACES", "true")
+    assert sqlite_registry.find_version(registry, "models:/tiny/1") is None
+    monkeypatch.delenv("MLFLOW_ENABLE_WORKSPACES")
+    c.delete_model_version("tiny", "1")  # MLflow keeps the row, marked deleted: not there for either
+    assert sqlite_registry.find_version(registry, "models:/tiny/1") is None
+    assert sqlite_registry.find_version(registry, "models:/tiny@champion") is None
+    assert models.describe("models:/tiny/2")["run_id"] == run_2
+
+
+@pytest.mark.timeout(240)
+def test_a_cached_version_loads_without_importing_mlflow_and_a_changed_tag_is_refused(tmp_path):
+    """The second load of a registered version (its files in the cache) reads the sqlite registry
+    without MLflow, in a fresh process; once the version's sha256 tag changes, the cached copy is not
+    used and the load is refused as MLflow's path refuses it."""
+    from pipelines import tracking
+    from pipelines.errors import UsageError
+    from pipelines.registry import digests, models
+
+    run_id, version, _ = register_tiny(tmp_path, name="quick")
+    uri = f"models:/quick/{version}"
+    models.load(uri)  # downloads into the cache
+    code = textwrap.dedent(f"""
+        import sys
+        from pipelines.registry import models
+        loaded = models.load({uri!r})
+        assert models.read_config({uri!r}).name == "digits"
+        print(loaded.run_id, loaded.version, "mlflow" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
+    assert out.stdout.split() == [run_id, version, "False"], out.stderr
+    tracking.client().set_model_version_tag("quick", version, digests.SHA256_TAG, "0" * 64)
+    with pytest.raises(UsageError, match="differs from the digest"):
+        models.load(uri)
