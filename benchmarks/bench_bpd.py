@@ -2,8 +2,8 @@
 
 Each model's full variational bound (:func:`ddpm.likelihood.bits_per_dim`, T model calls per batch of
 64) on the same held-out images (the test split of the first model's data, all of it unless
-``--images``), one value per image with one seeded generator per model, as ``ddpm-pipe evaluate
---bound full`` measures it. Every later model is compared with the first per image: the mean
+``--images``), one value per image with one seeded generator per model, by the code ``ddpm-pipe
+evaluate --bound full`` runs (:func:`pipelines.registry.evaluate.held_out_bpd_values`). Every later model is compared with the first per image: the mean
 difference and its standard error over the images (the images' own spread cancels, so the paired
 difference is far finer than either mean's error), and the smallest difference the comparison could
 call (two standard errors).
@@ -22,17 +22,6 @@ from typing import Any
 from benchmarks import common
 
 
-def per_image_bpd(loaded: Any, images: Any, levels: int, batch_size: int = 64) -> Any:
-    """``[N]`` bits/dim, the full bound of each image, batches of ``batch_size`` (generator seed 0)."""
-    import torch
-
-    from ddpm.likelihood import bits_per_dim
-
-    g = torch.Generator().manual_seed(0)
-    return torch.cat([bits_per_dim(loaded.diffusion, loaded.model, images[i:i + batch_size], levels=levels,
-                                   generator=g) for i in range(0, len(images), batch_size)])
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", required=True, help="checkpoint paths or model URIs; the first is the baseline")
@@ -44,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error("--models needs two or more models: the first is compared with the others")
 
     from benchmarks.bench_samplers import load
-    from pipelines.registry.evaluate import load_eval_data
+    from pipelines.registry.evaluate import held_out_bpd_values, load_eval_data
     from pipelines.settings import resolve
 
     threads = common.set_threads(args.threads)
@@ -56,9 +45,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         loaded = load(uri)
         if ev is None:
             ev = load_eval_data(loaded.config, None, settings)
-        images = ev.test[: args.images] if args.images else ev.test
         t0 = time.perf_counter()
-        values = per_image_bpd(loaded, images, ev.levels).double()
+        values = held_out_bpd_values(loaded, ev, args.images or len(ev.test))[0].double()
         n = len(values)
         row = {"model": uri, "prediction": loaded.config.diffusion.prediction, "images": n,
                "bpd": round(values.mean().item(), 4), "se": round((values.std() / n ** 0.5).item(), 4),

@@ -81,13 +81,13 @@ def student_spec(text: str) -> tuple[str, Row | None]:
     return uri, parse_row(row) if sep else None
 
 
-def cache_path(cache: str | None, model: str, row: Row, num: int) -> str | None:
+def cache_path(cache: str | None, model: str, row: Row, num: int, seed: int = 0) -> str | None:
     """Where ``row``'s ``num`` samples of the checkpoint file ``model`` are kept under ``cache`` (named by
     the file's sha256 and the row, so another model or setting never reads them); None for a model URI
     (its version could move) or without ``cache``."""
     if cache is None or not os.path.isfile(model):
         return None
-    name = f"{row.sampler}-{row.steps}-{row.eta:g}-{row.spacing or 'default'}-{num}"
+    name = f"{row.sampler}-{row.steps}-{row.eta:g}-{row.spacing or 'default'}-{num}" + (f"-seed{seed}" if seed else "")
     return os.path.join(cache, _file_sha256(model)[:16], name + ".pt")
 
 
@@ -100,7 +100,7 @@ def _file_sha256(path: str) -> str:
 
 
 def sample_row(loaded: Any, ev: Any, row: Row, num: int, settings: Any, ms_eps: dict[str, Any],
-               cached: str | None = None) -> dict[str, Any]:
+               cached: str | None = None, seed: int = 0) -> dict[str, Any]:
     """``num`` samples of ``row`` (sample i from seed i, as ``evaluate``), scored as ``evaluate`` scores
     (:func:`pipelines.registry.evaluate.score_samples`); the result says the spacing used. ``ms_eps`` caches
     Analytic-DPM's Gamma_t (one estimate at every timestep any row calls). With ``cached`` (a file,
@@ -133,7 +133,7 @@ def sample_row(loaded: Any, ev: Any, row: Row, num: int, settings: Any, ms_eps: 
     pipe = DDPMPipeline.from_config(SamplingNet(loaded.model), loaded.config, loaded.diffusion, sampler=sampler,
                                     steps=row.steps, eta=row.eta, spacing=row.spacing, ms_eps=gamma)
     start = time.perf_counter()
-    x = pipe(num, 0)
+    x = pipe(num, seed)
     seconds = time.perf_counter() - start
     if cached:
         os.makedirs(os.path.dirname(cached), exist_ok=True)
@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="checkpoint path/URL or model URI")
     p.add_argument("--num", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0,
+                   help="sample j of every row from seed (seed, j), as `sample --seed`: another draw to confirm a verdict")
     p.add_argument("--rows", nargs="+", type=parse_row, default=[parse_row(r) for r in DEFAULT_ROWS])
     p.add_argument("--students", nargs="+", type=student_spec, default=[], metavar="URI[#ROW]",
                    help="other models (distilled students), one row each: their own sampler settings, or URI#ROW")
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ms_eps: dict[int, float] = {}
     for spec in specs:
         r = sample_row(models[spec.model], ev, spec, args.num, settings, ms_eps,
-                       cache_path(args.cache, spec.model or args.model, spec, args.num))
+                       cache_path(args.cache, spec.model or args.model, spec, args.num, args.seed), args.seed)
         row = {k: r[k] for k in ("sampler", "steps", "eta", "spacing", "num", "sec_per_sample", "scores", "se",
                                  "floors", "floor_se")}
         row["model"] = spec.model or args.model
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"classifier_score {row['scores']['classifier_score']:.4g} "
               f"fine_spread {row['scores']['fine_spread']:.3g} {row['seconds']:.1f} s"
               + (f"; worse than the reference on {', '.join(worse)}" if worse else ""), flush=True)
-    result = {"benchmark": "samplers", "model": args.model, "num": args.num, "reference": rows[0]["sampler"]
+    result = {"benchmark": "samplers", "model": args.model, "num": args.num, "seed": args.seed, "reference": rows[0]["sampler"]
               + f"-{rows[0]['steps']}", "noise_z": NOISE_Z, "machine": common.machine(threads),
               "load_before": load_before, "load_after": common.load(), "wall_s": round(time.perf_counter() - start, 1),
               "compared": f"{args.num} samples per row against the test split ({len(ev.test)} held-out digits); "

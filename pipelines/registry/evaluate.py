@@ -239,8 +239,25 @@ def held_out_bpd(loaded: LoadedModel, ev: EvalData, images: int, batch_size: int
     """Mean bits/dim over the first ``images`` held-out images: the full bound (T model calls per
     batch), or with ``bound="estimate"`` its stratified estimate (:data:`BPD_CALLS` calls per batch)
     and standard error."""
-    x = ev.test[:images]
     start = time.perf_counter()
+    values, errors = held_out_bpd_values(loaded, ev, images, batch_size, bound)
+    bpd = values.double().mean().item()
+    if errors is None:
+        out = _result("bpd", bpd, bound="full", data=ev.test_hash, num=len(values))
+    else:  # the images' estimates are independent: the mean's standard error from theirs
+        se = errors.double().pow(2).sum().sqrt().item() / len(values)
+        out = _result("bpd", bpd, se, bound=f"estimate-{BPD_CALLS}", data=ev.test_hash, num=len(values))
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def held_out_bpd_values(loaded: LoadedModel, ev: EvalData, images: int, batch_size: int = 64,
+                        bound: str = "full") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Bits/dim ``[N]`` of each of the first ``images`` held-out images (the full bound; with
+    ``bound="estimate"`` its stratified estimate, and each estimate's standard error ``[N]``, else
+    None), with a progress line; the same images and generator seeds on every call, so two models'
+    values pair image by image (``benchmarks.bench_bpd``)."""
+    x = ev.test[:images]
     calls, batches = (loaded.diffusion.num_timesteps if bound == "full" else BPD_CALLS), -(-len(x) // batch_size)
     what = "full bound" if bound == "full" else f"stratified estimate of the bound, {BPD_CALLS} calls"
     bar = console.Progress("evaluate", calls * batches, "call",
@@ -260,14 +277,7 @@ def held_out_bpd(loaded: LoadedModel, ev: EvalData, images: int, batch_size: int
             values.append(est)
             errors.append(err)
     bar.close()
-    bpd = torch.cat(values).double().mean().item()
-    if bound == "full":
-        out = _result("bpd", bpd, bound="full", data=ev.test_hash, num=len(x))
-    else:  # the images' estimates are independent: the mean's standard error from theirs
-        se = torch.cat(errors).double().pow(2).sum().sqrt().item() / len(x)
-        out = _result("bpd", bpd, se, bound=f"estimate-{BPD_CALLS}", data=ev.test_hash, num=len(x))
-    out["seconds"] = time.perf_counter() - start
-    return out
+    return torch.cat(values), (torch.cat(errors) if errors else None)
 
 
 def generate_samples(loaded: LoadedModel, sampler: str, steps: int, eta: float, num: int, nodes: int,

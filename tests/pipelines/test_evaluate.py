@@ -177,7 +177,7 @@ def test_bound_estimate_is_16_calls_with_a_standard_error_and_agrees_with_the_fu
 
     from ddpm.diffusion import Diffusion
     from ddpm.schedules import make_betas
-    from pipelines.registry.evaluate import BPD_CALLS, EvalData, held_out_bpd
+    from pipelines.registry.evaluate import BPD_CALLS, EvalData, held_out_bpd, held_out_bpd_values
     from tests.ddpm.helpers import GaussianOracle
 
     diffusion = Diffusion(make_betas("linear", 200), variance="fixed_large")
@@ -188,6 +188,8 @@ def test_bound_estimate_is_16_calls_with_a_standard_error_and_agrees_with_the_fu
     ev = EvalData(test=test, train=None, levels=17, source="gauss", test_hash="abc", hash="abc",
                   test_url="x", train_url=None)
     full = held_out_bpd(loaded, ev, 96, batch_size=64)
+    values, errors = held_out_bpd_values(loaded, ev, 96, batch_size=64)  # per image: bench_bpd pairs them
+    assert values.shape == (96,) and errors is None and values.double().mean().item() == pytest.approx(full["value"])
     oracle.calls.clear()
     est = held_out_bpd(loaded, ev, 96, batch_size=64, bound="estimate")
     assert len(oracle.calls) == 2 * BPD_CALLS  # two batches of 16 calls, not 2 x 200
