@@ -396,3 +396,37 @@ def test_oracle_sde_variants_golden(tmp_path):
               "3m-sde eta 0.5": 0.3061}
     assert std == pytest.approx(golden, abs=2e-4)
     assert all(abs(row["exact_mean"] - 0.1) < 1e-3 for row in r["results"])
+
+
+def test_calibration_summary_tells_a_right_error_from_too_small_and_too_large():
+    """Known answers: differences drawn with spread 1 against standard errors of 1 are consistent;
+    against 1/3 too small; against 3 too large; and the interval is the chi-square one."""
+    import random
+
+    from benchmarks.bench_calibration import ratio_interval, summarize
+
+    rng = random.Random(0)
+    diffs = [rng.gauss(0.5, 1.0) for _ in range(40)]
+    out = summarize([{"right": (d, 1.0), "small": (d, 1 / 3), "large": (d, 3.0), "none": (d, float("nan"))}
+                     for d in diffs])
+    assert set(out) == {"right", "small", "large"}
+    assert [out[k]["verdict"] for k in ("right", "small", "large")] == ["consistent", "too small", "too large"]
+    assert out["right"]["ratio"] == pytest.approx(1.0, abs=0.25) and out["right"]["draws"] == 40
+    low, high = ratio_interval(10)
+    assert low == pytest.approx(0.548, abs=1e-3) and high == pytest.approx(1.454, abs=1e-3)  # sqrt(chi2_9 / 9)
+
+
+@pytest.mark.timeout(300)
+def test_calibration_draws_two_rows_from_fresh_seeds(tmp_path):
+    from benchmarks import bench_calibration
+    from tests.support import save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
+    r = bench_calibration.main(["--model", str(ckpt), "--num", "40", "--rows", "ddim:2", "ddim:3", "--draws", "3",
+                                "--json-out", str(tmp_path / "calibration.json")])
+    assert r == _read(tmp_path / "calibration.json") and r["draws"] == 3
+    kid = r["scores"]["kid"]
+    assert kid["draws"] == 3 and len(set(kid["z"])) == 3 and kid["sd_diff"] > 0 and kid["rms_se"] > 0
+    assert kid["verdict"] in ("consistent", "too small", "too large")
+    with pytest.raises(SystemExit):
+        bench_calibration.main(["--model", str(ckpt), "--rows", "ddim:2", "ddim:3", "--draws", "2"])
