@@ -1,7 +1,7 @@
 """Does the yardstick's standard error hold? Two sampler rows drawn again and again from fresh seeds.
 
 Every verdict of ``bench_samplers`` (and ``evaluate``'s comparisons) divides a paired difference by its
-jackknife standard error (:func:`ddpm.metrics.score_difference`, 10 groups) and calls two standard
+jackknife standard error (:func:`ddpm.metrics.score_difference`, 40 groups) and calls two standard
 errors a difference. That is only a verdict if the standard error is the spread the difference
 really has. This benchmark measures it, on a case whose answer is known: the same two rows of one
 model, each draw from another seed (sample j of draw s from ``sample_seed(s, j)``, both rows alike,
