@@ -101,8 +101,8 @@ def _file_sha256(path: str) -> str:
 
 def sample_row(loaded: Any, ev: Any, row: Row, num: int, settings: Any, ms_eps: dict[str, Any],
                cached: str | None = None, seed: int = 0) -> dict[str, Any]:
-    """``num`` samples of ``row`` (sample i from seed i, as ``evaluate``), scored as ``evaluate`` scores
-    (:func:`pipelines.registry.evaluate.score_samples`); the result says the spacing used. ``ms_eps`` caches
+    """``num`` samples of ``row`` (sample i from ``sample_seed(seed, i)``, as ``evaluate``), scored as
+    ``evaluate`` scores (:func:`pipelines.registry.evaluate.score_samples`); the result says the spacing used. ``ms_eps`` caches
     Analytic-DPM's Gamma_t (one estimate at every timestep any row calls). With ``cached`` (a file,
     :func:`cache_path`) the samples and their seconds are read from it when it exists and written to
     it when not: the 1000-step reference row costs about 15 minutes on 2 cores."""
@@ -187,11 +187,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = resolve()
     loaded = load(args.model)
     ev = load_eval_data(loaded.config, None, settings)
-    students = args.students
-    models = {None: loaded, **{uri: load(uri) for uri, _ in students}}
+    models = {None: loaded, **{uri: load(uri) for uri, _ in args.students}}
     specs = [*args.rows, *(row._replace(model=uri) if row else Row(
         models[uri].config.sample.sampler, models[uri].config.sample.steps, models[uri].config.sample.eta,
-        models[uri].config.sample.spacing, uri) for uri, row in students)]
+        models[uri].config.sample.spacing, uri) for uri, row in args.students)]
     yardstick = Yardstick(ev, settings)
     pixels = yardstick.parts[-1]
     floor_scores = yardstick.floor_scores(args.num)
