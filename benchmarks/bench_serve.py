@@ -8,7 +8,8 @@ requests or images and a time limit (whichever ends first):
 
 1. offline: ``sample``'s in-process job (:func:`pipelines.sample.command.sample_arrays`) of
    ``--offline-num`` images in one batch, after a warm-up run: images/s with the model loaded;
-2. latency (after one warm-up request): one client, ``--requests`` requests of one image each in turn: p50/p95 in ms,
+2. latency (after one warm-up request and ``--settle`` seconds for the new deployment's own start-up
+   work to end): one client, ``--requests`` requests of one image each in turn: p50/p95 in ms,
    against the bare sampling of one image by the replica's own code (``ServedModel.sample``, no HTTP,
    ``--requests`` times; the target: p95 under 1.5x the bare p50);
 3. saturation: ``--concurrency`` clients, ``--requests`` x ``--concurrency`` one-image requests in
@@ -141,6 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="seconds a batch waits to fill (default: serve's own)")
     p.add_argument("--offline-num", type=int, default=256, help="images of the offline run (one batch: sample's default)")
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds per measurement at most")
+    # So that the latency phase does not overlap the new deployment's start-up; what moved its p95
+    # most was the machine's load before the run (recorded in the result; docs/SERVING.md).
+    p.add_argument("--settle", type=float, default=5.0,
+                   help="seconds between the warm-up request and the latency measurement")
     p.add_argument("--new-connections", action="store_true",
                    help="a new HTTP connection per request (default: each client keeps one alive)")
     p.add_argument("--multi-num", type=int, default=16,
@@ -178,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 _request(service.url, {"num": 1, "seed": 0})  # warm: the first call builds the pipeline
                 keep, n = not args.new_connections, args.requests
+                time.sleep(args.settle)
+                load_latency = load()
                 latency = _clients(service.url, n, 1, args.time_limit, keep)
                 saturation = _clients(service.url, n * args.concurrency, args.concurrency, args.time_limit, keep)
                 batching = service.stats()  # the replica's own count until here: batches, time spent sampling
@@ -195,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
               "load_before": load_before, "sampler": None, "offline": {"num": args.offline_num,
                                                                        "images_per_s": offline_ips,
                                                                        "device": info.get("device")},
-              "bare_one_image": bare, "latency_one_image": latency,
+              "bare_one_image": bare, "latency_one_image": {**latency, "settle_s": args.settle,
+                                                            "load_before": load_latency},
               "latency_p95_vs_bare_p50": round(latency["p95_ms"] / bare["p50_ms"], 3) if latency["p95_ms"] else None,
               "saturation": {**saturation, "replicas": args.replicas,
                                                            "max_batch_size": args.max_batch_size,

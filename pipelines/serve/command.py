@@ -217,7 +217,8 @@ def start_service(options: ServeOptions, host: str = "127.0.0.1", port: int = 80
 
 def serve_command(model: str, host: str, port: int, address: str | None, replicas: int, min_replicas: int | None,
                   max_replicas: int | None, gpus_per_replica: float, max_batch_size: int, batch_wait_timeout: float,
-                  max_num: int, reload_every: float, token_env: str | None) -> dict[str, Any]:
+                  max_num: int, reload_every: float, token_env: str | None,
+                  cpus_per_replica: float = 1.0) -> dict[str, Any]:
     """`ddpm-pipe serve`: see the module docstring. Returns only after Ctrl-C (exit 130)."""
     token = None
     if token_env:
@@ -228,7 +229,7 @@ def serve_command(model: str, host: str, port: int, address: str | None, replica
     options = ServeOptions(model=model, max_num=max_num, max_batch_size=max_batch_size,
                            batch_wait_timeout=batch_wait_timeout, reload_every=reload_every, replicas=replicas,
                            min_replicas=min_replicas, max_replicas=max_replicas, gpus_per_replica=gpus_per_replica,
-                           token_sha256=token_digest(token) if token else None)
+                           cpus_per_replica=cpus_per_replica, token_sha256=token_digest(token) if token else None)
     service = start_service(options, host, port, address)
     auth = f" -H \"Authorization: Bearer ${token_env}\"" if token_env else ""
     moving = f"; following {model} (polled every {reload_every:g} s)" if follows(model) and reload_every > 0 else ""

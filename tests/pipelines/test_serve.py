@@ -320,3 +320,24 @@ def test_bad_options_fail_with_exit_2_before_anything_starts(tmp_path, monkeypat
     result = run_cli("serve", "--model", str(ckpt), "--min-replicas", "3", "--max-replicas", "2")
     assert result.exit_code == 2 and "--min-replicas 3" in result.stderr
     assert run_cli("serve", "--model", str(ckpt), "--reload-every", "soon").exit_code == 2
+
+
+def test_cpus_per_replica_reaches_the_replicas_resources_and_torch_threads(tmp_path, monkeypatch):
+    from pipelines.errors import UsageError
+    from pipelines.serve import command
+
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt.pt", overrides=TINY_NET)
+    seen = []
+
+    def start_service(options, *args, **kwargs):
+        seen.append(options)
+        raise UsageError("stopped here by the test")
+
+    monkeypatch.setattr(command, "start_service", start_service)
+    assert run_cli("serve", "--model", str(ckpt), "--replicas", "2", "--cpus-per-replica", "2").exit_code == 2
+    actor = seen[0].deployment_options()["ray_actor_options"]
+    assert actor["num_cpus"] == 2 and actor["runtime_env"]["env_vars"]["DDPM_TORCH_THREADS"] == "2"
+    assert run_cli("serve", "--model", str(ckpt)).exit_code == 2
+    assert seen[1].cpus_per_replica == 1.0  # Ray's own default for an actor
+    assert run_cli("serve", "--model", str(ckpt), "--cpus-per-replica", "0").exit_code == 2
+    assert len(seen) == 2  # refused by the CLI, before the command

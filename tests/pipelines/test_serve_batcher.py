@@ -56,20 +56,50 @@ def test_a_batch_counts_images_and_a_request_above_the_limit_runs_alone():
     assert sizes == [["a"], ["b", "c"], ["d"], ["e"], ["f"]]  # 5+3 = 8; 1+20 > 8; 20 alone; then 2
 
 
-def test_a_lone_request_waits_at_most_the_wait_for_batch_mates():
-    async def main() -> tuple[float, float, Model]:
+def test_an_idle_model_waits_for_batch_mates_unless_the_last_batch_was_one_request():
+    async def main() -> tuple[list[float], Model]:
         model = Model(busy_s=0.0)
-        batcher = Batcher(model, max_images=64, wait_s=0.2)
-        start = time.monotonic()
-        await batcher.submit("alone")
-        lone = time.monotonic() - start
-        start = time.monotonic()
-        await asyncio.gather(*(batcher.submit(i) for i in range(64)))  # a full batch does not wait
-        return lone, time.monotonic() - start, model
+        batcher = Batcher(model, max_images=8, wait_s=0.3)
 
-    lone, full, model = asyncio.run(main())
-    assert 0.15 < lone < 1.0
-    assert full < 0.15 and len(model.batches[-1]) == 64
+        async def timed(*items: int) -> float:
+            start = time.monotonic()
+            await asyncio.gather(*(batcher.submit(i) for i in items))
+            return time.monotonic() - start
+
+        return [await timed(0),  # the first request: no last batch, no wait
+                await timed(1, 2, 3, 4),  # four at once after a lone request: no wait
+                await timed(*range(10, 18)),  # the last batch had four, but a full batch starts at once
+                await timed(5),  # the last batch had eight: waits wait_s for batch-mates
+                await timed(6)], model  # the last batch was one request: no wait
+
+    took, model = asyncio.run(main())
+    assert model.batches == [[0], [1, 2, 3, 4], list(range(10, 18)), [5], [6]]
+    assert 0.25 < took[3] < 1.0
+    assert max(took[0], took[1], took[2], took[4]) < 0.2, took
+
+
+def test_clients_that_resubmit_a_moment_apart_stay_in_one_batch():
+    """Four clients, each sending its next request 5-20 ms after its answer: after the first two
+    batches (client 0 alone, then the three that arrived meanwhile) the idle model waits for the
+    stragglers and every later batch holds all four (a loop that never waited alternates 1 and 3)."""
+
+    async def main() -> Model:
+        model = Model(busy_s=0.05)
+        batcher = Batcher(model, max_images=16, wait_s=0.1)
+
+        async def client(c: int) -> None:
+            await asyncio.sleep(0.005 * c)
+            for k in range(6):
+                await batcher.submit((c, k))
+                await asyncio.sleep(0.005 + 0.005 * c)
+
+        await asyncio.gather(*(client(c) for c in range(4)))
+        return model
+
+    model = asyncio.run(main())
+    sizes = [len(batch) for batch in model.batches]
+    assert sizes[:2] == [1, 3]
+    assert sizes[2:] == [4] * 5, sizes
 
 
 def test_a_failing_batch_fails_its_requests_and_the_next_batch_runs():
