@@ -102,8 +102,10 @@ Guidance = Annotated[Optional[float], typer.Option("--guidance", min=0.0, help="
 
 
 def _fail(message: str, code: int) -> None:
+    """The message on stderr, prefixed ``error:`` unless the user stopped the command (exit 130: Ctrl-C
+    is how ``serve`` ends; the message says what happened), and with ``--json`` as a JSON line on stdout."""
     message = redact(message)
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(message if code == 130 else f"error: {message}", err=True)
     if _state["json"]:
         typer.echo(json.dumps({"error": message, "exit_code": code}))
     raise typer.Exit(code)

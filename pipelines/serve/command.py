@@ -5,18 +5,21 @@ model exists and its config reads), connects to ``--address`` (or starts a local
 starts Serve with its HTTP proxy on ``--host:--port`` (127.0.0.1 unless told otherwise; one proxy,
 on the head node), records the start as an MLflow run (experiment ``serve``: the model, its pinned
 version, the settings), deploys the application (``pipelines/serve/deployment.py``) and waits
-until ``GET /readyz`` answers. Then it waits for Ctrl-C.
+until ``GET /readyz`` answers. Then it waits for Ctrl-C or SIGTERM (``docker stop``, ``kill``, a
+Kubernetes pod's end), which stop it alike.
 
 Stopping (:meth:`Service.stop`): the replicas' request statistics are summarised to the run
 (requests by status class, latency p50/p95/p99 of sampling requests, images/s), the application is
 deleted, Serve is shut down if this command started it, and the local Ray instance if it started
-that; Ctrl-C ends with exit 130 after all of it.
+that; it ends with exit 130 after all of it. Serve's own driver-side INFO lines are off unless
+``--verbose``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -80,8 +83,10 @@ class Service:
             console.info(f"[serve] could not gather the request statistics: {e}")
         try:
             serve.delete(APP_NAME)
-            if self.started_serve:
-                serve.shutdown()
+            # A local instance this command started ends below, Serve's actors with it; Serve's own
+            # shutdown there only adds Ray's "Task ServeController.graceful_shutdown failed" line.
+            if self.started_serve and not self.started_ray:
+                _shutdown_serve()
         finally:
             if self.sink is not None:
                 ray.kill(self.sink)
@@ -119,6 +124,33 @@ def _free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _shutdown_serve() -> None:
+    """``serve.shutdown()`` without Ray's "Task ServeController.graceful_shutdown failed ... will be
+    retried" line: the controller ends itself inside that call, which Serve's client sends with
+    endless retries; sent once here, its end is the expected answer."""
+    import ray
+    from ray import serve
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        ray.get(controller.graceful_shutdown.options(max_task_retries=0).remote(), timeout=30)
+    except (ValueError, ray.exceptions.RayActorError):  # no controller, or it ended: Serve is down
+        pass
+    serve.shutdown()  # forgets the client (nothing is left to stop)
+
+
+def _quiet_serve() -> None:
+    """Serve's driver-side INFO lines ("Started Serve", "Connecting to existing Serve app ... will not be
+    applied", "Deleting app") off unless ``--verbose``: Serve sets its logger to INFO when imported."""
+    import logging
+
+    from ray import serve  # noqa: F401  (its import configures the logger set here)
+
+    if not console.verbose():
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
 
 def _serve_client() -> Any:
@@ -185,6 +217,7 @@ def start_service(options: ServeOptions, host: str = "127.0.0.1", port: int = 80
     ``track=False`` records no MLflow run (benchmarks)."""
     import ray
 
+    _quiet_serve()
     if options.min_replicas is not None and options.max_replicas is not None and options.min_replicas > options.max_replicas:
         raise UsageError(f"--min-replicas {options.min_replicas} is above --max-replicas {options.max_replicas}")
     meta = models.describe(options.model)  # exit 2 for a model that is not there
@@ -238,13 +271,22 @@ def serve_command(model: str, host: str, port: int, address: str | None, replica
                  f"  curl{auth} -X POST {service.url}/v1/samples -d '{{\"num\": 4, \"seed\": 0}}'\n"
                  f"  curl{auth} -o grid.png '{service.url}/v1/samples.png?num=16&seed=0'")
     print(f"[serve] ready at {service.url}", file=sys.stderr, flush=True)
+    stopped_by = "Ctrl-C"
+
+    def terminate(signum: int, frame: Any) -> None:  # docker stop, kill, a Kubernetes pod's end
+        nonlocal stopped_by
+        stopped_by = "SIGTERM"
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         summary = service.stop("FINISHED")
         served = f"{summary.get('requests', 0):.0f} request(s), {summary.get('images', 0):.0f} image(s)"
-        raise Interrupted(f"serve stopped (Ctrl-C) after {served}; application deleted") from None
+        raise Interrupted(f"serve stopped ({stopped_by}) after {served}; application deleted") from None
 
 
 __all__ = ["EXPERIMENT", "Service", "StatsSink", "serve_command", "start_service"]

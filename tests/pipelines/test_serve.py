@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -267,7 +268,8 @@ def test_moving_the_alias_under_steady_load_fails_no_request(ray_cluster, regist
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_ctrl_c_deletes_the_application_and_exits_130(ray_cluster, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_deletes_the_application_and_exits_130_quietly(ray_cluster, tmp_path, stop):
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt.pt", overrides=TINY_NET)
     port = free_port()
     proc = subprocess.Popen([str(Path(sys.executable).with_name("ddpm-pipe")), "serve", "--model", str(ckpt), "--port",
@@ -281,7 +283,7 @@ def test_ctrl_c_deletes_the_application_and_exits_130(ray_cluster, tmp_path):
         wait_until(lambda: any("ready at" in line for line in lines), 240, "the command's ready line",
                    interval=1.0, alive=lambda: proc.poll() is None)
         assert _ready(url) and http(f"{url}/v1/samples", {"num": 1, **SETTING})[0] == 200
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         proc.wait(timeout=120)  # not communicate(): it would read stderr too, taking lines from the reader
         reader.join(10)
         out = proc.stdout.read()
@@ -291,7 +293,11 @@ def test_ctrl_c_deletes_the_application_and_exits_130(ray_cluster, tmp_path):
             proc.wait()
     err = "".join(lines)
     assert proc.returncode == 130, err[-3000:]
-    assert out == "" and "application deleted" in err, err[-4000:]
+    said = "Ctrl-C" if stop == signal.SIGINT else "SIGTERM"
+    assert out == "" and re.search(rf"serve stopped \({said}\) after \d+ request\(s\), 1 image\(s\); application deleted",
+                                    err), err[-4000:]
+    # a healthy start and stop: our lines only, no Serve INFO lines, no Ray task warnings, no "error:"
+    assert not re.search(r"^(INFO|WARNING|error:|\*\*\*)|\(raylet\)|graceful_shutdown", err, re.M), err[-4000:]
     assert _app_gone()
     wait_until(lambda: not _listening(port), 30, "the proxy's port closed")  # Serve's shutdown ends the proxy
 
