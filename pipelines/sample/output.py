@@ -167,11 +167,12 @@ def write_unit(folder: OutputFolder, fmt: str, result: dict[str, Any], levels: i
     labels = result.get("labels")
     if fmt == "png":
         names = []
+        images = _uint8(x, levels)  # the unit at once: the bytes of sample_png, image by image
         for k, i in enumerate(indices):
             if preds is not None:  # the strip first: the sample's PNG marks the index done
                 folder.write(f"{i:08d}-progressive.png", _strip_png(preds[k], levels))
             names.append(png_name(i, None if labels is None else labels[k]))
-            folder.write(names[-1], sample_png(x[k], levels))
+            folder.write(names[-1], png_bytes(images[k]))
         return names
     name = f"samples-{indices[0]:08d}-{indices[-1] + 1:08d}.{_CHUNK_EXT[fmt]}"
     if fmt == "npz":
@@ -188,8 +189,9 @@ def write_unit(folder: OutputFolder, fmt: str, result: dict[str, Any], levels: i
         folder.write(name, buf.getvalue())
     else:
         members = []
+        images = _uint8(x, levels)
         for k, i in enumerate(indices):
-            members.append((f"{i:08d}.png", sample_png(x[k], levels)))
+            members.append((f"{i:08d}.png", png_bytes(images[k])))
             if labels is not None:
                 members.append((f"{i:08d}.cls", str(int(labels[k])).encode()))
             if preds is not None:
