@@ -8,8 +8,8 @@ requests or images and a time limit (whichever ends first):
 
 1. offline: ``sample``'s in-process job (:func:`pipelines.sample.command.sample_arrays`) of
    ``--offline-num`` images in one batch, after a warm-up run: images/s with the model loaded;
-2. latency (after one warm-up request and ``--settle`` seconds for the new deployment's own start-up
-   work to end): one client, ``--requests`` requests of one image each in turn: p50/p95 in ms,
+2. latency (after one warm-up request and ``--settle`` seconds, so that it does not overlap the new
+   deployment's start-up): one client, ``--requests`` requests of one image each in turn: p50/p95 in ms,
    against the bare sampling of one image by the replica's own code (``ServedModel.sample``, no HTTP,
    ``--requests`` times; the target: p95 under 1.5x the bare p50);
 3. saturation: ``--concurrency`` clients, ``--requests`` x ``--concurrency`` one-image requests in

@@ -396,7 +396,7 @@ def serve(
     min_replicas: Annotated[Optional[int], typer.Option("--min-replicas", min=0, help="Autoscale: at least this many replicas (with or without --max-replicas).")] = None,
     max_replicas: Annotated[Optional[int], typer.Option("--max-replicas", min=1, help="Autoscale: at most this many replicas.")] = None,
     gpus_per_replica: Annotated[float, typer.Option("--gpus-per-replica", min=0.0, help="GPUs per replica (fractions share one); 0 samples on CPU.")] = 0.0,
-    cpus_per_replica: Annotated[float, typer.Option("--cpus-per-replica", min=0.5, help="CPUs Ray reserves per replica; a CPU replica samples with this many torch threads (rounded down). On CPUs, one replica per core with 1 each answered faster than fewer replicas with more threads (docs/SERVING.md).")] = 1.0,
+    cpus_per_replica: Annotated[float, typer.Option("--cpus-per-replica", min=0.5, help="CPUs Ray reserves per replica; a CPU replica samples with this many torch threads (rounded down, at least 1). On CPUs, one replica per core with 1 each answered faster than fewer replicas with more threads (docs/SERVING.md).")] = 1.0,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1, help="Images a replica samples together: the requests waiting while it samples form the next batch, up to this many images (one larger request runs alone).")] = 64,
     batch_wait_timeout: Annotated[float, typer.Option("--batch-wait-timeout", min=0.0, help="Seconds a request waits for batch-mates while the replica is idle (not after a lone request: a single client never waits).")] = 0.01,
     max_num: Annotated[int, typer.Option("--max-num", min=1, max=100_000, help="Images per request at most (num above it: HTTP 400).")] = 256,

@@ -20,8 +20,9 @@ Rules (one asyncio loop, no threads here; the work itself may run in a thread):
 - first come, first served: the batch is a prefix of the queue;
 - a failing batch fails each of its requests with the same exception, and the loop goes on.
 
-Measured on two cores (``benchmarks/bench_serve.py``, docs/SERVING.md): waiting ``wait_s`` = 10 ms for
-batch-mates on every idle start put one client's one-image p95 at 1.45-1.62x the bare sampling time.
+Before, every idle start waited: a lone client paid ``wait_s`` (10 ms) on each one-image request of
+90-110 ms on two cores; a loop that never waits splits clients answered together into small
+batches (both measured: ``benchmarks/bench_serve.py``, docs/SERVING.md).
 """
 
 from __future__ import annotations
