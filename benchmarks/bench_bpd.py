@@ -4,9 +4,9 @@ Each model's full variational bound (:func:`ddpm.likelihood.bits_per_dim`, T mod
 64) on the same held-out images (the test split of the first model's data, all of it unless
 ``--images``), one value per image with one seeded generator per model, by the code ``ddpm-pipe
 evaluate --bound full`` runs (:func:`pipelines.registry.evaluate.held_out_bpd_values`). Every later
-model is compared with the first per image: the mean difference and its standard error over the images (the images' own spread cancels, so the paired
-difference is far finer than either mean's error), and the smallest difference the comparison could
-call (two standard errors).
+model is compared with the first per image: the mean difference and its standard error over the
+images (the images' own spread cancels, so the paired difference is far finer than either mean's
+error), and the smallest difference the comparison could call (two standard errors).
 
     python -m benchmarks.bench_bpd --models /work/bench-models/recipes/eps.pt /work/bench-models/recipes/edm.pt \
         [--images 360] [--json-out bench-results/bpd.json]

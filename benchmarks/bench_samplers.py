@@ -102,10 +102,11 @@ def _file_sha256(path: str) -> str:
 def sample_row(loaded: Any, ev: Any, row: Row, num: int, settings: Any, ms_eps: dict[str, Any],
                cached: str | None = None, seed: int = 0) -> dict[str, Any]:
     """``num`` samples of ``row`` (sample i from ``sample_seed(seed, i)``, as ``evaluate``), scored as
-    ``evaluate`` scores (:func:`pipelines.registry.evaluate.score_samples`); the result says the spacing used. ``ms_eps`` caches
-    Analytic-DPM's Gamma_t (one estimate at every timestep any row calls). With ``cached`` (a file,
-    :func:`cache_path`) the samples and their seconds are read from it when it exists and written to
-    it when not: the 1000-step reference row costs about 15 minutes on 2 cores."""
+    ``evaluate`` scores (:func:`pipelines.registry.evaluate.score_samples`); the result says the
+    spacing used. ``ms_eps`` caches Analytic-DPM's Gamma_t (one estimate at every timestep any row
+    calls). With ``cached`` (a file, :func:`cache_path`) the samples and their seconds are read from
+    it when it exists and written to it when not: the 1000-step reference row costs about 15 minutes
+    on 2 cores."""
     import torch
 
     from pipelines.registry.evaluate import score_samples

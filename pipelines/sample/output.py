@@ -165,9 +165,9 @@ def write_unit(folder: OutputFolder, fmt: str, result: dict[str, Any], levels: i
     npz key ``labels``, as each tar sample's ``.cls`` (as the training shards store labels)."""
     indices, x, preds = result["indices"], result["x"], result["progressive"]
     labels = result.get("labels")
+    images = _uint8(x, levels)  # the unit at once (every format): the bytes of sample_png, image by image
     if fmt == "png":
         names = []
-        images = _uint8(x, levels)  # the unit at once: the bytes of sample_png, image by image
         for k, i in enumerate(indices):
             if preds is not None:  # the strip first: the sample's PNG marks the index done
                 folder.write(f"{i:08d}-progressive.png", _strip_png(preds[k], levels))
@@ -177,7 +177,7 @@ def write_unit(folder: OutputFolder, fmt: str, result: dict[str, Any], levels: i
     name = f"samples-{indices[0]:08d}-{indices[-1] + 1:08d}.{_CHUNK_EXT[fmt]}"
     if fmt == "npz":
         arrays = {"indices": np.asarray(indices, dtype=np.int64), "x": x.astype(np.float32),
-                  "images": _uint8(x, levels)}
+                  "images": images}
         if labels is not None:
             arrays["labels"] = np.asarray(labels, dtype=np.int64)
         if preds is not None:
@@ -189,7 +189,6 @@ def write_unit(folder: OutputFolder, fmt: str, result: dict[str, Any], levels: i
         folder.write(name, buf.getvalue())
     else:
         members = []
-        images = _uint8(x, levels)
         for k, i in enumerate(indices):
             members.append((f"{i:08d}.png", png_bytes(images[k])))
             if labels is not None:

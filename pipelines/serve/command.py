@@ -249,9 +249,8 @@ def start_service(options: ServeOptions, host: str = "127.0.0.1", port: int = 80
 
 
 def serve_command(model: str, host: str, port: int, address: str | None, replicas: int, min_replicas: int | None,
-                  max_replicas: int | None, gpus_per_replica: float, max_batch_size: int, batch_wait_timeout: float,
-                  max_num: int, reload_every: float, token_env: str | None,
-                  cpus_per_replica: float = 1.0) -> dict[str, Any]:
+                  max_replicas: int | None, gpus_per_replica: float, cpus_per_replica: float, max_batch_size: int,
+                  batch_wait_timeout: float, max_num: int, reload_every: float, token_env: str | None) -> dict[str, Any]:
     """`ddpm-pipe serve`: see the module docstring. Returns only after Ctrl-C (exit 130)."""
     token = None
     if token_env:
@@ -283,7 +282,7 @@ def serve_command(model: str, host: str, port: int, address: str | None, replica
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Ray's own handler is C code: nothing to put back
         summary = service.stop("FINISHED")
         served = f"{summary.get('requests', 0):.0f} request(s), {summary.get('images', 0):.0f} image(s)"
         raise Interrupted(f"serve stopped ({stopped_by}) after {served}; application deleted") from None
