@@ -218,12 +218,17 @@ def ray_head():
     """A separate local Ray head with the dashboard (Jobs API), started by `ray start --block`, shared
     by this module's two job-submission tests.
 
-    Stopping the blocking `ray start` process stops that head's processes and nothing else.
+    Stopping the blocking `ray start` process stops that head's processes and nothing else. Its
+    session files go to a folder of its own: in Ray's default one, ``ray start`` would record the head
+    in /tmp/ray/ray_current_cluster, which outlives it (only ``ray stop`` clears it), and a later bare
+    ``ray.init()`` in this session would wait minutes for that gone head.
     """
     import os
+    import shutil
     import signal
     import subprocess
     import sys
+    import tempfile
     import urllib.error
     import urllib.request
 
@@ -233,12 +238,14 @@ def ray_head():
                                              "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                              "metrics-export-port", "runtime-env-agent-port")}
     dash = ports["dashboard-port"]
+    temp = tempfile.mkdtemp(prefix="rh-")  # short: Ray's socket paths live under it
     bin_dir = os.path.dirname(sys.executable)  # the job's `ddpm-pipe` is this environment's
     # A loopback-only test head: no token authentication (a real cluster's token is read by the
     # Jobs client from RAY_AUTH_MODE=token and ~/.ray/auth_token).
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen([os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--num-cpus=2",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+                             f"--temp-dir={temp}",
                              *(f"--{name}={port}" for name, port in ports.items())],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env=env)
@@ -262,6 +269,7 @@ def ray_head():
             proc.wait(10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow
