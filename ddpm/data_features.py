@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ddpm import features
+from ddpm import features, metrics
 
 # Bump when the architecture, the task or the training recipe changes: cached weights and every
 # stored result keyed by it then stop matching.
@@ -187,7 +187,7 @@ COMPARED_WITH: dict[str, str | None] = {"fd": "reference", "kid": "reference", "
 
 
 def evaluate_samples(samples: torch.Tensor, real_test: torch.Tensor, real_train: torch.Tensor,
-                     net: DataFeatureNet, k: int = 3, copy_quantile: float = 0.05, groups: int = 10,
+                     net: DataFeatureNet, k: int = 3, copy_quantile: float = 0.05, groups: int = metrics.GROUPS,
                      seed: int = 0) -> dict[str, float]:
     """:data:`COMPARED_WITH`'s scores of ``[N x C x S x S]`` samples in [-1, 1] in ``net``'s feature
     space, with standard errors and the training images' floor, as

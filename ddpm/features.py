@@ -249,7 +249,7 @@ class FeatureYardstick:
         return {**self.scores(self.train[pick], copies=torch.zeros(n_floor, dtype=torch.bool)),
                 "copy_rate": metrics.Score(share, (own,))}
 
-    def values(self, samples: torch.Tensor, groups: int = 10, seed: int = 0) -> dict[str, float]:
+    def values(self, samples: torch.Tensor, groups: int = metrics.GROUPS, seed: int = 0) -> dict[str, float]:
         """The scores of ``samples`` and their floors, with jackknife standard errors, as floats
         (``<score>``, ``<score>_se``, ``<score>_floor``, ``<score>_floor_se``) and the set sizes
         ``num_samples``, ``num_floor``, ``num_reference``, ``num_train``."""
@@ -320,7 +320,7 @@ def conditional_accuracy_score(net: DigitsFeatureNet, samples: torch.Tensor, lab
 
 
 def conditional_accuracy(net: DigitsFeatureNet, samples: torch.Tensor, labels: torch.Tensor | Any,
-                         num_classes: int = NUM_CLASSES, groups: int = 10, seed: int = 0) -> dict[str, float]:
+                         num_classes: int = NUM_CLASSES, groups: int = metrics.GROUPS, seed: int = 0) -> dict[str, float]:
     """Conditional accuracy of a class-conditional model: the feature classifier's accuracy on
     samples asked for each class, overall and per class, with jackknife standard errors.
 
@@ -381,7 +381,7 @@ def class_spread_score(net: DigitsFeatureNet, samples: torch.Tensor, labels: tor
 
 def evaluate_samples(samples: torch.Tensor, real_test: torch.Tensor, real_train: torch.Tensor,
                      net: DigitsFeatureNet | None = None, k: int = 3, copy_quantile: float = 0.05,
-                     cache_dir: str | Path | None = None, groups: int = 10, seed: int = 0) -> dict[str, float]:
+                     cache_dir: str | Path | None = None, groups: int = metrics.GROUPS, seed: int = 0) -> dict[str, float]:
     """Score ``[N x 1 x 8 x 8]`` samples in [-1, 1] against held-out digits, with the real floor.
 
     1. Reference: ``real_test`` (M images), which neither the feature net nor the diffusion model

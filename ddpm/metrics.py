@@ -169,7 +169,10 @@ def _take(x: Any, index: np.ndarray) -> Any:
     return x[torch.from_numpy(index)] if isinstance(x, torch.Tensor) else np.asarray(x)[index]
 
 
-def jackknife(stat: Any, *sets: Any, groups: int = 10, seed: int = 0,
+GROUPS = 40  # jackknife groups of every standard error the yardstick gives (score_value, score_difference)
+
+
+def jackknife(stat: Any, *sets: Any, groups: int = GROUPS, seed: int = 0,
               link: Sequence[int] | None = None) -> tuple[Any, Any]:
     """``stat(*sets)`` and its delete-a-group jackknife standard error.
 
@@ -229,9 +232,16 @@ class Score:
     standard_error: bool = True
 
 
-def score_value(score: Score, groups: int = 10, seed: int = 0) -> tuple[float, float]:
+def score_value(score: Score, groups: int = GROUPS, seed: int = 0) -> tuple[float, float]:
     """(value, jackknife standard error) of ``score``, the samples grouped together, the reference
-    together (NaN without a standard error)."""
+    together (NaN without a standard error).
+
+    ``groups`` is 40: with 10, a score's error depended on how the rows fell into groups, the more so
+    for scores that are not smooth (k-NN, histograms). Measured on 500 noisy training digits against
+    the 360 held-out ones, six grouping seeds: the largest error over the smallest was 1.3-3.2 with 10
+    groups (classifier score 0.015 to 0.049) and 1.2-1.5 with 40, at about five times the compute
+    (docs/RESULTS.md, "The yardstick").
+    """
     sets = (*score.samples, *score.reference)
     if not score.standard_error:
         return float(score.stat(*sets)), math.nan
@@ -239,7 +249,7 @@ def score_value(score: Score, groups: int = 10, seed: int = 0) -> tuple[float, f
     return jackknife(score.stat, *sets, groups=groups, seed=seed, link=link)
 
 
-def score_values(scores: dict[str, Score], groups: int = 10, seed: int = 0,
+def score_values(scores: dict[str, Score], groups: int = GROUPS, seed: int = 0,
                  suffix: str = "") -> dict[str, float]:
     """``{name<suffix>: value, name<suffix>_se: standard error}`` of each score."""
     out: dict[str, float] = {}
@@ -249,16 +259,13 @@ def score_values(scores: dict[str, Score], groups: int = 10, seed: int = 0,
     return out
 
 
-DIFFERENCE_GROUPS = 40  # jackknife groups of a difference's standard error (score_difference)
-
-
-def score_difference(a: Score, b: Score, paired: bool, groups: int = DIFFERENCE_GROUPS,
+def score_difference(a: Score, b: Score, paired: bool, groups: int = GROUPS,
                      seed: int = 0) -> tuple[float, float]:
     """``a`` minus ``b`` (the same score of two sample sets against one reference) and the
     jackknife standard error of the difference.
 
-    ``groups`` is 40, not the 10 of :func:`score_value`: a verdict divides by this error, and with 10
-    groups a k-NN score's error depended on how the rows fell into groups. Measured on two samplers'
+    ``groups`` is 40 (:data:`GROUPS`): a verdict divides by this error, and with 10 groups a k-NN
+    score's error depended on how the rows fell into groups. Measured on two samplers'
     2000 digits against 360 held-out ones (precision, ``benchmarks/bench_calibration.py`` and
     docs/RESULTS.md): six ways of grouping the same samples gave 0.0077 to 0.0217 with 10 groups and
     0.0158 to 0.0190 with 40; KID 0.0058-0.0134 and 0.0090-0.0112.
@@ -548,7 +555,7 @@ def inception_fid(real: torch.Tensor, fake: torch.Tensor, weights_path: str | Pa
 
 
 __all__ = [
-    "BEST_AT_ONE", "DIFFERENCE_GROUPS", "INCEPTION_WEIGHTS_HINT", "METRICS", "METRIC_DIRECTIONS", "Metric", "Score", "badness",
+    "BEST_AT_ONE", "GROUPS", "INCEPTION_WEIGHTS_HINT", "METRICS", "METRIC_DIRECTIONS", "Metric", "Score", "badness",
     "better", "class_histogram", "class_tv", "classes_covered", "classifier_score", "copies", "copy_rate", "direction", "feature_stats",
     "frechet_distance", "frechet_distance_from_features", "inception_fid", "jackknife", "kernel_distance",
     "metric_name", "parse_result_key", "polynomial_kernel", "precision_recall", "result_key", "score_difference",

@@ -137,7 +137,7 @@ class PixelYardstick:
 
 
 def evaluate_pixels(samples: Any, real_test: Any, real_train: Any, basis: PCABasis | None = None,
-                    variance: float = 0.9, groups: int = 10, seed: int = 0) -> dict[str, float]:
+                    variance: float = 0.9, groups: int = metrics.GROUPS, seed: int = 0) -> dict[str, float]:
     """Score ``[N x C x H x W]`` samples in [-1, 1] against held-out images, with the real floor.
 
     1. The basis: :meth:`PCABasis.fit` on ``real_train`` (``variance`` of it), unless given.

@@ -430,3 +430,21 @@ def test_calibration_draws_two_rows_from_fresh_seeds(tmp_path):
     assert kid["verdict"] in ("consistent", "too small", "too large")
     with pytest.raises(SystemExit):
         bench_calibration.main(["--model", str(ckpt), "--rows", "ddim:2", "ddim:3", "--draws", "2"])
+
+
+@pytest.mark.timeout(300)
+def test_groups_gives_each_scores_error_under_several_groupings_and_the_cost(tmp_path):
+    from benchmarks import bench_groups
+
+    r = bench_groups.main(["--num", "60", "--seeds", "3", "--groups", "3", "6",
+                           "--json-out", str(tmp_path / "groups.json")])
+    assert r == _read(tmp_path / "groups.json")
+    assert {"kid", "precision", "classifier_score", "pixel_fd"} <= set(r["scores"]) and "classes_covered" not in r["scores"]
+    for by_count in r["scores"].values():
+        assert set(by_count) == {"3", "6"}
+        for t in by_count.values():
+            assert 0 < t["min_se"] <= t["max_se"] and t["max_over_min"] >= 1 and t["cv"] >= 0
+    assert r["scores"]["kid"]["3"]["max_over_min"] > 1  # another grouping, another error
+    assert set(r["score_values_s"]) == {"3", "6"} and all(s > 0 for s in r["score_values_s"].values())
+    with pytest.raises(SystemExit):
+        bench_groups.main(["--groups", "1"])
