@@ -32,6 +32,7 @@ LossType = Literal["simple", "vb", "hybrid"]
 Sampler = Literal["ddpm", "ddim", "dpmpp", "dpmpp-3m", "unipc", "dpmpp-2m-sde", "edm"]
 Spacing = Literal["linspace", "leading", "trailing", "karras", "logsnr"]  # where a sampler puts its timesteps
 Precision = Literal["fp32", "bf16", "fp16"]
+LrDecay = Literal["none", "linear"]  # after the warm-up: constant, or linearly down to 0 at max_steps
 
 PRESETS = ("digits", "digits-cond", "cifar10")
 
@@ -219,6 +220,10 @@ class TrainConfig:
     batch_size: int = 128  # global batch, divided across workers
     lr: float = 2e-4
     warmup_steps: int = 5000  # linear learning-rate warm-up
+    # "linear": after the warm-up the rate falls linearly to 0 at max_steps (a step count, not
+    # max_time: with a time budget alone the fall is that of max_steps); progressive distillation's
+    # recipe (Salimans & Ho 2022: annealed to 0 in each round, no EMA)
+    lr_decay: LrDecay = "none"
     grad_clip: float = 1.0  # clip the global gradient norm at this value
     ema_decay: float = 0.9999
     max_steps: int = 800_000

@@ -38,7 +38,7 @@ import torch
 
 from ddpm import likelihood
 from ddpm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, export_weights
-from ddpm.config import ConfigError, ExperimentConfig
+from ddpm.config import ConfigError, ExperimentConfig, TrainConfig
 from ddpm.data import check_labels
 from ddpm.data.reader import ShardLoader, load_split, to_float
 from ddpm.diffusion import Diffusion
@@ -151,9 +151,16 @@ def build(cfg: ExperimentConfig, device: torch.device
     # Fused Adam (one kernel over all parameters) has CUDA and CPU kernels; elsewhere, foreach.
     fused = device.type in ("cuda", "cpu")
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, foreach=not fused, fused=fused or None)
-    warmup = max(cfg.train.warmup_steps, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg.train, step))  # a function: not in checkpoints
     return model, ema, opt, sched, Diffusion.from_config(cfg.diffusion)
+
+
+def lr_factor(tc: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (from 0) over ``train.lr``: a linear warm-up over
+    ``warmup_steps`` to 1, times, with ``lr_decay="linear"``, ``1 - step / max_steps`` (0 at
+    ``max_steps``, where the run ends)."""
+    warm = min(1.0, (step + 1) / max(tc.warmup_steps, 1))
+    return warm * max(0.0, 1.0 - step / tc.max_steps) if tc.lr_decay == "linear" else warm
 
 
 def sample_grid(model: torch.nn.Module, diffusion: Diffusion, cfg: ExperimentConfig, path: str, n: int = 64,

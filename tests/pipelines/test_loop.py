@@ -226,3 +226,27 @@ def test_ddp_ranks_stop_together_at_rank_zeros_budget(shards, tmp_path):
 
     mp.spawn(_ddp_worker, args=(shards, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["1 1.0 1.0"] * 2
+
+
+def test_the_learning_rate_warms_up_then_stays_or_falls_linearly_to_zero_at_max_steps():
+    import torch
+
+    from ddpm.config import load_config
+    from pipelines.train.loop import build, lr_factor
+
+    cfg = load_config("digits", [*TINY_LOOP, "train.lr=1e-3", "train.warmup_steps=2", "train.max_steps=8"])
+    assert [lr_factor(cfg.train, s) for s in range(8)] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    linear = cfg.with_values({"train.lr_decay": "linear"})
+    expected = [0.5 * 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8]  # warm-up times 1 - s / 8
+    assert [lr_factor(linear.train, s) for s in range(8)] == pytest.approx(expected)
+    assert lr_factor(linear.train, 8) == 0.0 and lr_factor(linear.train, 9) == 0.0
+
+    _model, _ema, opt, sched, _diffusion = build(linear, torch.device("cpu"))  # what the loop steps by
+    seen = []
+    for _ in range(8):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([1e-3 * f for f in expected])
+    with pytest.raises(Exception, match="lr_decay.*none.*linear"):
+        cfg.with_values({"train.lr_decay": "cosine"})
