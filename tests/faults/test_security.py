@@ -285,9 +285,12 @@ def test_train_hands_ray_nothing_holding_keys_or_a_tracking_password(planted_key
             raise _Captured
 
     def start_local(*args, **kwargs) -> bool:
-        # "local", as cluster.connect starts one: a bare ray.init() would join the cluster named in
+        # As cluster.connect: the instance already joined (the shared cluster, when an earlier test
+        # started it), else a "local" one. A bare ray.init() would join the cluster named in
         # /tmp/ray/ray_current_cluster, which a head stopped without `ray stop` leaves behind (a
-        # 300 s wait for a GCS that is gone, seen in CI)
+        # 300 s wait for a GCS that is gone, seen in CI).
+        if ray.is_initialized():
+            return False
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         return True
 
