@@ -238,9 +238,9 @@ def score_value(score: Score, groups: int = GROUPS, seed: int = 0) -> tuple[floa
 
     ``groups`` is 40: with 10, a score's error depended on how the rows fell into groups, the more so
     for scores that are not smooth (k-NN, histograms). Measured on 500 noisy training digits against
-    the 360 held-out ones, six grouping seeds: the largest error over the smallest was 1.3-3.2 with 10
-    groups (classifier score 0.015 to 0.049) and 1.2-1.5 with 40, at about five times the compute
-    (docs/RESULTS.md, "The yardstick").
+    the 360 held-out ones, six grouping seeds: the largest error over the smallest was 1.7-3.2 with 10
+    groups (classifier score 0.015 to 0.049) and 1.2-1.5 with 40, at about four times the compute
+    (``benchmarks/bench_groups.py``; docs/RESULTS.md, "The yardstick").
     """
     sets = (*score.samples, *score.reference)
     if not score.standard_error:

@@ -259,8 +259,8 @@ def test_train_hands_ray_nothing_holding_keys_or_a_tracking_password(planted_key
     worker env, scaling config) pickles without the planted AWS keys or the tracking URI's password.
 
     The settings resolve to a tracking URI holding ``alice:<password>@`` while MLflow itself writes
-    to the local store (no server needed to see what would travel). ``cluster.connect`` is stubbed
-    by a plain local instance for the progress channel's queue actor (``local_ray`` ends it).
+    to the local store (no server needed to see what would travel). The local Ray instance
+    ``cluster.connect`` starts holds the progress channel's queue actor (``local_ray`` ends it).
     """
     import dataclasses
 
@@ -284,18 +284,11 @@ def test_train_hands_ray_nothing_holding_keys_or_a_tracking_password(planted_key
             captured.update(kwargs, args=args)
             raise _Captured
 
-    def start_local(*args, **kwargs) -> bool:
-        # As cluster.connect: the instance already joined (the shared cluster, when an earlier test
-        # started it), else a "local" one. A bare ray.init() would join the cluster named in
-        # /tmp/ray/ray_current_cluster, which a head stopped without `ray stop` leaves behind (a
-        # 300 s wait for a GCS that is gone, seen in CI).
-        if ray.is_initialized():
-            return False
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        return True
-
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
-    monkeypatch.setattr(cluster, "connect", start_local)
+    # cluster.connect itself: it joins the instance already up (the shared cluster, in a shuffled
+    # run) or starts a "local" one; a bare ray.init() (a stub returning False left it to the queue
+    # actor's auto-init) joins the head named in /tmp/ray/ray_current_cluster, which a head stopped
+    # without `ray stop` leaves behind: a 300 s wait for a GCS that is gone, seen in CI
     monkeypatch.setattr(cluster, "plan", lambda *a, **k: cluster.Placement(
         workers=2, use_gpu=False, strategy="PACK", cpus_per_worker=1.0, threads_per_worker=1))
     with pytest.raises(_Captured):
