@@ -135,6 +135,12 @@ def classifier_score(probs: Any) -> float:
     p(y) is the mean of p(y|x) over the set. The score is 1 when every prediction is the same (or
     uniform) and K when the predictions are one-hot and the classes balanced: high means confident
     predictions spread over all classes.
+
+    It reads low on few samples: the entropy of the estimated p(y) is biased down by about
+    (1 / 2N) sum_k Var_x p(k|x) / p(k). On random subsets of the 1,437 training digits (all of them:
+    9.95): 9.81 at N = 256, 9.85 at 360, 9.89 at 500, 9.94 at 1000. Compare scores at equal N only:
+    the training log's probe (``train.quality_num`` 256) reads about 1.5% below a 2000-sample
+    ``evaluate`` of the same model.
     """
     p = _as_2d_float64(probs)
     marginal = p.mean(dim=0)

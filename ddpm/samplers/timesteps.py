@@ -1,6 +1,6 @@
 """Where a sampler calls the model: ``steps`` distinct descending training timesteps out of T.
 
-Five spacings (names in :data:`ddpm.config.Spacing`), in 0-based timesteps; the first three as Lin
+Six spacings (names in :data:`ddpm.config.Spacing`), in 0-based timesteps; the first three as Lin
 et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are Flawed", table 2) and
 diffusers' ``timestep_spacing``:
 
@@ -15,6 +15,12 @@ diffusers' ``timestep_spacing``:
   from sigma_{T-1} down to sigma_0 (diffusers' ``use_karras_sigmas``).
 - ``logsnr``: evenly spaced in lambda_t = log(alpha_t / sigma_t) = -log sigma_t from T-1 to 0
   (DPM-Solver's ``skip_type="logSNR"``, which Lu et al. advise for low-resolution images).
+- ``cosine``: the noise levels of ``trailing`` times under the cosine schedule alpha_s = cos(pi s / 2)
+  of Salimans and Ho 2022 (s = 1, 1 - 1/steps, ..., 1/steps; sigma_t = tan(pi s / 2)), each at the
+  nearest of this schedule's timesteps: the grid their progressive distillation halves. It nests:
+  every other point of ``2N`` is the grid of ``N`` (the same sigmas, rounded alike), as long as no
+  two meet near t = 0. On the linear schedule it puts the 4-step grid at t = 999, 433, 258, 121
+  where ``trailing`` has 999, 749, 499, 249: two calls spent where x_t is still nearly noise.
 
 ``karras`` and ``logsnr`` round each sigma to the nearest timestep in log sigma, then separate any
 that meet at small sigma. Why the spacing matters: on the linear schedule,
@@ -64,6 +70,16 @@ def logsnr_timesteps(alphas_cumprod: torch.Tensor, steps: int) -> list[int]:
     return _distinct(nearest_timesteps(sigmas, alphas_cumprod), len(alphas_cumprod))
 
 
+def cosine_timesteps(alphas_cumprod: torch.Tensor, steps: int) -> list[int]:
+    """``steps`` descending timesteps at sigma = tan(pi s / 2), s = 1 - k / steps for k = 0..steps-1
+    (uniform ``trailing`` times of the cosine schedule alpha_s = cos(pi s / 2), Salimans and Ho 2022,
+    sec. 4), each the nearest timestep in log sigma; the first is T-1 (sigma = infinity there), and
+    any that meet near t = 0 are made distinct as :func:`karras_timesteps`."""
+    T = len(alphas_cumprod)
+    s = 1.0 - torch.arange(1, steps, dtype=torch.float64) / steps
+    return _distinct([T - 1, *nearest_timesteps(torch.tan(torch.pi / 2 * s), alphas_cumprod)], T)
+
+
 def _distinct(ts: list[int], T: int) -> list[int]:
     """Descending ``ts`` made strictly so: each lifted to one above the next (as Analytic-DPM's
     ``_round_and_remove_dup``), then, where that passed T-1, each lowered to one below the previous."""
@@ -78,7 +94,7 @@ def space_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "linspace
                     alphas_cumprod: torch.Tensor | None = None) -> list[int]:
     """``steps`` distinct descending timesteps out of T = ``num_timesteps`` (``[T-1]`` for one step).
 
-    ``karras`` needs the schedule's ``alphas_cumprod`` ``[T]``; the others only T. See the module's
+    ``karras``, ``logsnr`` and ``cosine`` need the schedule's ``alphas_cumprod`` ``[T]``; the others only T. See the module's
     docstring for what each spacing does.
     """
     if not 1 <= steps <= num_timesteps:
@@ -99,7 +115,9 @@ def space_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "linspace
         raise ValueError(f"spacing {spacing!r} needs the schedule's alphas_cumprod of length T={T}")
     if spacing == "logsnr":
         return logsnr_timesteps(alphas_cumprod, steps)
+    if spacing == "cosine":
+        return cosine_timesteps(alphas_cumprod, steps)
     return karras_timesteps(alphas_cumprod, steps)
 
 
-__all__ = ["KARRAS_RHO", "SPACINGS", "karras_timesteps", "log_sigmas", "nearest_timesteps", "space_timesteps"]
+__all__ = ["KARRAS_RHO", "SPACINGS", "cosine_timesteps", "karras_timesteps", "log_sigmas", "nearest_timesteps", "space_timesteps"]

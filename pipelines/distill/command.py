@@ -18,8 +18,9 @@ from ray.train import Result
 
 from ddpm.config import ExperimentConfig
 from ddpm.data.storage import open_fs, storage_options_for
+from ddpm.diffusion import Diffusion
 from pipelines import cluster, console, tracking
-from pipelines.distill.schedule import (GRID_SPACING, PREDICTIONS, SUFFIX, Round, check_teacher, first_grid, from_steps,
+from pipelines.distill.schedule import (PREDICTIONS, SUFFIX, Round, check_teacher, first_grid, from_steps, grid_spacing,
                                         plan_rounds, student_config)
 from pipelines.distill.worker import distill_main
 from pipelines.errors import Interrupted, UsageError
@@ -41,7 +42,7 @@ TEACHER_TAG = "ddpm.teacher"  # the student version's (and run's) teacher: model
 ROUNDS_TAG = "ddpm.distill.rounds"  # e.g. "32->16,16->8"
 STEPS_TAG = "ddpm.distill.steps"  # N, the student's sampling steps
 FROM_STEPS_TAG = "ddpm.distill.from_steps"  # K, the first teacher's
-SPACING_TAG = "ddpm.distill.spacing"  # the grid's spacing (trailing)
+SPACING_TAG = "ddpm.distill.spacing"  # the grid's spacing (cosine, or trailing where cosine does not nest)
 PREDICTION_TAG = "ddpm.distill.prediction"  # what the student predicts (eps, v, edm)
 
 
@@ -64,10 +65,12 @@ def distill_command(teacher: str, steps: int, from_steps_: int | None = None, ov
     T = teacher_cfg.diffusion.timesteps
     K = from_steps(teacher_cfg, from_steps_)
     rounds = plan_rounds(K, steps, T)
+    alphas_cumprod = Diffusion.from_config(teacher_cfg.diffusion).alphas_cumprod
+    spacing = grid_spacing(alphas_cumprod, K, steps)
     given = name is not None
     name = name or f"{meta['name'] or teacher_cfg.train.registered_model}{SUFFIX}"
     check_name(name, "--name" if given else "the student's name (<teacher name>-distilled)")
-    cfg = student_config(teacher_cfg, steps, name, prediction).with_values({"train.lr": DISTILL_LR})  # --set train.lr: below
+    cfg = student_config(teacher_cfg, steps, name, prediction, spacing).with_values({"train.lr": DISTILL_LR})  # --set train.lr: below
     if max_steps is not None or max_time is not None:  # a budget given: the teacher's time budget is not inherited
         cfg = cfg.with_values({"train.max_time": None})
     cfg = with_options(cfg.override(overrides or []), overrides or [], max_steps, precision, max_time)
@@ -105,7 +108,7 @@ def distill_command(teacher: str, steps: int, from_steps_: int | None = None, ov
         console.info(f"[distill] {teacher_uri} from {K} to {steps} steps in {len(rounds)} round(s) of "
                      f"{_budget(cfg)}; {placement.workers} worker(s), run '{run_name}' "
                      f"({'resuming' if resumed else 'new'}), MLflow run {run_id}")
-        extra = {"rounds": rounds, "round_run_ids": round_ids, "first_grid": first_grid(T, K), "teacher": weights,
+        extra = {"rounds": rounds, "round_run_ids": round_ids, "first_grid": first_grid(alphas_cumprod, K, spacing), "teacher": weights,
                  "name": name, "teacher_prediction": teacher_cfg.diffusion.prediction}
         try:
             result = fit(cfg, settings, placement, run_name, run_id, data_url, holdout_url, max_failures,
@@ -132,7 +135,7 @@ def _check_overrides(overrides: list[str]) -> None:
 
 def _schedule_tags(rounds: list[Round], K: int, N: int, cfg: ExperimentConfig) -> dict[str, str]:
     return {ROUNDS_TAG: ",".join(f"{r.teacher_steps}->{r.student_steps}" for r in rounds),
-            FROM_STEPS_TAG: str(K), STEPS_TAG: str(N), SPACING_TAG: GRID_SPACING,
+            FROM_STEPS_TAG: str(K), STEPS_TAG: str(N), SPACING_TAG: cfg.sample.spacing or "",
             PREDICTION_TAG: cfg.diffusion.prediction}
 
 

@@ -448,3 +448,27 @@ def test_groups_gives_each_scores_error_under_several_groupings_and_the_cost(tmp
     assert set(r["score_values_s"]) == {"3", "6"} and all(s > 0 for s in r["score_values_s"].values())
     with pytest.raises(SystemExit):
         bench_groups.main(["--groups", "1"])
+
+
+@pytest.mark.timeout(300)
+def test_distill_probe_paths_and_pair_know_a_model_from_itself(tmp_path):
+    """``paths``: the reference's own DDIM at its own steps follows its path exactly (RMS 0 at every
+    timestep), a 2-step student visits every 4th of the reference's 8; ``pair``: a model against
+    itself differs by exactly 0 on every score."""
+    from benchmarks import bench_distill_probe
+    from tests.support import REGISTRY_TINY, save_tiny_checkpoint
+
+    ckpt = str(save_tiny_checkpoint(tmp_path / "tiny.pt"))
+    student = str(save_tiny_checkpoint(tmp_path / "student.pt", seed=1, overrides=[
+        *REGISTRY_TINY, "sample.sampler=ddim", "sample.steps=2", "sample.spacing=cosine", "sample.eta=0"]))
+    r = bench_distill_probe.main(["paths", "--reference", ckpt, "--reference-steps", "8", "--spacing", "cosine",
+                                  "--models", f"{ckpt}#8", student, "--num", "16",
+                                  "--json-out", str(tmp_path / "paths.json")])
+    assert r == _read(tmp_path / "paths.json") and r["benchmark"] == "distill_probe.paths"
+    same, other = r["rows"]
+    assert len(same["rms"]) == 9 and set(same["rms"].values()) == {0.0}  # 8 timesteps and the end
+    assert len(other["rms"]) == 3 and other["rms"]["-1"] > 0  # 2 of the 8, and the end
+    r = bench_distill_probe.main(["pair", ckpt, ckpt, "--num", "24", "--seeds", "0", "1"])
+    assert [d["seed"] for d in r["draws"]] == [0, 1]
+    for d in r["draws"]:
+        assert "kid" in d["a_minus_b"] and all(v["diff"] == 0 for v in d["a_minus_b"].values())

@@ -447,10 +447,28 @@ def test_space_timesteps_every_spacing(diffusion):
     assert space_timesteps(1000, 20, "trailing")[-1] == 49
     for spacing in ("karras", "logsnr"):
         assert space_timesteps(1000, 20, spacing, abar)[::19] == [999, 0]
+    for spacing in ("karras", "logsnr", "cosine"):
         with pytest.raises(ValueError, match="alphas_cumprod"):
             space_timesteps(1000, 20, spacing)
-    with pytest.raises(ValueError, match="valid: linspace, leading, trailing, karras, logsnr"):
+    with pytest.raises(ValueError, match="valid: linspace, leading, trailing, karras, logsnr, cosine"):
         space_timesteps(1000, 20, "uniform")
+
+
+def test_cosine_spacing_is_the_cosine_schedules_trailing_times_at_this_schedules_nearest_timesteps(diffusion):
+    """t_k has the sigma nearest (in log) tan(pi s / 2), s = 1 - k / N: the noise level of uniform
+    time s under alpha_s = cos(pi s / 2) (Salimans and Ho 2022); t_0 = T-1; halving nests."""
+    abar = diffusion.alphas_cumprod
+    log_sigma = 0.5 * ((1 - abar) / abar).log()
+    for N in (4, 8, 32):
+        ts = space_timesteps(1000, N, "cosine", abar)
+        assert ts[0] == 999
+        for k, t in enumerate(ts[1:], start=1):
+            want = math.log(math.tan(math.pi / 2 * (1 - k / N)))
+            assert abs(log_sigma[t] - want) <= (log_sigma - want).abs().min() + 1e-12, (N, k, t)
+    assert space_timesteps(1000, 4, "cosine", abar) == [999, 433, 258, 121]  # trailing: 999, 749, 499, 249
+    first = space_timesteps(1000, 256, "cosine", abar)
+    for N in (128, 64, 32, 16, 8, 4, 2, 1):
+        assert space_timesteps(1000, N, "cosine", abar) == first[:: 256 // N]
 
 
 def test_edm_calls_heun_pairs_and_euler_ends(diffusion):

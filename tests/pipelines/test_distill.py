@@ -13,7 +13,7 @@ from ddpm.diffusion import Diffusion
 from ddpm.distill import student_timesteps
 from ddpm.pipeline import DDPMPipeline
 from ddpm.samplers import make_sampler
-from pipelines.distill.schedule import first_grid, from_steps, plan_rounds, round_grid, student_config
+from pipelines.distill.schedule import first_grid, from_steps, grid_spacing, plan_rounds, round_grid, student_config
 from pipelines.errors import UsageError
 from tests.support import TINY, TINY_NET, cli_json, mlflow_client, register_tiny, run_cli, save_tiny_checkpoint
 
@@ -40,16 +40,23 @@ def test_rounds_halve_from_k_to_n_and_refuse_what_cannot_be_reached():
         plan_rounds(33, 11, 1000)
 
 
-@pytest.mark.parametrize(("T", "K", "N"), [(1000, 32, 4), (1000, 64, 8), (1000, 48, 3), (100, 16, 2), (50, 32, 1)])
-def test_the_students_config_samples_exactly_the_grid_it_was_distilled_for(T, K, N):
-    """DDIM with the student config's sample section (trailing spacing) calls the model at exactly
-    ``student_timesteps(first grid, N)``, and each round's teacher grid is the previous student's."""
-    cfg = student_config(ExperimentConfig.preset("digits").with_values({"diffusion.timesteps": T}), N, "s")
+@pytest.mark.parametrize(("T", "K", "N", "spacing"), [(1000, 32, 4, "cosine"), (1000, 64, 8, "cosine"),
+                                                     (1000, 48, 3, "cosine"), (1000, 512, 4, "trailing"),
+                                                     (100, 16, 2, "cosine"), (50, 32, 1, "trailing")])
+def test_the_students_config_samples_exactly_the_grid_it_was_distilled_for(T, K, N, spacing):
+    """DDIM with the student config's sample section calls the model at exactly
+    ``student_timesteps(first grid, N)``, and each round's teacher grid is the previous student's.
+    The grid is cosine where its halvings nest, else trailing (cosine timesteps meet near t = 0 at
+    K = 512 of T = 1000, and at 32 of T = 50)."""
+    abar = Diffusion.from_config(ExperimentConfig.preset("digits").with_values({"diffusion.timesteps": T}).diffusion).alphas_cumprod
+    assert grid_spacing(abar, K, N) == spacing
+    cfg = student_config(ExperimentConfig.preset("digits").with_values({"diffusion.timesteps": T}), N, "s",
+                         spacing=spacing)
     pipe = DDPMPipeline.from_config(torch.nn.Identity(), cfg)
-    assert (pipe.sampler, pipe.steps, pipe.eta, pipe.spacing) == ("ddim", N, 0.0, "trailing")
+    assert (pipe.sampler, pipe.steps, pipe.eta, pipe.spacing) == ("ddim", N, 0.0, spacing)
     diffusion = Diffusion.from_config(cfg.diffusion)
     ts = make_sampler(diffusion, pipe.sampler, pipe.steps, pipe.eta, pipe.spacing).timesteps
-    first = first_grid(T, K)
+    first = first_grid(abar, K, spacing)
     assert ts == student_timesteps(first, N)
     rounds = plan_rounds(K, N, T)
     for a, b in zip(rounds, rounds[1:]):
@@ -138,7 +145,8 @@ def test_distill_registers_a_student_that_samples_in_its_own_steps(ray_cluster, 
     student = read_config("models:/teach-distilled/1")
     assert student.diffusion.prediction == "v"
     sample = student.sample
-    assert (sample.sampler, sample.steps, sample.eta, sample.spacing) == ("ddim", 2, 0.0, "trailing")
+    assert (sample.sampler, sample.steps, sample.eta, sample.spacing) == ("ddim", 2, 0.0, "cosine")  # nests on T = 50 from 8
+    assert tags["ddpm.distill.spacing"] == "cosine"
     result = run_cli("sample", "--model", "models:/teach-distilled/1", "--num", "2", "--out",
                      str(tmp_path / "samples"), "--json")
     assert result.exit_code == 0, result.output

@@ -1,0 +1,162 @@
+"""Where a distilled student loses against its teacher: three probes, JSON out.
+
+- ``paths``: from the same noise, the RMS distance (pixels in [-1, 1]) between each model's DDIM
+  state and a reference model's at every reference timestep the model also visits, and at the end.
+  The reference is the first teacher on its K-step grid; a student after k rounds visits every
+  2^k-th of those timesteps.
+- ``positions``: one round's distillation error per student position: the mean squared distance
+  (x space) between the student's x~ and its teacher's two-step target on noised training and
+  held-out digits, from a ``distill`` checkpoint (which holds that round's teacher); ``--start``
+  uses the teacher as the student (the round's starting point).
+- ``pair``: two models, each with its own sampler, the same noise seeds: every score's paired
+  difference on the yardstick's lower-is-better scale (negative: the first is better) and its z.
+
+::
+
+    python -m benchmarks.bench_distill_probe paths --reference models:/ddpm-digits/1 --reference-steps 32 \\
+        --spacing cosine --models models:/e4-cos/1 models:/ddpm-digits/1#4
+    python -m benchmarks.bench_distill_probe positions --student models:/e4-cos/1 \\
+        --checkpoint $DDPM_HOME/ray/e4-cos/checkpoint_00004050/checkpoint.pt --teacher-steps 8 --spacing cosine
+    python -m benchmarks.bench_distill_probe pair models:/e4-cos/1 models:/e4-base/1 --num 2000 --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+from typing import Any
+
+from benchmarks import common
+
+
+def _paths(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from ddpm.noise import NoiseSource
+    from ddpm.samplers.ddim import DDIMSampler
+    from pipelines.registry.models import load
+
+    def states(uri: str, steps: int | None, spacing: str | None) -> dict[int, torch.Tensor]:
+        m = load(uri)
+        steps, spacing = steps or m.config.sample.steps, spacing or m.config.sample.spacing or "linspace"
+        s = DDIMSampler(m.diffusion, steps, 0.0, spacing)
+        shape = (args.num, m.config.model.in_channels, m.config.model.image_size, m.config.model.image_size)
+        noise = NoiseSource(shape, generator=torch.Generator().manual_seed(args.seed))
+        x, out = noise.next(), {}
+        with torch.no_grad():
+            for i, t in enumerate(s.timesteps):
+                out[t] = x
+                x, _ = s.step(m.model.eval(), x, i, noise, True)
+        out[-1] = x  # the end: clean data
+        return out
+
+    ref = states(args.reference, args.reference_steps, args.spacing)
+    rows = []
+    for spec in args.models:  # URI, or URI#STEPS: DDIM on the reference's spacing at STEPS
+        uri, _, given = spec.partition("#")
+        got = states(uri, int(given), args.spacing) if given else states(uri, None, None)
+        rows.append({"model": spec, "rms": {str(t): round((got[t] - ref[t]).pow(2).mean().sqrt().item(), 5)
+                                            for t in got if t in ref}})
+        print(f"[paths] {spec}: " + " ".join(f"t={t}:{v}" for t, v in rows[-1]["rms"].items()))
+    return {"reference": args.reference, "reference_steps": args.reference_steps, "spacing": args.spacing, "rows": rows}
+
+
+def _positions(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from ddpm import features
+    from ddpm.distill import ProgressiveDistillation
+    from ddpm.samplers.timesteps import space_timesteps
+    from pipelines.registry.models import load
+
+    student = load(args.student)
+    d = student.diffusion
+    teacher = copy.deepcopy(student.model)
+    teacher.load_state_dict(torch.load(args.checkpoint, weights_only=False, map_location="cpu")["distill"]["teacher"])
+    teacher.eval()
+    net = teacher if args.start else student.model.eval()
+    grid = space_timesteps(d.num_timesteps, args.teacher_steps, args.spacing, d.alphas_cumprod)
+    rnd = ProgressiveDistillation(d, grid)
+    train, _, test, _ = features.digits_split()
+    out: dict[str, Any] = {"student_timesteps": rnd.timesteps, "start": args.start}
+    for name, data in (("train", train[: len(test)]), ("held_out", test)):
+        g, errors = torch.Generator().manual_seed(args.seed), []
+        for i in range(rnd.steps):
+            pos = torch.full((len(data),), i, dtype=torch.long)
+            t, total = rnd.student_t(pos), 0.0
+            for _ in range(args.repeats):
+                x_t = d.q_sample(data, t, torch.randn(data.shape, generator=g))
+                with torch.no_grad():
+                    target = rnd.target_xstart(teacher, x_t, pos)
+                    x0 = d.p_mean_variance_from_output(d.model_output(net, x_t, t, None), x_t, t, False)["pred_xstart"]
+                total += (x0 - target).pow(2).mean().item()
+            errors.append(round(total / args.repeats, 6))
+        out[name] = errors
+        print(f"[positions] {name} t={rnd.timesteps}: {errors}")
+    return out
+
+
+def _pair(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.bench_quality import Yardstick, gaps
+    from ddpm.inference import SamplingNet
+    from ddpm.pipeline import DDPMPipeline
+    from pipelines.registry.evaluate import load_eval_data
+    from pipelines.registry.models import load
+    from pipelines.settings import resolve
+
+    settings = resolve()
+    a, b = load(args.a), load(args.b)
+    ev = load_eval_data(a.config, None, settings)
+    ys = Yardstick(ev, settings)
+    draws = []
+    for seed in args.seeds:
+        sa, sb = (ys.scores(DDPMPipeline.from_config(SamplingNet(m.model), m.config, m.diffusion)(args.num, seed))
+                  for m in (a, b))
+        diff = {k: {"diff": d, "se": se, "z": d / se if se > 0 else None}
+                for k, (d, se) in gaps(sa, sb, True, None).items() if se == se}
+        draws.append({"seed": seed, "a_minus_b": diff})
+        print(f"[pair] seed {seed}: " + " ".join(f"{k} {v['diff']:+.4g} (z {v['z']:+.1f})"
+                                                 for k, v in diff.items() if v["z"] is not None))
+    return {"a": args.a, "b": args.b, "num": args.num, "draws": draws}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="probe", required=True)
+    q = sub.add_parser("paths")
+    q.add_argument("--reference", required=True)
+    q.add_argument("--reference-steps", type=int, default=32)
+    q.add_argument("--spacing", default="cosine", help="the reference's DDIM grid")
+    q.add_argument("--models", nargs="+", required=True,
+                   help="URI: DDIM on the model's own grid (a student); URI#STEPS: DDIM at STEPS on --spacing")
+    q.add_argument("--num", type=int, default=512)
+    q = sub.add_parser("positions")
+    q.add_argument("--student", required=True)
+    q.add_argument("--checkpoint", required=True, help="a distill checkpoint.pt of the round (holds its teacher)")
+    q.add_argument("--teacher-steps", type=int, required=True)
+    q.add_argument("--spacing", default="cosine")
+    q.add_argument("--start", action="store_true", help="the teacher as the student: the round's start")
+    q.add_argument("--repeats", type=int, default=4)
+    q = sub.add_parser("pair")
+    q.add_argument("a")
+    q.add_argument("b")
+    q.add_argument("--num", type=int, default=2000)
+    q.add_argument("--seeds", type=int, nargs="+", default=[0])
+    for q in sub.choices.values():
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--json-out", default=None)
+    args = p.parse_args(argv)
+    common.set_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    result = {"benchmark": f"distill_probe.{args.probe}", "machine": common.machine(),
+              **{"paths": _paths, "positions": _positions, "pair": _pair}[args.probe](args)}
+    if args.json_out:
+        os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
