@@ -88,10 +88,13 @@ def test_cifar10_preset_is_the_papers_run():
 
 def test_digits_cond_preset_is_digits_made_class_conditional():
     """The preset the conditional measurement chose (docs/RESULTS.md): the digits preset with 10 classes,
-    30% of labels dropped, guidance 1.5 by default; everything else the digits preset's."""
+    half the labels dropped, guidance 1.5 by default, sampled on the solver's own log-SNR grid (where
+    it was measured); everything else the digits preset's."""
     cond, base = ExperimentConfig.preset("digits-cond"), ExperimentConfig.preset("digits")
     assert (cond.model.num_classes, cond.train.label_dropout, cond.sample.guidance) == (10, 0.5, 1.5)
     assert (cond.name, cond.train.registered_model) == ("digits-cond", "ddpm-digits-cond")
+    assert cond.sample.spacing is None and base.sample.spacing == "cosine"
     assert cond.with_values({"name": "digits", "model.num_classes": 0, "train.label_dropout": 0.1,
-                             "train.registered_model": "ddpm-digits", "sample.guidance": 1.0}) == base
+                             "train.registered_model": "ddpm-digits", "sample.guidance": 1.0,
+                             "sample.spacing": "cosine"}) == base
     assert load_config("digits-cond") == cond
