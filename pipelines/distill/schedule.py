@@ -14,7 +14,8 @@ T = 1000) the grid is ``trailing``, which always nests. The other spacings do no
 Why cosine: on the linear schedule ``trailing`` spends half of a 4-step student's calls where x_t
 is still nearly noise (t = 999, 749) and leaves one step for everything below SNR 1.1; the cosine
 grid (999, 433, 258, 121) does not. The teacher's own DDIM on it, 2000 samples: 32 steps fine
-spread 0.891 against 0.859 on ``trailing``; 4 steps KID 0.036 against 0.20 (docs/DISTILL.md).
+spread 0.890 against 0.857 on ``trailing``; 4 steps KID 0.031 against 0.196; the 4-step student of
+the same 3 x 1,350 steps, fine spread 0.873 against 0.810 (docs/RESULTS.md, "The cosine grid").
 
 Everything here is checked on the driver, before any run or Ray job: bad input is a
 :class:`~pipelines.errors.UsageError` (exit 2), one line saying why.
