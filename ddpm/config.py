@@ -346,8 +346,8 @@ class ExperimentConfig:
                                   checkpoint_every=500, registered_model="ddpm-digits", quality_num=256),
                 # SDE-DPM-Solver++ 2M at 20 calls on the cosine grid (the noise levels of uniform times
                 # under the cosine schedule): at 2000 samples within noise of 1000-step ancestral
-                # sampling of the same EDM model on every score (largest gap 1.0 standard error); on
-                # its own log-SNR spacing it was behind on classifier score and confidence (2.1, 2.0).
+                # sampling of the same EDM model on every score, in two draws and pooled; on its own
+                # log-SNR spacing it was behind pooled on classifier score and confidence (2.0, 2.4).
                 # On the Gaussian oracle its std is 1.9% above the data's (log-SNR: 3.4%).
                 # docs/RESULTS.md, benchmarks/bench_samplers.py.
                 sample=SampleConfig(sampler="dpmpp-2m-sde", steps=20, spacing="cosine", num=64),
