@@ -70,7 +70,7 @@ def distill_command(teacher: str, steps: int, from_steps_: int | None = None, ov
     given = name is not None
     name = name or f"{meta['name'] or teacher_cfg.train.registered_model}{SUFFIX}"
     check_name(name, "--name" if given else "the student's name (<teacher name>-distilled)")
-    cfg = student_config(teacher_cfg, steps, name, prediction, spacing).with_values({"train.lr": DISTILL_LR})  # --set train.lr: below
+    cfg = student_config(teacher_cfg, steps, name, spacing, prediction).with_values({"train.lr": DISTILL_LR})  # --set train.lr: below
     if max_steps is not None or max_time is not None:  # a budget given: the teacher's time budget is not inherited
         cfg = cfg.with_values({"train.max_time": None})
     cfg = with_options(cfg.override(overrides or []), overrides or [], max_steps, precision, max_time)

@@ -115,8 +115,8 @@ def round_grid(first: list[int], r: Round) -> list[int]:
     return student_timesteps(first, r.teacher_steps) if r.teacher_steps < len(first) else list(first)
 
 
-def student_config(cfg: ExperimentConfig, steps: int, name: str, prediction: str | None = None,
-                   spacing: Spacing = "cosine") -> ExperimentConfig:
+def student_config(cfg: ExperimentConfig, steps: int, name: str, spacing: Spacing,
+                   prediction: str | None = None) -> ExperimentConfig:
     """The student's config after a round that ends at ``steps``: the teacher's network and process
     (predicting ``prediction`` when given), registered as ``name``, sampled as it was distilled: DDIM,
     eta 0, on the ``spacing`` grid of ``steps`` (:func:`grid_spacing`; = :func:`ddpm.distill.student_timesteps`

@@ -45,7 +45,7 @@ def distill_main(loop_config: dict[str, Any]) -> None:
     teacher_weights, offset = state["teacher"], int(state["offset"])
     for r in rounds[int(state["round"]):]:
         resumed = latest if latest is not None and int(latest[STATE_KEY]["round"]) == r.index else None
-        round_cfg = student_config(cfg, r.student_steps, loop_config["name"])
+        round_cfg = student_config(cfg, r.student_steps, loop_config["name"], cfg.sample.spacing)  # the run's grid
         teacher = _frozen(round_cfg, teacher_weights, ctx.device)
         diffusion = Diffusion.from_config(round_cfg.diffusion)
         # the first teacher predicts what it was trained to; a later round's teacher is a student

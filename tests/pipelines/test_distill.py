@@ -50,8 +50,7 @@ def test_the_students_config_samples_exactly_the_grid_it_was_distilled_for(T, K,
     K = 512 of T = 1000, and at 32 of T = 50)."""
     abar = Diffusion.from_config(ExperimentConfig.preset("digits").with_values({"diffusion.timesteps": T}).diffusion).alphas_cumprod
     assert grid_spacing(abar, K, N) == spacing
-    cfg = student_config(ExperimentConfig.preset("digits").with_values({"diffusion.timesteps": T}), N, "s",
-                         spacing=spacing)
+    cfg = student_config(ExperimentConfig.preset("digits").with_values({"diffusion.timesteps": T}), N, "s", spacing)
     pipe = DDPMPipeline.from_config(torch.nn.Identity(), cfg)
     assert (pipe.sampler, pipe.steps, pipe.eta, pipe.spacing) == ("ddim", N, 0.0, spacing)
     diffusion = Diffusion.from_config(cfg.diffusion)
