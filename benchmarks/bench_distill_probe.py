@@ -35,20 +35,21 @@ def _paths(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from ddpm.noise import NoiseSource
+    from ddpm.samplers import config_spacing
     from ddpm.samplers.ddim import DDIMSampler
     from pipelines.registry.models import load
 
     def states(uri: str, steps: int | None, spacing: str | None) -> dict[int, torch.Tensor]:
         m = load(uri)
-        steps, spacing = steps or m.config.sample.steps, spacing or m.config.sample.spacing or "linspace"
-        s = DDIMSampler(m.diffusion, steps, 0.0, spacing)
+        steps, spacing = steps or m.config.sample.steps, spacing or config_spacing(m.config.sample, "ddim")
+        s, net = DDIMSampler(m.diffusion, steps, 0.0, spacing), m.model.eval()
         shape = (args.num, m.config.model.in_channels, m.config.model.image_size, m.config.model.image_size)
         noise = NoiseSource(shape, generator=torch.Generator().manual_seed(args.seed))
         x, out = noise.next(), {}
         with torch.no_grad():
             for i, t in enumerate(s.timesteps):
                 out[t] = x
-                x, _ = s.step(m.model.eval(), x, i, noise, True)
+                x, _ = s.step(net, x, i, noise, True)
         out[-1] = x  # the end: clean data
         return out
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
-    common.set_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    common.set_threads(common.cores())
     result = {"benchmark": f"distill_probe.{args.probe}", "machine": common.machine(),
               **{"paths": _paths, "positions": _positions, "pair": _pair}[args.probe](args)}
     if args.json_out:

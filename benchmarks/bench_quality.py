@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from pipelines.registry.evaluate import load_eval_data, measure_sampler, score_samples
     from pipelines.settings import resolve
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = common.cores()
     threads = common.set_threads(args.threads or cores)
     os.environ["DDPM_TORCH_THREADS"] = str(threads)  # train_loop sets it again from here
     load_before = common.load()

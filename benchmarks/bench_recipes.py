@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from pipelines.storage.data import prepare_command
     from pipelines.settings import resolve
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = common.cores()
     threads = common.set_threads(args.threads or cores)
     os.environ["DDPM_TORCH_THREADS"] = str(threads)
     load_before, start = common.load(), time.perf_counter()

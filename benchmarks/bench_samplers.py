@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from pipelines.registry.evaluate import load_eval_data
     from pipelines.settings import resolve
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = common.cores()
     threads = common.set_threads(args.threads or cores)
     settings = resolve()
     loaded = load(args.model)

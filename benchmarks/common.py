@@ -41,6 +41,11 @@ def load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def set_threads(threads: int | None) -> int:
     import torch
 
