@@ -1,4 +1,4 @@
-"""Where a distilled student loses against its teacher: three probes, JSON out.
+"""Where a distilled student loses against its teacher: four probes, JSON out.
 
 - ``paths``: from the same noise, the RMS distance (pixels in [-1, 1]) between each model's DDIM
   state and a reference model's at every reference timestep the model also visits, and at the end.
@@ -10,6 +10,7 @@
   uses the teacher as the student (the round's starting point).
 - ``pair``: two models, each with its own sampler, the same noise seeds: every score's paired
   difference on the yardstick's lower-is-better scale (negative: the first is better) and its z.
+- ``grids``: the same noise seeds through each model, side by side in one PNG (docs/img/distill_grids.png).
 
 ::
 
@@ -18,6 +19,8 @@
     python -m benchmarks.bench_distill_probe positions --student models:/e4-cos/1 \\
         --checkpoint $DDPM_HOME/ray/e4-cos/checkpoint_00004050/checkpoint.pt --teacher-steps 8 --spacing cosine
     python -m benchmarks.bench_distill_probe pair models:/e4-cos/1 models:/e4-base/1 --num 2000 --seeds 0 1
+    python -m benchmarks.bench_distill_probe grids --out docs/img/distill_grids.png \\
+        --models models:/ddpm-digits/1 'models:/ddpm-digits/1#ddim:4@cosine' models:/e4-t64/1
 """
 
 from __future__ import annotations
@@ -123,6 +126,43 @@ def _pair(args: argparse.Namespace) -> dict[str, Any]:
     return {"a": args.a, "b": args.b, "num": args.num, "draws": draws}
 
 
+def _grids(args: argparse.Namespace) -> dict[str, Any]:
+    """The same ``--num`` noise seeds through each model (its own sampler, or ``URI#ROW`` as
+    :func:`benchmarks.bench_samplers.parse_row`), side by side in one PNG, each titled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.bench_samplers import student_spec
+    from ddpm.image import grid
+    from ddpm.inference import SamplingNet
+    from ddpm.pipeline import DDPMPipeline
+    from ddpm.samplers import config_spacing
+    from pipelines.registry.models import load
+
+    fig, axes = plt.subplots(1, len(args.models), figsize=(2.4 * len(args.models), 2.8), squeeze=False)
+    panels = []
+    for ax, spec in zip(axes[0], args.models):
+        uri, row = student_spec(spec)
+        m = load(uri)
+        kw = {} if row is None else {"sampler": row.sampler, "steps": row.steps, "eta": row.eta, "spacing": row.spacing}
+        pipe = DDPMPipeline.from_config(SamplingNet(m.model), m.config, m.diffusion, **kw)
+        x = pipe(args.num, args.seed)
+        sc = m.config.sample
+        sampler, steps = (row.sampler, row.steps) if row else (sc.sampler, sc.steps)
+        spacing = (row.spacing if row else None) or config_spacing(sc, sampler) or "default"
+        title = f"{uri.removeprefix('models:/')}\n{sampler} {steps}, {spacing}"
+        ax.imshow(grid(x, nrow=8, scale=1).squeeze(), cmap="gray", interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+        panels.append({"model": spec, "sampler": sampler, "steps": steps, "spacing": spacing})
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"[grids] wrote {args.out}")
+    return {"out": args.out, "num": args.num, "panels": panels}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="probe", required=True)
@@ -145,13 +185,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     q.add_argument("b")
     q.add_argument("--num", type=int, default=2000)
     q.add_argument("--seeds", type=int, nargs="+", default=[0])
+    q = sub.add_parser("grids")
+    q.add_argument("--models", nargs="+", required=True, help="URI (its own sampler) or URI#ROW (bench_samplers' rows)")
+    q.add_argument("--num", type=int, default=64)
+    q.add_argument("--out", required=True, help="the PNG to write")
     for q in sub.choices.values():
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     common.set_threads(common.cores())
     result = {"benchmark": f"distill_probe.{args.probe}", "machine": common.machine(),
-              **{"paths": _paths, "positions": _positions, "pair": _pair}[args.probe](args)}
+              **{"paths": _paths, "positions": _positions, "pair": _pair, "grids": _grids}[args.probe](args)}
     if args.json_out:
         os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
         with open(args.json_out, "w") as f:

@@ -230,14 +230,15 @@ def train(
 def distill(
     teacher: Annotated[str, typer.Option("--teacher", help="The teacher's model URI (as --model): an eps, v or edm model of this project; an alias is pinned to its version.")],
     steps: Annotated[int, typer.Option("--steps", min=1, help="The student's sampling steps N: the starting steps halved k >= 1 times (K / 2^k), one round each.")],
-    from_steps: Annotated[Optional[int], typer.Option("--from-steps", min=2, help="The first teacher's DDIM steps K (on the trailing grid). Default: the teacher's own sampler's steps (its config's sample section) rounded up to a power of two, at most T.")] = None,
+    from_steps: Annotated[Optional[int], typer.Option("--from-steps", min=2, help="The first teacher's DDIM steps K (on the cosine grid, or trailing where the cosine grid's halvings do not nest). Default: the teacher's own sampler's steps (its config's sample section) rounded up to a power of two, at most T.")] = None,
     set_: Set = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Shard folder URL (local path, file://, s3://). Default: the teacher's own training data.")] = None,
     storage: Storage = None,
     nodes: Nodes = 1,
     gpus_per_node: GpusPerNode = 0,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Training steps per round. Default: the teacher's config's train.max_steps.")] = None,
-    max_time: Annotated[Optional[float], typer.Option("--max-time", parser=_duration, metavar="DURATION", help="Training time per round (600, 90s, 10m, 1.5h); with no step count the time is the limit, else whichever comes first.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Training steps per round (for all rounds with --in-all). Default: the teacher's config's train.max_steps.")] = None,
+    max_time: Annotated[Optional[float], typer.Option("--max-time", parser=_duration, metavar="DURATION", help="Training time per round, for all rounds with --in-all (600, 90s, 10m, 1.5h); with no step count the time is the limit, else whichever comes first.")] = None,
+    in_all: Annotated[bool, typer.Option("--in-all", help="--max-steps and --max-time are for all rounds together: the steps shared out evenly, the time left shared evenly among the rounds still to run (what one round leaves goes to the next).")] = False,
     precision: TrainPrecision = None,
     experiment: Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment name. Default: the teacher's config's name.")] = None,
     run_name: Annotated[Optional[str], typer.Option("--run-name", help="Run name; re-running the same name resumes it, mid-round. Default: the student's name.")] = None,
@@ -252,7 +253,7 @@ def distill(
     _dispatch(distill_command, json_out, teacher=teacher, steps=steps, from_steps_=from_steps,
               overrides=set_ or [], data=data, storage=storage, nodes=nodes, gpus_per_node=gpus_per_node,
               max_steps=max_steps, max_time=max_time, precision=precision, experiment=experiment,
-              run_name=run_name, name=name, address=address, prediction=prediction)
+              run_name=run_name, name=name, address=address, prediction=prediction, in_all=in_all)
 
 
 # -- tune -----------------------------------------------------------------------------------------

@@ -51,9 +51,10 @@ def distill_command(teacher: str, steps: int, from_steps_: int | None = None, ov
                     max_steps: int | None = None, max_time: float | None = None, precision: str | None = None,
                     experiment: str | None = None, run_name: str | None = None, name: str | None = None,
                     address: str | None = None, max_failures: int = 3,
-                    prediction: str | None = None) -> dict[str, Any]:
+                    prediction: str | None = None, in_all: bool = False) -> dict[str, Any]:
     """Distill ``teacher`` into a ``steps``-step student on Ray; returns the run, the rounds and the
-    registered student. ``max_steps`` / ``max_time`` are per round; ``prediction`` is what the student
+    registered student. ``max_steps`` / ``max_time`` are per round, or for all rounds together with
+    ``in_all`` (:func:`~pipelines.distill.schedule.round_budget`); ``prediction`` is what the student
     predicts (default: the teacher's; v from an eps teacher is the paper's choice)."""
     _check_overrides(overrides or [])
     if prediction is not None and prediction not in PREDICTIONS:
@@ -74,6 +75,9 @@ def distill_command(teacher: str, steps: int, from_steps_: int | None = None, ov
     if max_steps is not None or max_time is not None:  # a budget given: the teacher's time budget is not inherited
         cfg = cfg.with_values({"train.max_time": None})
     cfg = with_options(cfg.override(overrides or []), overrides or [], max_steps, precision, max_time)
+    if in_all and cfg.train.max_steps < len(rounds):
+        raise UsageError(f"--in-all: {cfg.train.max_steps} training steps cannot be shared among {len(rounds)} "
+                         f"rounds; give --max-steps {len(rounds)} or more")
     run_name = run_name or name
     check_name(run_name, "--run-name")
     check_name(experiment or cfg.name, "--experiment" if experiment else "the teacher's config's name")
@@ -100,16 +104,17 @@ def distill_command(teacher: str, steps: int, from_steps_: int | None = None, ov
         gpus_per_node, placement = connect_and_place(settings, nodes, gpus_per_node, "distill")
         run = {"nodes": nodes, "gpus_per_node": gpus_per_node, "workers": placement.workers, "data": data_url}
         tracking.log_params(run_id, {**cfg.to_dict(), "run": run,
-                                     "distill": {"teacher": teacher_uri, "from_steps": K, "steps": steps}})
+                                     "distill": {"teacher": teacher_uri, "from_steps": K, "steps": steps,
+                                                 "budget": "in all" if in_all else "per round"}})
         for r, rid in zip(rounds, round_ids):
             tracking.log_params(rid, {"round": r.index + 1, "teacher_steps": r.teacher_steps,
                                       "student_steps": r.student_steps})
         tracking.log_dataset(run_id, data_url, "training", storage_options_for(data_url))
-        console.info(f"[distill] {teacher_uri} from {K} to {steps} steps in {len(rounds)} round(s) of "
-                     f"{_budget(cfg)}; {placement.workers} worker(s), run '{run_name}' "
+        console.info(f"[distill] {teacher_uri} from {K} to {steps} steps in {len(rounds)} round(s)"
+                     f"{_budget(cfg, in_all)}; {placement.workers} worker(s), run '{run_name}' "
                      f"({'resuming' if resumed else 'new'}), MLflow run {run_id}")
         extra = {"rounds": rounds, "round_run_ids": round_ids, "first_grid": first_grid(alphas_cumprod, K, spacing), "teacher": weights,
-                 "name": name, "teacher_prediction": teacher_cfg.diffusion.prediction}
+                 "name": name, "teacher_prediction": teacher_cfg.diffusion.prediction, "in_all": in_all}
         try:
             result = fit(cfg, settings, placement, run_name, run_id, data_url, holdout_url, max_failures,
                          worker=distill_main, extra=extra)
@@ -139,11 +144,12 @@ def _schedule_tags(rounds: list[Round], K: int, N: int, cfg: ExperimentConfig) -
             PREDICTION_TAG: cfg.diffusion.prediction}
 
 
-def _budget(cfg: ExperimentConfig) -> str:
+def _budget(cfg: ExperimentConfig, in_all: bool) -> str:
     tc = cfg.train
     steps = f"{tc.max_steps} steps" if tc.max_steps < NO_STEP_LIMIT else ""
     time = f"{tc.max_time:g} s" if tc.max_time else ""
-    return " or ".join(x for x in (steps, time) if x) + " each"
+    budget = " or ".join(x for x in (steps, time) if x)
+    return f", {budget} in all" if in_all else f" of {budget} each"
 
 
 def _register(result: Result, name: str, run_name: str, run_id: str, resumed: bool, teacher_uri: str,

@@ -33,8 +33,10 @@ from ddpm.pipeline import sampling_settings
 from ddpm.samplers.timesteps import space_timesteps
 from pipelines.distill import PREDICTIONS
 from pipelines.errors import UsageError
+from pipelines.train.loop import NO_STEP_LIMIT
 
 GRID_SPACINGS: tuple[Spacing, ...] = ("cosine", "trailing")  # the first whose grids nest (module docstring)
+MIN_ROUND_S = 1e-3  # a round's time when the rounds before it spent the budget in all: one step
 SUFFIX = "-distilled"  # a student's registered name: <teacher name>-distilled
 
 
@@ -115,6 +117,27 @@ def round_grid(first: list[int], r: Round) -> list[int]:
     return student_timesteps(first, r.teacher_steps) if r.teacher_steps < len(first) else list(first)
 
 
+def round_budget(max_steps: int, max_time: float | None, total: int, index: int,
+                 spent_s: float = 0.0) -> tuple[int, float | None]:
+    """Round ``index``'s share of a budget for all ``total`` rounds together (``--in-all``):
+    ``(max_steps, max_time)`` of the round.
+
+    The steps are shared out evenly, the last rounds taking one more where they do not divide (a
+    step count of :data:`~pipelines.train.loop.NO_STEP_LIMIT`, no step limit, stays one). The time
+    left, ``max_time`` less the ``spent_s`` seconds of the rounds before, is shared evenly among this
+    round and the ones after it, so what a round leaves (it stopped at its steps first) goes to the
+    next; a round with nothing left gets :data:`MIN_ROUND_S`, which the training loop turns into one
+    step (a new run always takes one, so that every round ends with a student). The worker calls
+    this at the start of each round, and again on resuming one (``spent_s`` is in the round's
+    checkpoints), so a resumed round has the budget it started with.
+    """
+    steps = max_steps
+    if max_steps < NO_STEP_LIMIT:
+        steps = max_steps // total + (index >= total - max_steps % total)
+    time = None if max_time is None else max((max_time - spent_s) / (total - index), MIN_ROUND_S)
+    return steps, time
+
+
 def student_config(cfg: ExperimentConfig, steps: int, name: str, spacing: Spacing,
                    prediction: str | None = None) -> ExperimentConfig:
     """The student's config after a round that ends at ``steps``: the teacher's network and process
@@ -126,5 +149,5 @@ def student_config(cfg: ExperimentConfig, steps: int, name: str, spacing: Spacin
                             "diffusion.prediction": prediction or cfg.diffusion.prediction})
 
 
-__all__ = ["GRID_SPACINGS", "SUFFIX", "PREDICTIONS", "Round", "check_teacher", "first_grid",
-           "from_steps", "grid_spacing", "plan_rounds", "round_grid", "student_config"]
+__all__ = ["GRID_SPACINGS", "MIN_ROUND_S", "SUFFIX", "PREDICTIONS", "Round", "check_teacher", "first_grid",
+           "from_steps", "grid_spacing", "plan_rounds", "round_budget", "round_grid", "student_config"]

@@ -5,8 +5,8 @@ the loss is :meth:`ddpm.distill.ProgressiveDistillation.loss` of the student aga
 frozen teacher, a new round's student starts from the teacher's weights (Salimans & Ho 2022,
 Algorithm 2), and the student's EMA weights at the round's end are the next round's teacher.
 
-Checkpoints are the loop's, plus ``distill``: the round, the steps of the rounds before it and the
-round's teacher weights. A restarted worker group (a lost worker) or a re-run of the same
+Checkpoints are the loop's, plus ``distill``: the round, the steps and seconds of the rounds before
+it and the round's teacher weights. A restarted worker group (a lost worker) or a re-run of the same
 ``--run-name`` resumes from the latest one, mid-round. The loop's own step counts from 0 in each
 round; what is reported to Ray (and names the checkpoint folders) is the step over all rounds, so
 that the latest checkpoint is also the highest.
@@ -23,7 +23,7 @@ from ddpm.config import ExperimentConfig
 from ddpm.diffusion import Diffusion
 from ddpm.distill import ProgressiveDistillation
 from ddpm.unet import UNet
-from pipelines.distill.schedule import Round, round_grid, student_config
+from pipelines.distill.schedule import Round, round_budget, round_grid, student_config
 from pipelines.train.loop import LoopContext, Objective, train_loop
 from pipelines.train.ray_train import log_placement, loop_data, rank0_tracker, worker_context
 
@@ -43,9 +43,13 @@ def distill_main(loop_config: dict[str, Any]) -> None:
     latest = ctx.restore()
     state = latest[STATE_KEY] if latest is not None else {"round": 0, "offset": 0, "teacher": loop_config["teacher"]}
     teacher_weights, offset = state["teacher"], int(state["offset"])
+    spent = float(state.get("spent_s", 0.0))  # seconds of the rounds before (checkpoints before 2026-12-06: none)
     for r in rounds[int(state["round"]):]:
         resumed = latest if latest is not None and int(latest[STATE_KEY]["round"]) == r.index else None
         round_cfg = student_config(cfg, r.student_steps, loop_config["name"], cfg.sample.spacing)  # the run's grid
+        if loop_config.get("in_all"):  # the budget is for all rounds: this round's share
+            steps, time = round_budget(cfg.train.max_steps, cfg.train.max_time, len(rounds), r.index, spent)
+            round_cfg = round_cfg.with_values({"train.max_steps": steps, "train.max_time": time})
         teacher = _frozen(round_cfg, teacher_weights, ctx.device)
         diffusion = Diffusion.from_config(round_cfg.diffusion)
         # the first teacher predicts what it was trained to; a later round's teacher is a student
@@ -59,7 +63,7 @@ def distill_main(loop_config: dict[str, Any]) -> None:
             init=teacher_weights,
             finished=lambda ema, end=end: end.update(weights={k: v.detach().cpu().clone()
                                                               for k, v in ema.state_dict().items()}))
-        round_state = {"round": r.index, "offset": offset, "teacher": teacher_weights}
+        round_state = {"round": r.index, "offset": offset, "teacher": teacher_weights, "spent_s": spent}
         round_ctx = _round_context(ctx, r, len(rounds), resumed, round_state)
         with rank0_tracker(loop_config, ctx, loop_config["round_run_ids"][r.index], "distill") as (tracker, art):
             log_placement(ctx, tracker)
@@ -68,6 +72,7 @@ def distill_main(loop_config: dict[str, Any]) -> None:
             if tracker is not None:
                 tracker.log_metrics({"wall_s": final.get("wall_s", 0.0)}, int(final["step"]))
         teacher_weights, offset = end["weights"], offset + int(final["step"])
+        spent += max(ctx.all_gather(float(final["train_s"])))  # the ranks' clocks differ by a little: one figure
 
 
 def _frozen(cfg: ExperimentConfig, weights: dict[str, torch.Tensor], device: torch.device) -> UNet:

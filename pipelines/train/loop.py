@@ -12,7 +12,8 @@ One optimizer step (paper, algorithm 1):
 
 The run ends at ``train.max_steps`` or, when ``train.max_time`` is set, at the first step that ends
 past that many seconds of training (counted from the loop's start plus what the resumed checkpoint
-had trained), whichever comes first. Rank 0's clock decides and every rank follows it
+had trained), whichever comes first; a new run takes at least one step (its budget may be spent by
+the time it is ready, a distillation round's share of one especially). Rank 0's clock decides and every rank follows it
 (:attr:`LoopContext.agree`), so all ranks stop after the same step. The last step does what a
 finished run's does: log, held-out bits/dim, sample grid, final checkpoint; ``ddpm.stop_reason``
 (``max_steps`` or ``max_time``) and ``ddpm.stop_step`` are set on the run. The learning-rate
@@ -378,7 +379,7 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker:
         return tc.max_time is not None and ctx.agree(n.trained() >= tc.max_time)
 
     stop_reason = "max_steps"
-    if n.step < tc.max_steps and out_of_time():  # resumed a run that had spent its budget
+    if 0 < n.step < tc.max_steps and out_of_time():  # resumed a run that had spent its budget (a new one steps once)
         stop_reason = "max_time"
     while n.step < tc.max_steps and stop_reason != "max_time":
         ddp_model.train()
@@ -421,7 +422,7 @@ def train_loop(cfg: ExperimentConfig, data: LoopData, ctx: LoopContext, tracker:
     _stopped(cfg, ctx, n.step, stop_reason, tracker)
     if objective.finished is not None:
         objective.finished(parts.ema.module)
-    return {**last_metrics, "step": n.step, "wall_s": _clock() - n.clock_start,
+    return {**last_metrics, "step": n.step, "wall_s": _clock() - n.clock_start, "train_s": n.trained(),
             "max_time_reached": float(stop_reason == "max_time")}
 
 

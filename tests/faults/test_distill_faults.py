@@ -46,6 +46,7 @@ def test_killed_worker_resumes_mid_round_and_ends_bit_identical_to_an_uninterrup
 
     a, b = (load_checkpoint(os.path.join(out["checkpoint"], "checkpoint.pt")) for out in (clean, killed))
     assert a["distill"]["round"] == b["distill"]["round"] == 1
+    assert a["distill"]["spent_s"] > 0 and b["distill"]["spent_s"] > 0  # round 1's seconds: a budget --in-all's
     for part in ("model",):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"

@@ -107,6 +107,27 @@ def test_steps_that_are_not_a_halving_of_the_starting_steps_exit_2(tmp_path, no_
     assert x0.exit_code == 2 and "--prediction': 'x0'; valid: eps, v, edm" in x0.output
 
 
+def test_a_budget_in_all_is_shared_out_evenly_and_what_a_round_leaves_goes_to_the_next():
+    from pipelines.distill.schedule import MIN_ROUND_S, round_budget
+    from pipelines.train.loop import NO_STEP_LIMIT
+
+    assert [round_budget(4000, None, 4, i)[0] for i in range(4)] == [1000] * 4
+    steps = [round_budget(10, None, 4, i)[0] for i in range(4)]
+    assert steps == [2, 2, 3, 3] and sum(steps) == 10  # the later rounds take the remainder
+    assert round_budget(NO_STEP_LIMIT, 600.0, 4, 0) == (NO_STEP_LIMIT, 150.0)
+    # round 1 stopped at its steps after 90 s: the 510 s left are shared by the 3 rounds still to run
+    assert round_budget(NO_STEP_LIMIT, 600.0, 4, 1, spent_s=90.0) == (NO_STEP_LIMIT, 170.0)
+    assert round_budget(100, 600.0, 4, 3, spent_s=700.0) == (25, MIN_ROUND_S)  # overspent: one step
+    assert round_budget(100, None, 4, 3, spent_s=700.0) == (25, None)  # no time budget: none given
+
+
+@pytest.mark.timeout(120)
+def test_a_budget_in_all_below_one_step_a_round_exits_2(tmp_path, no_ray):
+    teacher = str(save_tiny_checkpoint(tmp_path / "t.pt", overrides=TINY_NET))
+    assert "2 training steps cannot be shared among 3 rounds" in _bad(
+        "--teacher", teacher, "--steps", "2", "--from-steps", "16", "--max-steps", "2", "--in-all")
+
+
 # -- a tiny distillation on the cluster ----------------------------------------------------------------
 def distill_args(tmp_path, teacher: str, *extra: str, steps: int = 2, per_round: int = 3, name: str = "d1") -> list[str]:
     sets = [x for s in TINY if s.startswith("train.") for x in ("--set", s)]
@@ -120,13 +141,15 @@ def distill_args(tmp_path, teacher: str, *extra: str, steps: int = 2, per_round:
 def test_distill_registers_a_student_that_samples_in_its_own_steps(ray_cluster, tmp_path):
     _, version, _ = register_tiny(tmp_path, "teach", overrides=TINY_NET)
     # an eps teacher, a v student (the paper's choice): round 1 reads the teacher as eps, round 2 as v
-    result = run_cli(*distill_args(tmp_path, f"models:/teach/{version}", "--prediction", "v"))
+    # 7 steps for both rounds (--in-all): 3 and 4 (tests/faults/test_distill_faults.py runs per round)
+    result = run_cli(*distill_args(tmp_path, f"models:/teach/{version}", "--prediction", "v", "--in-all", per_round=7))
     assert result.exit_code == 0, result.output
     out = cli_json(result)
     assert out["model_uri"] == "models:/teach-distilled/1"
-    assert out["rounds"] == [[8, 4], [4, 2]] and out["metrics"]["step"] == 6  # 3 steps in each of 2 rounds
+    assert out["rounds"] == [[8, 4], [4, 2]] and out["metrics"]["step"] == 7
+    assert "in 2 round(s), 7 steps in all" in result.stderr
     assert "[distill round 1/2: 8 -> 4 steps] step 3/3" in result.stderr
-    assert "[distill round 2/2: 4 -> 2 steps] step 3/3" in result.stderr
+    assert "[distill round 2/2: 4 -> 2 steps] step 4/4" in result.stderr
 
     c = mlflow_client()
     tags = c.get_model_version("teach-distilled", "1").tags

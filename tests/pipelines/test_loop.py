@@ -145,6 +145,17 @@ def test_max_time_stops_at_the_first_step_past_the_budget_with_a_final_checkpoin
 
 
 @pytest.mark.timeout(120)
+def test_a_new_run_whose_budget_is_spent_before_its_first_step_still_takes_one(shards, monkeypatch):
+    # Every run ends with a checkpoint: a distillation round's share of a budget --in-all can be this.
+    import pipelines.train.loop as loop
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(loop, "_clock", lambda: float(next(ticks)))  # a second passes at every look
+    final, reports, _, tags = _run(shards, "train.max_steps=50", "train.max_time=0.001")
+    assert final["step"] == 1 and [m["step"] for m, _ in reports] == [1] and tags["ddpm.stop_reason"] == "max_time"
+
+
+@pytest.mark.timeout(120)
 def test_max_steps_first_wins_over_max_time(shards, step_clock):
     final, reports, logs, tags = _run(shards, "train.max_steps=3", "train.max_time=3.5")
     assert final["step"] == 3 and final["max_time_reached"] == 0.0
@@ -176,13 +187,13 @@ def test_a_rank_follows_rank_zeros_decision_not_its_own_clock(shards, step_clock
 
     def agree(flag: bool) -> bool:
         asked.append(flag)
-        return len(asked) == 4  # the check before the loop, then one after each step
+        return len(asked) == 3  # one after each step (a new run does not check before its first)
 
     ctx = LoopContext(rank=1, world_size=2, log=lambda s: None, agree=agree)
     final = train_loop(load_config("digits", [*TINY_LOOP, "train.max_steps=50", "train.max_time=0.5"]),
                        LoopData(url=shards), ctx)
     assert final["step"] == 3 and final["max_time_reached"] == 1.0
-    assert asked == [False, True, True, True]  # before the loop (0 s), then after steps 1, 2, 3
+    assert asked == [True, True, True]  # after steps 1, 2, 3
 
 
 def _ddp_worker(rank: int, shards: str, init_file: str, out_dir: str) -> None:
@@ -198,8 +209,8 @@ def _ddp_worker(rank: int, shards: str, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=30))  # a disagreement fails, not hangs forever
-    if rank == 0:  # the loop's start and the check before step 1 read 0 s; every later read a day
-        reads = iter([0.0, 0.0])
+    if rank == 0:  # the loop's start reads 0 s; every later read (the check after step 1 first) a day
+        reads = iter([0.0])
         loop._clock = lambda: next(reads, 86_400.0)
     device = torch.device("cpu")
 
