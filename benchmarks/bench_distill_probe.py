@@ -138,7 +138,6 @@ def _grids(args: argparse.Namespace) -> dict[str, Any]:
     from ddpm.image import grid
     from ddpm.inference import SamplingNet
     from ddpm.pipeline import DDPMPipeline
-    from ddpm.samplers import config_spacing
     from pipelines.registry.models import load
 
     fig, axes = plt.subplots(1, len(args.models), figsize=(2.4 * len(args.models), 2.8), squeeze=False)
@@ -149,14 +148,10 @@ def _grids(args: argparse.Namespace) -> dict[str, Any]:
         kw = {} if row is None else {"sampler": row.sampler, "steps": row.steps, "eta": row.eta, "spacing": row.spacing}
         pipe = DDPMPipeline.from_config(SamplingNet(m.model), m.config, m.diffusion, **kw)
         x = pipe(args.num, args.seed)
-        sc = m.config.sample
-        sampler, steps = (row.sampler, row.steps) if row else (sc.sampler, sc.steps)
-        spacing = (row.spacing if row else None) or config_spacing(sc, sampler) or "default"
-        title = f"{uri.removeprefix('models:/')}\n{sampler} {steps}, {spacing}"
         ax.imshow(grid(x, nrow=8, scale=1).squeeze(), cmap="gray", interpolation="nearest")
-        ax.set_title(title, fontsize=8)
+        ax.set_title(f"{uri.removeprefix('models:/')}\n{pipe.sampler} {pipe.steps}, {pipe.spacing}", fontsize=8)
         ax.axis("off")
-        panels.append({"model": spec, "sampler": sampler, "steps": steps, "spacing": spacing})
+        panels.append({"model": spec, "sampler": pipe.sampler, "steps": pipe.steps, "spacing": pipe.spacing})
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"[grids] wrote {args.out}")
