@@ -6,7 +6,9 @@
 Each repeat runs the CLI once per mode, the modes interleaved so that both see the same machine:
 - ``ray``: ``DDPM_SAMPLE_IN_PROCESS=0``, the one-worker job on a Ray instance started for it (one
   actor that loads the model), as every `sample` ran before;
-- ``in_process``: the default for one worker and no cluster, the worker in the CLI's process.
+- ``in_process``: the default for one worker and no cluster, the worker in the CLI's process;
+- ``no_freeze``: ``in_process`` through ``pipelines.cli.main`` rather than the console entry point,
+  so without the entry point's ``gc.freeze()`` at the end (the baseline for it).
 The median of the repeats is reported per mode, with the 1-minute load average before each run
 (the machine may be shared). Without ``--model`` the model is the ``digits`` preset's U-Net with
 random weights saved as a checkpoint: the speed does not depend on training.
@@ -25,13 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = {"ray": "0", "in_process": "1"}
+MODES = {"ray": "0", "in_process": "1", "no_freeze": "1"}
 
 
 def run_once(cli: str, model: str, num: int, out: str, mode: str, env: dict[str, str]) -> dict:
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    proc = subprocess.run([cli, "sample", "--model", model, "--num", str(num), "--out", out, "--json"],
+    command = [cli] if mode != "no_freeze" else [sys.executable, "-c", "from pipelines.cli import main; main()"]
+    proc = subprocess.run([*command, "sample", "--model", model, "--num", str(num), "--out", out, "--json"],
                           env={**env, "DDPM_SAMPLE_IN_PROCESS": MODES[mode]}, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start

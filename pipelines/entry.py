@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import sys
 
@@ -24,4 +25,10 @@ def main() -> None:
         raise SystemExit(2)
     from pipelines.cli import main as cli_main
 
-    cli_main()
+    try:
+        cli_main()
+    finally:
+        # The command is done and has closed its files. The interpreter's last garbage collection
+        # would now traverse every object torch's import made (about 0.3 s of a 3 s `sample`);
+        # frozen objects are skipped by it. Modules are still torn down and atexit handlers run.
+        gc.freeze()

@@ -61,11 +61,12 @@ def test_local_benchmark_runs_the_cli_in_process_and_records_its_timings(tmp_pat
 
     out = tmp_path / "local.json"
     bench_local.main(["--model", ckpt, "--num", "4", "--repeats", "1", "--modes", "in_process",
-                      "--out", str(out)])
+                      "no_freeze", "--out", str(out)])
     result = json.loads(out.read_text())
     run = result["runs"]["in_process"][0]
     assert result["repeats"] == 1 and result["median_wall_s"]["in_process"] == run["wall_s"] > 0
     assert run["samples_written"] == 4 and run["load_s"] >= 0 and "load_1m_before" in run
+    assert result["runs"]["no_freeze"][0]["samples_written"] == 4
 
 
 @pytest.mark.timeout(120)
