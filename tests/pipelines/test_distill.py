@@ -13,6 +13,7 @@ from ddpm.diffusion import Diffusion
 from ddpm.distill import student_timesteps
 from ddpm.pipeline import DDPMPipeline
 from ddpm.samplers import make_sampler
+from pipelines.distill.command import DISTILL_LR
 from pipelines.distill.schedule import first_grid, from_steps, grid_spacing, plan_rounds, round_grid, student_config
 from pipelines.errors import UsageError
 from tests.support import TINY, TINY_NET, cli_json, mlflow_client, register_tiny, run_cli, save_tiny_checkpoint
@@ -166,6 +167,7 @@ def test_distill_registers_a_student_that_samples_in_its_own_steps(ray_cluster, 
 
     student = read_config("models:/teach-distilled/1")
     assert student.diffusion.prediction == "v"
+    assert student.train.lr == DISTILL_LR  # not the teacher's from-scratch rate
     sample = student.sample
     assert (sample.sampler, sample.steps, sample.eta, sample.spacing) == ("ddim", 2, 0.0, "cosine")  # nests on T = 50 from 8
     assert tags["ddpm.distill.spacing"] == "cosine"
