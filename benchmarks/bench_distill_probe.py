@@ -8,8 +8,9 @@
   (x space) between the student's x~ and its teacher's two-step target on noised training and
   held-out digits, from a ``distill`` checkpoint (which holds that round's teacher); ``--start``
   uses the teacher as the student (the round's starting point).
-- ``pair``: two models, each with its own sampler, the same noise seeds: every score's paired
-  difference on the yardstick's lower-is-better scale (negative: the first is better) and its z.
+- ``pair``: two models, each with its own sampler (or ``URI#ROW``: a row of ``bench_samplers``), the
+  same noise seeds: every score's paired difference on the yardstick's lower-is-better scale
+  (negative: the first is better) and its z.
 - ``grids``: the same noise seeds through each model, side by side in one PNG (docs/img/distill_grids.png).
 
 ::
@@ -102,22 +103,32 @@ def _positions(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _pair(args: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks.bench_quality import Yardstick, gaps
+def _pipeline(spec: str) -> tuple[Any, Any]:
+    """``URI`` (sampled with its own config's sampler) or ``URI#ROW`` (with
+    :func:`benchmarks.bench_samplers.parse_row`'s): the loaded model and its :class:`DDPMPipeline`."""
+    from benchmarks.bench_samplers import student_spec
     from ddpm.inference import SamplingNet
     from ddpm.pipeline import DDPMPipeline
-    from pipelines.registry.evaluate import load_eval_data
     from pipelines.registry.models import load
+
+    uri, row = student_spec(spec)
+    m = load(uri)
+    kw = {} if row is None else {"sampler": row.sampler, "steps": row.steps, "eta": row.eta, "spacing": row.spacing}
+    return m, DDPMPipeline.from_config(SamplingNet(m.model), m.config, m.diffusion, **kw)
+
+
+def _pair(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.bench_quality import Yardstick, gaps
+    from pipelines.registry.evaluate import load_eval_data
     from pipelines.settings import resolve
 
     settings = resolve()
-    a, b = load(args.a), load(args.b)
-    ev = load_eval_data(a.config, None, settings)
+    pipes = [_pipeline(spec) for spec in (args.a, args.b)]
+    ev = load_eval_data(pipes[0][0].config, None, settings)
     ys = Yardstick(ev, settings)
     draws = []
     for seed in args.seeds:
-        sa, sb = (ys.scores(DDPMPipeline.from_config(SamplingNet(m.model), m.config, m.diffusion)(args.num, seed))
-                  for m in (a, b))
+        sa, sb = (ys.scores(pipe(args.num, seed)) for _, pipe in pipes)
         diff = {k: {"diff": d, "se": se, "z": d / se if se > 0 else None}
                 for k, (d, se) in gaps(sa, sb, True, None).items() if se == se}
         draws.append({"seed": seed, "a_minus_b": diff})
@@ -134,22 +145,16 @@ def _grids(args: argparse.Namespace) -> dict[str, Any]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.bench_samplers import student_spec
     from ddpm.image import grid
-    from ddpm.inference import SamplingNet
-    from ddpm.pipeline import DDPMPipeline
-    from pipelines.registry.models import load
 
     fig, axes = plt.subplots(1, len(args.models), figsize=(2.4 * len(args.models), 2.8), squeeze=False)
     panels = []
     for ax, spec in zip(axes[0], args.models):
-        uri, row = student_spec(spec)
-        m = load(uri)
-        kw = {} if row is None else {"sampler": row.sampler, "steps": row.steps, "eta": row.eta, "spacing": row.spacing}
-        pipe = DDPMPipeline.from_config(SamplingNet(m.model), m.config, m.diffusion, **kw)
+        _, pipe = _pipeline(spec)
         x = pipe(args.num, args.seed)
         ax.imshow(grid(x, nrow=8, scale=1).squeeze(), cmap="gray", interpolation="nearest")
-        ax.set_title(f"{uri.removeprefix('models:/')}\n{pipe.sampler} {pipe.steps}, {pipe.spacing}", fontsize=8)
+        title = spec.partition("#")[0].removeprefix("models:/")
+        ax.set_title(f"{title}\n{pipe.sampler} {pipe.steps}, {pipe.spacing}", fontsize=8)
         ax.axis("off")
         panels.append({"model": spec, "sampler": pipe.sampler, "steps": pipe.steps, "spacing": pipe.spacing})
     fig.tight_layout()
@@ -176,8 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     q.add_argument("--start", action="store_true", help="the teacher as the student: the round's start")
     q.add_argument("--repeats", type=int, default=4)
     q = sub.add_parser("pair")
-    q.add_argument("a")
-    q.add_argument("b")
+    q.add_argument("a", help="URI (its own sampler) or URI#ROW (bench_samplers' rows)")
+    q.add_argument("b", help="the same")
     q.add_argument("--num", type=int, default=2000)
     q.add_argument("--seeds", type=int, nargs="+", default=[0])
     q = sub.add_parser("grids")

@@ -454,7 +454,7 @@ def test_groups_gives_each_scores_error_under_several_groupings_and_the_cost(tmp
 def test_distill_probe_paths_and_pair_know_a_model_from_itself(tmp_path):
     """``paths``: the reference's own DDIM at its own steps follows its path exactly (RMS 0 at every
     timestep), a 2-step student visits every 4th of the reference's 8; ``pair``: a model against
-    itself differs by exactly 0 on every score; ``grids``: a PNG, each panel titled with its settings."""
+    itself differs by exactly 0 on every score, two rows of one model do not; ``grids``: a PNG, each panel titled with its settings."""
     from benchmarks import bench_distill_probe
     from tests.support import REGISTRY_TINY, save_tiny_checkpoint
 
@@ -472,6 +472,8 @@ def test_distill_probe_paths_and_pair_know_a_model_from_itself(tmp_path):
     assert [d["seed"] for d in r["draws"]] == [0, 1]
     for d in r["draws"]:
         assert "kid" in d["a_minus_b"] and all(v["diff"] == 0 for v in d["a_minus_b"].values())
+    r = bench_distill_probe.main(["pair", f"{ckpt}#ddim:4@cosine", f"{ckpt}#ddim:8@cosine", "--num", "24"])
+    assert any(v["diff"] != 0 for v in r["draws"][0]["a_minus_b"].values())  # the rows, not the config's sampler
     out = tmp_path / "grids.png"
     r = bench_distill_probe.main(["grids", "--models", student, f"{ckpt}#ddim:4@cosine", "--num", "4", "--out", str(out)])
     assert out.stat().st_size > 0 and [(p["sampler"], p["steps"], p["spacing"]) for p in r["panels"]] == [
